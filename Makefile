@@ -1,0 +1,62 @@
+# Two commands set everything up: `make serve` and `make test`. Each builds its own virtual environment.
+PYTHON ?= python3
+VENV := .venv
+SERVE_VENV := .venv-serve
+PIP_FLAGS := -q --disable-pip-version-check -c constraints.txt
+HOST ?= 127.0.0.1
+PORT ?= 8000
+DATA ?= ../shared/data/clinc150/clinc150_plus_train_val.json
+export INTENT_HOST ?= $(HOST)
+export INTENT_PORT ?= $(PORT)
+
+.PHONY: serve test lint model bench loadtest compare stress soak data docker-build docker-run clean venv serve-venv
+
+$(SERVE_VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/pip install $(PIP_FLAGS) -e .
+	touch $@
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install $(PIP_FLAGS) -e '.[train,loadtest,dev]'
+	touch $@
+
+serve-venv: $(SERVE_VENV)/.installed
+venv: $(VENV)/.installed
+
+serve: $(SERVE_VENV)/.installed  ## serve the committed model on HOST:PORT
+	$(SERVE_VENV)/bin/python -m app
+
+test: $(VENV)/.installed $(SERVE_VENV)/.installed  ## the whole test suite
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest: no tests selected"; exit 0; fi; exit $$rc
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check app compression loadtest tests
+	$(VENV)/bin/ruff format --check app compression loadtest tests
+	$(VENV)/bin/mypy app compression loadtest
+
+model: $(VENV)/.installed  ## rebuild models/clinc150 from scratch, then print the stage table
+	$(VENV)/bin/python -m compression all --data $(DATA) $(MODEL_ARGS)
+
+bench: $(VENV)/.installed $(SERVE_VENV)/.installed  ## stage table, plus the serving footprint
+	$(VENV)/bin/python -m compression bench --data $(DATA) $(BENCH_ARGS)
+	$(VENV)/bin/python -m loadtest.footprint --serve-venv $(SERVE_VENV)
+
+data:  ## download the original CLINC150 file (needs the internet)
+	$(PYTHON) -m compression data --dest data/clinc150/data_oos_plus.json
+
+loadtest: $(VENV)/.installed $(SERVE_VENV)/.installed
+	$(VENV)/bin/python -m loadtest.run $(LOADTEST_ARGS)
+
+compare: $(VENV)/.installed $(SERVE_VENV)/.installed
+	$(VENV)/bin/python -m loadtest.compare $(COMPARE_ARGS)
+
+docker-build:
+	docker build -t clinc-intent:latest .
+
+docker-run:
+	docker run --rm -p $(PORT):8000 clinc-intent:latest
+
+clean:
+	rm -rf $(VENV) $(SERVE_VENV) artifacts reports .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,59 @@
+"""`python -m app`: check the model before binding the port, then run uvicorn."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+
+import uvicorn
+from pydantic import ValidationError
+
+from app.artifact import load_artifact
+from app.classifier import OnnxClassifier
+from app.config import Settings
+from app.errors import ModelLoadError
+from app.logs import configure_logging
+
+
+def main() -> int:
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        first = exc.errors(include_url=False, include_input=False)[0]
+        print(f"error: invalid setting INTENT_{str(first['loc'][0]).upper()}: {first['msg']}", file=sys.stderr)
+        return 2
+    try:
+        # Fail fast, before any port is bound, on a missing, tampered or inconsistent model.
+        OnnxClassifier(load_artifact(settings.model_dir, settings.verify_sha256), 1, 1).close()
+    except ModelLoadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    configure_logging(settings.log_level)
+    metrics_dir = None
+    if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        metrics_dir = tempfile.mkdtemp(prefix="intent-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    try:
+        uvicorn.run(
+            "app.main:create_app_from_env",
+            factory=True,
+            host=settings.host,
+            port=settings.port,
+            workers=settings.workers,
+            loop="uvloop",
+            http="httptools",
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=settings.graceful_timeout_s,
+            backlog=2048,
+        )
+    finally:
+        if metrics_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""The model-artifact contract: read card.json, check every file, and fail with one clear line."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from app.errors import ModelLoadError
+
+REQUIRED = ("model.onnx", "tokenizer.json", "labels.json")
+
+
+@dataclass(frozen=True)
+class Artifact:
+    directory: Path
+    card: dict[str, Any]
+    labels: list[str]
+
+    @property
+    def version(self) -> str:
+        return str(self.card.get("version", "unknown"))
+
+    @property
+    def oos_label(self) -> str:
+        return str(self.card.get("oos_label", "oos"))
+
+    @property
+    def oos_threshold(self) -> float:
+        return float(self.card.get("oos_threshold", 0.0))
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_artifact(directory: Path, verify: bool = True) -> Artifact:
+    if not directory.is_dir():
+        raise ModelLoadError(f"model directory not found: {directory}")
+    card_path = directory / "card.json"
+    if not card_path.is_file():
+        raise ModelLoadError(f"missing {card_path}")
+    try:
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"unreadable {card_path}: {exc}") from None
+    if not isinstance(card, dict) or not isinstance(card.get("files"), dict):
+        raise ModelLoadError(f"{card_path} has no 'files' table")
+    for name in REQUIRED:
+        path = directory / name
+        if not path.is_file():
+            raise ModelLoadError(f"missing model file {path}")
+        if verify:
+            expected = card["files"].get(name, {}).get("sha256")
+            if not expected:
+                raise ModelLoadError(f"card.json lists no sha256 for {name}")
+            got = sha256_file(path)
+            if got != expected:
+                raise ModelLoadError(f"sha256 mismatch for {path}: expected {expected[:12]}..., got {got[:12]}...")
+    try:
+        labels = json.loads((directory / "labels.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"unreadable labels.json: {exc}") from None
+    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
+        raise ModelLoadError("labels.json must be a non-empty JSON list of strings")
+    if len(set(labels)) != len(labels):
+        raise ModelLoadError("labels.json has duplicate labels")
+    artifact = Artifact(directory=directory, card=card, labels=labels)
+    if artifact.oos_label not in labels:
+        raise ModelLoadError(f"the OOS label '{artifact.oos_label}' is not in labels.json")
+    if not 0.0 <= artifact.oos_threshold < 1.0:
+        raise ModelLoadError(f"oos_threshold must be in [0, 1), got {artifact.oos_threshold}")
+    return artifact

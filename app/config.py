@@ -1,0 +1,63 @@
+"""One settings object, read from INTENT_* environment variables (and an optional .env file)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "clinc150"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="INTENT_", env_file=".env", extra="ignore")
+
+    model_dir: Path = Field(DEFAULT_MODEL_DIR, description="directory holding the artifact (model.onnx, card.json, ...)")
+    verify_sha256: bool = Field(True, description="check every artifact file against card.json at start-up")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    workers: int = Field(0, ge=0, description="uvicorn worker processes; 0 means one per CPU core")
+    ort_intra_threads: int = Field(1, ge=1, description="ONNX Runtime intra-op threads per worker")
+    ort_inter_threads: int = Field(1, ge=1)
+    inference_mode: Literal["inline", "thread"] = Field(
+        "inline", description="run session.run on the event loop (inline) or on a one-thread executor"
+    )
+
+    max_text_chars: int = Field(1000, ge=1)
+    max_batch: int = Field(64, ge=1)
+    max_top_k: int = Field(10, ge=1)
+    max_body_bytes: int = Field(256 * 1024, ge=1024)
+    max_queue: int = Field(64, ge=1, description="requests admitted per worker; beyond this, 429 at once")
+    retry_after_s: int = Field(1, ge=1)
+
+    api_key: SecretStr | None = Field(None, description="if set, require 'Authorization: Bearer <key>'")
+    open_paths: list[str] = Field(default_factory=lambda: ["/health", "/ready", "/metrics"])
+    cors_origins: list[str] = Field(default_factory=list, description="CORS off unless origins are listed")
+
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    warmup_queries: int = Field(20, ge=0)
+    graceful_timeout_s: int = Field(20, ge=0, description="longest wait for in-flight requests at shutdown")
+    shutdown_delay_s: float = Field(
+        2.0, ge=0, description="after SIGTERM, answer /ready 503 and keep serving this long before closing listeners"
+    )
+
+    @model_validator(mode="after")
+    def _cores(self) -> Settings:
+        if self.workers == 0:
+            self.workers = max(1, effective_cpus() // self.ort_intra_threads)
+        return self
+
+
+def effective_cpus() -> int:
+    """CPUs this process may use: the cgroup quota in a container, else the affinity mask."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            return max(1, int(int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return len(os.sched_getaffinity(0))

@@ -1,0 +1,107 @@
+"""One exception type per failure kind, one table from type to HTTP status, one JSON error body."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+
+class ServiceError(Exception):
+    """Base class: `kind` names the failure in the response body and in metrics."""
+
+    kind = "internal_error"
+    status = 500
+
+    def __init__(self, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+
+class InvalidJSON(ServiceError):
+    kind = "invalid_json"
+
+
+class InvalidEncoding(ServiceError):
+    kind = "invalid_encoding"
+
+
+class ValidationFailed(ServiceError):
+    kind = "validation_error"
+
+
+class EmptyText(ServiceError):
+    kind = "empty_text"
+
+
+class TextTooLong(ServiceError):
+    kind = "text_too_long"
+
+
+class BatchTooLarge(ServiceError):
+    kind = "batch_too_large"
+
+
+class BodyTooLarge(ServiceError):
+    kind = "body_too_large"
+
+
+class Unauthorized(ServiceError):
+    kind = "unauthorized"
+
+
+class NotFound(ServiceError):
+    kind = "not_found"
+
+
+class MethodNotAllowed(ServiceError):
+    kind = "method_not_allowed"
+
+
+class Overloaded(ServiceError):
+    kind = "overloaded"
+
+
+class NotReady(ServiceError):
+    kind = "not_ready"
+
+
+class ModelLoadError(Exception):
+    """The artifact cannot be served; raised before the service accepts traffic."""
+
+
+STATUS: dict[type[ServiceError], int] = {
+    InvalidJSON: 400,
+    InvalidEncoding: 400,
+    Unauthorized: 401,
+    NotFound: 404,
+    MethodNotAllowed: 405,
+    BodyTooLarge: 413,
+    ValidationFailed: 422,
+    EmptyText: 422,
+    TextTooLong: 422,
+    BatchTooLarge: 422,
+    Overloaded: 429,
+    NotReady: 503,
+    ServiceError: 500,
+}
+for _cls, _code in STATUS.items():
+    _cls.status = _code
+
+
+def error_body(kind: str, message: str) -> bytes:
+    return orjson.dumps({"error": {"type": kind, "message": message}})
+
+
+ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["type", "message"],
+            "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
+        }
+    },
+}

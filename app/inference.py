@@ -1,0 +1,121 @@
+"""A bounded queue in front of the classifier, drained by one consumer task per worker.
+
+Handlers enqueue and await a future; the consumer runs `predict` inline on the event loop (or on
+a one-thread executor) and yields to the loop after every text, so /health, /ready and new
+connections are served between queries. A full queue is refused at once with `Overloaded`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from app.classifier import Classifier, Prediction
+from app.errors import Overloaded
+from app.metrics import Metrics
+
+
+@dataclass
+class _Job:
+    texts: list[str]
+    top_k: int
+    future: asyncio.Future[list[Prediction]]
+    enqueued: float
+
+
+class InferenceQueue:
+    def __init__(self, classifier: Classifier, metrics: Metrics, max_pending: int, retry_after_s: int, mode: str) -> None:
+        self.classifier = classifier
+        self.metrics = metrics
+        self.max_pending = max_pending
+        self.retry_after = str(retry_after_s)
+        self.pending = 0  # texts queued or being classified
+        self._jobs: collections.deque[_Job] = collections.deque()
+        self._wake = asyncio.Event()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="ort") if mode == "thread" else None
+        self._task: asyncio.Task[None] | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._consume(), name="inference-consumer")
+
+    async def submit(self, texts: list[str], top_k: int) -> list[Prediction]:
+        n = len(texts)
+        if self.pending + n > self.max_pending:
+            self.metrics.rejected.labels("overloaded").inc()
+            raise Overloaded("the inference queue is full; retry shortly", {"Retry-After": self.retry_after})
+        self.pending += n
+        self._idle.clear()
+        self.metrics.in_flight.inc()
+        job = _Job(texts, top_k, asyncio.get_running_loop().create_future(), time.perf_counter())
+        self._jobs.append(job)
+        self._wake.set()
+        try:
+            return await job.future
+        finally:
+            self.metrics.in_flight.dec()
+
+    async def _consume(self) -> None:
+        loop = asyncio.get_running_loop()
+        m = self.metrics
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._jobs:
+                job = self._jobs.popleft()
+                m.queue.observe(time.perf_counter() - job.enqueued)
+                try:
+                    results = await self._run(job, loop)
+                except Exception as exc:  # noqa: BLE001 - a classifier fault goes to its request, not the consumer
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+                    continue
+                if not job.future.done():  # the client may have gone away
+                    job.future.set_result(results)
+            if self.pending == 0:
+                self._idle.set()
+
+    async def _run(self, job: _Job, loop: asyncio.AbstractEventLoop) -> list[Prediction]:
+        m = self.metrics
+        results: list[Prediction] = []
+        remaining = len(job.texts)
+        try:
+            for text in job.texts:
+                if self._executor is None:
+                    pred = self.classifier.predict(text, job.top_k)
+                else:
+                    pred = await loop.run_in_executor(self._executor, self.classifier.predict, text, job.top_k)
+                results.append(pred)
+                remaining -= 1
+                self.pending -= 1
+                m.tokenize.observe(pred.tokenize_s)
+                m.inference.observe(pred.inference_s)
+                m.predictions.labels(pred.intent).inc()
+                if pred.truncated:
+                    m.truncated.inc()
+                await asyncio.sleep(0)  # let the loop serve I/O between texts
+        finally:
+            self.pending -= remaining
+        return results
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait until every admitted text is answered; True if the queue emptied in time."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)

@@ -1,0 +1,160 @@
+"""`create_app(settings)`: the application factory. The lifespan owns the model, session and queue."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from types import FrameType
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app import __doc__ as description
+from app.artifact import load_artifact
+from app.classifier import Classifier, OnnxClassifier
+from app.config import Settings
+from app.errors import MethodNotAllowed, NotFound, ServiceError, ValidationFailed, error_body
+from app.inference import InferenceQueue
+from app.metrics import Metrics
+from app.middleware import ServiceMiddleware
+from app.routes import router
+
+log = logging.getLogger("app")
+WARMUP_TEXTS = ("what is my account balance", "book a table for two at 7pm", "tell me a joke", "how do you say hello in french")
+
+# Builds the classifier and the card that /model shows; tests pass a fake.
+ClassifierFactory = Callable[[Settings], tuple[Classifier, dict[str, Any]]]
+
+
+def load_onnx_classifier(settings: Settings) -> tuple[Classifier, dict[str, Any]]:
+    artifact = load_artifact(settings.model_dir, verify=settings.verify_sha256)
+    classifier = OnnxClassifier(artifact, settings.ort_intra_threads, settings.ort_inter_threads)
+    return classifier, {**artifact.card, "labels": artifact.labels}
+
+
+def _install_drain_on_sigterm(app: FastAPI, delay: float) -> None:
+    """On SIGTERM: /ready answers 503 at once, traffic is still served for `delay` seconds so that
+    load balancers can stop routing here, then uvicorn's own handler closes listeners and drains."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # only the main thread may set signal handlers (TestClient runs the lifespan elsewhere)
+    previous = signal.getsignal(signal.SIGTERM)
+    if not callable(previous):
+        return
+    loop = asyncio.get_running_loop()
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        if not app.state.ready:  # a second SIGTERM: stop waiting
+            previous(signum, frame)
+            return
+        app.state.ready = False
+        app.state.metrics.ready.set(0)
+        log.info("SIGTERM: not ready; closing listeners in %.1f s", delay)
+        loop.call_soon_threadsafe(loop.call_later, delay, previous, signum, frame)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def _lifespan(factory: ClassifierFactory) -> Callable[[FastAPI], Any]:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings: Settings = app.state.settings
+        metrics: Metrics = app.state.metrics
+        classifier, card = factory(settings)
+        for i in range(settings.warmup_queries):
+            classifier.predict(WARMUP_TEXTS[i % len(WARMUP_TEXTS)], top_k=3)
+        queue = InferenceQueue(classifier, metrics, settings.max_queue, settings.retry_after_s, settings.inference_mode)
+        queue.start()
+        app.state.queue = queue
+        app.state.model_version = classifier.version
+        app.state.card_json = orjson.dumps(card)
+        metrics.model_info.labels(classifier.version, str(card.get("name", "")), str(card.get("quantization", ""))).set(1)
+        metrics.ready.set(1)
+        app.state.ready = True
+        _install_drain_on_sigterm(app, settings.shutdown_delay_s)
+        log.info("ready", extra={"model_version": classifier.version, "mode": settings.inference_mode})
+        try:
+            yield
+        finally:
+            app.state.ready = False
+            metrics.ready.set(0)
+            drained = await queue.drain(settings.graceful_timeout_s)
+            await queue.stop()
+            classifier.close()
+            app.state.queue = None
+            log.info("stopped", extra={"drained": drained})
+
+    return lifespan
+
+
+async def _service_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ServiceError)
+    return Response(error_body(exc.kind, exc.message), status_code=exc.status, headers=exc.headers,
+                    media_type="application/json")
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    mapped: ServiceError
+    if exc.status_code == 404:
+        mapped = NotFound(f"no route {request.url.path}")
+    elif exc.status_code == 405:
+        mapped = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}")
+    else:
+        mapped = ServiceError(str(exc.detail))
+        mapped.status = exc.status_code
+    return await _service_error(request, mapped)
+
+
+async def _validation_error(request: Request, exc: Exception) -> Response:
+    return await _service_error(request, ValidationFailed("request does not match the schema"))
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    log.error("unhandled error", extra={"request_id": request.scope.get("state", {}).get("request_id"),
+                                         "error_type": type(exc).__name__})
+    return Response(error_body("internal_error", "internal error"), status_code=500, media_type="application/json")
+
+
+def create_app(settings: Settings | None = None, classifier_factory: ClassifierFactory | None = None) -> FastAPI:
+    settings = settings or Settings()
+    app = FastAPI(
+        title="CLINC150 intent detection",
+        version="1.0.0",
+        description=description or "",
+        lifespan=_lifespan(classifier_factory or load_onnx_classifier),
+    )
+    app.state.settings = settings
+    app.state.metrics = Metrics()
+    app.state.ready = False
+    app.state.queue = None
+    app.include_router(router)
+    app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unexpected)
+    if settings.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["authorization", "content-type", "x-request-id"])
+    key = settings.api_key.get_secret_value() if settings.api_key else None
+    app.add_middleware(
+        ServiceMiddleware,  # type: ignore[arg-type]
+        metrics=app.state.metrics,
+        max_body=settings.max_body_bytes,
+        api_key=key,
+        open_paths=settings.open_paths,
+    )
+    return app
+
+
+def create_app_from_env() -> FastAPI:
+    """Entry point for `uvicorn --factory app.main:create_app_from_env`."""
+    return create_app(Settings())

@@ -1,0 +1,61 @@
+"""Prometheus metrics. Each app has its own registry; with several workers, the multiprocess collector."""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+
+# From 50 us up: a query spends well under a millisecond in each stage.
+STAGE_BUCKETS = (5e-5, 1e-4, 2e-4, 3e-4, 5e-4, 7.5e-4, 1e-3, 1.5e-3, 2e-3, 3e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 1.0)
+REQUEST_BUCKETS = (1e-4, 2.5e-4, 5e-4, 7.5e-4, 1e-3, 1.25e-3, 1.5e-3, 2e-3, 3e-3, 5e-3, 7.5e-3, 1e-2, 2e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "intent_requests", "HTTP requests by route and status", ["route", "method", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "intent_request_duration_seconds",
+            "Server-side time from request arrival to response, by route and status",
+            ["route", "status"],
+            buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.stage = Histogram(
+            "intent_stage_duration_seconds",
+            "Time per query in each stage: tokenize, queue (admission to inference), inference",
+            ["stage"],
+            buckets=STAGE_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram("intent_batch_size", "Texts per request", buckets=BATCH_BUCKETS, registry=r)
+        self.in_flight = Gauge(
+            "intent_in_flight_requests", "Requests admitted and not yet answered", registry=r, multiprocess_mode="livesum"
+        )
+        self.rejected = Counter("intent_rejected", "Requests refused, by reason", ["reason"], registry=r)
+        self.predictions = Counter("intent_predictions", "Predicted intents", ["intent"], registry=r)
+        self.truncated = Counter("intent_truncated_texts", "Texts cut to the model's token window", registry=r)
+        self.model_info = Gauge(
+            "intent_model_info", "The served model", ["version", "name", "quantization"], registry=r, multiprocess_mode="max"
+        )
+        self.ready = Gauge("intent_ready", "1 when the worker serves traffic", registry=r, multiprocess_mode="min")
+        self.tokenize = self.stage.labels("tokenize")
+        self.queue = self.stage.labels("queue")
+        self.inference = self.stage.labels("inference")
+
+    def exposition(self) -> bytes:
+        directory = multiprocess_dir()
+        if directory:
+            merged = CollectorRegistry()
+            multiprocess.MultiProcessCollector(merged, path=directory)
+            return generate_latest(merged)
+        return generate_latest(self.registry)

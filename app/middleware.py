@@ -1,0 +1,125 @@
+"""One pure-ASGI middleware (cheaper than a stack of BaseHTTPMiddleware): request id, auth,
+body-size limit before parsing, per-request metrics and the DEBUG access line."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from app.errors import BodyTooLarge, ServiceError, Unauthorized, error_body
+from app.metrics import Metrics
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+log = logging.getLogger("app.access")
+KNOWN_ROUTES = frozenset({"/predict", "/predict/batch", "/health", "/ready", "/model", "/metrics", "/docs", "/openapi.json"})
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+def _request_id(raw: bytes | None) -> str:
+    """The client's id if it is short and printable ASCII, otherwise a fresh one."""
+    if raw and len(raw) <= 128 and all(33 <= b < 127 for b in raw):
+        return raw.decode("ascii")
+    return uuid.uuid4().hex
+
+
+class ServiceMiddleware:
+    def __init__(self, app: ASGIApp, metrics: Metrics, max_body: int, api_key: str | None, open_paths: list[str]) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.max_body = max_body
+        self.api_key = f"Bearer {api_key}".encode() if api_key else None
+        self.open_paths = frozenset(open_paths)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        headers = dict(scope["headers"])
+        rid = _request_id(headers.get(b"x-request-id"))
+        scope.setdefault("state", {})["request_id"] = rid
+        rid_header = (b"x-request-id", rid.encode())
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), rid_header]
+            await send(message)
+
+        path: str = scope["path"]
+        method: str = scope["method"]
+        try:
+            if self.api_key is not None and path not in self.open_paths:
+                given = headers.get(b"authorization", b"")
+                if not hmac.compare_digest(given, self.api_key):
+                    self.metrics.rejected.labels("unauthorized").inc()
+                    raise Unauthorized("missing or wrong API key", {"WWW-Authenticate": "Bearer"})
+            if method in _BODY_METHODS:
+                receive = await self._bounded_body(headers, receive)
+            await self.app(scope, receive, send_with_id)
+        except ServiceError as exc:
+            await _send_error(send_with_id, exc)
+        finally:
+            elapsed = time.perf_counter() - start
+            route = path if path in KNOWN_ROUTES else "other"
+            code = str(status)
+            self.metrics.requests.labels(route, method, code).inc()
+            self.metrics.latency.labels(route, code).observe(elapsed)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("request", extra={"request_id": rid, "method": method, "route": route, "status": status,
+                                            "duration_ms": round(elapsed * 1000, 3)})
+
+    async def _bounded_body(self, headers: dict[bytes, bytes], receive: Receive) -> Receive:
+        """Read the whole body, refusing it as soon as it passes the limit, and replay it to the app."""
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
+            self.metrics.rejected.labels("body_too_large").inc()
+            raise BodyTooLarge(f"request body is over {self.max_body} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return _replay_disconnect
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                self.metrics.rejected.labels("body_too_large").inc()
+                raise BodyTooLarge(f"request body is over {self.max_body} bytes")
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return replay
+
+
+async def _replay_disconnect() -> Message:
+    return {"type": "http.disconnect"}
+
+
+async def _send_error(send: Send, exc: ServiceError) -> None:
+    body = error_body(exc.kind, exc.message)
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
+    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

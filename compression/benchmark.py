@@ -1,0 +1,211 @@
+"""Stage-by-stage benchmark in the style of the chapter's PerformanceBenchmark.
+
+Every stage is measured in the same run, the same way: size on disk, batch-1 latency on one
+intra-op thread over a fixed set of validation queries after warm-up (tokenisation included),
+and validation metrics with the stage's own tuned OOS threshold.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compression.data import Clinc
+from compression.metrics import softmax
+from compression.onnx_runner import OnnxClassifier
+from compression.teacher import validation_report
+
+log = logging.getLogger(__name__)
+BASELINE = "BERT-base fp32 pipeline (seed baseline)"
+
+
+@dataclass
+class BenchConfig:
+    latency_queries: int = 300
+    warmup: int = 50
+    seed: int = 1
+    baseline: bool = True
+
+
+def _percentiles(times_ms: np.ndarray) -> dict[str, float]:
+    return {
+        "latency_ms_p50": float(np.percentile(times_ms, 50)),
+        "latency_ms_p99": float(np.percentile(times_ms, 99)),
+        "throughput_qps": float(1000.0 / times_ms.mean()),
+    }
+
+
+def _time(fn: Callable[[str], object], texts: list[str], warmup: int) -> np.ndarray:
+    for t in texts[:warmup]:
+        fn(t)
+    times = np.empty(len(texts))
+    for i, t in enumerate(texts):
+        start = time.perf_counter()
+        fn(t)
+        times[i] = (time.perf_counter() - start) * 1000
+    return times
+
+
+def _dir_mb(path: Path, pattern: str) -> float:
+    return sum(p.stat().st_size for p in path.glob(pattern)) / 1e6
+
+
+def bench_torch(name: str, ckpt: Path, data: Clinc, texts: list[str], cfg: BenchConfig) -> dict[str, Any]:
+    import torch
+
+    from compression import checkpoint
+    from compression.training import Encoded, predict_logits
+
+    torch.set_num_threads(1)
+    model, tokenizer, labels = checkpoint.load(ckpt)
+    model.eval()
+    val = data.split("val")
+    probs = softmax(predict_logits(model, Encoded(tokenizer, val, labels, 64)))
+    report = validation_report(probs, np.array(val.label_ids(labels)), labels)
+
+    @torch.no_grad()
+    def one(text: str) -> object:
+        return model(**tokenizer(text, return_tensors="pt", truncation=True, max_length=64)).logits
+
+    row = {"stage": name, "runtime": "PyTorch fp32", "size_mb": _dir_mb(ckpt, "*.safetensors")}
+    row.update(_percentiles(_time(one, texts, cfg.warmup)))
+    return {**row, **_metrics(report), "layers": model.config.num_hidden_layers, "ffn": model.config.intermediate_size}
+
+
+def bench_onnx(name: str, directory: Path, data: Clinc, texts: list[str], cfg: BenchConfig, runtime: str) -> dict[str, Any]:
+    runner = OnnxClassifier(directory / "model.onnx", directory / "tokenizer.json", threads=1)
+    val = data.split("val")
+    probs = softmax(runner.logits(val.texts))
+    labels = json.loads((directory / "labels.json").read_text())
+    report = validation_report(probs, np.array(val.label_ids(labels)), labels)
+    row = {"stage": name, "runtime": runtime, "size_mb": (directory / "model.onnx").stat().st_size / 1e6}
+    row.update(_percentiles(_time(runner.logits_one, texts, cfg.warmup)))
+    return {**row, **_metrics(report)}
+
+
+def bench_served(directory: Path, data: Clinc, texts: list[str], cfg: BenchConfig) -> dict[str, Any]:
+    """The committed artifact with the threshold stored in its card, exactly as the service applies it."""
+    from compression.metrics import apply_threshold, score
+
+    card = json.loads((directory / "card.json").read_text())
+    row = bench_onnx("served (models/clinc150)", directory, data, texts, cfg, "ORT int8")
+    runner = OnnxClassifier(directory / "model.onnx", directory / "tokenizer.json", threads=1)
+    labels = json.loads((directory / "labels.json").read_text())
+    val = data.split("val")
+    oos = labels.index(card["oos_label"])
+    pred = apply_threshold(softmax(runner.logits(val.texts)), oos, card["oos_threshold"])
+    s = score(pred, np.array(val.label_ids(labels)), oos)
+    row.update(
+        {
+            "accuracy": s.accuracy,
+            "in_scope_accuracy": s.in_scope_accuracy,
+            "oos_recall": s.oos_recall,
+            "test_weighted_accuracy": s.test_weighted_accuracy,
+            "oos_threshold": card["oos_threshold"],
+        }
+    )
+    return row
+
+
+def bench_baseline(texts: list[str], cfg: BenchConfig, tokenizer_dir: Path) -> dict[str, Any]:
+    """BERT-base-uncased shape (12 x 768), random weights, through a transformers pipeline: timing only."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, pipeline
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(num_labels=151)).eval()
+    # all-MiniLM-L6-v2 uses bert-base-uncased's WordPiece vocabulary, so its tokenizer stands in offline.
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    pipe = pipeline("text-classification", model=model, tokenizer=tokenizer, device=-1)
+    size = sum(p.numel() for p in model.parameters()) * 4 / 1e6
+    row = {"stage": BASELINE, "runtime": "PyTorch fp32 pipeline", "size_mb": size}
+    row.update(_percentiles(_time(lambda t: pipe(t), texts[: max(60, len(texts) // 3)], min(cfg.warmup, 10))))
+    return {**row, "accuracy": None, "in_scope_accuracy": None, "oos_recall": None, "test_weighted_accuracy": None,
+            "note": "random weights: accuracy not measured"}
+
+
+def _metrics(report: dict[str, Any]) -> dict[str, Any]:
+    t = report["thresholded"]
+    return {
+        "accuracy": t["accuracy"],
+        "in_scope_accuracy": t["in_scope_accuracy"],
+        "oos_recall": t["oos_recall"],
+        "test_weighted_accuracy": t["test_weighted_accuracy"],
+        "oos_threshold": report["oos_threshold"],
+        "argmax_accuracy": report["argmax"]["accuracy"],
+    }
+
+
+def run(stages: list[tuple[str, str, Path]], data: Clinc, out: Path, cfg: BenchConfig, tokenizer_dir: Path) -> list[dict[str, Any]]:
+    """stages: (name, kind, path) with kind one of torch, onnx-fp32, onnx-int8, served."""
+    texts = data.split("val").subset(cfg.latency_queries, cfg.seed).texts
+    rows: list[dict[str, Any]] = []
+    if cfg.baseline:
+        rows.append(bench_baseline(texts, cfg, tokenizer_dir))
+        log.info("%s", rows[-1])
+    for name, kind, path in stages:
+        if kind == "torch":
+            rows.append(bench_torch(name, path, data, texts, cfg))
+        elif kind == "served":
+            rows.append(bench_served(path, data, texts, cfg))
+        else:
+            rows.append(bench_onnx(name, path, data, texts, cfg, "ORT fp32" if kind == "onnx-fp32" else "ORT int8"))
+        log.info("%s", rows[-1])
+    base = rows[0]["latency_ms_p50"] if cfg.baseline else None
+    for row in rows:
+        row["speedup_vs_baseline"] = base / row["latency_ms_p50"] if base else None
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "benchmark.json").write_text(json.dumps({"rows": rows, "config": vars(cfg)}, indent=2) + "\n")
+    (out / "benchmark.md").write_text(markdown(rows))
+    plot(rows, out / "benchmark.png")
+    return rows
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    return "n/m" if v is None else f"{v:.{digits}f}"
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    head = (
+        "| stage | runtime | size MB | p50 ms | p99 ms | q/s (1 thread) | speed-up | accuracy | in-scope | OOS recall "
+        "| test-weighted |\n|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = [
+        f"| {r['stage']} | {r['runtime']} | {r['size_mb']:.1f} | {r['latency_ms_p50']:.3f} | {r['latency_ms_p99']:.3f} "
+        f"| {r['throughput_qps']:.0f} | {_fmt(r['speedup_vs_baseline'], 1)}x | {_fmt(r['accuracy'])} "
+        f"| {_fmt(r['in_scope_accuracy'])} | {_fmt(r['oos_recall'])} | {_fmt(r['test_weighted_accuracy'])} |"
+        for r in rows
+    ]
+    return head + "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in rows:
+        if r["test_weighted_accuracy"] is None:
+            ax.axvline(r["latency_ms_p50"], linestyle="--", color="grey")
+            ax.annotate(f"{r['stage']}\n(accuracy n/m)", (r["latency_ms_p50"], 0.5), fontsize=7, rotation=90,
+                        xycoords=("data", "axes fraction"), ha="right")
+            continue
+        ax.scatter(r["latency_ms_p50"], r["test_weighted_accuracy"], s=max(20.0, r["size_mb"] * 4), alpha=0.5)
+        ax.annotate(r["stage"], (r["latency_ms_p50"], r["test_weighted_accuracy"]), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("batch-1 p50 latency, ms (log scale, 1 thread)")
+    ax.set_ylabel("validation test-weighted accuracy")
+    ax.set_title("CLINC150: accuracy against latency (point area ~ size on disk)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

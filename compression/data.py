@@ -1,0 +1,139 @@
+"""CLINC150 in its original JSON format: reading, validating, and the fixed label order."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from compression.errors import FactoryError
+
+OOS = "oos"
+ORIGINAL_URL = "https://raw.githubusercontent.com/clinc/oos-eval/master/data/data_oos_plus.json"
+ORIGINAL_SHA256 = "bfcca9ae515623541dc1983c94c4ed7cae9d26b42ae47d74b972e51bb6f7a21f"
+DEFAULT_DATA = Path("../shared/data/clinc150/clinc150_plus_train_val.json")
+DEFAULT_WIKI = Path("../shared/data/clinc150/wiki_sents.txt")
+
+# In-scope and out-of-scope parts of each split, as the original file names them.
+_SPLIT_KEYS = {"train": ("train", "oos_train"), "val": ("val", "oos_val"), "test": ("test", "oos_test")}
+
+
+@dataclass(frozen=True)
+class Split:
+    texts: list[str]
+    intents: list[str]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def label_ids(self, labels: list[str]) -> list[int]:
+        index = {name: i for i, name in enumerate(labels)}
+        return [index[intent] for intent in self.intents]
+
+    def subset(self, n: int, seed: int) -> Split:
+        """A stratification-free random sample, for quick runs and tests."""
+        if n >= len(self):
+            return self
+        order = random.Random(seed).sample(range(len(self)), n)
+        return Split([self.texts[i] for i in order], [self.intents[i] for i in order])
+
+    def __add__(self, other: Split) -> Split:
+        return Split(self.texts + other.texts, self.intents + other.intents)
+
+
+@dataclass(frozen=True)
+class Clinc:
+    labels: list[str]
+    splits: dict[str, Split]
+
+    def split(self, name: str) -> Split:
+        if name not in self.splits:
+            raise FactoryError(f"the data file has no '{name}' split (it has: {', '.join(sorted(self.splits))})")
+        return self.splits[name]
+
+
+def label_order(train_intents: list[str]) -> list[str]:
+    """Sorted intent names; the order is fixed by the names alone, so it never depends on row order."""
+    return sorted(set(train_intents) | {OOS})
+
+
+def _parse_rows(rows: object, key: str) -> Split:
+    if not isinstance(rows, list):
+        raise FactoryError(f"'{key}' must be a list of [text, intent] rows")
+    texts: list[str] = []
+    intents: list[str] = []
+    for i, row in enumerate(rows):
+        if not (isinstance(row, list) and len(row) == 2 and all(isinstance(x, str) for x in row)):
+            raise FactoryError(f"malformed row {i} in '{key}': expected [text, intent], got {str(row)[:80]}")
+        if not row[0].strip():
+            raise FactoryError(f"malformed row {i} in '{key}': empty text")
+        texts.append(row[0])
+        intents.append(row[1])
+    return Split(texts, intents)
+
+
+def load_clinc(path: Path | str) -> Clinc:
+    """Read a CLINC150 JSON file; raise FactoryError with one clear line on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise FactoryError(f"data file not found: {path} (set --data, or run 'make data' to download it)")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FactoryError(f"data file {path} is not valid UTF-8 JSON: {exc}") from None
+    if not isinstance(raw, dict) or "train" not in raw:
+        raise FactoryError(f"data file {path} is not in the CLINC150 format (no 'train' key)")
+    splits: dict[str, Split] = {}
+    for name, keys in _SPLIT_KEYS.items():
+        parts = [_parse_rows(raw[k], k) for k in keys if k in raw]
+        if parts:
+            merged = parts[0]
+            for part in parts[1:]:
+                merged = merged + part
+            splits[name] = merged
+    labels = label_order(splits["train"].intents)
+    known = set(labels)
+    for name, split in splits.items():
+        unknown = sorted(set(split.intents) - known)
+        if unknown:
+            raise FactoryError(f"split '{name}' has intents that are not in train: {', '.join(unknown[:5])}")
+    return Clinc(labels=labels, splits=splits)
+
+
+def load_wiki(path: Path | str, n: int, seed: int) -> Split:
+    """Up to n Wikipedia sentences, labelled out-of-scope (the dataset authors' 'wiki_aug' material)."""
+    if n <= 0:
+        return Split([], [])
+    path = Path(path)
+    if not path.is_file():
+        raise FactoryError(f"wiki sentences file not found: {path} (set --wiki, or --wiki-oos 0)")
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    chosen = random.Random(seed).sample(lines, min(n, len(lines)))
+    return Split(chosen, [OOS] * len(chosen))
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download(dest: Path, url: str = ORIGINAL_URL, sha256: str = ORIGINAL_SHA256) -> Path:
+    """Fetch the original data_oos_plus.json for users with the internet, and verify it."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(".part")
+    try:
+        urllib.request.urlretrieve(url, tmp)  # noqa: S310 - fixed https URL
+    except OSError as exc:
+        raise FactoryError(f"could not download {url}: {exc}") from None
+    got = sha256_file(tmp)
+    if got != sha256:
+        tmp.unlink(missing_ok=True)
+        raise FactoryError(f"downloaded file has sha256 {got}, expected {sha256}")
+    tmp.replace(dest)
+    return dest

@@ -1,0 +1,144 @@
+"""Stage 2: knowledge distillation into a shallower student initialised from the teacher's layers."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compression import checkpoint
+from compression.data import Clinc
+from compression.provenance import write_run
+from compression.teacher import evaluate, training_split, validation_report
+from compression.training import Encoded, TrainConfig, Trainer, predict_logits, seed_everything
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DistillConfig:
+    alpha: float = 0.5  # weight of the hard-label cross-entropy; 1 - alpha goes to the soft targets
+    temperature: float = 4.0
+    hidden_weight: float = 0.0  # weight of the hidden-state MSE between mapped layers
+    layers: list[int] = field(default_factory=lambda: [0, 2, 4])  # teacher layers that seed the student
+    wiki_path: str = "../shared/data/clinc150/wiki_sents.txt"
+    wiki_oos: int = 2000
+    train_subset: int = 0
+
+
+def kd_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, alpha: float, temperature: float
+) -> torch.Tensor:
+    """The chapter's loss: alpha * CE(student, y) + (1 - alpha) * T^2 * KL(teacher_T || student_T)."""
+    ce = F.cross_entropy(student_logits, labels)
+    kl = F.kl_div(
+        F.log_softmax(student_logits / temperature, dim=-1),
+        F.softmax(teacher_logits / temperature, dim=-1),
+        reduction="batchmean",
+    )
+    return alpha * ce + (1.0 - alpha) * temperature**2 * kl
+
+
+def make_student(teacher: nn.Module, layers: list[int]) -> nn.Module:
+    """A copy of the teacher keeping only `layers` of its encoder, in order (DistilBERT-style init)."""
+    n_teacher = teacher.config.num_hidden_layers
+    if not layers or any(not 0 <= i < n_teacher for i in layers) or sorted(set(layers)) != layers:
+        raise ValueError(f"student layers must be increasing indices below {n_teacher}, got {layers}")
+    student = copy.deepcopy(teacher)
+    encoder = student.base_model.encoder
+    encoder.layer = nn.ModuleList([encoder.layer[i] for i in layers])
+    student.config.num_hidden_layers = len(layers)
+    return student
+
+
+class DistillationTrainer(Trainer):
+    """Trainer whose loss mixes hard labels with the teacher's softened logits (and hidden states)."""
+
+    def __init__(
+        self,
+        student: nn.Module,
+        config: TrainConfig,
+        distill: DistillConfig,
+        teacher_logits: torch.Tensor,
+        teacher: nn.Module | None = None,
+    ) -> None:
+        super().__init__(student, config)
+        self.distill = distill
+        self.teacher_logits = teacher_logits
+        self.teacher = teacher
+        if distill.hidden_weight > 0 and teacher is None:
+            raise ValueError("hidden-state transfer needs the teacher model")
+
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        d = self.distill
+        want_hidden = d.hidden_weight > 0
+        out = self.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=want_hidden
+        )
+        loss = kd_loss(out.logits, self.teacher_logits[batch["index"]], batch["labels"], d.alpha, d.temperature)
+        if want_hidden and self.teacher is not None:
+            with torch.no_grad():
+                t_out = self.teacher(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True
+                )
+            mask = batch["attention_mask"].unsqueeze(-1).float()
+            # Student layer k mirrors teacher layer layers[k]; hidden_states[0] is the shared embedding output.
+            pairs = [(k + 1, t + 1) for k, t in enumerate(d.layers)]
+            mse = sum(
+                (((out.hidden_states[s] - t_out.hidden_states[t]) ** 2) * mask).sum() / (mask.sum() * mask.shape[-1])
+                for s, t in pairs
+            )
+            loss = loss + d.hidden_weight * mse / len(pairs)
+        return loss
+
+
+def train_student(
+    teacher: nn.Module,
+    tokenizer: Any,
+    data: Clinc,
+    cfg: DistillConfig,
+    train_cfg: TrainConfig,
+    teacher_logits_cache: dict[str, torch.Tensor] | None = None,
+) -> tuple[nn.Module, list[dict[str, float]]]:
+    seed_everything(train_cfg.seed)
+    torch.set_num_threads(train_cfg.threads)
+    split = training_split(data, cfg.wiki_path, cfg.wiki_oos, train_cfg.seed, cfg.train_subset)
+    encoded = Encoded(tokenizer, split, data.labels, train_cfg.max_length)
+    key = f"{cfg.wiki_oos}:{cfg.train_subset}:{train_cfg.seed}:{train_cfg.max_length}"
+    if teacher_logits_cache is not None and key in teacher_logits_cache:
+        logits = teacher_logits_cache[key]
+    else:
+        logits = torch.from_numpy(predict_logits(teacher, encoded))
+        if teacher_logits_cache is not None:
+            teacher_logits_cache[key] = logits
+    student = make_student(teacher, cfg.layers)
+    teacher.eval()
+    trainer = DistillationTrainer(student, train_cfg, cfg, logits, teacher if cfg.hidden_weight > 0 else None)
+    history = trainer.train(encoded)
+    return student, history
+
+
+def run(teacher_dir: Path, data: Clinc, out: Path, cfg: DistillConfig, train_cfg: TrainConfig) -> dict[str, Any]:
+    teacher, tokenizer, labels = checkpoint.load(teacher_dir)
+    if labels != data.labels:
+        raise ValueError("the teacher's labels differ from the data's label order")
+    student, history = train_student(teacher, tokenizer, data, cfg, train_cfg)
+    probs, gold = evaluate(student, tokenizer, data, train_cfg.max_length)
+    report = validation_report(probs, gold, data.labels)
+    checkpoint.save(out, student, tokenizer, data.labels)
+    write_run(out, "distill", {"distill": vars(cfg), "train": train_cfg.as_dict()}, report, history=history)
+    log.info("student validation: %s", report)
+    return report
+
+
+def val_score(student: nn.Module, tokenizer: Any, data: Clinc, max_length: int) -> float:
+    probs, gold = evaluate(student, tokenizer, data, max_length)
+    report = validation_report(probs, gold, data.labels)
+    return float(np.float64(report["thresholded"]["test_weighted_accuracy"]))

@@ -1,0 +1,104 @@
+"""Stage 4: ONNX export with dynamic axes, ONNX Runtime transformer fusions, and a parity check."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from compression import checkpoint
+from compression.data import Clinc
+from compression.onnx_runner import OnnxClassifier
+from compression.provenance import write_run
+from compression.teacher import validation_report
+from compression.training import Encoded, predict_logits
+
+log = logging.getLogger(__name__)
+OPSET = 17
+
+
+class _LogitsOnly(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        logits: torch.Tensor = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return logits
+
+
+def write_tokenizer(src_dir: Path, dest: Path, window: int) -> None:
+    """tokenizer.json for the Rust `tokenizers` library: truncate to the model's window, never pad."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(src_dir / "tokenizer.json"))
+    tok.enable_truncation(max_length=window)
+    tok.no_padding()
+    tok.save(str(dest))
+
+
+def export_onnx(model: nn.Module, tokenizer: Any, path: Path) -> None:
+    model.eval()
+    # ORT's attention fusion matches the eager attention graph, not the SDPA one.
+    model.set_attn_implementation("eager")
+    sample = tokenizer(["book a flight to paris", "hi"], padding=True, return_tensors="pt")
+    # The TorchScript exporter is deprecated, but its graph is the one ORT's BERT fusions are written for.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            _LogitsOnly(model),
+            (sample["input_ids"], sample["attention_mask"]),
+            str(path),
+            input_names=["input_ids", "attention_mask"],
+            output_names=["logits"],
+            dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}, "logits": {0: "batch"}},
+            opset_version=OPSET,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+
+
+def fuse(raw: Path, out: Path, num_heads: int, hidden_size: int) -> dict[str, int]:
+    """ORT's BERT fusions (attention, skip-layernorm, bias-gelu, embed-layernorm), saved as a new graph."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    optimized = optimize_model(str(raw), model_type="bert", num_heads=num_heads, hidden_size=hidden_size, opt_level=1)
+    optimized.save_model_to_file(str(out))
+    counts: dict[str, int] = optimized.get_fused_operator_statistics()
+    return counts
+
+
+def run(ckpt_dir: Path, data: Clinc, out: Path, max_length: int, parity_n: int = 300) -> dict[str, Any]:
+    model, tokenizer, labels = checkpoint.load(ckpt_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    raw, fused = out / "model.raw.onnx", out / "model.onnx"
+    export_onnx(model, tokenizer, raw)
+    cfg = model.config
+    fusions = fuse(raw, fused, cfg.num_attention_heads, cfg.hidden_size)
+    write_tokenizer(ckpt_dir, out / "tokenizer.json", max_length)
+    shutil.copy(ckpt_dir / "labels.json", out / "labels.json")
+
+    val = data.split("val")
+    runner = OnnxClassifier(fused, out / "tokenizer.json")
+    onnx_logits = runner.logits(val.texts)
+    sub = val.subset(parity_n, seed=0)
+    torch_logits = predict_logits(model, Encoded(tokenizer, sub, labels, max_length), batch_size=1)
+    index = {t: i for i, t in enumerate(val.texts)}
+    diff = float(np.abs(onnx_logits[[index[t] for t in sub.texts]] - torch_logits).max())
+    if diff > 1e-3:
+        raise RuntimeError(f"ONNX logits differ from PyTorch by {diff:.2e}")
+    from compression.metrics import softmax
+
+    report = validation_report(softmax(onnx_logits), np.array(val.label_ids(labels)), labels)
+    report["parity_max_abs_diff"] = diff
+    report["fused_operators"] = {k: v for k, v in fusions.items() if v}
+    raw.unlink()
+    write_run(out, "export", {"opset": OPSET, "max_length": max_length, "source": str(ckpt_dir)}, report)
+    log.info("export: parity %.2e, fusions %s", diff, report["fused_operators"])
+    return report

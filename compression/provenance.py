@@ -1,0 +1,54 @@
+"""What produced an artifact: config, seed, library versions and metrics, written beside it."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+_PACKAGES = ("torch", "transformers", "onnx", "onnxruntime", "optuna", "tokenizers", "numpy")
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False)
+    except OSError:
+        return None
+    return out.stdout.strip() or None
+
+
+def write_run(directory: Path, stage: str, config: dict[str, Any], metrics: dict[str, Any], **extra: Any) -> Path:
+    record = {
+        "stage": stage,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "git_commit": git_commit(),
+        "config": config,
+        "metrics": metrics,
+        "versions": versions(),
+        **extra,
+    }
+    path = directory / "run.json"
+    path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    return path
+
+
+def read_run(directory: Path) -> dict[str, Any]:
+    path = directory / "run.json"
+    if not path.is_file():
+        return {}
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data

@@ -1,0 +1,74 @@
+"""Stage 2a: Optuna search over the distillation hyperparameters (alpha, temperature, learning rate)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+
+from compression import checkpoint
+from compression.data import Clinc
+from compression.distill import DistillConfig, train_student, val_score
+from compression.provenance import write_run
+from compression.training import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class SearchConfig:
+    trials: int = 4
+    trial_epochs: float = 1.0
+    trial_subset: int = 4000  # in-scope training rows per trial; keeps the default search to minutes on 2 cores
+
+
+def run(
+    teacher_dir: Path, data: Clinc, out: Path, search: SearchConfig, base: DistillConfig, train_cfg: TrainConfig
+) -> dict[str, Any]:
+    teacher, tokenizer, _ = checkpoint.load(teacher_dir)
+    cache: dict[str, torch.Tensor] = {}
+
+    def objective(trial: optuna.Trial) -> float:
+        cfg = dataclasses.replace(
+            base,
+            alpha=trial.suggest_float("alpha", 0.1, 0.9),
+            temperature=trial.suggest_float("temperature", 1.0, 8.0),
+            train_subset=search.trial_subset,
+            wiki_oos=min(base.wiki_oos, search.trial_subset // 4),
+        )
+        tcfg = dataclasses.replace(
+            train_cfg, lr=trial.suggest_float("lr", 5e-5, 5e-4, log=True), epochs=search.trial_epochs
+        )
+        student, _ = train_student(teacher, tokenizer, data, cfg, tcfg, cache)
+        value = val_score(student, tokenizer, data, tcfg.max_length)
+        log.info("trial %d: %s -> %.4f", trial.number, trial.params, value)
+        return value
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=train_cfg.seed))
+    # Start from the chapter-like defaults so that even a budget of one trial is a sensible choice.
+    study.enqueue_trial({"alpha": base.alpha, "temperature": base.temperature, "lr": train_cfg.lr})
+    study.optimize(objective, n_trials=search.trials)
+    result = {
+        "best_params": study.best_params,
+        "best_value": study.best_value,
+        "trials": [{"number": t.number, "params": t.params, "value": t.value} for t in study.trials],
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "best_params.json").write_text(json.dumps(study.best_params, indent=2) + "\n")
+    write_run(out, "search", {"search": vars(search), "base": vars(base), "train": train_cfg.as_dict()}, result)
+    log.info("search best: %s", result["best_params"])
+    return result
+
+
+def load_best(out: Path) -> dict[str, float]:
+    path = out / "best_params.json"
+    if not path.is_file():
+        return {}
+    params: dict[str, float] = json.loads(path.read_text())
+    return params

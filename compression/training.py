@@ -1,0 +1,144 @@
+"""A small PyTorch training loop; stages customise it by overriding ``compute_loss``."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from compression.data import Split
+from compression.metrics import softmax
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 4.0
+    lr: float = 1e-4
+    batch_size: int = 32
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    label_smoothing: float = 0.0
+    max_length: int = 64
+    seed: int = 42
+    threads: int = 2
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Encoded:
+    """Token ids for a split, tokenised once; batches are padded to their longest member."""
+
+    def __init__(self, tokenizer: Any, split: Split, labels: list[str], max_length: int) -> None:
+        enc = tokenizer(split.texts, truncation=True, max_length=max_length)
+        self.input_ids: list[list[int]] = enc["input_ids"]
+        self.labels = torch.tensor(split.label_ids(labels), dtype=torch.long)
+        self.pad_id = int(tokenizer.pad_token_id or 0)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def batch(self, index: list[int]) -> dict[str, torch.Tensor]:
+        seqs = [self.input_ids[i] for i in index]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, seq in enumerate(seqs):
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": self.labels[index], "index": torch.tensor(index)}
+
+    def batches(self, batch_size: int, shuffle: bool, rng: random.Random | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        order = list(range(len(self)))
+        if shuffle:
+            (rng or random.Random(0)).shuffle(order)
+        for start in range(0, len(order), batch_size):
+            yield self.batch(order[start : start + batch_size])
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, data: Encoded, batch_size: int = 128) -> np.ndarray:
+    model.eval()
+    out = []
+    for b in data.batches(batch_size, shuffle=False):
+        out.append(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float().numpy())
+    return np.concatenate(out)
+
+
+def predict_probs(model: nn.Module, data: Encoded) -> np.ndarray:
+    return softmax(predict_logits(model, data))
+
+
+class Trainer:
+    """AdamW with linear warm-up and decay; one epoch is a shuffled pass over the data."""
+
+    def __init__(self, model: nn.Module, config: TrainConfig) -> None:
+        self.model = model
+        self.config = config
+        self.ce = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        loss: torch.Tensor = self.ce(out.logits, batch["labels"])
+        return loss
+
+    def train(self, data: Encoded, on_epoch: Any = None) -> list[dict[str, float]]:
+        cfg = self.config
+        torch.set_num_threads(cfg.threads)
+        seed_everything(cfg.seed)
+        rng = random.Random(cfg.seed)
+        steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
+        total = max(1, int(steps_per_epoch * cfg.epochs))
+        warmup = int(total * cfg.warmup_ratio)
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            (no_decay if p.ndim < 2 or "LayerNorm" in name else decay).append(p)
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
+        )
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup))
+        )
+        history: list[dict[str, float]] = []
+        step, epoch = 0, 0
+        while step < total:
+            self.model.train()
+            started, running, count = time.perf_counter(), 0.0, 0
+            for batch in data.batches(cfg.batch_size, shuffle=True, rng=rng):
+                loss = self.compute_loss(batch)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+                opt.step()
+                sched.step()
+                running += float(loss.detach())
+                count += 1
+                step += 1
+                if count % 100 == 0:
+                    log.info("step %d/%d loss %.4f (%.1fs)", step, total, running / count, time.perf_counter() - started)
+                if step >= total:
+                    break
+            epoch += 1
+            row = {"epoch": epoch, "loss": running / max(1, count), "seconds": time.perf_counter() - started}
+            if on_epoch is not None:
+                row.update(on_epoch(self.model))
+            log.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in row.items()})
+            history.append(row)
+        return history

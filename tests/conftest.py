@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL_DIR = ROOT / "models" / "clinc150"
+DATA = ROOT.parent / "shared" / "data" / "clinc150" / "clinc150_plus_train_val.json"
+WIKI = ROOT.parent / "shared" / "data" / "clinc150" / "wiki_sents.txt"
+
+
+@pytest.fixture(scope="session")
+def data_path() -> Path:
+    assert DATA.is_file(), f"CLINC150 data missing at {DATA}; tests read it from ../shared"
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def validation(data_path: Path) -> tuple[list[str], list[str]]:
+    raw = json.loads(data_path.read_text())
+    rows = raw["val"] + raw["oos_val"]
+    return [r[0] for r in rows], [r[1] for r in rows]
+
+
+@pytest.fixture(scope="session")
+def card() -> dict:
+    return json.loads((MODEL_DIR / "card.json").read_text())
+
+
+@pytest.fixture
+def model_copy(tmp_path: Path) -> Path:
+    """A private copy of the committed artifact, for tests that damage it."""
+    dest = tmp_path / "model"
+    shutil.copytree(MODEL_DIR, dest)
+    return dest

@@ -1,0 +1,42 @@
+"""A classifier with the real one's interface, for edge cases the real model cannot stage."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from app.classifier import Prediction
+from app.config import Settings
+
+LABELS = ["book_flight", "balance", "oos"]
+
+
+class FakeClassifier:
+    def __init__(self, delay_s: float = 0.0, fail: bool = False) -> None:
+        self.labels = LABELS
+        self.version = "fake-1"
+        self.delay_s = delay_s
+        self.fail = fail
+        self.calls = 0
+        self.closed = False
+
+    def predict(self, text: str, top_k: int = 0) -> Prediction:
+        self.calls += 1
+        if self.fail:
+            raise RuntimeError("classifier broke")
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        intent = "balance" if "balance" in text else "book_flight" if "flight" in text else "oos"
+        ranked = [(intent, 0.9), *((x, 0.05) for x in LABELS if x != intent)][:top_k]
+        return Prediction(intent=intent, confidence=0.9, top_k=ranked, tokenize_s=1e-5, inference_s=2e-4)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def fake_factory(clf: FakeClassifier) -> Any:
+    def factory(settings: Settings) -> tuple[FakeClassifier, dict[str, Any]]:
+        card = {"version": clf.version, "labels": LABELS, "oos_threshold": 0.0, "files": {}, "metrics": {}}
+        return clf, card
+
+    return factory

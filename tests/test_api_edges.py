@@ -1,0 +1,239 @@
+"""Edge cases through the full app (lifespan running) with a fake classifier."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from app.config import Settings
+from app.main import create_app
+from tests.fakes import FakeClassifier, fake_factory
+
+
+def make_client(clf: FakeClassifier | None = None, **settings: object) -> TestClient:
+    s = Settings(warmup_queries=0, **settings)  # type: ignore[arg-type]
+    return TestClient(create_app(s, fake_factory(clf or FakeClassifier())))
+
+
+@pytest.fixture
+def client():
+    with make_client() as c:
+        yield c
+
+
+def error_of(response: httpx.Response) -> str:
+    body = response.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"type", "message"}
+    return body["error"]["type"]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "kind"),
+    [
+        (b'{"text": ""}', 422, "empty_text"),
+        (b'{"text": "   \\t\\n "}', 422, "empty_text"),
+        (b'{"text": "\\u200b\\u200d"}', 422, "empty_text"),
+        (b'{"text": 42}', 422, "validation_error"),
+        (b'{"text": null}', 422, "validation_error"),
+        (b'{"text": ["a"]}', 422, "validation_error"),
+        (b'{"txt": "hello"}', 422, "validation_error"),
+        (b'{"text": "hi", "top_k": 0}', 422, "validation_error"),
+        (b'{"text": "hi", "top_k": "3"}', 422, "validation_error"),
+        (b'{"text": "hi", "top_k": 11}', 422, "validation_error"),
+        (b'["text"]', 422, "validation_error"),
+        (b"", 400, "invalid_json"),
+        (b"{not json", 400, "invalid_json"),
+        (b'{"text": "caf\xe9"}', 400, "invalid_encoding"),
+        (b"\xff\xfe\x00", 400, "invalid_encoding"),
+    ],
+)
+def test_bad_single_inputs(client: TestClient, body: bytes, status: int, kind: str) -> None:
+    r = client.post("/predict", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status
+    assert error_of(r) == kind
+
+
+def test_text_over_char_limit(client: TestClient) -> None:
+    r = client.post("/predict", json={"text": "a" * 1001})
+    assert r.status_code == 422
+    assert error_of(r) == "text_too_long"
+    assert client.post("/predict", json={"text": "a" * 1000}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("payload", "kind"),
+    [
+        ({"texts": []}, "validation_error"),
+        ({"texts": "one"}, "validation_error"),
+        ({"texts": ["ok", 3]}, "validation_error"),
+        ({"texts": ["ok", " "]}, "empty_text"),
+        ({"texts": ["ok", "x" * 1001]}, "text_too_long"),
+        ({"texts": ["t"] * 65}, "batch_too_large"),
+    ],
+)
+def test_bad_batches(client: TestClient, payload: dict, kind: str) -> None:
+    r = client.post("/predict/batch", json=payload)
+    assert r.status_code == 422
+    assert error_of(r) == kind
+
+
+def test_body_over_byte_limit_is_refused_before_parsing() -> None:
+    with make_client(max_body_bytes=2048) as c:
+        r = c.post("/predict", content=b'{"text": "' + b"a" * 4000 + b'"}', headers={"content-type": "application/json"})
+        assert r.status_code == 413
+        assert error_of(r) == "body_too_large"
+
+        def chunks():
+            yield b'{"text": "'
+            for _ in range(10):
+                yield b"a" * 500
+            yield b'"}'
+
+        r = c.post("/predict", content=chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 413
+        assert error_of(r) == "body_too_large"
+
+
+def test_unknown_route_and_method(client: TestClient) -> None:
+    r = client.get("/nope")
+    assert r.status_code == 404
+    assert error_of(r) == "not_found"
+    r = client.get("/predict")
+    assert r.status_code == 405
+    assert error_of(r) == "method_not_allowed"
+
+
+def test_request_id_is_echoed_or_generated(client: TestClient) -> None:
+    r = client.post("/predict", json={"text": "flight to rome"}, headers={"x-request-id": "abc-123"})
+    assert r.headers["x-request-id"] == "abc-123"
+    r = client.post("/predict", json={"text": "flight to rome"}, headers={"x-request-id": "bad id\twith tab"})
+    assert len(r.headers["x-request-id"]) == 32
+    assert r.headers["x-request-id"] != "bad id\twith tab"
+
+
+def test_server_timing_header(client: TestClient) -> None:
+    r = client.post("/predict", json={"text": "flight to rome"})
+    assert r.status_code == 200
+    assert "inference;dur=" in r.headers["server-timing"]
+
+
+def test_classifier_fault_is_a_json_500_without_details() -> None:
+    with TestClient(create_app(Settings(warmup_queries=0), fake_factory(FakeClassifier(fail=True))),
+                    raise_server_exceptions=False) as c:
+        r = c.post("/predict", json={"text": "hello"})
+        assert r.status_code == 500
+        assert r.json() == {"error": {"type": "internal_error", "message": "internal error"}}
+        assert "Traceback" not in r.text
+        assert c.get("/health").status_code == 200
+
+
+def test_readiness_lifecycle() -> None:
+    clf = FakeClassifier()
+    app = create_app(Settings(warmup_queries=0), fake_factory(clf))
+    with TestClient(app) as c:
+        assert c.get("/ready").json() == {"status": "ready"}
+        assert c.get("/health").json() == {"status": "ok"}
+    assert app.state.ready is False
+    assert clf.closed
+    # Before the lifespan has run, the model is not there: predictions are refused with 503.
+    with TestClient(create_app(Settings(warmup_queries=0), fake_factory(FakeClassifier()))) as c:
+        c.app.state.ready = False  # type: ignore[attr-defined]
+        r = c.get("/ready")
+        assert r.status_code == 503
+        assert error_of(r) == "not_ready"
+        assert r.headers["retry-after"] == "1"
+
+
+def test_overload_is_refused_at_once_with_retry_after() -> None:
+    """A queue of one and a slow classifier: extra requests get 429 without waiting for inference."""
+    app = create_app(Settings(warmup_queries=0, max_queue=1, inference_mode="thread"),
+                     fake_factory(FakeClassifier(delay_s=0.3)))
+
+    async def scenario() -> list[httpx.Response]:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+                return list(await asyncio.gather(*(c.post("/predict", json={"text": "flight"}) for _ in range(5))))
+
+    responses = asyncio.run(scenario())
+    codes = sorted(r.status_code for r in responses)
+    assert codes == [200, 429, 429, 429, 429]
+    for r in responses:
+        if r.status_code == 429:
+            assert error_of(r) == "overloaded"
+            assert r.headers["retry-after"] == "1"
+
+
+def test_auth_when_api_key_is_set() -> None:
+    with make_client(api_key="s3cret") as c:
+        assert c.post("/predict", json={"text": "flight"}).status_code == 401
+        r = c.post("/predict", json={"text": "flight"}, headers={"authorization": "Bearer wrong"})
+        assert r.status_code == 401
+        assert error_of(r) == "unauthorized"
+        assert r.headers["www-authenticate"] == "Bearer"
+        ok = c.post("/predict", json={"text": "flight"}, headers={"authorization": "Bearer s3cret"})
+        assert ok.status_code == 200
+        assert c.get("/health").status_code == 200
+        assert c.get("/metrics").status_code == 200
+        assert c.get("/model").status_code == 401
+
+
+def test_cors_off_by_default_and_configurable() -> None:
+    with make_client() as c:
+        r = c.options("/predict", headers={"origin": "https://x.example", "access-control-request-method": "POST"})
+        assert "access-control-allow-origin" not in r.headers
+    with make_client(cors_origins=["https://x.example"]) as c:
+        r = c.options("/predict", headers={"origin": "https://x.example", "access-control-request-method": "POST"})
+        assert r.headers["access-control-allow-origin"] == "https://x.example"
+
+
+def test_metrics_parse_and_name_every_family(client: TestClient) -> None:
+    client.post("/predict", json={"text": "flight to rome"})
+    client.post("/predict/batch", json={"texts": ["balance", "flight"]})
+    client.post("/predict", json={"text": ""})
+    families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
+    for name in ("intent_requests", "intent_rejected", "intent_predictions", "intent_truncated_texts"):
+        assert families[name].type == "counter"
+    for name in ("intent_request_duration_seconds", "intent_stage_duration_seconds", "intent_batch_size"):
+        assert families[name].type == "histogram"
+    for name in ("intent_in_flight_requests", "intent_model_info", "intent_ready"):
+        assert families[name].type == "gauge"
+    samples = [s for f in families.values() for s in f.samples]
+    stages = {s.labels["stage"] for s in samples if s.name == "intent_stage_duration_seconds_count"}
+    assert stages == {"tokenize", "queue", "inference"}
+    buckets = {float(s.labels["le"]) for s in samples if s.name == "intent_stage_duration_seconds_bucket"}
+    assert min(buckets) <= 5e-5
+    predicted = {s.labels["intent"]: s.value for s in samples if s.name == "intent_predictions_total"}
+    assert predicted == {"book_flight": 2.0, "balance": 1.0}
+    by_status = {(s.labels["route"], s.labels["status"]): s.value for s in samples if s.name == "intent_requests_total"}
+    assert by_status[("/predict", "200")] == 1.0
+    assert by_status[("/predict", "422")] == 1.0
+    sizes = [s for s in samples if s.name == "intent_batch_size_sum"]
+    assert sizes[0].value == 3.0
+
+
+def test_health_stays_responsive_while_inference_is_busy() -> None:
+    """Inline inference yields to the loop between texts, so /health is answered within one query's time."""
+    app = create_app(Settings(warmup_queries=0, max_queue=200), fake_factory(FakeClassifier(delay_s=0.005)))
+
+    async def scenario() -> tuple[float, list[int]]:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+                batch = asyncio.create_task(c.post("/predict/batch", json={"texts": ["flight"] * 64}))
+                await asyncio.sleep(0.02)
+                loop = asyncio.get_running_loop()
+                start = loop.time()
+                health = await c.get("/health")
+                waited = loop.time() - start
+                done = await batch
+                return waited, [health.status_code, done.status_code]
+
+    waited, codes = asyncio.run(scenario())
+    assert codes == [200, 200]
+    assert waited < 0.1  # the batch takes 0.32 s; /health waits for at most one text

