@@ -15,7 +15,9 @@ DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "clinc15
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="INTENT_", env_file=".env", extra="ignore")
 
-    model_dir: Path = Field(DEFAULT_MODEL_DIR, description="directory holding the artifact (model.onnx, card.json, ...)")
+    model_dir: Path = Field(
+        DEFAULT_MODEL_DIR, description="directory holding the artifact (model.onnx, card.json, ...)"
+    )
     verify_sha256: bool = Field(True, description="check every artifact file against card.json at start-up")
 
     host: str = "127.0.0.1"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,7 +28,9 @@ class _Job:
 
 
 class InferenceQueue:
-    def __init__(self, classifier: Classifier, metrics: Metrics, max_pending: int, retry_after_s: int, mode: str) -> None:
+    def __init__(
+        self, classifier: Classifier, metrics: Metrics, max_pending: int, retry_after_s: int, mode: str
+    ) -> None:
         self.classifier = classifier
         self.metrics = metrics
         self.max_pending = max_pending
@@ -113,9 +116,7 @@ class InferenceQueue:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
         if self._executor is not None:
             self._executor.shutdown(wait=True)

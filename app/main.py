@@ -27,7 +27,12 @@ from app.middleware import ServiceMiddleware
 from app.routes import router
 
 log = logging.getLogger("app")
-WARMUP_TEXTS = ("what is my account balance", "book a table for two at 7pm", "tell me a joke", "how do you say hello in french")
+WARMUP_TEXTS = (
+    "what is my account balance",
+    "book a table for two at 7pm",
+    "tell me a joke",
+    "how do you say hello in french",
+)
 
 # Builds the classifier and the card that /model shows; tests pass a fake.
 ClassifierFactory = Callable[[Settings], tuple[Classifier, dict[str, Any]]]
@@ -74,7 +79,9 @@ def _lifespan(factory: ClassifierFactory) -> Callable[[FastAPI], Any]:
         app.state.queue = queue
         app.state.model_version = classifier.version
         app.state.card_json = orjson.dumps(card)
-        metrics.model_info.labels(classifier.version, str(card.get("name", "")), str(card.get("quantization", ""))).set(1)
+        metrics.model_info.labels(classifier.version, str(card.get("name", "")), str(card.get("quantization", ""))).set(
+            1
+        )
         metrics.ready.set(1)
         app.state.ready = True
         _install_drain_on_sigterm(app, settings.shutdown_delay_s)
@@ -95,8 +102,9 @@ def _lifespan(factory: ClassifierFactory) -> Callable[[FastAPI], Any]:
 
 async def _service_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ServiceError)
-    return Response(error_body(exc.kind, exc.message), status_code=exc.status, headers=exc.headers,
-                    media_type="application/json")
+    return Response(
+        error_body(exc.kind, exc.message), status_code=exc.status, headers=exc.headers, media_type="application/json"
+    )
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -117,8 +125,10 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
-    log.error("unhandled error", extra={"request_id": request.scope.get("state", {}).get("request_id"),
-                                         "error_type": type(exc).__name__})
+    log.error(
+        "unhandled error",
+        extra={"request_id": request.scope.get("state", {}).get("request_id"), "error_type": type(exc).__name__},
+    )
     return Response(error_body("internal_error", "internal error"), status_code=500, media_type="application/json")
 
 
@@ -142,11 +152,15 @@ def create_app(settings: Settings | None = None, classifier_factory: ClassifierF
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["authorization", "content-type", "x-request-id"])
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["authorization", "content-type", "x-request-id"],
+        )
     key = settings.api_key.get_secret_value() if settings.api_key else None
     app.add_middleware(
-        ServiceMiddleware,  # type: ignore[arg-type]
+        ServiceMiddleware,
         metrics=app.state.metrics,
         max_body=settings.max_body_bytes,
         api_key=key,

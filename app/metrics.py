@@ -7,8 +7,46 @@ import os
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 # From 50 us up: a query spends well under a millisecond in each stage.
-STAGE_BUCKETS = (5e-5, 1e-4, 2e-4, 3e-4, 5e-4, 7.5e-4, 1e-3, 1.5e-3, 2e-3, 3e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 1.0)
-REQUEST_BUCKETS = (1e-4, 2.5e-4, 5e-4, 7.5e-4, 1e-3, 1.25e-3, 1.5e-3, 2e-3, 3e-3, 5e-3, 7.5e-3, 1e-2, 2e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5)
+STAGE_BUCKETS = (
+    5e-5,
+    1e-4,
+    2e-4,
+    3e-4,
+    5e-4,
+    7.5e-4,
+    1e-3,
+    1.5e-3,
+    2e-3,
+    3e-3,
+    5e-3,
+    1e-2,
+    2.5e-2,
+    5e-2,
+    0.1,
+    0.25,
+    1.0,
+)
+REQUEST_BUCKETS = (
+    1e-4,
+    2.5e-4,
+    5e-4,
+    7.5e-4,
+    1e-3,
+    1.25e-3,
+    1.5e-3,
+    2e-3,
+    3e-3,
+    5e-3,
+    7.5e-3,
+    1e-2,
+    2e-2,
+    5e-2,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
@@ -39,13 +77,20 @@ class Metrics:
         )
         self.batch_size = Histogram("intent_batch_size", "Texts per request", buckets=BATCH_BUCKETS, registry=r)
         self.in_flight = Gauge(
-            "intent_in_flight_requests", "Requests admitted and not yet answered", registry=r, multiprocess_mode="livesum"
+            "intent_in_flight_requests",
+            "Requests admitted and not yet answered",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.rejected = Counter("intent_rejected", "Requests refused, by reason", ["reason"], registry=r)
         self.predictions = Counter("intent_predictions", "Predicted intents", ["intent"], registry=r)
         self.truncated = Counter("intent_truncated_texts", "Texts cut to the model's token window", registry=r)
         self.model_info = Gauge(
-            "intent_model_info", "The served model", ["version", "name", "quantization"], registry=r, multiprocess_mode="max"
+            "intent_model_info",
+            "The served model",
+            ["version", "name", "quantization"],
+            registry=r,
+            multiprocess_mode="max",
         )
         self.ready = Gauge("intent_ready", "1 when the worker serves traffic", registry=r, multiprocess_mode="min")
         self.tokenize = self.stage.labels("tokenize")
@@ -56,6 +101,6 @@ class Metrics:
         directory = multiprocess_dir()
         if directory:
             merged = CollectorRegistry()
-            multiprocess.MultiProcessCollector(merged, path=directory)
+            multiprocess.MultiProcessCollector(merged, path=directory)  # type: ignore[no-untyped-call]
             return generate_latest(merged)
         return generate_latest(self.registry)

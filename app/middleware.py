@@ -20,7 +20,9 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 log = logging.getLogger("app.access")
-KNOWN_ROUTES = frozenset({"/predict", "/predict/batch", "/health", "/ready", "/model", "/metrics", "/docs", "/openapi.json"})
+KNOWN_ROUTES = frozenset(
+    {"/predict", "/predict/batch", "/health", "/ready", "/model", "/metrics", "/docs", "/openapi.json"}
+)
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
@@ -32,7 +34,9 @@ def _request_id(raw: bytes | None) -> str:
 
 
 class ServiceMiddleware:
-    def __init__(self, app: ASGIApp, metrics: Metrics, max_body: int, api_key: str | None, open_paths: list[str]) -> None:
+    def __init__(
+        self, app: ASGIApp, metrics: Metrics, max_body: int, api_key: str | None, open_paths: list[str]
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body = max_body
@@ -77,8 +81,16 @@ class ServiceMiddleware:
             self.metrics.requests.labels(route, method, code).inc()
             self.metrics.latency.labels(route, code).observe(elapsed)
             if log.isEnabledFor(logging.DEBUG):
-                log.debug("request", extra={"request_id": rid, "method": method, "route": route, "status": status,
-                                            "duration_ms": round(elapsed * 1000, 3)})
+                log.debug(
+                    "request",
+                    extra={
+                        "request_id": rid,
+                        "method": method,
+                        "route": route,
+                        "status": status,
+                        "duration_ms": round(elapsed * 1000, 3),
+                    },
+                )
 
     async def _bounded_body(self, headers: dict[bytes, bytes], receive: Receive) -> Receive:
         """Read the whole body, refusing it as soon as it passes the limit, and replay it to the app."""

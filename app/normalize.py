@@ -13,5 +13,7 @@ _SPACE = re.compile(r"\s+")
 def normalize_text(text: str) -> str:
     text = unicodedata.normalize("NFC", text)
     if not text.isprintable():
-        text = "".join(" " if ch.isspace() else ch for ch in text if ch.isspace() or unicodedata.category(ch) not in _DROP)
+        text = "".join(
+            " " if ch.isspace() else ch for ch in text if ch.isspace() or unicodedata.category(ch) not in _DROP
+        )
     return _SPACE.sub(" ", text).strip()

@@ -151,8 +151,12 @@ async def ready(request: Request) -> Response:
     return Response(b'{"status":"ready"}', media_type=JSON)
 
 
-@router.get("/model", summary="The model card: version, labels, metrics, sha256", response_model=schemas.ModelCard,
-            responses=_errors(503))
+@router.get(
+    "/model",
+    summary="The model card: version, labels, metrics, sha256",
+    response_model=schemas.ModelCard,
+    responses=_errors(503),
+)
 async def model(request: Request) -> Response:
     card = getattr(request.app.state, "card_json", None)
     if card is None:
@@ -160,8 +164,12 @@ async def model(request: Request) -> Response:
     return Response(card, media_type=JSON)
 
 
-@router.get("/metrics", summary="Prometheus exposition", response_class=Response,
-            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
+@router.get(
+    "/metrics",
+    summary="Prometheus exposition",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+)
 async def metrics(request: Request) -> Response:
     from prometheus_client import CONTENT_TYPE_LATEST
 

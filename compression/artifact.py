@@ -48,10 +48,12 @@ def write(
     dest.mkdir(parents=True, exist_ok=True)
     for name in FILES:
         shutil.copy(quantized_dir / name, dest / name)
-    files = {name: {"sha256": sha256_file(dest / name), "bytes": (dest / name).stat().st_size} for name in FILES}
+    files: dict[str, dict[str, Any]] = {
+        name: {"sha256": sha256_file(dest / name), "bytes": (dest / name).stat().st_size} for name in FILES
+    }
     training = {stage: read_run(d).get("config", {}) for stage, d in stage_dirs.items()}
     stage_metrics = {stage: read_run(d).get("metrics", {}) for stage, d in stage_dirs.items()}
-    card = {
+    card: dict[str, Any] = {
         "name": "clinc150-intent",
         "version": f"{time.strftime('%Y.%m.%d')}-{files['model.onnx']['sha256'][:8]}",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -67,7 +69,9 @@ def write(
         "metrics": {
             "validation": metrics.get("thresholded", {}),
             "validation_argmax": metrics.get("argmax", {}),
-            "stages": {k: {"thresholded": v.get("thresholded"), "argmax": v.get("argmax")} for k, v in stage_metrics.items()},
+            "stages": {
+                k: {"thresholded": v.get("thresholded"), "argmax": v.get("argmax")} for k, v in stage_metrics.items()
+            },
         },
         "benchmark": benchmark_row or {},
         "training": training,

@@ -79,7 +79,9 @@ def bench_torch(name: str, ckpt: Path, data: Clinc, texts: list[str], cfg: Bench
     return {**row, **_metrics(report), "layers": model.config.num_hidden_layers, "ffn": model.config.intermediate_size}
 
 
-def bench_onnx(name: str, directory: Path, data: Clinc, texts: list[str], cfg: BenchConfig, runtime: str) -> dict[str, Any]:
+def bench_onnx(
+    name: str, directory: Path, data: Clinc, texts: list[str], cfg: BenchConfig, runtime: str
+) -> dict[str, Any]:
     runner = OnnxClassifier(directory / "model.onnx", directory / "tokenizer.json", threads=1)
     val = data.split("val")
     probs = softmax(runner.logits(val.texts))
@@ -121,15 +123,21 @@ def bench_baseline(texts: list[str], cfg: BenchConfig, tokenizer_dir: Path) -> d
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(num_labels=151)).eval()
+    model = BertForSequenceClassification(BertConfig(num_labels=151)).eval()  # type: ignore[call-arg,no-untyped-call]
     # all-MiniLM-L6-v2 uses bert-base-uncased's WordPiece vocabulary, so its tokenizer stands in offline.
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     pipe = pipeline("text-classification", model=model, tokenizer=tokenizer, device=-1)
     size = sum(p.numel() for p in model.parameters()) * 4 / 1e6
     row = {"stage": BASELINE, "runtime": "PyTorch fp32 pipeline", "size_mb": size}
     row.update(_percentiles(_time(lambda t: pipe(t), texts[: max(60, len(texts) // 3)], min(cfg.warmup, 10))))
-    return {**row, "accuracy": None, "in_scope_accuracy": None, "oos_recall": None, "test_weighted_accuracy": None,
-            "note": "random weights: accuracy not measured"}
+    return {
+        **row,
+        "accuracy": None,
+        "in_scope_accuracy": None,
+        "oos_recall": None,
+        "test_weighted_accuracy": None,
+        "note": "random weights: accuracy not measured",
+    }
 
 
 def _metrics(report: dict[str, Any]) -> dict[str, Any]:
@@ -144,7 +152,9 @@ def _metrics(report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run(stages: list[tuple[str, str, Path]], data: Clinc, out: Path, cfg: BenchConfig, tokenizer_dir: Path) -> list[dict[str, Any]]:
+def run(
+    stages: list[tuple[str, str, Path]], data: Clinc, out: Path, cfg: BenchConfig, tokenizer_dir: Path
+) -> list[dict[str, Any]]:
     """stages: (name, kind, path) with kind one of torch, onnx-fp32, onnx-int8, served."""
     texts = data.split("val").subset(cfg.latency_queries, cfg.seed).texts
     rows: list[dict[str, Any]] = []
@@ -197,8 +207,14 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     for r in rows:
         if r["test_weighted_accuracy"] is None:
             ax.axvline(r["latency_ms_p50"], linestyle="--", color="grey")
-            ax.annotate(f"{r['stage']}\n(accuracy n/m)", (r["latency_ms_p50"], 0.5), fontsize=7, rotation=90,
-                        xycoords=("data", "axes fraction"), ha="right")
+            ax.annotate(
+                f"{r['stage']}\n(accuracy n/m)",
+                (r["latency_ms_p50"], 0.5),
+                fontsize=7,
+                rotation=90,
+                xycoords=("data", "axes fraction"),
+                ha="right",
+            )
             continue
         ax.scatter(r["latency_ms_p50"], r["test_weighted_accuracy"], s=max(20.0, r["size_mb"] * 4), alpha=0.5)
         ax.annotate(r["stage"], (r["latency_ms_p50"], r["test_weighted_accuracy"]), fontsize=7)

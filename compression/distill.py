@@ -46,7 +46,7 @@ def kd_loss(
     return alpha * ce + (1.0 - alpha) * temperature**2 * kl
 
 
-def make_student(teacher: nn.Module, layers: list[int]) -> nn.Module:
+def make_student(teacher: Any, layers: list[int]) -> Any:
     """A copy of the teacher keeping only `layers` of its encoder, in order (DistilBERT-style init)."""
     n_teacher = teacher.config.num_hidden_layers
     if not layers or any(not 0 <= i < n_teacher for i in layers) or sorted(set(layers)) != layers:
@@ -63,11 +63,11 @@ class DistillationTrainer(Trainer):
 
     def __init__(
         self,
-        student: nn.Module,
+        student: Any,
         config: TrainConfig,
         distill: DistillConfig,
         teacher_logits: torch.Tensor,
-        teacher: nn.Module | None = None,
+        teacher: Any | None = None,
     ) -> None:
         super().__init__(student, config)
         self.distill = distill
@@ -100,13 +100,13 @@ class DistillationTrainer(Trainer):
 
 
 def train_student(
-    teacher: nn.Module,
+    teacher: Any,
     tokenizer: Any,
     data: Clinc,
     cfg: DistillConfig,
     train_cfg: TrainConfig,
     teacher_logits_cache: dict[str, torch.Tensor] | None = None,
-) -> tuple[nn.Module, list[dict[str, float]]]:
+) -> tuple[Any, list[dict[str, float]]]:
     seed_everything(train_cfg.seed)
     torch.set_num_threads(train_cfg.threads)
     split = training_split(data, cfg.wiki_path, cfg.wiki_oos, train_cfg.seed, cfg.train_subset)
@@ -138,7 +138,7 @@ def run(teacher_dir: Path, data: Clinc, out: Path, cfg: DistillConfig, train_cfg
     return report
 
 
-def val_score(student: nn.Module, tokenizer: Any, data: Clinc, max_length: int) -> float:
+def val_score(student: Any, tokenizer: Any, data: Clinc, max_length: int) -> float:
     probs, gold = evaluate(student, tokenizer, data, max_length)
     report = validation_report(probs, gold, data.labels)
     return float(np.float64(report["thresholded"]["test_weighted_accuracy"]))

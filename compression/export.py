@@ -24,7 +24,7 @@ OPSET = 17
 
 
 class _LogitsOnly(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: Any) -> None:
         super().__init__()
         self.model = model
 
@@ -43,7 +43,7 @@ def write_tokenizer(src_dir: Path, dest: Path, window: int) -> None:
     tok.save(str(dest))
 
 
-def export_onnx(model: nn.Module, tokenizer: Any, path: Path) -> None:
+def export_onnx(model: Any, tokenizer: Any, path: Path) -> None:
     model.eval()
     # ORT's attention fusion matches the eager attention graph, not the SDPA one.
     model.set_attn_implementation("eager")
@@ -57,7 +57,11 @@ def export_onnx(model: nn.Module, tokenizer: Any, path: Path) -> None:
             str(path),
             input_names=["input_ids", "attention_mask"],
             output_names=["logits"],
-            dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}, "logits": {0: "batch"}},
+            dynamic_axes={
+                "input_ids": {0: "batch", 1: "seq"},
+                "attention_mask": {0: "batch", 1: "seq"},
+                "logits": {0: "batch"},
+            },
             opset_version=OPSET,
             do_constant_folding=True,
             dynamo=False,

@@ -26,7 +26,8 @@ class Scores:
 def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=-1, keepdims=True)
     exp = np.exp(shifted)
-    return exp / exp.sum(axis=-1, keepdims=True)
+    probs: np.ndarray = exp / exp.sum(axis=-1, keepdims=True)
+    return probs
 
 
 def apply_threshold(probs: np.ndarray, oos_index: int, threshold: float) -> np.ndarray:
@@ -45,7 +46,7 @@ def score(pred: np.ndarray, gold: np.ndarray, oos_index: int) -> Scores:
         in_scope_accuracy=ins,
         oos_recall=oos,
         test_weighted_accuracy=TEST_IN_SCOPE_SHARE * ins + TEST_OOS_SHARE * oos,
-        n=int(len(gold)),
+        n=len(gold),
     )
 
 

@@ -40,8 +40,8 @@ class OnnxClassifier:
 
     def logits_one(self, text: str) -> np.ndarray:
         ids = self.tokenizer.encode(text).ids
-        out: np.ndarray = self.session.run(["logits"], self.feed([ids]))[0]
-        return out[0]
+        out: np.ndarray = self.session.run(["logits"], self.feed([ids]))[0][0]
+        return out
 
     def logits(self, texts: list[str]) -> np.ndarray:
         """Batch-1 calls, as the service makes them, so results never depend on batch composition."""

@@ -41,7 +41,7 @@ def _slice_linear(layer: nn.Linear, keep: torch.Tensor, dim: int) -> nn.Linear:
     return new
 
 
-def neuron_importance(model: nn.Module, data: Encoded, batches: int = 20) -> list[torch.Tensor]:
+def neuron_importance(model: Any, data: Encoded, batches: int = 20) -> list[torch.Tensor]:
     """First-order Taylor importance |w . dL/dw| of each FFN neuron, summed over its in and out weights."""
     layers = model.base_model.encoder.layer
     model.train(False)
@@ -62,7 +62,7 @@ def neuron_importance(model: nn.Module, data: Encoded, batches: int = 20) -> lis
     return scores
 
 
-def prune_ffn(model: nn.Module, scores: list[torch.Tensor], keep_fraction: float) -> nn.Module:
+def prune_ffn(model: Any, scores: list[torch.Tensor], keep_fraction: float) -> Any:
     """Keep the same number of top-scoring neurons in each layer, so the config stays uniform."""
     size = model.config.intermediate_size
     keep_n = max(1, round(size * keep_fraction))

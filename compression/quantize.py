@@ -29,7 +29,7 @@ LATENCY_QUERIES = 300
 ACCURACY_TOLERANCE = 0.003
 
 
-class _Calibration(CalibrationDataReader):
+class _Calibration(CalibrationDataReader):  # type: ignore[misc]
     def __init__(self, runner: OnnxClassifier, texts: list[str]) -> None:
         self.feeds = iter([runner.feed([runner.tokenizer.encode(t).ids]) for t in texts])
 
@@ -87,7 +87,9 @@ def run(export_dir: Path, data: Clinc, out: Path, calibration_n: int = 300, seed
     for name, r in results.items():
         log.info("%s: p50 %.3f ms, tw-acc %.4f", name, r["latency_ms_p50"], r["thresholded"]["test_weighted_accuracy"])
     best_acc = max(r["thresholded"]["test_weighted_accuracy"] for r in results.values())
-    eligible = [n for n, r in results.items() if r["thresholded"]["test_weighted_accuracy"] >= best_acc - ACCURACY_TOLERANCE]
+    eligible = [
+        n for n, r in results.items() if r["thresholded"]["test_weighted_accuracy"] >= best_acc - ACCURACY_TOLERANCE
+    ]
     chosen = min(eligible, key=lambda n: results[n]["latency_ms_p50"])
     shutil.copy(candidates[chosen], out / "model.onnx")
     for name in ("tokenizer.json", "labels.json"):

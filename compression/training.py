@@ -65,7 +65,9 @@ class Encoded:
             mask[row, : len(seq)] = 1
         return {"input_ids": ids, "attention_mask": mask, "labels": self.labels[index], "index": torch.tensor(index)}
 
-    def batches(self, batch_size: int, shuffle: bool, rng: random.Random | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    def batches(
+        self, batch_size: int, shuffle: bool, rng: random.Random | None = None
+    ) -> Iterator[dict[str, torch.Tensor]]:
         order = list(range(len(self)))
         if shuffle:
             (rng or random.Random(0)).shuffle(order)
@@ -74,7 +76,7 @@ class Encoded:
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, data: Encoded, batch_size: int = 128) -> np.ndarray:
+def predict_logits(model: Any, data: Encoded, batch_size: int = 128) -> np.ndarray:
     model.eval()
     out = []
     for b in data.batches(batch_size, shuffle=False):
@@ -82,14 +84,14 @@ def predict_logits(model: nn.Module, data: Encoded, batch_size: int = 128) -> np
     return np.concatenate(out)
 
 
-def predict_probs(model: nn.Module, data: Encoded) -> np.ndarray:
+def predict_probs(model: Any, data: Encoded) -> np.ndarray:
     return softmax(predict_logits(model, data))
 
 
 class Trainer:
     """AdamW with linear warm-up and decay; one epoch is a shuffled pass over the data."""
 
-    def __init__(self, model: nn.Module, config: TrainConfig) -> None:
+    def __init__(self, model: Any, config: TrainConfig) -> None:
         self.model = model
         self.config = config
         self.ce = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
@@ -107,7 +109,8 @@ class Trainer:
         steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
         total = max(1, int(steps_per_epoch * cfg.epochs))
         warmup = int(total * cfg.warmup_ratio)
-        decay, no_decay = [], []
+        decay: list[torch.nn.Parameter] = []
+        no_decay: list[torch.nn.Parameter] = []
         for name, p in self.model.named_parameters():
             (no_decay if p.ndim < 2 or "LayerNorm" in name else decay).append(p)
         opt = torch.optim.AdamW(
@@ -124,7 +127,7 @@ class Trainer:
             for batch in data.batches(cfg.batch_size, shuffle=True, rng=rng):
                 loss = self.compute_loss(batch)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                loss.backward()  # type: ignore[no-untyped-call]
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
                 opt.step()
                 sched.step()
@@ -132,7 +135,9 @@ class Trainer:
                 count += 1
                 step += 1
                 if count % 100 == 0:
-                    log.info("step %d/%d loss %.4f (%.1fs)", step, total, running / count, time.perf_counter() - started)
+                    log.info(
+                        "step %d/%d loss %.4f (%.1fs)", step, total, running / count, time.perf_counter() - started
+                    )
                 if step >= total:
                     break
             epoch += 1

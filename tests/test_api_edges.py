@@ -84,7 +84,9 @@ def test_bad_batches(client: TestClient, payload: dict, kind: str) -> None:
 
 def test_body_over_byte_limit_is_refused_before_parsing() -> None:
     with make_client(max_body_bytes=2048) as c:
-        r = c.post("/predict", content=b'{"text": "' + b"a" * 4000 + b'"}', headers={"content-type": "application/json"})
+        r = c.post(
+            "/predict", content=b'{"text": "' + b"a" * 4000 + b'"}', headers={"content-type": "application/json"}
+        )
         assert r.status_code == 413
         assert error_of(r) == "body_too_large"
 
@@ -123,8 +125,9 @@ def test_server_timing_header(client: TestClient) -> None:
 
 
 def test_classifier_fault_is_a_json_500_without_details() -> None:
-    with TestClient(create_app(Settings(warmup_queries=0), fake_factory(FakeClassifier(fail=True))),
-                    raise_server_exceptions=False) as c:
+    with TestClient(
+        create_app(Settings(warmup_queries=0), fake_factory(FakeClassifier(fail=True))), raise_server_exceptions=False
+    ) as c:
         r = c.post("/predict", json={"text": "hello"})
         assert r.status_code == 500
         assert r.json() == {"error": {"type": "internal_error", "message": "internal error"}}
@@ -151,8 +154,9 @@ def test_readiness_lifecycle() -> None:
 
 def test_overload_is_refused_at_once_with_retry_after() -> None:
     """A queue of one and a slow classifier: extra requests get 429 without waiting for inference."""
-    app = create_app(Settings(warmup_queries=0, max_queue=1, inference_mode="thread"),
-                     fake_factory(FakeClassifier(delay_s=0.3)))
+    app = create_app(
+        Settings(warmup_queries=0, max_queue=1, inference_mode="thread"), fake_factory(FakeClassifier(delay_s=0.3))
+    )
 
     async def scenario() -> list[httpx.Response]:
         async with app.router.lifespan_context(app):

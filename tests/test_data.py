@@ -60,7 +60,9 @@ def test_unknown_intent_in_val(tmp_path: Path) -> None:
 
 
 def test_optional_test_split(tmp_path: Path) -> None:
-    p = write(tmp_path, {"train": [["a", "x"]], "oos_train": [["b", "oos"]], "test": [["c", "x"]], "oos_test": [["d", "oos"]]})
+    p = write(
+        tmp_path, {"train": [["a", "x"]], "oos_train": [["b", "oos"]], "test": [["c", "x"]], "oos_test": [["d", "oos"]]}
+    )
     data = load_clinc(p)
     assert data.split("test").intents == ["x", "oos"]
     with pytest.raises(FactoryError, match="no 'val' split"):

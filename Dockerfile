@@ -1,0 +1,32 @@
+# syntax=docker/dockerfile:1
+# Serving image: base dependencies only (no torch, no transformers), the committed model baked in.
+
+FROM python:3.11-slim AS deps
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /build
+# Only the files that decide the dependencies, so this layer is cached until they change.
+COPY pyproject.toml constraints.txt README.md ./
+RUN python -m venv /opt/venv \
+    && /opt/venv/bin/pip install -c constraints.txt . \
+    && /opt/venv/bin/pip uninstall -y clinc-intent
+
+FROM python:3.11-slim
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PATH=/opt/venv/bin:$PATH \
+    INTENT_HOST=0.0.0.0 \
+    INTENT_PORT=8000 \
+    INTENT_WORKERS=0 \
+    INTENT_ORT_INTRA_THREADS=1
+# INTENT_WORKERS=0 sizes the workers to the container's CPU quota (cgroup cpu.max), one ORT thread each.
+RUN useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin intent
+COPY --from=deps /opt/venv /opt/venv
+WORKDIR /srv
+COPY app/ app/
+COPY models/ models/
+USER 10001
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
+    CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=2).status != 200)"]
+STOPSIGNAL SIGTERM
+CMD ["python", "-m", "app"]

@@ -1,0 +1,155 @@
+"""`make compare`: the same open-loop and saturation scenarios against our service and two baselines,
+each pinned to the same CPU set with the same worker count, in one run. Prints one table with the
+ratios ours/baseline and writes reports/compare/{compare.json,compare.md,latency_throughput.png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from loadtest.run import scenarios
+from loadtest.server import ROOT, free_port, our_server, serve
+
+OPTIMUM_VENV = ROOT / ".venv-optimum"
+
+
+def baseline_cmd(module: str, port: int, workers: int, python: Path) -> tuple[list[str], dict[str, str]]:
+    cmd = [
+        str(python),
+        "-m",
+        "uvicorn",
+        f"loadtest.baselines.{module}:app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        "--log-level",
+        "warning",
+        "--no-access-log",
+    ]
+    return cmd, {
+        "BASELINE_THREADS": "1",
+        "BASELINE_MODEL": str(ROOT / "artifacts" / "teacher"),
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+    }
+
+
+def servers(workers: int, include_optimum: bool) -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = [
+        ("ours (int8 ONNX, FastAPI)", lambda port: our_server(port, workers)),
+        (
+            "transformers pipeline (PyTorch fp32)",
+            lambda port: baseline_cmd("transformers_server", port, workers, ROOT / ".venv" / "bin" / "python"),
+        ),
+    ]
+    if include_optimum:
+        out.append(
+            (
+                "Optimum ORT pipeline (fp32 ONNX)",
+                lambda port: baseline_cmd("optimum_server", port, workers, OPTIMUM_VENV / "bin" / "python"),
+            )
+        )
+    return out
+
+
+def markdown(results: dict[str, dict[str, Any]], rates: list[float]) -> str:
+    names = list(results)
+    ours = results[names[0]]
+    head = (
+        "| server | " + " | ".join(f"p50 / p99 ms @ {r:.0f}/s" for r in rates) + " | saturation req/s | ours / this |"
+    )
+    lines = [head, "|" + "---|" * (len(rates) + 3)]
+    for name in names:
+        res = results[name]
+        cells = [
+            f"{s['latency_ms']['p50']} / {s['latency_ms']['p99']}" + (f" ({s['errors']} err)" if s["errors"] else "")
+            for s in res["open_loop"]
+        ]
+        sat = res["saturation"]["throughput_rps"]
+        ratio = (ours["saturation"]["throughput_rps"] or 0) / sat if sat else None
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {sat} | {'' if ratio is None else f'{ratio:.1f}x'} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, res in results.items():
+        points = sorted(
+            (s["throughput_rps"], s["latency_ms"]["p99"])
+            for s in res["open_loop"] + res["saturation_steps"]
+            if s["latency_ms"]["p99"] is not None
+        )
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+    ax.set_yscale("log")
+    ax.axhline(50, color="grey", linestyle="--", linewidth=0.8)
+    ax.set_xlabel("throughput, requests/s")
+    ax.set_ylabel("client p99 latency, ms (log)")
+    ax.set_title("Latency against throughput, same CPUs and workers")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--rates", default="100,400")
+    p.add_argument("--steps", default="8,16,32")
+    p.add_argument("--seconds", type=int, default=10)
+    p.add_argument("--step-seconds", type=int, default=8)
+    p.add_argument("--server-cpus", default=os.environ.get("SERVER_CPUS", "0,1"))
+    p.add_argument("--locust-cpus", default=os.environ.get("LOCUST_CPUS", "0,1"))
+    p.add_argument("--no-optimum", action="store_true", help="skip the Optimum baseline")
+    p.add_argument("--out", type=Path, default=ROOT / "reports" / "compare")
+    a = p.parse_args(argv)
+    if not (ROOT / "artifacts" / "teacher" / "config.json").is_file():
+        print(
+            "error: the baselines serve the fine-tuned teacher: run `make model` (or "
+            "`python -m compression teacher`) first"
+        )
+        return 2
+    include_optimum = not a.no_optimum and (OPTIMUM_VENV / "bin" / "python").exists()
+    rates = [float(x) for x in a.rates.split(",")]
+    steps = [int(x) for x in a.steps.split(",")]
+    results: dict[str, dict[str, Any]] = {}
+    for name, make in servers(a.workers, include_optimum):
+        print(f"{name}:", flush=True)
+        port = free_port()
+        cmd, env = make(port)
+        slug = name.split(" ")[0].lower()
+        out = a.out / slug
+        out.mkdir(parents=True, exist_ok=True)
+        with serve(cmd, env, port, a.server_cpus, timeout=300, log=out / "server.log") as host:
+            results[name] = scenarios(host, out, rates, steps, a.seconds, a.step_seconds, a.locust_cpus, None)
+    setup = {
+        "workers": a.workers,
+        "server_cpus": a.server_cpus,
+        "locust_cpus": a.locust_cpus,
+        "cores": os.cpu_count(),
+        "threads_per_worker": 1,
+    }
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "compare.json").write_text(json.dumps({"setup": setup, "results": results}, indent=2) + "\n")
+    table = markdown(results, rates)
+    (a.out / "compare.md").write_text(table)
+    plot(results, a.out / "latency_throughput.png")
+    print(f"\nsetup: {setup}\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

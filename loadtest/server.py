@@ -1,0 +1,84 @@
+"""Start a server under test on loopback, pinned to a CPU set, and stop it cleanly."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pinned(cmd: list[str], cpus: str | None) -> list[str]:
+    return ["taskset", "-c", cpus, *cmd] if cpus and shutil.which("taskset") else cmd
+
+
+def wait_ready(base: str, proc: subprocess.Popen[bytes], path: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(base + path, timeout=1) as r:  # noqa: S310 - loopback
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"server at {base} not ready after {timeout:.0f}s")
+
+
+@contextmanager
+def serve(
+    cmd: list[str],
+    env: dict[str, str],
+    port: int,
+    cpus: str | None,
+    ready_path: str = "/ready",
+    timeout: float = 120.0,
+    log: Path | None = None,
+) -> Iterator[str]:
+    base = f"http://127.0.0.1:{port}"
+    out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(pinned(cmd, cpus), cwd=ROOT, env={**os.environ, **env}, stdout=out, stderr=out)
+    try:
+        wait_ready(base, proc, ready_path, timeout)
+        yield base
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if log:
+            out.close()  # type: ignore[union-attr]
+
+
+def our_server(port: int, workers: int, python: Path | None = None) -> tuple[list[str], dict[str, str]]:
+    py = python or ROOT / ".venv-serve" / "bin" / "python"
+    env = {
+        "INTENT_HOST": "127.0.0.1",
+        "INTENT_PORT": str(port),
+        "INTENT_WORKERS": str(workers),
+        "INTENT_ORT_INTRA_THREADS": "1",
+        "INTENT_LOG_LEVEL": "warning",
+        "INTENT_SHUTDOWN_DELAY_S": "0",
+    }
+    return [str(py), "-m", "app"], env

@@ -1,0 +1,76 @@
+"""The serving install alone (base dependencies, no torch) starts the app under uvicorn and answers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.servers import SERVE_PYTHON, get, post, running_server
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_serving_venv_has_no_training_stack() -> None:
+    assert SERVE_PYTHON.exists(), "make test builds .venv-serve first"
+    for module in ("torch", "transformers", "optuna"):
+        r = subprocess.run([str(SERVE_PYTHON), "-c", f"import {module}"], capture_output=True, check=False)
+        assert r.returncode != 0, f"{module} is importable in the serving venv"
+
+
+def test_serve_answers_predict_and_metrics() -> None:
+    with running_server() as (base, _):
+        status, body = post(
+            base + "/predict", {"text": "Hey, I'd like to rent a vehicle from Nov 1st to Nov 15th in Paris"}
+        )
+        assert status == 200
+        assert body["intent"] == "car_rental"
+        assert get(base + "/health")[0] == 200
+        status, text = get(base + "/metrics")
+        assert status == 200
+        assert b"intent_stage_duration_seconds_bucket" in text
+        status, card = get(base + "/model")
+        assert json.loads(card)["num_labels"] == 151
+
+
+def test_two_workers_share_metrics() -> None:
+    with running_server(env={"INTENT_WORKERS": "2"}) as (base, _):
+        for _ in range(20):
+            assert post(base + "/predict", {"text": "what's my balance"})[0] == 200
+        _, text = get(base + "/metrics")
+        line = next(
+            x
+            for x in text.decode().splitlines()
+            if x.startswith("intent_requests_total{") and 'route="/predict"' in x and 'status="200"' in x
+        )
+        assert float(line.rsplit(" ", 1)[1]) == 20.0
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("tamper", "sha256 mismatch"),
+        ("remove", "missing model file"),
+    ],
+)
+def test_bad_model_fails_fast_with_one_line(tmp_path, damage: str, message: str) -> None:
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(ROOT / "models" / "clinc150", model)
+    if damage == "tamper":
+        (model / "labels.json").write_text((model / "labels.json").read_text().replace("oos", "ooz"))
+    else:
+        (model / "model.onnx").unlink()
+    env = {**os.environ, "INTENT_MODEL_DIR": str(model), "INTENT_PORT": "1"}
+    r = subprocess.run(
+        [str(SERVE_PYTHON), "-m", "app"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("error: ")
+    assert message in lines[0]
