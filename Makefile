@@ -9,7 +9,7 @@ DATA ?= ../shared/data/clinc150/clinc150_plus_train_val.json
 export INTENT_HOST ?= $(HOST)
 export INTENT_PORT ?= $(PORT)
 
-.PHONY: serve test lint model bench loadtest compare stress soak data docker-build docker-run clean venv serve-venv
+.PHONY: audit serve test lint model bench loadtest compare stress soak data docker-build docker-run clean venv serve-venv
 
 $(SERVE_VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(SERVE_VENV)
@@ -35,6 +35,11 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check app compression loadtest tests
 	$(VENV)/bin/ruff format --check app compression loadtest tests
 	$(VENV)/bin/mypy app compression loadtest
+	$(MAKE) --no-print-directory audit
+
+audit: $(VENV)/.installed  ## known vulnerabilities in the pinned dependencies (needs PyPI's JSON API)
+	@mkdir -p reports; $(VENV)/bin/pip-audit --progress-spinner off -r constraints.txt --no-deps --disable-pip \
+	  > reports/pip-audit.txt 2>&1; rc=$$?; tail -n 3 reports/pip-audit.txt; exit $$rc
 
 model: $(VENV)/.installed  ## rebuild models/clinc150 from scratch, then print the stage table
 	$(VENV)/bin/python -m compression all --data $(DATA) $(MODEL_ARGS)
@@ -51,6 +56,12 @@ loadtest: $(VENV)/.installed $(SERVE_VENV)/.installed
 
 compare: $(VENV)/.installed $(SERVE_VENV)/.installed
 	$(VENV)/bin/python -m loadtest.compare $(COMPARE_ARGS)
+
+stress: $(SERVE_VENV)/.installed $(VENV)/.installed  ## 3x saturation for 30 s, then recovery
+	$(VENV)/bin/python -m loadtest.stress $(STRESS_ARGS)
+
+soak: $(SERVE_VENV)/.installed $(VENV)/.installed  ## 10 minutes at a fixed rate, RSS over time
+	$(VENV)/bin/python -m loadtest.soak $(SOAK_ARGS)
 
 docker-build:
 	docker build -t clinc-intent:latest .

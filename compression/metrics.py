@@ -50,11 +50,21 @@ def score(pred: np.ndarray, gold: np.ndarray, oos_index: int) -> Scores:
     )
 
 
-def tune_threshold(probs: np.ndarray, gold: np.ndarray, oos_index: int) -> tuple[float, Scores]:
-    """The threshold (grid of 0.01) that maximises test-weighted accuracy; ties go to the lowest."""
-    best_t, best = 0.0, score(apply_threshold(probs, oos_index, 0.0), gold, oos_index)
-    for t in np.arange(0.01, 1.0, 0.01):
-        s = score(apply_threshold(probs, oos_index, float(t)), gold, oos_index)
+# The operating point: catch at least this share of out-of-scope queries on validation.
+OOS_RECALL_TARGET = 0.85
+
+
+def tune_threshold(
+    probs: np.ndarray, gold: np.ndarray, oos_index: int, min_oos_recall: float = OOS_RECALL_TARGET
+) -> tuple[float, Scores]:
+    """The threshold (grid of 0.01) with the best test-weighted accuracy among those that reach the OOS
+    recall target; if none does, the best overall. Ties go to the lowest threshold."""
+    grid = [0.0, *(round(float(t), 2) for t in np.arange(0.01, 1.0, 0.01))]
+    scored = [(t, score(apply_threshold(probs, oos_index, t), gold, oos_index)) for t in grid]
+    feasible = [(t, s) for t, s in scored if s.oos_recall >= min_oos_recall - 1e-9]
+    pool = feasible or scored
+    best_t, best = pool[0]
+    for t, s in pool[1:]:
         if s.test_weighted_accuracy > best.test_weighted_accuracy + 1e-9:
-            best_t, best = round(float(t), 2), s
+            best_t, best = t, s
     return best_t, best

@@ -1,0 +1,187 @@
+"""A small, fast HTTP/1.1 keep-alive load driver on raw asyncio streams, for overload, shutdown and
+soak runs that must be scripted tightly. Loopback targets only.
+
+Open loop: requests are scheduled at a fixed rate and handed to a pool of connections; latency
+is measured from the scheduled time, so a server that falls behind cannot hide it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from urllib.parse import urlparse
+
+import numpy as np
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+@dataclass
+class Result:
+    status: int
+    latency_s: float
+    retry_after: bool
+    body: bytes
+
+
+@dataclass
+class Report:
+    results: list[Result] = field(default_factory=list)
+    connect_errors: int = 0  # never accepted (refused): the request was not sent
+    lost: int = 0  # sent on an open connection, but no response came back
+    scheduled: int = 0
+
+    def classes(self) -> dict[str, int]:
+        out = dict(Counter(str(r.status) for r in self.results))
+        if self.connect_errors:
+            out["refused"] = self.connect_errors
+        if self.lost:
+            out["lost"] = self.lost
+        return out
+
+    def latency_ms(self, status: int | None = 200) -> dict[str, float | None]:
+        lat = [r.latency_s * 1000 for r in self.results if status is None or r.status == status]
+        if not lat:
+            return {"p50": None, "p99": None, "max": None}
+        arr = np.asarray(lat)
+        return {
+            "p50": round(float(np.percentile(arr, 50)), 3),
+            "p99": round(float(np.percentile(arr, 99)), 3),
+            "max": round(float(arr.max()), 3),
+        }
+
+
+class Refused(Exception):
+    """The connection could not be opened: the request never reached the server."""
+
+
+class Connection:
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def request(self, raw: bytes) -> tuple[int, dict[str, str], bytes]:
+        if self.writer is None or self.writer.is_closing():
+            try:
+                self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+            except OSError as exc:
+                raise Refused(str(exc)) from None
+        assert self.reader is not None
+        self.writer.write(raw)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ", 2)[1])
+        headers = {k.strip().lower(): v.strip() for k, v in (x.split(":", 1) for x in lines[1:] if ":" in x)}
+        body = await self.reader.readexactly(int(headers.get("content-length", "0")))
+        if headers.get("connection", "").lower() == "close":
+            self.writer.close()
+            self.writer = None
+        return status, headers, body
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def predict_request(host: str, text: str, close: bool = False) -> bytes:
+    body = json.dumps({"text": text}).encode()
+    extra = "Connection: close\r\n" if close else ""
+    return (
+        f"POST /predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n{extra}"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+async def open_loop(
+    base_url: str, rate: float, seconds: float, texts: list[str], connections: int = 64, seed: int = 0
+) -> Report:
+    """Offer `rate` requests/s for `seconds`, on at most `connections` keep-alive connections."""
+    url = urlparse(base_url)
+    if url.hostname not in LOOPBACK:
+        raise ValueError("the load driver targets loopback addresses only")
+    host, port = url.hostname, url.port or 80
+    rng = random.Random(seed)
+    report = Report()
+    queue: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue()
+
+    async def worker() -> None:
+        conn = Connection(host, port)
+        try:
+            while (item := await queue.get()) is not None:
+                scheduled, raw = item
+                try:
+                    status, headers, body = await conn.request(raw)
+                except Refused:
+                    report.connect_errors += 1
+                    conn = Connection(host, port)
+                    continue
+                except (OSError, asyncio.IncompleteReadError, ValueError):
+                    report.lost += 1
+                    conn.close()
+                    conn = Connection(host, port)
+                    continue
+                report.results.append(Result(status, time.perf_counter() - scheduled, "retry-after" in headers, body))
+        finally:
+            conn.close()
+
+    workers = [asyncio.create_task(worker()) for _ in range(connections)]
+    start = time.perf_counter()
+    n = int(rate * seconds)
+    for i in range(n):
+        due = start + i / rate
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        queue.put_nowait((due, predict_request(host, rng.choice(texts))))
+    report.scheduled = n
+    for _ in workers:
+        queue.put_nowait(None)
+    await asyncio.gather(*workers)
+    return report
+
+
+async def closed_loop(
+    base_url: str,
+    seconds: float,
+    texts: list[str],
+    connections: int = 16,
+    close_each: bool = False,
+    stop: asyncio.Event | None = None,
+) -> Report:
+    """As fast as `connections` concurrent clients can go: measures saturation throughput."""
+    url = urlparse(base_url)
+    if url.hostname not in LOOPBACK:
+        raise ValueError("the load driver targets loopback addresses only")
+    host, port = url.hostname, url.port or 80
+    report = Report()
+    deadline = time.perf_counter() + seconds
+
+    async def worker(k: int) -> None:
+        conn, rng = Connection(host, port), random.Random(k)
+        try:
+            while time.perf_counter() < deadline and not (stop and stop.is_set()):
+                t0 = time.perf_counter()
+                try:
+                    status, headers, body = await conn.request(predict_request(host, rng.choice(texts), close_each))
+                except Refused:
+                    report.connect_errors += 1
+                    conn = Connection(host, port)
+                    await asyncio.sleep(0.01)
+                    continue
+                except (OSError, asyncio.IncompleteReadError, ValueError):
+                    report.lost += 1
+                    conn.close()
+                    conn = Connection(host, port)
+                    continue
+                report.results.append(Result(status, time.perf_counter() - t0, "retry-after" in headers, body))
+        finally:
+            conn.close()
+
+    await asyncio.gather(*(worker(k) for k in range(connections)))
+    report.scheduled = len(report.results)
+    return report

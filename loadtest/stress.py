@@ -1,0 +1,101 @@
+"""`make stress`: overload at about 3x the measured saturation rate, then recovery.
+
+Checks that every request gets a 200 or a fast 429/503 with Retry-After, that the p99 of accepted
+requests stays under the bound the queue size implies, that memory stays flat, and that latency is
+back to normal within seconds after the load stops. Prints the figures and writes reports/stress.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from loadtest.driver import closed_loop, open_loop
+from loadtest.procs import rss_mb
+from loadtest.queries import load_queries
+from loadtest.server import ROOT, free_port, our_server, pinned, wait_ready
+
+
+def run(seconds: float, factor: float, workers: int, max_queue: int, cpus: str | None) -> dict[str, Any]:
+    port = free_port()
+    cmd, env = our_server(port, workers)
+    env = {**env, "INTENT_MAX_QUEUE": str(max_queue)}
+    proc = subprocess.Popen(
+        pinned(cmd, cpus), cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    base = f"http://127.0.0.1:{port}"
+    texts = load_queries()
+    try:
+        wait_ready(base, proc, "/ready", 60)
+        asyncio.run(closed_loop(base, 2, texts, connections=8))  # warm-up
+        before = asyncio.run(open_loop(base, 50, 3, texts, connections=4))
+        sat = asyncio.run(closed_loop(base, 4, texts, connections=32))
+        sat_rps = sum(1 for r in sat.results if r.status == 200) / 4
+        rss_start = rss_mb(proc.pid)
+        t0 = time.perf_counter()
+        over = asyncio.run(open_loop(base, factor * sat_rps, seconds, texts, connections=256))
+        offered = over.scheduled / (time.perf_counter() - t0)
+        rss_end = rss_mb(proc.pid)
+        time.sleep(1.0)
+        after = asyncio.run(open_loop(base, 50, 3, texts, connections=4))
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    per_query_ms = 1000 * workers / max(sat_rps, 1)
+    bound_ms = max_queue * per_query_ms * 2 + 20  # a full queue ahead of you, with 2x slack, plus the network
+    shed = [r for r in over.results if r.status in (429, 503)]
+    bad = [r for r in over.results if r.status not in (200, 429, 503)]
+    result = {
+        "saturation_rps": round(sat_rps, 1),
+        "offered_rps": round(offered, 1),
+        "target_rps": round(factor * sat_rps, 1),
+        "seconds": seconds,
+        "requests": over.scheduled,
+        "answers": over.classes(),
+        "shed_without_retry_after": sum(1 for r in shed if not r.retry_after),
+        "shed_latency_ms": over.latency_ms(429),
+        "accepted_latency_ms": over.latency_ms(200),
+        "accepted_p99_bound_ms": round(bound_ms, 1),
+        "rss_mb": {"start": round(rss_start, 1), "end": round(rss_end, 1)},
+        "before_ms": before.latency_ms(200),
+        "after_ms": after.latency_ms(200),
+        "after_errors": len([r for r in after.results if r.status != 200]) + after.lost + after.connect_errors,
+    }
+    p99 = result["accepted_latency_ms"]["p99"] or 0.0
+    result["checks"] = {
+        "only_200_429_503": not bad and over.lost == 0,
+        "shed_has_retry_after": result["shed_without_retry_after"] == 0,
+        "accepted_p99_within_bound": p99 <= bound_ms,
+        "memory_flat": rss_end <= rss_start * 1.10 + 5,
+        "recovered": result["after_errors"] == 0
+        and (result["after_ms"]["p99"] or 1e9) <= 2 * (result["before_ms"]["p99"] or 0) + 5,
+    }
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--seconds", type=float, default=30)
+    p.add_argument("--factor", type=float, default=3.0)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--max-queue", type=int, default=64)
+    p.add_argument("--cpus", default=None)
+    p.add_argument("--out", type=Path, default=ROOT / "reports" / "stress.json")
+    a = p.parse_args(argv)
+    result = run(a.seconds, a.factor, a.workers, a.max_queue, a.cpus)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    ok = all(result["checks"].values())
+    print("stress:", "all checks passed" if ok else f"FAILED {[k for k, v in result['checks'].items() if not v]}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,122 @@
+"""A real Prometheus (Debian's package) scrapes the service on loopback and is queried over its API."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+import urllib.parse
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.servers import free_port, get, post, running_server
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+CACHE = ROOT / ".cache" / "prometheus"
+
+
+def _install() -> Path:
+    """Debian's prometheus package, unpacked (not installed: no service scripts run) into .cache/."""
+    binary = CACHE / "usr" / "bin" / "prometheus"
+    if binary.exists():
+        return binary.parent
+    found = shutil.which("prometheus")
+    if found and shutil.which("promtool"):
+        return Path(found).parent
+    CACHE.mkdir(parents=True, exist_ok=True)
+    download = ["apt-get", "download", "prometheus"]
+    if subprocess.run(download, cwd=CACHE, capture_output=True, check=False, timeout=300).returncode != 0:
+        subprocess.run(["apt-get", "update", "-qq"], capture_output=True, check=True, timeout=300)
+        subprocess.run(download, cwd=CACHE, capture_output=True, check=True, timeout=300)
+    deb = next(CACHE.glob("prometheus_*.deb"))
+    subprocess.run(["dpkg", "-x", str(deb), str(CACHE)], check=True, timeout=120)
+    return binary.parent
+
+
+@pytest.fixture(scope="module")
+def prom_bin() -> Path:
+    return _install()
+
+
+def query(prom: str, expr: str) -> list[dict]:
+    status, body = get(f"{prom}/api/v1/query?query={urllib.parse.quote(expr)}", 5)
+    assert status == 200
+    data = json.loads(body)
+    assert data["status"] == "success"
+    return data["data"]["result"]
+
+
+def test_alert_rules_are_valid(prom_bin: Path) -> None:
+    r = subprocess.run(
+        [str(prom_bin / "promtool"), "check", "rules", str(ROOT / "deploy/prometheus/alerts.yml")],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "SUCCESS: 4 rules found" in r.stdout
+
+
+def test_prometheus_scrapes_and_queries(prom_bin: Path, tmp_path: Path) -> None:
+    with running_server() as (base, _):
+        target = base.removeprefix("http://")
+        prom_port = free_port()
+        config = tmp_path / "prometheus.yml"
+        config.write_text(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+            f"scrape_configs:\n  - job_name: intent\n    static_configs:\n      - targets: ['{target}']\n"
+        )
+        prom = subprocess.Popen(
+            [
+                str(prom_bin / "prometheus"),
+                f"--config.file={config}",
+                f"--storage.tsdb.path={tmp_path / 'data'}",
+                f"--web.listen-address=127.0.0.1:{prom_port}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        url = f"http://127.0.0.1:{prom_port}"
+        try:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                try:
+                    if query(url, 'up{job="intent"}') and query(url, 'up{job="intent"}')[0]["value"][1] == "1":
+                        break
+                except (OSError, AssertionError):
+                    pass
+                time.sleep(0.5)
+            else:
+                pytest.fail("Prometheus never scraped the service")
+            sent = 60
+            for i in range(sent):
+                assert post(base + "/predict", {"text": f"what is my balance {i}"})[0] == 200
+            expr = 'sum(intent_requests_total{route="/predict",status="200"})'
+            value = None
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                result = query(url, expr)
+                value = float(result[0]["value"][1]) if result else None
+                if value == sent:
+                    break
+                time.sleep(0.5)
+            assert value == sent
+            p99 = query(
+                url,
+                "histogram_quantile(0.99, sum by (le) (rate(intent_request_duration_seconds_bucket"
+                '{route="/predict"}[1m])))',
+            )
+            seconds = float(p99[0]["value"][1])
+            print(f"\nPrometheus: {value:.0f} requests counted, server p99 {seconds * 1000:.2f} ms")
+            assert 0 < seconds < 1
+            stage = query(
+                url, "histogram_quantile(0.5, sum by (le, stage) (rate(intent_stage_duration_seconds_bucket[1m])))"
+            )
+            assert {r["metric"]["stage"] for r in stage} == {"tokenize", "queue", "inference"}
+        finally:
+            prom.terminate()
+            prom.wait(20)
