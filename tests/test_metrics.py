@@ -31,5 +31,5 @@ def test_tuned_threshold_reaches_the_oos_recall_target_when_it_can() -> None:
     t, s = tune_threshold(probs, gold, OOS, min_oos_recall=1.0)
     assert s.oos_recall == 1.0
     assert 0.5 < t <= 0.55
-    t0, s0 = tune_threshold(probs, gold, OOS, min_oos_recall=0.0)
+    _, s0 = tune_threshold(probs, gold, OOS, min_oos_recall=0.0)
     assert s0.test_weighted_accuracy >= s.test_weighted_accuracy

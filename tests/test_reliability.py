@@ -40,8 +40,9 @@ def test_sigterm_drains_without_losing_accepted_requests() -> None:
         report, ready, health_during_delay = asyncio.run(scenario())
         proc.wait(20)
     answers = report.classes()
+    assert ready is not None
     print(f"\nSIGTERM under load: answers {answers}, /ready 503 after {ready[1] * 1000:.0f} ms")
-    assert ready is not None and ready[0] == 503
+    assert ready[0] == 503
     assert health_during_delay == 200  # still serving while load balancers catch up
     assert report.lost == 0
     assert set(answers) <= {"200", "refused"}
