@@ -54,7 +54,14 @@ data:  ## download the original CLINC150 file (needs the internet)
 loadtest: $(VENV)/.installed $(SERVE_VENV)/.installed
 	$(VENV)/bin/python -m loadtest.run $(LOADTEST_ARGS)
 
-compare: $(VENV)/.installed $(SERVE_VENV)/.installed
+# Optimum's ORT integration pins transformers < 4.58, so its baseline gets its own environment.
+.venv-optimum/.installed: loadtest/baselines/optimum-constraints.txt
+	$(PYTHON) -m venv .venv-optimum
+	.venv-optimum/bin/pip install -q --disable-pip-version-check -c loadtest/baselines/optimum-constraints.txt \
+	  torch==2.13.0 'optimum-onnx[onnxruntime]' fastapi 'uvicorn[standard]'
+	touch $@
+
+compare: $(VENV)/.installed $(SERVE_VENV)/.installed .venv-optimum/.installed
 	$(VENV)/bin/python -m loadtest.compare $(COMPARE_ARGS)
 
 stress: $(SERVE_VENV)/.installed $(VENV)/.installed  ## 3x saturation for 30 s, then recovery

@@ -49,6 +49,7 @@ def _options() -> argparse.ArgumentParser:
     g.add_argument("--alpha", type=float, default=None, help="default: the search's best, else 0.5")
     g.add_argument("--temperature", type=float, default=None, help="default: the search's best, else 4")
     g.add_argument("--hidden-weight", type=float, default=0.0, help="hidden-state transfer loss weight")
+    g.add_argument("--augment-copies", type=int, default=1, help="perturbed copies per query, teacher-labelled")
     g.add_argument("--trials", type=int, default=4, help="Optuna budget (0 skips the search)")
     g.add_argument("--trial-epochs", type=float, default=1.0)
     g.add_argument("--trial-subset", type=int, default=4000)
@@ -118,6 +119,7 @@ class Factory:
             wiki_path=a.wiki,
             wiki_oos=a.wiki_oos,
             train_subset=a.train_subset,
+            augment_copies=a.augment_copies,
         )
         lr = a.student_lr if a.student_lr is not None else best.get("lr", 2e-4)
         return cfg, _train(a, a.student_epochs, lr)

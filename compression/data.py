@@ -30,8 +30,9 @@ class Split:
         return len(self.texts)
 
     def label_ids(self, labels: list[str]) -> list[int]:
+        """Indices into `labels`; -100 (ignored by the cross-entropy) for soft-label-only rows."""
         index = {name: i for i, name in enumerate(labels)}
-        return [index[intent] for intent in self.intents]
+        return [index.get(intent, -100) for intent in self.intents]
 
     def subset(self, n: int, seed: int) -> Split:
         """A stratification-free random sample, for quick runs and tests."""

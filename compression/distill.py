@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compression import checkpoint
+from compression.augment import augment
 from compression.data import Clinc
 from compression.provenance import write_run
 from compression.teacher import evaluate, training_split, validation_report
@@ -31,13 +32,16 @@ class DistillConfig:
     wiki_path: str = "../shared/data/clinc150/wiki_sents.txt"
     wiki_oos: int = 2000
     train_subset: int = 0
+    augment_copies: int = 0  # perturbed copies of each training query, labelled by the teacher only
 
 
 def kd_loss(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, alpha: float, temperature: float
 ) -> torch.Tensor:
     """The chapter's loss: alpha * CE(student, y) + (1 - alpha) * T^2 * KL(teacher_T || student_T)."""
-    ce = F.cross_entropy(student_logits, labels)
+    # Augmented rows have no hard label (-100); a batch of only those has no CE term.
+    has_label = labels != -100
+    ce = F.cross_entropy(student_logits, labels) if bool(has_label.any()) else student_logits.sum() * 0.0
     kl = F.kl_div(
         F.log_softmax(student_logits / temperature, dim=-1),
         F.softmax(teacher_logits / temperature, dim=-1),
@@ -110,8 +114,9 @@ def train_student(
     seed_everything(train_cfg.seed)
     torch.set_num_threads(train_cfg.threads)
     split = training_split(data, cfg.wiki_path, cfg.wiki_oos, train_cfg.seed, cfg.train_subset)
+    split = split + augment(split, cfg.augment_copies, train_cfg.seed)
     encoded = Encoded(tokenizer, split, data.labels, train_cfg.max_length)
-    key = f"{cfg.wiki_oos}:{cfg.train_subset}:{train_cfg.seed}:{train_cfg.max_length}"
+    key = f"{cfg.wiki_oos}:{cfg.train_subset}:{train_cfg.seed}:{train_cfg.max_length}:{cfg.augment_copies}"
     if teacher_logits_cache is not None and key in teacher_logits_cache:
         logits = teacher_logits_cache[key]
     else:

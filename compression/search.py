@@ -39,6 +39,7 @@ def run(
             alpha=trial.suggest_float("alpha", 0.1, 0.9),
             temperature=trial.suggest_float("temperature", 1.0, 8.0),
             train_subset=search.trial_subset,
+            augment_copies=0,  # trials are a cheap proxy; augmentation only pays over full runs
             wiki_oos=min(base.wiki_oos, search.trial_subset // 4),
         )
         tcfg = dataclasses.replace(

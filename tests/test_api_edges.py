@@ -136,20 +136,36 @@ def test_classifier_fault_is_a_json_500_without_details() -> None:
 
 
 def test_readiness_lifecycle() -> None:
+    """Not ready before start-up and while the model loads and warms up; ready after; not ready at shutdown."""
     clf = FakeClassifier()
-    app = create_app(Settings(warmup_queries=0), fake_factory(clf))
+    seen: dict[str, object] = {}
+    inner = fake_factory(clf)
+
+    def factory(settings: Settings):
+        seen["ready_while_loading"] = app.state.ready
+        return inner(settings)
+
+    app = create_app(Settings(warmup_queries=3), factory)
+
+    async def before_startup() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)  # no lifespan: the model was never loaded
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            return [await c.get("/ready"), await c.post("/predict", json={"text": "flight"}), await c.get("/health")]
+
+    ready, predict, health = asyncio.run(before_startup())
+    assert ready.status_code == 503
+    assert error_of(ready) == "not_ready"
+    assert predict.status_code == 503
+    assert error_of(predict) == "not_ready"
+    assert predict.headers["retry-after"] == "1"
+    assert health.status_code == 200  # liveness does not depend on the model
     with TestClient(app) as c:
+        assert seen["ready_while_loading"] is False
+        assert clf.calls == 3  # warmed up before ready
         assert c.get("/ready").json() == {"status": "ready"}
         assert c.get("/health").json() == {"status": "ok"}
     assert app.state.ready is False
     assert clf.closed
-    # Before the lifespan has run, the model is not there: predictions are refused with 503.
-    with TestClient(create_app(Settings(warmup_queries=0), fake_factory(FakeClassifier()))) as c:
-        c.app.state.ready = False  # type: ignore[attr-defined]
-        r = c.get("/ready")
-        assert r.status_code == 503
-        assert error_of(r) == "not_ready"
-        assert r.headers["retry-after"] == "1"
 
 
 def test_overload_is_refused_at_once_with_retry_after() -> None:
