@@ -33,7 +33,7 @@ def perturb(text: str, vocabulary: list[str], rng: random.Random, rate: float = 
             out.append(word)
     if not changed:
         i = rng.randrange(len(words))
-        out = words[:i] + [rng.choice(vocabulary)] + words[i + 1 :]
+        out = [*words[:i], rng.choice(vocabulary), *words[i + 1 :]]
     return " ".join(out) or text
 
 
