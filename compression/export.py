@@ -29,7 +29,11 @@ class _LogitsOnly(nn.Module):
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        logits: torch.Tensor = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        # Explicit zero segment ids: left to the model, they are rebuilt from a buffer by about 15 small
+        # ops per call, a measurable share of a sub-millisecond query.
+        token_type_ids = torch.zeros_like(input_ids)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        logits: torch.Tensor = out.logits
         return logits
 
 

@@ -11,44 +11,72 @@ import pytest
 from loadtest import soak, stress
 from loadtest.driver import closed_loop
 from loadtest.queries import BUILTIN
-from tests.servers import get, running_server
+from tests.servers import get, post, running_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_sigterm_drains_without_losing_accepted_requests() -> None:
-    with running_server(env={"INTENT_SHUTDOWN_DELAY_S": "1.0", "INTENT_WORKERS": "1"}) as (base, proc):
+    """SIGTERM under load: /ready turns 503 at once; traffic is still served during the shutdown delay;
+    a long request that is in flight when the listeners close still completes; nothing accepted is lost."""
+    delay = 1.5
+    env = {
+        "INTENT_SHUTDOWN_DELAY_S": str(delay),
+        "INTENT_WORKERS": "1",
+        "INTENT_MAX_BATCH": "1000",
+        "INTENT_MAX_QUEUE": "2000",
+    }
+    long_batch = {"texts": [f"please move {i} dollars from my savings account to checking " * 3 for i in range(1000)]}
+    with running_server(env=env) as (base, proc):
 
         async def scenario() -> tuple:
             stop = asyncio.Event()
             # One connection per request, so a refused connection means "not accepted", never "lost".
-            load = asyncio.create_task(closed_loop(base, 8, list(BUILTIN), connections=8, close_each=True, stop=stop))
+            load = asyncio.create_task(closed_loop(base, 30, list(BUILTIN), connections=8, close_each=True, stop=stop))
             await asyncio.sleep(1.0)
             proc.send_signal(signal.SIGTERM)
             t0 = time.perf_counter()
-            ready_status = None
-            while time.perf_counter() - t0 < 0.5:
-                status = await asyncio.to_thread(lambda: get(base + "/ready", 1.0)[0])
-                if status == 503:
-                    ready_status = (status, time.perf_counter() - t0)
+            ready_after = None
+            while time.perf_counter() - t0 < 1.0:
+                if await asyncio.to_thread(lambda: get(base + "/ready", 1.0)[0]) == 503:
+                    ready_after = time.perf_counter() - t0
                     break
-            served_during_delay = await asyncio.to_thread(lambda: get(base + "/health", 1.0)[0])
-            await asyncio.sleep(3.0)
-            stop.set()
-            return await load, ready_status, served_during_delay
+            health = await asyncio.to_thread(lambda: get(base + "/health", 1.0)[0])
+            await asyncio.sleep(0.7 - (time.perf_counter() - t0))
+            stop.set()  # what a load balancer does once it has seen /ready fail
+            await asyncio.sleep(1.2 - (time.perf_counter() - t0))
+            # Accepted before the listeners close at `delay`, and still running well after that.
+            batch_task = asyncio.create_task(
+                asyncio.to_thread(lambda: post(base + "/predict/batch", long_batch, timeout=30))
+            )
+            await asyncio.sleep(delay + 0.5 - (time.perf_counter() - t0))
+            try:  # listeners are closed now, while the long batch is still being answered
+                refused_after_close = await asyncio.to_thread(lambda: get(base + "/health", 1.0)) and False
+            except OSError:
+                refused_after_close = True
+            batch = await batch_task
+            return await load, ready_after, health, batch, time.perf_counter() - t0, refused_after_close
 
-        report, ready, health_during_delay = asyncio.run(scenario())
-        proc.wait(20)
+        report, ready_after, health, (batch_status, batch_body), batch_done, refused = asyncio.run(scenario())
+        proc.wait(30)
     answers = report.classes()
-    assert ready is not None
-    print(f"\nSIGTERM under load: answers {answers}, /ready 503 after {ready[1] * 1000:.0f} ms")
-    assert ready[0] == 503
-    assert health_during_delay == 200  # still serving while load balancers catch up
+    print(
+        f"\nSIGTERM under load: {answers}; /ready 503 after {ready_after * 1000:.0f} ms; "
+        f"long batch answered {batch_status} at +{batch_done:.2f} s (listeners closed at +{delay} s); "
+        f"lost {report.lost}"
+    )
+    assert ready_after is not None
+    assert ready_after < 0.5
+    assert health == 200  # still serving while load balancers catch up
+    assert batch_status == 200
+    assert len(batch_body["predictions"]) == 1000
+    assert batch_done > delay + 0.5  # it really was in flight when the listeners closed
+    assert refused  # new connections are refused once the delay is over
     assert report.lost == 0
-    assert set(answers) <= {"200", "refused"}
+    assert set(answers) == {"200"}
     assert answers["200"] > 100
-    assert answers.get("refused", 0) > 0  # listeners did close after the drain
-    assert proc.returncode == 0
+    # uvicorn re-raises the captured SIGTERM after its graceful shutdown, so the exit reads as -15.
+    assert proc.returncode in (0, -signal.SIGTERM)
 
 
 def test_overload_scaled_down() -> None:
