@@ -69,15 +69,16 @@ def run_locust(
         "--exit-code-on-error",
         "0",
     ]
-    subprocess.run(
-        pinned(cmd, cpus),
-        env=env,
-        cwd=ROOT,
-        check=True,
-        timeout=seconds + 60,
-        stdout=subprocess.DEVNULL,
-        stderr=(out / "locust.log").open("wb"),
-    )
+    with (out / "locust.log").open("wb") as log:
+        subprocess.run(
+            pinned(cmd, cpus),
+            env=env,
+            cwd=ROOT,
+            check=True,
+            timeout=seconds + 60,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
     summary: dict[str, Any] = json.loads((out / "summary.json").read_text())
     return summary
 

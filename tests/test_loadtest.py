@@ -1,0 +1,42 @@
+"""The Locust suite runs headless against a started server and reports exact percentiles."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from loadtest.run import run_locust
+from loadtest.stats import histogram_quantile
+from tests.servers import running_server
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_locust_open_loop_and_closed_loop(tmp_path: Path, data_path: Path) -> None:
+    with running_server() as (base, _):
+        open_loop = run_locust(base, tmp_path / "open", "open", users=4, seconds=4, rate=50, data=str(data_path))
+        closed = run_locust(base, tmp_path / "closed", "closed", users=4, seconds=3, batch_share=0.2)
+    for summary in (open_loop, closed):
+        assert summary["errors"] == 0, summary["error_kinds"]
+        assert summary["requests"] > 50
+        for key in ("p50", "p90", "p99", "p99_9"):
+            assert isinstance(summary["latency_ms"][key], float)
+        assert summary["latency_ms"]["p50"] <= summary["latency_ms"]["p99"]
+        assert summary["server_latency_ms"]["p50"] is not None
+        assert summary["throughput_rps"] > 0
+    assert 120 <= open_loop["requests"] <= 220  # 50/s for 4 s: the arrival rate is held
+    assert closed["batch_latency_ms"]["p50"] is not None  # /predict/batch was in the mix
+    on_disk = json.loads((tmp_path / "open" / "summary.json").read_text())
+    assert on_disk["latency_from_schedule_ms"]["p99"] is not None
+    assert (tmp_path / "open" / "report.html").stat().st_size > 1000
+    assert (tmp_path / "open" / "locust_stats.csv").is_file()
+
+
+def test_histogram_quantile_matches_prometheus_rules() -> None:
+    before = {0.001: 0.0, 0.002: 0.0, float("inf"): 0.0}
+    after = {0.001: 50.0, 0.002: 100.0, float("inf"): 100.0}
+    assert histogram_quantile(0.5, before, after) == pytest.approx(0.001)
+    assert histogram_quantile(0.75, before, after) == pytest.approx(0.0015)
+    assert histogram_quantile(0.99, before, {0.001: 0.0, 0.002: 0.0, float("inf"): 0.0}) is None
