@@ -154,6 +154,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--step-seconds", type=int, default=10, help="per saturation step")
     p.add_argument("--server-cpus", default=os.environ.get("SERVER_CPUS", "0,1"))
     p.add_argument("--locust-cpus", default=os.environ.get("LOCUST_CPUS", "0,1"))
+    p.add_argument("--inference-mode", choices=["inline", "thread"], default="inline")
     p.add_argument("--data", default=None, help="CLINC150 JSON whose validation texts are sent")
     p.add_argument("--out", type=Path, default=ROOT / "reports" / "loadtest")
     return p.parse_args(argv)
@@ -164,7 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     rates = [float(x) for x in a.rates.split(",") if x]
     steps = [int(x) for x in a.steps.split(",") if x]
     a.out.mkdir(parents=True, exist_ok=True)
-    setup = {"server_cpus": a.server_cpus, "locust_cpus": a.locust_cpus, "workers": a.workers, "cores": os.cpu_count()}
+    setup = {
+        "inference_mode": a.inference_mode,
+        "server_cpus": a.server_cpus,
+        "locust_cpus": a.locust_cpus,
+        "workers": a.workers,
+        "cores": os.cpu_count(),
+    }
     if a.host:
         from urllib.parse import urlparse
 
@@ -175,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         port = free_port()
         cmd, env = our_server(port, a.workers)
+        env["INTENT_INFERENCE_MODE"] = a.inference_mode
         with serve(cmd, env, port, a.server_cpus, log=a.out / "server.log") as host:
             result = scenarios(host, a.out, rates, steps, a.seconds, a.step_seconds, a.locust_cpus, a.data)
     result["setup"] = setup

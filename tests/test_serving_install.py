@@ -49,23 +49,54 @@ def test_two_workers_share_metrics() -> None:
         assert float(line.rsplit(" ", 1)[1]) == 20.0
 
 
+def _rehash(model) -> None:
+    from app.artifact import sha256_file
+
+    card = json.loads((model / "card.json").read_text())
+    for name in card["files"]:
+        card["files"][name]["sha256"] = sha256_file(model / name)
+    (model / "card.json").write_text(json.dumps(card))
+
+
+def _damage(model, how: str) -> None:
+    if how == "tampered":
+        (model / "labels.json").write_text((model / "labels.json").read_text().replace("oos", "ooz"))
+    elif how == "missing":
+        (model / "model.onnx").unlink()
+    elif how == "truncated":
+        data = (model / "model.onnx").read_bytes()
+        (model / "model.onnx").write_bytes(data[: len(data) // 3])
+        _rehash(model)
+    elif how == "labels_mismatch":
+        labels = json.loads((model / "labels.json").read_text())
+        (model / "labels.json").write_text(json.dumps([x for x in labels if x != "balance"]))
+        _rehash(model)
+    elif how == "bad_tokenizer":
+        (model / "tokenizer.json").write_text("{not a tokenizer")
+        _rehash(model)
+
+
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
-        ("tamper", "sha256 mismatch"),
-        ("remove", "missing model file"),
+        ("tampered", "sha256 mismatch"),
+        ("missing", "missing model file"),
+        ("truncated", "unloadable model.onnx"),
+        ("labels_mismatch", "model outputs 151 logits but labels.json has 150 labels"),
+        ("bad_tokenizer", "unreadable tokenizer.json"),
     ],
 )
 def test_bad_model_fails_fast_with_one_line(tmp_path, damage: str, message: str) -> None:
+    """`python -m app` refuses a broken artifact before binding the port: one line, exit 1."""
     import shutil
+
+    from tests.servers import free_port
 
     model = tmp_path / "model"
     shutil.copytree(ROOT / "models" / "clinc150", model)
-    if damage == "tamper":
-        (model / "labels.json").write_text((model / "labels.json").read_text().replace("oos", "ooz"))
-    else:
-        (model / "model.onnx").unlink()
-    env = {**os.environ, "INTENT_MODEL_DIR": str(model), "INTENT_PORT": "1"}
+    _damage(model, damage)
+    port = free_port()
+    env = {**os.environ, "INTENT_MODEL_DIR": str(model), "INTENT_PORT": str(port)}
     r = subprocess.run(
         [str(SERVE_PYTHON), "-m", "app"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False
     )
@@ -74,3 +105,4 @@ def test_bad_model_fails_fast_with_one_line(tmp_path, damage: str, message: str)
     assert len(lines) == 1
     assert lines[0].startswith("error: ")
     assert message in lines[0]
+    assert "Traceback" not in r.stderr
