@@ -64,6 +64,7 @@ class Connection:
         self.host, self.port = host, port
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
+        self.refused = False  # set on the replacement for a connection that could not be opened
 
     async def request(self, raw: bytes) -> tuple[int, dict[str, str], bytes]:
         if self.writer is None or self.writer.is_closing():
@@ -86,6 +87,23 @@ class Connection:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+async def exchange(conn: Connection, raw: bytes, since: float, report: Report) -> Connection:
+    """Send one request and record the outcome; returns the connection to use next."""
+    try:
+        status, headers, body = await conn.request(raw)
+    except Refused:
+        report.connect_errors += 1
+        fresh = Connection(conn.host, conn.port)
+        fresh.refused = True
+        return fresh
+    except (OSError, asyncio.IncompleteReadError, ValueError):
+        report.lost += 1
+        conn.close()
+        return Connection(conn.host, conn.port)
+    report.results.append(Result(status, time.perf_counter() - since, "retry-after" in headers, body))
+    return conn
 
 
 def predict_request(host: str, text: str, close: bool = False) -> bytes:
@@ -114,18 +132,7 @@ async def open_loop(
         try:
             while (item := await queue.get()) is not None:
                 scheduled, raw = item
-                try:
-                    status, headers, body = await conn.request(raw)
-                except Refused:
-                    report.connect_errors += 1
-                    conn = Connection(host, port)
-                    continue
-                except (OSError, asyncio.IncompleteReadError, ValueError):
-                    report.lost += 1
-                    conn.close()
-                    conn = Connection(host, port)
-                    continue
-                report.results.append(Result(status, time.perf_counter() - scheduled, "retry-after" in headers, body))
+                conn = await exchange(conn, raw, scheduled, report)
         finally:
             conn.close()
 
@@ -165,20 +172,10 @@ async def closed_loop(
         conn, rng = Connection(host, port), random.Random(k)
         try:
             while time.perf_counter() < deadline and not (stop and stop.is_set()):
-                t0 = time.perf_counter()
-                try:
-                    status, headers, body = await conn.request(predict_request(host, rng.choice(texts), close_each))
-                except Refused:
-                    report.connect_errors += 1
-                    conn = Connection(host, port)
-                    await asyncio.sleep(0.01)
-                    continue
-                except (OSError, asyncio.IncompleteReadError, ValueError):
-                    report.lost += 1
-                    conn.close()
-                    conn = Connection(host, port)
-                    continue
-                report.results.append(Result(status, time.perf_counter() - t0, "retry-after" in headers, body))
+                raw = predict_request(host, rng.choice(texts), close_each)
+                conn = await exchange(conn, raw, time.perf_counter(), report)
+                if conn.refused:
+                    await asyncio.sleep(0.01)  # the server is gone or full: do not spin
         finally:
             conn.close()
 

@@ -51,7 +51,7 @@ def run(seconds: float, factor: float, workers: int, max_queue: int, cpus: str |
     bound_ms = max_queue * per_query_ms * 2 + 20  # a full queue ahead of you, with 2x slack, plus the network
     shed = [r for r in over.results if r.status in (429, 503)]
     bad = [r for r in over.results if r.status not in (200, 429, 503)]
-    result = {
+    result: dict[str, Any] = {
         "saturation_rps": round(sat_rps, 1),
         "offered_rps": round(offered, 1),
         "target_rps": round(factor * sat_rps, 1),
