@@ -54,7 +54,7 @@ def _options() -> argparse.ArgumentParser:
     g.add_argument("--trial-epochs", type=float, default=1.0)
     g.add_argument("--trial-subset", type=int, default=4000)
     g = p.add_argument_group("pruning, quantisation, benchmark")
-    g.add_argument("--ffn-keep", type=float, default=1.0, help="share of FFN neurons kept (1.0: no pruning)")
+    g.add_argument("--ffn-keep", type=float, default=0.5, help="share of FFN neurons kept (1.0: no pruning)")
     g.add_argument("--recover-epochs", type=float, default=1.0)
     g.add_argument("--latency-queries", type=int, default=300)
     g.add_argument("--no-baseline", action="store_true", help="skip timing the BERT-base pipeline baseline")

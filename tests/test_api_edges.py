@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 
 import httpx
 import pytest
@@ -257,3 +259,27 @@ def test_health_stays_responsive_while_inference_is_busy() -> None:
     waited, codes = asyncio.run(scenario())
     assert codes == [200, 200]
     assert waited < 0.1  # the batch takes 0.32 s; /health waits for at most one text
+
+
+def test_user_text_never_reaches_the_logs(caplog: pytest.LogCaptureFixture) -> None:
+    secret = "my card number is 4111 1111 1111 1111"
+    with caplog.at_level(logging.DEBUG), make_client() as c:
+        assert c.post("/predict", json={"text": secret}).status_code == 200
+        assert c.post("/predict", json={"text": secret + "x" * 1000}).status_code == 422
+        assert c.post("/predict/batch", json={"texts": [secret]}).status_code == 200
+    messages = [r.getMessage() + " " + str(r.__dict__) for r in caplog.records]
+    assert any(r.name == "app.access" for r in caplog.records)  # the DEBUG access line was written
+    assert not any("4111" in m for m in messages)
+
+
+def test_access_log_line_is_structured() -> None:
+    from app.logs import JsonFormatter
+
+    record = logging.LogRecord("app.access", logging.DEBUG, __file__, 1, "request", None, None)
+    record.request_id = "abc"
+    record.status = 200
+    line = json.loads(JsonFormatter().format(record))
+    assert line["msg"] == "request"
+    assert line["request_id"] == "abc"
+    assert line["status"] == 200
+    assert line["level"] == "debug"
