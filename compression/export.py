@@ -55,8 +55,13 @@ def export_onnx(model: Any, tokenizer: Any, path: Path) -> None:
     # The TorchScript exporter is deprecated, but its graph is the one ORT's BERT fusions are written for.
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
+        # Tracing warns about Python-level shape checks; parity at several lengths is checked afterwards.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx")
+        # The wrapper must be in eval mode too: the exporter restores the wrapper's mode afterwards,
+        # which would otherwise switch the wrapped model back to training (dropout on).
         torch.onnx.export(
-            _LogitsOnly(model),
+            _LogitsOnly(model).eval(),
             (sample["input_ids"], sample["attention_mask"]),
             str(path),
             input_names=["input_ids", "attention_mask"],

@@ -112,6 +112,7 @@ def test_onnx_matches_pytorch_logits(tiny_pretrained: Path, tmp_path: Path) -> N
     model = AutoModelForSequenceClassification.from_pretrained(tiny_pretrained).eval()
     tok = AutoTokenizer.from_pretrained(tiny_pretrained)
     export_onnx(model, tok, tmp_path / "raw.onnx")
+    assert not any(m.training for m in model.modules())  # exporting must not switch dropout back on
     fuse(tmp_path / "raw.onnx", tmp_path / "fused.onnx", 2, 32)
     write_tokenizer(tiny_pretrained, tmp_path / "tokenizer.json", 64)
     texts = ["book a flight to paris", "what's my balance", "how do i say hi in french " * 3]
