@@ -56,7 +56,7 @@ def export_onnx(model: Any, tokenizer: Any, path: Path) -> None:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         # Tracing warns about Python-level shape checks; parity at several lengths is checked afterwards.
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # type: ignore[attr-defined]
         warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx")
         # The wrapper must be in eval mode too: the exporter restores the wrapper's mode afterwards,
         # which would otherwise switch the wrapped model back to training (dropout on).
