@@ -106,17 +106,36 @@ async def exchange(conn: Connection, raw: bytes, since: float, report: Report) -
     return conn
 
 
-def predict_request(host: str, text: str, close: bool = False) -> bytes:
-    body = json.dumps({"text": text}).encode()
+def predict_request(
+    host: str,
+    text: str,
+    close: bool = False,
+    batch: int = 1,
+    rng: random.Random | None = None,
+    texts: list[str] | None = None,
+) -> bytes:
+    """POST /predict, or /predict/batch with `batch` texts (drawn from `texts`) when batch > 1."""
+    path = "/predict"
+    if batch > 1 and texts and rng:
+        body = json.dumps({"texts": [rng.choice(texts) for _ in range(batch)]}).encode()
+        path = "/predict/batch"
+    else:
+        body = json.dumps({"text": text}).encode()
     extra = "Connection: close\r\n" if close else ""
     return (
-        f"POST /predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n{extra}"
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n{extra}"
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode() + body
 
 
 async def open_loop(
-    base_url: str, rate: float, seconds: float, texts: list[str], connections: int = 64, seed: int = 0
+    base_url: str,
+    rate: float,
+    seconds: float,
+    texts: list[str],
+    connections: int = 64,
+    seed: int = 0,
+    batch: int = 1,
 ) -> Report:
     """Offer `rate` requests/s for `seconds`, on at most `connections` keep-alive connections."""
     url = urlparse(base_url)
@@ -144,7 +163,7 @@ async def open_loop(
         delay = due - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        queue.put_nowait((due, predict_request(host, rng.choice(texts))))
+        queue.put_nowait((due, predict_request(host, rng.choice(texts), batch=batch, rng=rng, texts=texts)))
     report.scheduled = n
     for _ in workers:
         queue.put_nowait(None)
@@ -159,6 +178,7 @@ async def closed_loop(
     connections: int = 16,
     close_each: bool = False,
     stop: asyncio.Event | None = None,
+    batch: int = 1,
 ) -> Report:
     """As fast as `connections` concurrent clients can go: measures saturation throughput."""
     url = urlparse(base_url)
@@ -172,7 +192,7 @@ async def closed_loop(
         conn, rng = Connection(host, port), random.Random(k)
         try:
             while time.perf_counter() < deadline and not (stop and stop.is_set()):
-                raw = predict_request(host, rng.choice(texts), close_each)
+                raw = predict_request(host, rng.choice(texts), close_each, batch=batch, rng=rng, texts=texts)
                 conn = await exchange(conn, raw, time.perf_counter(), report)
                 if conn.refused:
                     await asyncio.sleep(0.01)  # the server is gone or full: do not spin

@@ -22,7 +22,11 @@ from loadtest.queries import load_queries
 from loadtest.server import ROOT, free_port, our_server, pinned, wait_ready
 
 
-def run(seconds: float, factor: float, workers: int, max_queue: int, cpus: str | None) -> dict[str, Any]:
+def run(
+    seconds: float, factor: float, workers: int, max_queue: int, cpus: str | None, batch: int = 8
+) -> dict[str, Any]:
+    """Requests are /predict/batch of `batch` texts, so that one Python load generator sharing the cores
+    can offer more work than the server can do; saturation and overload are measured the same way."""
     port = free_port()
     cmd, env = our_server(port, workers)
     env = {**env, "INTENT_MAX_QUEUE": str(max_queue)}
@@ -33,13 +37,14 @@ def run(seconds: float, factor: float, workers: int, max_queue: int, cpus: str |
     texts = load_queries()
     try:
         wait_ready(base, proc, "/ready", 60)
-        asyncio.run(closed_loop(base, 2, texts, connections=8))  # warm-up
+        asyncio.run(closed_loop(base, 2, texts, connections=8, batch=batch))  # warm-up
         before = asyncio.run(open_loop(base, 50, 3, texts, connections=4))
-        sat = asyncio.run(closed_loop(base, 4, texts, connections=32))
+        # As many clients as the queue admits: more would only measure how fast 429s come back.
+        sat = asyncio.run(closed_loop(base, 4, texts, connections=max(2, max_queue // batch), batch=batch))
         sat_rps = sum(1 for r in sat.results if r.status == 200) / 4
         rss_start = rss_mb(proc.pid)
         t0 = time.perf_counter()
-        over = asyncio.run(open_loop(base, factor * sat_rps, seconds, texts, connections=256))
+        over = asyncio.run(open_loop(base, factor * sat_rps, seconds, texts, connections=256, batch=batch))
         offered = over.scheduled / (time.perf_counter() - t0)
         rss_end = rss_mb(proc.pid)
         time.sleep(1.0)
@@ -47,11 +52,12 @@ def run(seconds: float, factor: float, workers: int, max_queue: int, cpus: str |
     finally:
         proc.terminate()
         proc.wait(30)
-    per_query_ms = 1000 * workers / max(sat_rps, 1)
-    bound_ms = max_queue * per_query_ms * 2 + 20  # a full queue ahead of you, with 2x slack, plus the network
+    per_text_ms = 1000 * workers / max(sat_rps * batch, 1)
+    bound_ms = max_queue * per_text_ms * 2 + 20  # a full queue of texts ahead of you, 2x slack, plus the network
     shed = [r for r in over.results if r.status in (429, 503)]
     bad = [r for r in over.results if r.status not in (200, 429, 503)]
     result: dict[str, Any] = {
+        "batch_texts": batch,
         "saturation_rps": round(sat_rps, 1),
         "offered_rps": round(offered, 1),
         "target_rps": round(factor * sat_rps, 1),
@@ -85,10 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--factor", type=float, default=3.0)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--max-queue", type=int, default=64)
+    p.add_argument("--batch", type=int, default=8, help="texts per request")
     p.add_argument("--cpus", default=None)
     p.add_argument("--out", type=Path, default=ROOT / "reports" / "stress.json")
     a = p.parse_args(argv)
-    result = run(a.seconds, a.factor, a.workers, a.max_queue, a.cpus)
+    result = run(a.seconds, a.factor, a.workers, a.max_queue, a.cpus, a.batch)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -80,7 +80,7 @@ def test_sigterm_drains_without_losing_accepted_requests() -> None:
 
 
 def test_overload_scaled_down() -> None:
-    result = stress.run(seconds=6, factor=3.0, workers=1, max_queue=16, cpus=None)
+    result = stress.run(seconds=6, factor=3.0, workers=1, max_queue=32, cpus=None, batch=8)
     print(f"\noverload: {result}")
     assert result["checks"]["only_200_429_503"], result["answers"]
     assert result["checks"]["shed_has_retry_after"]
