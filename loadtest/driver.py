@@ -89,6 +89,14 @@ class Connection:
             self.writer.close()
 
 
+def loopback_target(base_url: str) -> tuple[str, int]:
+    """(host, port) of the target, refusing anything but a loopback address."""
+    url = urlparse(base_url)
+    if url.hostname not in LOOPBACK:
+        raise ValueError("the load driver targets loopback addresses only")
+    return url.hostname, url.port or 80
+
+
 async def exchange(conn: Connection, raw: bytes, since: float, report: Report) -> Connection:
     """Send one request and record the outcome; returns the connection to use next."""
     try:
@@ -138,10 +146,7 @@ async def open_loop(
     batch: int = 1,
 ) -> Report:
     """Offer `rate` requests/s for `seconds`, on at most `connections` keep-alive connections."""
-    url = urlparse(base_url)
-    if url.hostname not in LOOPBACK:
-        raise ValueError("the load driver targets loopback addresses only")
-    host, port = url.hostname, url.port or 80
+    host, port = loopback_target(base_url)
     rng = random.Random(seed)
     report = Report()
     queue: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue()
@@ -181,10 +186,7 @@ async def closed_loop(
     batch: int = 1,
 ) -> Report:
     """As fast as `connections` concurrent clients can go: measures saturation throughput."""
-    url = urlparse(base_url)
-    if url.hostname not in LOOPBACK:
-        raise ValueError("the load driver targets loopback addresses only")
-    host, port = url.hostname, url.port or 80
+    host, port = loopback_target(base_url)
     report = Report()
     deadline = time.perf_counter() + seconds
 
