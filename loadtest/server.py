@@ -43,6 +43,17 @@ def wait_ready(base: str, proc: subprocess.Popen[bytes], path: str, timeout: flo
     raise RuntimeError(f"server at {base} not ready after {timeout:.0f}s")
 
 
+def stop(proc: subprocess.Popen[bytes], grace_s: float = 30) -> None:
+    """SIGTERM, so the server drains; SIGKILL only if it has not exited after `grace_s`."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 @contextmanager
 def serve(
     cmd: list[str],
@@ -60,13 +71,7 @@ def serve(
         wait_ready(base, proc, ready_path, timeout)
         yield base
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop(proc)
         if log:
             out.close()  # type: ignore[union-attr]
 
