@@ -49,13 +49,21 @@ def _options() -> argparse.ArgumentParser:
     g.add_argument("--alpha", type=float, default=None, help="default: the search's best, else 0.5")
     g.add_argument("--temperature", type=float, default=None, help="default: the search's best, else 4")
     g.add_argument("--hidden-weight", type=float, default=0.0, help="hidden-state transfer loss weight")
-    g.add_argument("--augment-copies", type=int, default=1, help="perturbed copies per query, teacher-labelled")
+    g.add_argument("--augment-copies", type=int, default=2, help="perturbed copies per query, teacher-labelled")
+    g.add_argument(
+        "--train-embeddings", action="store_true", help="also train the student's word embeddings (default: frozen)"
+    )
     g.add_argument("--trials", type=int, default=4, help="Optuna budget (0 skips the search)")
     g.add_argument("--trial-epochs", type=float, default=1.0)
     g.add_argument("--trial-subset", type=int, default=4000)
     g = p.add_argument_group("pruning, quantisation, benchmark")
     g.add_argument("--ffn-keep", type=float, default=0.5, help="share of FFN neurons kept (1.0: no pruning)")
-    g.add_argument("--recover-epochs", type=float, default=1.0)
+    g.add_argument("--recover-epochs", type=float, default=4.0, help="distillation epochs after pruning")
+    g.add_argument("--recover-lr", type=float, default=1.5e-4)
+    g.add_argument("--recover-copies", type=int, default=3, help="fresh perturbed copies per query for recovery")
+    g.add_argument(
+        "--recover-from-student", action="store_true", help="recover from the unpruned student, not the teacher"
+    )
     g.add_argument("--latency-queries", type=int, default=300)
     g.add_argument("--no-baseline", action="store_true", help="skip timing the BERT-base pipeline baseline")
     return p
@@ -120,6 +128,7 @@ class Factory:
             wiki_oos=a.wiki_oos,
             train_subset=a.train_subset,
             augment_copies=a.augment_copies,
+            freeze_embeddings=not a.train_embeddings,
         )
         lr = a.student_lr if a.student_lr is not None else best.get("lr", 2e-4)
         return cfg, _train(a, a.student_epochs, lr)
@@ -149,8 +158,20 @@ class Factory:
             shutil.rmtree(self.dirs["pruned"], ignore_errors=True)
             shutil.copytree(self.dirs["student"], self.dirs["pruned"])
             return
-        cfg = prune.PruneConfig(a.ffn_keep, a.recover_epochs, a.wiki, a.wiki_oos, a.train_subset)
-        prune.run(self.dirs["student"], self.clinc, self.dirs["pruned"], cfg, _train(a, a.recover_epochs, 1e-4))
+        kd, _ = self._distill_config()
+        cfg = prune.PruneConfig(
+            a.ffn_keep,
+            a.recover_epochs,
+            a.wiki,
+            a.wiki_oos,
+            a.train_subset,
+            augment_copies=a.recover_copies,
+            alpha=kd.alpha,  # type: ignore[attr-defined]
+            temperature=kd.temperature,  # type: ignore[attr-defined]
+        )
+        teacher = None if a.recover_from_student else self.dirs["teacher"]
+        tcfg = _train(a, a.recover_epochs, a.recover_lr)
+        prune.run(self.dirs["student"], self.clinc, self.dirs["pruned"], cfg, tcfg, teacher_dir=teacher)
 
     def export(self) -> None:
         from compression import export

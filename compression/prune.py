@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from compression import checkpoint
+from compression.augment import augment
 from compression.data import Clinc
 from compression.distill import DistillationTrainer, DistillConfig
 from compression.provenance import write_run
@@ -31,6 +32,9 @@ class PruneConfig:
     wiki_path: str = "../shared/data/clinc150/wiki_sents.txt"
     wiki_oos: int = 2000
     train_subset: int = 0
+    augment_copies: int = 0  # perturbed, teacher-labelled copies in the recovery transfer set
+    alpha: float = 0.5
+    temperature: float = 2.0
 
 
 def _slice_linear(layer: nn.Linear, keep: torch.Tensor, dim: int) -> nn.Linear:
@@ -74,25 +78,44 @@ def prune_ffn(model: Any, scores: list[torch.Tensor], keep_fraction: float) -> A
     return model
 
 
-def run(student_dir: Path, data: Clinc, out: Path, cfg: PruneConfig, train_cfg: TrainConfig) -> dict[str, Any]:
+def run(
+    student_dir: Path,
+    data: Clinc,
+    out: Path,
+    cfg: PruneConfig,
+    train_cfg: TrainConfig,
+    teacher_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Prune the student's FFNs, then recover by distillation from `teacher_dir` (the unpruned student when
+    None). The fine-tuned teacher is the better target: it does not pass on the student's own errors."""
     seed_everything(train_cfg.seed)
     torch.set_num_threads(train_cfg.threads)
     model, tokenizer, labels = checkpoint.load(student_dir)
     split = training_split(data, cfg.wiki_path, cfg.wiki_oos, train_cfg.seed, cfg.train_subset)
-    encoded = Encoded(tokenizer, split, labels, train_cfg.max_length)
-    # The unpruned model is the teacher for recovery: its logits are what pruning must preserve.
-    teacher_logits = torch.from_numpy(predict_logits(model, encoded))
+    labelled = Encoded(tokenizer, split, labels, train_cfg.max_length)
+    encoded = Encoded(
+        tokenizer, split + augment(split, cfg.augment_copies, train_cfg.seed + 1), labels, train_cfg.max_length
+    )
+    target = model
+    if teacher_dir is not None:
+        target, _, teacher_labels = checkpoint.load(teacher_dir)
+        if teacher_labels != labels:
+            raise ValueError("the teacher's labels differ from the student's")
+    target_logits = torch.from_numpy(predict_logits(target, encoded))
+    del target
     before = model.num_parameters()
-    prune_ffn(model, neuron_importance(model, encoded), cfg.ffn_keep)
+    prune_ffn(model, neuron_importance(model, labelled), cfg.ffn_keep)
     history: list[dict[str, float]] = []
     if cfg.recover_epochs > 0:
-        distill = DistillConfig(alpha=0.5, temperature=2.0)
+        model.base_model.embeddings.word_embeddings.weight.requires_grad_(False)
+        distill = DistillConfig(alpha=cfg.alpha, temperature=cfg.temperature)
         rcfg = TrainConfig(**{**train_cfg.as_dict(), "epochs": cfg.recover_epochs})
-        history = DistillationTrainer(model, rcfg, distill, teacher_logits).train(encoded)
+        history = DistillationTrainer(model, rcfg, distill, target_logits).train(encoded)
     probs, gold = evaluate(model, tokenizer, data, train_cfg.max_length)
     report = validation_report(probs, gold, labels)
     report["parameters"] = {"before": before, "after": model.num_parameters()}
     checkpoint.save(out, model, tokenizer, labels)
-    write_run(out, "prune", {"prune": vars(cfg), "train": train_cfg.as_dict()}, report, history=history)
+    config = {"prune": vars(cfg), "train": train_cfg.as_dict(), "recovery_teacher": str(teacher_dir or student_dir)}
+    write_run(out, "prune", config, report, history=history)
     log.info("pruned validation: %s", report)
     return report

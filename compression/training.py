@@ -43,6 +43,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+BUCKET_BATCHES = 50
+
+
 class Encoded:
     """Token ids for a split, tokenised once; batches are padded to their longest member."""
 
@@ -69,19 +72,38 @@ class Encoded:
         self, batch_size: int, shuffle: bool, rng: random.Random | None = None
     ) -> Iterator[dict[str, torch.Tensor]]:
         order = list(range(len(self)))
-        if shuffle:
-            (rng or random.Random(0)).shuffle(order)
-        for start in range(0, len(order), batch_size):
-            yield self.batch(order[start : start + batch_size])
+        if not shuffle:
+            for start in range(0, len(order), batch_size):
+                yield self.batch(order[start : start + batch_size])
+            return
+        rng = rng or random.Random(0)
+        rng.shuffle(order)
+        # Length buckets: one long Wikipedia sentence would otherwise pad a whole batch of short queries.
+        # Sorting within windows of BUCKET_BATCHES batches keeps batches random across the epoch.
+        window = batch_size * BUCKET_BATCHES
+        groups: list[list[int]] = []
+        for start in range(0, len(order), window):
+            chunk = sorted(order[start : start + window], key=lambda i: len(self.input_ids[i]))
+            groups += [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
+        rng.shuffle(groups)
+        for group in groups:
+            yield self.batch(group)
 
 
 @torch.no_grad()
 def predict_logits(model: Any, data: Encoded, batch_size: int = 128) -> np.ndarray:
     model.eval()
-    out = []
-    for b in data.batches(batch_size, shuffle=False):
-        out.append(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float().numpy())
-    return np.concatenate(out)
+    # Batches of similar length waste no work on padding; rows go back to their places afterwards.
+    order = sorted(range(len(data)), key=lambda i: len(data.input_ids[i]))
+    out: np.ndarray | None = None
+    for start in range(0, len(order), batch_size):
+        index = order[start : start + batch_size]
+        b = data.batch(index)
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float().numpy()
+        if out is None:
+            out = np.empty((len(data), logits.shape[-1]), dtype=np.float32)
+        out[index] = logits
+    return out if out is not None else np.empty((0, 0), dtype=np.float32)
 
 
 def predict_probs(model: Any, data: Encoded) -> np.ndarray:
@@ -112,6 +134,8 @@ class Trainer:
         decay: list[torch.nn.Parameter] = []
         no_decay: list[torch.nn.Parameter] = []
         for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
             (no_decay if p.ndim < 2 or "LayerNorm" in name else decay).append(p)
         opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr

@@ -1,5 +1,5 @@
 """`make compare`: the same open-loop and saturation scenarios against our service and two baselines,
-each pinned to the same CPU set with the same worker count, in one run. Prints one table with the
+each under the same CPU placement and worker count, in one run. Prints one table with the
 ratios ours/baseline and writes reports/compare/{compare.json,compare.md,latency_throughput.png}.
 """
 
@@ -11,8 +11,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from loadtest.run import scenarios
-from loadtest.server import ROOT, free_port, our_server, serve
+from loadtest.run import ServerFactory, add_placement_args, measure, placements
+from loadtest.server import ROOT, our_server
 
 OPTIMUM_VENV = ROOT / ".venv-optimum"
 
@@ -41,21 +41,17 @@ def baseline_cmd(module: str, port: int, workers: int, python: Path) -> tuple[li
     }
 
 
-def servers(workers: int, include_optimum: bool) -> list[tuple[str, Any]]:
-    out: list[tuple[str, Any]] = [
-        ("ours (int8 ONNX, FastAPI)", lambda port: our_server(port, workers)),
-        (
-            "transformers pipeline (PyTorch fp32)",
-            lambda port: baseline_cmd("transformers_server", port, workers, ROOT / ".venv" / "bin" / "python"),
-        ),
+def _baseline(module: str, python: Path) -> ServerFactory:
+    return lambda port, workers: baseline_cmd(module, port, workers, python)
+
+
+def servers(include_optimum: bool) -> list[tuple[str, ServerFactory]]:
+    out: list[tuple[str, ServerFactory]] = [
+        ("ours (int8 ONNX, FastAPI)", our_server),
+        ("transformers pipeline (PyTorch fp32)", _baseline("transformers_server", ROOT / ".venv" / "bin" / "python")),
     ]
     if include_optimum:
-        out.append(
-            (
-                "Optimum ORT pipeline (fp32 ONNX)",
-                lambda port: baseline_cmd("optimum_server", port, workers, OPTIMUM_VENV / "bin" / "python"),
-            )
-        )
+        out.append(("Optimum ORT pipeline (fp32 ONNX)", _baseline("optimum_server", OPTIMUM_VENV / "bin" / "python")))
     return out
 
 
@@ -119,13 +115,11 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--workers", type=int, default=2)
     p.add_argument("--rates", default="100,400")
     p.add_argument("--steps", default="8,16,32")
     p.add_argument("--seconds", type=int, default=10)
     p.add_argument("--step-seconds", type=int, default=8)
-    p.add_argument("--server-cpus", default=os.environ.get("SERVER_CPUS", "0,1"))
-    p.add_argument("--locust-cpus", default=os.environ.get("LOCUST_CPUS", "0,1"))
+    add_placement_args(p)
     p.add_argument("--no-optimum", action="store_true", help="skip the Optimum baseline")
     p.add_argument("--out", type=Path, default=ROOT / "reports" / "compare")
     a = p.parse_args(argv)
@@ -138,20 +132,17 @@ def main(argv: list[str] | None = None) -> int:
     include_optimum = not a.no_optimum and (OPTIMUM_VENV / "bin" / "python").exists()
     rates = [float(x) for x in a.rates.split(",")]
     steps = [int(x) for x in a.steps.split(",")]
+    latency, throughput = placements(a)
     results: dict[str, dict[str, Any]] = {}
-    for name, make in servers(a.workers, include_optimum):
+    for name, make in servers(include_optimum):
         print(f"{name}:", flush=True)
-        port = free_port()
-        cmd, env = make(port)
-        slug = name.split(" ")[0].lower()
-        out = a.out / slug
-        out.mkdir(parents=True, exist_ok=True)
-        with serve(cmd, env, port, a.server_cpus, timeout=300, log=out / "server.log") as host:
-            results[name] = scenarios(host, out, rates, steps, a.seconds, a.step_seconds, a.locust_cpus, None)
+        out = a.out / name.split(" ")[0].lower()
+        results[name] = measure(
+            make, None, out, rates, steps, a.seconds, a.step_seconds, latency, throughput, ready_timeout=300
+        )
     setup = {
-        "workers": a.workers,
-        "server_cpus": a.server_cpus,
-        "locust_cpus": a.locust_cpus,
+        "latency_phase": latency.describe(),
+        "throughput_phase": throughput.describe(),
         "cores": os.cpu_count(),
         "threads_per_worker": 1,
     }

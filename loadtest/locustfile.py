@@ -85,7 +85,7 @@ def _stop(environment: Environment, **_: Any) -> None:
     summary = {
         "mode": MODE,
         "target_rate": RATE if MODE == "open" else None,
-        "users": environment.runner.user_count if environment.runner else None,
+        "users": int(os.environ.get("LOADTEST_USERS", "0")),
         "duration_s": round(elapsed, 2),
         "requests": len(single) + len(_times["/predict/batch"]),
         "errors": sum(_errors.values()),

@@ -11,6 +11,9 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -83,46 +86,103 @@ def run_locust(
     return summary
 
 
-def scenarios(
-    host: str,
-    out: Path,
-    rates: list[float],
-    steps: list[int],
-    seconds: int,
-    step_seconds: int,
-    cpus: str | None,
-    data: str | None,
-) -> dict[str, Any]:
-    open_loop = []
+@dataclass(frozen=True)
+class Placement:
+    """Where a phase runs: the server's worker count and CPU set, and the load generator's CPU set."""
+
+    workers: int
+    server_cpus: str | None
+    locust_cpus: str | None
+
+    def describe(self) -> str:
+        return f"{self.workers} worker(s) on CPUs {self.server_cpus}, Locust on CPUs {self.locust_cpus}"
+
+
+# Latency is measured with the load generator on its own core, so that it never preempts the server
+# mid-request; throughput is measured with every core serving, the generator sharing them.
+LATENCY = Placement(workers=1, server_cpus="0", locust_cpus="1")
+THROUGHPUT = Placement(workers=2, server_cpus="0,1", locust_cpus="0,1")
+
+ServerFactory = Callable[[int, int], tuple[list[str], dict[str, str]]]  # (port, workers) -> (cmd, env)
+
+
+def open_loop(host: str, out: Path, rates: list[float], seconds: int, cpus: str | None, data: str | None) -> list[Any]:
+    results = []
     for rate in rates:
         users = max(4, int(rate * 0.02))  # enough users that each one's pacing interval is >> p99
         s = run_locust(host, out / f"open_{int(rate)}", "open", users, seconds, rate, cpus, data=data)
-        open_loop.append(s)
+        results.append(s)
         print(
             f"  open {rate:>6.0f}/s: p50 {s['latency_ms']['p50']} ms  p99 {s['latency_ms']['p99']} ms  "
-            f"errors {s['errors']}",
+            f"server p50 {s['server_latency_ms']['p50']} ms  errors {s['errors']}",
             flush=True,
         )
-    saturation = []
+    return results
+
+
+def saturation(
+    host: str, out: Path, steps: list[int], seconds: int, cpus: str | None, data: str | None
+) -> tuple[list[Any], dict[str, Any]]:
+    results = []
     for users in steps:
-        s = run_locust(host, out / f"closed_{users}", "closed", users, step_seconds, cpus=cpus, data=data)
-        saturation.append(s)
+        s = run_locust(host, out / f"closed_{users}", "closed", users, seconds, cpus=cpus, data=data)
+        results.append(s)
         print(
             f"  closed {users:>3} users: {s['throughput_rps']} req/s  p99 {s['latency_ms']['p99']} ms  "
             f"errors {s['errors']}",
             flush=True,
         )
-    ok = [s for s in saturation if s["errors"] == 0 and (s["latency_ms"]["p99"] or 1e9) <= P99_LIMIT_MS]
+    ok = [s for s in results if s["errors"] == 0 and (s["latency_ms"]["p99"] or 1e9) <= P99_LIMIT_MS]
     best = max(ok, key=lambda s: s["throughput_rps"]) if ok else None
+    summary = {
+        "throughput_rps": best["throughput_rps"] if best else None,
+        "users": best["users"] if best else None,
+        "p99_ms": best["latency_ms"]["p99"] if best else None,
+        "rule": f"highest throughput with p99 <= {P99_LIMIT_MS} ms and 0 errors",
+    }
+    return results, summary
+
+
+def measure(
+    make_server: ServerFactory | None,
+    host: str | None,
+    out: Path,
+    rates: list[float],
+    steps: list[int],
+    seconds: int,
+    step_seconds: int,
+    latency: Placement,
+    throughput: Placement,
+    data: str | None = None,
+    server_env: dict[str, str] | None = None,
+    ready_timeout: float = 120.0,
+) -> dict[str, Any]:
+    """The open-loop rates under the latency placement, then the saturation steps under the throughput
+    placement; a fresh server for each phase, unless `host` names one already running."""
+
+    @contextmanager
+    def server(placement: Placement, log: Path) -> Iterator[str]:
+        if host is not None or make_server is None:
+            yield host or ""
+            return
+        port = free_port()
+        cmd, env = make_server(port, placement.workers)
+        env = {**env, **(server_env or {})}
+        with serve(cmd, env, port, placement.server_cpus, timeout=ready_timeout, log=log) as url:
+            yield url
+
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"  latency phase: {latency.describe()}", flush=True)
+    with server(latency, out / "server_latency.log") as url:
+        open_results = open_loop(url, out, rates, seconds, latency.locust_cpus, data)
+    print(f"  throughput phase: {throughput.describe()}", flush=True)
+    with server(throughput, out / "server_throughput.log") as url:
+        steps_results, best = saturation(url, out, steps, step_seconds, throughput.locust_cpus, data)
     return {
-        "open_loop": open_loop,
-        "saturation_steps": saturation,
-        "saturation": {
-            "throughput_rps": best["throughput_rps"] if best else None,
-            "users": best["users"] if best else None,
-            "p99_ms": best["latency_ms"]["p99"] if best else None,
-            "rule": f"highest throughput with p99 <= {P99_LIMIT_MS} ms and 0 errors",
-        },
+        "open_loop": open_results,
+        "saturation_steps": steps_results,
+        "saturation": best,
+        "placement": {"latency": asdict(latency), "throughput": asdict(throughput)},
     }
 
 
@@ -144,16 +204,29 @@ def table(name: str, result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def add_placement_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("CPU placement (taskset lists; empty: no pinning)")
+    g.add_argument("--latency-workers", type=int, default=LATENCY.workers)
+    g.add_argument("--latency-server-cpus", default=LATENCY.server_cpus)
+    g.add_argument("--latency-locust-cpus", default=LATENCY.locust_cpus)
+    g.add_argument("--workers", type=int, default=THROUGHPUT.workers, help="server workers, throughput phase")
+    g.add_argument("--server-cpus", default=THROUGHPUT.server_cpus)
+    g.add_argument("--locust-cpus", default=THROUGHPUT.locust_cpus)
+
+
+def placements(a: argparse.Namespace) -> tuple[Placement, Placement]:
+    latency = Placement(a.latency_workers, a.latency_server_cpus or None, a.latency_locust_cpus or None)
+    return latency, Placement(a.workers, a.server_cpus or None, a.locust_cpus or None)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--host", default=os.environ.get("HOST_URL"), help="target a running server (loopback only)")
-    p.add_argument("--workers", type=int, default=2)
     p.add_argument("--rates", default="100,400,800")
     p.add_argument("--steps", default="8,16,32,64")
     p.add_argument("--seconds", type=int, default=12, help="per open-loop rate")
     p.add_argument("--step-seconds", type=int, default=10, help="per saturation step")
-    p.add_argument("--server-cpus", default=os.environ.get("SERVER_CPUS", "0,1"))
-    p.add_argument("--locust-cpus", default=os.environ.get("LOCUST_CPUS", "0,1"))
+    add_placement_args(p)
     p.add_argument("--inference-mode", choices=["inline", "thread"], default="inline")
     p.add_argument("--data", default=None, help="CLINC150 JSON whose validation texts are sent")
     p.add_argument("--out", type=Path, default=ROOT / "reports" / "loadtest")
@@ -164,32 +237,29 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     rates = [float(x) for x in a.rates.split(",") if x]
     steps = [int(x) for x in a.steps.split(",") if x]
-    a.out.mkdir(parents=True, exist_ok=True)
-    setup = {
-        "inference_mode": a.inference_mode,
-        "server_cpus": a.server_cpus,
-        "locust_cpus": a.locust_cpus,
-        "workers": a.workers,
-        "cores": os.cpu_count(),
-    }
+    latency, throughput = placements(a)
     if a.host:
         from urllib.parse import urlparse
 
         if urlparse(a.host).hostname not in LOOPBACK:
             print("error: load tests target loopback addresses only", file=sys.stderr)
             return 2
-        result = scenarios(a.host, a.out, rates, steps, a.seconds, a.step_seconds, a.locust_cpus, a.data)
-    else:
-        port = free_port()
-        cmd, env = our_server(port, a.workers)
-        env["INTENT_INFERENCE_MODE"] = a.inference_mode
-        with serve(cmd, env, port, a.server_cpus, log=a.out / "server.log") as host:
-            result = scenarios(host, a.out, rates, steps, a.seconds, a.step_seconds, a.locust_cpus, a.data)
-    result["setup"] = setup
-    (a.out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(
-        table(f"intent service ({a.workers} workers, server CPUs {a.server_cpus}, Locust CPUs {a.locust_cpus})", result)
+    result = measure(
+        None if a.host else our_server,
+        a.host,
+        a.out,
+        rates,
+        steps,
+        a.seconds,
+        a.step_seconds,
+        latency,
+        throughput,
+        data=a.data,
+        server_env={"INTENT_INFERENCE_MODE": a.inference_mode},
     )
+    result["setup"] = {"inference_mode": a.inference_mode, "cores": os.cpu_count(), "host": a.host}
+    (a.out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(table(f"intent service (latency: {latency.describe()}; throughput: {throughput.describe()})", result))
     return 0
 
 

@@ -40,3 +40,28 @@ def test_histogram_quantile_matches_prometheus_rules() -> None:
     assert histogram_quantile(0.5, before, after) == pytest.approx(0.001)
     assert histogram_quantile(0.75, before, after) == pytest.approx(0.0015)
     assert histogram_quantile(0.99, before, {0.001: 0.0, 0.002: 0.0, float("inf"): 0.0}) is None
+
+
+def test_make_loadtest_runs_both_phases_with_its_own_servers(tmp_path: Path, data_path: Path) -> None:
+    from loadtest.run import main
+
+    args = ["--rates", "40", "--steps", "4", "--seconds", "3", "--step-seconds", "3", "--data", str(data_path)]
+    assert main([*args, "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["placement"]["latency"] == {"workers": 1, "server_cpus": "0", "locust_cpus": "1"}
+    assert summary["placement"]["throughput"] == {"workers": 2, "server_cpus": "0,1", "locust_cpus": "0,1"}
+    (rate,) = summary["open_loop"]
+    (step,) = summary["saturation_steps"]
+    for s in (rate, step):
+        assert s["errors"] == 0
+        assert s["latency_ms"]["p50"] is not None
+    within_limit = step["latency_ms"]["p99"] <= 50.0
+    assert summary["saturation"]["throughput_rps"] == (step["throughput_rps"] if within_limit else None)
+    assert (tmp_path / "server_latency.log").is_file()
+    assert (tmp_path / "server_throughput.log").is_file()
+
+
+def test_loadtest_refuses_non_loopback_targets(tmp_path: Path) -> None:
+    from loadtest.run import main
+
+    assert main(["--host", "http://example.com:8000", "--out", str(tmp_path)]) == 2

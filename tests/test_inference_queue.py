@@ -1,0 +1,83 @@
+"""The inference queue on its own: the idle fast path, FIFO order behind queued work, and accounting."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from app.classifier import Prediction
+from app.errors import Overloaded
+from app.inference import InferenceQueue
+from app.metrics import Metrics
+from tests.fakes import FakeClassifier
+
+
+class RecordingClassifier(FakeClassifier):
+    def __init__(self) -> None:
+        super().__init__()
+        self.order: list[str] = []
+
+    def predict(self, text: str, top_k: int = 0) -> Prediction:
+        self.order.append(text)
+        return super().predict(text, top_k)
+
+
+def _stage_count(metrics: Metrics, stage: str) -> float:
+    return float(metrics.registry.get_sample_value("intent_stage_duration_seconds_count", {"stage": stage}) or 0.0)
+
+
+def test_idle_single_text_is_classified_without_the_consumer() -> None:
+    clf = RecordingClassifier()
+    metrics = Metrics()
+
+    async def scenario() -> list[Prediction]:
+        queue = InferenceQueue(clf, metrics, max_pending=4, retry_after_s=1, mode="inline")
+        # No consumer task is started: only the fast path can answer.
+        preds = await asyncio.wait_for(queue.submit(["flight to rome"], 0), 1.0)
+        assert queue.pending == 0
+        assert await queue.drain(0.1)
+        return preds
+
+    (pred,) = asyncio.run(scenario())
+    assert pred.intent == "book_flight"
+    assert clf.order == ["flight to rome"]
+    assert _stage_count(metrics, "queue") == 1.0
+    assert _stage_count(metrics, "inference") == 1.0
+
+
+def test_single_text_waits_behind_a_queued_batch() -> None:
+    clf = RecordingClassifier()
+    metrics = Metrics()
+
+    async def scenario() -> None:
+        queue = InferenceQueue(clf, metrics, max_pending=16, retry_after_s=1, mode="inline")
+        queue.start()
+        batch = asyncio.create_task(queue.submit(["a", "b", "c"], 0))
+        await asyncio.sleep(0)  # the batch is admitted and pending
+        assert queue.pending == 3
+        single = await queue.submit(["d"], 0)
+        assert single[0].intent == "oos"
+        assert len(await batch) == 3
+        assert queue.pending == 0
+        await queue.stop()
+
+    asyncio.run(scenario())
+    assert clf.order == ["a", "b", "c", "d"]
+
+
+def test_fast_path_is_off_in_thread_mode_and_limits_still_hold() -> None:
+    clf = RecordingClassifier()
+    metrics = Metrics()
+
+    async def scenario() -> None:
+        queue = InferenceQueue(clf, metrics, max_pending=2, retry_after_s=3, mode="thread")
+        queue.start()
+        with pytest.raises(Overloaded) as refused:
+            await queue.submit(["a", "b", "c"], 0)
+        assert refused.value.headers == {"Retry-After": "3"}
+        assert [p.intent for p in await queue.submit(["flight", "balance"], 0)] == ["book_flight", "balance"]
+        await queue.stop()
+
+    asyncio.run(scenario())
+    assert clf.order == ["flight", "balance"]
