@@ -48,6 +48,9 @@ def test_deployment_contract(rendered: list[dict]) -> None:
     assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
     assert container["livenessProbe"]["httpGet"]["path"] == "/health"
     assert set(container["resources"]) == {"requests", "limits"}
+    # Guaranteed QoS with whole CPUs, so the static CPU manager can give the pod exclusive cores.
+    assert container["resources"]["requests"] == container["resources"]["limits"]
+    assert str(container["resources"]["limits"]["cpu"]).isdigit()
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
     assert pod["securityContext"]["runAsNonRoot"] is True

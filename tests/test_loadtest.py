@@ -65,3 +65,13 @@ def test_loadtest_refuses_non_loopback_targets(tmp_path: Path) -> None:
     from loadtest.run import main
 
     assert main(["--host", "http://example.com:8000", "--out", str(tmp_path)]) == 2
+
+
+def test_stage_means_come_from_histogram_deltas() -> None:
+    from loadtest.stages import mean_ms
+
+    before = {("inference", "sum"): 0.5, ("inference", "count"): 1000.0}
+    after = {("inference", "sum"): 0.56, ("inference", "count"): 1100.0}
+    assert mean_ms(before, after, "inference") == pytest.approx(0.6)
+    assert mean_ms(before, before, "inference") is None
+    assert mean_ms({}, {("queue", "sum"): 0.0, ("queue", "count"): 10.0}, "queue") == 0.0

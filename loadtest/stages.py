@@ -1,0 +1,65 @@
+"""Where a request's server time goes at a given arrival rate: mean tokenize, queue wait, inference and
+whole-request time from the server's own histograms, over an open-loop run per rate.
+
+    python -m loadtest.stages --rates 100,800,100
+
+Run the client on another core than the server (the defaults do) so that only the server is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import urllib.request
+from pathlib import Path
+
+from loadtest.driver import open_loop
+from loadtest.queries import load_queries
+from loadtest.server import free_port, our_server, pinned, serve
+
+_STAGE = re.compile(r'^intent_stage_duration_seconds_(sum|count)\{stage="(\w+)"\} (\S+)$', re.M)
+_REQUEST = re.compile(r'^intent_request_duration_seconds_(sum|count)\{route="/predict",status="200"\} (\S+)$', re.M)
+PARTS = ("tokenize", "queue", "inference", "request")
+
+
+def totals(base_url: str) -> dict[tuple[str, str], float]:
+    with urllib.request.urlopen(base_url + "/metrics", timeout=5) as r:  # noqa: S310 - loopback only
+        text = r.read().decode()
+    out = {(m[2], m[1]): float(m[3]) for m in _STAGE.finditer(text)}
+    out.update({("request", m[1]): float(m[2]) for m in _REQUEST.finditer(text)})
+    return out
+
+
+def mean_ms(before: dict[tuple[str, str], float], after: dict[tuple[str, str], float], part: str) -> float | None:
+    n = after.get((part, "count"), 0.0) - before.get((part, "count"), 0.0)
+    if n <= 0:
+        return None
+    return round((after[(part, "sum")] - before.get((part, "sum"), 0.0)) / n * 1000, 3)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rates", default="100,800,100")
+    p.add_argument("--seconds", type=float, default=8.0)
+    p.add_argument("--server-cpus", default="0")
+    p.add_argument("--data", default=None, help="CLINC150 JSON whose validation texts are sent")
+    p.add_argument("--log", type=Path, default=None)
+    a = p.parse_args(argv)
+    texts = load_queries(a.data)
+    port = free_port()
+    cmd, env = our_server(port, workers=1)
+    print(f"server: 1 worker, {' '.join(pinned([], a.server_cpus)) or 'unpinned'}")
+    print("| rate /s | tokenize ms | queue ms | inference ms | whole request ms |")
+    print("|---|---|---|---|---|")
+    with serve(cmd, env, port, a.server_cpus or None, log=a.log) as base:
+        for rate in (float(x) for x in a.rates.split(",") if x):
+            before = totals(base)
+            asyncio.run(open_loop(base, rate, a.seconds, texts, connections=8))
+            after = totals(base)
+            print(f"| {rate:.0f} | " + " | ".join(str(mean_ms(before, after, part)) for part in PARTS) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
