@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,10 @@ class Artifact:
     @property
     def oos_threshold(self) -> float:
         return float(self.card.get("oos_threshold", 0.0))
+
+    @property
+    def oos_rule(self) -> str:
+        return str(self.card.get("oos_rule", "max_prob"))
 
 
 def sha256_file(path: Path) -> str:
@@ -74,6 +79,23 @@ def load_artifact(directory: Path, verify: bool = True) -> Artifact:
     artifact = Artifact(directory=directory, card=card, labels=labels)
     if artifact.oos_label not in labels:
         raise ModelLoadError(f"the OOS label '{artifact.oos_label}' is not in labels.json")
-    if not 0.0 <= artifact.oos_threshold < 1.0:
-        raise ModelLoadError(f"oos_threshold must be in [0, 1), got {artifact.oos_threshold}")
+    _check_oos_rule(artifact)
     return artifact
+
+
+# The scores the card's OOS threshold can apply to, and the thresholds that make sense for each.
+OOS_RULES = ("max_prob", "energy")
+
+
+def _check_oos_rule(artifact: Artifact) -> None:
+    rule = artifact.oos_rule
+    if rule not in OOS_RULES:
+        raise ModelLoadError(f"oos_rule must be one of {', '.join(OOS_RULES)}, got {rule[:40]!r}")
+    try:
+        threshold = artifact.oos_threshold
+    except (TypeError, ValueError):
+        raise ModelLoadError("oos_threshold must be a number") from None
+    if rule == "max_prob" and not 0.0 <= threshold < 1.0:
+        raise ModelLoadError(f"oos_threshold must be in [0, 1) for max_prob, got {threshold}")
+    if not math.isfinite(threshold):
+        raise ModelLoadError(f"oos_threshold must be finite, got {threshold}")

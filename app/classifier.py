@@ -75,6 +75,7 @@ class OnnxClassifier:
         self.version = artifact.version
         self.oos_index = self.labels.index(artifact.oos_label)
         self.threshold = artifact.oos_threshold
+        self.energy_rule = artifact.oos_rule == "energy"
         self._output = [self.session.get_outputs()[0].name]
         width = self.session.run(self._output, self._feed([101, 102]))[0].shape[-1]
         if width != len(self.labels):
@@ -93,11 +94,15 @@ class OnnxClassifier:
         t1 = time.perf_counter()
         logits = self.session.run(self._output, self._feed(encoding.ids))[0][0]
         t2 = time.perf_counter()
-        exp = np.exp(logits - logits.max())
-        probs = exp / exp.sum()
+        top = logits.max()
+        exp = np.exp(logits - top)
+        total = exp.sum()
+        probs = exp / total
         best = int(probs.argmax())
         confidence = float(probs[best])
-        if confidence < self.threshold:
+        # energy = log(sum(exp(logits))): the card's rule may threshold it instead of the top probability.
+        in_scope_score = float(top + np.log(total)) if self.energy_rule else confidence
+        if in_scope_score < self.threshold:
             # The OOS rule fired: the model's doubt about its best in-scope guess is the confidence in 'oos'.
             best, confidence = self.oos_index, max(float(probs[self.oos_index]), 1.0 - confidence)
         ranked: list[tuple[str, float]] = []

@@ -50,6 +50,7 @@ class ModelCard(BaseModel):
     model_config = ConfigDict(extra="allow")
     version: str
     labels: list[str]
+    oos_rule: str = "max_prob"
     oos_threshold: float
     files: dict[str, Any]
     metrics: dict[str, Any]

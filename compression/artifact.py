@@ -64,13 +64,20 @@ def write(
         "max_length": max_length,
         "num_labels": len(labels),
         "oos_label": OOS,
+        # Older stage runs recorded only a max-probability threshold.
+        "oos_rule": metrics.get("oos_rule", "max_prob"),
         "oos_threshold": metrics.get("oos_threshold", 0.0),
         "quantization": metrics.get("chosen"),
         "metrics": {
             "validation": metrics.get("thresholded", {}),
             "validation_argmax": metrics.get("argmax", {}),
             "stages": {
-                k: {"thresholded": v.get("thresholded"), "argmax": v.get("argmax")} for k, v in stage_metrics.items()
+                k: {
+                    "oos_rule": v.get("oos_rule", "max_prob"),
+                    "thresholded": v.get("thresholded"),
+                    "argmax": v.get("argmax"),
+                }
+                for k, v in stage_metrics.items()
             },
         },
         "benchmark": benchmark_row or {},

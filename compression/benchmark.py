@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 
 from compression.data import Clinc
-from compression.metrics import softmax
 from compression.onnx_runner import OnnxClassifier
 from compression.teacher import validation_report
 
@@ -67,8 +66,8 @@ def bench_torch(name: str, ckpt: Path, data: Clinc, texts: list[str], cfg: Bench
     model, tokenizer, labels = checkpoint.load(ckpt)
     model.eval()
     val = data.split("val")
-    probs = softmax(predict_logits(model, Encoded(tokenizer, val, labels, 64)))
-    report = validation_report(probs, np.array(val.label_ids(labels)), labels)
+    logits = predict_logits(model, Encoded(tokenizer, val, labels, 64))
+    report = validation_report(logits, np.array(val.label_ids(labels)), labels)
 
     @torch.no_grad()
     def one(text: str) -> object:
@@ -84,17 +83,16 @@ def bench_onnx(
 ) -> dict[str, Any]:
     runner = OnnxClassifier(directory / "model.onnx", directory / "tokenizer.json", threads=1)
     val = data.split("val")
-    probs = softmax(runner.logits(val.texts))
     labels = json.loads((directory / "labels.json").read_text())
-    report = validation_report(probs, np.array(val.label_ids(labels)), labels)
+    report = validation_report(runner.logits(val.texts), np.array(val.label_ids(labels)), labels)
     row = {"stage": name, "runtime": runtime, "size_mb": (directory / "model.onnx").stat().st_size / 1e6}
     row.update(_percentiles(_time(runner.logits_one, texts, cfg.warmup)))
     return {**row, **_metrics(report)}
 
 
 def bench_served(directory: Path, data: Clinc, texts: list[str], cfg: BenchConfig) -> dict[str, Any]:
-    """The committed artifact with the threshold stored in its card, exactly as the service applies it."""
-    from compression.metrics import apply_threshold, score
+    """The committed artifact with the OOS rule and threshold stored in its card, as the service applies them."""
+    from compression.metrics import predict_with_rule, score
 
     card = json.loads((directory / "card.json").read_text())
     row = bench_onnx("served (models/clinc150)", directory, data, texts, cfg, "ORT int8")
@@ -102,7 +100,8 @@ def bench_served(directory: Path, data: Clinc, texts: list[str], cfg: BenchConfi
     labels = json.loads((directory / "labels.json").read_text())
     val = data.split("val")
     oos = labels.index(card["oos_label"])
-    pred = apply_threshold(softmax(runner.logits(val.texts)), oos, card["oos_threshold"])
+    rule = card.get("oos_rule", "max_prob")
+    pred = predict_with_rule(runner.logits(val.texts), oos, rule, card["oos_threshold"])
     s = score(pred, np.array(val.label_ids(labels)), oos)
     row.update(
         {
@@ -110,6 +109,7 @@ def bench_served(directory: Path, data: Clinc, texts: list[str], cfg: BenchConfi
             "in_scope_accuracy": s.in_scope_accuracy,
             "oos_recall": s.oos_recall,
             "test_weighted_accuracy": s.test_weighted_accuracy,
+            "oos_rule": rule,
             "oos_threshold": card["oos_threshold"],
         }
     )
@@ -147,6 +147,7 @@ def _metrics(report: dict[str, Any]) -> dict[str, Any]:
         "in_scope_accuracy": t["in_scope_accuracy"],
         "oos_recall": t["oos_recall"],
         "test_weighted_accuracy": t["test_weighted_accuracy"],
+        "oos_rule": report.get("oos_rule", "max_prob"),
         "oos_threshold": report["oos_threshold"],
         "argmax_accuracy": report["argmax"]["accuracy"],
     }

@@ -140,8 +140,8 @@ def run(teacher_dir: Path, data: Clinc, out: Path, cfg: DistillConfig, train_cfg
     if labels != data.labels:
         raise ValueError("the teacher's labels differ from the data's label order")
     student, history = train_student(teacher, tokenizer, data, cfg, train_cfg)
-    probs, gold = evaluate(student, tokenizer, data, train_cfg.max_length)
-    report = validation_report(probs, gold, data.labels)
+    logits, gold = evaluate(student, tokenizer, data, train_cfg.max_length)
+    report = validation_report(logits, gold, data.labels)
     checkpoint.save(out, student, tokenizer, data.labels)
     write_run(out, "distill", {"distill": vars(cfg), "train": train_cfg.as_dict()}, report, history=history)
     log.info("student validation: %s", report)
@@ -149,6 +149,6 @@ def run(teacher_dir: Path, data: Clinc, out: Path, cfg: DistillConfig, train_cfg
 
 
 def val_score(student: Any, tokenizer: Any, data: Clinc, max_length: int) -> float:
-    probs, gold = evaluate(student, tokenizer, data, max_length)
-    report = validation_report(probs, gold, data.labels)
+    logits, gold = evaluate(student, tokenizer, data, max_length)
+    report = validation_report(logits, gold, data.labels)
     return float(np.float64(report["thresholded"]["test_weighted_accuracy"]))

@@ -30,12 +30,6 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return probs
 
 
-def apply_threshold(probs: np.ndarray, oos_index: int, threshold: float) -> np.ndarray:
-    """Argmax, except that a top probability under the threshold means out-of-scope."""
-    pred = probs.argmax(axis=-1)
-    return np.where(probs.max(axis=-1) < threshold, oos_index, pred)
-
-
 def score(pred: np.ndarray, gold: np.ndarray, oos_index: int) -> Scores:
     in_scope = gold != oos_index
     correct = pred == gold
@@ -50,21 +44,97 @@ def score(pred: np.ndarray, gold: np.ndarray, oos_index: int) -> Scores:
     )
 
 
-# The operating point: catch at least this share of out-of-scope queries on validation.
+# The operating point: catch at least this share of out-of-scope queries on validation, and, where the
+# model can, keep at least this in-scope accuracy; within that, the best test-weighted accuracy.
 OOS_RECALL_TARGET = 0.85
+IN_SCOPE_FLOOR = 0.95
+
+# How in-scope a query looks; below the tuned threshold it is out-of-scope. max_prob is the top softmax
+# probability. energy is log(sum(exp(logits))), the negative free energy of Liu et al. (2020), "Energy-based
+# Out-of-distribution Detection": it keeps the logits' scale, which the softmax normalises away.
+OOS_RULES = ("max_prob", "energy")
+
+
+def oos_score(logits: np.ndarray, rule: str) -> np.ndarray:
+    if rule == "max_prob":
+        out: np.ndarray = softmax(logits).max(axis=-1)
+        return out
+    if rule == "energy":
+        top = logits.max(axis=-1)
+        energy: np.ndarray = top + np.log(np.exp(logits - top[..., None]).sum(axis=-1))
+        return energy
+    raise ValueError(f"unknown OOS rule {rule!r}; expected one of {OOS_RULES}")
+
+
+def predict_with_rule(logits: np.ndarray, oos_index: int, rule: str, threshold: float) -> np.ndarray:
+    pred = logits.argmax(axis=-1)
+    return np.where(oos_score(logits, rule) < threshold, oos_index, pred)
+
+
+def _grid(scores: np.ndarray, rule: str) -> list[float]:
+    if rule == "max_prob":
+        return [0.0, *(round(float(t), 2) for t in np.arange(0.01, 1.0, 0.01))]
+    low, high = np.floor(scores.min() * 100) / 100, np.ceil(scores.max() * 100) / 100
+    return [round(float(t), 2) for t in np.arange(low, high + 0.005, 0.01)]
 
 
 def tune_threshold(
-    probs: np.ndarray, gold: np.ndarray, oos_index: int, min_oos_recall: float = OOS_RECALL_TARGET
+    scores: np.ndarray,
+    pred: np.ndarray,
+    gold: np.ndarray,
+    oos_index: int,
+    rule: str = "max_prob",
+    min_oos_recall: float = OOS_RECALL_TARGET,
+    min_in_scope: float = IN_SCOPE_FLOOR,
 ) -> tuple[float, Scores]:
-    """The threshold (grid of 0.01) with the best test-weighted accuracy among those that reach the OOS
-    recall target; if none does, the best overall. Ties go to the lowest threshold."""
-    grid = [0.0, *(round(float(t), 2) for t in np.arange(0.01, 1.0, 0.01))]
-    scored = [(t, score(apply_threshold(probs, oos_index, t), gold, oos_index)) for t in grid]
-    feasible = [(t, s) for t, s in scored if s.oos_recall >= min_oos_recall - 1e-9]
-    pool = feasible or scored
+    """The threshold (grid of 0.01) with the best test-weighted accuracy among those that reach both the
+    OOS recall target and the in-scope floor; failing that, among those that reach the recall target;
+    failing that, the best overall. Ties go to the lowest threshold."""
+    scored = [(t, score(np.where(scores < t, oos_index, pred), gold, oos_index)) for t in _grid(scores, rule)]
+    recall_ok = [(t, s) for t, s in scored if s.oos_recall >= min_oos_recall - 1e-9]
+    both_ok = [(t, s) for t, s in recall_ok if s.in_scope_accuracy >= min_in_scope - 1e-9]
+    pool = both_ok or recall_ok or scored
     best_t, best = pool[0]
     for t, s in pool[1:]:
         if s.test_weighted_accuracy > best.test_weighted_accuracy + 1e-9:
             best_t, best = t, s
     return best_t, best
+
+
+def tune_rule(
+    logits: np.ndarray,
+    gold: np.ndarray,
+    oos_index: int,
+    min_oos_recall: float = OOS_RECALL_TARGET,
+    min_in_scope: float = IN_SCOPE_FLOOR,
+) -> dict[str, tuple[float, Scores]]:
+    """Each rule's tuned threshold and scores, in OOS_RULES order."""
+    pred = logits.argmax(axis=-1)
+    return {
+        rule: tune_threshold(oos_score(logits, rule), pred, gold, oos_index, rule, min_oos_recall, min_in_scope)
+        for rule in OOS_RULES
+    }
+
+
+def _meets(s: Scores, min_oos_recall: float, min_in_scope: float) -> tuple[bool, bool]:
+    recall = s.oos_recall >= min_oos_recall - 1e-9
+    return recall and s.in_scope_accuracy >= min_in_scope - 1e-9, recall
+
+
+def best_rule(
+    tuned: dict[str, tuple[float, Scores]],
+    min_oos_recall: float = OOS_RECALL_TARGET,
+    min_in_scope: float = IN_SCOPE_FLOOR,
+) -> str:
+    """The rule whose operating point meets more of the targets (both, then recall), then the better
+    test-weighted accuracy; ties keep the earlier rule."""
+
+    def key(rule: str) -> tuple[bool, bool, float]:
+        s = tuned[rule][1]
+        return (*_meets(s, min_oos_recall, min_in_scope), round(s.test_weighted_accuracy, 9))
+
+    best = OOS_RULES[0]
+    for rule in OOS_RULES[1:]:
+        if key(rule) > key(best):
+            best = rule
+    return best

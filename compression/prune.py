@@ -111,8 +111,8 @@ def run(
         distill = DistillConfig(alpha=cfg.alpha, temperature=cfg.temperature)
         rcfg = TrainConfig(**{**train_cfg.as_dict(), "epochs": cfg.recover_epochs})
         history = DistillationTrainer(model, rcfg, distill, target_logits).train(encoded)
-    probs, gold = evaluate(model, tokenizer, data, train_cfg.max_length)
-    report = validation_report(probs, gold, labels)
+    logits, gold = evaluate(model, tokenizer, data, train_cfg.max_length)
+    report = validation_report(logits, gold, labels)
     report["parameters"] = {"before": before, "after": model.num_parameters()}
     checkpoint.save(out, model, tokenizer, labels)
     config = {"prune": vars(cfg), "train": train_cfg.as_dict(), "recovery_teacher": str(teacher_dir or student_dir)}

@@ -1,4 +1,6 @@
-"""Stage 5: int8 quantisation for ONNX Runtime; dynamic and static (QDQ) are both measured, the faster kept."""
+"""Stage 5: int8 quantisation for ONNX Runtime. Dynamic (per-tensor and per-channel weight scales) and
+static QDQ are all built and measured; the most accurate of those not measurably slower than the
+fastest is kept."""
 
 from __future__ import annotations
 
@@ -18,15 +20,15 @@ from onnxruntime.quantization import (
 )
 
 from compression.data import Clinc, Split
-from compression.metrics import softmax
 from compression.onnx_runner import OnnxClassifier
 from compression.provenance import write_run
 from compression.teacher import validation_report
 
 log = logging.getLogger(__name__)
 LATENCY_QUERIES = 300
-# Static quantisation must match dynamic's accuracy within this to be kept for being faster.
-ACCURACY_TOLERANCE = 0.003
+# A candidate within this share of the fastest one's p50 counts as equally fast: run-to-run noise on
+# these machines is about that large. Among equally fast candidates the most accurate is kept.
+LATENCY_TOLERANCE = 0.10
 
 
 class _Calibration(CalibrationDataReader):  # type: ignore[misc]
@@ -37,12 +39,13 @@ class _Calibration(CalibrationDataReader):  # type: ignore[misc]
         return next(self.feeds, None)
 
 
-def dynamic(src: Path, dest: Path) -> None:
+def dynamic(src: Path, dest: Path, per_channel: bool = False) -> None:
     # Fused graphs carry ops whose output type the quantiser cannot infer; FLOAT is the right default.
     quantize_dynamic(
         str(src),
         str(dest),
         weight_type=QuantType.QInt8,
+        per_channel=per_channel,
         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
     )
 
@@ -64,12 +67,18 @@ def static(src: Path, dest: Path, runner: OnnxClassifier, calibration: Split) ->
 def measure(model: Path, tokenizer: Path, data: Clinc) -> dict[str, Any]:
     val = data.split("val")
     runner = OnnxClassifier(model, tokenizer, threads=1)
-    probs = softmax(runner.logits(val.texts))
-    report = validation_report(probs, np.array(val.label_ids(data.labels)), data.labels)
+    report = validation_report(runner.logits(val.texts), np.array(val.label_ids(data.labels)), data.labels)
     lat = runner.latencies_ms(val.subset(LATENCY_QUERIES, seed=1).texts)
     report["latency_ms_p50"] = float(np.percentile(lat, 50))
     report["size_mb"] = model.stat().st_size / 1e6
     return report
+
+
+def choose(results: dict[str, dict[str, Any]]) -> str:
+    """The most accurate candidate among those within LATENCY_TOLERANCE of the fastest; ties go to speed."""
+    fastest = min(r["latency_ms_p50"] for r in results.values())
+    fast = [n for n, r in results.items() if r["latency_ms_p50"] <= fastest * (1 + LATENCY_TOLERANCE)]
+    return max(fast, key=lambda n: (results[n]["thresholded"]["test_weighted_accuracy"], -results[n]["latency_ms_p50"]))
 
 
 def run(export_dir: Path, data: Clinc, out: Path, calibration_n: int = 300, seed: int = 42) -> dict[str, Any]:
@@ -79,21 +88,23 @@ def run(export_dir: Path, data: Clinc, out: Path, calibration_n: int = 300, seed
         from compression.errors import FactoryError
 
         raise FactoryError(f"no ONNX model at {src} (run the export stage first)")
-    candidates = {"dynamic": out / "model.dynamic.onnx", "static_qdq": out / "model.static.onnx"}
+    candidates = {
+        "dynamic": out / "model.dynamic.onnx",
+        "dynamic_per_channel": out / "model.dynamic_per_channel.onnx",
+        "static_qdq": out / "model.static.onnx",
+    }
     dynamic(src, candidates["dynamic"])
+    dynamic(src, candidates["dynamic_per_channel"], per_channel=True)
     calib = data.split("train").subset(calibration_n, seed)
     static(src, candidates["static_qdq"], OnnxClassifier(src, tokenizer), calib)
     results = {name: measure(path, tokenizer, data) for name, path in candidates.items()}
     for name, r in results.items():
         log.info("%s: p50 %.3f ms, tw-acc %.4f", name, r["latency_ms_p50"], r["thresholded"]["test_weighted_accuracy"])
-    best_acc = max(r["thresholded"]["test_weighted_accuracy"] for r in results.values())
-    eligible = [
-        n for n, r in results.items() if r["thresholded"]["test_weighted_accuracy"] >= best_acc - ACCURACY_TOLERANCE
-    ]
-    chosen = min(eligible, key=lambda n: results[n]["latency_ms_p50"])
+    chosen = choose(results)
     shutil.copy(candidates[chosen], out / "model.onnx")
     for name in ("tokenizer.json", "labels.json"):
         shutil.copy(export_dir / name, out / name)
     report = {"chosen": chosen, "candidates": results, **results[chosen]}
-    write_run(out, "quantize", {"calibration_n": calibration_n, "seed": seed, "tolerance": ACCURACY_TOLERANCE}, report)
+    config = {"calibration_n": calibration_n, "seed": seed, "latency_tolerance": LATENCY_TOLERANCE}
+    write_run(out, "quantize", config, report)
     return report

@@ -11,9 +11,9 @@ import numpy as np
 
 from compression import checkpoint
 from compression.data import OOS, Clinc, Split, load_wiki
-from compression.metrics import Scores, apply_threshold, score, tune_threshold
+from compression.metrics import best_rule, score, tune_rule
 from compression.provenance import write_run
-from compression.training import Encoded, TrainConfig, Trainer, predict_probs, seed_everything
+from compression.training import Encoded, TrainConfig, Trainer, predict_logits, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -35,16 +35,25 @@ def training_split(data: Clinc, wiki_path: str, wiki_oos: int, seed: int, subset
 
 
 def evaluate(model: Any, tokenizer: Any, data: Clinc, max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Validation logits and gold label ids."""
     val = data.split("val")
-    probs = predict_probs(model, Encoded(tokenizer, val, data.labels, max_length))
-    return probs, np.array(val.label_ids(data.labels))
+    logits = predict_logits(model, Encoded(tokenizer, val, data.labels, max_length))
+    return logits, np.array(val.label_ids(data.labels))
 
 
-def validation_report(probs: np.ndarray, gold: np.ndarray, labels: list[str]) -> dict[str, Any]:
+def validation_report(logits: np.ndarray, gold: np.ndarray, labels: list[str]) -> dict[str, Any]:
+    """Argmax scores, and the OOS rule and threshold with the best test-weighted accuracy at OOS recall >= 0.85."""
     oos = labels.index(OOS)
-    argmax: Scores = score(apply_threshold(probs, oos, 0.0), gold, oos)
-    threshold, tuned = tune_threshold(probs, gold, oos)
-    return {"argmax": argmax.as_dict(), "oos_threshold": threshold, "thresholded": tuned.as_dict()}
+    tuned = tune_rule(logits, gold, oos)
+    rule = best_rule(tuned)
+    threshold, scores = tuned[rule]
+    return {
+        "argmax": score(logits.argmax(axis=-1), gold, oos).as_dict(),
+        "oos_rule": rule,
+        "oos_threshold": threshold,
+        "thresholded": scores.as_dict(),
+        "rules": {r: {"oos_threshold": t, "thresholded": s.as_dict()} for r, (t, s) in tuned.items()},
+    }
 
 
 def run(data: Clinc, out: Path, cfg: TeacherConfig, train_cfg: TrainConfig) -> dict[str, Any]:
@@ -54,8 +63,8 @@ def run(data: Clinc, out: Path, cfg: TeacherConfig, train_cfg: TrainConfig) -> d
     log.info("teacher: %d training examples, %d labels", len(split), len(data.labels))
     encoded = Encoded(tokenizer, split, data.labels, train_cfg.max_length)
     history = Trainer(model, train_cfg).train(encoded)
-    probs, gold = evaluate(model, tokenizer, data, train_cfg.max_length)
-    report = validation_report(probs, gold, data.labels)
+    logits, gold = evaluate(model, tokenizer, data, train_cfg.max_length)
+    report = validation_report(logits, gold, data.labels)
     checkpoint.save(out, model, tokenizer, data.labels)
     write_run(out, "teacher", {"teacher": vars(cfg), "train": train_cfg.as_dict()}, report, history=history)
     log.info("teacher validation: %s", report)

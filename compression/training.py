@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from compression.data import Split
-from compression.metrics import softmax
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +103,6 @@ def predict_logits(model: Any, data: Encoded, batch_size: int = 128) -> np.ndarr
             out = np.empty((len(data), logits.shape[-1]), dtype=np.float32)
         out[index] = logits
     return out if out is not None else np.empty((0, 0), dtype=np.float32)
-
-
-def predict_probs(model: Any, data: Encoded) -> np.ndarray:
-    return softmax(predict_logits(model, data))
 
 
 class Trainer:

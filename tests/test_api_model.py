@@ -6,10 +6,12 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from app.artifact import sha256_file
+from app.artifact import load_artifact, sha256_file
+from app.classifier import OnnxClassifier
 from app.config import Settings
 from app.errors import ModelLoadError
 from app.main import create_app
@@ -133,6 +135,38 @@ def test_unreadable_tokenizer_refuses_to_start(model_copy: Path) -> None:
     _rehash(model_copy)
     with pytest.raises(ModelLoadError, match="unreadable tokenizer.json"):
         _start(model_copy)
+
+
+def _set_card(directory: Path, **fields: object) -> None:
+    card = json.loads((directory / "card.json").read_text())
+    card.update(fields)
+    (directory / "card.json").write_text(json.dumps(card))
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"oos_rule": "entropy"}, "oos_rule must be one of max_prob, energy"),
+        ({"oos_rule": "max_prob", "oos_threshold": 1.5}, r"oos_threshold must be in \[0, 1\) for max_prob"),
+        ({"oos_rule": "energy", "oos_threshold": "high"}, "oos_threshold must be a number"),
+        ({"oos_rule": "energy", "oos_threshold": float("inf")}, "oos_threshold must be finite"),
+    ],
+)
+def test_bad_oos_rule_refuses_to_start(model_copy: Path, fields: dict[str, object], message: str) -> None:
+    _set_card(model_copy, **fields)
+    with pytest.raises(ModelLoadError, match=message):
+        _start(model_copy)
+
+
+def test_energy_rule_thresholds_log_sum_exp_of_the_logits(model_copy: Path) -> None:
+    text = "Hey, I'd like to rent a vehicle from Nov 1st to Nov 15th in Paris"
+    probe = OnnxClassifier(load_artifact(model_copy), 1, 1)
+    ids = probe.tokenizer.encode(text).ids
+    logits = probe.session.run(None, probe._feed(ids))[0][0].astype(np.float64)
+    energy = float(np.log(np.exp(logits).sum()))
+    for threshold, intent in ((energy - 0.01, "car_rental"), (energy + 0.01, "oos")):
+        _set_card(model_copy, oos_rule="energy", oos_threshold=threshold)
+        assert OnnxClassifier(load_artifact(model_copy), 1, 1).predict(text).intent == intent
 
 
 def test_missing_directory_refuses_to_start(tmp_path: Path) -> None:

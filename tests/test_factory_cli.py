@@ -158,3 +158,14 @@ def test_cli_bad_data_is_one_line(tmp_path: Path, content: dict, message: str) -
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert result.stderr.startswith(message)
+
+
+def test_quantisation_keeps_the_most_accurate_of_the_equally_fast() -> None:
+    from compression.quantize import choose
+
+    def r(p50: float, tw: float) -> dict[str, object]:
+        return {"latency_ms_p50": p50, "thresholded": {"test_weighted_accuracy": tw}}
+
+    assert choose({"dynamic": r(0.50, 0.930), "per_channel": r(0.52, 0.934), "static": r(1.0, 0.936)}) == "per_channel"
+    assert choose({"dynamic": r(0.50, 0.930), "per_channel": r(0.60, 0.934)}) == "dynamic"
+    assert choose({"dynamic": r(0.52, 0.930), "per_channel": r(0.50, 0.930)}) == "per_channel"

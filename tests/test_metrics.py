@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from compression.metrics import apply_threshold, score, tune_threshold
+from compression.metrics import best_rule, oos_score, predict_with_rule, score, tune_rule, tune_threshold
 
 OOS = 2
 
@@ -19,17 +19,58 @@ def test_score_by_hand() -> None:
 
 
 def test_threshold_sends_low_confidence_to_oos() -> None:
-    probs = np.array([[0.9, 0.05, 0.05], [0.4, 0.35, 0.25]])
-    assert apply_threshold(probs, OOS, 0.5).tolist() == [0, OOS]
-    assert apply_threshold(probs, OOS, 0.0).tolist() == [0, 0]
+    logits = np.log(np.array([[0.9, 0.05, 0.05], [0.4, 0.35, 0.25]]))
+    assert predict_with_rule(logits, OOS, "max_prob", 0.5).tolist() == [0, OOS]
+    assert predict_with_rule(logits, OOS, "max_prob", 0.0).tolist() == [0, 0]
+
+
+def test_energy_is_log_sum_exp_and_keeps_the_logit_scale() -> None:
+    logits = np.array([[2.0, 0.0, 0.0], [4.0, 2.0, 2.0]])
+    expected = np.log(np.exp(logits).sum(axis=1))
+    assert oos_score(logits, "energy") == pytest.approx(expected)
+    # Shifting every logit by 2 leaves the softmax unchanged but raises the energy by exactly 2.
+    assert oos_score(logits, "max_prob")[0] == pytest.approx(oos_score(logits, "max_prob")[1])
+    assert oos_score(logits, "energy")[1] - oos_score(logits, "energy")[0] == pytest.approx(2.0)
+    assert predict_with_rule(logits, OOS, "energy", 3.0).tolist() == [OOS, 0]
+    with pytest.raises(ValueError, match="unknown OOS rule"):
+        oos_score(logits, "entropy")
 
 
 def test_tuned_threshold_reaches_the_oos_recall_target_when_it_can() -> None:
     # Two confident in-scope rows, two unsure out-of-scope rows, one unsure in-scope row.
     probs = np.array([[0.9, 0.05, 0.05], [0.05, 0.9, 0.05], [0.5, 0.3, 0.2], [0.45, 0.35, 0.2], [0.55, 0.25, 0.2]])
     gold = np.array([0, 1, OOS, OOS, 0])
-    t, s = tune_threshold(probs, gold, OOS, min_oos_recall=1.0)
+    scores, pred = probs.max(axis=1), probs.argmax(axis=1)
+    t, s = tune_threshold(scores, pred, gold, OOS, "max_prob", min_oos_recall=1.0)
     assert s.oos_recall == 1.0
     assert 0.5 < t <= 0.55
-    _, s0 = tune_threshold(probs, gold, OOS, min_oos_recall=0.0)
+    _, s0 = tune_threshold(scores, pred, gold, OOS, "max_prob", min_oos_recall=0.0)
     assert s0.test_weighted_accuracy >= s.test_weighted_accuracy
+
+
+def test_rule_choice_prefers_energy_only_when_it_scores_better() -> None:
+    # Same softmax for an in-scope and an out-of-scope row, told apart only by the logits' scale.
+    logits = np.array([[6.0, 0.0, 0.0], [9.0, 3.0, 3.0], [1.0, 8.0, 1.0], [0.0, 12.0, 0.0]])
+    gold = np.array([OOS, 0, 1, 1])
+    tuned = tune_rule(logits, gold, OOS, min_oos_recall=1.0)
+    assert set(tuned) == {"max_prob", "energy"}
+    assert tuned["energy"][1].accuracy == 1.0
+    assert tuned["max_prob"][1].accuracy < 1.0
+    assert best_rule(tuned) == "energy"
+    tie = {"max_prob": tuned["energy"], "energy": tuned["energy"]}
+    assert best_rule(tie) == "max_prob"
+
+
+def test_in_scope_floor_wins_over_a_better_test_weighted_point() -> None:
+    # Catching the second out-of-scope row costs two in-scope rows: better test-weighted accuracy (0.918
+    # against 0.909), but in-scope 0.9, under the floor.
+    scores = np.array([0.9] * 18 + [0.5, 0.5] + [0.2, 0.55])
+    gold = np.array([0] * 20 + [OOS, OOS])
+    pred = np.zeros(22, dtype=int)
+    t, s = tune_threshold(scores, pred, gold, OOS, "max_prob", min_oos_recall=0.5, min_in_scope=0.95)
+    assert (t, s.in_scope_accuracy, s.oos_recall) == (0.21, 1.0, 0.5)
+    t, s = tune_threshold(scores, pred, gold, OOS, "max_prob", min_oos_recall=0.5, min_in_scope=0.0)
+    assert (t, s.in_scope_accuracy, s.oos_recall) == (0.56, 0.9, 1.0)
+    # A floor nothing reaches falls back to the recall target alone.
+    t, s = tune_threshold(scores, pred, gold, OOS, "max_prob", min_oos_recall=1.0, min_in_scope=0.95)
+    assert (t, s.oos_recall) == (0.56, 1.0)

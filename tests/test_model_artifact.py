@@ -25,7 +25,9 @@ def test_artifact_contract(card: dict) -> None:
     labels = json.loads((MODEL_DIR / "labels.json").read_text())
     assert len(labels) == 151
     assert card["oos_label"] == "oos"
-    assert 0.0 <= card["oos_threshold"] < 1.0
+    assert card["oos_rule"] in {"max_prob", "energy"}
+    if card["oos_rule"] == "max_prob":
+        assert 0.0 <= card["oos_threshold"] < 1.0
     assert (MODEL_DIR / "model.onnx").stat().st_size <= 25 * 1024 * 1024
     for key in ("version", "metrics", "training", "seed", "versions", "licenses"):
         assert key in card
@@ -60,12 +62,8 @@ def test_served_metrics_are_the_ones_the_card_records(served: dict[str, float], 
     assert served["oos"] >= 0.85  # the threshold's operating point
 
 
-@pytest.mark.xfail(
-    reason="issue 5's accuracy bar is not met yet: the committed 3-layer student serves in-scope 0.940 / "
-    "test-weighted 0.923 on validation (bar 0.95 / 0.935); see the README's stage table",
-    strict=False,
-)
 def test_served_model_meets_the_accuracy_bar(served: dict[str, float]) -> None:
+    """Issue 5's bar, on validation, as the service answers (OOS rule and threshold included)."""
     assert served["in_scope"] >= 0.95
     assert served["oos"] >= 0.85
     assert served["weighted"] >= 0.935
