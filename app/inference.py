@@ -67,16 +67,14 @@ class InferenceQueue:
             self.metrics.in_flight.dec()
 
     def _classify_now(self, text: str, top_k: int) -> Prediction:
+        # Synchronous from check to answer, so no other task can see the queue in between: the pending
+        # count and the idle event need no update.
         m = self.metrics
         m.in_flight.inc()
         m.queue.observe(0.0)
-        self.pending = 1
-        self._idle.clear()
         try:
             pred = self.classifier.predict(text, top_k)
         finally:
-            self.pending = 0
-            self._idle.set()
             m.in_flight.dec()
         self._record(pred)
         return pred
