@@ -65,6 +65,10 @@ def make_student(teacher: Any, layers: list[int]) -> Any:
     return student
 
 
+def freeze_word_embeddings(model: Any) -> None:
+    model.base_model.embeddings.word_embeddings.weight.requires_grad_(False)
+
+
 class DistillationTrainer(Trainer):
     """Trainer whose loss mixes hard labels with the teacher's softened logits (and hidden states)."""
 
@@ -128,7 +132,7 @@ def train_student(
             teacher_logits_cache[key] = logits
     student = make_student(teacher, cfg.layers)
     if cfg.freeze_embeddings:
-        student.base_model.embeddings.word_embeddings.weight.requires_grad_(False)
+        freeze_word_embeddings(student)
     teacher.eval()
     trainer = DistillationTrainer(student, train_cfg, cfg, logits, teacher if cfg.hidden_weight > 0 else None)
     history = trainer.train(encoded)

@@ -17,7 +17,7 @@ from torch import nn
 from compression import checkpoint
 from compression.augment import augment
 from compression.data import Clinc
-from compression.distill import DistillationTrainer, DistillConfig
+from compression.distill import DistillationTrainer, DistillConfig, freeze_word_embeddings
 from compression.provenance import write_run
 from compression.teacher import evaluate, training_split, validation_report
 from compression.training import Encoded, TrainConfig, predict_logits, seed_everything
@@ -107,7 +107,7 @@ def run(
     prune_ffn(model, neuron_importance(model, labelled), cfg.ffn_keep)
     history: list[dict[str, float]] = []
     if cfg.recover_epochs > 0:
-        model.base_model.embeddings.word_embeddings.weight.requires_grad_(False)
+        freeze_word_embeddings(model)
         distill = DistillConfig(alpha=cfg.alpha, temperature=cfg.temperature)
         rcfg = TrainConfig(**{**train_cfg.as_dict(), "epochs": cfg.recover_epochs})
         history = DistillationTrainer(model, rcfg, distill, target_logits).train(encoded)
