@@ -79,41 +79,45 @@ def bench_torch(name: str, ckpt: Path, data: Clinc, texts: list[str], cfg: Bench
 
 
 def bench_onnx(
-    name: str, directory: Path, data: Clinc, texts: list[str], cfg: BenchConfig, runtime: str
+    name: str,
+    directory: Path,
+    data: Clinc,
+    texts: list[str],
+    cfg: BenchConfig,
+    runtime: str,
+    card: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """Tunes its own OOS rule and threshold on validation, or applies the ones a model card fixes."""
+    from compression.metrics import predict_with_rule, score
+
     runner = OnnxClassifier(directory / "model.onnx", directory / "tokenizer.json", threads=1)
     val = data.split("val")
     labels = json.loads((directory / "labels.json").read_text())
-    report = validation_report(runner.logits(val.texts), np.array(val.label_ids(labels)), labels)
+    logits, gold = runner.logits(val.texts), np.array(val.label_ids(labels))
+    report = validation_report(logits, gold, labels)
     row = {"stage": name, "runtime": runtime, "size_mb": (directory / "model.onnx").stat().st_size / 1e6}
     row.update(_percentiles(_time(runner.logits_one, texts, cfg.warmup)))
-    return {**row, **_metrics(report)}
+    row.update(_metrics(report))
+    if card is not None:
+        oos, rule = labels.index(card["oos_label"]), card.get("oos_rule", "max_prob")
+        s = score(predict_with_rule(logits, oos, rule, card["oos_threshold"]), gold, oos)
+        row.update(
+            {
+                "accuracy": s.accuracy,
+                "in_scope_accuracy": s.in_scope_accuracy,
+                "oos_recall": s.oos_recall,
+                "test_weighted_accuracy": s.test_weighted_accuracy,
+                "oos_rule": rule,
+                "oos_threshold": card["oos_threshold"],
+            }
+        )
+    return row
 
 
 def bench_served(directory: Path, data: Clinc, texts: list[str], cfg: BenchConfig) -> dict[str, Any]:
     """The committed artifact with the OOS rule and threshold stored in its card, as the service applies them."""
-    from compression.metrics import predict_with_rule, score
-
     card = json.loads((directory / "card.json").read_text())
-    row = bench_onnx("served (models/clinc150)", directory, data, texts, cfg, "ORT int8")
-    runner = OnnxClassifier(directory / "model.onnx", directory / "tokenizer.json", threads=1)
-    labels = json.loads((directory / "labels.json").read_text())
-    val = data.split("val")
-    oos = labels.index(card["oos_label"])
-    rule = card.get("oos_rule", "max_prob")
-    pred = predict_with_rule(runner.logits(val.texts), oos, rule, card["oos_threshold"])
-    s = score(pred, np.array(val.label_ids(labels)), oos)
-    row.update(
-        {
-            "accuracy": s.accuracy,
-            "in_scope_accuracy": s.in_scope_accuracy,
-            "oos_recall": s.oos_recall,
-            "test_weighted_accuracy": s.test_weighted_accuracy,
-            "oos_rule": rule,
-            "oos_threshold": card["oos_threshold"],
-        }
-    )
-    return row
+    return bench_onnx("served (models/clinc150)", directory, data, texts, cfg, "ORT int8", card)
 
 
 def bench_baseline(texts: list[str], cfg: BenchConfig, tokenizer_dir: Path) -> dict[str, Any]:

@@ -78,6 +78,11 @@ def _grid(scores: np.ndarray, rule: str) -> list[float]:
     return [round(float(t), 2) for t in np.arange(low, high + 0.005, 0.01)]
 
 
+def _meets(s: Scores, min_oos_recall: float, min_in_scope: float) -> tuple[bool, bool]:
+    recall = s.oos_recall >= min_oos_recall - 1e-9
+    return recall and s.in_scope_accuracy >= min_in_scope - 1e-9, recall
+
+
 def tune_threshold(
     scores: np.ndarray,
     pred: np.ndarray,
@@ -91,8 +96,9 @@ def tune_threshold(
     OOS recall target and the in-scope floor; failing that, among those that reach the recall target;
     failing that, the best overall. Ties go to the lowest threshold."""
     scored = [(t, score(np.where(scores < t, oos_index, pred), gold, oos_index)) for t in _grid(scores, rule)]
-    recall_ok = [(t, s) for t, s in scored if s.oos_recall >= min_oos_recall - 1e-9]
-    both_ok = [(t, s) for t, s in recall_ok if s.in_scope_accuracy >= min_in_scope - 1e-9]
+    met = [(t, s, _meets(s, min_oos_recall, min_in_scope)) for t, s in scored]
+    recall_ok = [(t, s) for t, s, (_, recall) in met if recall]
+    both_ok = [(t, s) for t, s, (both, _) in met if both]
     pool = both_ok or recall_ok or scored
     best_t, best = pool[0]
     for t, s in pool[1:]:
@@ -114,11 +120,6 @@ def tune_rule(
         rule: tune_threshold(oos_score(logits, rule), pred, gold, oos_index, rule, min_oos_recall, min_in_scope)
         for rule in OOS_RULES
     }
-
-
-def _meets(s: Scores, min_oos_recall: float, min_in_scope: float) -> tuple[bool, bool]:
-    recall = s.oos_recall >= min_oos_recall - 1e-9
-    return recall and s.in_scope_accuracy >= min_in_scope - 1e-9, recall
 
 
 def best_rule(
