@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     open_paths: list[str] = Field(default_factory=lambda: ["/health", "/ready", "/metrics"])
     cors_origins: list[str] = Field(default_factory=list, description="CORS off unless origins are listed")
 
+    opentelemetry: bool = Field(
+        False, description="FastAPI's native OpenTelemetry spans and metrics; off skips its per-request provider check"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     warmup_queries: int = Field(20, ge=0)
     graceful_timeout_s: int = Field(20, ge=0, description="longest wait for in-flight requests at shutdown")

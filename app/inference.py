@@ -83,7 +83,7 @@ class InferenceQueue:
         m = self.metrics
         m.tokenize.observe(pred.tokenize_s)
         m.inference.observe(pred.inference_s)
-        m.predictions.labels(pred.intent).inc()
+        m.count_prediction(pred.intent)
         if pred.truncated:
             m.truncated.inc()
 

@@ -8,6 +8,7 @@ import signal
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from types import FrameType
 from typing import Any
 
@@ -24,7 +25,7 @@ from app.errors import MethodNotAllowed, NotFound, ServiceError, ValidationFaile
 from app.inference import InferenceQueue
 from app.metrics import Metrics
 from app.middleware import ServiceMiddleware
-from app.routes import router
+from app.routes import predict_one, router
 
 log = logging.getLogger("app")
 WARMUP_TEXTS = (
@@ -139,6 +140,7 @@ def create_app(settings: Settings | None = None, classifier_factory: ClassifierF
         version="1.0.0",
         description=description or "",
         lifespan=_lifespan(classifier_factory or load_onnx_classifier),
+        telemetry=None if settings.opentelemetry else {"tracing": False, "metrics": False, "logs": False},
     )
     app.state.settings = settings
     app.state.metrics = Metrics()
@@ -159,12 +161,15 @@ def create_app(settings: Settings | None = None, classifier_factory: ClassifierF
             allow_headers=["authorization", "content-type", "x-request-id"],
         )
     key = settings.api_key.get_secret_value() if settings.api_key else None
+    # CORS headers come from the middleware inside this one, so with CORS on every route goes through FastAPI.
+    direct = {} if settings.cors_origins else {"/predict": partial(predict_one, app.state)}
     app.add_middleware(
         ServiceMiddleware,
         metrics=app.state.metrics,
         max_body=settings.max_body_bytes,
         api_key=key,
         open_paths=settings.open_paths,
+        direct_posts=direct,
     )
     return app
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
@@ -106,6 +107,25 @@ class Metrics:
         self.tokenize = self.stage.labels("tokenize")
         self.queue = self.stage.labels("queue")
         self.inference = self.stage.labels("inference")
+        # labels() hashes and locks on every call; the label sets here are small and fixed (known
+        # routes, HTTP methods, status codes, the model's intents), so each child is looked up once.
+        self._request_children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        self._intent_children: dict[str, Any] = {}
+
+    def observe_request(self, route: str, method: str, status: str, seconds: float) -> None:
+        key = (route, method, status)
+        children = self._request_children.get(key)
+        if children is None:
+            children = (self.requests.labels(route, method, status), self.latency.labels(route, status))
+            self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def count_prediction(self, intent: str) -> None:
+        child = self._intent_children.get(intent)
+        if child is None:
+            child = self._intent_children[intent] = self.predictions.labels(intent)
+        child.inc()
 
     def exposition(self) -> bytes:
         directory = multiprocess_dir()

@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 import orjson
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ValidationError
+from starlette.datastructures import State
 
 from app import schemas
 from app.classifier import Prediction
@@ -79,18 +80,36 @@ def _prediction(p: Prediction, top_k: int) -> dict[str, Any]:
     return out
 
 
-def _json(content: dict[str, Any], predictions: list[Prediction]) -> Response:
+def _server_timing(predictions: list[Prediction]) -> str:
     inference_ms = sum(p.inference_s for p in predictions) * 1000
     tokenize_ms = sum(p.tokenize_s for p in predictions) * 1000
-    timing = f"tokenize;dur={tokenize_ms:.3f}, inference;dur={inference_ms:.3f}"
-    return Response(orjson.dumps(content), media_type=JSON, headers={"server-timing": timing})
+    return f"tokenize;dur={tokenize_ms:.3f}, inference;dur={inference_ms:.3f}"
 
 
-def _queue(request: Request) -> Any:
-    queue = getattr(request.app.state, "queue", None)
+def _json(content: dict[str, Any], predictions: list[Prediction]) -> Response:
+    return Response(orjson.dumps(content), media_type=JSON, headers={"server-timing": _server_timing(predictions)})
+
+
+def _queue(state: State) -> Any:
+    queue = getattr(state, "queue", None)
     if queue is None:
         raise NotReady("the model is not loaded yet", {"Retry-After": "1"})
     return queue
+
+
+async def predict_one(state: State, body: bytes) -> tuple[bytes, str]:
+    """POST /predict from raw body to (JSON, server-timing). The service middleware calls this
+    directly for the hot route; the FastAPI route below is the same code, and documents it."""
+    settings: Settings = state.settings
+    req = parse(body, schemas.PredictRequest)
+    text = clean_text(req.text, settings)
+    top_k = _top_k(req.top_k, settings)
+    queue = _queue(state)
+    state.metrics.batch_size.observe(1)
+    (pred,) = await queue.submit([text], top_k)
+    content = _prediction(pred, top_k)
+    content["model_version"] = state.model_version
+    return orjson.dumps(content), _server_timing([pred])
 
 
 @router.post(
@@ -101,16 +120,8 @@ def _queue(request: Request) -> Any:
     openapi_extra=_body_doc(schemas.PredictRequest),
 )
 async def predict(request: Request) -> Response:
-    settings: Settings = request.app.state.settings
-    req = parse(await request.body(), schemas.PredictRequest)
-    text = clean_text(req.text, settings)
-    top_k = _top_k(req.top_k, settings)
-    queue = _queue(request)
-    request.app.state.metrics.batch_size.observe(1)
-    (pred,) = await queue.submit([text], top_k)
-    content = _prediction(pred, top_k)
-    content["model_version"] = request.app.state.model_version
-    return _json(content, [pred])
+    content, timing = await predict_one(request.app.state, await request.body())
+    return Response(content, media_type=JSON, headers={"server-timing": timing})
 
 
 @router.post(
@@ -127,7 +138,7 @@ async def predict_batch(request: Request) -> Response:
         raise BatchTooLarge(f"texts has {len(req.texts)} items; the limit is {settings.max_batch}")
     texts = [clean_text(t, settings, f"texts.{i}") for i, t in enumerate(req.texts)]
     top_k = _top_k(req.top_k, settings)
-    queue = _queue(request)
+    queue = _queue(request.app.state)
     request.app.state.metrics.batch_size.observe(len(texts))
     preds = await queue.submit(texts, top_k)
     content = {"predictions": [_prediction(p, top_k) for p in preds], "model_version": request.app.state.model_version}

@@ -60,6 +60,42 @@ def test_bad_single_inputs(client: TestClient, body: bytes, status: int, kind: s
     assert error_of(r) == kind
 
 
+DIRECT_PATH_CASES = [
+    b'{"text": "book a flight to rome"}',
+    b'{"text": "balance please", "top_k": 2}',
+    b'{"text": ""}',
+    b'{"text": 42}',
+    b"{not json",
+    b"\xff\xfe\x00",
+    b'{"text": "' + b"x" * 1001 + b'"}',
+]
+
+
+def test_direct_predict_path_answers_exactly_like_the_fastapi_route() -> None:
+    """With CORS on, POST /predict goes through FastAPI's router; off, the middleware answers it.
+    Both must give the same status, body and headers for the same request."""
+
+    def answers(**settings: object) -> list[tuple[int, bytes, str, bool]]:
+        with make_client(**settings) as c:
+            out = []
+            for body in DIRECT_PATH_CASES:
+                r = c.post("/predict", content=body, headers={"content-type": "application/json"})
+                out.append((r.status_code, r.content, r.headers["content-type"], "x-request-id" in r.headers))
+            return out
+
+    direct = answers()
+    routed = answers(cors_origins=["https://x.example"])
+    assert [a[0] for a in direct] == [200, 200, 422, 422, 400, 400, 422]
+    assert direct == routed
+
+
+def test_cors_headers_on_predict_when_configured() -> None:
+    with make_client(cors_origins=["https://x.example"]) as c:
+        r = c.post("/predict", json={"text": "flight to rome"}, headers={"origin": "https://x.example"})
+        assert r.status_code == 200
+        assert r.headers["access-control-allow-origin"] == "https://x.example"
+
+
 def test_text_over_char_limit(client: TestClient) -> None:
     r = client.post("/predict", json={"text": "a" * 1001})
     assert r.status_code == 422

@@ -75,3 +75,17 @@ def test_stage_means_come_from_histogram_deltas() -> None:
     assert mean_ms(before, after, "inference") == pytest.approx(0.6)
     assert mean_ms(before, before, "inference") is None
     assert mean_ms({}, {("queue", "sum"): 0.0, ("queue", "count"): 10.0}, "queue") == 0.0
+
+
+def test_framework_overhead_benchmark_times_every_case() -> None:
+    import asyncio
+
+    from loadtest.overhead import measure
+
+    results = asyncio.run(measure(n=50, rounds=2))
+    assert set(results) == {
+        "POST /predict, direct path",
+        "POST /predict, FastAPI route (CORS on)",
+        "GET /health, FastAPI route",
+    }
+    assert all(len(v) == 2 and all(x > 0 for x in v) for v in results.values())
