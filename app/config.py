@@ -29,6 +29,12 @@ class Settings(BaseSettings):
         "inline", description="run session.run on the event loop (inline) or on a one-thread executor"
     )
 
+    keep_warm_ms: float = Field(
+        0.0,
+        ge=0,
+        description="when idle this long, run one throw-away query so caches stay warm (0: off); costs CPU when idle",
+    )
+
     max_text_chars: int = Field(1000, ge=1)
     max_batch: int = Field(64, ge=1)
     max_top_k: int = Field(10, ge=1)

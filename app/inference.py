@@ -31,7 +31,14 @@ class _Job:
 
 class InferenceQueue:
     def __init__(
-        self, classifier: Classifier, metrics: Metrics, max_pending: int, retry_after_s: int, mode: str
+        self,
+        classifier: Classifier,
+        metrics: Metrics,
+        max_pending: int,
+        retry_after_s: int,
+        mode: str,
+        keep_warm_s: float = 0.0,
+        warm_texts: tuple[str, ...] = ("what is my account balance",),
     ) -> None:
         self.classifier = classifier
         self.metrics = metrics
@@ -44,9 +51,28 @@ class InferenceQueue:
         self._task: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
+        self.keep_warm_s = keep_warm_s
+        self._warm_texts = warm_texts
+        self._last_inference = time.perf_counter()
+        self._warm_task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._consume(), name="inference-consumer")
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._consume(), name="inference-consumer")
+        if self.keep_warm_s > 0 and self._executor is None:
+            self._warm_task = loop.create_task(self._keep_warm(), name="inference-keep-warm")
+
+    async def _keep_warm(self) -> None:
+        """When no query has run for `keep_warm_s`, run one on a fixed text and drop the answer, so that
+        the model's weights and the code path stay in the CPU's caches between sparse requests."""
+        i = 0
+        while True:
+            await asyncio.sleep(self.keep_warm_s)
+            if self.pending == 0 and time.perf_counter() - self._last_inference >= self.keep_warm_s:
+                self.classifier.predict(self._warm_texts[i % len(self._warm_texts)], 0)
+                self._last_inference = time.perf_counter()
+                self.metrics.keep_warm.inc()
+                i += 1
 
     async def submit(self, texts: list[str], top_k: int) -> list[Prediction]:
         n = len(texts)
@@ -76,6 +102,7 @@ class InferenceQueue:
             pred = self.classifier.predict(text, top_k)
         finally:
             m.in_flight.dec()
+        self._last_inference = time.perf_counter()
         self._record(pred)
         return pred
 
@@ -117,6 +144,7 @@ class InferenceQueue:
                 else:
                     pred = await loop.run_in_executor(self._executor, self.classifier.predict, text, job.top_k)
                 results.append(pred)
+                self._last_inference = time.perf_counter()
                 remaining -= 1
                 self.pending -= 1
                 self._record(pred)
@@ -134,9 +162,10 @@ class InferenceQueue:
         return True
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._warm_task, self._task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._executor is not None:
             self._executor.shutdown(wait=True)

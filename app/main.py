@@ -75,7 +75,15 @@ def _lifespan(factory: ClassifierFactory) -> Callable[[FastAPI], Any]:
         classifier, card = factory(settings)
         for i in range(settings.warmup_queries):
             classifier.predict(WARMUP_TEXTS[i % len(WARMUP_TEXTS)], top_k=3)
-        queue = InferenceQueue(classifier, metrics, settings.max_queue, settings.retry_after_s, settings.inference_mode)
+        queue = InferenceQueue(
+            classifier,
+            metrics,
+            settings.max_queue,
+            settings.retry_after_s,
+            settings.inference_mode,
+            keep_warm_s=settings.keep_warm_ms / 1000,
+            warm_texts=WARMUP_TEXTS,
+        )
         queue.start()
         app.state.queue = queue
         app.state.model_version = classifier.version

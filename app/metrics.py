@@ -95,6 +95,9 @@ class Metrics:
         )
         self.rejected = Counter("intent_rejected", "Requests refused, by reason", ["reason"], registry=r)
         self.predictions = Counter("intent_predictions", "Predicted intents", ["intent"], registry=r)
+        self.keep_warm = Counter(
+            "intent_keep_warm_queries", "Queries run only to keep caches warm (INTENT_KEEP_WARM_MS)", registry=r
+        )
         self.truncated = Counter("intent_truncated_texts", "Texts cut to the model's token window", registry=r)
         self.model_info = Gauge(
             "intent_model_info",

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from loadtest.run import ServerFactory, add_placement_args, measure, placements
+from loadtest.run import ServerFactory, add_keep_warm_arg, add_placement_args, keep_warm_env, measure, placements
 from loadtest.server import ROOT, our_server
 
 OPTIMUM_VENV = ROOT / ".venv-optimum"
@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=int, default=10)
     p.add_argument("--step-seconds", type=int, default=8)
     add_placement_args(p)
+    add_keep_warm_arg(p)
     p.add_argument("--no-optimum", action="store_true", help="skip the Optimum baseline")
     p.add_argument("--out", type=Path, default=ROOT / "reports" / "compare")
     a = p.parse_args(argv)
@@ -138,13 +139,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}:", flush=True)
         out = a.out / name.split(" ")[0].lower()
         results[name] = measure(
-            make, None, out, rates, steps, a.seconds, a.step_seconds, latency, throughput, ready_timeout=300
+            make,
+            None,
+            out,
+            rates,
+            steps,
+            a.seconds,
+            a.step_seconds,
+            latency,
+            throughput,
+            ready_timeout=300,
+            server_env=keep_warm_env(a.keep_warm_ms) if make is our_server else None,
         )
     setup = {
         "latency_phase": latency.describe(),
         "throughput_phase": throughput.describe(),
         "cores": os.cpu_count(),
         "threads_per_worker": 1,
+        "ours_keep_warm_ms": a.keep_warm_ms,
     }
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "compare.json").write_text(json.dumps({"setup": setup, "results": results}, indent=2) + "\n")

@@ -24,8 +24,9 @@ BODY = b'{"text": "book a flight to rome"}'
 
 
 class InstantClassifier:
-    labels = ["book_flight", "oos"]
-    version = "instant"
+    def __init__(self) -> None:
+        self.labels = ["book_flight", "oos"]
+        self.version = "instant"
 
     def predict(self, text: str, top_k: int = 0) -> Prediction:
         return Prediction(intent="book_flight", confidence=0.9)
@@ -35,7 +36,8 @@ class InstantClassifier:
 
 
 def _factory(settings: Settings) -> tuple[InstantClassifier, dict[str, Any]]:
-    return InstantClassifier(), {"version": InstantClassifier.version, "labels": InstantClassifier.labels}
+    clf = InstantClassifier()
+    return clf, {"version": clf.version, "labels": clf.labels}
 
 
 def _scope(method: str, path: str, body: bytes) -> dict[str, Any]:

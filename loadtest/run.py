@@ -214,6 +214,19 @@ def add_placement_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--locust-cpus", default=THROUGHPUT.locust_cpus)
 
 
+def add_keep_warm_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--keep-warm-ms",
+        type=float,
+        default=0.0,
+        help="our server's INTENT_KEEP_WARM_MS (0, the service's default: off); recorded with the results",
+    )
+
+
+def keep_warm_env(ms: float) -> dict[str, str]:
+    return {"INTENT_KEEP_WARM_MS": str(ms)}
+
+
 def placements(a: argparse.Namespace) -> tuple[Placement, Placement]:
     latency = Placement(a.latency_workers, a.latency_server_cpus or None, a.latency_locust_cpus or None)
     return latency, Placement(a.workers, a.server_cpus or None, a.locust_cpus or None)
@@ -228,6 +241,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--step-seconds", type=int, default=10, help="per saturation step")
     add_placement_args(p)
     p.add_argument("--inference-mode", choices=["inline", "thread"], default="inline")
+    add_keep_warm_arg(p)
     p.add_argument("--data", default=None, help="CLINC150 JSON whose validation texts are sent")
     p.add_argument("--out", type=Path, default=ROOT / "reports" / "loadtest")
     return p.parse_args(argv)
@@ -255,9 +269,14 @@ def main(argv: list[str] | None = None) -> int:
         latency,
         throughput,
         data=a.data,
-        server_env={"INTENT_INFERENCE_MODE": a.inference_mode},
+        server_env={"INTENT_INFERENCE_MODE": a.inference_mode, **keep_warm_env(a.keep_warm_ms)},
     )
-    result["setup"] = {"inference_mode": a.inference_mode, "cores": os.cpu_count(), "host": a.host}
+    result["setup"] = {
+        "inference_mode": a.inference_mode,
+        "keep_warm_ms": a.keep_warm_ms,
+        "cores": os.cpu_count(),
+        "host": a.host,
+    }
     (a.out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
     print(table(f"intent service (latency: {latency.describe()}; throughput: {throughput.describe()})", result))
     return 0

@@ -255,7 +255,13 @@ def test_metrics_parse_and_name_every_family(client: TestClient) -> None:
     client.post("/predict/batch", json={"texts": ["balance", "flight"]})
     client.post("/predict", json={"text": ""})
     families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
-    for name in ("intent_requests", "intent_rejected", "intent_predictions", "intent_truncated_texts"):
+    for name in (
+        "intent_requests",
+        "intent_rejected",
+        "intent_predictions",
+        "intent_truncated_texts",
+        "intent_keep_warm_queries",
+    ):
         assert families[name].type == "counter"
     for name in ("intent_request_duration_seconds", "intent_stage_duration_seconds", "intent_batch_size"):
         assert families[name].type == "histogram"

@@ -81,3 +81,50 @@ def test_fast_path_is_off_in_thread_mode_and_limits_still_hold() -> None:
 
     asyncio.run(scenario())
     assert clf.order == ["flight", "balance"]
+
+
+def _keep_warm_count(metrics: Metrics) -> float:
+    return float(metrics.registry.get_sample_value("intent_keep_warm_queries_total") or 0.0)
+
+
+def test_keep_warm_runs_throwaway_queries_only_when_idle() -> None:
+    clf = RecordingClassifier()
+    metrics = Metrics()
+
+    async def scenario() -> None:
+        queue = InferenceQueue(
+            clf, metrics, max_pending=4, retry_after_s=1, mode="inline", keep_warm_s=0.02, warm_texts=("warm",)
+        )
+        queue.start()
+        await asyncio.sleep(0.2)
+        idle_runs = len(clf.order)
+        # Steady traffic, a query every 2 ms: no gap reaches 20 ms, so nothing is thrown away.
+        for _ in range(40):
+            await queue.submit(["flight"], 0)
+            await asyncio.sleep(0.002)
+        busy_runs = clf.order.count("warm") - idle_runs
+        await queue.stop()
+        assert idle_runs >= 3
+        # Ignoring the traffic would have meant 4 or more; allow for one stall of a loaded test machine.
+        assert busy_runs <= 2
+        assert clf.order.count("flight") == 40
+
+    asyncio.run(scenario())
+    assert _keep_warm_count(metrics) == clf.order.count("warm")
+    # Throw-away queries are not counted as predictions or inference time.
+    assert _stage_count(metrics, "inference") == 40.0
+
+
+def test_keep_warm_is_off_by_default() -> None:
+    clf = RecordingClassifier()
+    metrics = Metrics()
+
+    async def scenario() -> None:
+        queue = InferenceQueue(clf, metrics, max_pending=4, retry_after_s=1, mode="inline")
+        queue.start()
+        await asyncio.sleep(0.05)
+        await queue.stop()
+
+    asyncio.run(scenario())
+    assert clf.order == []
+    assert _keep_warm_count(metrics) == 0.0
