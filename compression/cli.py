@@ -16,6 +16,7 @@ from pathlib import Path
 
 from compression import data as data_mod
 from compression.errors import FactoryError
+from compression.metrics import bar_shortfalls
 from compression.training import TrainConfig
 
 log = logging.getLogger("compression")
@@ -211,6 +212,19 @@ class Factory:
         if served is not None and (a.model_dir / "card.json").is_file():
             _store_benchmark_row(a.model_dir, served)
         print(benchmark.markdown(rows))
+        if served is not None:
+            print(_bar_verdict(served, a.model_dir))
+
+
+def _bar_verdict(served: dict[str, object], model_dir: Path) -> str:
+    """Training is noisy near the bar, so a rebuild says plainly whether it cleared it."""
+    missed = bar_shortfalls(served)
+    if not missed:
+        return f"{model_dir} meets the accuracy bar (in-scope, OOS recall, test-weighted) on validation."
+    return (
+        f"warning: {model_dir} is below the accuracy bar on validation: {'; '.join(missed)}. "
+        f"`git checkout -- {model_dir}` restores the committed model."
+    )
 
 
 def _store_benchmark_row(model_dir: Path, row: dict[str, object]) -> None:

@@ -3,7 +3,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from compression.metrics import best_rule, oos_score, predict_with_rule, score, tune_rule, tune_threshold
+from compression.metrics import (
+    bar_shortfalls,
+    best_rule,
+    oos_score,
+    predict_with_rule,
+    score,
+    tune_rule,
+    tune_threshold,
+)
 
 OOS = 2
 
@@ -74,3 +82,11 @@ def test_in_scope_floor_wins_over_a_better_test_weighted_point() -> None:
     # A floor nothing reaches falls back to the recall target alone.
     t, s = tune_threshold(scores, pred, gold, OOS, "max_prob", min_oos_recall=1.0, min_in_scope=0.95)
     assert (t, s.oos_recall) == (0.56, 1.0)
+
+
+def test_bar_shortfalls_name_each_missed_figure() -> None:
+    committed = {"in_scope_accuracy": 0.952, "oos_recall": 0.86, "test_weighted_accuracy": 0.9355}
+    assert bar_shortfalls(committed) == []
+    rebuilt = {"in_scope_accuracy": 0.941, "oos_recall": 0.90, "test_weighted_accuracy": 0.933538}
+    assert bar_shortfalls(rebuilt) == ["in-scope accuracy 0.9410 < 0.95", "test-weighted accuracy 0.9335 < 0.935"]
+    assert bar_shortfalls({**committed, "oos_recall": None}) == ["OOS recall not measured"]
