@@ -184,8 +184,8 @@ def run(
     return rows
 
 
-def _fmt(v: Any, digits: int = 3) -> str:
-    return "n/m" if v is None else f"{v:.{digits}f}"
+def _fmt(v: Any, digits: int = 3, unit: str = "") -> str:
+    return "n/m" if v is None else f"{v:.{digits}f}{unit}"
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -195,7 +195,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     )
     lines = [
         f"| {r['stage']} | {r['runtime']} | {r['size_mb']:.1f} | {r['latency_ms_p50']:.3f} | {r['latency_ms_p99']:.3f} "
-        f"| {r['throughput_qps']:.0f} | {_fmt(r['speedup_vs_baseline'], 1)}x | {_fmt(r['accuracy'])} "
+        f"| {r['throughput_qps']:.0f} | {_fmt(r['speedup_vs_baseline'], 1, 'x')} | {_fmt(r['accuracy'])} "
         f"| {_fmt(r['in_scope_accuracy'])} | {_fmt(r['oos_recall'])} | {_fmt(r['test_weighted_accuracy'])} |"
         for r in rows
     ]
