@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 from app.classifier import Classifier, Prediction
 from app.errors import Overloaded
 from app.metrics import Metrics
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -69,7 +72,11 @@ class InferenceQueue:
         while True:
             await asyncio.sleep(self.keep_warm_s)
             if self.pending == 0 and time.perf_counter() - self._last_inference >= self.keep_warm_s:
-                self.classifier.predict(self._warm_texts[i % len(self._warm_texts)], 0)
+                try:
+                    self.classifier.predict(self._warm_texts[i % len(self._warm_texts)], 0)
+                except Exception as exc:  # noqa: BLE001 - real requests report a faulty classifier themselves
+                    log.warning("keep-warm stopped: the classifier failed", extra={"error_type": type(exc).__name__})
+                    return
                 self._last_inference = time.perf_counter()
                 self.metrics.keep_warm.inc()
                 i += 1

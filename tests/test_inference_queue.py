@@ -128,3 +128,18 @@ def test_keep_warm_is_off_by_default() -> None:
     asyncio.run(scenario())
     assert clf.order == []
     assert _keep_warm_count(metrics) == 0.0
+
+
+def test_keep_warm_stops_quietly_on_a_faulty_classifier() -> None:
+    clf = FakeClassifier(fail=True)
+    metrics = Metrics()
+
+    async def scenario() -> None:
+        queue = InferenceQueue(clf, metrics, max_pending=4, retry_after_s=1, mode="inline", keep_warm_s=0.005)
+        queue.start()
+        await asyncio.sleep(0.05)
+        await queue.stop()  # must not raise the throw-away query's error
+
+    asyncio.run(scenario())
+    assert clf.calls == 1  # tried once, then keep-warm turned itself off
+    assert _keep_warm_count(metrics) == 0.0
