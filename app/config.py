@@ -32,7 +32,7 @@ class Settings(BaseSettings):
     keep_warm_ms: float = Field(
         0.0,
         ge=0,
-        description="inline mode: when idle this long, run one throw-away query so caches stay warm (0: off); costs idle CPU",
+        description="inline mode: after this long idle, run one throw-away query to keep caches warm (0: off); costs CPU",
     )
 
     max_text_chars: int = Field(1000, ge=1)
