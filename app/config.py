@@ -32,7 +32,7 @@ class Settings(BaseSettings):
     keep_warm_ms: float = Field(
         0.0,
         ge=0,
-        description="inline mode: after this long idle, run one throw-away query to keep caches warm (0: off); costs CPU",
+        description="inline mode: after this long idle, run one throw-away query to keep caches warm (0: off)",
     )
 
     max_text_chars: int = Field(1000, ge=1)
