@@ -11,7 +11,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from loadtest.run import ServerFactory, add_keep_warm_arg, add_placement_args, keep_warm_env, measure, placements
+from loadtest.run import (
+    ServerFactory,
+    add_keep_warm_arg,
+    add_placement_args,
+    keep_warm_env,
+    measure,
+    scenario_from_args,
+)
 from loadtest.server import ROOT, our_server
 
 OPTIMUM_VENV = ROOT / ".venv-optimum"
@@ -131,9 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     include_optimum = not a.no_optimum and (OPTIMUM_VENV / "bin" / "python").exists()
-    rates = [float(x) for x in a.rates.split(",")]
-    steps = [int(x) for x in a.steps.split(",")]
-    latency, throughput = placements(a)
+    scenario = scenario_from_args(a)
     results: dict[str, dict[str, Any]] = {}
     for name, make in servers(include_optimum):
         print(f"{name}:", flush=True)
@@ -142,25 +147,20 @@ def main(argv: list[str] | None = None) -> int:
             make,
             None,
             out,
-            rates,
-            steps,
-            a.seconds,
-            a.step_seconds,
-            latency,
-            throughput,
+            scenario,
             ready_timeout=300,
             server_env=keep_warm_env(a.keep_warm_ms) if make is our_server else None,
         )
     setup = {
-        "latency_phase": latency.describe(),
-        "throughput_phase": throughput.describe(),
+        "latency_phase": scenario.latency.describe(),
+        "throughput_phase": scenario.throughput.describe(),
         "cores": os.cpu_count(),
         "threads_per_worker": 1,
         "ours_keep_warm_ms": a.keep_warm_ms,
     }
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "compare.json").write_text(json.dumps({"setup": setup, "results": results}, indent=2) + "\n")
-    table = markdown(results, rates)
+    table = markdown(results, scenario.rates)
     (a.out / "compare.md").write_text(table)
     plot(results, a.out / "latency_throughput.png")
     print(f"\nsetup: {setup}\n")

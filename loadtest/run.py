@@ -143,22 +143,30 @@ def saturation(
     return results, summary
 
 
+@dataclass(frozen=True)
+class Scenario:
+    """The load both `make loadtest` and `make compare` apply: open-loop rates, then closed-loop steps."""
+
+    rates: list[float]
+    steps: list[int]
+    seconds: int  # per open-loop rate
+    step_seconds: int  # per saturation step
+    latency: Placement
+    throughput: Placement
+
+
 def measure(
     make_server: ServerFactory | None,
     host: str | None,
     out: Path,
-    rates: list[float],
-    steps: list[int],
-    seconds: int,
-    step_seconds: int,
-    latency: Placement,
-    throughput: Placement,
+    scenario: Scenario,
     data: str | None = None,
     server_env: dict[str, str] | None = None,
     ready_timeout: float = 120.0,
 ) -> dict[str, Any]:
     """The open-loop rates under the latency placement, then the saturation steps under the throughput
     placement; a fresh server for each phase, unless `host` names one already running."""
+    latency, throughput = scenario.latency, scenario.throughput
 
     @contextmanager
     def server(placement: Placement, log: Path) -> Iterator[str]:
@@ -174,10 +182,10 @@ def measure(
     out.mkdir(parents=True, exist_ok=True)
     print(f"  latency phase: {latency.describe()}", flush=True)
     with server(latency, out / "server_latency.log") as url:
-        open_results = open_loop(url, out, rates, seconds, latency.locust_cpus, data)
+        open_results = open_loop(url, out, scenario.rates, scenario.seconds, latency.locust_cpus, data)
     print(f"  throughput phase: {throughput.describe()}", flush=True)
     with server(throughput, out / "server_throughput.log") as url:
-        steps_results, best = saturation(url, out, steps, step_seconds, throughput.locust_cpus, data)
+        steps_results, best = saturation(url, out, scenario.steps, scenario.step_seconds, throughput.locust_cpus, data)
     return {
         "open_loop": open_results,
         "saturation_steps": steps_results,
@@ -227,9 +235,15 @@ def keep_warm_env(ms: float) -> dict[str, str]:
     return {"INTENT_KEEP_WARM_MS": str(ms)}
 
 
-def placements(a: argparse.Namespace) -> tuple[Placement, Placement]:
-    latency = Placement(a.latency_workers, a.latency_server_cpus or None, a.latency_locust_cpus or None)
-    return latency, Placement(a.workers, a.server_cpus or None, a.locust_cpus or None)
+def scenario_from_args(a: argparse.Namespace) -> Scenario:
+    return Scenario(
+        rates=[float(x) for x in a.rates.split(",") if x],
+        steps=[int(x) for x in a.steps.split(",") if x],
+        seconds=a.seconds,
+        step_seconds=a.step_seconds,
+        latency=Placement(a.latency_workers, a.latency_server_cpus or None, a.latency_locust_cpus or None),
+        throughput=Placement(a.workers, a.server_cpus or None, a.locust_cpus or None),
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -249,9 +263,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    rates = [float(x) for x in a.rates.split(",") if x]
-    steps = [int(x) for x in a.steps.split(",") if x]
-    latency, throughput = placements(a)
+    scenario = scenario_from_args(a)
     if a.host:
         from urllib.parse import urlparse
 
@@ -262,12 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         None if a.host else our_server,
         a.host,
         a.out,
-        rates,
-        steps,
-        a.seconds,
-        a.step_seconds,
-        latency,
-        throughput,
+        scenario,
         data=a.data,
         server_env={"INTENT_INFERENCE_MODE": a.inference_mode, **keep_warm_env(a.keep_warm_ms)},
     )
@@ -278,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         "host": a.host,
     }
     (a.out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(table(f"intent service (latency: {latency.describe()}; throughput: {throughput.describe()})", result))
+    latency, throughput = scenario.latency.describe(), scenario.throughput.describe()
+    print(table(f"intent service (latency: {latency}; throughput: {throughput})", result))
     return 0
 
 
