@@ -109,11 +109,12 @@ class InferenceQueue:
             pred = self.classifier.predict(text, top_k)
         finally:
             m.in_flight.dec()
-        self._last_inference = time.perf_counter()
         self._record(pred)
         return pred
 
     def _record(self, pred: Prediction) -> None:
+        """After every real query: its metrics, and the time keep-warm measures idleness from."""
+        self._last_inference = time.perf_counter()
         m = self.metrics
         m.tokenize.observe(pred.tokenize_s)
         m.inference.observe(pred.inference_s)
@@ -151,7 +152,6 @@ class InferenceQueue:
                 else:
                     pred = await loop.run_in_executor(self._executor, self.classifier.predict, text, job.top_k)
                 results.append(pred)
-                self._last_inference = time.perf_counter()
                 remaining -= 1
                 self.pending -= 1
                 self._record(pred)
