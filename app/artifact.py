@@ -36,6 +36,11 @@ class Artifact:
     def oos_rule(self) -> str:
         return str(self.card.get("oos_rule", "max_prob"))
 
+    @property
+    def ort_disabled_optimizers(self) -> list[str]:
+        """ORT graph rewrites the factory measured as slower for this model; older cards name none."""
+        return list(self.card.get("ort_disabled_optimizers", []))
+
 
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
@@ -80,7 +85,14 @@ def load_artifact(directory: Path, verify: bool = True) -> Artifact:
     if artifact.oos_label not in labels:
         raise ModelLoadError(f"the OOS label '{artifact.oos_label}' is not in labels.json")
     _check_oos_rule(artifact)
+    _check_disabled_optimizers(card)
     return artifact
+
+
+def _check_disabled_optimizers(card: dict[str, Any]) -> None:
+    names = card.get("ort_disabled_optimizers", [])
+    if not isinstance(names, list) or not all(isinstance(n, str) and n.isidentifier() for n in names):
+        raise ModelLoadError("ort_disabled_optimizers must be a list of ONNX Runtime optimizer names")
 
 
 # The scores the card's OOS threshold can apply to, and the thresholds that make sense for each.

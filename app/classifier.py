@@ -64,6 +64,7 @@ class OnnxClassifier:
                 str(directory / "model.onnx"),
                 session_options(intra_threads, inter_threads),
                 providers=["CPUExecutionProvider"],
+                disabled_optimizers=artifact.ort_disabled_optimizers,
             )
         except Exception as exc:  # noqa: BLE001 - ORT raises its own untyped errors for a bad model file
             raise ModelLoadError(f"unloadable model.onnx: {str(exc).splitlines()[0][:200]}") from None

@@ -10,6 +10,7 @@ from typing import Any
 
 from compression.data import OOS, sha256_file
 from compression.errors import FactoryError
+from compression.onnx_runner import DISABLED_OPTIMIZERS
 from compression.provenance import git_commit, read_run, versions
 
 FILES = ("model.onnx", "tokenizer.json", "labels.json")
@@ -61,6 +62,8 @@ def write(
         "files": files,
         "inputs": ["input_ids", "attention_mask"],
         "output": "logits",
+        # The session settings the latency figures below were measured with; the service applies them.
+        "ort_disabled_optimizers": list(DISABLED_OPTIMIZERS),
         "max_length": max_length,
         "num_labels": len(labels),
         "oos_label": OOS,

@@ -58,7 +58,7 @@ def _options() -> argparse.ArgumentParser:
     g.add_argument("--trial-epochs", type=float, default=1.0)
     g.add_argument("--trial-subset", type=int, default=4000)
     g = p.add_argument_group("pruning, quantisation, benchmark")
-    g.add_argument("--ffn-keep", type=float, default=0.5, help="share of FFN neurons kept (1.0: no pruning)")
+    g.add_argument("--ffn-keep", type=float, default=0.75, help="share of FFN neurons kept (1.0: no pruning)")
     g.add_argument("--recover-epochs", type=float, default=7.0, help="distillation epochs after pruning")
     g.add_argument("--recover-lr", type=float, default=1.5e-4)
     g.add_argument("--recover-copies", type=int, default=3, help="fresh perturbed copies per query for recovery")

@@ -78,10 +78,22 @@ def export_onnx(model: Any, tokenizer: Any, path: Path) -> None:
 
 
 def fuse(raw: Path, out: Path, num_heads: int, hidden_size: int) -> dict[str, int]:
-    """ORT's BERT fusions (attention, skip-layernorm, bias-gelu, embed-layernorm), saved as a new graph."""
+    """ORT's BERT fusions (attention, bias-gelu, embed-layernorm), saved as a new graph. Skip-layernorm is
+    left out: on CPU it is slower than the ops it replaces (see onnx_runner.DISABLED_OPTIMIZERS)."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
-    optimized = optimize_model(str(raw), model_type="bert", num_heads=num_heads, hidden_size=hidden_size, opt_level=1)
+    options = FusionOptions("bert")
+    options.enable_skip_layer_norm = False
+    options.enable_bias_skip_layer_norm = False
+    optimized = optimize_model(
+        str(raw),
+        model_type="bert",
+        num_heads=num_heads,
+        hidden_size=hidden_size,
+        opt_level=1,
+        optimization_options=options,
+    )
     optimized.save_model_to_file(str(out))
     counts: dict[str, int] = optimized.get_fused_operator_statistics()
     return counts

@@ -9,6 +9,11 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+# ORT graph rewrites left out when a session loads a model. SkipLayerNormalization's CPU kernel (ORT 1.32)
+# takes about 1.8 us per token against 0.3 us for the Add + LayerNormalization it replaces: about a fifth of
+# a query for this model. The export leaves that fusion out and the card tells the service to do the same.
+DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
+
 
 def session(path: Path, threads: int = 1) -> ort.InferenceSession:
     opts = ort.SessionOptions()
@@ -17,7 +22,9 @@ def session(path: Path, threads: int = 1) -> ort.InferenceSession:
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        str(path), opts, providers=["CPUExecutionProvider"], disabled_optimizers=list(DISABLED_OPTIMIZERS)
+    )
 
 
 class OnnxClassifier:

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PruneConfig:
-    ffn_keep: float = 0.5  # share of FFN neurons kept in every layer
+    ffn_keep: float = 0.75  # share of FFN neurons kept in every layer
     recover_epochs: float = 1.0  # distillation from the unpruned model afterwards
     wiki_path: str = "../shared/data/clinc150/wiki_sents.txt"
     wiki_oos: int = 2000

@@ -158,6 +158,22 @@ def test_bad_oos_rule_refuses_to_start(model_copy: Path, fields: dict[str, objec
         _start(model_copy)
 
 
+@pytest.mark.parametrize("value", ["SkipLayerNormFusion", ["Skip LayerNorm"], [3]])
+def test_bad_disabled_optimizers_refuse_to_start(model_copy: Path, value: object) -> None:
+    _set_card(model_copy, ort_disabled_optimizers=value)
+    with pytest.raises(ModelLoadError, match="ort_disabled_optimizers must be a list of ONNX Runtime optimizer names"):
+        _start(model_copy)
+
+
+def test_card_without_disabled_optimizers_still_serves(model_copy: Path) -> None:
+    """Cards written before the field existed mean 'disable nothing'."""
+    card = json.loads((model_copy / "card.json").read_text())
+    card.pop("ort_disabled_optimizers", None)
+    (model_copy / "card.json").write_text(json.dumps(card))
+    assert load_artifact(model_copy).ort_disabled_optimizers == []
+    assert OnnxClassifier(load_artifact(model_copy), 1, 1).predict("book a flight to paris").intent == "book_flight"
+
+
 def test_energy_rule_thresholds_log_sum_exp_of_the_logits(model_copy: Path) -> None:
     text = "Hey, I'd like to rent a vehicle from Nov 1st to Nov 15th in Paris"
     probe = OnnxClassifier(load_artifact(model_copy), 1, 1)

@@ -90,7 +90,10 @@ def test_pipeline_end_to_end_on_tiny_model(tiny_pretrained: Path, tmp_path: Path
     onnx_run = json.loads((art / "onnx" / "run.json").read_text())
     assert onnx_run["metrics"]["parity_max_abs_diff"] < 1e-3
     assert onnx_run["metrics"]["fused_operators"].get("Attention") == 2
+    # Skip-layernorm stays unfused (slower on CPU), and the card tells the service to keep it so.
+    assert "SkipLayerNormalization" not in onnx_run["metrics"]["fused_operators"]
     card = json.loads((model_dir / "card.json").read_text())
+    assert card["ort_disabled_optimizers"] == ["SkipLayerNormFusion"]
     assert set(card["files"]) == {"model.onnx", "tokenizer.json", "labels.json"}
     assert len(json.loads((model_dir / "labels.json").read_text())) == 151
     bench = json.loads((reports / "benchmark.json").read_text())
