@@ -11,10 +11,10 @@ import uvicorn
 from pydantic import ValidationError
 
 from app.artifact import load_artifact
-from app.classifier import OnnxClassifier
 from app.config import Settings
 from app.errors import ModelLoadError
 from app.logs import configure_logging
+from app.runtime import OnnxClassifier
 
 
 def main() -> int:

@@ -118,7 +118,7 @@ class InferenceQueue:
         m = self.metrics
         m.tokenize.observe(pred.tokenize_s)
         m.inference.observe(pred.inference_s)
-        m.count_prediction(pred.intent)
+        m.count_prediction(pred.intent, pred.stage)
         if pred.truncated:
             m.truncated.inc()
 

@@ -18,14 +18,16 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import __doc__ as description
+from app import cpu
 from app.artifact import load_artifact
-from app.classifier import Classifier, OnnxClassifier
+from app.classifier import Classifier
 from app.config import Settings
 from app.errors import MethodNotAllowed, NotFound, ServiceError, ValidationFailed, error_body
 from app.inference import InferenceQueue
 from app.metrics import Metrics
 from app.middleware import ServiceMiddleware
 from app.routes import predict_one, router
+from app.runtime import OnnxClassifier
 
 log = logging.getLogger("app")
 WARMUP_TEXTS = (
@@ -42,7 +44,16 @@ ClassifierFactory = Callable[[Settings], tuple[Classifier, dict[str, Any]]]
 def load_onnx_classifier(settings: Settings) -> tuple[Classifier, dict[str, Any]]:
     artifact = load_artifact(settings.model_dir, verify=settings.verify_sha256)
     classifier = OnnxClassifier(artifact, settings.ort_intra_threads, settings.ort_inter_threads)
-    return classifier, {**artifact.card, "labels": artifact.labels}
+    card = artifact.card.model_dump(mode="json")
+    if artifact.card.cascade is not None:
+        # What start-up chose for this CPU, so that /model and the metrics say which settings serve.
+        card["serving"] = {
+            "variant": classifier.variant_name,
+            "cascade_threshold": classifier.cascade_threshold,
+            "cpu": cpu.current().describe(),
+        }
+        log.info("variant", extra=card["serving"])
+    return classifier, {**card, "labels": artifact.labels}
 
 
 def _install_drain_on_sigterm(app: FastAPI, delay: float) -> None:
@@ -88,9 +99,10 @@ def _lifespan(factory: ClassifierFactory) -> Callable[[FastAPI], Any]:
         app.state.queue = queue
         app.state.model_version = classifier.version
         app.state.card_json = orjson.dumps(card)
-        metrics.model_info.labels(classifier.version, str(card.get("name", "")), str(card.get("quantization", ""))).set(
-            1
-        )
+        variant = str(card.get("serving", {}).get("variant", "default"))
+        metrics.model_info.labels(
+            classifier.version, str(card.get("name", "")), str(card.get("quantization", "")), variant
+        ).set(1)
         metrics.ready.set(1)
         app.state.ready = True
         _install_drain_on_sigterm(app, settings.shutdown_delay_s)

@@ -95,14 +95,17 @@ class Metrics:
         )
         self.rejected = Counter("intent_rejected", "Requests refused, by reason", ["reason"], registry=r)
         self.predictions = Counter("intent_predictions", "Predicted intents", ["intent"], registry=r)
+        self.answered_by = Counter(
+            "intent_answered_by", "Queries by the model of the served path that answered them", ["stage"], registry=r
+        )
         self.keep_warm = Counter(
             "intent_keep_warm_queries", "Queries run only to keep caches warm (INTENT_KEEP_WARM_MS)", registry=r
         )
         self.truncated = Counter("intent_truncated_texts", "Texts cut to the model's token window", registry=r)
         self.model_info = Gauge(
             "intent_model_info",
-            "The served model",
-            ["version", "name", "quantization"],
+            "The served model, and the variant that start-up chose for this CPU",
+            ["version", "name", "quantization", "variant"],
             registry=r,
             multiprocess_mode="max",
         )
@@ -114,6 +117,7 @@ class Metrics:
         # routes, HTTP methods, status codes, the model's intents), so each child is looked up once.
         self._request_children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
         self._intent_children: dict[str, Any] = {}
+        self._stage_children = {stage: self.answered_by.labels(stage) for stage in ("first", "transformer")}
 
     def observe_request(self, route: str, method: str, status: str, seconds: float) -> None:
         key = (route, method, status)
@@ -124,11 +128,12 @@ class Metrics:
         children[0].inc()
         children[1].observe(seconds)
 
-    def count_prediction(self, intent: str) -> None:
+    def count_prediction(self, intent: str, stage: str = "transformer") -> None:
         child = self._intent_children.get(intent)
         if child is None:
             child = self._intent_children[intent] = self.predictions.labels(intent)
         child.inc()
+        self._stage_children[stage].inc()
 
     def exposition(self) -> bytes:
         directory = multiprocess_dir()

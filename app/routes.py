@@ -165,7 +165,7 @@ async def ready(request: Request) -> Response:
 @router.get(
     "/model",
     summary="The model card: version, labels, metrics, sha256",
-    response_model=schemas.ModelCard,
+    response_model=schemas.ModelCardResponse,
     responses=_errors(503),
 )
 async def model(request: Request) -> Response:

@@ -6,6 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
+from app.card import ModelCard
+
 
 class PredictRequest(BaseModel):
     model_config = ConfigDict(
@@ -46,11 +48,8 @@ class Status(BaseModel):
     status: str
 
 
-class ModelCard(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    version: str
+class ModelCardResponse(ModelCard):
+    """GET /model: the artifact's card, its labels, and what start-up chose for this CPU."""
+
     labels: list[str]
-    oos_rule: str = "max_prob"
-    oos_threshold: float
-    files: dict[str, Any]
-    metrics: dict[str, Any]
+    serving: dict[str, Any] | None = None

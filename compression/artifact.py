@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
+from app.card import CARD_SCHEMA_VERSION, CORE_FILES, LABELS_FILE, ModelCard
 from compression.data import OOS, sha256_file
 from compression.errors import FactoryError
 from compression.onnx_runner import DISABLED_OPTIMIZERS
 from compression.provenance import git_commit, read_run, versions
+from compression.static import MODEL_FILE as STATIC_FILE
 
-FILES = ("model.onnx", "tokenizer.json", "labels.json")
 LICENSES = {
     "data": {
         "name": "CLINC150 (oos-eval), 'plus' configuration",
@@ -37,57 +39,133 @@ def write(
     seed: int,
     max_length: int,
     benchmark_row: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    for name in FILES:
+    static_dir: Path | None = None,
+) -> ModelCard:
+    """Copy the served files to `dest` and write their card, validated by the service's own schema."""
+    for name in CORE_FILES:
         if not (quantized_dir / name).is_file():
             raise FactoryError(f"missing {quantized_dir / name} (run the quantize stage first)")
     quant = read_run(quantized_dir)
     metrics = quant.get("metrics", {})
-    labels = json.loads((quantized_dir / "labels.json").read_text())
+    labels = json.loads((quantized_dir / LABELS_FILE).read_text())
     if OOS not in labels:
         raise FactoryError("labels.json has no 'oos' label")
     dest.mkdir(parents=True, exist_ok=True)
-    for name in FILES:
-        shutil.copy(quantized_dir / name, dest / name)
-    files: dict[str, dict[str, Any]] = {
-        name: {"sha256": sha256_file(dest / name), "bytes": (dest / name).stat().st_size} for name in FILES
-    }
+    sources = {name: quantized_dir / name for name in CORE_FILES}
+    cascade: dict[str, Any] | None = None
+    validation = metrics.get("thresholded", {})
+    if static_dir is not None and (static_dir / STATIC_FILE).is_file():
+        static = read_run(static_dir).get("metrics", {})
+        sources[STATIC_FILE] = static_dir / STATIC_FILE
+        cascade = _cascade_entry(static)
+        validation = static.get("cascade", validation)
+    else:
+        (dest / STATIC_FILE).unlink(missing_ok=True)  # a stale first stage must not outlive its card
+    for name, src in sources.items():
+        shutil.copy(src, dest / name)
+    files = {name: {"sha256": sha256_file(dest / name), "bytes": (dest / name).stat().st_size} for name in sources}
     training = {stage: read_run(d).get("config", {}) for stage, d in stage_dirs.items()}
     stage_metrics = {stage: read_run(d).get("metrics", {}) for stage, d in stage_dirs.items()}
-    card: dict[str, Any] = {
-        "name": "clinc150-intent",
-        "version": f"{time.strftime('%Y.%m.%d')}-{files['model.onnx']['sha256'][:8]}",
+    digest = _version_digest({name: str(entry["sha256"]) for name, entry in files.items()})
+    card = ModelCard.model_validate(
+        {
+            "schema_version": CARD_SCHEMA_VERSION,
+            "name": "clinc150-intent",
+            "version": f"{time.strftime('%Y.%m.%d')}-{digest[:8]}",
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "git_commit": git_commit(),
+            "files": files,
+            "inputs": ["input_ids", "attention_mask"],
+            "output": "logits",
+            # The session settings the latency figures below were measured with; the service applies them.
+            "ort_disabled_optimizers": list(DISABLED_OPTIMIZERS),
+            "max_length": max_length,
+            "num_labels": len(labels),
+            "oos_label": OOS,
+            "oos_rule": metrics.get("oos_rule", "max_prob"),
+            "oos_threshold": metrics.get("oos_threshold", 0.0),
+            "quantization": metrics.get("chosen"),
+            "cascade": cascade,
+            "metrics": {
+                "validation": validation,
+                "validation_transformer": metrics.get("thresholded", {}),
+                "validation_argmax": metrics.get("argmax", {}),
+                "stages": {
+                    k: {
+                        "oos_rule": v.get("oos_rule", "max_prob"),
+                        "thresholded": v.get("thresholded") or v.get("cascade"),
+                        "argmax": v.get("argmax") or v.get("first_stage_argmax"),
+                    }
+                    for k, v in stage_metrics.items()
+                },
+            },
+            "benchmark": benchmark_row or {},
+            "training": training,
+            "seed": seed,
+            "versions": versions(),
+            "licenses": LICENSES,
+        }
+    )
+    (dest / "card.json").write_text(card.model_dump_json(indent=2, exclude_none=True) + "\n")
+    return card
+
+
+def _version_digest(sha256s: dict[str, str]) -> str:
+    """One hash over every served file, so that the version changes when any of them does."""
+    return hashlib.sha256("".join(sha256s[n] for n in sorted(sha256s)).encode()).hexdigest()
+
+
+def _cascade_entry(static: dict[str, Any]) -> dict[str, Any]:
+    """The card's cascade section from the static stage's run record."""
+    return {
+        "model": STATIC_FILE,
+        "kind": "embedding_bag",
+        "threshold": static["cascade_threshold"],
+        "macs_per_token": static.get("macs_per_token"),
+        "macs_fixed": static.get("macs_fixed"),
+        "first_stage_share": static.get("first_stage_share"),
+        "cross_fit": static.get("cross_fit"),
+    }
+
+
+def attach_first_stage(model_dir: Path, static_dir: Path) -> ModelCard:
+    """Add a trained first stage to an existing artifact, whose transformer files stay byte for byte as they
+    are: the cascade's file, sha256 and threshold go into the card, and the validation figures become the
+    cascade's. For upgrading a served model without retraining its transformer."""
+    from app.artifact import read_card
+
+    old = read_card(model_dir)
+    static = read_run(static_dir).get("metrics", {})
+    if not (static_dir / STATIC_FILE).is_file() or "cascade_threshold" not in static:
+        raise FactoryError(f"no trained first stage in {static_dir} (run the static stage first)")
+    shutil.copy(static_dir / STATIC_FILE, model_dir / STATIC_FILE)
+    files = {n: e.model_dump() for n, e in old.files.items()}
+    files[STATIC_FILE] = {
+        "sha256": sha256_file(model_dir / STATIC_FILE),
+        "bytes": (model_dir / STATIC_FILE).stat().st_size,
+    }
+    digest = _version_digest({name: str(entry["sha256"]) for name, entry in files.items()})
+    raw = old.model_dump(mode="json", exclude_none=True)
+    metrics = dict(raw.get("metrics", {}))
+    metrics["validation_transformer"] = metrics.get("validation_transformer", metrics.get("validation", {}))
+    metrics["validation"] = static["cascade"]
+    metrics.setdefault("stages", {})["static"] = {
+        "argmax": static.get("first_stage_argmax"),
+        "thresholded": static["cascade"],
+    }
+    raw.update(
+        schema_version=CARD_SCHEMA_VERSION,
+        version=f"{time.strftime('%Y.%m.%d')}-{digest[:8]}",
+        files=files,
+        cascade=_cascade_entry(static),
+        metrics=metrics,
+        benchmark={},  # measured again by the bench stage, for the cascade
+    )
+    raw.setdefault("training", {})["static"] = read_run(static_dir).get("config", {})
+    raw["first_stage_added"] = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "git_commit": git_commit(),
-        "files": files,
-        "inputs": ["input_ids", "attention_mask"],
-        "output": "logits",
-        # The session settings the latency figures below were measured with; the service applies them.
-        "ort_disabled_optimizers": list(DISABLED_OPTIMIZERS),
-        "max_length": max_length,
-        "num_labels": len(labels),
-        "oos_label": OOS,
-        # Older stage runs recorded only a max-probability threshold.
-        "oos_rule": metrics.get("oos_rule", "max_prob"),
-        "oos_threshold": metrics.get("oos_threshold", 0.0),
-        "quantization": metrics.get("chosen"),
-        "metrics": {
-            "validation": metrics.get("thresholded", {}),
-            "validation_argmax": metrics.get("argmax", {}),
-            "stages": {
-                k: {
-                    "oos_rule": v.get("oos_rule", "max_prob"),
-                    "thresholded": v.get("thresholded"),
-                    "argmax": v.get("argmax"),
-                }
-                for k, v in stage_metrics.items()
-            },
-        },
-        "benchmark": benchmark_row or {},
-        "training": training,
-        "seed": seed,
-        "versions": versions(),
-        "licenses": LICENSES,
     }
-    (dest / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    card = ModelCard.model_validate(raw)
+    (model_dir / "card.json").write_text(card.model_dump_json(indent=2, exclude_none=True) + "\n")
     return card

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from compression.data import Clinc
-from compression.onnx_runner import OnnxClassifier
+from compression.onnx_runner import OnnxStage, latencies_ms
 from compression.teacher import validation_report
 
 log = logging.getLogger(__name__)
@@ -39,17 +37,6 @@ def _percentiles(times_ms: np.ndarray) -> dict[str, float]:
         "latency_ms_p99": float(np.percentile(times_ms, 99)),
         "throughput_qps": float(1000.0 / times_ms.mean()),
     }
-
-
-def _time(fn: Callable[[str], object], texts: list[str], warmup: int) -> np.ndarray:
-    for t in texts[:warmup]:
-        fn(t)
-    times = np.empty(len(texts))
-    for i, t in enumerate(texts):
-        start = time.perf_counter()
-        fn(t)
-        times[i] = (time.perf_counter() - start) * 1000
-    return times
 
 
 def _dir_mb(path: Path, pattern: str) -> float:
@@ -74,50 +61,59 @@ def bench_torch(name: str, ckpt: Path, data: Clinc, texts: list[str], cfg: Bench
         return model(**tokenizer(text, return_tensors="pt", truncation=True, max_length=64)).logits
 
     row = {"stage": name, "runtime": "PyTorch fp32", "size_mb": _dir_mb(ckpt, "*.safetensors")}
-    row.update(_percentiles(_time(one, texts, cfg.warmup)))
+    row.update(_percentiles(latencies_ms(one, texts, cfg.warmup)))
     return {**row, **_metrics(report), "layers": model.config.num_hidden_layers, "ffn": model.config.intermediate_size}
 
 
 def bench_onnx(
-    name: str,
-    directory: Path,
-    data: Clinc,
-    texts: list[str],
-    cfg: BenchConfig,
-    runtime: str,
-    card: dict[str, Any] | None = None,
+    name: str, directory: Path, data: Clinc, texts: list[str], cfg: BenchConfig, runtime: str
 ) -> dict[str, Any]:
-    """Tunes its own OOS rule and threshold on validation, or applies the ones a model card fixes."""
-    from compression.metrics import predict_with_rule, score
-
-    runner = OnnxClassifier(directory / "model.onnx", directory / "tokenizer.json", threads=1)
+    """An intermediate stage's ONNX model, with its own OOS rule and threshold tuned on validation."""
+    runner = OnnxStage(directory / "model.onnx", directory / "tokenizer.json", threads=1)
     val = data.split("val")
     labels = json.loads((directory / "labels.json").read_text())
-    logits, gold = runner.logits(val.texts), np.array(val.label_ids(labels))
-    report = validation_report(logits, gold, labels)
+    report = validation_report(runner.logits(val.texts), np.array(val.label_ids(labels)), labels)
     row = {"stage": name, "runtime": runtime, "size_mb": (directory / "model.onnx").stat().st_size / 1e6}
-    row.update(_percentiles(_time(runner.logits_one, texts, cfg.warmup)))
-    row.update(_metrics(report))
-    if card is not None:
-        oos, rule = labels.index(card["oos_label"]), card.get("oos_rule", "max_prob")
-        s = score(predict_with_rule(logits, oos, rule, card["oos_threshold"]), gold, oos)
-        row.update(
-            {
-                "accuracy": s.accuracy,
-                "in_scope_accuracy": s.in_scope_accuracy,
-                "oos_recall": s.oos_recall,
-                "test_weighted_accuracy": s.test_weighted_accuracy,
-                "oos_rule": rule,
-                "oos_threshold": card["oos_threshold"],
-            }
-        )
-    return row
+    row.update(_percentiles(latencies_ms(runner.logits_one, texts, cfg.warmup)))
+    return {**row, **_metrics(report)}
 
 
-def bench_served(directory: Path, data: Clinc, texts: list[str], cfg: BenchConfig) -> dict[str, Any]:
-    """The committed artifact with the OOS rule and threshold stored in its card, as the service applies them."""
-    card = json.loads((directory / "card.json").read_text())
-    return bench_onnx("served (models/clinc150)", directory, data, texts, cfg, "ORT int8", card)
+def bench_served(directory: Path, data: Clinc, cfg: BenchConfig) -> dict[str, Any]:
+    """The artifact through app.runtime, exactly as the service runs it: the card's cascade, OOS rule and
+    threshold, and latency as tokenise + inference, one query at a time, over every validation query."""
+    from app.artifact import load_artifact
+    from app.runtime import OnnxClassifier
+    from compression.metrics import score
+
+    artifact = load_artifact(directory)
+    served = OnnxClassifier(artifact)
+    val = data.split("val")
+    gold = np.array(val.label_ids(artifact.labels))
+    decision, answered = served.decisions(served.stage_logits(val.texts))
+
+    s = score(decision.pred, gold, artifact.oos_index)
+    files = artifact.card.served_files
+    row = {
+        "stage": f"served ({directory})",
+        "runtime": ("ORT int8" if artifact.card.quantization else "ORT fp32") + (" cascade" if served.first else ""),
+        "size_mb": sum((directory / f).stat().st_size for f in files if f.endswith(".onnx")) / 1e6,
+    }
+    times = latencies_ms(served.predict, val.texts, cfg.warmup)
+    row.update(_percentiles(times))
+    row["latency_ms_mean"] = float(times.mean())
+    return {
+        **row,
+        "accuracy": s.accuracy,
+        "in_scope_accuracy": s.in_scope_accuracy,
+        "oos_recall": s.oos_recall,
+        "test_weighted_accuracy": s.test_weighted_accuracy,
+        "oos_rule": artifact.card.oos_rule,
+        "oos_threshold": artifact.card.oos_threshold,
+        "first_stage_share": float(answered.mean()),
+        "variant": served.variant_name,
+        "cascade_threshold": served.cascade_threshold if served.first else None,
+        "latency_queries": len(val.texts),
+    }
 
 
 def bench_baseline(texts: list[str], cfg: BenchConfig, tokenizer_dir: Path) -> dict[str, Any]:
@@ -129,11 +125,15 @@ def bench_baseline(texts: list[str], cfg: BenchConfig, tokenizer_dir: Path) -> d
     torch.manual_seed(0)
     model = BertForSequenceClassification(BertConfig(num_labels=151)).eval()  # type: ignore[call-arg,no-untyped-call]
     # all-MiniLM-L6-v2 uses bert-base-uncased's WordPiece vocabulary, so its tokenizer stands in offline.
+    if not (tokenizer_dir / "tokenizer.json").is_file():  # no teacher built yet: the pretrained encoder's
+        from compression.checkpoint import default_pretrained
+
+        tokenizer_dir = Path(default_pretrained())
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     pipe = pipeline("text-classification", model=model, tokenizer=tokenizer, device=-1)
     size = sum(p.numel() for p in model.parameters()) * 4 / 1e6
     row = {"stage": BASELINE, "runtime": "PyTorch fp32 pipeline", "size_mb": size}
-    row.update(_percentiles(_time(lambda t: pipe(t), texts[: max(60, len(texts) // 3)], min(cfg.warmup, 10))))
+    row.update(_percentiles(latencies_ms(lambda t: pipe(t), texts[: max(60, len(texts) // 3)], min(cfg.warmup, 10))))
     return {
         **row,
         "accuracy": None,
@@ -170,7 +170,7 @@ def run(
         if kind == "torch":
             rows.append(bench_torch(name, path, data, texts, cfg))
         elif kind == "served":
-            rows.append(bench_served(path, data, texts, cfg))
+            rows.append(bench_served(path, data, cfg))
         else:
             rows.append(bench_onnx(name, path, data, texts, cfg, "ORT fp32" if kind == "onnx-fp32" else "ORT int8"))
         log.info("%s", rows[-1])

@@ -14,7 +14,7 @@ from torch import nn
 
 from compression import checkpoint
 from compression.data import Clinc
-from compression.onnx_runner import OnnxClassifier
+from compression.onnx_runner import OnnxStage
 from compression.provenance import write_run
 from compression.teacher import validation_report
 from compression.training import Encoded, predict_logits
@@ -110,7 +110,7 @@ def run(ckpt_dir: Path, data: Clinc, out: Path, max_length: int, parity_n: int =
     shutil.copy(ckpt_dir / "labels.json", out / "labels.json")
 
     val = data.split("val")
-    runner = OnnxClassifier(fused, out / "tokenizer.json")
+    runner = OnnxStage(fused, out / "tokenizer.json")
     onnx_logits = runner.logits(val.texts)
     sub = val.subset(parity_n, seed=0)
     torch_logits = predict_logits(model, Encoded(tokenizer, sub, labels, max_length), batch_size=1)

@@ -1,4 +1,4 @@
-"""Validation metrics, and the out-of-scope confidence threshold that the service applies."""
+"""Validation metrics, and tuning of the out-of-scope threshold over the service's rules (app.oos)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+
+from app.oos import RULES, get_rule
 
 # Share of in-scope and out-of-scope queries in CLINC150's held-out test split (4,500 / 1,000).
 TEST_IN_SCOPE_SHARE = 0.818
@@ -22,13 +24,6 @@ class Scores:
 
     def as_dict(self) -> dict[str, float | int]:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    exp = np.exp(shifted)
-    probs: np.ndarray = exp / exp.sum(axis=-1, keepdims=True)
-    return probs
 
 
 def score(pred: np.ndarray, gold: np.ndarray, oos_index: int) -> Scores:
@@ -70,33 +65,12 @@ def bar_shortfalls(row: dict[str, Any]) -> list[str]:
     return missed
 
 
-# How in-scope a query looks; below the tuned threshold it is out-of-scope. max_prob is the top softmax
-# probability. energy is log(sum(exp(logits))), the negative free energy of Liu et al. (2020), "Energy-based
-# Out-of-distribution Detection": it keeps the logits' scale, which the softmax normalises away.
-OOS_RULES = ("max_prob", "energy")
-
-
-def oos_score(logits: np.ndarray, rule: str) -> np.ndarray:
-    if rule == "max_prob":
-        out: np.ndarray = softmax(logits).max(axis=-1)
-        return out
-    if rule == "energy":
-        top = logits.max(axis=-1)
-        energy: np.ndarray = top + np.log(np.exp(logits - top[..., None]).sum(axis=-1))
-        return energy
-    raise ValueError(f"unknown OOS rule {rule!r}; expected one of {OOS_RULES}")
-
-
-def predict_with_rule(logits: np.ndarray, oos_index: int, rule: str, threshold: float) -> np.ndarray:
-    pred = logits.argmax(axis=-1)
-    return np.where(oos_score(logits, rule) < threshold, oos_index, pred)
-
-
 def _grid(scores: np.ndarray, rule: str) -> list[float]:
-    if rule == "max_prob":
-        return [0.0, *(round(float(t), 2) for t in np.arange(0.01, 1.0, 0.01))]
-    low, high = np.floor(scores.min() * 100) / 100, np.ceil(scores.max() * 100) / 100
-    return [round(float(t), 2) for t in np.arange(low, high + 0.005, 0.01)]
+    """Thresholds on the rule's grid, over the scores' range and inside the rule's valid range."""
+    r = get_rule(rule)
+    low = max(r.low, np.floor(scores.min() / r.grid_step) * r.grid_step)
+    high = min(r.high - r.grid_step / 2, np.ceil(scores.max() / r.grid_step) * r.grid_step)
+    return [round(float(t), 6) for t in np.arange(low, high + r.grid_step / 2, r.grid_step)]
 
 
 def _meets(s: Scores, min_oos_recall: float, min_in_scope: float) -> tuple[bool, bool]:
@@ -135,11 +109,11 @@ def tune_rule(
     min_oos_recall: float = OOS_RECALL_TARGET,
     min_in_scope: float = IN_SCOPE_FLOOR,
 ) -> dict[str, tuple[float, Scores]]:
-    """Each rule's tuned threshold and scores, in OOS_RULES order."""
+    """Each registered rule's tuned threshold and scores, in registry order."""
     pred = logits.argmax(axis=-1)
     return {
-        rule: tune_threshold(oos_score(logits, rule), pred, gold, oos_index, rule, min_oos_recall, min_in_scope)
-        for rule in OOS_RULES
+        name: tune_threshold(rule.score(logits), pred, gold, oos_index, name, min_oos_recall, min_in_scope)
+        for name, rule in RULES.items()
     }
 
 
@@ -155,8 +129,9 @@ def best_rule(
         s = tuned[rule][1]
         return (*_meets(s, min_oos_recall, min_in_scope), round(s.test_weighted_accuracy, 9))
 
-    best = OOS_RULES[0]
-    for rule in OOS_RULES[1:]:
+    names = list(tuned)
+    best = names[0]
+    for rule in names[1:]:
         if key(rule) > key(best):
             best = rule
     return best

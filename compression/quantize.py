@@ -20,7 +20,7 @@ from onnxruntime.quantization import (
 )
 
 from compression.data import Clinc, Split
-from compression.onnx_runner import OnnxClassifier
+from compression.onnx_runner import OnnxStage, latencies_ms
 from compression.provenance import write_run
 from compression.teacher import validation_report
 
@@ -32,8 +32,8 @@ LATENCY_TOLERANCE = 0.10
 
 
 class _Calibration(CalibrationDataReader):  # type: ignore[misc]
-    def __init__(self, runner: OnnxClassifier, texts: list[str]) -> None:
-        self.feeds = iter([runner.feed([runner.tokenizer.encode(t).ids]) for t in texts])
+    def __init__(self, runner: OnnxStage, texts: list[str]) -> None:
+        self.feeds = iter([runner.model.feed(runner.tokenizer.encode(t).ids) for t in texts])
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self.feeds, None)
@@ -50,7 +50,7 @@ def dynamic(src: Path, dest: Path, per_channel: bool = False) -> None:
     )
 
 
-def static(src: Path, dest: Path, runner: OnnxClassifier, calibration: Split) -> None:
+def static(src: Path, dest: Path, runner: OnnxStage, calibration: Split) -> None:
     quantize_static(
         str(src),
         str(dest),
@@ -66,9 +66,9 @@ def static(src: Path, dest: Path, runner: OnnxClassifier, calibration: Split) ->
 
 def measure(model: Path, tokenizer: Path, data: Clinc) -> dict[str, Any]:
     val = data.split("val")
-    runner = OnnxClassifier(model, tokenizer, threads=1)
+    runner = OnnxStage(model, tokenizer, threads=1)
     report = validation_report(runner.logits(val.texts), np.array(val.label_ids(data.labels)), data.labels)
-    lat = runner.latencies_ms(val.subset(LATENCY_QUERIES, seed=1).texts)
+    lat = latencies_ms(runner.logits_one, val.subset(LATENCY_QUERIES, seed=1).texts)
     report["latency_ms_p50"] = float(np.percentile(lat, 50))
     report["size_mb"] = model.stat().st_size / 1e6
     return report
@@ -96,7 +96,7 @@ def run(export_dir: Path, data: Clinc, out: Path, calibration_n: int = 300, seed
     dynamic(src, candidates["dynamic"])
     dynamic(src, candidates["dynamic_per_channel"], per_channel=True)
     calib = data.split("train").subset(calibration_n, seed)
-    static(src, candidates["static_qdq"], OnnxClassifier(src, tokenizer), calib)
+    static(src, candidates["static_qdq"], OnnxStage(src, tokenizer), calib)
     results = {name: measure(path, tokenizer, data) for name, path in candidates.items()}
     for name, r in results.items():
         log.info("%s: p50 %.3f ms, tw-acc %.4f", name, r["latency_ms_p50"], r["thresholded"]["test_weighted_accuracy"])

@@ -9,20 +9,20 @@ import time
 import numpy as np
 
 from app.artifact import load_artifact
-from app.classifier import OnnxClassifier
+from app.runtime import OnnxClassifier
 from loadtest.queries import load_queries
 from loadtest.server import ROOT
 
 
 def per_query_us(clf: OnnxClassifier, texts: list[str], batch: int, rounds: int) -> tuple[float, float]:
-    session, out = clf.session, clf._output
+    session, out = clf.transformer.session, clf.transformer._output
     encoded = [clf.tokenizer.encode(t).ids for t in texts]
     singles, batched = [], []
     for r in range(rounds):
         group = encoded[(r * batch) % (len(encoded) - batch) :][:batch]
         t0 = time.perf_counter()
         for ids in group:
-            session.run(out, clf._feed(ids))
+            session.run(out, clf.transformer.feed(ids))
         singles.append((time.perf_counter() - t0) / batch)
         width = max(len(x) for x in group)
         ids_arr = np.zeros((batch, width), dtype=np.int64)

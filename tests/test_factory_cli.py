@@ -112,7 +112,7 @@ def test_onnx_matches_pytorch_logits(tiny_pretrained: Path, tmp_path: Path) -> N
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from compression.export import export_onnx, fuse, write_tokenizer
-    from compression.onnx_runner import OnnxClassifier
+    from compression.onnx_runner import OnnxStage
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_pretrained).eval()
     tok = AutoTokenizer.from_pretrained(tiny_pretrained)
@@ -122,7 +122,7 @@ def test_onnx_matches_pytorch_logits(tiny_pretrained: Path, tmp_path: Path) -> N
     write_tokenizer(tiny_pretrained, tmp_path / "tokenizer.json", 64)
     texts = ["book a flight to paris", "what's my balance", "how do i say hi in french " * 3]
     for path in (tmp_path / "raw.onnx", tmp_path / "fused.onnx"):
-        ort_logits = OnnxClassifier(path, tmp_path / "tokenizer.json").logits(texts)
+        ort_logits = OnnxStage(path, tmp_path / "tokenizer.json").logits(texts)
         with torch.no_grad():
             pt = np.stack([model(**tok(t, return_tensors="pt")).logits[0].numpy() for t in texts])
         assert np.abs(ort_logits - pt).max() < 1e-4

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 from app.artifact import load_artifact
-from app.classifier import OnnxClassifier
+from app.runtime import OnnxClassifier
 from tests.conftest import MODEL_DIR
 
 
 def test_sha256_of_every_file_matches_card(card: dict) -> None:
-    assert set(card["files"]) == {"model.onnx", "tokenizer.json", "labels.json"}
+    assert set(card["files"]) == {"model.onnx", "tokenizer.json", "labels.json", "static.onnx"}
     for name, entry in card["files"].items():
         data = (MODEL_DIR / name).read_bytes()
         assert hashlib.sha256(data).hexdigest() == entry["sha256"]
@@ -29,6 +29,8 @@ def test_artifact_contract(card: dict) -> None:
     if card["oos_rule"] == "max_prob":
         assert 0.0 <= card["oos_threshold"] < 1.0
     assert (MODEL_DIR / "model.onnx").stat().st_size <= 25 * 1024 * 1024
+    assert card["cascade"]["model"] == "static.onnx"
+    assert 0.0 < card["cascade"]["threshold"] < 1.0
     for key in ("version", "metrics", "training", "seed", "versions", "licenses"):
         assert key in card
 

@@ -1,0 +1,356 @@
+"""Stage: the cascade's first stage, a static embedding-bag classifier distilled from the quantized transformer.
+
+Every query costs the transformer about 2·n·(4H² + 2HF) multiply-adds per token, which without int8 dot
+products (AVX2-only CPUs) is milliseconds. Many queries do not need it: a mean of per-token vectors and one
+linear layer answers a large share of CLINC150 confidently and correctly (see docs/experiments.md).
+
+- Per-token vectors: each vocabulary token alone through the pretrained encoder, `[CLS] token [SEP]`,
+  mean-pooled, reduced by PCA to `static_dim` dimensions. They initialise an EmbeddingBag (mean).
+- Targets: the quantized transformer's logits, the model the cascade falls back to, over the training split,
+  Wikipedia out-of-scope sentences and perturbed copies of the training queries (its cheap logits make a
+  large transfer set affordable). Knowledge distillation (temperature, alpha) plus cross-entropy on the
+  hard labels where a row has one.
+- The cascade threshold: the lowest first-stage confidence at which the cascade keeps the transformer's own
+  in-scope accuracy, OOS recall and test-weighted accuracy on validation, using app.cascade (the rule the
+  service applies). It is checked by two-fold cross-fitting: chosen on one half, scored on the other.
+- Output `static.onnx`: Gather -> ReduceMean -> MatMul -> Add, table stored in fp16 (half the bytes; the
+  argmax agrees with fp32 on every validation query, checked and recorded).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from app.cascade import first_stage
+from app.oos import decide
+from compression.data import Clinc, Split, load_wiki
+from compression.errors import FactoryError
+from compression.metrics import Scores, score
+from compression.onnx_runner import OnnxStage
+from compression.provenance import read_run, write_run
+
+if TYPE_CHECKING:
+    from compression.pipeline import Context
+
+log = logging.getLogger(__name__)
+MODEL_FILE = "static.onnx"
+GRID = tuple(round(0.30 + 0.01 * i, 2) for i in range(70))  # 0.30 .. 0.99
+
+
+@dataclass
+class Config:
+    static_dim: int = field(default=384, metadata={"help": "width of the first stage's token vectors (PCA)"})
+    static_epochs: int = field(default=12, metadata={"help": "training epochs of the first stage"})
+    static_lr: float = field(default=3e-3, metadata={"help": "Adam learning rate of the first stage"})
+    static_copies: int = field(default=6, metadata={"help": "perturbed copies per query, transformer-labelled"})
+    static_alpha: float = field(default=0.7, metadata={"help": "weight of the distillation loss (rest: CE)"})
+    static_temperature: float = field(default=2.0, metadata={"help": "distillation temperature"})
+    static_wiki_oos: int = field(default=6000, metadata={"help": "Wikipedia sentences in the transfer set"})
+    static_oos_margin: float = field(
+        default=2.0, metadata={"help": "how far above the top logit `oos` is put where the transformer says oos"}
+    )
+    static_pretrained: str = field(
+        default="", metadata={"help": "encoder for the token vectors (default: the all-MiniLM-L6-v2 package)"}
+    )
+
+
+# ---------------------------------------------------------------- token vectors and training
+
+
+def token_vectors(pretrained: str, vocab_size: int, special: list[int]) -> np.ndarray:
+    """Each token id alone between the tokenizer's own special tokens, mean-pooled encoder output."""
+    import torch
+    from transformers import AutoModel
+
+    from compression.checkpoint import default_pretrained
+
+    encoder = AutoModel.from_pretrained(pretrained or default_pretrained()).eval()
+    if encoder.config.vocab_size != vocab_size:
+        raise FactoryError(f"encoder vocabulary {encoder.config.vocab_size} != the served tokenizer's {vocab_size}")
+    if len(special) != 2:
+        raise FactoryError(f"expected a [CLS]-like and a [SEP]-like token around a word, got {special}")
+    out = np.empty((vocab_size, encoder.config.hidden_size), np.float32)
+    with torch.no_grad():
+        for start in range(0, vocab_size, 1024):
+            ids = torch.arange(start, min(vocab_size, start + 1024))
+            x = torch.stack([torch.full_like(ids, special[0]), ids, torch.full_like(ids, special[1])], dim=1)
+            out[start : start + len(ids)] = encoder(
+                input_ids=x, attention_mask=torch.ones_like(x)
+            ).last_hidden_state.mean(1)
+    return out
+
+
+def pca(vectors: np.ndarray, dim: int) -> np.ndarray:
+    centred = vectors - vectors.mean(axis=0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    reduced = centred @ vt[:dim].T
+    out: np.ndarray = (reduced / reduced.std()).astype(np.float32)
+    return out
+
+
+def train_bag(
+    init: np.ndarray,
+    ids: list[list[int]],
+    targets: np.ndarray,
+    hard: np.ndarray,
+    cfg: Config,
+    seed: int,
+    threads: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[float]]:
+    """EmbeddingBag(mean) + Linear, KD on the transformer's logits plus CE on hard labels (-100: none).
+    Returns the table, the linear layer's weight [d, C] and bias, and the loss per epoch."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+    bag = torch.nn.EmbeddingBag.from_pretrained(torch.tensor(init), freeze=False, mode="mean", sparse=True)
+    head = torch.nn.Linear(init.shape[1], targets.shape[1])
+    # Sparse gradients: each step touches a few hundred of the 30k rows, not the whole table.
+    opt_bag = torch.optim.SparseAdam(list(bag.parameters()), lr=cfg.static_lr)
+    opt_head = torch.optim.Adam(head.parameters(), lr=cfg.static_lr)
+    soft_all = torch.tensor(targets)
+    hard_all = torch.tensor(hard)
+    t = cfg.static_temperature
+    gen = torch.Generator().manual_seed(seed)
+    history = []
+    for _ in range(cfg.static_epochs):
+        order = torch.randperm(len(ids), generator=gen).tolist()
+        total, steps = 0.0, 0
+        for b in range(0, len(order), 64):
+            idx = order[b : b + 64]
+            seqs = [ids[i] for i in idx]
+            offsets = torch.tensor([0, *(len(s) for s in seqs[:-1])]).cumsum(0)
+            logits = head(bag(torch.tensor([tok for s in seqs for tok in s]), offsets))
+            kd = F.kl_div(F.log_softmax(logits / t, -1), F.softmax(soft_all[idx] / t, -1), reduction="batchmean") * (
+                t * t
+            )
+            hard_b = hard_all[idx]
+            loss = cfg.static_alpha * kd
+            if bool((hard_b >= 0).any()):
+                loss = loss + (1 - cfg.static_alpha) * F.cross_entropy(
+                    logits, hard_b, ignore_index=-100, label_smoothing=0.1
+                )
+            opt_bag.zero_grad()
+            opt_head.zero_grad()
+            loss.backward()  # type: ignore[no-untyped-call]
+            opt_bag.step()  # type: ignore[no-untyped-call]
+            opt_head.step()
+            total += float(loss.detach())
+            steps += 1
+        history.append(total / max(steps, 1))
+        log.info("static: epoch %d loss %.4f", len(history), history[-1])
+    return (
+        bag.weight.detach().numpy().copy(),
+        head.weight.detach().numpy().T.copy(),
+        head.bias.detach().numpy().copy(),
+        history,
+    )
+
+
+def write_onnx(path: Path, table: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> None:
+    """input_ids [1, seq] -> logits [1, C]: Gather (fp16 table) -> Cast -> ReduceMean -> MatMul -> Add."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [
+        numpy_helper.from_array(table.astype(np.float16), "table"),
+        numpy_helper.from_array(weight.astype(np.float32), "weight"),
+        numpy_helper.from_array(bias.astype(np.float32), "bias"),
+        numpy_helper.from_array(np.array([1], dtype=np.int64), "seq_axis"),
+    ]
+    nodes = [
+        helper.make_node("Gather", ["table", "input_ids"], ["rows16"], axis=0),
+        helper.make_node("Cast", ["rows16"], ["rows"], to=TensorProto.FLOAT),
+        helper.make_node("ReduceMean", ["rows", "seq_axis"], ["pooled"], keepdims=0),
+        helper.make_node("MatMul", ["pooled", "weight"], ["scores"]),
+        helper.make_node("Add", ["scores", "bias"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "static_embedding_bag",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", weight.shape[1]])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], producer_name="clinc-intent")
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+# ---------------------------------------------------------------- the cascade threshold
+
+
+def cascade_scores(
+    first: np.ndarray, second: np.ndarray, gold: np.ndarray, oos: int, threshold: float
+) -> tuple[Scores, float]:
+    """The cascade's scores and the share the first stage answers, from precomputed predictions:
+    `first` the first stage's logits, `second` the transformer's served predictions."""
+    answered, decision = first_stage(first, oos, threshold)
+    return score(np.where(answered, decision.pred, second), gold, oos), float(answered.mean())
+
+
+def keeps_accuracy(s: Scores, base: Scores) -> bool:
+    return (
+        s.in_scope_accuracy >= base.in_scope_accuracy - 1e-9
+        and s.oos_recall >= base.oos_recall - 1e-9
+        and s.test_weighted_accuracy >= base.test_weighted_accuracy - 1e-9
+    )
+
+
+def choose_threshold(first: np.ndarray, second: np.ndarray, gold: np.ndarray, oos: int) -> float:
+    """The lowest threshold on GRID at which the cascade scores at least what the transformer alone does."""
+    base = score(second, gold, oos)
+    for tau in GRID:
+        if keeps_accuracy(cascade_scores(first, second, gold, oos, tau)[0], base):
+            return tau
+    return 1.0  # nothing keeps the accuracy: the first stage never answers
+
+
+def cross_fit(first: np.ndarray, second: np.ndarray, gold: np.ndarray, oos: int) -> list[dict[str, Any]]:
+    """Choose on one half of validation (alternate rows), score on the other, both ways round."""
+    folds = [np.arange(len(gold)) % 2 == k for k in (0, 1)]
+    out = []
+    for tune, held in (folds, folds[::-1]):
+        tau = choose_threshold(first[tune], second[tune], gold[tune], oos)
+        s, share = cascade_scores(first[held], second[held], gold[held], oos, tau)
+        base = score(second[held], gold[held], oos)
+        out.append(
+            {"threshold": tau, "first_stage_share": share, "cascade": s.as_dict(), "transformer": base.as_dict()}
+        )
+    return out
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def transfer_set(data: Clinc, wiki: str, wiki_oos: int, copies: int, seed: int) -> Split:
+    from compression.augment import augment
+
+    train = data.split("train") + load_wiki(wiki, wiki_oos, seed)
+    return train + augment(data.split("train"), copies, seed) if copies else train
+
+
+def served_targets(logits: np.ndarray, oos: int, rule: str, threshold: float, margin: float) -> np.ndarray:
+    """The transformer's logits, with `oos` raised to the top (by `margin`) wherever its OOS rule fires: the
+    first stage learns what the transformer answers, not only its argmax, which on out-of-scope queries is
+    usually some intent with a low score."""
+    fired = decide(logits, oos, rule, threshold).pred == oos
+    out = logits.copy()
+    out[fired, oos] = logits[fired].max(axis=-1) + margin
+    return out
+
+
+def transformer_rule(directory: Path) -> tuple[str, float]:
+    """The OOS rule and threshold of the transformer: a served artifact's card, or the quantize stage's run."""
+    if (directory / "card.json").is_file():
+        from app.artifact import read_card
+
+        card = read_card(directory)
+        return card.oos_rule, card.oos_threshold
+    quant = read_run(directory).get("metrics", {})
+    return quant.get("oos_rule", "max_prob"), float(quant.get("oos_threshold", 0.0))
+
+
+def run(quantize_dir: Path, data: Clinc, out: Path, cfg: Config, ctx: Context) -> dict[str, Any]:
+    from compression.augment import IGNORE
+
+    for name in ("model.onnx", "tokenizer.json", "labels.json"):
+        if not (quantize_dir / name).is_file():
+            raise FactoryError(f"missing {quantize_dir / name} (run the quantize stage first)")
+    out.mkdir(parents=True, exist_ok=True)
+    transformer = OnnxStage(quantize_dir / "model.onnx", quantize_dir / "tokenizer.json")
+    tokenizer = transformer.tokenizer
+    labels = data.labels
+    oos = labels.index("oos")
+    rule, threshold = transformer_rule(quantize_dir)
+
+    special = tokenizer.encode("").ids
+    vectors = token_vectors(cfg.static_pretrained, tokenizer.get_vocab_size(), special)
+    init = pca(vectors, cfg.static_dim)
+
+    split = transfer_set(data, str(ctx.wiki), cfg.static_wiki_oos, cfg.static_copies, ctx.seed)
+    log.info("static: labelling %d transfer queries with the transformer", len(split))
+    raw = transformer.logits(split.texts).astype(np.float32)
+    targets = served_targets(raw, oos, rule, threshold, cfg.static_oos_margin)
+    hard = np.array([labels.index(i) if i != IGNORE else -100 for i in split.intents])
+    ids = [e.ids for e in tokenizer.encode_batch(split.texts)]
+    table, weight, bias, history = train_bag(init, ids, targets, hard, cfg, ctx.seed, ctx.threads)
+    write_onnx(out / MODEL_FILE, table, weight, bias)
+    for name in ("tokenizer.json", "labels.json"):
+        (out / name).write_bytes((quantize_dir / name).read_bytes())
+
+    first_model = OnnxStage(out / MODEL_FILE, out / "tokenizer.json")
+    val = data.split("val")
+    gold = np.array(val.label_ids(labels))
+    first = first_model.logits(val.texts)
+    second_logits = transformer.logits(val.texts)
+    second = decide(second_logits, oos, rule, threshold).pred
+    fp32 = np.stack([table[x].mean(0) @ weight + bias for x in (e.ids for e in tokenizer.encode_batch(val.texts))])
+    tau = choose_threshold(first, second, gold, oos)
+    cascade, share = cascade_scores(first, second, gold, oos, tau)
+    report = {
+        "cascade_threshold": tau,
+        "first_stage_share": share,
+        "cascade": cascade.as_dict(),
+        "transformer": score(second, gold, oos).as_dict(),
+        "first_stage_argmax": score(first.argmax(-1), gold, oos).as_dict(),
+        "fp16_argmax_agrees": bool((fp32.argmax(-1) == first.argmax(-1)).all()),
+        "cross_fit": cross_fit(first, second, gold, oos),
+        "by_threshold": {
+            f"{t:.2f}": {"first_stage_share": sh, **s.as_dict()}
+            for t in (*GRID[::10], 0.95, 0.99)
+            for s, sh in [cascade_scores(first, second, gold, oos, t)]
+        },
+        "transformer_rule": {"oos_rule": rule, "oos_threshold": threshold},
+        "macs_per_token": cfg.static_dim,
+        "macs_fixed": cfg.static_dim * len(labels),
+    }
+    write_run(out, "static", asdict(cfg), report, history=history, transfer_queries=len(split))
+    log.info("static: threshold %.2f answers %.1f%% of validation: %s", tau, 100 * share, cascade.as_dict())
+    return report
+
+
+def run_stage(ctx: Context, cfg: Config) -> None:
+    run(ctx.dir("quantize"), ctx.clinc, ctx.dir("static"), cfg, ctx)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m compression.static --from-model DIR`: train a first stage against an existing artifact's
+    transformer and attach it to that artifact (its transformer files stay as they are)."""
+    import argparse
+    import logging as logging_
+    import sys
+    from types import SimpleNamespace
+
+    from compression.artifact import attach_first_stage
+    from compression.data import DEFAULT_DATA, DEFAULT_WIKI, load_clinc
+
+    p = argparse.ArgumentParser(prog="python -m compression.static", description=main.__doc__)
+    p.add_argument("--from-model", type=Path, required=True, help="artifact directory to add the first stage to")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--wiki", type=Path, default=DEFAULT_WIKI)
+    p.add_argument("--out", type=Path, default=Path("artifacts/static"))
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args(argv)
+    logging_.basicConfig(level=logging_.INFO, format="%(asctime)s %(name)s %(message)s")
+    ctx = SimpleNamespace(wiki=a.wiki, seed=a.seed, threads=a.threads)
+    try:
+        run(a.from_model, load_clinc(a.data), a.out, Config(), ctx)
+        card = attach_first_stage(a.from_model, a.out)
+    except FactoryError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{a.from_model}: version {card.version}, cascade threshold {card.cascade and card.cascade.threshold}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
