@@ -48,8 +48,8 @@ bench: $(VENV)/.installed $(SERVE_VENV)/.installed  ## stage table, plus the ser
 	$(VENV)/bin/python -m compression bench --data $(DATA) $(BENCH_ARGS)
 	$(VENV)/bin/python -m loadtest.footprint --serve-venv $(SERVE_VENV)
 
-data:  ## download the original CLINC150 file (needs the internet)
-	$(PYTHON) -m compression data --dest data/clinc150/data_oos_plus.json
+data: $(SERVE_VENV)/.installed  ## download CLINC150 and the Wikipedia oos sentences into data/clinc150 (needs the internet; no torch)
+	$(SERVE_VENV)/bin/python -m compression data --dest data/clinc150
 
 loadtest: $(VENV)/.installed $(SERVE_VENV)/.installed
 	$(VENV)/bin/python -m loadtest.run $(LOADTEST_ARGS)

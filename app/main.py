@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import iter_route_contexts
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import __doc__ as description
@@ -171,26 +172,31 @@ def create_app(settings: Settings | None = None, classifier_factory: ClassifierF
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _unexpected)
-    if settings.cors_origins:
-        from fastapi.middleware.cors import CORSMiddleware
-
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST"],
-            allow_headers=["authorization", "content-type", "x-request-id"],
-        )
     key = settings.api_key.get_secret_value() if settings.api_key else None
-    # CORS headers come from the middleware inside this one, so with CORS on every route goes through FastAPI.
-    direct = {} if settings.cors_origins else {"/predict": partial(predict_one, app.state)}
+    # Metrics label routes by the paths the router declares (computed after the routers are included).
+    # (FastAPI keeps included routers as one entry each; iter_route_contexts flattens them with their prefixes.)
+    route_labels = frozenset(ctx.path for ctx in iter_route_contexts(app.routes) if ctx.path is not None)
+    # The service middleware answers POST /predict itself in every configuration.
     app.add_middleware(
         ServiceMiddleware,
         metrics=app.state.metrics,
         max_body=settings.max_body_bytes,
         api_key=key,
         open_paths=settings.open_paths,
-        direct_posts=direct,
+        route_labels=route_labels,
+        direct_posts={"/predict": partial(predict_one, app.state)},
     )
+    if settings.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        # Added last, so it is the outermost middleware: its headers reach the directly answered
+        # /predict and error responses too, and preflights are answered before auth.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["authorization", "content-type", "x-request-id"],
+        )
     return app
 
 

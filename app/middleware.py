@@ -26,9 +26,6 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 DirectHandler = Callable[[bytes], Awaitable[tuple[bytes, str]]]
 
 log = logging.getLogger("app.access")
-KNOWN_ROUTES = frozenset(
-    {"/predict", "/predict/batch", "/health", "/ready", "/model", "/metrics", "/docs", "/openapi.json"}
-)
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
@@ -47,14 +44,18 @@ class ServiceMiddleware:
         max_body: int,
         api_key: str | None,
         open_paths: list[str],
+        route_labels: frozenset[str],
         direct_posts: Mapping[str, DirectHandler] | None = None,
     ) -> None:
+        """`route_labels`: the app's route paths, taken from its router when the app is built; any other
+        path is labelled `other` in the metrics, so that scanners cannot blow up their cardinality."""
         self.app = app
         self.metrics = metrics
         self.max_body = max_body
         self.api_key = f"Bearer {api_key}".encode() if api_key else None
         self.open_paths = frozenset(open_paths)
         self.direct_posts = dict(direct_posts or {})
+        self.route_labels = frozenset(route_labels)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -65,17 +66,40 @@ class ServiceMiddleware:
         rid = _request_id(headers.get(b"x-request-id"))
         scope.setdefault("state", {})["request_id"] = rid
         rid_header = (b"x-request-id", rid.encode())
+        path: str = scope["path"]
+        method: str = scope["method"]
+        route = path if path in self.route_labels else "other"
         status = 500
+        recorded = False
+
+        def record() -> None:
+            nonlocal recorded
+            recorded = True
+            elapsed = time.perf_counter() - start
+            self.metrics.observe_request(route, method, str(status), elapsed)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "request",
+                    extra={
+                        "request_id": rid,
+                        "method": method,
+                        "route": route,
+                        "status": status,
+                        "duration_ms": round(elapsed * 1000, 3),
+                    },
+                )
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message["headers"] = [*message.get("headers", []), rid_header]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False) and not recorded:
+                # Count the request before its last byte goes out: a client that reads /metrics right
+                # after this response (from any worker) must see it.
+                record()
             await send(message)
 
-        path: str = scope["path"]
-        method: str = scope["method"]
         try:
             if self.api_key is not None and path not in self.open_paths:
                 given = headers.get(b"authorization", b"")
@@ -92,20 +116,8 @@ class ServiceMiddleware:
         except ServiceError as exc:
             await _send_error(send_with_id, exc)
         finally:
-            elapsed = time.perf_counter() - start
-            route = path if path in KNOWN_ROUTES else "other"
-            self.metrics.observe_request(route, method, str(status), elapsed)
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug(
-                    "request",
-                    extra={
-                        "request_id": rid,
-                        "method": method,
-                        "route": route,
-                        "status": status,
-                        "duration_ms": round(elapsed * 1000, 3),
-                    },
-                )
+            if not recorded:  # no final body went out: the client disconnected, or the app failed
+                record()
 
     async def _answer_directly(
         self, handler: DirectHandler, headers: dict[bytes, bytes], receive: Receive, send: Send, request_id: str

@@ -99,7 +99,7 @@ def _queue(state: State) -> Any:
 
 async def predict_one(state: State, body: bytes) -> tuple[bytes, str]:
     """POST /predict from raw body to (JSON, server-timing). The service middleware calls this
-    directly for the hot route; the FastAPI route below is the same code, and documents it."""
+    directly for the hot route; the FastAPI route below only documents it (and calls this too)."""
     settings: Settings = state.settings
     req = parse(body, schemas.PredictRequest)
     text = clean_text(req.text, settings)
@@ -120,6 +120,9 @@ async def predict_one(state: State, body: bytes) -> tuple[bytes, str]:
     openapi_extra=_body_doc(schemas.PredictRequest),
 )
 async def predict(request: Request) -> Response:
+    """Documents POST /predict in OpenAPI. In a running service the service middleware
+    (`app.middleware.ServiceMiddleware`) answers this path itself, in every configuration, with
+    `predict_one`; this route calls the same `predict_one`, so the two cannot drift apart."""
     content, timing = await predict_one(request.app.state, await request.body())
     return Response(content, media_type=JSON, headers={"server-timing": timing})
 

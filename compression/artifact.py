@@ -6,11 +6,13 @@ import hashlib
 import json
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from app.artifact import sha256_file
 from app.card import CARD_SCHEMA_VERSION, CORE_FILES, LABELS_FILE, ModelCard
-from compression.data import OOS, sha256_file
+from compression.data import OOS
 from compression.errors import FactoryError
 from compression.onnx_runner import DISABLED_OPTIMIZERS
 from compression.provenance import git_commit, read_run, versions
@@ -101,6 +103,7 @@ def write(
             },
             "benchmark": benchmark_row or {},
             "training": training,
+            "ran_on": {stage: read_run(d).get("ran_on") for stage, d in stage_dirs.items()},
             "seed": seed,
             "versions": versions(),
             "licenses": LICENSES,
@@ -162,6 +165,7 @@ def attach_first_stage(model_dir: Path, static_dir: Path) -> ModelCard:
         benchmark={},  # measured again by the bench stage, for the cascade
     )
     raw.setdefault("training", {})["static"] = read_run(static_dir).get("config", {})
+    raw.setdefault("ran_on", {})["static"] = read_run(static_dir).get("ran_on")
     raw["first_stage_added"] = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "git_commit": git_commit(),
@@ -169,3 +173,14 @@ def attach_first_stage(model_dir: Path, static_dir: Path) -> ModelCard:
     card = ModelCard.model_validate(raw)
     (model_dir / "card.json").write_text(card.model_dump_json(indent=2, exclude_none=True) + "\n")
     return card
+
+
+@dataclass
+class Config:
+    """The artifact stage has no options of its own: it packs the quantize and static stages' outputs."""
+
+
+def run_stage(ctx: Any, cfg: Config) -> None:
+    stages = ("teacher", "distill", "prune", "export", "quantize", "static")
+    stage_dirs = {s: ctx.dir(s) for s in stages if ctx.dir(s).is_dir()}
+    write(ctx.dir("quantize"), ctx.model_dir, stage_dirs, ctx.seed, ctx.max_length, static_dir=ctx.dir("static"))

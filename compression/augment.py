@@ -11,8 +11,9 @@ from compression.data import Split
 IGNORE = "__soft_only__"  # intent of a copy: only the teacher's soft targets apply
 
 
-def perturb(text: str, vocabulary: list[str], rng: random.Random, rate: float = 0.2) -> str:
-    """Replace, drop or mask about `rate` of the words; always change at least one when possible."""
+def perturb(text: str, vocabulary: list[str], rng: random.Random, mask: str | None, rate: float = 0.2) -> str:
+    """Replace, drop or mask about `rate` of the words; always change at least one when possible. `mask` is
+    the tokenizer's own mask token; without one, a masked word is dropped instead."""
     words = text.split()
     if len(words) < 2:
         return text
@@ -27,7 +28,8 @@ def perturb(text: str, vocabulary: list[str], rng: random.Random, rate: float = 
             out.append(rng.choice(vocabulary))
             changed = True
         elif roll < rate:
-            out.append("[MASK]")
+            if mask is not None:
+                out.append(mask)
             changed = True
         else:
             out.append(word)
@@ -37,10 +39,10 @@ def perturb(text: str, vocabulary: list[str], rng: random.Random, rate: float = 
     return " ".join(out) or text
 
 
-def augment(split: Split, copies: int, seed: int) -> Split:
+def augment(split: Split, copies: int, seed: int, mask: str | None) -> Split:
     if copies <= 0:
         return Split([], [])
     rng = random.Random(seed)
     vocabulary = sorted({w for t in split.texts for w in t.split()})
-    texts = [perturb(t, vocabulary, rng) for _ in range(copies) for t in split.texts]
+    texts = [perturb(t, vocabulary, rng, mask) for _ in range(copies) for t in split.texts]
     return Split(texts, [IGNORE] * len(texts))

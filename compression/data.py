@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.artifact import sha256_file
 from compression.errors import FactoryError
 
 OOS = "oos"
-ORIGINAL_URL = "https://raw.githubusercontent.com/clinc/oos-eval/master/data/data_oos_plus.json"
+UPSTREAM = "https://raw.githubusercontent.com/clinc/oos-eval/master/data"
+ORIGINAL_URL = f"{UPSTREAM}/data_oos_plus.json"
 ORIGINAL_SHA256 = "bfcca9ae515623541dc1983c94c4ed7cae9d26b42ae47d74b972e51bb6f7a21f"
+# The dataset authors' Wikipedia sentences ("wiki_aug"), used as extra out-of-scope training material.
+WIKI_URL = f"{UPSTREAM}/all_wiki_sents.txt"
+WIKI_SHA256 = "570704f8120d13d27dda90d116a0b2365e121139f72c2967b65f55465ebfad44"
 DEFAULT_DATA = Path("../shared/data/clinc150/clinc150_plus_train_val.json")
 DEFAULT_WIKI = Path("../shared/data/clinc150/wiki_sents.txt")
+# Where `make data` puts both files; pass --data and --wiki to the factory to use them.
+DOWNLOAD_DIR = Path("data/clinc150")
+DOWNLOADS = (("data_oos_plus.json", ORIGINAL_URL, ORIGINAL_SHA256), ("wiki_sents.txt", WIKI_URL, WIKI_SHA256))
 
 # In-scope and out-of-scope parts of each split, as the original file names them.
 _SPLIT_KEYS = {"train": ("train", "oos_train"), "val": ("val", "oos_val"), "test": ("test", "oos_test")}
@@ -116,14 +123,6 @@ def load_wiki(path: Path | str, n: int, seed: int) -> Split:
     return Split(chosen, [OOS] * len(chosen))
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def download(dest: Path, url: str = ORIGINAL_URL, sha256: str = ORIGINAL_SHA256) -> Path:
     """Fetch the original data_oos_plus.json for users with the internet, and verify it."""
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -138,3 +137,8 @@ def download(dest: Path, url: str = ORIGINAL_URL, sha256: str = ORIGINAL_SHA256)
         raise FactoryError(f"downloaded file has sha256 {got}, expected {sha256}")
     tmp.replace(dest)
     return dest
+
+
+def download_all(directory: Path = DOWNLOAD_DIR) -> list[Path]:
+    """Everything the default recipe reads: the CLINC150 file and the Wikipedia sentences, each verified."""
+    return [download(directory / name, url, sha256) for name, url, sha256 in DOWNLOADS]

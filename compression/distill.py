@@ -15,12 +15,32 @@ from torch import nn
 
 from compression import checkpoint
 from compression.augment import augment
-from compression.data import Clinc
+from compression.data import DEFAULT_WIKI, Clinc
+from compression.evaluate import evaluate, training_split, validation_report
 from compression.provenance import write_run
-from compression.teacher import evaluate, training_split, validation_report
-from compression.training import Encoded, TrainConfig, Trainer, predict_logits, seed_everything
+from compression.training import Encoded, TrainConfig, Trainer, predict_logits, seed_everything, train_config
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Config:
+    student_layers: list[int] = field(
+        default_factory=lambda: [0, 2, 4], metadata={"help": "teacher layers that seed the student"}
+    )
+    student_epochs: float = field(default=6, metadata={"help": "distillation epochs"})
+    student_lr: float | None = field(
+        default=None, metadata={"help": "learning rate (default: the search's best, else 2e-4)"}
+    )
+    alpha: float | None = field(
+        default=None, metadata={"help": "hard-label weight (default: the search's best, else 0.5)"}
+    )
+    temperature: float | None = field(
+        default=None, metadata={"help": "softmax temperature (default: the search's best, else 4)"}
+    )
+    hidden_weight: float = field(default=0.0, metadata={"help": "hidden-state transfer loss weight"})
+    augment_copies: int = field(default=2, metadata={"help": "perturbed copies per query, teacher-labelled"})
+    train_embeddings: bool = field(default=False, metadata={"help": "also train the student's word embeddings"})
 
 
 @dataclass
@@ -29,7 +49,7 @@ class DistillConfig:
     temperature: float = 4.0
     hidden_weight: float = 0.0  # weight of the hidden-state MSE between mapped layers
     layers: list[int] = field(default_factory=lambda: [0, 2, 4])  # teacher layers that seed the student
-    wiki_path: str = "../shared/data/clinc150/wiki_sents.txt"
+    wiki_path: str = str(DEFAULT_WIKI)
     wiki_oos: int = 2000
     train_subset: int = 0
     augment_copies: int = 0  # perturbed copies of each training query, labelled by the teacher only
@@ -121,7 +141,7 @@ def train_student(
     seed_everything(train_cfg.seed)
     torch.set_num_threads(train_cfg.threads)
     split = training_split(data, cfg.wiki_path, cfg.wiki_oos, train_cfg.seed, cfg.train_subset)
-    split = split + augment(split, cfg.augment_copies, train_cfg.seed)
+    split = split + augment(split, cfg.augment_copies, train_cfg.seed, tokenizer.mask_token)
     encoded = Encoded(tokenizer, split, data.labels, train_cfg.max_length)
     key = f"{cfg.wiki_oos}:{cfg.train_subset}:{train_cfg.seed}:{train_cfg.max_length}:{cfg.augment_copies}"
     if teacher_logits_cache is not None and key in teacher_logits_cache:
@@ -156,3 +176,28 @@ def val_score(student: Any, tokenizer: Any, data: Clinc, max_length: int) -> flo
     logits, gold = evaluate(student, tokenizer, data, max_length)
     report = validation_report(logits, gold, data.labels)
     return float(np.float64(report["thresholded"]["test_weighted_accuracy"]))
+
+
+def resolve(ctx: Any, cfg: Config) -> tuple[DistillConfig, TrainConfig]:
+    """The distillation settings: the flags where given, else the search's best (when it ran), else defaults."""
+    from compression.search import load_best
+
+    best = load_best(ctx.dir("search"))
+    distill = DistillConfig(
+        alpha=cfg.alpha if cfg.alpha is not None else best.get("alpha", 0.5),
+        temperature=cfg.temperature if cfg.temperature is not None else best.get("temperature", 4.0),
+        hidden_weight=cfg.hidden_weight,
+        layers=list(cfg.student_layers),
+        wiki_path=str(ctx.wiki),
+        wiki_oos=ctx.wiki_oos,
+        train_subset=ctx.train_subset,
+        augment_copies=cfg.augment_copies,
+        freeze_embeddings=not cfg.train_embeddings,
+    )
+    lr = cfg.student_lr if cfg.student_lr is not None else best.get("lr", 2e-4)
+    return distill, train_config(ctx, cfg.student_epochs, lr)
+
+
+def run_stage(ctx: Any, cfg: Config) -> None:
+    distill, train = resolve(ctx, cfg)
+    run(ctx.dir("teacher"), ctx.clinc, ctx.dir("distill"), distill, train)

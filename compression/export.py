@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import shutil
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +15,9 @@ from torch import nn
 
 from compression import checkpoint
 from compression.data import Clinc
+from compression.evaluate import validation_report
 from compression.onnx_runner import OnnxStage
 from compression.provenance import write_run
-from compression.teacher import validation_report
 from compression.training import Encoded, predict_logits
 
 log = logging.getLogger(__name__)
@@ -125,3 +126,12 @@ def run(ckpt_dir: Path, data: Clinc, out: Path, max_length: int, parity_n: int =
     write_run(out, "export", {"opset": OPSET, "max_length": max_length, "source": str(ckpt_dir)}, report)
     log.info("export: parity %.2e, fusions %s", diff, report["fused_operators"])
     return report
+
+
+@dataclass
+class Config:
+    parity_queries: int = field(default=300, metadata={"help": "validation queries checked against PyTorch"})
+
+
+def run_stage(ctx: Any, cfg: Config) -> None:
+    run(ctx.dir("prune"), ctx.clinc, ctx.dir("export"), ctx.max_length, cfg.parity_queries)

@@ -31,9 +31,23 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+def ran_on() -> dict[str, Any]:
+    """Where a stage ran: the CPU, and the GPU when torch used one (the factory runs on CPU by default)."""
+    import sys
+
+    from app.cpu import current
+
+    where: dict[str, Any] = {"cpu": current().describe(), "device": "cpu"}
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        where["device"] = f"cuda ({torch.cuda.get_device_name()})"
+    return where
+
+
 def write_run(directory: Path, stage: str, config: dict[str, Any], metrics: dict[str, Any], **extra: Any) -> Path:
     record = {
         "stage": stage,
+        "ran_on": ran_on(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "git_commit": git_commit(),
         "config": config,

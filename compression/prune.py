@@ -7,7 +7,7 @@ run just as long on zeros, so it is not used here.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,23 +18,36 @@ from compression import checkpoint
 from compression.augment import augment
 from compression.data import Clinc
 from compression.distill import DistillationTrainer, DistillConfig, freeze_word_embeddings
+from compression.evaluate import evaluate, training_split, validation_report
 from compression.provenance import write_run
-from compression.teacher import evaluate, training_split, validation_report
-from compression.training import Encoded, TrainConfig, predict_logits, seed_everything
+from compression.training import Encoded, TrainConfig, predict_logits, seed_everything, train_config
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
+class Config:
+    ffn_keep: float = field(default=0.75, metadata={"help": "share of FFN neurons kept (1.0: no pruning)"})
+    recover_epochs: float = field(default=7.0, metadata={"help": "distillation epochs after pruning"})
+    recover_lr: float = field(default=1.5e-4, metadata={"help": "learning rate of the recovery"})
+    recover_copies: int = field(default=3, metadata={"help": "fresh perturbed copies per query for recovery"})
+    recover_from_student: bool = field(
+        default=False, metadata={"help": "recover from the unpruned student, not the teacher"}
+    )
+
+
+@dataclass
 class PruneConfig:
-    ffn_keep: float = 0.75  # share of FFN neurons kept in every layer
-    recover_epochs: float = 1.0  # distillation from the unpruned model afterwards
-    wiki_path: str = "../shared/data/clinc150/wiki_sents.txt"
-    wiki_oos: int = 2000
-    train_subset: int = 0
-    augment_copies: int = 0  # perturbed, teacher-labelled copies in the recovery transfer set
-    alpha: float = 0.5
-    temperature: float = 2.0
+    """The resolved settings run() takes: Config's, plus the pipeline's and the distillation's."""
+
+    ffn_keep: float  # share of FFN neurons kept in every layer
+    recover_epochs: float  # distillation from the unpruned model afterwards
+    wiki_path: str
+    wiki_oos: int
+    train_subset: int
+    augment_copies: int  # perturbed, teacher-labelled copies in the recovery transfer set
+    alpha: float
+    temperature: float
 
 
 def _slice_linear(layer: nn.Linear, keep: torch.Tensor, dim: int) -> nn.Linear:
@@ -94,7 +107,10 @@ def run(
     split = training_split(data, cfg.wiki_path, cfg.wiki_oos, train_cfg.seed, cfg.train_subset)
     labelled = Encoded(tokenizer, split, labels, train_cfg.max_length)
     encoded = Encoded(
-        tokenizer, split + augment(split, cfg.augment_copies, train_cfg.seed + 1), labels, train_cfg.max_length
+        tokenizer,
+        split + augment(split, cfg.augment_copies, train_cfg.seed + 1, tokenizer.mask_token),
+        labels,
+        train_cfg.max_length,
     )
     target = model
     if teacher_dir is not None:
@@ -119,3 +135,30 @@ def run(
     write_run(out, "prune", config, report, history=history)
     log.info("pruned validation: %s", report)
     return report
+
+
+def run_stage(ctx: Any, cfg: Config) -> None:
+    import shutil
+
+    from compression import distill
+
+    out = ctx.dir("prune")
+    if cfg.ffn_keep >= 1.0:
+        # No pruning asked for: the stage passes the student through, so later stages have one input.
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(ctx.dir("distill"), out)
+        return
+    kd, _ = distill.resolve(ctx, ctx.config_of("distill"))
+    prune = PruneConfig(
+        cfg.ffn_keep,
+        cfg.recover_epochs,
+        str(ctx.wiki),
+        ctx.wiki_oos,
+        ctx.train_subset,
+        augment_copies=cfg.recover_copies,
+        alpha=kd.alpha,
+        temperature=kd.temperature,
+    )
+    teacher = None if cfg.recover_from_student else ctx.dir("teacher")
+    train = train_config(ctx, cfg.recover_epochs, cfg.recover_lr)
+    run(ctx.dir("distill"), ctx.clinc, out, prune, train, teacher_dir=teacher)

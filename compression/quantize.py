@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,9 @@ from onnxruntime.quantization import (
 )
 
 from compression.data import Clinc, Split
+from compression.evaluate import validation_report
 from compression.onnx_runner import OnnxStage, latencies_ms
 from compression.provenance import write_run
-from compression.teacher import validation_report
 
 log = logging.getLogger(__name__)
 LATENCY_QUERIES = 300
@@ -108,3 +109,12 @@ def run(export_dir: Path, data: Clinc, out: Path, calibration_n: int = 300, seed
     config = {"calibration_n": calibration_n, "seed": seed, "latency_tolerance": LATENCY_TOLERANCE}
     write_run(out, "quantize", config, report)
     return report
+
+
+@dataclass
+class Config:
+    calibration_queries: int = field(default=300, metadata={"help": "training queries for static calibration"})
+
+
+def run_stage(ctx: Any, cfg: Config) -> None:
+    run(ctx.dir("export"), ctx.clinc, ctx.dir("quantize"), cfg.calibration_queries, ctx.seed)

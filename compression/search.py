@@ -21,14 +21,15 @@ log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
-class SearchConfig:
-    trials: int = 4
-    trial_epochs: float = 1.0
-    trial_subset: int = 4000  # in-scope training rows per trial; keeps the default search to minutes on 2 cores
+class Config:
+    trials: int = dataclasses.field(default=4, metadata={"help": "Optuna budget (0 skips the search)"})
+    trial_epochs: float = dataclasses.field(default=1.0, metadata={"help": "epochs per trial"})
+    # In-scope training rows per trial; keeps the default search to minutes on 2 cores.
+    trial_subset: int = dataclasses.field(default=4000, metadata={"help": "training rows per trial"})
 
 
 def run(
-    teacher_dir: Path, data: Clinc, out: Path, search: SearchConfig, base: DistillConfig, train_cfg: TrainConfig
+    teacher_dir: Path, data: Clinc, out: Path, search: Config, base: DistillConfig, train_cfg: TrainConfig
 ) -> dict[str, Any]:
     teacher, tokenizer, _ = checkpoint.load(teacher_dir)
     cache: dict[str, torch.Tensor] = {}
@@ -73,3 +74,15 @@ def load_best(out: Path) -> dict[str, float]:
         return {}
     params: dict[str, float] = json.loads(path.read_text())
     return params
+
+
+def run_stage(ctx: Any, cfg: Config) -> None:
+    import shutil
+
+    from compression import distill
+
+    if cfg.trials <= 0:
+        shutil.rmtree(ctx.dir("search"), ignore_errors=True)  # distill then uses its own defaults
+        return
+    base, train = distill.resolve(ctx, ctx.config_of("distill"))
+    run(ctx.dir("teacher"), ctx.clinc, ctx.dir("search"), cfg, base, train)

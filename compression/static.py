@@ -230,11 +230,23 @@ def cross_fit(first: np.ndarray, second: np.ndarray, gold: np.ndarray, oos: int)
 # ---------------------------------------------------------------- the stage
 
 
-def transfer_set(data: Clinc, wiki: str, wiki_oos: int, copies: int, seed: int) -> Split:
+def mask_token(tokenizer: Any) -> str | None:
+    """The tokenizer's own mask token, found among its special tokens, if it has one."""
+    for token in tokenizer.get_added_tokens_decoder().values():
+        if token.special and "mask" in token.content.lower():
+            return str(token.content)
+    return None
+
+
+def transfer_set(
+    data: Clinc, wiki: str, wiki_oos: int, copies: int, seed: int, mask: str | None, subset: int = 0
+) -> Split:
     from compression.augment import augment
 
-    train = data.split("train") + load_wiki(wiki, wiki_oos, seed)
-    return train + augment(data.split("train"), copies, seed) if copies else train
+    train = data.split("train")
+    if subset:
+        train = train.subset(subset, seed)
+    return train + load_wiki(wiki, wiki_oos, seed) + augment(train, copies, seed, mask)
 
 
 def served_targets(logits: np.ndarray, oos: int, rule: str, threshold: float, margin: float) -> np.ndarray:
@@ -275,7 +287,9 @@ def run(quantize_dir: Path, data: Clinc, out: Path, cfg: Config, ctx: Context) -
     vectors = token_vectors(cfg.static_pretrained, tokenizer.get_vocab_size(), special)
     init = pca(vectors, cfg.static_dim)
 
-    split = transfer_set(data, str(ctx.wiki), cfg.static_wiki_oos, cfg.static_copies, ctx.seed)
+    split = transfer_set(
+        data, str(ctx.wiki), cfg.static_wiki_oos, cfg.static_copies, ctx.seed, mask_token(tokenizer), ctx.train_subset
+    )
     log.info("static: labelling %d transfer queries with the transformer", len(split))
     raw = transformer.logits(split.texts).astype(np.float32)
     targets = served_targets(raw, oos, rule, threshold, cfg.static_oos_margin)
@@ -309,8 +323,8 @@ def run(quantize_dir: Path, data: Clinc, out: Path, cfg: Config, ctx: Context) -
             for s, sh in [cascade_scores(first, second, gold, oos, t)]
         },
         "transformer_rule": {"oos_rule": rule, "oos_threshold": threshold},
-        "macs_per_token": cfg.static_dim,
-        "macs_fixed": cfg.static_dim * len(labels),
+        "macs_per_token": table.shape[1],
+        "macs_fixed": table.shape[1] * len(labels),
     }
     write_run(out, "static", asdict(cfg), report, history=history, transfer_queries=len(split))
     log.info("static: threshold %.2f answers %.1f%% of validation: %s", tau, 100 * share, cascade.as_dict())
@@ -327,7 +341,6 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import logging as logging_
     import sys
-    from types import SimpleNamespace
 
     from compression.artifact import attach_first_stage
     from compression.data import DEFAULT_DATA, DEFAULT_WIKI, load_clinc
@@ -341,7 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
     logging_.basicConfig(level=logging_.INFO, format="%(asctime)s %(name)s %(message)s")
-    ctx = SimpleNamespace(wiki=a.wiki, seed=a.seed, threads=a.threads)
+    from compression.pipeline import Common, Context
+
+    ctx = Context(Common(data=a.data, wiki=a.wiki, seed=a.seed, threads=a.threads))
     try:
         run(a.from_model, load_clinc(a.data), a.out, Config(), ctx)
         card = attach_first_stage(a.from_model, a.out)

@@ -3,57 +3,35 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from compression import checkpoint
-from compression.data import OOS, Clinc, Split, load_wiki
-from compression.metrics import best_rule, score, tune_rule
+from compression.data import Clinc
+from compression.evaluate import evaluate, training_split, validation_report
 from compression.provenance import write_run
-from compression.training import Encoded, TrainConfig, Trainer, predict_logits, seed_everything
+from compression.training import Encoded, TrainConfig, Trainer, seed_everything, train_config
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
+class Config:
+    pretrained: str | None = field(
+        default=None, metadata={"help": "local path or hub id (default: the all-MiniLM-L6-v2 package)"}
+    )
+    teacher_epochs: float = field(default=7, metadata={"help": "fine-tuning epochs"})
+    teacher_lr: float = field(default=1e-4, metadata={"help": "fine-tuning learning rate"})
+    label_smoothing: float = field(default=0.1, metadata={"help": "label smoothing of the cross-entropy"})
+
+
+@dataclass
 class TeacherConfig:
-    pretrained: str | None = None
-    wiki_path: str = "../shared/data/clinc150/wiki_sents.txt"
-    wiki_oos: int = 2000
-    train_subset: int = 0  # 0 means the whole training split
-
-
-def training_split(data: Clinc, wiki_path: str, wiki_oos: int, seed: int, subset: int = 0) -> Split:
-    """Train + oos_train, optionally sampled, plus Wikipedia sentences as extra out-of-scope examples."""
-    train = data.split("train")
-    if subset:
-        train = train.subset(subset, seed)
-    return train + load_wiki(wiki_path, wiki_oos, seed)
-
-
-def evaluate(model: Any, tokenizer: Any, data: Clinc, max_length: int) -> tuple[np.ndarray, np.ndarray]:
-    """Validation logits and gold label ids."""
-    val = data.split("val")
-    logits = predict_logits(model, Encoded(tokenizer, val, data.labels, max_length))
-    return logits, np.array(val.label_ids(data.labels))
-
-
-def validation_report(logits: np.ndarray, gold: np.ndarray, labels: list[str]) -> dict[str, Any]:
-    """Argmax scores, and the OOS rule and threshold with the best test-weighted accuracy at OOS recall >= 0.85."""
-    oos = labels.index(OOS)
-    tuned = tune_rule(logits, gold, oos)
-    rule = best_rule(tuned)
-    threshold, scores = tuned[rule]
-    return {
-        "argmax": score(logits.argmax(axis=-1), gold, oos).as_dict(),
-        "oos_rule": rule,
-        "oos_threshold": threshold,
-        "thresholded": scores.as_dict(),
-        "rules": {r: {"oos_threshold": t, "thresholded": s.as_dict()} for r, (t, s) in tuned.items()},
-    }
+    pretrained: str | None
+    wiki_path: str
+    wiki_oos: int
+    train_subset: int  # 0 means the whole training split
 
 
 def run(data: Clinc, out: Path, cfg: TeacherConfig, train_cfg: TrainConfig) -> dict[str, Any]:
@@ -69,3 +47,9 @@ def run(data: Clinc, out: Path, cfg: TeacherConfig, train_cfg: TrainConfig) -> d
     write_run(out, "teacher", {"teacher": vars(cfg), "train": train_cfg.as_dict()}, report, history=history)
     log.info("teacher validation: %s", report)
     return report
+
+
+def run_stage(ctx: Any, cfg: Config) -> None:
+    teacher = TeacherConfig(cfg.pretrained, str(ctx.wiki), ctx.wiki_oos, ctx.train_subset)
+    train = train_config(ctx, cfg.teacher_epochs, cfg.teacher_lr, cfg.label_smoothing)
+    run(ctx.clinc, ctx.dir("teacher"), teacher, train)

@@ -166,3 +166,16 @@ class Trainer:
             log.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in row.items()})
             history.append(row)
         return history
+
+
+def train_config(ctx: Any, epochs: float, lr: float, label_smoothing: float = 0.0) -> TrainConfig:
+    """A stage's training settings: its own epochs and learning rate, the pipeline's common options."""
+    return TrainConfig(
+        epochs=epochs,
+        lr=lr,
+        batch_size=ctx.batch_size,
+        label_smoothing=label_smoothing,
+        max_length=ctx.max_length,
+        seed=ctx.seed,
+        threads=ctx.threads,
+    )

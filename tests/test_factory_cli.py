@@ -76,25 +76,35 @@ def test_pipeline_end_to_end_on_tiny_model(tiny_pretrained: Path, tmp_path: Path
         "30",
         "--threads",
         "1",
+        "--static-epochs",
+        "1",
+        "--static-copies",
+        "0",
+        "--static-wiki-oos",
+        "50",
+        "--static-dim",
+        "16",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     # Every stage wrote its artifact and the record of what produced it.
-    for stage in ("teacher", "search", "student", "pruned", "onnx", "int8"):  # directory names
+    for stage in ("teacher", "search", "distill", "prune", "export", "quantize", "static"):  # named after the stage
         run = json.loads((art / stage / "run.json").read_text())
-        assert run["stage"] in {stage, "distill", "prune", "quantize", "export"}
+        assert run["stage"] == stage
         assert "torch" in run["versions"]
         assert "config" in run
-    pruned = json.loads((art / "pruned" / "config.json").read_text())
+    pruned = json.loads((art / "prune" / "config.json").read_text())
     assert pruned["intermediate_size"] == 32
     assert pruned["num_hidden_layers"] == 2
-    onnx_run = json.loads((art / "onnx" / "run.json").read_text())
+    onnx_run = json.loads((art / "export" / "run.json").read_text())
     assert onnx_run["metrics"]["parity_max_abs_diff"] < 1e-3
     assert onnx_run["metrics"]["fused_operators"].get("Attention") == 2
     # Skip-layernorm stays unfused (slower on CPU), and the card tells the service to keep it so.
     assert "SkipLayerNormalization" not in onnx_run["metrics"]["fused_operators"]
     card = json.loads((model_dir / "card.json").read_text())
     assert card["ort_disabled_optimizers"] == ["SkipLayerNormFusion"]
-    assert set(card["files"]) == {"model.onnx", "tokenizer.json", "labels.json"}
+    assert set(card["files"]) == {"model.onnx", "tokenizer.json", "labels.json", "static.onnx"}
+    assert card["schema_version"] == 2
+    assert 0.3 <= card["cascade"]["threshold"] <= 1.0
     assert len(json.loads((model_dir / "labels.json").read_text())) == 151
     bench = json.loads((reports / "benchmark.json").read_text())
     stages = [r["stage"] for r in bench["rows"]]
@@ -133,8 +143,8 @@ def test_onnx_matches_pytorch_logits(tiny_pretrained: Path, tmp_path: Path) -> N
     [
         (["teacher", "--data", "/nonexistent/clinc.json"], "error: data file not found: /nonexistent/clinc.json"),
         (["distill", "--artifacts", "/nonexistent/art"], "error: no checkpoint at /nonexistent/art/teacher"),
-        (["export", "--artifacts", "/nonexistent/art"], "error: no checkpoint at /nonexistent/art/pruned"),
-        (["quantize", "--artifacts", "/nonexistent/art"], "error: no ONNX model at /nonexistent/art/onnx/model.onnx"),
+        (["export", "--artifacts", "/nonexistent/art"], "error: no checkpoint at /nonexistent/art/prune"),
+        (["quantize", "--artifacts", "/nonexistent/art"], "error: no ONNX model at /nonexistent/art/export/model.onnx"),
     ],
 )
 def test_cli_errors_are_one_line(args: list[str], message: str, data_path: Path) -> None:

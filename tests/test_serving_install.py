@@ -82,7 +82,7 @@ def _damage(model, how: str) -> None:
         ("tampered", "sha256 mismatch"),
         ("missing", "missing model file"),
         ("truncated", "unloadable model.onnx"),
-        ("labels_mismatch", "model outputs 151 logits but labels.json has 150 labels"),
+        ("labels_mismatch", "card.json says 151 labels but labels.json has 150 labels"),
         ("bad_tokenizer", "unreadable tokenizer.json"),
     ],
 )
