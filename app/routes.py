@@ -81,9 +81,12 @@ def _prediction(p: Prediction, top_k: int) -> dict[str, Any]:
 
 
 def _server_timing(predictions: list[Prediction]) -> str:
+    """Tokenisation and the whole model path (every stage that ran), summed over the texts; `desc` names
+    which model of the cascade answered a single text."""
     inference_ms = sum(p.inference_s for p in predictions) * 1000
     tokenize_ms = sum(p.tokenize_s for p in predictions) * 1000
-    return f"tokenize;dur={tokenize_ms:.3f}, inference;dur={inference_ms:.3f}"
+    desc = f';desc="{predictions[0].stage}"' if len(predictions) == 1 else ""
+    return f"tokenize;dur={tokenize_ms:.3f}, inference;dur={inference_ms:.3f}{desc}"
 
 
 def _json(content: dict[str, Any], predictions: list[Prediction]) -> Response:

@@ -103,6 +103,12 @@ def test_a_text_gets_the_same_answer_alone_as_in_a_batch(tmp_path: Path) -> None
         batch = client.post("/predict/batch", json={"texts": texts, "top_k": 2}).json()["predictions"]
         metrics = client.get("/metrics").text
     assert [{k: v for k, v in a.items() if k != "model_version"} for a in alone] == batch
+    with TestClient(create_app(Settings(model_dir=directory, warmup_queries=0))) as client:
+        timing = [client.post("/predict", json={"text": t}).headers["server-timing"] for t in ("q1", "q2")]
+    assert timing[0].startswith("tokenize;dur=")
+    assert timing[0].endswith('desc="first"')
+    assert ", inference;dur=" in timing[1]
+    assert timing[1].endswith('desc="transformer"')
     stages = [OnnxClassifier(load_artifact(directory), cpu_flags=frozenset()).predict(t).stage for t in texts]
     assert stages[:5] == ["first", "transformer", "transformer", "first", "first"]
     # Each text was asked twice, alone and in the batch; warm-up queries are not counted.
