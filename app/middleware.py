@@ -48,7 +48,8 @@ class ServiceMiddleware:
         direct_posts: Mapping[str, DirectHandler] | None = None,
     ) -> None:
         """`route_labels`: the app's route paths, taken from its router when the app is built; any other
-        path is labelled `other` in the metrics, so that scanners cannot blow up their cardinality."""
+        path is labelled `other` in the metrics, so that scanners cannot blow up their cardinality. Paths
+        match exactly: a route with a path parameter (`/x/{id}`) would be counted as `other`."""
         self.app = app
         self.metrics = metrics
         self.max_body = max_body

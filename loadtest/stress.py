@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from app.cpu import current, measurement_context
 from loadtest.driver import closed_loop, open_loop
 from loadtest.procs import rss_mb
 from loadtest.queries import load_queries
@@ -97,9 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpus", default=None)
     p.add_argument("--out", type=Path, default=ROOT / "reports" / "stress.json")
     a = p.parse_args(argv)
+    print(f"CPU: {current().describe()}", flush=True)
     result = run(a.seconds, a.factor, a.workers, a.max_queue, a.cpus, a.batch)
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(result, indent=2) + "\n")
+    a.out.write_text(json.dumps({**result, "context": measurement_context()}, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     ok = all(result["checks"].values())
     print("stress:", "all checks passed" if ok else f"FAILED {[k for k, v in result['checks'].items() if not v]}")

@@ -208,3 +208,82 @@ def test_request_without_a_body_is_counted_once_by_the_fallback() -> None:
     assert sent == []
     assert _count(metrics, "/predict", "POST", "500") == 1
     assert sum(_count(metrics, "/predict", "POST", s) for s in ("200", "400", "422", "500")) == 1
+
+
+def _service_kwargs(app: FastAPI) -> dict[str, Any]:
+    (mw,) = [m for m in app.user_middleware if m.cls is ServiceMiddleware]
+    return mw.kwargs
+
+
+def test_cors_is_the_outermost_middleware() -> None:
+    from fastapi.middleware.cors import CORSMiddleware
+
+    app = build(cors_origins=[ORIGIN])
+    # user_middleware[0] is the outermost layer: CORS sees every response, the direct /predict included.
+    assert [m.cls for m in app.user_middleware] == [CORSMiddleware, ServiceMiddleware]
+    assert set(_service_kwargs(app)["direct_posts"]) == {"/predict"}
+    assert [m.cls for m in build().user_middleware] == [ServiceMiddleware]
+    assert set(_service_kwargs(build())["direct_posts"]) == {"/predict"}
+
+
+def test_route_labels_are_exactly_the_router_paths() -> None:
+    app = build()
+    router_paths = {r.path for r in app_routes.router.routes}
+    docs = {"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+    assert _service_kwargs(app)["route_labels"] == router_paths | docs
+    assert router_paths == {"/predict", "/predict/batch", "/health", "/ready", "/model", "/metrics"}
+
+
+# One request per router path, with the status it must answer: every path must be listed here.
+ROUTER_REQUESTS: dict[str, tuple[str, dict[str, Any], int]] = {
+    "/predict": ("POST", {"json": {"text": "flight"}}, 200),
+    "/predict/batch": ("POST", {"json": {"texts": ["balance", "flight"]}}, 200),
+    "/health": ("GET", {}, 200),
+    "/ready": ("GET", {}, 200),
+    "/model": ("GET", {}, 200),
+    "/metrics": ("GET", {}, 200),
+}
+
+
+@pytest.mark.parametrize("cors", [False, True])
+def test_each_router_path_is_counted_under_its_own_label(cors: bool) -> None:
+    settings: dict[str, object] = {"cors_origins": [ORIGIN]} if cors else {}
+    app = build(**settings)
+    assert set(ROUTER_REQUESTS) == {r.path for r in app_routes.router.routes}
+    with TestClient(app) as c:
+        for path, (method, kwargs, status) in ROUTER_REQUESTS.items():
+            assert c.request(method, path, headers={"origin": ORIGIN}, **kwargs).status_code == status
+        text = c.get("/metrics").text
+        for path, (method, _, status) in ROUTER_REQUESTS.items():
+            row = f'intent_requests_total{{method="{method}",route="{path}",status="{status}"}} 1.0'
+            assert row in text.splitlines(), path
+        assert 'route="other"' not in text
+
+
+def test_a_route_added_to_the_router_gets_its_own_label(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No hand-written list to update: a route declared on a router (even under a prefix) is a label."""
+    from fastapi import APIRouter
+
+    extra = APIRouter()
+
+    @extra.get("/ping")
+    async def ping() -> dict[str, str]:
+        return {"pong": "yes"}
+
+    combined = APIRouter()
+    combined.include_router(app_routes.router)
+    combined.include_router(extra, prefix="/v2")
+    monkeypatch.setattr("app.main.router", combined)
+    app = build()
+    assert "/v2/ping" in _service_kwargs(app)["route_labels"]
+    with TestClient(app) as c:
+        r = c.get("/v2/ping")
+        assert r.status_code == 200
+        assert r.json() == {"pong": "yes"}
+        assert c.get("/v2/pong").status_code == 404
+        assert requests_total(c, "/v2/ping", "GET", "200") == 1
+        assert requests_total(c, "other", "GET", "404") == 1
+        assert requests_total(c, "other", "GET", "200") == 0
+        # The original routes are labelled as before; /predict is still the direct path.
+        assert c.post("/predict", json={"text": "flight"}).status_code == 200
+        assert requests_total(c, "/predict", "POST", "200") == 1

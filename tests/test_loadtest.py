@@ -11,9 +11,11 @@ from loadtest.run import run_locust
 from loadtest.stats import histogram_quantile
 from tests.servers import running_server
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# Marked one by one: the load tests start servers; the compare-model tests at the bottom need none.
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_locust_open_loop_and_closed_loop(tmp_path: Path, data_path: Path) -> None:
     with running_server() as (base, _):
         open_loop = run_locust(base, tmp_path / "open", "open", users=4, seconds=4, rate=50, data=str(data_path))
@@ -34,6 +36,8 @@ def test_locust_open_loop_and_closed_loop(tmp_path: Path, data_path: Path) -> No
     assert (tmp_path / "open" / "locust_stats.csv").is_file()
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_histogram_quantile_matches_prometheus_rules() -> None:
     before = {0.001: 0.0, 0.002: 0.0, float("inf"): 0.0}
     after = {0.001: 50.0, 0.002: 100.0, float("inf"): 100.0}
@@ -42,6 +46,8 @@ def test_histogram_quantile_matches_prometheus_rules() -> None:
     assert histogram_quantile(0.99, before, {0.001: 0.0, 0.002: 0.0, float("inf"): 0.0}) is None
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_make_loadtest_runs_both_phases_with_its_own_servers(tmp_path: Path, data_path: Path) -> None:
     from loadtest.run import main
 
@@ -61,12 +67,16 @@ def test_make_loadtest_runs_both_phases_with_its_own_servers(tmp_path: Path, dat
     assert (tmp_path / "server_throughput.log").is_file()
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_loadtest_refuses_non_loopback_targets(tmp_path: Path) -> None:
     from loadtest.run import main
 
     assert main(["--host", "http://example.com:8000", "--out", str(tmp_path)]) == 2
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_stage_means_come_from_histogram_deltas() -> None:
     from loadtest.stages import mean_ms
 
@@ -77,6 +87,8 @@ def test_stage_means_come_from_histogram_deltas() -> None:
     assert mean_ms({}, {("queue", "sum"): 0.0, ("queue", "count"): 10.0}, "queue") == 0.0
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_framework_overhead_benchmark_times_every_case() -> None:
     import asyncio
 
@@ -89,3 +101,30 @@ def test_framework_overhead_benchmark_times_every_case() -> None:
         "GET /health, FastAPI route",
     }
     assert all(len(v) == 2 and all(x > 0 for x in v) for v in results.values())
+
+
+def test_compare_baselines_serve_the_teacher_when_it_exists(tmp_path: Path) -> None:
+    from loadtest.compare import FINE_TUNED, choose_baseline_model
+
+    teacher = tmp_path / "artifacts" / "teacher"
+    teacher.mkdir(parents=True)
+    (teacher / "config.json").write_text("{}")
+    model = choose_baseline_model(tmp_path, tmp_path / "reports" / "compare")
+    assert model.path == teacher
+    assert model.kind == FINE_TUNED == "fine-tuned teacher"
+    assert model.trained
+    assert model.row_name("transformers pipeline (PyTorch fp32)") == "transformers pipeline (PyTorch fp32)"
+
+
+def test_compare_baselines_fall_back_to_an_untrained_stand_in(tmp_path: Path) -> None:
+    from loadtest.compare import STAND_IN, baseline_cmd, choose_baseline_model
+
+    (tmp_path / "artifacts" / "teacher").mkdir(parents=True)  # a directory without config.json is not a teacher
+    out = tmp_path / "reports" / "compare"
+    model = choose_baseline_model(tmp_path, out)
+    assert model.path == out / "baseline-model"
+    assert model.kind == STAND_IN == "pretrained encoder, untrained head (timing only)"
+    assert not model.trained
+    assert model.row_name("Optimum ORT pipeline (fp32 ONNX)").endswith("(untrained head: timing only)")
+    _, env = baseline_cmd("optimum_server", 8000, 2, Path("python"), model.path)
+    assert env["BASELINE_MODEL"] == str(out / "baseline-model")
