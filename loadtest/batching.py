@@ -9,6 +9,7 @@ import time
 import numpy as np
 
 from app.artifact import load_artifact
+from app.cpu import current
 from app.runtime import OnnxClassifier
 from loadtest.queries import load_queries
 from loadtest.server import ROOT
@@ -40,6 +41,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--rounds", type=int, default=30)
     a = p.parse_args()
+    print(f"CPU: {current().describe()}", flush=True)
     clf = OnnxClassifier(load_artifact(ROOT / "models" / "clinc150"), 1, 1)
     texts = load_queries()
     per_query_us(clf, texts, 8, 5)  # warm-up

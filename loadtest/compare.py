@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ LABELS = ROOT / "models" / "clinc150" / "labels.json"
 FINE_TUNED = "fine-tuned teacher"
 STAND_IN = "pretrained encoder, untrained head (timing only)"
 STAND_IN_SUFFIX = " (untrained head: timing only)"
+STAND_IN_DONE = "stand-in.txt"  # written last: the stand-in under baseline-model/ is complete
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,7 @@ def build_stand_in(path: Path, labels_path: Path = LABELS) -> None:
     classification head over the CLINC150 labels, saved with its tokenizer. Offline; runs in this (.venv)
     process, so the Optimum venv needs neither the encoder package nor network access."""
     labels: list[str] = json.loads(labels_path.read_text())
-    if (path / "config.json").is_file():
+    if (path / "config.json").is_file() and (path / STAND_IN_DONE).is_file():
         config = json.loads((path / "config.json").read_text())
         if list(config.get("id2label", {}).values()) == labels:
             return
@@ -79,9 +81,14 @@ def build_stand_in(path: Path, labels_path: Path = LABELS) -> None:
         id2label=dict(enumerate(labels)),
         label2id={label: i for i, label in enumerate(labels)},
     )
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(source).save_pretrained(path)
+    # Written beside, then moved into place: an interrupted build is never taken for a finished one.
+    partial = path.with_name(path.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    AutoTokenizer.from_pretrained(source).save_pretrained(partial)
+    (partial / STAND_IN_DONE).write_text(f"{source}\n")
+    shutil.rmtree(path, ignore_errors=True)
+    partial.rename(path)
 
 
 def baseline_cmd(

@@ -25,6 +25,7 @@ import gevent
 from locust import FastHttpUser, events, task
 from locust.env import Environment
 
+from app.cpu import current
 from loadtest.queries import load_queries
 from loadtest.stats import histogram_quantile, percentiles_ms, scrape_buckets
 
@@ -83,6 +84,7 @@ def _stop(environment: Environment, **_: Any) -> None:
         pass
     single = _times["/predict"]
     summary = {
+        "cpu": current().describe(),
         "mode": MODE,
         "target_rate": RATE if MODE == "open" else None,
         "users": int(os.environ.get("LOADTEST_USERS", "0")),

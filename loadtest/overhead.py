@@ -18,6 +18,7 @@ from typing import Any
 
 from app.classifier import Prediction
 from app.config import Settings
+from app.cpu import current
 from app.main import create_app
 
 BODY = b'{"text": "book a flight to rome"}'
@@ -106,6 +107,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=5000, help="requests per case and round")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    print(f"CPU: {current().describe()}", flush=True)
     results = asyncio.run(measure(args.requests, args.rounds))
     print("| request | median µs per round | best |")
     print("|---|---|---|")

@@ -14,6 +14,7 @@ import re
 import urllib.request
 from pathlib import Path
 
+from app.cpu import current
 from loadtest.driver import open_loop
 from loadtest.queries import load_queries
 from loadtest.server import free_port, our_server, pinned, serve
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=None, help="CLINC150 JSON whose validation texts are sent")
     p.add_argument("--log", type=Path, default=None)
     a = p.parse_args(argv)
+    print(f"CPU: {current().describe()}", flush=True)
     texts = load_queries(a.data)
     port = free_port()
     cmd, env = our_server(port, workers=1)

@@ -128,3 +128,22 @@ def test_compare_baselines_fall_back_to_an_untrained_stand_in(tmp_path: Path) ->
     assert model.row_name("Optimum ORT pipeline (fp32 ONNX)").endswith("(untrained head: timing only)")
     _, env = baseline_cmd("optimum_server", 8000, 2, Path("python"), model.path)
     assert env["BASELINE_MODEL"] == str(out / "baseline-model")
+
+
+@pytest.mark.slow
+def test_stand_in_is_the_pretrained_encoder_with_a_fresh_clinc_head(tmp_path: Path) -> None:
+    from loadtest.compare import LABELS, STAND_IN_DONE, build_stand_in
+
+    path = tmp_path / "baseline-model"
+    (tmp_path / "baseline-model.partial").mkdir()  # left by an interrupted build: replaced
+    build_stand_in(path)
+    config = json.loads((path / "config.json").read_text())
+    labels = json.loads(LABELS.read_text())
+    assert list(config["id2label"].values()) == labels
+    assert len(labels) == 151
+    assert (config["hidden_size"], config["num_hidden_layers"], config["num_attention_heads"]) == (384, 6, 12)
+    assert (path / "tokenizer.json").is_file()
+    assert not (tmp_path / "baseline-model.partial").exists()
+    done = (path / STAND_IN_DONE).stat().st_mtime_ns
+    build_stand_in(path)  # complete and for the same labels: kept
+    assert (path / STAND_IN_DONE).stat().st_mtime_ns == done
