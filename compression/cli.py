@@ -1,8 +1,9 @@
 """`python -m compression STAGE ...`: one stage of the pipeline (compression.pipeline.STAGES) from the
 previous stages' outputs under --artifacts, or `all` of them in order; `data` downloads the dataset.
 
-Flags come from the pipeline's `Common` options and from the chosen stages' `Config` dataclasses; only the
-chosen stages' modules are imported, so `--help` and `data` run without the training libraries.
+Flags come from the pipeline's `Common` options and from the chosen stages' `Config` dataclasses (only the
+chosen stages' modules are imported, and those import the training libraries only when they run), so
+`--help`, any stage's `--help` and `data` run without torch.
 """
 
 from __future__ import annotations
@@ -48,17 +49,19 @@ def run_stage(a: argparse.Namespace) -> None:
     if a.stage == "data":
         for path in data_mod.download_all(a.dest):
             print(f"downloaded and verified {path}")
+        data_file, wiki_file = a.dest / data_mod.DATA_FILE, a.dest / data_mod.WIKI_FILE
+        print(f"use them with: make model DATA={data_file} MODEL_ARGS='--wiki {wiki_file}'")
         return
     names = list(pipeline.STAGES) if a.stage == "all" else [a.stage]
     pipeline.run(names, a, log)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser(argv).parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s %(message)s"
-    )
     try:
+        args = build_parser(argv).parse_args(argv)
+        logging.basicConfig(
+            level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s %(message)s"
+        )
         run_stage(args)
     except FactoryError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -15,14 +15,20 @@ OOS = "oos"
 UPSTREAM = "https://raw.githubusercontent.com/clinc/oos-eval/master/data"
 ORIGINAL_URL = f"{UPSTREAM}/data_oos_plus.json"
 ORIGINAL_SHA256 = "bfcca9ae515623541dc1983c94c4ed7cae9d26b42ae47d74b972e51bb6f7a21f"
-# The dataset authors' Wikipedia sentences ("wiki_aug"), used as extra out-of-scope training material.
+# The dataset authors' Wikipedia sentences (the paper's "wiki_aug" material), used as extra out-of-scope
+# training examples. Upstream it is data/all_wiki_sents.txt in the same repository (at commit 48a0e1c:
+# 750,542 bytes, the same size and first lines as the copy in ../shared/data/clinc150/wiki_sents.txt). The
+# sha256 is that local copy's, which the shared SHA256SUMS also lists; it could not be checked against a
+# download from here (no internet), so a mismatch on first use would mean the two differ after all.
 WIKI_URL = f"{UPSTREAM}/all_wiki_sents.txt"
 WIKI_SHA256 = "570704f8120d13d27dda90d116a0b2365e121139f72c2967b65f55465ebfad44"
+# The defaults of --data and --wiki (the factory's only definitions of these paths).
 DEFAULT_DATA = Path("../shared/data/clinc150/clinc150_plus_train_val.json")
 DEFAULT_WIKI = Path("../shared/data/clinc150/wiki_sents.txt")
-# Where `make data` puts both files; pass --data and --wiki to the factory to use them.
+# Where `make data` (`python -m compression data`) puts both files; pass --data and --wiki to use them.
 DOWNLOAD_DIR = Path("data/clinc150")
-DOWNLOADS = (("data_oos_plus.json", ORIGINAL_URL, ORIGINAL_SHA256), ("wiki_sents.txt", WIKI_URL, WIKI_SHA256))
+DATA_FILE, WIKI_FILE = "data_oos_plus.json", "wiki_sents.txt"
+DOWNLOADS = ((DATA_FILE, ORIGINAL_URL, ORIGINAL_SHA256), (WIKI_FILE, WIKI_URL, WIKI_SHA256))
 
 # In-scope and out-of-scope parts of each split, as the original file names them.
 _SPLIT_KEYS = {"train": ("train", "oos_train"), "val": ("val", "oos_val"), "test": ("test", "oos_test")}
@@ -124,12 +130,13 @@ def load_wiki(path: Path | str, n: int, seed: int) -> Split:
 
 
 def download(dest: Path, url: str = ORIGINAL_URL, sha256: str = ORIGINAL_SHA256) -> Path:
-    """Fetch the original data_oos_plus.json for users with the internet, and verify it."""
+    """Fetch `url` to `dest` (for users with the internet) and verify its sha256; a bad download leaves no file."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_suffix(".part")
     try:
-        urllib.request.urlretrieve(url, tmp)  # noqa: S310 - fixed https URL
-    except OSError as exc:
+        urllib.request.urlretrieve(url, tmp)  # noqa: S310 - fixed https URLs (file:// in tests)
+    except (OSError, ValueError) as exc:
+        tmp.unlink(missing_ok=True)
         raise FactoryError(f"could not download {url}: {exc}") from None
     got = sha256_file(tmp)
     if got != sha256:

@@ -7,35 +7,44 @@ import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from compression import checkpoint
 from compression.data import Clinc
 from compression.evaluate import validation_report
 from compression.onnx_runner import OnnxStage
 from compression.provenance import write_run
-from compression.training import Encoded, predict_logits
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from compression.pipeline import Context
 
 log = logging.getLogger(__name__)
 OPSET = 17
 
 
-class _LogitsOnly(nn.Module):
-    def __init__(self, model: Any) -> None:
-        super().__init__()
-        self.model = model
+def _logits_only(model: Any) -> nn.Module:
+    """The model as (input_ids, attention_mask) -> logits, the graph's one output."""
+    import torch
+    from torch import nn
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        # Explicit zero segment ids: left to the model, they are rebuilt from a buffer by about 15 small
-        # ops per call, a measurable share of a sub-millisecond query.
-        token_type_ids = torch.zeros_like(input_ids)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
-        logits: torch.Tensor = out.logits
-        return logits
+    class LogitsOnly(nn.Module):
+        def __init__(self, model: Any) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            # Explicit zero segment ids: left to the model, they are rebuilt from a buffer by about 15 small
+            # ops per call, a measurable share of a sub-millisecond query.
+            token_type_ids = torch.zeros_like(input_ids)
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+            logits: torch.Tensor = out.logits
+            return logits
+
+    return LogitsOnly(model)
 
 
 def write_tokenizer(src_dir: Path, dest: Path, window: int) -> None:
@@ -49,6 +58,8 @@ def write_tokenizer(src_dir: Path, dest: Path, window: int) -> None:
 
 
 def export_onnx(model: Any, tokenizer: Any, path: Path) -> None:
+    import torch
+
     model.eval()
     # ORT's attention fusion matches the eager attention graph, not the SDPA one.
     model.set_attn_implementation("eager")
@@ -62,7 +73,7 @@ def export_onnx(model: Any, tokenizer: Any, path: Path) -> None:
         # The wrapper must be in eval mode too: the exporter restores the wrapper's mode afterwards,
         # which would otherwise switch the wrapped model back to training (dropout on).
         torch.onnx.export(
-            _LogitsOnly(model).eval(),
+            _logits_only(model).eval(),
             (sample["input_ids"], sample["attention_mask"]),
             str(path),
             input_names=["input_ids", "attention_mask"],
@@ -101,6 +112,8 @@ def fuse(raw: Path, out: Path, num_heads: int, hidden_size: int) -> dict[str, in
 
 
 def run(ckpt_dir: Path, data: Clinc, out: Path, max_length: int, parity_n: int = 300) -> dict[str, Any]:
+    from compression.training import Encoded, predict_logits
+
     model, tokenizer, labels = checkpoint.load(ckpt_dir)
     out.mkdir(parents=True, exist_ok=True)
     raw, fused = out / "model.raw.onnx", out / "model.onnx"
@@ -133,5 +146,5 @@ class Config:
     parity_queries: int = field(default=300, metadata={"help": "validation queries checked against PyTorch"})
 
 
-def run_stage(ctx: Any, cfg: Config) -> None:
+def run_stage(ctx: Context, cfg: Config) -> None:
     run(ctx.dir("prune"), ctx.clinc, ctx.dir("export"), ctx.max_length, cfg.parity_queries)

@@ -3,8 +3,13 @@ stages whose outputs it reads, and a module that defines the stage's `Config` da
 `run_stage(ctx, cfg)`. CLI flags are generated from `Common` and each stage's `Config`, so every default lives
 in one dataclass field. Adding a stage is one module and one entry in `STAGES`.
 
-The registry names modules instead of importing them, so `python -m compression --help` and
-`python -m compression data` need no training libraries; a stage's module is imported when it runs.
+The stage protocol: a stage module defines `Config`, a dataclass whose fields all have defaults and
+`metadata={"help": ...}` (field `ffn_keep` is flag `--ffn-keep`; a bool is `--x/--no-x`, a list
+comma-separated), and `run_stage(ctx: Context, cfg: Config) -> None`, which reads its inputs from
+`ctx.dir(<input stage>)` and writes `ctx.dir(<its name>)`. It imports torch, transformers and onnx inside
+functions only, so that reading its Config needs none of them: `--help` of every stage, and
+`python -m compression data`, run in the serving environment. The registry names modules instead of importing
+them; the CLI imports only the chosen stages' modules.
 """
 
 from __future__ import annotations
@@ -13,13 +18,21 @@ import argparse
 import dataclasses
 import functools
 import importlib
+import logging
+import time
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from compression.data import DEFAULT_DATA, DEFAULT_WIKI, Clinc, load_clinc
+from compression.errors import FactoryError
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+C = TypeVar("C", bound="DataclassInstance")
 
 
 @dataclass(frozen=True)
@@ -30,6 +43,8 @@ class Stage:
     help: str
 
 
+# In order: `python -m compression all` runs them so. `inputs` are the stages whose output directories a stage
+# reads (artifact and bench also read the earlier stages' run records, for the card and the stage table).
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in (
@@ -40,8 +55,18 @@ STAGES: dict[str, Stage] = {
         Stage("export", ("prune",), "compression.export", "ONNX export with ORT transformer fusions"),
         Stage("quantize", ("export",), "compression.quantize", "int8 quantisation, the best candidate kept"),
         Stage("static", ("quantize",), "compression.static", "the cascade's first stage, distilled"),
-        Stage("artifact", ("quantize", "static"), "compression.artifact", "write the served artifact and card"),
-        Stage("bench", ("artifact",), "compression.benchmark", "measure every stage, write reports/"),
+        Stage(
+            "artifact",
+            ("quantize", "static", "teacher", "distill", "prune", "export"),
+            "compression.artifact",
+            "write the served artifact and its card",
+        ),
+        Stage(
+            "bench",
+            ("artifact", "teacher", "distill", "prune", "export", "quantize"),
+            "compression.benchmark",
+            "measure every stage, write reports/",
+        ),
     )
 }
 
@@ -63,29 +88,30 @@ class Common:
     train_subset: int = field(default=0, metadata={"help": "use only N training rows (0: all)"})
 
 
-class Context:
-    """What a stage gets besides its own config: the common options, stage directories and the data."""
+class Context(Common):
+    """What every stage gets besides its own config: the common options (typed attributes), the stage
+    directories and the data, read once."""
 
-    def __init__(self, common: Common, args: argparse.Namespace | None = None) -> None:
-        self.common = common
-        self._args = args or argparse.Namespace()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.common, name)
+    def __init__(self, common: Common, flags: argparse.Namespace | None = None) -> None:
+        super().__init__(**{f.name: getattr(common, f.name) for f in dataclasses.fields(Common)})
+        self._flags = flags if flags is not None else argparse.Namespace()
 
     def dir(self, stage: str) -> Path:
-        return Path(self.common.artifacts) / stage
+        """A stage's output directory: artifacts/<stage>."""
+        return Path(self.artifacts) / stage
 
-    def config_of(self, stage: str) -> Any:
-        """Another stage's config, from this run's flags where given (with `all`), else its defaults: for
-        settings one stage shares with another, such as distillation's layers, used by the search."""
-        config = load(STAGES[stage]).Config
-        given = {f.name: getattr(self._args, f.name) for f in dataclasses.fields(config) if hasattr(self._args, f.name)}
+    def config_of(self, config: type[C]) -> C:
+        """Another stage's config from this run's flags where they were given (with `all`), else its defaults:
+        for settings a stage shares with one that runs later, such as the distillation's, which the search
+        tunes for. Values a stage reads from an earlier stage come from that stage's output directory."""
+        given = {
+            f.name: getattr(self._flags, f.name) for f in dataclasses.fields(config) if hasattr(self._flags, f.name)
+        }
         return config(**given)
 
     @functools.cached_property
     def clinc(self) -> Clinc:
-        return load_clinc(self.common.data)
+        return load_clinc(self.data)
 
 
 class StageModule(Protocol):
@@ -95,8 +121,24 @@ class StageModule(Protocol):
 
 
 def load(stage: Stage) -> StageModule:
-    module: Any = importlib.import_module(stage.module)
+    """A stage's module. Stage modules import the training libraries inside their functions only, so loading
+    one to read its Config works in the serving environment too."""
+    try:
+        module: Any = importlib.import_module(stage.module)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not (stage.module == exc.name or stage.module.startswith(exc.name + ".")):
+            raise  # a library the module needs: not for this message
+        raise FactoryError(f"stage {stage.name}: its module {stage.module} is not there") from None
+    for name in ("Config", "run_stage"):
+        if not hasattr(module, name):
+            raise FactoryError(f"stage {stage.name}: {stage.module} defines no {name}")
     return typing.cast(StageModule, module)
+
+
+def flag_names(configs: list[type[Any]]) -> list[str]:
+    """The flags these dataclasses generate, in order; one name must not appear twice (with `all`, every
+    stage's Config is built from one set of flags)."""
+    return [_flag(f) for config in configs for f in dataclasses.fields(config)]
 
 
 # ---------------------------------------------------------------- flags from dataclasses
@@ -124,12 +166,19 @@ def add_flags(parser: argparse.ArgumentParser | Any, config: type[Any], title: s
         default = f.default if f.default is not dataclasses.MISSING else factory()
         text = f.metadata.get("help", "")
         if kind is bool:
-            group.add_argument(_flag(f), action=argparse.BooleanOptionalAction, default=default, help=text)
+            shown = _flag(f) if default else "--no-" + _flag(f)[2:]
+            group.add_argument(
+                _flag(f), action=argparse.BooleanOptionalAction, default=default, help=f"{text} (default: {shown})"
+            )
         elif kind is list or typing.get_origin(kind) is list:
             item = typing.get_args(kind)[0] if typing.get_args(kind) else str
-            group.add_argument(_flag(f), type=_list_of(item), default=default, help=f"{text} (comma-separated)")
+            shown = ",".join(str(x) for x in default)
+            group.add_argument(
+                _flag(f), type=_list_of(item), default=default, help=f"{text} (comma-separated; default: {shown})"
+            )
         else:
-            suffix = " (default: see the stage)" if optional and default is None else " (default: %(default)s)"
+            # An optional field's None means "decided by the stage"; its help says how.
+            suffix = "" if optional and default is None else " (default: %(default)s)"
             group.add_argument(_flag(f), type=kind, default=default, help=text + suffix)
 
 
@@ -147,9 +196,8 @@ def build(config: type[Any], args: argparse.Namespace) -> Any:
     return config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config)})
 
 
-def run(names: list[str], args: argparse.Namespace, log: Any) -> None:
-    import time
-
+def run(names: list[str], args: argparse.Namespace, log: logging.Logger) -> None:
+    """Run the named stages in the order given, each with its Config built from the parsed flags."""
     ctx = Context(build(Common, args), args)
     ctx.clinc  # noqa: B018 - read and check the data before any stage starts: a bad file fails in one line
     for name in names:

@@ -6,21 +6,25 @@ run just as long on zeros, so it is not used here.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from compression import checkpoint
 from compression.augment import augment
 from compression.data import Clinc
-from compression.distill import DistillationTrainer, DistillConfig, freeze_word_embeddings
+from compression.errors import FactoryError
 from compression.evaluate import evaluate, training_split, validation_report
 from compression.provenance import write_run
-from compression.training import Encoded, TrainConfig, predict_logits, seed_everything, train_config
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from compression.pipeline import Context
+    from compression.training import Encoded, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +42,11 @@ class Config:
 
 @dataclass
 class PruneConfig:
-    """The resolved settings run() takes: Config's, plus the pipeline's and the distillation's."""
+    """The resolved settings run() takes: Config's, plus the pipeline's data options and the softening the
+    distill stage used (read from its run record)."""
 
     ffn_keep: float  # share of FFN neurons kept in every layer
-    recover_epochs: float  # distillation from the unpruned model afterwards
+    recover_epochs: float  # distillation from the unpruned model afterwards (0: none)
     wiki_path: str
     wiki_oos: int
     train_subset: int
@@ -51,6 +56,8 @@ class PruneConfig:
 
 
 def _slice_linear(layer: nn.Linear, keep: torch.Tensor, dim: int) -> nn.Linear:
+    from torch import nn
+
     weight = layer.weight.data.index_select(dim, keep).clone()
     bias = layer.bias.data.clone() if dim == 1 else layer.bias.data.index_select(0, keep).clone()
     new = nn.Linear(weight.shape[1], weight.shape[0])
@@ -60,6 +67,8 @@ def _slice_linear(layer: nn.Linear, keep: torch.Tensor, dim: int) -> nn.Linear:
 
 def neuron_importance(model: Any, data: Encoded, batches: int = 20) -> list[torch.Tensor]:
     """First-order Taylor importance |w . dL/dw| of each FFN neuron, summed over its in and out weights."""
+    from torch import nn
+
     layers = model.base_model.encoder.layer
     model.train(False)
     model.zero_grad()
@@ -81,6 +90,8 @@ def neuron_importance(model: Any, data: Encoded, batches: int = 20) -> list[torc
 
 def prune_ffn(model: Any, scores: list[torch.Tensor], keep_fraction: float) -> Any:
     """Keep the same number of top-scoring neurons in each layer, so the config stays uniform."""
+    import torch
+
     size = model.config.intermediate_size
     keep_n = max(1, round(size * keep_fraction))
     for layer, s in zip(model.base_model.encoder.layer, scores, strict=True):
@@ -101,6 +112,11 @@ def run(
 ) -> dict[str, Any]:
     """Prune the student's FFNs, then recover by distillation from `teacher_dir` (the unpruned student when
     None). The fine-tuned teacher is the better target: it does not pass on the student's own errors."""
+    import torch
+
+    from compression.distill import DistillationLoss, freeze_word_embeddings
+    from compression.training import Encoded, Trainer, predict_logits, seed_everything
+
     seed_everything(train_cfg.seed)
     torch.set_num_threads(train_cfg.threads)
     model, tokenizer, labels = checkpoint.load(student_dir)
@@ -116,7 +132,7 @@ def run(
     if teacher_dir is not None:
         target, _, teacher_labels = checkpoint.load(teacher_dir)
         if teacher_labels != labels:
-            raise ValueError("the teacher's labels differ from the student's")
+            raise FactoryError(f"the teacher's labels ({teacher_dir}) differ from the student's ({student_dir})")
     target_logits = torch.from_numpy(predict_logits(target, encoded))
     del target
     before = model.num_parameters()
@@ -124,31 +140,38 @@ def run(
     history: list[dict[str, float]] = []
     if cfg.recover_epochs > 0:
         freeze_word_embeddings(model)
-        distill = DistillConfig(alpha=cfg.alpha, temperature=cfg.temperature)
-        rcfg = TrainConfig(**{**train_cfg.as_dict(), "epochs": cfg.recover_epochs})
-        history = DistillationTrainer(model, rcfg, distill, target_logits).train(encoded)
+        loss = DistillationLoss(cfg.alpha, cfg.temperature, target_logits)
+        rcfg = dataclasses.replace(train_cfg, epochs=cfg.recover_epochs)
+        history = Trainer(model, rcfg, loss).train(encoded)
     logits, gold = evaluate(model, tokenizer, data, train_cfg.max_length)
     report = validation_report(logits, gold, labels)
     report["parameters"] = {"before": before, "after": model.num_parameters()}
     checkpoint.save(out, model, tokenizer, labels)
-    config = {"prune": vars(cfg), "train": train_cfg.as_dict(), "recovery_teacher": str(teacher_dir or student_dir)}
+    config = {
+        "prune": dataclasses.asdict(cfg),
+        "train": train_cfg.as_dict(),
+        "recovery_teacher": str(teacher_dir or student_dir),
+    }
     write_run(out, "prune", config, report, history=history)
     log.info("pruned validation: %s", report)
     return report
 
 
-def run_stage(ctx: Any, cfg: Config) -> None:
+def run_stage(ctx: Context, cfg: Config) -> None:
     import shutil
 
     from compression import distill
+    from compression.training import train_config
 
     out = ctx.dir("prune")
+    if not (ctx.dir("distill") / "config.json").is_file():
+        raise FactoryError(f"no checkpoint at {ctx.dir('distill')} (run the distill stage first)")
     if cfg.ffn_keep >= 1.0:
         # No pruning asked for: the stage passes the student through, so later stages have one input.
         shutil.rmtree(out, ignore_errors=True)
         shutil.copytree(ctx.dir("distill"), out)
         return
-    kd, _ = distill.resolve(ctx, ctx.config_of("distill"))
+    kd = distill.recorded(ctx.dir("distill"))  # the recovery softens the logits as the distillation did
     prune = PruneConfig(
         cfg.ffn_keep,
         cfg.recover_epochs,

@@ -8,22 +8,18 @@ import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnx
-from onnxruntime.quantization import (
-    CalibrationDataReader,
-    QuantFormat,
-    QuantType,
-    quantize_dynamic,
-    quantize_static,
-)
 
 from compression.data import Clinc, Split
+from compression.errors import FactoryError
 from compression.evaluate import validation_report
 from compression.onnx_runner import OnnxStage, latencies_ms
 from compression.provenance import write_run
+
+if TYPE_CHECKING:
+    from compression.pipeline import Context
 
 log = logging.getLogger(__name__)
 LATENCY_QUERIES = 300
@@ -32,15 +28,10 @@ LATENCY_QUERIES = 300
 LATENCY_TOLERANCE = 0.10
 
 
-class _Calibration(CalibrationDataReader):  # type: ignore[misc]
-    def __init__(self, runner: OnnxStage, texts: list[str]) -> None:
-        self.feeds = iter([runner.model.feed(runner.tokenizer.encode(t).ids) for t in texts])
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self.feeds, None)
-
-
 def dynamic(src: Path, dest: Path, per_channel: bool = False) -> None:
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
     # Fused graphs carry ops whose output type the quantiser cannot infer; FLOAT is the right default.
     quantize_dynamic(
         str(src),
@@ -52,10 +43,20 @@ def dynamic(src: Path, dest: Path, per_channel: bool = False) -> None:
 
 
 def static(src: Path, dest: Path, runner: OnnxStage, calibration: Split) -> None:
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Calibration(CalibrationDataReader):  # type: ignore[misc]
+        def __init__(self, texts: list[str]) -> None:
+            self.feeds = iter([runner.model.feed(runner.tokenizer.encode(t).ids) for t in texts])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.feeds, None)
+
     quantize_static(
         str(src),
         str(dest),
-        _Calibration(runner, calibration.texts),
+        Calibration(calibration.texts),
         quant_format=QuantFormat.QDQ,
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
@@ -86,8 +87,6 @@ def run(export_dir: Path, data: Clinc, out: Path, calibration_n: int = 300, seed
     out.mkdir(parents=True, exist_ok=True)
     src, tokenizer = export_dir / "model.onnx", export_dir / "tokenizer.json"
     if not src.is_file():
-        from compression.errors import FactoryError
-
         raise FactoryError(f"no ONNX model at {src} (run the export stage first)")
     candidates = {
         "dynamic": out / "model.dynamic.onnx",
@@ -116,5 +115,5 @@ class Config:
     calibration_queries: int = field(default=300, metadata={"help": "training queries for static calibration"})
 
 
-def run_stage(ctx: Any, cfg: Config) -> None:
+def run_stage(ctx: Context, cfg: Config) -> None:
     run(ctx.dir("export"), ctx.clinc, ctx.dir("quantize"), cfg.calibration_queries, ctx.seed)

@@ -6,18 +6,22 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Any
-
-import optuna
-import torch
+from typing import TYPE_CHECKING, Any
 
 from compression import checkpoint
 from compression.data import Clinc
-from compression.distill import DistillConfig, train_student, val_score
 from compression.provenance import write_run
-from compression.training import TrainConfig
+
+if TYPE_CHECKING:
+    import optuna
+    import torch
+
+    from compression.distill import DistillConfig
+    from compression.pipeline import Context
+    from compression.training import TrainConfig
 
 log = logging.getLogger(__name__)
+BEST_FILE = "best_params.json"  # what the distill stage reads: {"alpha", "temperature", "lr"}
 
 
 @dataclasses.dataclass
@@ -31,6 +35,10 @@ class Config:
 def run(
     teacher_dir: Path, data: Clinc, out: Path, search: Config, base: DistillConfig, train_cfg: TrainConfig
 ) -> dict[str, Any]:
+    import optuna
+
+    from compression.distill import train_student, val_score
+
     teacher, tokenizer, _ = checkpoint.load(teacher_dir)
     cache: dict[str, torch.Tensor] = {}
 
@@ -62,21 +70,23 @@ def run(
         "trials": [{"number": t.number, "params": t.params, "value": t.value} for t in study.trials],
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / "best_params.json").write_text(json.dumps(study.best_params, indent=2) + "\n")
-    write_run(out, "search", {"search": vars(search), "base": vars(base), "train": train_cfg.as_dict()}, result)
+    (out / BEST_FILE).write_text(json.dumps(study.best_params, indent=2) + "\n")
+    config = {"search": dataclasses.asdict(search), "base": dataclasses.asdict(base), "train": train_cfg.as_dict()}
+    write_run(out, "search", config, result)
     log.info("search best: %s", result["best_params"])
     return result
 
 
 def load_best(out: Path) -> dict[str, float]:
-    path = out / "best_params.json"
+    """The search's best alpha, temperature and lr; empty when the search did not run."""
+    path = out / BEST_FILE
     if not path.is_file():
         return {}
     params: dict[str, float] = json.loads(path.read_text())
     return params
 
 
-def run_stage(ctx: Any, cfg: Config) -> None:
+def run_stage(ctx: Context, cfg: Config) -> None:
     import shutil
 
     from compression import distill
@@ -84,5 +94,6 @@ def run_stage(ctx: Any, cfg: Config) -> None:
     if cfg.trials <= 0:
         shutil.rmtree(ctx.dir("search"), ignore_errors=True)  # distill then uses its own defaults
         return
-    base, train = distill.resolve(ctx, ctx.config_of("distill"))
+    # The trials tune the distillation this run will do: its flags where given (with `all`), else its defaults.
+    base, train = distill.resolve(ctx, ctx.config_of(distill.Config))
     run(ctx.dir("teacher"), ctx.clinc, ctx.dir("search"), cfg, base, train)

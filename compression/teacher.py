@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from compression import checkpoint
 from compression.data import Clinc
 from compression.evaluate import evaluate, training_split, validation_report
 from compression.provenance import write_run
-from compression.training import Encoded, TrainConfig, Trainer, seed_everything, train_config
+
+if TYPE_CHECKING:
+    from compression.pipeline import Context
+    from compression.training import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +31,8 @@ class Config:
 
 @dataclass
 class TeacherConfig:
+    """The resolved settings run() takes: Config's, plus the pipeline's data options."""
+
     pretrained: str | None
     wiki_path: str
     wiki_oos: int
@@ -35,6 +40,8 @@ class TeacherConfig:
 
 
 def run(data: Clinc, out: Path, cfg: TeacherConfig, train_cfg: TrainConfig) -> dict[str, Any]:
+    from compression.training import Encoded, Trainer, seed_everything
+
     seed_everything(train_cfg.seed)
     model, tokenizer = checkpoint.load_pretrained(cfg.pretrained, data.labels)
     split = training_split(data, cfg.wiki_path, cfg.wiki_oos, train_cfg.seed, cfg.train_subset)
@@ -44,12 +51,14 @@ def run(data: Clinc, out: Path, cfg: TeacherConfig, train_cfg: TrainConfig) -> d
     logits, gold = evaluate(model, tokenizer, data, train_cfg.max_length)
     report = validation_report(logits, gold, data.labels)
     checkpoint.save(out, model, tokenizer, data.labels)
-    write_run(out, "teacher", {"teacher": vars(cfg), "train": train_cfg.as_dict()}, report, history=history)
+    write_run(out, "teacher", {"teacher": asdict(cfg), "train": train_cfg.as_dict()}, report, history=history)
     log.info("teacher validation: %s", report)
     return report
 
 
-def run_stage(ctx: Any, cfg: Config) -> None:
+def run_stage(ctx: Context, cfg: Config) -> None:
+    from compression.training import train_config
+
     teacher = TeacherConfig(cfg.pretrained, str(ctx.wiki), ctx.wiki_oos, ctx.train_subset)
     train = train_config(ctx, cfg.teacher_epochs, cfg.teacher_lr, cfg.label_smoothing)
     run(ctx.clinc, ctx.dir("teacher"), teacher, train)

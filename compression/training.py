@@ -1,4 +1,6 @@
-"""A small PyTorch training loop; stages customise it by overriding ``compute_loss``."""
+"""A small PyTorch training loop; stages customise its loss by passing ``loss`` (or overriding ``compute_loss``).
+
+Not a stage module: stage modules import it inside their functions, since it imports torch."""
 
 from __future__ import annotations
 
@@ -6,9 +8,9 @@ import logging
 import math
 import random
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -16,21 +18,27 @@ from torch import nn
 
 from compression.data import Split
 
+if TYPE_CHECKING:
+    from compression.pipeline import Context
+
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class TrainConfig:
-    epochs: float = 4.0
-    lr: float = 1e-4
-    batch_size: int = 32
+    """One training run's settings: the stage's epochs and learning rate, the pipeline's common options (see
+    `train_config`, which fills them; their defaults live in compression.pipeline.Common), and the optimiser's
+    fixed settings."""
+
+    epochs: float
+    lr: float
+    batch_size: int
+    max_length: int
+    seed: int
+    threads: int
+    label_smoothing: float = 0.0
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
-    label_smoothing: float = 0.0
-    max_length: int = 64
-    seed: int = 42
-    threads: int = 2
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -105,15 +113,22 @@ def predict_logits(model: Any, data: Encoded, batch_size: int = 128) -> np.ndarr
     return out if out is not None else np.empty((0, 0), dtype=np.float32)
 
 
-class Trainer:
-    """AdamW with linear warm-up and decay; one epoch is a shuffled pass over the data."""
+Loss = Callable[[Any, dict[str, torch.Tensor]], torch.Tensor]  # (model, batch) -> scalar loss
 
-    def __init__(self, model: Any, config: TrainConfig) -> None:
+
+class Trainer:
+    """AdamW with linear warm-up and decay; one epoch is a shuffled pass over the data. The loss is the
+    cross-entropy with the config's label smoothing unless `loss` is given."""
+
+    def __init__(self, model: Any, config: TrainConfig, loss: Loss | None = None) -> None:
         self.model = model
         self.config = config
+        self.loss = loss
         self.ce = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
 
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.loss is not None:
+            return self.loss(self.model, batch)
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         loss: torch.Tensor = self.ce(out.logits, batch["labels"])
         return loss
@@ -168,7 +183,7 @@ class Trainer:
         return history
 
 
-def train_config(ctx: Any, epochs: float, lr: float, label_smoothing: float = 0.0) -> TrainConfig:
+def train_config(ctx: Context, epochs: float, lr: float, label_smoothing: float = 0.0) -> TrainConfig:
     """A stage's training settings: its own epochs and learning rate, the pipeline's common options."""
     return TrainConfig(
         epochs=epochs,

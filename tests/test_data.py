@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from compression.data import OOS, label_order, load_clinc, load_wiki
+from compression.data import OOS, Split, label_order, load_clinc, load_wiki
 from compression.errors import FactoryError
 
 
@@ -76,3 +76,52 @@ def test_wiki_sample_is_seeded(tmp_path: Path) -> None:
     assert a.texts == b.texts
     assert a.intents == [OOS] * 10
     assert load_wiki(p, 0, seed=1).texts == []
+
+
+def test_download_verifies_the_sha256_and_leaves_nothing_behind_when_it_differs(tmp_path: Path) -> None:
+    from app.artifact import sha256_file
+    from compression.data import download
+
+    src = tmp_path / "upstream.txt"
+    src.write_text("some sentence\n")
+    dest = tmp_path / "out" / "wiki_sents.txt"
+    assert download(dest, src.as_uri(), sha256_file(src)) == dest  # a file:// URL: urlretrieve reads it
+    assert dest.read_bytes() == src.read_bytes()
+    dest.unlink()
+    with pytest.raises(FactoryError, match="downloaded file has sha256"):
+        download(dest, src.as_uri(), "0" * 64)
+    with pytest.raises(FactoryError, match="could not download"):
+        download(dest, (tmp_path / "missing.txt").as_uri(), "0" * 64)
+    assert sorted(p.name for p in dest.parent.iterdir()) == []
+
+
+def test_make_data_fetches_what_the_default_recipe_reads() -> None:
+    """Both defaults' files are downloaded, and each expected sha256 is that of the shared copy."""
+    from app.artifact import sha256_file
+    from compression import data
+
+    assert [name for name, _, _ in data.DOWNLOADS] == [data.DATA_FILE, data.WIKI_FILE]
+    assert data.DEFAULT_WIKI.name == data.WIKI_FILE
+    assert all(url.startswith(data.UPSTREAM) for _, url, _ in data.DOWNLOADS)
+    wiki = Path(__file__).resolve().parent.parent / data.DEFAULT_WIKI
+    if wiki.is_file():
+        assert sha256_file(wiki) == data.WIKI_SHA256
+
+
+def test_augmentation_masks_with_the_tokenizers_own_token() -> None:
+    import random
+
+    from compression.augment import augment, perturb
+
+    words = [f"w{i}" for i in range(40)]
+    text = " ".join(words)
+    masked = perturb(text, ["x"], random.Random(0), "<mask>", rate=0.9)
+    assert "<mask>" in masked.split()
+    assert "[MASK]" not in masked
+    # Without a mask token, a masked word is dropped: no placeholder appears, and fewer words remain.
+    dropped = perturb(text, ["x"], random.Random(0), None, rate=0.9)
+    assert all(w in words or w == "x" for w in dropped.split())
+    assert len(dropped.split()) < len(masked.split())
+    copies = augment(Split(["a b c", "d e f"], ["x", "y"]), 2, seed=1, mask=None)
+    assert len(copies) == 4
+    assert not any("[MASK]" in t for t in copies.texts)

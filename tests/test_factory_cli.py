@@ -92,6 +92,15 @@ def test_pipeline_end_to_end_on_tiny_model(tiny_pretrained: Path, tmp_path: Path
         assert run["stage"] == stage
         assert "torch" in run["versions"]
         assert "config" in run
+    # Cross-stage values come from the input stage's output: distill used the search's best, prune what distill used.
+    best = json.loads((art / "search" / "best_params.json").read_text())
+    distilled = json.loads((art / "distill" / "run.json").read_text())["config"]
+    assert distilled["distill"]["alpha"] == best["alpha"]
+    assert distilled["train"]["lr"] == best["lr"]
+    prune_run = json.loads((art / "prune" / "run.json").read_text())["config"]["prune"]
+    assert (prune_run["alpha"], prune_run["temperature"]) == (best["alpha"], best["temperature"])
+    for old in ("student", "pruned", "onnx", "int8"):  # the directories before they were named after their stage
+        assert not (art / old).exists()
     pruned = json.loads((art / "prune" / "config.json").read_text())
     assert pruned["intermediate_size"] == 32
     assert pruned["num_hidden_layers"] == 2
@@ -143,6 +152,7 @@ def test_onnx_matches_pytorch_logits(tiny_pretrained: Path, tmp_path: Path) -> N
     [
         (["teacher", "--data", "/nonexistent/clinc.json"], "error: data file not found: /nonexistent/clinc.json"),
         (["distill", "--artifacts", "/nonexistent/art"], "error: no checkpoint at /nonexistent/art/teacher"),
+        (["prune", "--artifacts", "/nonexistent/art"], "error: no checkpoint at /nonexistent/art/distill"),
         (["export", "--artifacts", "/nonexistent/art"], "error: no checkpoint at /nonexistent/art/prune"),
         (["quantize", "--artifacts", "/nonexistent/art"], "error: no ONNX model at /nonexistent/art/export/model.onnx"),
     ],
