@@ -122,7 +122,7 @@ def _cascade_entry(static: dict[str, Any]) -> dict[str, Any]:
     """The card's cascade section from the static stage's run record."""
     return {
         "model": STATIC_FILE,
-        "kind": "embedding_bag",
+        "kind": static.get("kind", "embedding_bag"),
         "threshold": static["cascade_threshold"],
         "macs_per_token": static.get("macs_per_token"),
         "macs_fixed": static.get("macs_fixed"),

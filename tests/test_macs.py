@@ -40,8 +40,8 @@ def test_committed_transformer_breakdown() -> None:
     assert sum(ops.values()) == 49_144_704
 
 
-def test_first_stage_macs_are_a_mean_and_one_product() -> None:
-    assert macs_per_query(MODEL_DIR / "static.onnx", 11) == 11 * 384 + 384 * 151
+def test_first_stage_macs_are_a_mean_and_a_one_hidden_layer_head() -> None:
+    assert macs_per_query(MODEL_DIR / "static.onnx", 11) == 11 * 384 + 384 * 1024 + 1024 * 151
 
 
 def save(

@@ -13,14 +13,14 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from app.artifact import sha256_file
 from app.card import CARD_SCHEMA_VERSION
-from compression.static import write_onnx
+from compression.static import Dense, write_onnx
 
 
 def _lookup_model(path: Path, logits: np.ndarray) -> None:
     """input_ids [1, 1] -> logits[id]: the static stage's graph, with the logits as the table (fp16-exact
     values are used by the tests) and an identity head."""
     width = logits.shape[1]
-    write_onnx(path, logits, np.eye(width, dtype=np.float32), np.zeros(width, dtype=np.float32))
+    write_onnx(path, logits, [Dense(np.eye(width, dtype=np.float32), np.zeros(width, dtype=np.float32))])
 
 
 def make(
