@@ -9,7 +9,7 @@ DATA ?= ../shared/data/clinc150/clinc150_plus_train_val.json
 export INTENT_HOST ?= $(HOST)
 export INTENT_PORT ?= $(PORT)
 
-.PHONY: audit serve test lint model bench loadtest compare stress soak data docker-build docker-run clean venv serve-venv
+.PHONY: audit serve test lint model bench loadtest compare stress soak scaleout data docker-build docker-run clean venv serve-venv
 
 $(SERVE_VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(SERVE_VENV)
@@ -69,6 +69,9 @@ stress: $(SERVE_VENV)/.installed $(VENV)/.installed  ## 3x saturation for 30 s, 
 
 soak: $(SERVE_VENV)/.installed $(VENV)/.installed  ## 10 minutes at a fixed rate, RSS over time
 	$(VENV)/bin/python -m loadtest.soak $(SOAK_ARGS)
+
+scaleout: $(SERVE_VENV)/.installed $(VENV)/.installed  ## 3 replicas behind HAProxy: kill one, then restart each
+	$(VENV)/bin/python -m loadtest.scaleout $(SCALEOUT_ARGS)
 
 docker-build:
 	docker build -t clinc-intent:latest .

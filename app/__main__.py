@@ -6,6 +6,7 @@ import os
 import shutil
 import sys
 import tempfile
+from pathlib import Path
 
 import uvicorn
 from pydantic import ValidationError
@@ -15,6 +16,15 @@ from app.config import Settings
 from app.errors import ModelLoadError
 from app.logs import configure_logging
 from app.runtime import OnnxClassifier
+
+
+def prepare_metrics_dir(directory: Path) -> None:
+    """The workers' shared metrics directory, made if missing (an emptyDir or tmpfs at /tmp starts empty),
+    and emptied of the files an earlier run of the service left there: prometheus_client sums every file
+    it finds, so a restarted container would otherwise report its predecessor's counts as its own."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob("*.db"):
+        stale.unlink()
 
 
 def main() -> int:
@@ -32,7 +42,13 @@ def main() -> int:
         return 1
     configure_logging(settings.log_level)
     metrics_dir = None
-    if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if given := os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        try:
+            prepare_metrics_dir(Path(given))
+        except OSError as exc:
+            print(f"error: PROMETHEUS_MULTIPROC_DIR={given}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+    elif settings.workers > 1:
         metrics_dir = tempfile.mkdtemp(prefix="intent-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     try:

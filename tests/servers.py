@@ -42,15 +42,16 @@ def running_server(
     python: Path = SERVE_PYTHON, env: dict[str, str] | None = None, startup_timeout: float = 60.0
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     port = free_port()
+    # The caller's env may name a metrics directory; the test runner's own environment may not.
+    inherited = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     full_env = {
-        **os.environ,
+        **inherited,
         "INTENT_HOST": "127.0.0.1",
         "INTENT_PORT": str(port),
         "INTENT_WORKERS": "1",
         "INTENT_SHUTDOWN_DELAY_S": "0.5",
         **(env or {}),
     }
-    full_env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     proc = subprocess.Popen(
         [str(python), "-m", "app"], cwd=ROOT, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )

@@ -54,15 +54,15 @@ def test_deployment_contract(rendered: list[dict]) -> None:
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
     assert pod["securityContext"]["runAsNonRoot"] is True
-    assert "preStop" in container["lifecycle"]
+    # One drain delay, the app's (tested in test_reliability): no preStop pause doing the same job again.
+    assert "lifecycle" not in container
     env = {e["name"]: e["value"] for e in container["env"]}
     # workers x ORT threads must fit the CPU limit
     assert int(env["INTENT_WORKERS"]) * int(env["INTENT_ORT_INTRA_THREADS"]) <= int(
         container["resources"]["limits"]["cpu"]
     )
-    assert (
-        pod["terminationGracePeriodSeconds"]
-        > container["lifecycle"]["preStop"]["sleep"]["seconds"] + int(env["INTENT_GRACEFUL_TIMEOUT_S"]) - 1
+    assert pod["terminationGracePeriodSeconds"] > float(env["INTENT_SHUTDOWN_DELAY_S"]) + int(
+        env["INTENT_GRACEFUL_TIMEOUT_S"]
     )
 
 

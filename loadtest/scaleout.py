@@ -1,0 +1,296 @@
+"""`make scaleout`: N replicas of the service behind a real HAProxy (Debian's package) on loopback, under
+open-loop load, with the balancer's config from deploy/haproxy/haproxy.cfg. Two measurements:
+
+- kill: SIGKILL one replica mid-load; how many requests failed, against how many were in flight on it
+  when it died (HAProxy's own count of that replica's current sessions, read just before the kill);
+- rolling: SIGTERM each replica in turn, wait for it to exit, start it again and wait until HAProxy
+  has it back in rotation; how many requests failed (the bar: none).
+
+Writes reports/scaleout.json as {"replicas", "balancer", "kill": {"requests", "failed",
+"in_flight_on_killed"}, "rolling": {"requests", "failed"}}, plus the details of each phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loadtest.driver import Report, open_loop
+from loadtest.queries import BUILTIN
+from loadtest.server import ROOT, free_port, our_server, wait_ready
+
+CONFIG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
+# Long enough for HAProxy's /ready check (every 200 ms, one failure) to take a stopping replica out of
+# rotation while it still answers; then its listeners close and it drains.
+SHUTDOWN_DELAY_S = 1.0
+
+
+def render(template: str, frontend_port: int, replica_ports: list[int], stats_socket: Path) -> str:
+    """The shipped config with this run's ports and socket: its `bind`, `server` and `stats socket` lines."""
+    out: list[str] = []
+    servers_written = False
+    for line in template.splitlines():
+        stripped = line.strip()
+        indent = line[: len(line) - len(line.lstrip())]
+        if stripped.startswith("stats socket "):
+            line = re.sub(r"stats socket \S+", f"stats socket {stats_socket}", line)
+        elif stripped.startswith("bind "):
+            line = f"{indent}bind 127.0.0.1:{frontend_port}"
+        elif stripped.startswith("server "):
+            if servers_written:
+                continue
+            servers_written = True
+            out.extend(f"{indent}server replica{i + 1} 127.0.0.1:{p}" for i, p in enumerate(replica_ports))
+            continue
+        out.append(line)
+    if not servers_written:
+        raise ValueError("the HAProxy config has no server lines to replace")
+    return "\n".join(out) + "\n"
+
+
+def haproxy_binary() -> str:
+    """Debian's haproxy, installed with apt-get when it is not there yet."""
+    found = shutil.which("haproxy") or (Path("/usr/sbin/haproxy").is_file() and "/usr/sbin/haproxy")
+    if found:
+        return str(found)
+    install = ["apt-get", "install", "-y", "-qq", "haproxy"]
+    env = {"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+    if subprocess.run(install, capture_output=True, check=False, timeout=600, env=env).returncode != 0:
+        subprocess.run(["apt-get", "update", "-qq"], capture_output=True, check=True, timeout=600)
+        subprocess.run(install, capture_output=True, check=True, timeout=600, env=env)
+    return "/usr/sbin/haproxy"
+
+
+def haproxy_version(binary: str) -> str:
+    first = subprocess.run([binary, "-v"], capture_output=True, text=True, check=True).stdout.splitlines()[0]
+    return " ".join(first.split()[:3])
+
+
+def show_stat(stats_socket: Path) -> dict[str, dict[str, str]]:
+    """HAProxy's `show stat` for the replicas backend: server name -> its CSV fields."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(2)
+        s.connect(str(stats_socket))
+        s.sendall(b"show stat\n")
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    lines = b"".join(chunks).decode().splitlines()
+    header = lines[0].lstrip("# ").split(",")
+    rows = [dict(zip(header, line.split(","), strict=False)) for line in lines[1:] if line]
+    return {r["svname"]: r for r in rows if r.get("pxname") == "replicas" and r["svname"] != "BACKEND"}
+
+
+@dataclass
+class Replica:
+    name: str
+    port: int
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        cmd, env = our_server(self.port, workers=1)
+        env["INTENT_SHUTDOWN_DELAY_S"] = str(SHUTDOWN_DELAY_S)
+        out = self.log.open("ab")
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env}, stdout=out, stderr=out)
+        out.close()
+        wait_ready(f"http://127.0.0.1:{self.port}", self.proc, "/ready", 120)
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 60) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def wait_status(stats_socket: Path, name: str, want: str, timeout: float = 30) -> float:
+    """Seconds until HAProxy reports server `name` with a status starting with `want` (UP or DOWN)."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if show_stat(stats_socket).get(name, {}).get("status", "").startswith(want):
+            return time.monotonic() - start
+        time.sleep(0.05)
+    raise RuntimeError(f"HAProxy did not see {name} {want} within {timeout:.0f} s")
+
+
+def summary(report: Report) -> dict[str, Any]:
+    answers = report.classes()
+    ok = answers.get("200", 0)
+    return {
+        "requests": report.scheduled,
+        "failed": report.scheduled - ok,
+        "answers": answers,
+        "latency_ms": report.latency_ms(),
+    }
+
+
+def in_flight(stats_socket: Path, name: str) -> int:
+    """Requests HAProxy has on server `name` now: its current sessions plus its queue."""
+    row = show_stat(stats_socket)[name]
+    return int(row["scur"] or 0) + int(row["qcur"] or 0)
+
+
+async def kill_phase(
+    base: str, replicas: list[Replica], stats_socket: Path, rate: float, seconds: float
+) -> dict[str, Any]:
+    """Single texts at `rate`, plus batches of 16 texts at a tenth of it (each takes a few ms, so the victim
+    has requests in flight); the victim is killed at the first moment HAProxy shows it busy."""
+    texts = list(BUILTIN)
+    singles = asyncio.create_task(open_loop(base, rate, seconds, texts, connections=32))
+    batches = asyncio.create_task(open_loop(base, rate / 10, seconds, texts, connections=8, seed=1, batch=16))
+    await asyncio.sleep(seconds / 3)
+    victim = replicas[0]
+    deadline = time.monotonic() + seconds / 3
+    while (busy := await asyncio.to_thread(in_flight, stats_socket, victim.name)) == 0 and time.monotonic() < deadline:
+        await asyncio.sleep(0)
+    victim.signal(signal.SIGKILL)
+    down_after = await asyncio.to_thread(wait_status, stats_socket, victim.name, "DOWN")
+    report = merge([await singles, await batches])
+    await asyncio.to_thread(victim.wait)
+    await asyncio.to_thread(victim.start)  # back, for the rolling restart
+    await asyncio.to_thread(wait_status, stats_socket, victim.name, "UP")
+    return {
+        **summary(report),
+        "in_flight_on_killed": busy,
+        "killed": victim.name,
+        "marked_down_after_s": round(down_after, 3),
+    }
+
+
+def merge(reports: list[Report]) -> Report:
+    merged = Report()
+    for r in reports:
+        merged.results.extend(r.results)
+        merged.connect_errors += r.connect_errors
+        merged.lost += r.lost
+        merged.scheduled += r.scheduled
+    return merged
+
+
+async def rolling_phase(base: str, replicas: list[Replica], stats_socket: Path, rate: float) -> dict[str, Any]:
+    stop = asyncio.Event()
+    restarts: list[dict[str, Any]] = []
+
+    async def restart_all() -> None:
+        await asyncio.sleep(1.0)
+        for replica in replicas:
+            t0 = time.monotonic()
+            replica.signal(signal.SIGTERM)
+            code = await asyncio.to_thread(replica.wait)
+            exited = time.monotonic() - t0
+            await asyncio.to_thread(replica.start)
+            await asyncio.to_thread(wait_status, stats_socket, replica.name, "UP")
+            restarts.append(
+                {
+                    "replica": replica.name,
+                    "exit_code": code,
+                    "exited_after_s": round(exited, 2),
+                    "back_in_rotation_after_s": round(time.monotonic() - t0, 2),
+                }
+            )
+        await asyncio.sleep(1.0)
+        stop.set()
+
+    # Open loop for as long as the restarts take: chunks of 2 s until they are done.
+    reports: list[Report] = []
+    orchestration = asyncio.create_task(restart_all())
+    while not stop.is_set():
+        reports.append(await open_loop(base, rate, 2.0, list(BUILTIN), connections=32, seed=len(reports)))
+    await orchestration
+    return {**summary(merge(reports)), "restarts": restarts}
+
+
+def run(replicas_n: int = 3, rate: float = 200.0, kill_seconds: float = 6.0, out: Path | None = None) -> dict[str, Any]:
+    binary = haproxy_binary()
+    work = Path(tempfile.mkdtemp(prefix="scaleout-"))
+    stats_socket = work / "haproxy.sock"
+    frontend = free_port()
+    replicas = [Replica(f"replica{i + 1}", free_port(), work / f"replica{i + 1}.log") for i in range(replicas_n)]
+    config = work / "haproxy.cfg"
+    config.write_text(render(CONFIG.read_text(), frontend, [r.port for r in replicas], stats_socket))
+    balancer: subprocess.Popen[bytes] | None = None
+    try:
+        for replica in replicas:
+            replica.start()
+        log = (work / "haproxy.log").open("wb")
+        balancer = subprocess.Popen([binary, "-W", "-db", "-f", str(config)], stdout=log, stderr=log)
+        log.close()
+        deadline = time.monotonic() + 30
+        while not stats_socket.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for replica in replicas:
+            wait_status(stats_socket, replica.name, "UP")
+        base = f"http://127.0.0.1:{frontend}"
+        kill = asyncio.run(kill_phase(base, replicas, stats_socket, rate, kill_seconds))
+        rolling = asyncio.run(rolling_phase(base, replicas, stats_socket, rate))
+    finally:
+        for replica in replicas:
+            replica.stop()
+        if balancer is not None:
+            balancer.terminate()
+            balancer.wait(10)
+    from app.cpu import measurement_context
+
+    result = {
+        "replicas": replicas_n,
+        "balancer": haproxy_version(binary),
+        "kill": kill,
+        "rolling": rolling,
+        "rate_rps": rate,
+        "context": measurement_context(),
+    }
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m loadtest.scaleout", description=__doc__.split("\n\n")[0])
+    p.add_argument("--replicas", type=int, default=3)
+    p.add_argument("--rate", type=float, default=200.0, help="open-loop requests/s through the balancer")
+    p.add_argument("--kill-seconds", type=float, default=6.0, help="length of the kill phase")
+    p.add_argument("--out", type=Path, default=ROOT / "reports" / "scaleout.json")
+    a = p.parse_args(argv)
+    if a.replicas < 2:
+        p.error("--replicas must be at least 2: one is killed while the others serve")
+    result = run(a.replicas, a.rate, a.kill_seconds, a.out)
+    kill, rolling = result["kill"], result["rolling"]
+    print(
+        f"{result['replicas']} replicas behind {result['balancer']} at {a.rate:g} req/s on {result['context']['cpu']}"
+    )
+    print(
+        f"  SIGKILL {kill['killed']}: {kill['failed']} of {kill['requests']} requests failed; "
+        f"{kill['in_flight_on_killed']} were in flight on it"
+    )
+    print(f"  rolling restart by SIGTERM: {rolling['failed']} of {rolling['requests']} requests failed")
+    print(f"  wrote {a.out}")
+    return 0 if rolling["failed"] == 0 and kill["failed"] <= kill["in_flight_on_killed"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
