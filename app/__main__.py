@@ -51,6 +51,11 @@ def main() -> int:
     elif settings.workers > 1:
         metrics_dir = tempfile.mkdtemp(prefix="intent-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    pointer_dir = None
+    if settings.admin_key is not None and settings.model_pointer is None:
+        # The file through which the workers follow a reload (app.reload); it starts empty.
+        pointer_dir = tempfile.mkdtemp(prefix="intent-model-")
+        os.environ["INTENT_MODEL_POINTER"] = os.path.join(pointer_dir, "pointer.json")
     try:
         uvicorn.run(
             "app.main:create_app_from_env",
@@ -66,8 +71,9 @@ def main() -> int:
             backlog=2048,
         )
     finally:
-        if metrics_dir:
-            shutil.rmtree(metrics_dir, ignore_errors=True)
+        for made in (metrics_dir, pointer_dir):
+            if made:
+                shutil.rmtree(made, ignore_errors=True)
     return 0
 
 

@@ -15,6 +15,8 @@ class Prediction:
     inference_s: float = 0.0
     truncated: bool = False
     stage: str = "transformer"  # which model of the served path answered: 'first' or 'transformer'
+    # The version of the model that answered: after a reload, in-flight requests finish on the old one.
+    model_version: str = ""
 
 
 class Classifier(Protocol):

@@ -44,6 +44,13 @@ class Settings(BaseSettings):
 
     api_key: SecretStr | None = Field(None, description="if set, require 'Authorization: Bearer <key>'")
     open_paths: list[str] = Field(default_factory=lambda: ["/health", "/ready", "/metrics"])
+    admin_key: SecretStr | None = Field(
+        None, description="enables POST /admin/reload, which needs 'Authorization: Bearer <key>'; off if unset"
+    )
+    model_pointer: Path | None = Field(
+        None, description="file through which workers follow a reload (python -m app sets it for its workers)"
+    )
+    reload_poll_s: float = Field(0.5, gt=0, le=10, description="how often workers look at model_pointer")
     cors_origins: list[str] = Field(default_factory=list, description="CORS off unless origins are listed")
 
     opentelemetry: bool = Field(

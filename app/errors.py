@@ -67,6 +67,12 @@ class NotReady(ServiceError):
     kind = "not_ready"
 
 
+class ModelRejected(ServiceError):
+    """A model directory given to /admin/reload that cannot be served; the old model keeps serving."""
+
+    kind = "model_rejected"
+
+
 class ModelLoadError(Exception):
     """The artifact cannot be served; raised before the service accepts traffic."""
 
@@ -82,6 +88,7 @@ STATUS: dict[type[ServiceError], int] = {
     EmptyText: 422,
     TextTooLong: 422,
     BatchTooLarge: 422,
+    ModelRejected: 422,
     Overloaded: 429,
     NotReady: 503,
     ServiceError: 500,

@@ -145,12 +145,14 @@ class InferenceQueue:
     async def _run(self, job: _Job, loop: asyncio.AbstractEventLoop) -> list[Prediction]:
         results: list[Prediction] = []
         remaining = len(job.texts)
+        # Read once: a model reload swaps self.classifier, and every text of a job is answered by one model.
+        classifier = self.classifier
         try:
             for text in job.texts:
                 if self._executor is None:
-                    pred = self.classifier.predict(text, job.top_k)
+                    pred = classifier.predict(text, job.top_k)
                 else:
-                    pred = await loop.run_in_executor(self._executor, self.classifier.predict, text, job.top_k)
+                    pred = await loop.run_in_executor(self._executor, classifier.predict, text, job.top_k)
                 results.append(pred)
                 remaining -= 1
                 self.pending -= 1

@@ -9,17 +9,17 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
-import orjson
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import iter_route_contexts
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import __doc__ as description
-from app import cpu
+from app import cpu, reload
 from app.artifact import load_artifact
 from app.classifier import Classifier
 from app.config import Settings
@@ -84,9 +84,13 @@ def _lifespan(factory: ClassifierFactory) -> Callable[[FastAPI], Any]:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings: Settings = app.state.settings
         metrics: Metrics = app.state.metrics
-        classifier, card = factory(settings)
-        for i in range(settings.warmup_queries):
-            classifier.predict(WARMUP_TEXTS[i % len(WARMUP_TEXTS)], top_k=3)
+        state = app.state
+        state.classifier_factory = factory
+        state.reload_lock = asyncio.Lock()
+        # A worker started after a reload serves what the pointer names, like the workers already running.
+        pointer = reload.read_pointer(settings.model_pointer)
+        model_dir = Path(pointer.model_dir) if pointer is not None else settings.model_dir
+        classifier, card = reload.load_warm(state, model_dir)
         queue = InferenceQueue(
             classifier,
             metrics,
@@ -97,13 +101,11 @@ def _lifespan(factory: ClassifierFactory) -> Callable[[FastAPI], Any]:
             warm_texts=WARMUP_TEXTS,
         )
         queue.start()
-        app.state.queue = queue
-        app.state.model_version = classifier.version
-        app.state.card_json = orjson.dumps(card)
-        variant = str(card.get("serving", {}).get("variant", "default"))
-        metrics.model_info.labels(
-            classifier.version, str(card.get("name", "")), str(card.get("quantization", "")), variant
-        ).set(1)
+        state.queue = queue
+        reload.install(state, classifier, card, model_dir)
+        follower = None
+        if settings.admin_key is not None and settings.model_pointer is not None:
+            follower = asyncio.create_task(reload.follow_pointer(state, settings.model_pointer, settings.reload_poll_s))
         metrics.ready.set(1)
         app.state.ready = True
         _install_drain_on_sigterm(app, settings.shutdown_delay_s)
@@ -113,9 +115,11 @@ def _lifespan(factory: ClassifierFactory) -> Callable[[FastAPI], Any]:
         finally:
             app.state.ready = False
             metrics.ready.set(0)
+            if follower is not None:
+                follower.cancel()
             drained = await queue.drain(settings.graceful_timeout_s)
             await queue.stop()
-            classifier.close()
+            state.classifier.close()
             app.state.queue = None
             log.info("stopped", extra={"drained": drained})
 
@@ -168,6 +172,10 @@ def create_app(settings: Settings | None = None, classifier_factory: ClassifierF
     app.state.ready = False
     app.state.queue = None
     app.include_router(router)
+    open_paths = list(settings.open_paths)
+    if settings.admin_key is not None:
+        app.include_router(reload.router)
+        open_paths.append(reload.ADMIN_RELOAD)  # it checks its own key, not INTENT_API_KEY
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
@@ -182,7 +190,7 @@ def create_app(settings: Settings | None = None, classifier_factory: ClassifierF
         metrics=app.state.metrics,
         max_body=settings.max_body_bytes,
         api_key=key,
-        open_paths=settings.open_paths,
+        open_paths=open_paths,
         route_labels=route_labels,
         direct_posts={"/predict": partial(predict_one, app.state)},
     )

@@ -109,6 +109,9 @@ class Metrics:
             registry=r,
             multiprocess_mode="max",
         )
+        self.reloads = Counter(
+            "intent_model_reloads", "Model reloads in this worker, by result (ok, rejected)", ["result"], registry=r
+        )
         self.ready = Gauge("intent_ready", "1 when the worker serves traffic", registry=r, multiprocess_mode="min")
         self.tokenize = self.stage.labels("tokenize")
         self.queue = self.stage.labels("queue")

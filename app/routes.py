@@ -111,7 +111,7 @@ async def predict_one(state: State, body: bytes) -> tuple[bytes, str]:
     state.metrics.batch_size.observe(1)
     (pred,) = await queue.submit([text], top_k)
     content = _prediction(pred, top_k)
-    content["model_version"] = state.model_version
+    content["model_version"] = pred.model_version or state.model_version
     return orjson.dumps(content), _server_timing([pred])
 
 
@@ -147,7 +147,8 @@ async def predict_batch(request: Request) -> Response:
     queue = _queue(request.app.state)
     request.app.state.metrics.batch_size.observe(len(texts))
     preds = await queue.submit(texts, top_k)
-    content = {"predictions": [_prediction(p, top_k) for p in preds], "model_version": request.app.state.model_version}
+    version = (preds[0].model_version if preds else "") or request.app.state.model_version
+    content = {"predictions": [_prediction(p, top_k) for p in preds], "model_version": version}
     return _json(content, preds)
 
 

@@ -161,6 +161,7 @@ class OnnxClassifier:
             inference_s=t2 - t1,
             truncated=bool(encoding.overflowing),
             stage=stage,
+            model_version=self.version,
         )
 
     def stage_logits(self, texts: Sequence[str]) -> StageLogits:

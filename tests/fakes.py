@@ -28,7 +28,9 @@ class FakeClassifier:
             time.sleep(self.delay_s)
         intent = "balance" if "balance" in text else "book_flight" if "flight" in text else "oos"
         ranked = [(intent, 0.9), *((x, 0.05) for x in LABELS if x != intent)][:top_k]
-        return Prediction(intent=intent, confidence=0.9, top_k=ranked, tokenize_s=1e-5, inference_s=2e-4)
+        return Prediction(
+            intent=intent, confidence=0.9, top_k=ranked, tokenize_s=1e-5, inference_s=2e-4, model_version=self.version
+        )
 
     def close(self) -> None:
         self.closed = True

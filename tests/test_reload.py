@@ -1,0 +1,210 @@
+"""POST /admin/reload: a new model swapped in without a restart, in every worker, and a bad one refused."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shutil
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.config import Settings
+from app.main import create_app
+from app.reload import Pointer, read_pointer, write_pointer
+from loadtest.driver import closed_loop
+from loadtest.queries import BUILTIN
+from tests.conftest import MODEL_DIR
+from tests.servers import get, post, running_server
+
+KEY = "s3cret-admin"
+AUTH = {"authorization": f"Bearer {KEY}"}
+
+
+def new_version(tmp_path: Path, version: str = "2026.12.01-rollout") -> Path:
+    """The committed model under another version: card.json is not hashed, the model files are the same."""
+    dest = tmp_path / version
+    shutil.copytree(MODEL_DIR, dest)
+    card = json.loads((dest / "card.json").read_text())
+    card["version"] = version
+    (dest / "card.json").write_text(json.dumps(card))
+    return dest
+
+
+def tampered(tmp_path: Path) -> Path:
+    dest = tmp_path / "tampered"
+    shutil.copytree(MODEL_DIR, dest)
+    with (dest / "static.onnx").open("r+b") as f:
+        f.seek(1000)
+        byte = f.read(1)
+        f.seek(1000)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    return dest
+
+
+def settings(tmp_path: Path, **kw: object) -> Settings:
+    return Settings(model_dir=MODEL_DIR, warmup_queries=2, admin_key=KEY, model_pointer=tmp_path / "ptr.json", **kw)
+
+
+def version_of(client: TestClient) -> str:
+    r = client.post("/predict", json={"text": "what is my account balance"})
+    assert r.status_code == 200
+    return str(r.json()["model_version"])
+
+
+def test_admin_routes_are_off_without_a_key() -> None:
+    with TestClient(create_app(Settings(model_dir=MODEL_DIR, warmup_queries=0))) as client:
+        r = client.post("/admin/reload", json={}, headers=AUTH)
+        assert r.status_code == 404
+        assert r.json()["error"]["type"] == "not_found"
+
+
+def test_reload_needs_the_admin_key(tmp_path: Path) -> None:
+    with TestClient(create_app(settings(tmp_path, api_key="user-key"))) as client:
+        for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "Bearer user-key"}):
+            r = client.post("/admin/reload", json={}, headers=headers)
+            assert r.status_code == 401
+            assert r.json()["error"]["type"] == "unauthorized"
+        # The user key still guards /predict; the admin route takes only its own key.
+        assert client.post("/predict", json={"text": "hi"}).status_code == 401
+
+
+def test_reload_swaps_in_a_new_version_and_points_the_other_workers_at_it(tmp_path: Path) -> None:
+    target = new_version(tmp_path)
+    with TestClient(create_app(settings(tmp_path))) as client:
+        old = version_of(client)
+        r = client.post("/admin/reload", json={"model_dir": str(target)}, headers=AUTH)
+        assert r.status_code == 200, r.text
+        assert r.json() == {"model_version": "2026.12.01-rollout", "previous_version": old, "model_dir": str(target)}
+        assert version_of(client) == "2026.12.01-rollout"
+        batch = client.post("/predict/batch", json={"texts": ["book a flight", "tell me a joke"]})
+        assert batch.json()["model_version"] == "2026.12.01-rollout"
+        assert client.get("/model").json()["version"] == "2026.12.01-rollout"
+        assert read_pointer(tmp_path / "ptr.json") == Pointer(str(target), "2026.12.01-rollout")
+        metrics = client.get("/metrics").text
+        assert re.search(r'intent_model_reloads_total\{result="ok"\} 1\.0', metrics)
+        assert re.search(r'intent_model_info\{[^}]*version="2026\.12\.01-rollout"[^}]*\} 1\.0', metrics)
+        assert re.search(rf'intent_model_info\{{[^}}]*version="{re.escape(old)}"[^}}]*\}} 0\.0', metrics)
+        # No body: back to INTENT_MODEL_DIR.
+        r = client.post("/admin/reload", headers=AUTH)
+        assert r.status_code == 200
+        assert r.json()["model_version"] == old
+
+
+@pytest.mark.parametrize("kind", ["tampered", "missing", "not a model"])
+def test_a_bad_model_is_refused_and_the_old_one_keeps_serving(tmp_path: Path, kind: str) -> None:
+    target = {
+        "tampered": lambda: tampered(tmp_path),
+        "missing": lambda: tmp_path / "nowhere",
+        "not a model": lambda: tmp_path,
+    }[kind]()
+    with TestClient(create_app(settings(tmp_path))) as client:
+        old = version_of(client)
+        r = client.post("/admin/reload", json={"model_dir": str(target)}, headers=AUTH)
+        assert r.status_code == 422
+        body = r.json()["error"]
+        assert body["type"] == "model_rejected"
+        assert str(target) in body["message"]
+        assert version_of(client) == old
+        assert read_pointer(tmp_path / "ptr.json") is None
+        assert re.search(r'intent_model_reloads_total\{result="rejected"\} 1\.0', client.get("/metrics").text)
+
+
+def test_malformed_reload_bodies_get_clear_errors(tmp_path: Path) -> None:
+    with TestClient(create_app(settings(tmp_path))) as client:
+        r = client.post("/admin/reload", content=b"{nope", headers={**AUTH, "content-type": "application/json"})
+        assert (r.status_code, r.json()["error"]["type"]) == (400, "invalid_json")
+        r = client.post("/admin/reload", json={"model_dir": "x", "extra": 1}, headers=AUTH)
+        assert (r.status_code, r.json()["error"]["type"]) == (422, "validation_error")
+
+
+def test_a_worker_follows_the_pointer_another_worker_wrote(tmp_path: Path) -> None:
+    target = new_version(tmp_path)
+    with TestClient(create_app(settings(tmp_path, reload_poll_s=0.05))) as client:
+        write_pointer(tmp_path / "ptr.json", Pointer(str(target), "2026.12.01-rollout"))
+        deadline = time.monotonic() + 10
+        while version_of(client) != "2026.12.01-rollout":
+            assert time.monotonic() < deadline, "the worker did not follow the pointer"
+            time.sleep(0.05)
+    # A worker that starts after the reload serves the pointer's model, not INTENT_MODEL_DIR.
+    with TestClient(create_app(settings(tmp_path))) as client:
+        assert version_of(client) == "2026.12.01-rollout"
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_rollout_under_load_in_every_worker(tmp_path: Path) -> None:
+    """Two workers under continuous load: the reload answers 200, no request fails, and 5 s later every
+    response carries the new version; a tampered copy is refused while the new model keeps answering."""
+    target = new_version(tmp_path)
+    env = {"INTENT_WORKERS": "2", "INTENT_ADMIN_KEY": KEY}
+    with running_server(env=env) as (base, _):
+        old = json.loads(get(base + "/model")[1])["version"]
+        result: dict[str, object] = {}
+
+        def call_reload() -> None:
+            req = urllib.request.Request(
+                base + "/admin/reload",
+                json.dumps({"model_dir": str(target)}).encode(),
+                {"content-type": "application/json", **AUTH},
+            )
+            with urllib.request.urlopen(req, timeout=60) as r:
+                result["status"], result["body"] = r.status, json.loads(r.read())
+            result["returned_at"] = time.monotonic()
+
+        async def scenario() -> object:
+            load = asyncio.create_task(closed_loop(base, 6.0, list(BUILTIN), connections=4))
+            await asyncio.sleep(1.0)
+            await asyncio.to_thread(call_reload)
+            return await load
+
+        report = asyncio.run(scenario())
+        assert result["status"] == 200
+        assert result["body"] == {
+            "model_version": "2026.12.01-rollout",
+            "previous_version": old,
+            "model_dir": str(target),
+        }
+        assert report.lost == 0
+        assert report.connect_errors == 0
+        assert report.classes() == {"200": len(report.results)}
+        time.sleep(max(0.0, float(result["returned_at"]) + 5 - time.monotonic()))  # type: ignore[arg-type]
+        # Fresh connections, so both workers answer some of them.
+        versions = {post(base + "/predict", {"text": f"what is my balance {i}"})[1]["model_version"] for i in range(40)}
+        assert versions == {"2026.12.01-rollout"}
+        assert post(base + "/admin/reload", {"model_dir": str(tampered(tmp_path))})[0] == 401  # no key
+        req = urllib.request.Request(
+            base + "/admin/reload",
+            json.dumps({"model_dir": str(tmp_path / "tampered")}).encode(),
+            {"content-type": "application/json", **AUTH},
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(req, timeout=60)
+        assert refused.value.code == 422
+        assert json.loads(refused.value.read())["error"]["type"] == "model_rejected"
+        assert post(base + "/predict", {"text": "book a flight"})[1]["model_version"] == "2026.12.01-rollout"
+
+
+def test_concurrent_reloads_in_one_worker_run_one_at_a_time(tmp_path: Path) -> None:
+    a, b = new_version(tmp_path, "va"), new_version(tmp_path, "vb")
+    with TestClient(create_app(settings(tmp_path))) as client:
+        codes: list[int] = []
+
+        def call(target: Path) -> None:
+            codes.append(client.post("/admin/reload", json={"model_dir": str(target)}, headers=AUTH).status_code)
+
+        threads = [threading.Thread(target=call, args=(t,)) for t in (a, b)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert codes == [200, 200]
+        final = version_of(client)
+        assert final in {"va", "vb"}
+        assert read_pointer(tmp_path / "ptr.json") == Pointer(str(tmp_path / final), final)
