@@ -1,7 +1,10 @@
 # syntax=docker/dockerfile:1
 # Serving image: base dependencies only (no torch, no transformers), the committed model baked in.
+# BASE: any Debian-like image with Python 3.11+ and a `python` on PATH; where no registry is reachable,
+# a local one (for example built with debootstrap) stands in for python:3.11-slim.
+ARG BASE=python:3.11-slim
 
-FROM python:3.11-slim AS deps
+FROM ${BASE} AS deps
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /build
 # Only the files that decide the dependencies, so this layer is cached until they change.
@@ -10,7 +13,7 @@ RUN python -m venv /opt/venv \
     && /opt/venv/bin/pip install -c constraints.txt . \
     && /opt/venv/bin/pip uninstall -y clinc-intent
 
-FROM python:3.11-slim
+FROM ${BASE}
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PATH=/opt/venv/bin:$PATH \

@@ -99,5 +99,8 @@ def test_dockerfile_serves_without_training_stack() -> None:
     assert "[train" not in text
     assert "USER 10001" in text
     assert "HEALTHCHECK" in text
+    # The base is an argument (default python:3.11-slim), so a local base can stand in without a registry.
+    assert "ARG BASE=python:3.11-slim" in text
+    assert [line for line in text.splitlines() if line.startswith("FROM ")] == ["FROM ${BASE} AS deps", "FROM ${BASE}"]
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {"compression", "artifacts", ".venv"} <= set(ignored)
