@@ -105,7 +105,7 @@ async def reload(state: State, model_dir: Path, publish: bool) -> tuple[str, str
     async with state.reload_lock:
         try:
             classifier, card = await asyncio.to_thread(load_warm, state, model_dir)
-        except ModelLoadError as exc:
+        except (ModelLoadError, OSError) as exc:  # OSError: a directory this process may not read
             state.metrics.reloads.labels("rejected").inc()
             raise ModelRejected(f"{model_dir}: {exc}") from None
         previous = install(state, classifier, card, model_dir)
