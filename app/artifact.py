@@ -80,3 +80,15 @@ def load_artifact(directory: Path, verify: bool = True) -> Artifact:
     if card.num_labels is not None and card.num_labels != len(labels):
         raise ModelLoadError(f"card.json says {card.num_labels} labels but {LABELS_FILE} has {len(labels)} labels")
     return Artifact(directory=directory, card=card, labels=labels)
+
+
+def check_served(model_dir: str, verify: bool = True) -> str | None:
+    """Load `model_dir` as a worker will (files, sha256, tokenizer, labels against every stage's logits) and
+    release it: the error, or None. `python -m app` runs it in a child process before binding the port."""
+    from app.runtime import OnnxClassifier
+
+    try:
+        OnnxClassifier(load_artifact(Path(model_dir), verify), 1, 1).close()
+    except ModelLoadError as exc:
+        return str(exc)
+    return None

@@ -67,14 +67,20 @@ def _install_drain_on_sigterm(app: FastAPI, delay: float) -> None:
         return
     loop = asyncio.get_running_loop()
 
+    def begin_drain(signum: int, frame: FrameType | None) -> None:
+        app.state.metrics.ready.set(0)
+        log.info("SIGTERM: not ready; closing listeners in %.1f s", delay)
+        loop.call_later(delay, previous, signum, frame)
+
     def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        # A signal handler runs between any two bytecodes of the main thread, which may be holding the lock
+        # of a metric (multiprocess mode) or of a log handler at that moment: taking either here would
+        # deadlock the worker. So only a flag is set here; the rest runs on the event loop.
         if not app.state.ready:  # a second SIGTERM: stop waiting
             previous(signum, frame)
             return
         app.state.ready = False
-        app.state.metrics.ready.set(0)
-        log.info("SIGTERM: not ready; closing listeners in %.1f s", delay)
-        loop.call_soon_threadsafe(loop.call_later, delay, previous, signum, frame)
+        loop.call_soon_threadsafe(begin_drain, signum, frame)
 
     signal.signal(signal.SIGTERM, on_sigterm)
 

@@ -1,0 +1,192 @@
+"""The real image, built from the Dockerfile and run the way deploy/k8s/deployment.yaml runs it: the
+Deployment's env, a read-only root, a tmpfs /tmp, user 10001 and a CPU limit.
+
+The engine is Debian's podman (installed by the test if missing) with runc and cgroupfs, which work on
+this machine's cgroup v1 without systemd. No image registry is reachable, so the base is built locally
+by deploy/docker/local-base.sh (debootstrap from Debian's mirror) and passed as the Dockerfile's BASE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from loadtest.driver import closed_loop
+from loadtest.queries import BUILTIN
+from tests.conftest import ROOT
+from tests.servers import free_port, get, post
+from tests.test_manifest_env import deployment_env
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+BASE = "localhost/clinc-intent-base:bookworm"
+IMAGE = "localhost/clinc-intent:test"
+# runc and cgroupfs: crun refuses this machine's hybrid cgroup layout, and there is no systemd.
+PODMAN = ["podman", "--runtime", "runc", "--cgroup-manager", "cgroupfs"]
+# The engine's default limits are above what this sandbox may grant; these are ample for the service.
+LIMITS = ["--ulimit", "nofile=4096:4096", "--ulimit", "nproc=4096:4096"]
+IMAGE_OVER_BASE_MB = 400
+SERVING_MEMORY_MB = 300
+
+
+def _apt_install(*packages: str) -> None:
+    env = {"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+    install = ["apt-get", "install", "-y", "-qq", *packages]
+    if subprocess.run(install, capture_output=True, check=False, timeout=900, env=env).returncode != 0:
+        subprocess.run(["apt-get", "update", "-qq"], capture_output=True, check=True, timeout=600)
+        subprocess.run(install, capture_output=True, check=True, timeout=900, env=env)
+
+
+def podman(*args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*PODMAN, *args], capture_output=True, text=True, check=check, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def image() -> str:
+    missing = [
+        p
+        for p, tool in (("podman", "podman"), ("runc", "runc"), ("debootstrap", "debootstrap"))
+        if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists()
+    ]
+    if missing:
+        _apt_install(*missing)
+    if podman("image", "exists", BASE, check=False).returncode != 0:
+        subprocess.run([str(ROOT / "deploy" / "docker" / "local-base.sh"), "podman", BASE], check=True, timeout=900)
+    # docker format keeps the HEALTHCHECK (the OCI format has none); host network: pip reaches its index.
+    build = ["build", "--format", "docker", "--network", "host", "--build-arg", f"BASE={BASE}", "-t", IMAGE, str(ROOT)]
+    podman(*build, timeout=900)
+    return IMAGE
+
+
+def _size_mb(ref: str) -> float:
+    return int(podman("image", "inspect", ref, "--format", "{{.Size}}").stdout.strip()) / 1e6
+
+
+@pytest.fixture
+def container(image: str, tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """The image run as the Deployment runs it, on a free loopback port; yields (base URL, name)."""
+    name = f"intent-test-{tmp_path.name[-20:]}".lower().replace("_", "-")
+    port = free_port()
+    env = {**deployment_env(), "INTENT_PORT": str(port)}
+    run = ["run", "-d", "--name", name, "--network", "host", "--read-only", "--tmpfs", "/tmp:rw,size=64m"]
+    run += ["--user", "10001", "--cpus", "2", "--no-healthcheck", *LIMITS]
+    for key, value in env.items():
+        run += ["-e", f"{key}={value}"]
+    podman(*run, image)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        yield base, name
+    finally:
+        podman("rm", "-f", "-t", "2", name, check=False)
+
+
+def _wait_ready(base: str, name: str, timeout: float) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        try:
+            if get(base + "/ready", 0.5)[0] == 200:
+                return time.monotonic() - start
+        except OSError:
+            pass
+        state = podman("inspect", name, "--format", "{{.State.Status}}", check=False).stdout.strip()
+        if state in ("exited", "stopped"):
+            logs = podman("logs", name, check=False)
+            raise AssertionError(f"container {state}: {(logs.stdout + logs.stderr)[-2000:]}")
+        time.sleep(0.25)
+    raise AssertionError(f"not ready within {timeout:.0f} s")
+
+
+def _memory_mb(name: str) -> dict[str, float]:
+    """The container's memory: its cgroup's usage (what a Kubernetes limit applies to), and the RSS and
+    PSS summed over its processes (RSS counts shared library pages once per process)."""
+    pid = int(podman("inspect", name, "--format", "{{.State.Pid}}").stdout.strip())
+    pids = [
+        pid,
+        *(int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()),
+    ]
+    rss = pss = 0
+    for p in pids:
+        text = Path(f"/proc/{p}/smaps_rollup").read_text()
+        rss += int(re.search(r"^Rss:\s+(\d+)", text, re.M).group(1))  # type: ignore[union-attr]
+        pss += int(re.search(r"^Pss:\s+(\d+)", text, re.M).group(1))  # type: ignore[union-attr]
+    cid = podman("inspect", name, "--format", "{{.Id}}").stdout.strip()
+    usage = next(Path("/sys/fs/cgroup").glob(f"memory/**/*{cid}*/memory.usage_in_bytes"), None)
+    if usage is None:  # cgroup v2
+        usage = next(Path("/sys/fs/cgroup").glob(f"**/*{cid}*/memory.current"))
+    return {
+        "cgroup": round(int(usage.read_text()) / 1e6, 1),
+        "rss_sum": round(rss / 1024, 1),
+        "pss_sum": round(pss / 1024, 1),
+        "processes": len(pids),
+    }
+
+
+def test_image_as_the_deployment_runs_it(container: tuple[str, str], image: str) -> None:
+    base, name = container
+    ready_after = _wait_ready(base, name, 60)
+    sent = 200
+    for i in range(sent):
+        status, body = post(base + "/predict", {"text": f"what is my account balance {i}"})
+        assert status == 200, body
+    assert body["model_version"] == json.loads((ROOT / "models" / "clinc150" / "card.json").read_text())["version"]
+    # Every worker's requests, whichever worker answers the scrape.
+    status, text = get(base + "/metrics")
+    assert status == 200
+    counted = sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.decode().splitlines()
+        if re.match(r'intent_requests_total\{.*route="/predict".*status="200"', line)
+    )
+    assert counted == sent
+    user = podman("exec", name, "id", "-u").stdout.strip()
+    memory = _memory_mb(name)
+    over_base = _size_mb(image) - _size_mb(BASE)
+    print(
+        f"\ncontainer: ready after {ready_after:.1f} s, uid {user}, image {over_base:.0f} MB over the base, "
+        f"memory MB {memory}"
+    )
+    assert user == "10001"
+    assert over_base <= IMAGE_OVER_BASE_MB
+    assert memory["processes"] >= 3  # the supervisor and two workers (and multiprocessing's tracker)
+    assert memory["cgroup"] <= SERVING_MEMORY_MB
+    # The root filesystem is read-only; only /tmp (the tmpfs) is writable.
+    assert podman("exec", name, "touch", "/srv/x", check=False).returncode != 0
+    assert podman("exec", name, "touch", "/tmp/x", check=False).returncode == 0
+
+
+def test_sigterm_under_load_exits_0_and_loses_no_accepted_request(container: tuple[str, str]) -> None:
+    base, name = container
+    _wait_ready(base, name, 60)
+
+    async def scenario() -> tuple[object, float | None]:
+        stop = asyncio.Event()
+        # One connection per request: a refused connection was never accepted, so only `lost` is a loss.
+        load = asyncio.create_task(closed_loop(base, 30, list(BUILTIN), connections=8, close_each=True, stop=stop))
+        await asyncio.sleep(1.0)
+        await asyncio.to_thread(podman, "kill", "--signal", "TERM", name)
+        t0 = time.monotonic()
+        not_ready = None
+        while time.monotonic() - t0 < 3:
+            if await asyncio.to_thread(lambda: get(base + "/ready", 1.0)[0]) == 503:
+                not_ready = time.monotonic() - t0
+                break
+        await asyncio.sleep(0.5)
+        stop.set()  # what the endpoints controller does once the pod is not ready
+        return await load, not_ready
+
+    report, not_ready = asyncio.run(scenario())
+    code = podman("wait", name, timeout=60).stdout.strip()
+    answers = report.classes()  # type: ignore[attr-defined]
+    print(f"\nSIGTERM under load: {answers}, /ready 503 after {not_ready} s, exit {code}")
+    assert not_ready is not None
+    assert report.lost == 0  # type: ignore[attr-defined]
+    assert set(answers) == {"200"}
+    assert answers["200"] > 100
+    assert code == "0"
