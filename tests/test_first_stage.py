@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from app.runtime import LogitsSession
-from compression.static import Dense, head_logits, write_onnx
+from compression.errors import FactoryError
+from compression.static import TABLE_TYPES, Dense, head_logits, quantize_rows, stored_table, write_onnx
 
 
 def _layers(rng: np.random.Generator, sizes: list[int]) -> list[Dense]:
@@ -19,18 +20,35 @@ def _layers(rng: np.random.Generator, sizes: list[int]) -> list[Dense]:
     ]
 
 
+@pytest.mark.parametrize("table_type", TABLE_TYPES)
 @pytest.mark.parametrize("sizes", [[8, 5], [8, 16, 5]], ids=["linear", "gelu-hidden"])
-def test_graph_is_the_mean_of_token_rows_through_the_head(tmp_path: Path, sizes: list[int]) -> None:
+def test_graph_is_the_mean_of_token_rows_through_the_head(tmp_path: Path, sizes: list[int], table_type: str) -> None:
     rng = np.random.default_rng(0)
-    # fp16-exact table values: the graph stores the table in fp16, the reference reads it in fp32.
-    table = rng.normal(size=(30, sizes[0])).astype(np.float16).astype(np.float32)
+    table = rng.normal(size=(30, sizes[0])).astype(np.float32)
+    table[4] = 0.0  # an all-zero row (a token never trained) quantises to zeros
     dense = _layers(rng, sizes)
     path = tmp_path / "static.onnx"
-    write_onnx(path, table, dense)
+    write_onnx(path, table, dense, table_type)
     session = LogitsSession(path, 1, 1, ())
-    for ids in ([3], [1, 2, 29], [7, 7, 0, 12, 5]):
-        expected = head_logits(table[ids].mean(0, keepdims=True), dense)[0]
+    stored = stored_table(table, table_type)  # what the graph holds, in fp32
+    for ids in ([3], [1, 2, 29], [7, 7, 0, 12, 5], [4]):
+        expected = head_logits(stored[ids].mean(0, keepdims=True), dense)[0]
         np.testing.assert_allclose(session.run(ids), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_int8_rows_by_hand() -> None:
+    table = np.array([[1.0, -0.5, 0.25], [0.0, 0.0, 0.0], [-2.54, 1.27, 0.0]], dtype=np.float32)
+    q, scale = quantize_rows(table)
+    np.testing.assert_allclose(scale[:, 0], [1 / 127, 1.0, 0.02], rtol=1e-6)
+    assert q.tolist() == [[127, -64, 32], [0, 0, 0], [-127, 64, 0]]  # -63.5 and 31.75 round away, to even
+    # Each row is within half a step of its scale.
+    assert np.all(np.abs(stored_table(table, "int8") - table) <= scale / 2 + 1e-7)
+
+
+def test_an_unknown_table_type_is_refused(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    with pytest.raises(FactoryError, match="table type must be one of int8, float16"):
+        write_onnx(tmp_path / "s.onnx", np.zeros((3, 2), np.float32), _layers(rng, [2, 2]), "int4")
 
 
 def test_numpy_gelu_is_the_exact_gelu_torch_trains_with() -> None:

@@ -20,7 +20,8 @@ def _lookup_model(path: Path, logits: np.ndarray) -> None:
     """input_ids [1, 1] -> logits[id]: the static stage's graph, with the logits as the table (fp16-exact
     values are used by the tests) and an identity head."""
     width = logits.shape[1]
-    write_onnx(path, logits, [Dense(np.eye(width, dtype=np.float32), np.zeros(width, dtype=np.float32))])
+    identity = [Dense(np.eye(width, dtype=np.float32), np.zeros(width, dtype=np.float32))]
+    write_onnx(path, logits, identity, table_type="float16")
 
 
 def make(
