@@ -108,7 +108,7 @@ def _lifespan(factory: ClassifierFactory) -> Callable[[FastAPI], Any]:
         )
         queue.start()
         state.queue = queue
-        reload.install(state, classifier, card, model_dir)
+        reload.install(state, classifier, card)
         follower = None
         if settings.admin_key is not None and settings.model_pointer is not None:
             follower = asyncio.create_task(reload.follow_pointer(state, settings.model_pointer, settings.reload_poll_s))

@@ -54,7 +54,7 @@ def read_pointer(path: Path | None) -> Pointer | None:
         raw = json.loads(path.read_text())
         return Pointer(str(raw["model_dir"]), str(raw["version"]))
     except (OSError, ValueError, KeyError, TypeError):
-        return None  # not written yet, or an empty file that mkstemp made
+        return None  # not written yet: no reload has happened
 
 
 def write_pointer(path: Path, pointer: Pointer) -> None:
@@ -64,7 +64,7 @@ def write_pointer(path: Path, pointer: Pointer) -> None:
     os.replace(tmp, path)
 
 
-def install(state: State, classifier: Classifier, card: dict[str, Any], model_dir: Path) -> str | None:
+def install(state: State, classifier: Classifier, card: dict[str, Any]) -> str | None:
     """Make `classifier` the served model: the queue, /model, the version and the model_info metric.
     Returns the version it replaces (None at start-up)."""
     previous: str | None = getattr(state, "model_version", None)
@@ -83,7 +83,6 @@ def install(state: State, classifier: Classifier, card: dict[str, Any], model_di
         state.queue.classifier = classifier
     state.classifier = classifier
     state.model_version = classifier.version
-    state.model_dir = model_dir
     state.card_json = orjson.dumps(card)
     return previous
 
@@ -108,7 +107,7 @@ async def reload(state: State, model_dir: Path, publish: bool) -> tuple[str, str
         except (ModelLoadError, OSError) as exc:  # OSError: a directory this process may not read
             state.metrics.reloads.labels("rejected").inc()
             raise ModelRejected(f"{model_dir}: {exc}") from None
-        previous = install(state, classifier, card, model_dir)
+        previous = install(state, classifier, card)
         state.metrics.reloads.labels("ok").inc()
         pointer_path: Path | None = state.settings.model_pointer
         if publish and pointer_path is not None:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loadtest import debian
 from loadtest.driver import Report, open_loop
 from loadtest.queries import BUILTIN
 from loadtest.server import ROOT, free_port, our_server, wait_ready
@@ -62,15 +63,7 @@ def render(template: str, frontend_port: int, replica_ports: list[int], stats_so
 
 def haproxy_binary() -> str:
     """Debian's haproxy, installed with apt-get when it is not there yet."""
-    found = shutil.which("haproxy") or (Path("/usr/sbin/haproxy").is_file() and "/usr/sbin/haproxy")
-    if found:
-        return str(found)
-    install = ["apt-get", "install", "-y", "-qq", "haproxy"]
-    env = {"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
-    if subprocess.run(install, capture_output=True, check=False, timeout=600, env=env).returncode != 0:
-        subprocess.run(["apt-get", "update", "-qq"], capture_output=True, check=True, timeout=600)
-        subprocess.run(install, capture_output=True, check=True, timeout=600, env=env)
-    return "/usr/sbin/haproxy"
+    return debian.require("haproxy")
 
 
 def haproxy_version(binary: str) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from loadtest import debian, procs
 from loadtest.driver import closed_loop
 from loadtest.queries import BUILTIN
 from tests.conftest import ROOT
@@ -36,27 +36,13 @@ IMAGE_OVER_BASE_MB = 400
 SERVING_MEMORY_MB = 300
 
 
-def _apt_install(*packages: str) -> None:
-    env = {"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
-    install = ["apt-get", "install", "-y", "-qq", *packages]
-    if subprocess.run(install, capture_output=True, check=False, timeout=900, env=env).returncode != 0:
-        subprocess.run(["apt-get", "update", "-qq"], capture_output=True, check=True, timeout=600)
-        subprocess.run(install, capture_output=True, check=True, timeout=900, env=env)
-
-
 def podman(*args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*PODMAN, *args], capture_output=True, text=True, check=check, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
 def image() -> str:
-    missing = [
-        p
-        for p, tool in (("podman", "podman"), ("runc", "runc"), ("debootstrap", "debootstrap"))
-        if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists()
-    ]
-    if missing:
-        _apt_install(*missing)
+    debian.ensure({"podman": "podman", "runc": "runc", "debootstrap": "debootstrap"})
     if podman("image", "exists", BASE, check=False).returncode != 0:
         subprocess.run([str(ROOT / "deploy" / "docker" / "local-base.sh"), "podman", BASE], check=True, timeout=900)
     # docker format keeps the HEALTHCHECK (the OCI format has none); host network: pip reaches its index.
@@ -109,12 +95,10 @@ def _memory_mb(name: str) -> dict[str, float]:
     a build). Also: the cgroup's whole usage, and the RSS and PSS summed over its processes (summed RSS
     counts the shared libraries once per process)."""
     pid = int(podman("inspect", name, "--format", "{{.State.Pid}}").stdout.strip())
-    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False).stdout
-    pids = [pid, *(int(p) for p in children.split())]
-    rss = pss = 0
+    pids = procs.tree(pid)
+    pss = 0
     for p in pids:
         text = Path(f"/proc/{p}/smaps_rollup").read_text()
-        rss += int(re.search(r"^Rss:\s+(\d+)", text, re.M).group(1))  # type: ignore[union-attr]
         pss += int(re.search(r"^Pss:\s+(\d+)", text, re.M).group(1))  # type: ignore[union-attr]
     cid = podman("inspect", name, "--format", "{{.Id}}").stdout.strip()
     group = next(Path("/sys/fs/cgroup").glob(f"memory/**/*{cid}*"), None)  # cgroup v1
@@ -127,7 +111,7 @@ def _memory_mb(name: str) -> dict[str, float]:
     return {
         "cgroup_rss": round(int(stat[anon_key]) / 1e6, 1),
         "cgroup_usage": round(usage / 1e6, 1),
-        "rss_sum": round(rss / 1024, 1),
+        "rss_sum": round(procs.rss_mb(pid), 1),
         "pss_sum": round(pss / 1024, 1),
         "processes": len(pids),
     }
