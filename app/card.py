@@ -56,6 +56,10 @@ class ModelCard(BaseModel):
     files: dict[str, FileEntry]
     inputs: list[str] = Field(default_factory=lambda: ["input_ids", "attention_mask"])
     output: str = "logits"
+    # For feature-space OOS rules: the transformer's output of pooled features, and the npz file of the
+    # classes' statistics (app.oos.FeatureStats), listed in `files` with its sha256 like every served file.
+    features_output: str | None = None
+    oos_stats: str | None = None
     max_length: int = Field(512, ge=2, description="token window; the tokenizer's own truncation wins")
     num_labels: int | None = Field(None, ge=2)
     oos_label: str = "oos"
@@ -84,7 +88,10 @@ class ModelCard(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelCard:
-        get_rule(self.oos_rule).check_threshold(self.oos_threshold)
+        rule = get_rule(self.oos_rule)
+        rule.check_threshold(self.oos_threshold)
+        if rule.needs_features and (self.features_output is None or self.oos_stats is None):
+            raise ValueError(f"oos_rule {self.oos_rule} needs features_output and oos_stats")
         missing = [f for f in self.served_files if f not in self.files]
         if missing:
             raise ValueError(f"files lists no sha256 for {', '.join(missing)}")
@@ -96,7 +103,8 @@ class ModelCard(BaseModel):
     def served_files(self) -> tuple[str, ...]:
         """Every file the served path reads; each must be in `files`, with its sha256."""
         extra = (self.cascade.model,) if self.cascade is not None else ()
-        return (*CORE_FILES, *extra)
+        stats = (self.oos_stats,) if self.oos_stats is not None else ()
+        return (*CORE_FILES, *extra, *stats)
 
     def variant_for(self, cpu_flags: frozenset[str]) -> Variant | None:
         for variant in self.variants:

@@ -1,16 +1,20 @@
 """Out-of-scope rules: one registry, used by the service on one row and by the factory on a whole split.
 
-A rule scores how in-scope a query looks from its logits; below the card's threshold the answer is `oos`.
-Every function here is vectorised over leading axes, so that the service and the factory's evaluation run
-the same arithmetic, and the factory's tuned threshold is exactly the one the service applies.
-Adding a rule is one entry in `RULES`.
+A rule scores how in-scope a query looks, from its logits or, for feature-space rules, from the
+transformer's pooled features and per-class statistics that ship in the artifact (`FeatureStats`); below
+the card's threshold the answer is `oos`. Every function here is vectorised over leading axes, so that the
+service and the factory's evaluation run the same arithmetic, and the factory's tuned threshold is exactly
+the one the service applies. Adding a rule is one entry in `RULES`.
 """
 
 from __future__ import annotations
 
+import io
 import math
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -22,25 +26,88 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return probs
 
 
-def _max_prob(logits: np.ndarray) -> np.ndarray:
+@dataclass(frozen=True)
+class FeatureStats:
+    """The in-scope classes' feature statistics, whitened: with P = L L^T the inverse of the covariance shared
+    by the classes (fitted on the training split), a query's squared Mahalanobis distance to class c is
+    |f L - centers[c]|^2, where centers = means L. Stored as `oos_stats.npz` in the artifact."""
+
+    whiten: np.ndarray  # L, [D, D]
+    centers: np.ndarray  # class means times L, [K, D]
+
+    ARRAYS = ("whiten", "centers")
+
+    @property
+    def dim(self) -> int:
+        return int(self.whiten.shape[0])
+
+    @classmethod
+    def load(cls, path: Path) -> FeatureStats:
+        """Read and check an npz file (no pickles); ValueError on any problem."""
+        try:
+            with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as npz:
+                arrays = {name: np.asarray(npz[name], dtype=np.float32) for name in cls.ARRAYS}
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            raise ValueError(f"unreadable {path.name}: {str(exc)[:200]}") from None
+        whiten, centers = arrays["whiten"], arrays["centers"]
+        if whiten.ndim != 2 or whiten.shape[0] != whiten.shape[1] or centers.ndim != 2:
+            raise ValueError(f"{path.name}: whiten must be [D, D] and centers [K, D]")
+        if centers.shape[1] != whiten.shape[0] or centers.shape[0] < 1:
+            raise ValueError(f"{path.name}: centers are {centers.shape}, whiten is {whiten.shape}")
+        if not (np.isfinite(whiten).all() and np.isfinite(centers).all()):
+            raise ValueError(f"{path.name}: non-finite values")
+        return cls(whiten=whiten, centers=centers)
+
+    def save(self, path: Path) -> None:
+        with path.open("wb") as f:
+            np.savez(f, whiten=self.whiten.astype(np.float32), centers=self.centers.astype(np.float32))
+
+    def sq_distances(self, features: np.ndarray) -> np.ndarray:
+        """Squared Mahalanobis distances to every class, [..., K], by |z|^2 - 2 z.m + |m|^2."""
+        z = features.astype(np.float32) @ self.whiten
+        near = z @ self.centers.T
+        out: np.ndarray = (z * z).sum(-1, keepdims=True) - 2 * near + (self.centers * self.centers).sum(-1)
+        clipped: np.ndarray = np.maximum(out, 0.0)  # rounding can take a distance just below zero
+        return clipped
+
+
+def _max_prob(logits: np.ndarray, features: np.ndarray | None, stats: FeatureStats | None) -> np.ndarray:
     out: np.ndarray = softmax(logits).max(axis=-1)
     return out
 
 
-def _energy(logits: np.ndarray) -> np.ndarray:
+def _energy(logits: np.ndarray, features: np.ndarray | None, stats: FeatureStats | None) -> np.ndarray:
     top = logits.max(axis=-1)
     out: np.ndarray = top + np.log(np.exp(logits - top[..., None]).sum(axis=-1))
     return out
 
 
+def _mahalanobis(logits: np.ndarray, features: np.ndarray | None, stats: FeatureStats | None) -> np.ndarray:
+    if features is None or stats is None:
+        raise ValueError("the mahalanobis rule needs the model's features and the artifact's oos_stats")
+    # Per feature dimension, so that the threshold reads the same whatever the width: about 1 in-scope.
+    out: np.ndarray = -stats.sq_distances(features).min(axis=-1) / stats.dim
+    return out
+
+
+# A rule's score: (logits [..., C], features [..., D] or None, stats or None) -> in-scope score [...].
+Score = Callable[[np.ndarray, "np.ndarray | None", "FeatureStats | None"], np.ndarray]
+
+
 @dataclass(frozen=True)
 class OosRule:
     name: str
-    score: Callable[[np.ndarray], np.ndarray]  # logits [..., C] -> in-scope score [...]
+    fn: Score
     low: float  # the thresholds that make sense for this score: low <= t < high
     high: float
     grid_step: float  # the factory tunes the threshold on this grid
     doc: str
+    needs_features: bool = False  # the pooled features and the artifact's FeatureStats
+
+    def score(
+        self, logits: np.ndarray, features: np.ndarray | None = None, stats: FeatureStats | None = None
+    ) -> np.ndarray:
+        return self.fn(logits, features, stats)
 
     def check_threshold(self, threshold: float) -> None:
         if not math.isfinite(threshold):
@@ -62,6 +129,17 @@ RULES: dict[str, OosRule] = {
             "log-sum-exp of the logits, the negative free energy of Liu et al. (2020), 'Energy-based "
             "Out-of-distribution Detection': it keeps the logits' scale, which the softmax normalises away",
         ),
+        OosRule(
+            "mahalanobis",
+            _mahalanobis,
+            -math.inf,
+            0.0,
+            0.01,
+            "minus the squared Mahalanobis distance of the pooled features to the nearest in-scope class mean, "
+            "with the covariance shared by the classes, per feature dimension (Lee et al. 2018, 'A Simple "
+            "Unified Framework for Detecting Out-of-Distribution Samples'; Podolskiy et al. 2021 on CLINC150)",
+            needs_features=True,
+        ),
     )
 }
 
@@ -82,13 +160,20 @@ class Decision:
     probs: np.ndarray
 
 
-def decide(logits: np.ndarray, oos_index: int, rule: str, threshold: float) -> Decision:
+def decide(
+    logits: np.ndarray,
+    oos_index: int,
+    rule: str,
+    threshold: float,
+    features: np.ndarray | None = None,
+    stats: FeatureStats | None = None,
+) -> Decision:
     """Argmax, unless the rule's score is under the threshold: then `oos`, with the model's doubt about its
     best in-scope guess, max(p(oos), 1 - p(top)), as the confidence."""
     probs = softmax(logits)
     pred = probs.argmax(axis=-1)
     top = np.take_along_axis(probs, pred[..., None], axis=-1)[..., 0]
-    fired = get_rule(rule).score(logits) < threshold
+    fired = get_rule(rule).score(logits, features, stats) < threshold
     pred = np.where(fired, oos_index, pred)
     confidence = np.where(fired, np.maximum(probs[..., oos_index], 1.0 - top), top)
     return Decision(pred=pred, confidence=confidence, probs=probs)

@@ -21,7 +21,7 @@ from app.card import MODEL_FILE, TOKENIZER_FILE, Variant
 from app.cascade import combine, first_stage
 from app.classifier import Prediction
 from app.errors import ModelLoadError
-from app.oos import Decision, decide
+from app.oos import Decision, FeatureStats, decide, get_rule
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +60,11 @@ def open_tokenizer(path: Path, default_window: int) -> Tokenizer:
 
 
 class LogitsSession:
-    """One ONNX classifier: token ids of one text -> its logits row."""
+    """One ONNX classifier: token ids of one text -> its logits row (and its features row, where asked)."""
 
-    def __init__(self, path: Path, intra: int, inter: int, disabled: Sequence[str]) -> None:
+    def __init__(
+        self, path: Path, intra: int, inter: int, disabled: Sequence[str], features: str | None = None
+    ) -> None:
         self.session = open_session(path, intra, inter, disabled)
         inputs = {i.name for i in self.session.get_inputs()}
         if "input_ids" not in inputs or not inputs <= {"input_ids", "attention_mask", "token_type_ids"}:
@@ -70,7 +72,12 @@ class LogitsSession:
         self.name = path.name
         self._mask = "attention_mask" in inputs
         self._types = "token_type_ids" in inputs
-        self._output = [self.session.get_outputs()[0].name]
+        outputs = [o.name for o in self.session.get_outputs()]
+        self._output = outputs[:1]
+        if features is not None:
+            if features not in outputs:
+                raise ModelLoadError(f"{path.name} has no output {features!r} (its outputs: {outputs})")
+            self._output.append(features)
 
     def feed(self, ids: list[int]) -> dict[str, np.ndarray]:
         input_ids = np.array([ids], dtype=np.int64)
@@ -82,8 +89,12 @@ class LogitsSession:
         return feed
 
     def run(self, ids: list[int]) -> np.ndarray:
-        out: np.ndarray = self.session.run(self._output, self.feed(ids))[0][0]
-        return out
+        return self.run_with_features(ids)[0]
+
+    def run_with_features(self, ids: list[int]) -> tuple[np.ndarray, np.ndarray | None]:
+        """The logits row, and the features row where the session was opened with a features output."""
+        out = self.session.run(self._output, self.feed(ids))
+        return out[0][0], (out[1][0] if len(out) > 1 else None)
 
 
 @dataclass(frozen=True)
@@ -92,6 +103,7 @@ class StageLogits:
 
     transformer: np.ndarray
     first: np.ndarray | None = None
+    features: np.ndarray | None = None  # the transformer's, where the OOS rule reads them
 
 
 class OnnxClassifier:
@@ -110,7 +122,17 @@ class OnnxClassifier:
         self.rule, self.threshold = card.oos_rule, card.oos_threshold
         self.tokenizer = open_tokenizer(artifact.path(TOKENIZER_FILE), card.max_length)
         disabled = card.ort_disabled_optimizers
-        self.transformer = LogitsSession(artifact.path(MODEL_FILE), intra_threads, inter_threads, disabled)
+        self.stats: FeatureStats | None = None
+        features = None
+        if get_rule(self.rule).needs_features and card.oos_stats is not None:
+            features = card.features_output
+            try:
+                self.stats = FeatureStats.load(artifact.path(card.oos_stats))
+            except ValueError as exc:
+                raise ModelLoadError(str(exc)) from None
+        self.transformer = LogitsSession(
+            artifact.path(MODEL_FILE), intra_threads, inter_threads, disabled, features=features
+        )
         self.first: LogitsSession | None = None
         self.variant: Variant | None = None
         self.cascade_threshold = 1.0
@@ -131,6 +153,11 @@ class OnnxClassifier:
                 raise ModelLoadError(
                     f"{stage.name} outputs {width} logits but labels.json has {len(self.labels)} labels"
                 )
+        if self.stats is not None:
+            feature_row = self.transformer.run_with_features(probe)[1]
+            if feature_row is None or feature_row.shape != (self.stats.dim,):
+                shape = None if feature_row is None else feature_row.shape
+                raise ModelLoadError(f"{card.oos_stats} is for {self.stats.dim} features, the model gives {shape}")
 
     @property
     def variant_name(self) -> str:
@@ -147,7 +174,15 @@ class OnnxClassifier:
             if answered[0]:
                 decision, stage = first, "first"
         if decision is None:
-            decision = decide(self.transformer.run(encoding.ids)[None], self.oos_index, self.rule, self.threshold)
+            logits, features = self.transformer.run_with_features(encoding.ids)
+            decision = decide(
+                logits[None],
+                self.oos_index,
+                self.rule,
+                self.threshold,
+                None if features is None else features[None],
+                self.stats,
+            )
         t2 = time.perf_counter()
         probs = decision.probs[0]
         ranked: list[tuple[str, float]] = []
@@ -167,13 +202,15 @@ class OnnxClassifier:
     def stage_logits(self, texts: Sequence[str]) -> StageLogits:
         """Every stage's logits for every text, each text its own batch of one, as the service runs them."""
         ids = [e.ids for e in self.tokenizer.encode_batch(list(texts))]
-        transformer = np.stack([self.transformer.run(x) for x in ids])
+        rows = [self.transformer.run_with_features(x) for x in ids]
+        transformer = np.stack([logits for logits, _ in rows])
+        features = np.stack([f for _, f in rows if f is not None]) if self.stats is not None else None
         first = np.stack([self.first.run(x) for x in ids]) if self.first is not None else None
-        return StageLogits(transformer=transformer, first=first)
+        return StageLogits(transformer=transformer, first=first, features=features)
 
     def decisions(self, logits: StageLogits, cascade_threshold: float | None = None) -> tuple[Decision, np.ndarray]:
         """The served answers for precomputed stage logits, and which rows the first stage answered."""
-        second = decide(logits.transformer, self.oos_index, self.rule, self.threshold)
+        second = decide(logits.transformer, self.oos_index, self.rule, self.threshold, logits.features, self.stats)
         if logits.first is None:
             return second, np.zeros(len(logits.transformer), dtype=bool)
         tau = self.cascade_threshold if cascade_threshold is None else cascade_threshold

@@ -10,11 +10,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from app.artifact import sha256_file
 from app.card import CARD_SCHEMA_VERSION, CORE_FILES, LABELS_FILE, ModelCard
 from compression.data import OOS
 from compression.errors import FactoryError
+from compression.features import FEATURES_OUTPUT
 from compression.onnx_runner import DISABLED_OPTIMIZERS
+from compression.oos_rule import MODEL_FILE, STATS_FILE
 from compression.provenance import git_commit, read_run, versions
 from compression.static import MODEL_FILE as STATIC_FILE
 
@@ -42,18 +46,32 @@ def write(
     max_length: int,
     benchmark_row: dict[str, Any] | None = None,
     static_dir: Path | None = None,
+    oos_dir: Path | None = None,
 ) -> ModelCard:
-    """Copy the served files to `dest` and write their card, validated by the service's own schema."""
+    """Copy the served files to `dest` and write their card, validated by the service's own schema. The
+    transformer comes from the oos stage where it ran (its model has the features output, and its rule and
+    statistics are served), else from the quantize stage with that stage's logits rule."""
+    transformer_dir = oos_dir if oos_dir is not None and (oos_dir / MODEL_FILE).is_file() else quantized_dir
     for name in CORE_FILES:
-        if not (quantized_dir / name).is_file():
-            raise FactoryError(f"missing {quantized_dir / name} (run the quantize stage first)")
+        if not (transformer_dir / name).is_file():
+            raise FactoryError(f"missing {transformer_dir / name} (run the quantize and oos stages first)")
     quant = read_run(quantized_dir)
-    metrics = quant.get("metrics", {})
-    labels = json.loads((quantized_dir / LABELS_FILE).read_text())
+    metrics = dict(quant.get("metrics", {}))
+    oos_features: dict[str, Any] = {}
+    if transformer_dir is oos_dir:
+        oos = read_run(oos_dir).get("metrics", {})
+        metrics.update(oos_rule=oos["oos_rule"], oos_threshold=oos["oos_threshold"], thresholded=oos["thresholded"])
+        if (oos_dir / STATS_FILE).is_file():
+            oos_features = {"features_output": FEATURES_OUTPUT, "oos_stats": STATS_FILE}
+    labels = json.loads((transformer_dir / LABELS_FILE).read_text())
     if OOS not in labels:
         raise FactoryError("labels.json has no 'oos' label")
     dest.mkdir(parents=True, exist_ok=True)
-    sources = {name: quantized_dir / name for name in CORE_FILES}
+    sources = {name: transformer_dir / name for name in CORE_FILES}
+    if oos_features:
+        sources[STATS_FILE] = transformer_dir / STATS_FILE
+    else:
+        (dest / STATS_FILE).unlink(missing_ok=True)
     cascade: dict[str, Any] | None = None
     validation = metrics.get("thresholded", {})
     if static_dir is not None and (static_dir / STATIC_FILE).is_file():
@@ -79,6 +97,7 @@ def write(
             "files": files,
             "inputs": ["input_ids", "attention_mask"],
             "output": "logits",
+            **oos_features,
             # The session settings the latency figures below were measured with; the service applies them.
             "ort_disabled_optimizers": list(DISABLED_OPTIMIZERS),
             "max_length": max_length,
@@ -181,6 +200,44 @@ class Config:
 
 
 def run_stage(ctx: Any, cfg: Config) -> None:
-    stages = ("teacher", "distill", "prune", "export", "quantize", "static")
+    stages = ("teacher", "distill", "prune", "export", "quantize", "oos", "static")
     stage_dirs = {s: ctx.dir(s) for s in stages if ctx.dir(s).is_dir()}
-    write(ctx.dir("quantize"), ctx.model_dir, stage_dirs, ctx.seed, ctx.max_length, static_dir=ctx.dir("static"))
+    write(
+        ctx.dir("quantize"),
+        ctx.model_dir,
+        stage_dirs,
+        ctx.seed,
+        ctx.max_length,
+        static_dir=ctx.dir("static"),
+        oos_dir=ctx.dir("oos"),
+    )
+    if ctx.dir("oos").is_dir():
+        add_pool_report(ctx.model_dir, ctx.clinc, str(ctx.wiki), read_run(ctx.dir("oos")).get("metrics", {}))
+
+
+def add_pool_report(model_dir: Path, data: Any, wiki: str, oos_run: dict[str, Any]) -> ModelCard:
+    """The served path (cascade and OOS rule, through app.runtime) scored on every OOS pool, and the oos
+    stage's table of each rule (the transformer alone) on the same pools, into the card's metrics."""
+    from app.artifact import load_artifact
+    from app.runtime import OnnxClassifier
+    from compression.oos_pools import POOL_DOCS, REPORT_POOL, evaluation_pools, pool_scores
+
+    artifact = load_artifact(model_dir)
+    classifier = OnnxClassifier(artifact, 1, 1)
+    served = {}
+    for name, split in evaluation_pools(data, wiki).items():
+        decision, answered = classifier.decisions(classifier.stage_logits(split.texts))
+        figures = pool_scores(decision.pred, np.array(split.label_ids(artifact.labels)), artifact.oos_index)
+        served[name] = {**figures, "first_stage_share": round(float(answered.mean()), 4)}
+    classifier.close()
+    raw = artifact.card.model_dump(mode="json", exclude_none=True)
+    raw["metrics"]["oos_pools"] = {
+        "served": served,
+        "rules": {rule: v for rule, v in oos_run.get("rules", {}).items()},
+        "in_scope_target": oos_run.get("oos_in_scope_target"),
+        "report_pool": REPORT_POOL,
+        "pools": POOL_DOCS,
+    }
+    card = ModelCard.model_validate(raw)
+    (model_dir / "card.json").write_text(card.model_dump_json(indent=2, exclude_none=True) + "\n")
+    return card

@@ -32,6 +32,13 @@ DOWNLOADS = ((DATA_FILE, ORIGINAL_URL, ORIGINAL_SHA256), (WIKI_FILE, WIKI_URL, W
 
 # In-scope and out-of-scope parts of each split, as the original file names them.
 _SPLIT_KEYS = {"train": ("train", "oos_train"), "val": ("val", "oos_val"), "test": ("test", "oos_test")}
+# The out-of-scope parts, also kept as splits of their own: oos_train + oos_val is the 350-query pool of real
+# CLINC out-of-scope queries on which the served model's OOS recall is reported (compression.oos_eval).
+OOS_PARTS = ("oos_train", "oos_val")
+# Wikipedia sentences that no stage trains on: a fixed shuffle (its own seed, so --seed never moves a sentence
+# between training and evaluation) sets the last WIKI_POOL_SIZE aside as an easier out-of-scope pool.
+WIKI_POOL_SIZE = 2000
+_WIKI_POOL_SEED = 150
 
 
 @dataclass(frozen=True)
@@ -89,8 +96,10 @@ def _parse_rows(rows: object, key: str) -> Split:
     return Split(texts, intents)
 
 
-def load_clinc(path: Path | str) -> Clinc:
-    """Read a CLINC150 JSON file; raise FactoryError with one clear line on any problem."""
+def load_clinc(path: Path | str, train_oos: bool = False) -> Clinc:
+    """Read a CLINC150 JSON file; raise FactoryError with one clear line on any problem. The `train` split
+    holds the 250 `oos_train` queries only with train_oos; by default they are kept for evaluation, as the
+    splits `oos_train` and `oos_val` are."""
     path = Path(path)
     if not path.is_file():
         raise FactoryError(f"data file not found: {path} (set --data, or run 'make data' to download it)")
@@ -102,12 +111,15 @@ def load_clinc(path: Path | str) -> Clinc:
         raise FactoryError(f"data file {path} is not in the CLINC150 format (no 'train' key)")
     splits: dict[str, Split] = {}
     for name, keys in _SPLIT_KEYS.items():
-        parts = [_parse_rows(raw[k], k) for k in keys if k in raw]
+        parts = [_parse_rows(raw[k], k) for k in keys if k in raw and (train_oos or k != "oos_train")]
         if parts:
             merged = parts[0]
             for part in parts[1:]:
                 merged = merged + part
             splits[name] = merged
+    for key in OOS_PARTS:
+        if key in raw:
+            splits[key] = _parse_rows(raw[key], key)
     labels = label_order(splits["train"].intents)
     known = set(labels)
     for name, split in splits.items():
@@ -117,16 +129,31 @@ def load_clinc(path: Path | str) -> Clinc:
     return Clinc(labels=labels, splits=splits)
 
 
-def load_wiki(path: Path | str, n: int, seed: int) -> Split:
-    """Up to n Wikipedia sentences, labelled out-of-scope (the dataset authors' 'wiki_aug' material)."""
-    if n <= 0:
-        return Split([], [])
+def _wiki_parts(path: Path | str) -> tuple[list[str], list[str]]:
+    """The Wikipedia sentences stages may train on, and the held-out pool (see WIKI_POOL_SIZE)."""
     path = Path(path)
     if not path.is_file():
         raise FactoryError(f"wiki sentences file not found: {path} (set --wiki, or --wiki-oos 0)")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    chosen = random.Random(seed).sample(lines, min(n, len(lines)))
+    lines = sorted({line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()})
+    random.Random(_WIKI_POOL_SEED).shuffle(lines)
+    cut = len(lines) - min(WIKI_POOL_SIZE, len(lines) // 5)  # a small file (tests) keeps most for training
+    return lines[:cut], lines[cut:]
+
+
+def load_wiki(path: Path | str, n: int, seed: int) -> Split:
+    """Up to n Wikipedia sentences, labelled out-of-scope (the dataset authors' 'wiki_aug' material), never
+    from the held-out pool."""
+    if n <= 0:
+        return Split([], [])
+    trainable, _ = _wiki_parts(path)
+    chosen = random.Random(seed).sample(trainable, min(n, len(trainable)))
     return Split(chosen, [OOS] * len(chosen))
+
+
+def load_wiki_pool(path: Path | str) -> Split:
+    """The held-out Wikipedia sentences, labelled out-of-scope: no stage trains on them."""
+    _, pool = _wiki_parts(path)
+    return Split(pool, [OOS] * len(pool))
 
 
 def download(dest: Path, url: str = ORIGINAL_URL, sha256: str = ORIGINAL_SHA256) -> Path:

@@ -12,7 +12,8 @@ from compression.metrics import best_rule, score, tune_rule
 
 
 def training_split(data: Clinc, wiki_path: str, wiki_oos: int, seed: int, subset: int = 0) -> Split:
-    """Train + oos_train, optionally sampled, plus Wikipedia sentences as extra out-of-scope examples."""
+    """Train (with oos_train only under --train-oos), optionally sampled, plus Wikipedia sentences as extra
+    out-of-scope examples."""
     train = data.split("train")
     if subset:
         train = train.subset(subset, seed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -109,11 +110,13 @@ def tune_rule(
     min_oos_recall: float = OOS_RECALL_TARGET,
     min_in_scope: float = IN_SCOPE_FLOOR,
 ) -> dict[str, tuple[float, Scores]]:
-    """Each registered rule's tuned threshold and scores, in registry order."""
+    """Each registered logits rule's tuned threshold and scores, in registry order: the stages' own reports.
+    Feature-space rules need statistics that only the oos stage fits; it scores every rule."""
     pred = logits.argmax(axis=-1)
     return {
         name: tune_threshold(rule.score(logits), pred, gold, oos_index, name, min_oos_recall, min_in_scope)
         for name, rule in RULES.items()
+        if not rule.needs_features
     }
 
 
@@ -135,3 +138,20 @@ def best_rule(
         if key(rule) > key(best):
             best = rule
     return best
+
+
+def threshold_for_in_scope(
+    scores: np.ndarray, pred: np.ndarray, gold: np.ndarray, oos_index: int, rule: str, target: float
+) -> float:
+    """The strictest threshold on the rule's grid that keeps in-scope accuracy >= target: the OOS rule then
+    catches all it can at that cost, and only in-scope queries choose it. A query is answered right when
+    its argmax is its intent and its score reaches the threshold, so accuracy only falls as it rises. Where
+    argmax alone is under the target (an undertrained model), the threshold under every score: the rule
+    then never fires on validation."""
+    r = get_rule(rule)
+    in_scope = gold != oos_index
+    right = np.sort(scores[in_scope & (pred == gold)])[::-1]
+    need = max(1, math.ceil(target * int(in_scope.sum()) - 1e-9))
+    below = float(right[need - 1]) if need <= len(right) else float(scores.min()) - r.grid_step
+    t = math.floor(below / r.grid_step) * r.grid_step
+    return round(min(max(t, r.low), r.high - r.grid_step), 6)

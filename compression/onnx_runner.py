@@ -20,8 +20,8 @@ FALLBACK_WINDOW = 512
 
 
 class OnnxStage:
-    def __init__(self, model_path: Path, tokenizer_path: Path, threads: int = 1) -> None:
-        self.model = LogitsSession(model_path, threads, 1, DISABLED_OPTIMIZERS)
+    def __init__(self, model_path: Path, tokenizer_path: Path, threads: int = 1, features: str | None = None) -> None:
+        self.model = LogitsSession(model_path, threads, 1, DISABLED_OPTIMIZERS, features=features)
         self.tokenizer = open_tokenizer(tokenizer_path, FALLBACK_WINDOW)
 
     def logits_one(self, text: str) -> np.ndarray:

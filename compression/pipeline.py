@@ -54,10 +54,11 @@ STAGES: dict[str, Stage] = {
         Stage("prune", ("distill", "teacher"), "compression.prune", "prune FFN neurons, recover by distillation"),
         Stage("export", ("prune",), "compression.export", "ONNX export with ORT transformer fusions"),
         Stage("quantize", ("export",), "compression.quantize", "int8 quantisation, the best candidate kept"),
-        Stage("static", ("quantize",), "compression.static", "the cascade's first stage, distilled"),
+        Stage("oos", ("quantize",), "compression.oos_rule", "the OOS rule, chosen on held-out pools"),
+        Stage("static", ("oos",), "compression.static", "the cascade's first stage, distilled"),
         Stage(
             "artifact",
-            ("quantize", "static", "teacher", "distill", "prune", "export"),
+            ("oos", "quantize", "static", "teacher", "distill", "prune", "export"),
             "compression.artifact",
             "write the served artifact and its card",
         ),
@@ -85,6 +86,10 @@ class Common:
     batch_size: int = field(default=32, metadata={"help": "training batch size"})
     max_length: int = field(default=64, metadata={"help": "token window, also the served truncation"})
     wiki_oos: int = field(default=2000, metadata={"help": "Wikipedia sentences added as oos examples"})
+    train_oos: bool = field(
+        default=False,
+        metadata={"help": "train on CLINC's 250 oos_train queries; off keeps them for the OOS evaluation pool"},
+    )
     train_subset: int = field(default=0, metadata={"help": "use only N training rows (0: all)"})
 
 
@@ -111,7 +116,7 @@ class Context(Common):
 
     @functools.cached_property
     def clinc(self) -> Clinc:
-        return load_clinc(self.data)
+        return load_clinc(self.data, train_oos=self.train_oos)
 
 
 class StageModule(Protocol):

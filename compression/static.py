@@ -29,12 +29,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from app.cascade import first_stage
-from app.oos import decide
 from compression.data import Clinc, Split, load_wiki
 from compression.errors import FactoryError
 from compression.metrics import Scores, score
 from compression.onnx_runner import OnnxStage
-from compression.provenance import read_run, write_run
+from compression.oos_pools import tuning_split
+from compression.oos_rule import ServedRule, outputs_of, served_rule
+from compression.provenance import write_run
 
 if TYPE_CHECKING:
     from compression.pipeline import Context
@@ -334,39 +335,32 @@ def transfer_set(
     return train + load_wiki(wiki, wiki_oos, seed) + augment(train, copies, seed, mask)
 
 
-def served_targets(logits: np.ndarray, oos: int, rule: str, threshold: float, margin: float) -> np.ndarray:
+def served_targets(
+    logits: np.ndarray, oos: int, rule: ServedRule, margin: float, features: np.ndarray | None = None
+) -> np.ndarray:
     """The transformer's logits, with `oos` raised to the top (by `margin`) wherever its OOS rule fires: the
     first stage learns what the transformer answers, not only its argmax, which on out-of-scope queries is
     usually some intent with a low score."""
-    fired = decide(logits, oos, rule, threshold).pred == oos
+    fired = rule.decide(logits, features, oos) == oos
     out = logits.copy()
     out[fired, oos] = logits[fired].max(axis=-1) + margin
     return out
 
 
-def transformer_rule(directory: Path) -> tuple[str, float]:
-    """The OOS rule and threshold of the transformer: a served artifact's card, or the quantize stage's run."""
-    if (directory / "card.json").is_file():
-        from app.artifact import read_card
-
-        card = read_card(directory)
-        return card.oos_rule, card.oos_threshold
-    quant = read_run(directory).get("metrics", {})
-    return quant.get("oos_rule", "max_prob"), float(quant.get("oos_threshold", 0.0))
-
-
-def run(quantize_dir: Path, data: Clinc, out: Path, cfg: Config, ctx: Context) -> dict[str, Any]:
+def run(transformer_dir: Path, data: Clinc, out: Path, cfg: Config, ctx: Context) -> dict[str, Any]:
+    """Train the first stage against the transformer (and OOS rule) in `transformer_dir`: the oos stage's
+    output, or a served artifact."""
     from compression.augment import IGNORE
 
     for name in ("model.onnx", "tokenizer.json", "labels.json"):
-        if not (quantize_dir / name).is_file():
-            raise FactoryError(f"missing {quantize_dir / name} (run the quantize stage first)")
+        if not (transformer_dir / name).is_file():
+            raise FactoryError(f"missing {transformer_dir / name} (run the oos stage first)")
     out.mkdir(parents=True, exist_ok=True)
-    transformer = OnnxStage(quantize_dir / "model.onnx", quantize_dir / "tokenizer.json")
+    rule = served_rule(transformer_dir)
+    transformer = OnnxStage(transformer_dir / "model.onnx", transformer_dir / "tokenizer.json", features=rule.features)
     tokenizer = transformer.tokenizer
     labels = data.labels
     oos = labels.index("oos")
-    rule, threshold = transformer_rule(quantize_dir)
 
     special = tokenizer.encode("").ids
     vectors = token_vectors(cfg.static_pretrained, tokenizer.get_vocab_size(), special)
@@ -376,26 +370,29 @@ def run(quantize_dir: Path, data: Clinc, out: Path, cfg: Config, ctx: Context) -
         data, str(ctx.wiki), cfg.static_wiki_oos, cfg.static_copies, ctx.seed, mask_token(tokenizer), ctx.train_subset
     )
     log.info("static: labelling %d transfer queries with the transformer", len(split))
-    raw = transformer.logits(split.texts).astype(np.float32)
-    targets = served_targets(raw, oos, rule, threshold, cfg.static_oos_margin)
+    raw, raw_features = outputs_of(transformer, split.texts)
+    targets = served_targets(raw.astype(np.float32), oos, rule, cfg.static_oos_margin, raw_features)
     hard = np.array([labels.index(i) if i != IGNORE else -100 for i in split.intents])
     ids = [e.ids for e in tokenizer.encode_batch(split.texts)]
     table, dense, history = train_bag(init, ids, targets, hard, cfg, ctx.seed, ctx.threads)
     write_onnx(out / MODEL_FILE, table, dense, cfg.static_table)
     for name in ("tokenizer.json", "labels.json"):
-        (out / name).write_bytes((quantize_dir / name).read_bytes())
+        (out / name).write_bytes((transformer_dir / name).read_bytes())
 
     first_model = OnnxStage(out / MODEL_FILE, out / "tokenizer.json")
     val = data.split("val")
     gold = np.array(val.label_ids(labels))
     first = first_model.logits(val.texts)
-    second_logits = transformer.logits(val.texts)
-    second = decide(second_logits, oos, rule, threshold).pred
+    second = rule.decide(*outputs_of(transformer, val.texts), oos)
     val_ids = [e.ids for e in tokenizer.encode_batch(val.texts)]
     fp32 = head_logits(np.stack([table[x].mean(0) for x in val_ids]), dense)
     stored = stored_table(table, cfg.static_table)
     reference = head_logits(np.stack([stored[x].mean(0) for x in val_ids]), dense)
-    tau = choose_threshold(first, second, gold, oos)
+    # The threshold is chosen on in-scope validation and held-out Wikipedia sentences, so that no real CLINC
+    # out-of-scope query tunes it (compression.oos_pools); it is reported on validation as it stands.
+    tune = tuning_split(data, str(ctx.wiki))
+    tune_second = rule.decide(*outputs_of(transformer, tune.texts), oos)
+    tau = choose_threshold(first_model.logits(tune.texts), tune_second, np.array(tune.label_ids(labels)), oos)
     cascade, share = cascade_scores(first, second, gold, oos, tau)
     report = {
         "cascade_threshold": tau,
@@ -414,7 +411,8 @@ def run(quantize_dir: Path, data: Clinc, out: Path, cfg: Config, ctx: Context) -
             for t in (*GRID[::10], 0.95, 0.99)
             for s, sh in [cascade_scores(first, second, gold, oos, t)]
         },
-        "transformer_rule": {"oos_rule": rule, "oos_threshold": threshold},
+        "transformer_rule": {"oos_rule": rule.rule, "oos_threshold": rule.threshold},
+        "threshold_tuned_on": "in-scope validation + wiki_heldout",
         "kind": f"embedding_bag, GELU head {cfg.static_hidden}" if cfg.static_hidden else "embedding_bag",
         "macs_per_token": table.shape[1],
         "macs_fixed": sum(layer.weight.size for layer in dense),
@@ -425,7 +423,7 @@ def run(quantize_dir: Path, data: Clinc, out: Path, cfg: Config, ctx: Context) -
 
 
 def run_stage(ctx: Context, cfg: Config) -> None:
-    run(ctx.dir("quantize"), ctx.clinc, ctx.dir("static"), cfg, ctx)
+    run(ctx.dir("oos"), ctx.clinc, ctx.dir("static"), cfg, ctx)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -451,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ctx = Context(Common(data=a.data, wiki=a.wiki, seed=a.seed, threads=a.threads))
     try:
-        run(a.from_model, load_clinc(a.data), a.out, Config(), ctx)
+        run(a.from_model, load_clinc(a.data, train_oos=ctx.train_oos), a.out, Config(), ctx)
         card = attach_first_stage(a.from_model, a.out)
     except FactoryError as exc:
         print(f"error: {exc}", file=sys.stderr)

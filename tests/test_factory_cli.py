@@ -87,7 +87,7 @@ def test_pipeline_end_to_end_on_tiny_model(tiny_pretrained: Path, tmp_path: Path
     )
     assert result.returncode == 0, result.stderr[-3000:]
     # Every stage wrote its artifact and the record of what produced it.
-    for stage in ("teacher", "search", "distill", "prune", "export", "quantize", "static"):  # named after the stage
+    for stage in ("teacher", "search", "distill", "prune", "export", "quantize", "oos", "static"):  # named so
         run = json.loads((art / stage / "run.json").read_text())
         assert run["stage"] == stage
         assert "torch" in run["versions"]
@@ -111,7 +111,15 @@ def test_pipeline_end_to_end_on_tiny_model(tiny_pretrained: Path, tmp_path: Path
     assert "SkipLayerNormalization" not in onnx_run["metrics"]["fused_operators"]
     card = json.loads((model_dir / "card.json").read_text())
     assert card["ort_disabled_optimizers"] == ["SkipLayerNormFusion"]
-    assert set(card["files"]) == {"model.onnx", "tokenizer.json", "labels.json", "static.onnx"}
+    assert set(card["files"]) == {"model.onnx", "tokenizer.json", "labels.json", "static.onnx", "oos_stats.npz"}
+    assert (card["features_output"], card["oos_stats"]) == ("features", "oos_stats.npz")
+    # Every rule is scored on every pool, and the served path too; the real CLINC pool is all 350 queries.
+    pools = card["metrics"]["oos_pools"]
+    assert set(pools["rules"]) == {"max_prob", "energy", "mahalanobis"}
+    assert pools["served"]["clinc_oos"]["oos_n"] == 350
+    assert pools["served"]["wiki_heldout"]["oos_n"] == 2000
+    low, high = pools["served"]["clinc_oos"]["oos_recall_95"]
+    assert low <= pools["served"]["clinc_oos"]["oos_recall"] <= high
     assert card["schema_version"] == 2
     assert 0.3 <= card["cascade"]["threshold"] <= 1.0
     assert len(json.loads((model_dir / "labels.json").read_text())) == 151

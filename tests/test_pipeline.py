@@ -92,13 +92,16 @@ def test_the_registry_in_order() -> None:
         "prune",
         "export",
         "quantize",
+        "oos",
         "static",
         "artifact",
         "bench",
     ]
-    assert pipeline.STAGES["static"].inputs == ("quantize",)
+    # The first stage learns the transformer's answers with the served OOS rule, so it follows the oos stage.
+    assert pipeline.STAGES["oos"].inputs == ("quantize",)
+    assert pipeline.STAGES["static"].inputs == ("oos",)
     assert pipeline.STAGES["static"].module == "compression.static"
-    assert set(pipeline.STAGES["artifact"].inputs) >= {"quantize", "static"}
+    assert set(pipeline.STAGES["artifact"].inputs) >= {"quantize", "oos", "static"}
 
 
 def test_no_flag_is_generated_twice() -> None:

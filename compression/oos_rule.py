@@ -1,0 +1,166 @@
+"""Stage: the served out-of-scope rule, chosen on pools no model trained on (compression.oos_pools).
+
+The quantised transformer gets its pooled features as a second output, the classes' feature statistics
+are fitted on the in-scope training split, and every rule of the service's registry (app.oos.RULES) is
+given the strictest threshold that keeps in-scope validation accuracy at the target. The rule that catches
+the most of the held-out Wikipedia sentences is served; the figures on the real CLINC pool, which chose
+nothing, are the estimate the README reports.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from app.oos import RULES, FeatureStats, decide
+from compression.data import OOS, Clinc
+from compression.errors import FactoryError
+from compression.features import FEATURES_OUTPUT, RIDGE, add_features_output, fit_stats
+from compression.metrics import IN_SCOPE_FLOOR, threshold_for_in_scope
+from compression.onnx_runner import OnnxStage
+from compression.oos_pools import REPORT_POOL, TUNING_POOL, evaluation_pools, pool_scores
+from compression.provenance import read_run, write_run
+
+if TYPE_CHECKING:
+    from compression.pipeline import Context
+
+log = logging.getLogger(__name__)
+STATS_FILE = "oos_stats.npz"
+MODEL_FILE = "model.onnx"
+
+
+@dataclass
+class Config:
+    oos_in_scope_target: float = field(
+        default=round(IN_SCOPE_FLOOR + 0.002, 4),
+        metadata={"help": "in-scope validation accuracy each rule's threshold keeps (the floor, plus 6 queries)"},
+    )
+    oos_ridge: float = field(default=RIDGE, metadata={"help": "ridge of the shared covariance, share of its trace"})
+
+    def __post_init__(self) -> None:
+        if not 0 < self.oos_in_scope_target <= 1:
+            raise FactoryError(f"--oos-in-scope-target must be in (0, 1], got {self.oos_in_scope_target}")
+
+
+@dataclass(frozen=True)
+class ServedRule:
+    """The transformer's OOS rule as a stage directory or an artifact holds it, ready to apply."""
+
+    rule: str
+    threshold: float
+    stats: FeatureStats | None = None
+
+    @property
+    def features(self) -> str | None:
+        return FEATURES_OUTPUT if self.stats is not None else None
+
+    def decide(self, logits: np.ndarray, features: np.ndarray | None, oos: int) -> np.ndarray:
+        return decide(logits, oos, self.rule, self.threshold, features, self.stats).pred
+
+
+def served_rule(directory: Path) -> ServedRule:
+    """The rule of an artifact (its card) or of this stage's output (its run record); a directory with
+    neither rule (an older quantize stage) gives that stage's logits rule."""
+    if (directory / "card.json").is_file():
+        from app.artifact import read_card
+
+        card = read_card(directory)
+        stats = FeatureStats.load(directory / card.oos_stats) if card.oos_stats else None
+        return ServedRule(card.oos_rule, card.oos_threshold, stats)
+    metrics = read_run(directory).get("metrics", {})
+    stats_path = directory / STATS_FILE
+    stats = FeatureStats.load(stats_path) if stats_path.is_file() else None
+    return ServedRule(metrics.get("oos_rule", "max_prob"), float(metrics.get("oos_threshold", 0.0)), stats)
+
+
+def outputs_of(stage: OnnxStage, texts: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+    """Logits of every text, and features where the stage was opened with them; batch-1 calls, as served."""
+    rows = [stage.model.run_with_features(e.ids) for e in stage.tokenizer.encode_batch(texts)]
+    features = [f for _, f in rows if f is not None]
+    return np.stack([logits for logits, _ in rows]), (np.stack(features) if features else None)
+
+
+def features_of(stage: OnnxStage, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    logits, features = outputs_of(stage, texts)
+    if features is None:
+        raise FactoryError("the model gives no features")
+    return logits, features
+
+
+def run(quantize_dir: Path, data: Clinc, wiki: str, out: Path, cfg: Config) -> dict[str, Any]:
+    for name in (MODEL_FILE, "tokenizer.json", "labels.json"):
+        if not (quantize_dir / name).is_file():
+            raise FactoryError(f"missing {quantize_dir / name} (run the quantize stage first)")
+    pools = evaluation_pools(data, wiki)  # refuses a model that trained on oos_train
+    out.mkdir(parents=True, exist_ok=True)
+    dim = add_features_output(quantize_dir / MODEL_FILE, out / MODEL_FILE)
+    for name in ("tokenizer.json", "labels.json"):
+        shutil.copy(quantize_dir / name, out / name)
+    labels = json.loads((out / "labels.json").read_text())
+    oos = labels.index(OOS)
+    stage = OnnxStage(out / MODEL_FILE, out / "tokenizer.json", features=FEATURES_OUTPUT)
+
+    train = data.split("train")
+    _, train_features = features_of(stage, train.texts)
+    gold_train = np.array(train.label_ids(labels))
+    in_scope = gold_train != oos
+    stats = fit_stats(train_features[in_scope], gold_train[in_scope], cfg.oos_ridge)
+    stats.save(out / STATS_FILE)
+    stats = FeatureStats.load(out / STATS_FILE)  # the stored float32 arrays, exactly as the service reads them
+    log.info("oos: %d-dim features, statistics of %d classes from %d queries", dim, len(stats.centers), in_scope.sum())
+
+    outputs = {name: features_of(stage, split.texts) for name, split in pools.items()}
+    gold = {name: np.array(split.label_ids(labels)) for name, split in pools.items()}
+    val_logits, val_features = outputs["validation"]
+    rules: dict[str, Any] = {}
+    for name, rule in RULES.items():
+        scores = rule.score(val_logits, val_features, stats)
+        threshold = threshold_for_in_scope(
+            scores, val_logits.argmax(-1), gold["validation"], oos, name, cfg.oos_in_scope_target
+        )
+        served = ServedRule(name, threshold, stats)
+        rules[name] = {
+            "oos_threshold": threshold,
+            "pools": {
+                pool: pool_scores(served.decide(logits, features, oos), gold[pool], oos)
+                for pool, (logits, features) in outputs.items()
+            },
+        }
+    # The choice looks at the tuning pool only; ties keep the registry's order.
+    chosen = max(RULES, key=lambda r: (rules[r]["pools"][TUNING_POOL]["oos_recall"], -list(RULES).index(r)))
+    report = {
+        "oos_rule": chosen,
+        "oos_threshold": rules[chosen]["oos_threshold"],
+        "oos_in_scope_target": cfg.oos_in_scope_target,
+        "thresholded": rules[chosen]["pools"]["validation"],
+        "features": {"output": FEATURES_OUTPUT, "dim": dim, "fitted_on": int(in_scope.sum())},
+        "rules": rules,
+        "report_pool": REPORT_POOL,
+        "tuning_pool": TUNING_POOL,
+    }
+    write_run(out, "oos", asdict(cfg), report)
+    for name in RULES:
+        figures = rules[name]["pools"]
+        log.info(
+            "oos: %-12s threshold %8.2f  %s recall %.3f %s  %s recall %.3f  validation in-scope %.4f",
+            name,
+            rules[name]["oos_threshold"],
+            REPORT_POOL,
+            figures[REPORT_POOL]["oos_recall"],
+            figures[REPORT_POOL]["oos_recall_95"],
+            TUNING_POOL,
+            figures[TUNING_POOL]["oos_recall"],
+            figures["validation"]["in_scope_accuracy"],
+        )
+    log.info("oos: serving %s", chosen)
+    return report
+
+
+def run_stage(ctx: Context, cfg: Config) -> None:
+    run(ctx.dir("quantize"), ctx.clinc, str(ctx.wiki), ctx.dir("oos"), cfg)
