@@ -4,6 +4,7 @@ classes' statistics fitted on the training split (app.oos.FeatureStats)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -11,6 +12,7 @@ from app.oos import FeatureStats
 from compression.errors import FactoryError
 
 FEATURES_OUTPUT = "features"
+FEATURE_SOURCES = ("mean", "pooled")
 # The classifier's own matrix product, found by walking back from the logits; after dynamic quantisation its
 # float input is the input of a DynamicQuantizeLinear.
 _PRODUCTS = ("MatMul", "Gemm", "MatMulInteger")
@@ -20,36 +22,71 @@ _PASS_THROUGH = ("Add", "Mul", "Cast")
 RIDGE = 1e-3
 
 
-def add_features_output(src: Path, dest: Path, logits: str = "logits", name: str = FEATURES_OUTPUT) -> int:
-    """Copy the ONNX model at `src` to `dest` with the classifier's input as a second output, `name`
-    ([batch, D]); returns D. The graph's arithmetic is unchanged: the tensor is already computed."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    model = onnx.load(str(src))
-    graph = model.graph
-    producer = {out: node for node in graph.node for out in node.output}
+def _classifier_input(graph: Any, producer: dict[str, Any], logits: str, where: str) -> tuple[str, Any]:
+    """The float tensor a classification head multiplies, walking back from `logits`, and that product."""
     tensor, node = logits, producer.get(logits)
     while node is not None and node.op_type in _PASS_THROUGH:
         tensor = node.input[0]
         node = producer.get(tensor)
     if node is None or node.op_type not in _PRODUCTS:
-        raise FactoryError(f"{src.name}: no classifier product found above '{logits}'")
+        raise FactoryError(f"{where}: no matrix product found above '{logits}'")
     feature = node.input[0]
     quantizer = producer.get(feature)
     if quantizer is not None and quantizer.op_type == "DynamicQuantizeLinear":
         feature = quantizer.input[0]
-    weight = node.input[1]
-    init = {i.name: i for i in graph.initializer}
-    if weight not in init:
-        raise FactoryError(f"{src.name}: the classifier's weight {weight} is not a constant")
-    trans_b = node.op_type == "Gemm" and any(a.name == "transB" and a.i == 1 for a in node.attribute)
-    dim = int(init[weight].dims[1] if trans_b else init[weight].dims[0])  # the weight is [D, C], or [C, D]
-    identity = helper.make_node("Identity", [feature], [name], name=f"{name}_output")
-    graph.node.append(identity)
-    graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", dim]))
+    return feature, node
+
+
+def add_features_output(
+    src: Path, dest: Path, source: str = "mean", logits: str = "logits", name: str = FEATURES_OUTPUT
+) -> None:
+    """Copy the ONNX model at `src` to `dest` with a second output, `name` ([batch, D]):
+    - `pooled`: the classifier's input (for BERT, the pooler's tanh of the first token);
+    - `mean`: the encoder's last hidden states averaged over the attention mask and scaled to unit length,
+      the sentence embedding all-MiniLM-L6-v2 was trained to give (found as what the pooler reads).
+    The logits are computed as before; `mean` adds a few element-wise ops over one [seq, D] tensor."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    if source not in FEATURE_SOURCES:
+        raise FactoryError(f"feature source must be one of {', '.join(FEATURE_SOURCES)}, got {source!r}")
+    model = onnx.load(str(src))
+    graph = model.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    feature, _ = _classifier_input(graph, producer, logits, src.name)
+    if source == "pooled":
+        graph.node.append(helper.make_node("Identity", [feature], [name], name=f"{name}_output"))
+    else:
+        # tanh <- pooler product <- first token's hidden state <- Gather(sequence output).
+        pre = producer.get(feature)
+        if pre is None or pre.op_type != "Tanh":
+            raise FactoryError(f"{src.name}: no pooler (Tanh) under the classifier")
+        first_token, _ = _classifier_input(graph, producer, pre.input[0], src.name)
+        gather = producer.get(first_token)
+        if gather is None or gather.op_type != "Gather":
+            raise FactoryError(f"{src.name}: the pooler does not read one token of the sequence output")
+        hidden = gather.input[0]
+        p = f"{name}_"
+        graph.node.extend(
+            [
+                helper.make_node("Cast", ["attention_mask"], [p + "mask"], to=TensorProto.FLOAT),
+                helper.make_node("Unsqueeze", [p + "mask", p + "last_axis"], [p + "mask3"]),
+                helper.make_node("Mul", [hidden, p + "mask3"], [p + "masked"]),
+                helper.make_node("ReduceSum", [p + "masked", p + "seq_axis"], [p + "sum"], keepdims=0),
+                helper.make_node("ReduceSum", [p + "mask3", p + "seq_axis"], [p + "count"], keepdims=0),
+                helper.make_node("Div", [p + "sum", p + "count"], [p + "mean"]),
+                helper.make_node("ReduceL2", [p + "mean"], [p + "norm"], axes=[-1], keepdims=1),
+                helper.make_node("Div", [p + "mean", p + "norm"], [name]),
+            ]
+        )
+        graph.initializer.extend(
+            [
+                onnx.numpy_helper.from_array(np.array([-1], dtype=np.int64), p + "last_axis"),
+                onnx.numpy_helper.from_array(np.array([1], dtype=np.int64), p + "seq_axis"),
+            ]
+        )
+    graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", None]))
     onnx.save(model, str(dest))
-    return dim
 
 
 def fit_stats(features: np.ndarray, labels: np.ndarray, ridge: float = RIDGE) -> FeatureStats:

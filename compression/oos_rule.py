@@ -21,7 +21,7 @@ import numpy as np
 from app.oos import RULES, FeatureStats, decide
 from compression.data import OOS, Clinc
 from compression.errors import FactoryError
-from compression.features import FEATURES_OUTPUT, RIDGE, add_features_output, fit_stats
+from compression.features import FEATURE_SOURCES, FEATURES_OUTPUT, RIDGE, add_features_output, fit_stats
 from compression.metrics import IN_SCOPE_FLOOR, threshold_for_in_scope
 from compression.onnx_runner import OnnxStage
 from compression.oos_pools import REPORT_POOL, TUNING_POOL, evaluation_pools, pool_scores
@@ -42,8 +42,16 @@ class Config:
         metadata={"help": "in-scope validation accuracy each rule's threshold keeps (the floor, plus 6 queries)"},
     )
     oos_ridge: float = field(default=RIDGE, metadata={"help": "ridge of the shared covariance, share of its trace"})
+    oos_features: str = field(
+        default="mean",
+        metadata={
+            "help": f"features of the feature-space rules: {' or '.join(FEATURE_SOURCES)} (compression.features)"
+        },
+    )
 
     def __post_init__(self) -> None:
+        if self.oos_features not in FEATURE_SOURCES:
+            raise FactoryError(f"--oos-features must be one of {', '.join(FEATURE_SOURCES)}, got {self.oos_features!r}")
         if not 0 < self.oos_in_scope_target <= 1:
             raise FactoryError(f"--oos-in-scope-target must be in (0, 1], got {self.oos_in_scope_target}")
 
@@ -99,7 +107,7 @@ def run(quantize_dir: Path, data: Clinc, wiki: str, out: Path, cfg: Config) -> d
             raise FactoryError(f"missing {quantize_dir / name} (run the quantize stage first)")
     pools = evaluation_pools(data, wiki)  # refuses a model that trained on oos_train
     out.mkdir(parents=True, exist_ok=True)
-    dim = add_features_output(quantize_dir / MODEL_FILE, out / MODEL_FILE)
+    add_features_output(quantize_dir / MODEL_FILE, out / MODEL_FILE, cfg.oos_features)
     for name in ("tokenizer.json", "labels.json"):
         shutil.copy(quantize_dir / name, out / name)
     labels = json.loads((out / "labels.json").read_text())
@@ -113,6 +121,7 @@ def run(quantize_dir: Path, data: Clinc, wiki: str, out: Path, cfg: Config) -> d
     stats = fit_stats(train_features[in_scope], gold_train[in_scope], cfg.oos_ridge)
     stats.save(out / STATS_FILE)
     stats = FeatureStats.load(out / STATS_FILE)  # the stored float32 arrays, exactly as the service reads them
+    dim = stats.dim
     log.info("oos: %d-dim features, statistics of %d classes from %d queries", dim, len(stats.centers), in_scope.sum())
 
     outputs = {name: features_of(stage, split.texts) for name, split in pools.items()}
@@ -139,7 +148,12 @@ def run(quantize_dir: Path, data: Clinc, wiki: str, out: Path, cfg: Config) -> d
         "oos_threshold": rules[chosen]["oos_threshold"],
         "oos_in_scope_target": cfg.oos_in_scope_target,
         "thresholded": rules[chosen]["pools"]["validation"],
-        "features": {"output": FEATURES_OUTPUT, "dim": dim, "fitted_on": int(in_scope.sum())},
+        "features": {
+            "output": FEATURES_OUTPUT,
+            "source": cfg.oos_features,
+            "dim": dim,
+            "fitted_on": int(in_scope.sum()),
+        },
         "rules": rules,
         "report_pool": REPORT_POOL,
         "tuning_pool": TUNING_POOL,

@@ -120,6 +120,8 @@ def test_pipeline_end_to_end_on_tiny_model(tiny_pretrained: Path, tmp_path: Path
     assert pools["served"]["wiki_heldout"]["oos_n"] == 2000
     low, high = pools["served"]["clinc_oos"]["oos_recall_95"]
     assert low <= pools["served"]["clinc_oos"]["oos_recall"] <= high
+    _features_are_the_mean_hidden_state(art, tmp_path)
+
     assert card["schema_version"] == 2
     assert 0.3 <= card["cascade"]["threshold"] <= 1.0
     assert len(json.loads((model_dir / "labels.json").read_text())) == 151
@@ -132,6 +134,31 @@ def test_pipeline_end_to_end_on_tiny_model(tiny_pretrained: Path, tmp_path: Path
     assert "| stage |" in result.stdout
     # A tiny model trained for one epoch cannot reach the bar, and the rebuild says so.
     assert f"warning: {model_dir} is below the accuracy bar on validation: in-scope accuracy" in result.stdout
+
+
+def _features_are_the_mean_hidden_state(art: Path, tmp_path: Path) -> None:
+    """The features output the graph surgery adds to the exported (fp32) model is PyTorch's last hidden state
+    averaged over the tokens and scaled to unit length, and the logits are untouched."""
+    import torch
+
+    from compression import checkpoint
+    from compression.features import add_features_output
+    from compression.oos_rule import features_of
+    from compression.onnx_runner import OnnxStage
+
+    add_features_output(art / "export" / "model.onnx", tmp_path / "features.onnx", "mean")
+    stage = OnnxStage(tmp_path / "features.onnx", art / "export" / "tokenizer.json", features="features")
+    texts = ["book a flight to paris", "what is my balance", "hi"]
+    logits, features = features_of(stage, texts)
+    model, tokenizer, _ = checkpoint.load(art / "prune")
+    model.eval()
+    with torch.no_grad():
+        for text, row, logit_row in zip(texts, features, logits, strict=True):
+            batch = tokenizer(text, return_tensors="pt")
+            out = model(**batch, output_hidden_states=True)
+            mean = out.hidden_states[-1][0].mean(0)
+            assert np.allclose(row, (mean / mean.norm()).numpy(), atol=1e-4)
+            assert np.allclose(logit_row, out.logits[0].numpy(), atol=1e-3)
 
 
 def test_onnx_matches_pytorch_logits(tiny_pretrained: Path, tmp_path: Path) -> None:

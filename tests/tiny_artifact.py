@@ -51,7 +51,7 @@ def make(
 
         zeros = np.zeros(head.shape[1], dtype=np.float32)
         write_onnx(directory / "model.onnx", transformer, [Dense(head.astype(np.float32), zeros)], "float16")
-        add_features_output(directory / "model.onnx", directory / "model.onnx")
+        add_features_output(directory / "model.onnx", directory / "model.onnx", source="pooled")
         stats.save(directory / "oos_stats.npz")
         extra = {"features_output": "features", "oos_stats": "oos_stats.npz"}
     else:
