@@ -143,8 +143,8 @@ def _features_are_the_mean_hidden_state(art: Path, tmp_path: Path) -> None:
 
     from compression import checkpoint
     from compression.features import add_features_output
-    from compression.oos_rule import features_of
     from compression.onnx_runner import OnnxStage
+    from compression.oos_rule import features_of
 
     add_features_output(art / "export" / "model.onnx", tmp_path / "features.onnx", "mean")
     stage = OnnxStage(tmp_path / "features.onnx", art / "export" / "tokenizer.json", features="features")
