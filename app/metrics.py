@@ -104,8 +104,8 @@ class Metrics:
         self.truncated = Counter("intent_truncated_texts", "Texts cut to the model's token window", registry=r)
         self.model_info = Gauge(
             "intent_model_info",
-            "The served model, and the variant that start-up chose for this CPU",
-            ["version", "name", "quantization", "variant"],
+            "The served model, its OOS rule, and the variant that start-up chose for this CPU",
+            ["version", "name", "quantization", "variant", "oos_rule"],
             registry=r,
             multiprocess_mode="max",
         )

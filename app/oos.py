@@ -41,6 +41,11 @@ class FeatureStats:
     def dim(self) -> int:
         return int(self.whiten.shape[0])
 
+    @property
+    def macs(self) -> int:
+        """Multiply-adds of one query's distances: f L, then z . centers."""
+        return int(self.whiten.size + self.centers.size)
+
     @classmethod
     def load(cls, path: Path) -> FeatureStats:
         """Read and check an npz file (no pickles); ValueError on any problem."""

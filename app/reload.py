@@ -77,6 +77,7 @@ def install(state: State, classifier: Classifier, card: dict[str, Any]) -> str |
         str(card.get("name", "")),
         str(card.get("quantization", "")),
         variant,
+        str(card.get("oos_rule", "")),
     )
     metrics.model_info.labels(*state.model_info_labels).set(1)
     if state.queue is not None:

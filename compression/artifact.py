@@ -220,12 +220,13 @@ def add_pool_report(model_dir: Path, data: Any, wiki: str, oos_run: dict[str, An
     stage's table of each rule (the transformer alone) on the same pools, into the card's metrics."""
     from app.artifact import load_artifact
     from app.runtime import OnnxClassifier
-    from compression.oos_pools import POOL_DOCS, REPORT_POOL, evaluation_pools, pool_scores
+    from compression.oos_pools import POOL_DOCS, evaluation_pools, pool_scores, report_pool
 
     artifact = load_artifact(model_dir)
     classifier = OnnxClassifier(artifact, 1, 1)
     served = {}
-    for name, split in evaluation_pools(data, wiki).items():
+    pools = evaluation_pools(data, wiki)
+    for name, split in pools.items():
         decision, answered = classifier.decisions(classifier.stage_logits(split.texts))
         figures = pool_scores(decision.pred, np.array(split.label_ids(artifact.labels)), artifact.oos_index)
         served[name] = {**figures, "first_stage_share": round(float(answered.mean()), 4)}
@@ -235,8 +236,8 @@ def add_pool_report(model_dir: Path, data: Any, wiki: str, oos_run: dict[str, An
         "served": served,
         "rules": {rule: v for rule, v in oos_run.get("rules", {}).items()},
         "in_scope_target": oos_run.get("oos_in_scope_target"),
-        "report_pool": REPORT_POOL,
-        "pools": POOL_DOCS,
+        "report_pool": report_pool(pools),
+        "pools": {name: POOL_DOCS[name] for name in pools},
     }
     card = ModelCard.model_validate(raw)
     (model_dir / "card.json").write_text(card.model_dump_json(indent=2, exclude_none=True) + "\n")

@@ -119,12 +119,21 @@ def bench_served(directory: Path, data: Clinc, cfg: BenchConfig) -> dict[str, An
 
 def _macs(directory: Path, card: Any, texts: list[str], served: Any, share: float) -> dict[str, Any]:
     """Multiply-adds per query at the validation median length: each model's, and the served path's average
-    (the first stage on every query, the transformer on the share it does not answer)."""
+    (the first stage on every query, the transformer on the share it does not answer). A feature-space OOS
+    rule's arithmetic (whitening, then distances to the class centres) counts with the transformer's."""
     from compression.macs import macs_per_query
 
     tokens = int(np.median([len(e.ids) for e in served.tokenizer.encode_batch(texts)]))
     transformer = macs_per_query(directory / "model.onnx", tokens)
-    out = {"median_tokens": tokens, "macs_transformer": transformer, "macs_per_query": transformer}
+    stats = getattr(served, "stats", None)
+    rule = stats.macs if stats is not None else 0
+    transformer += rule
+    out = {
+        "median_tokens": tokens,
+        "macs_transformer": transformer,
+        "macs_oos_rule": rule,
+        "macs_per_query": transformer,
+    }
     if card.cascade is not None:
         first = macs_per_query(directory / card.cascade.model, tokens)
         out.update(macs_first_stage=first, macs_per_query=round(first + (1 - share) * transformer))
@@ -282,6 +291,7 @@ def run_stage(ctx: Any, cfg: Config) -> None:
     if served is None:
         return
     _store_benchmark_row(ctx.model_dir, served)
+    _print_oos_pools(ctx.model_dir)
     missed = bar_shortfalls(served)
     if not missed:
         print(f"{ctx.model_dir} meets the accuracy bar (in-scope, OOS recall, test-weighted) on validation.")
@@ -291,6 +301,22 @@ def run_stage(ctx: Any, cfg: Config) -> None:
             f"warning: {ctx.model_dir} is below the accuracy bar on validation: {'; '.join(missed)}. "
             f"`git checkout -- {ctx.model_dir}` restores the committed model."
         )
+
+
+def _print_oos_pools(model_dir: Path) -> None:
+    """The served model's OOS figures on pools no stage trained on (compression.oos_pools), where it has them."""
+    from app.artifact import read_card
+    from compression.oos_pools import markdown_table
+
+    pools = read_card(model_dir).metrics.get("oos_pools")
+    if not pools:
+        return
+    print(f"\nOut-of-scope pools (thresholds kept in-scope validation at {pools.get('in_scope_target')}):")
+    print(markdown_table(pools))
+    name = pools["report_pool"]
+    served = pools["served"][name]
+    low, high = served["oos_recall_95"]
+    print(f"served OOS recall on {name}: {served['oos_recall']:.3f}, 95% interval [{low:.3f}, {high:.3f}]")
 
 
 def _store_benchmark_row(model_dir: Path, row: dict[str, Any]) -> None:

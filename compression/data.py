@@ -96,10 +96,10 @@ def _parse_rows(rows: object, key: str) -> Split:
     return Split(texts, intents)
 
 
-def load_clinc(path: Path | str, train_oos: bool = False) -> Clinc:
+def load_clinc(path: Path | str, train_oos: bool = True) -> Clinc:
     """Read a CLINC150 JSON file; raise FactoryError with one clear line on any problem. The `train` split
-    holds the 250 `oos_train` queries only with train_oos; by default they are kept for evaluation, as the
-    splits `oos_train` and `oos_val` are."""
+    holds the 250 `oos_train` queries unless train_oos is off, which keeps them for evaluation; `oos_train`
+    and `oos_val` are also splits of their own."""
     path = Path(path)
     if not path.is_file():
         raise FactoryError(f"data file not found: {path} (set --data, or run 'make data' to download it)")

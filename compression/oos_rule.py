@@ -24,7 +24,7 @@ from compression.errors import FactoryError
 from compression.features import FEATURE_SOURCES, FEATURES_OUTPUT, RIDGE, add_features_output, fit_stats
 from compression.metrics import IN_SCOPE_FLOOR, threshold_for_in_scope
 from compression.onnx_runner import OnnxStage
-from compression.oos_pools import REPORT_POOL, TUNING_POOL, evaluation_pools, pool_scores
+from compression.oos_pools import TUNING_POOL, evaluation_pools, pool_scores, report_pool
 from compression.provenance import read_run, write_run
 
 if TYPE_CHECKING:
@@ -105,7 +105,8 @@ def run(quantize_dir: Path, data: Clinc, wiki: str, out: Path, cfg: Config) -> d
     for name in (MODEL_FILE, "tokenizer.json", "labels.json"):
         if not (quantize_dir / name).is_file():
             raise FactoryError(f"missing {quantize_dir / name} (run the quantize stage first)")
-    pools = evaluation_pools(data, wiki)  # refuses a model that trained on oos_train
+    pools = evaluation_pools(data, wiki)
+    reported = report_pool(pools)
     out.mkdir(parents=True, exist_ok=True)
     add_features_output(quantize_dir / MODEL_FILE, out / MODEL_FILE, cfg.oos_features)
     for name in ("tokenizer.json", "labels.json"):
@@ -155,7 +156,7 @@ def run(quantize_dir: Path, data: Clinc, wiki: str, out: Path, cfg: Config) -> d
             "fitted_on": int(in_scope.sum()),
         },
         "rules": rules,
-        "report_pool": REPORT_POOL,
+        "report_pool": reported,
         "tuning_pool": TUNING_POOL,
     }
     write_run(out, "oos", asdict(cfg), report)
@@ -165,9 +166,9 @@ def run(quantize_dir: Path, data: Clinc, wiki: str, out: Path, cfg: Config) -> d
             "oos: %-12s threshold %8.2f  %s recall %.3f %s  %s recall %.3f  validation in-scope %.4f",
             name,
             rules[name]["oos_threshold"],
-            REPORT_POOL,
-            figures[REPORT_POOL]["oos_recall"],
-            figures[REPORT_POOL]["oos_recall_95"],
+            reported,
+            figures[reported]["oos_recall"],
+            figures[reported]["oos_recall_95"],
             TUNING_POOL,
             figures[TUNING_POOL]["oos_recall"],
             figures["validation"]["in_scope_accuracy"],

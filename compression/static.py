@@ -443,11 +443,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("artifacts/static"))
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--train-oos", action=argparse.BooleanOptionalAction, default=True, help="as the factory's")
     a = p.parse_args(argv)
     logging_.basicConfig(level=logging_.INFO, format="%(asctime)s %(name)s %(message)s")
     from compression.pipeline import Common, Context
 
-    ctx = Context(Common(data=a.data, wiki=a.wiki, seed=a.seed, threads=a.threads))
+    ctx = Context(Common(data=a.data, wiki=a.wiki, seed=a.seed, threads=a.threads, train_oos=a.train_oos))
     try:
         run(a.from_model, load_clinc(a.data, train_oos=ctx.train_oos), a.out, Config(), ctx)
         card = attach_first_stage(a.from_model, a.out)

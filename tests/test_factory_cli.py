@@ -84,6 +84,7 @@ def test_pipeline_end_to_end_on_tiny_model(tiny_pretrained: Path, tmp_path: Path
         "50",
         "--static-dim",
         "16",
+        "--no-train-oos",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     # Every stage wrote its artifact and the record of what produced it.
@@ -132,6 +133,8 @@ def test_pipeline_end_to_end_on_tiny_model(tiny_pretrained: Path, tmp_path: Path
     assert bench["rows"][0]["accuracy"] is None
     assert (reports / "benchmark.png").stat().st_size > 10_000
     assert "| stage |" in result.stdout
+    assert "| **served path** (cascade + served rule) |" in result.stdout
+    assert "served OOS recall on clinc_oos: " in result.stdout
     # A tiny model trained for one epoch cannot reach the bar, and the rebuild says so.
     assert f"warning: {model_dir} is below the accuracy bar on validation: in-scope accuracy" in result.stdout
 

@@ -18,7 +18,7 @@ from compression.data import WIKI_POOL_SIZE, load_clinc, load_wiki, load_wiki_po
 from compression.errors import FactoryError
 from compression.features import fit_stats
 from compression.metrics import threshold_for_in_scope
-from compression.oos_pools import evaluation_pools, pool_scores, tuning_split, wilson
+from compression.oos_pools import evaluation_pools, pool_scores, report_pool, tuning_split, wilson
 from tests import tiny_artifact
 from tests.conftest import WIKI
 
@@ -132,11 +132,14 @@ def test_wilson_interval_by_hand() -> None:
 
 
 def test_the_pools_hold_no_query_any_stage_trains_on(data_path: Path) -> None:
-    with pytest.raises(FactoryError, match="OOS pools need --no-train-oos"):
-        evaluation_pools(load_clinc(data_path, train_oos=True), str(WIKI))
-    data = load_clinc(data_path)
+    # Trained on oos_train, the model has no 350-query pool, and OOS recall is reported on oos_val.
+    trained_on_oos = evaluation_pools(load_clinc(data_path, train_oos=True), str(WIKI))
+    assert set(trained_on_oos) == {"validation", "oos_val", "wiki_heldout"}
+    assert report_pool(trained_on_oos) == "oos_val"
+    data = load_clinc(data_path, train_oos=False)
     assert "oos" not in data.split("train").intents
     pools = evaluation_pools(data, str(WIKI))
+    assert report_pool(pools) == "clinc_oos"
     assert (len(pools["clinc_oos"]), len(pools["validation"]), len(pools["wiki_heldout"])) == (350, 3100, 2000)
     assert not set(pools["clinc_oos"].texts) & set(data.split("train").texts)
     trained = set(load_wiki(WIKI, 20_000, seed=7).texts)  # every sentence a stage could sample
