@@ -42,6 +42,10 @@ class Config:
         metadata={"help": "in-scope validation accuracy each rule's threshold keeps (the floor, plus 6 queries)"},
     )
     oos_ridge: float = field(default=RIDGE, metadata={"help": "ridge of the shared covariance, share of its trace"})
+    oos_feature_margin: float = field(
+        default=0.005,
+        metadata={"help": "how much more of the tuning pool a feature-space rule must catch to be served"},
+    )
     oos_features: str = field(
         default="mean",
         metadata={
@@ -101,6 +105,21 @@ def features_of(stage: OnnxStage, texts: list[str]) -> tuple[np.ndarray, np.ndar
     return logits, features
 
 
+def choose_rule(tuning_recall: dict[str, float], cfg: Config) -> str:
+    """The rule that catches the most of the tuning pool (ties keep the registry's order); a feature-space
+    rule ships another file and costs more arithmetic, so it must beat the best logits rule by the margin."""
+    order = list(RULES)
+
+    def best(names: list[str]) -> str:
+        return max(names, key=lambda r: (tuning_recall[r], -order.index(r)))
+
+    plain = best([r for r in order if not RULES[r].needs_features])
+    featured = [r for r in order if RULES[r].needs_features]
+    if featured and tuning_recall[best(featured)] >= tuning_recall[plain] + cfg.oos_feature_margin - 1e-9:
+        return best(featured)
+    return plain
+
+
 def run(quantize_dir: Path, data: Clinc, wiki: str, out: Path, cfg: Config) -> dict[str, Any]:
     for name in (MODEL_FILE, "tokenizer.json", "labels.json"):
         if not (quantize_dir / name).is_file():
@@ -142,8 +161,7 @@ def run(quantize_dir: Path, data: Clinc, wiki: str, out: Path, cfg: Config) -> d
                 for pool, (logits, features) in outputs.items()
             },
         }
-    # The choice looks at the tuning pool only; ties keep the registry's order.
-    chosen = max(RULES, key=lambda r: (rules[r]["pools"][TUNING_POOL]["oos_recall"], -list(RULES).index(r)))
+    chosen = choose_rule({name: v["pools"][TUNING_POOL]["oos_recall"] for name, v in rules.items()}, cfg)
     report = {
         "oos_rule": chosen,
         "oos_threshold": rules[chosen]["oos_threshold"],

@@ -19,6 +19,7 @@ from compression.errors import FactoryError
 from compression.features import fit_stats
 from compression.metrics import threshold_for_in_scope
 from compression.oos_pools import evaluation_pools, pool_scores, report_pool, tuning_split, wilson
+from compression.oos_rule import Config, choose_rule
 from tests import tiny_artifact
 from tests.conftest import WIKI
 
@@ -149,3 +150,12 @@ def test_the_pools_hold_no_query_any_stage_trains_on(data_path: Path) -> None:
     tune = tuning_split(data, str(WIKI))
     assert len(tune) == 3000 + 2000
     assert not set(tune.texts) & set(pools["clinc_oos"].texts)
+
+
+def test_a_feature_rule_is_served_only_when_it_earns_its_file() -> None:
+    cfg = Config(oos_feature_margin=0.005)
+    assert choose_rule({"max_prob": 0.98, "energy": 0.99, "mahalanobis": 0.994}, cfg) == "energy"
+    assert choose_rule({"max_prob": 0.98, "energy": 0.99, "mahalanobis": 0.995}, cfg) == "mahalanobis"
+    assert choose_rule({"max_prob": 0.99, "energy": 0.99, "mahalanobis": 0.9}, cfg) == "max_prob"  # ties: order
+    with pytest.raises(FactoryError, match="--oos-features must be one of"):
+        Config(oos_features="cls")
