@@ -192,3 +192,17 @@ def test_scores_by_hand_for_the_cascade_over_a_matrix() -> None:
     assert (share, s.accuracy) == (0.75, 0.75)
     assert choose_threshold(first, second, gold, OOS) == 0.3  # the lowest on the grid keeps every score
     assert score(second, gold, OOS).accuracy == 0.75
+
+
+def test_the_cascade_threshold_tolerates_only_the_share_of_oos_it_is_given() -> None:
+    from compression.static import choose_threshold
+
+    # One in-scope query and ten out-of-scope ones, all of which the transformer gets right. The first stage
+    # is sure of row 0 ('a', 0.9), says 'a' at 0.615 for row 1 (out of scope), and `oos` for the rest.
+    gold = np.array([0] + [OOS] * 10)
+    second = gold.copy()
+    first = np.log(np.array([[0.9, 0.05, 0.05], [0.615, 0.2, 0.185]] + [[0.1, 0.1, 0.8]] * 9))
+    # Answering row 1 loses a tenth of OOS recall: without tolerance, the threshold must rise above 0.615.
+    assert choose_threshold(first, second, gold, OOS) == 0.62
+    assert choose_threshold(first, second, gold, OOS, oos_tolerance=0.05) == 0.62
+    assert choose_threshold(first, second, gold, OOS, oos_tolerance=0.1) == 0.3
