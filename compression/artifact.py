@@ -234,7 +234,7 @@ def add_pool_report(model_dir: Path, data: Any, wiki: str, oos_run: dict[str, An
     raw = artifact.card.model_dump(mode="json", exclude_none=True)
     raw["metrics"]["oos_pools"] = {
         "served": served,
-        "rules": {rule: v for rule, v in oos_run.get("rules", {}).items()},
+        "rules": oos_run.get("rules", {}),
         "in_scope_target": oos_run.get("oos_in_scope_target"),
         "report_pool": report_pool(pools),
         "pools": {name: POOL_DOCS[name] for name in pools},

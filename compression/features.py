@@ -22,8 +22,8 @@ _PASS_THROUGH = ("Add", "Mul", "Cast")
 RIDGE = 1e-3
 
 
-def _classifier_input(graph: Any, producer: dict[str, Any], logits: str, where: str) -> tuple[str, Any]:
-    """The float tensor a classification head multiplies, walking back from `logits`, and that product."""
+def _classifier_input(producer: dict[str, Any], logits: str, where: str) -> str:
+    """The float tensor a classification head multiplies, walking back from `logits`."""
     tensor, node = logits, producer.get(logits)
     while node is not None and node.op_type in _PASS_THROUGH:
         tensor = node.input[0]
@@ -34,7 +34,7 @@ def _classifier_input(graph: Any, producer: dict[str, Any], logits: str, where: 
     quantizer = producer.get(feature)
     if quantizer is not None and quantizer.op_type == "DynamicQuantizeLinear":
         feature = quantizer.input[0]
-    return feature, node
+    return str(feature)
 
 
 def add_features_output(
@@ -53,7 +53,7 @@ def add_features_output(
     model = onnx.load(str(src))
     graph = model.graph
     producer = {out: node for node in graph.node for out in node.output}
-    feature, _ = _classifier_input(graph, producer, logits, src.name)
+    feature = _classifier_input(producer, logits, src.name)
     if source == "pooled":
         graph.node.append(helper.make_node("Identity", [feature], [name], name=f"{name}_output"))
     else:
@@ -61,7 +61,7 @@ def add_features_output(
         pre = producer.get(feature)
         if pre is None or pre.op_type != "Tanh":
             raise FactoryError(f"{src.name}: no pooler (Tanh) under the classifier")
-        first_token, _ = _classifier_input(graph, producer, pre.input[0], src.name)
+        first_token = _classifier_input(producer, pre.input[0], src.name)
         gather = producer.get(first_token)
         if gather is None or gather.op_type != "Gather":
             raise FactoryError(f"{src.name}: the pooler does not read one token of the sequence output")

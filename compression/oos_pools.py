@@ -38,13 +38,14 @@ POOL_DOCS = {
 def evaluation_pools(data: Clinc, wiki: str) -> dict[str, Split]:
     """The pools of POOL_DOCS that no stage trains on, by name: `clinc_oos` and `oos_train` only when the
     training split holds no oos_train query (--no-train-oos)."""
-    train = set(data.split("train").texts)
+    train = data.split("train")
     pools = {"validation": data.split("val"), "oos_val": data.split("oos_val"), TUNING_POOL: load_wiki_pool(wiki)}
-    if not any(i == OOS for i in data.split("train").intents):
+    if OOS not in train.intents:
         pools[REPORT_POOL] = data.split("oos_train") + data.split("oos_val")
         pools["oos_train"] = data.split("oos_train")
+    trained = set(train.texts)
     for name, pool in pools.items():
-        if name != "validation" and set(pool.texts) & train:
+        if name != "validation" and set(pool.texts) & trained:
             raise FactoryError(f"pool {name} shares queries with the training split")
     return pools
 

@@ -3,8 +3,8 @@
 The quantised transformer gets its pooled features as a second output, the classes' feature statistics
 are fitted on the in-scope training split, and every rule of the service's registry (app.oos.RULES) is
 given the strictest threshold that keeps in-scope validation accuracy at the target. The rule that catches
-the most of the held-out Wikipedia sentences is served; the figures on the real CLINC pool, which chose
-nothing, are the estimate the README reports.
+the most of the held-out Wikipedia sentences is served (a feature-space rule only by a margin, see
+choose_rule); the figures on the real CLINC pool, which chose nothing, are the estimate the README reports.
 """
 
 from __future__ import annotations

@@ -7,13 +7,15 @@ one-hidden-layer head answer most of CLINC150 confidently and correctly (see doc
 
 - Per-token vectors: each vocabulary token alone through the pretrained encoder, `[CLS] token [SEP]`,
   mean-pooled, reduced by PCA to `static_dim` dimensions. They initialise an EmbeddingBag (mean).
-- Targets: the quantized transformer's logits, the model the cascade falls back to, over the training split,
+- Targets: the transformer's logits (the oos stage's, with its served OOS rule raising `oos`), the model the
+  cascade falls back to, over the training split,
   Wikipedia out-of-scope sentences and perturbed copies of the training queries (its cheap logits make a
   large transfer set affordable). Knowledge distillation (temperature, alpha) plus cross-entropy on the
   hard labels where a row has one.
 - The cascade threshold: the lowest first-stage confidence at which the cascade keeps the transformer's own
-  in-scope accuracy, OOS recall and test-weighted accuracy on validation, using app.cascade (the rule the
-  service applies). It is checked by two-fold cross-fitting: chosen on one half, scored on the other.
+  in-scope accuracy, and its OOS recall to within `static_oos_tolerance`, on in-scope validation plus the
+  held-out Wikipedia sentences (compression.oos_pools.tuning_split), using app.cascade (the rule the service
+  applies). It is reported on validation, and checked there by two-fold cross-fitting.
 - Output `static.onnx`: Gather -> Cast (-> Mul by the row's scale) -> ReduceMean -> (MatMul -> Add -> Gelu)
   -> MatMul -> Add, the table stored in int8 with a scale per row (or fp16). The threshold is tuned on the
   graph's own logits; the record counts the validation answers that storing the table changed.
