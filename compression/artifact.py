@@ -200,7 +200,7 @@ class Config:
 
 
 def run_stage(ctx: Any, cfg: Config) -> None:
-    stages = ("teacher", "distill", "prune", "export", "quantize", "oos", "static")
+    stages = ("teacher", "distill", "prune", "export", "quantize", "embedder", "oos", "static")
     stage_dirs = {s: ctx.dir(s) for s in stages if ctx.dir(s).is_dir()}
     write(
         ctx.dir("quantize"),

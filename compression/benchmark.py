@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from app.oos import get_rule
 from compression.data import Clinc
 from compression.evaluate import validation_report
 from compression.onnx_runner import OnnxStage, latencies_ms
@@ -120,13 +121,13 @@ def bench_served(directory: Path, data: Clinc, cfg: BenchConfig) -> dict[str, An
 def _macs(directory: Path, card: Any, texts: list[str], served: Any, share: float) -> dict[str, Any]:
     """Multiply-adds per query at the validation median length: each model's, and the served path's average
     (the first stage on every query, the transformer on the share it does not answer). A feature-space OOS
-    rule's arithmetic (whitening, then distances to the class centres) counts with the transformer's."""
+    rule's arithmetic (distances to the class centres, or similarities to the stored neighbours) counts with the
+    transformer's."""
     from compression.macs import macs_per_query
 
     tokens = int(np.median([len(e.ids) for e in served.tokenizer.encode_batch(texts)]))
     transformer = macs_per_query(directory / "model.onnx", tokens)
-    stats = getattr(served, "stats", None)
-    rule = stats.macs if stats is not None else 0
+    rule = get_rule(card.oos_rule).macs(getattr(served, "stats", None))
     transformer += rule
     out = {
         "median_tokens": tokens,

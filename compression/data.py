@@ -96,7 +96,7 @@ def _parse_rows(rows: object, key: str) -> Split:
     return Split(texts, intents)
 
 
-def load_clinc(path: Path | str, train_oos: bool = True) -> Clinc:
+def load_clinc(path: Path | str, train_oos: bool = False) -> Clinc:
     """Read a CLINC150 JSON file; raise FactoryError with one clear line on any problem. The `train` split
     holds the 250 `oos_train` queries unless train_oos is off, which keeps them for evaluation; `oos_train`
     and `oos_val` are also splits of their own."""

@@ -12,7 +12,9 @@ from app.oos import FeatureStats
 from compression.errors import FactoryError
 
 FEATURES_OUTPUT = "features"
-FEATURE_SOURCES = ("mean", "pooled")
+# mean and pooled come from the classifier's own graph; embedder from a second encoder's (add_encoder_output).
+FEATURE_SOURCES = ("mean", "pooled", "embedder")
+CLASSIFIER_SOURCES = ("mean", "pooled")
 # The classifier's own matrix product, found by walking back from the logits; after dynamic quantisation its
 # float input is the input of a DynamicQuantizeLinear.
 _PRODUCTS = ("MatMul", "Gemm", "MatMulInteger")
@@ -48,8 +50,8 @@ def add_features_output(
     import onnx
     from onnx import TensorProto, helper
 
-    if source not in FEATURE_SOURCES:
-        raise FactoryError(f"feature source must be one of {', '.join(FEATURE_SOURCES)}, got {source!r}")
+    if source not in CLASSIFIER_SOURCES:
+        raise FactoryError(f"feature source must be one of {', '.join(CLASSIFIER_SOURCES)}, got {source!r}")
     model = onnx.load(str(src))
     graph = model.graph
     producer = {out: node for node in graph.node for out in node.output}
@@ -86,6 +88,38 @@ def add_features_output(
             ]
         )
     graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", None]))
+    onnx.save(model, str(dest))
+
+
+def add_encoder_output(src: Path, encoder: Path, dest: Path, name: str = FEATURES_OUTPUT) -> None:
+    """Copy the classifier at `src` to `dest` with a second output, `name`: the first output of the ONNX
+    encoder at `encoder`, which reads the same inputs. One graph keeps the service's one session and one call
+    per query; the encoder's names get a prefix, so that nothing of the classifier is shadowed."""
+    import onnx
+    from onnx import compose
+
+    model, other = onnx.load(str(src)), onnx.load(str(encoder))
+    inputs = {i.name for i in model.graph.input}
+    wanted = [i.name for i in other.graph.input]
+    if not set(wanted) <= inputs:
+        raise FactoryError(f"{encoder.name} reads {', '.join(sorted(set(wanted) - inputs))}, which {src.name} lacks")
+    ours = {o.domain: o.version for o in model.opset_import}
+    for o in other.opset_import:
+        if ours.setdefault(o.domain, o.version) != o.version:
+            raise FactoryError(f"{encoder.name} uses opset {o.version} of '{o.domain}', {src.name} {ours[o.domain]}")
+    prefix = "embedder/"
+    other = compose.add_prefix(other, prefix)
+    shared = {prefix + n: n for n in wanted}  # the encoder reads the classifier's own inputs
+    for node in other.graph.node:
+        node.input[:] = [shared.get(i, i) for i in node.input]
+    produced = other.graph.output[0].name
+    model.graph.node.extend(other.graph.node)
+    model.graph.node.append(onnx.helper.make_node("Identity", [produced], [name], name=f"{name}_output"))
+    model.graph.initializer.extend(other.graph.initializer)
+    model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, ["batch", None]))
+    del model.opset_import[:]
+    model.opset_import.extend(onnx.helper.make_opsetid(domain, version) for domain, version in ours.items())
+    onnx.checker.check_model(model)
     onnx.save(model, str(dest))
 
 

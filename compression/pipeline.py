@@ -52,13 +52,14 @@ STAGES: dict[str, Stage] = {
         Stage("search", ("teacher",), "compression.search", "Optuna search of the distillation's alpha, T and lr"),
         Stage("distill", ("teacher", "search"), "compression.distill", "distil a shallower student"),
         Stage("prune", ("distill", "teacher"), "compression.prune", "prune FFN neurons, recover by distillation"),
-        Stage("export", ("prune",), "compression.export", "ONNX export with ORT transformer fusions"),
+        Stage("export", ("prune", "teacher"), "compression.export", "ONNX export with ORT transformer fusions"),
         Stage("quantize", ("export",), "compression.quantize", "int8 quantisation, the best candidate kept"),
-        Stage("oos", ("quantize",), "compression.oos_rule", "the OOS rule, chosen on held-out pools"),
+        Stage("embedder", (), "compression.embedder", "the pretrained sentence encoder, for the OOS rule"),
+        Stage("oos", ("quantize", "embedder"), "compression.oos_rule", "the OOS rule, chosen on held-out pools"),
         Stage("static", ("oos",), "compression.static", "the cascade's first stage, distilled"),
         Stage(
             "artifact",
-            ("oos", "quantize", "static", "teacher", "distill", "prune", "export"),
+            ("oos", "quantize", "static", "teacher", "distill", "prune", "export", "embedder"),
             "compression.artifact",
             "write the served artifact and its card",
         ),
@@ -87,9 +88,9 @@ class Common:
     max_length: int = field(default=64, metadata={"help": "token window, also the served truncation"})
     wiki_oos: int = field(default=2000, metadata={"help": "Wikipedia sentences added as oos examples"})
     train_oos: bool = field(
-        default=True,
+        default=False,
         metadata={
-            "help": "train on CLINC's 250 oos_train queries, as the served model did; --no-train-oos keeps them "
+            "help": "train on CLINC's 250 oos_train queries; without, as served, they stay out of every stage "
             "for the 350-query OOS pool (compression.oos_pools)"
         },
     )

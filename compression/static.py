@@ -457,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("artifacts/static"))
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--train-oos", action=argparse.BooleanOptionalAction, default=True, help="as the factory's")
+    p.add_argument("--train-oos", action=argparse.BooleanOptionalAction, default=False, help="as the factory's")
     a = p.parse_args(argv)
     logging_.basicConfig(level=logging_.INFO, format="%(asctime)s %(name)s %(message)s")
     from compression.pipeline import Common, Context

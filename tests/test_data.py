@@ -20,9 +20,9 @@ def test_real_file_shapes_and_label_order(data_path: Path) -> None:
     assert len(data.labels) == 151
     assert OOS in data.labels
     assert data.labels == sorted(data.labels)
-    # oos_train is in training unless kept out for the OOS pool, and is a split of its own either way.
-    assert len(data.split("train")) == 15250
-    assert len(load_clinc(data_path, train_oos=False).split("train")) == 15000
+    # oos_train stays out of training by default, for the OOS pool, and is a split of its own either way.
+    assert len(data.split("train")) == 15000
+    assert len(load_clinc(data_path, train_oos=True).split("train")) == 15250
     assert (len(data.split("oos_train")), len(data.split("oos_val"))) == (250, 100)
     assert len(data.split("val")) == 3100
     assert sum(1 for i in data.split("val").intents if i == OOS) == 100

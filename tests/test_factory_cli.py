@@ -88,7 +88,7 @@ def test_pipeline_end_to_end_on_tiny_model(tiny_pretrained: Path, tmp_path: Path
     )
     assert result.returncode == 0, result.stderr[-3000:]
     # Every stage wrote its artifact and the record of what produced it.
-    for stage in ("teacher", "search", "distill", "prune", "export", "quantize", "oos", "static"):  # named so
+    for stage in ("teacher", "search", "distill", "prune", "export", "quantize", "embedder", "oos", "static"):
         run = json.loads((art / stage / "run.json").read_text())
         assert run["stage"] == stage
         assert "torch" in run["versions"]
@@ -107,7 +107,7 @@ def test_pipeline_end_to_end_on_tiny_model(tiny_pretrained: Path, tmp_path: Path
     assert pruned["num_hidden_layers"] == 2
     onnx_run = json.loads((art / "export" / "run.json").read_text())
     assert onnx_run["metrics"]["parity_max_abs_diff"] < 1e-3
-    assert onnx_run["metrics"]["fused_operators"].get("Attention") == 2
+    assert onnx_run["metrics"]["fused_operators"].get("Attention") == 4  # the teacher's 4 layers: served by default
     # Skip-layernorm stays unfused (slower on CPU), and the card tells the service to keep it so.
     assert "SkipLayerNormalization" not in onnx_run["metrics"]["fused_operators"]
     card = json.loads((model_dir / "card.json").read_text())
@@ -116,12 +116,18 @@ def test_pipeline_end_to_end_on_tiny_model(tiny_pretrained: Path, tmp_path: Path
     assert (card["features_output"], card["oos_stats"]) == ("features", "oos_stats.npz")
     # Every rule is scored on every pool, and the served path too; the real CLINC pool is all 350 queries.
     pools = card["metrics"]["oos_pools"]
-    assert set(pools["rules"]) == {"max_prob", "energy", "mahalanobis"}
+    assert set(pools["rules"]) == {"max_prob", "energy", "mahalanobis", "energy_knn"}
+    # The served transformer is the teacher by default (--export-from), and the embedder the pretrained encoder.
+    assert json.loads((art / "export" / "run.json").read_text())["config"]["source"] == str(art / "teacher")
+    embedder = json.loads((art / "embedder" / "run.json").read_text())
+    assert embedder["metrics"]["parity_max_abs_diff"] < 1e-4
+    assert embedder["metrics"]["dim"] == 32
     assert pools["served"]["clinc_oos"]["oos_n"] == 350
     assert pools["served"]["wiki_heldout"]["oos_n"] == 2000
     low, high = pools["served"]["clinc_oos"]["oos_recall_95"]
     assert low <= pools["served"]["clinc_oos"]["oos_recall"] <= high
     _features_are_the_mean_hidden_state(art, tmp_path)
+    _embedder_features_are_the_pretrained_sentence_embedding(art, tiny_pretrained)
 
     assert card["schema_version"] == 2
     assert 0.3 <= card["cascade"]["threshold"] <= 1.0
@@ -153,7 +159,7 @@ def _features_are_the_mean_hidden_state(art: Path, tmp_path: Path) -> None:
     stage = OnnxStage(tmp_path / "features.onnx", art / "export" / "tokenizer.json", features="features")
     texts = ["book a flight to paris", "what is my balance", "hi"]
     logits, features = features_of(stage, texts)
-    model, tokenizer, _ = checkpoint.load(art / "prune")
+    model, tokenizer, _ = checkpoint.load(art / "teacher")
     model.eval()
     with torch.no_grad():
         for text, row, logit_row in zip(texts, features, logits, strict=True):
@@ -191,7 +197,13 @@ def test_onnx_matches_pytorch_logits(tiny_pretrained: Path, tmp_path: Path) -> N
         (["teacher", "--data", "/nonexistent/clinc.json"], "error: data file not found: /nonexistent/clinc.json"),
         (["distill", "--artifacts", "/nonexistent/art"], "error: no checkpoint at /nonexistent/art/teacher"),
         (["prune", "--artifacts", "/nonexistent/art"], "error: no checkpoint at /nonexistent/art/distill"),
-        (["export", "--artifacts", "/nonexistent/art"], "error: no checkpoint at /nonexistent/art/prune"),
+        (["export", "--artifacts", "/nonexistent/art"], "error: no checkpoint at /nonexistent/art/teacher"),
+        (
+            ["export", "--artifacts", "/nonexistent/art", "--export-from", "prune"],
+            "error: no checkpoint at /nonexistent/art/prune",
+        ),
+        (["export", "--export-from", "student"], "error: --export-from must be one of teacher, prune, got 'student'"),
+        (["oos", "--artifacts", "/nonexistent/art"], "error: missing /nonexistent/art/quantize/model.onnx"),
         (["quantize", "--artifacts", "/nonexistent/art"], "error: no ONNX model at /nonexistent/art/export/model.onnx"),
     ],
 )
@@ -232,3 +244,27 @@ def test_quantisation_keeps_the_most_accurate_of_the_equally_fast() -> None:
     assert choose({"dynamic": r(0.50, 0.930), "per_channel": r(0.52, 0.934), "static": r(1.0, 0.936)}) == "per_channel"
     assert choose({"dynamic": r(0.50, 0.930), "per_channel": r(0.60, 0.934)}) == "dynamic"
     assert choose({"dynamic": r(0.52, 0.930), "per_channel": r(0.50, 0.930)}) == "per_channel"
+
+
+def _embedder_features_are_the_pretrained_sentence_embedding(art: Path, pretrained: Path) -> None:
+    """The oos stage's graph gives the classifier's logits unchanged and, as its features, the pretrained
+    encoder's mean-pooled unit-length embedding (int8 on both sides, so compared with the embedder's own graph
+    and, loosely, with PyTorch's fp32)."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from compression.onnx_runner import OnnxStage
+    from compression.oos_rule import features_of
+
+    texts = ["book a flight to paris", "what is my balance", "hi"]
+    merged = OnnxStage(art / "oos" / "model.onnx", art / "oos" / "tokenizer.json", features="features")
+    logits, features = features_of(merged, texts)
+    alone = OnnxStage(art / "quantize" / "model.onnx", art / "quantize" / "tokenizer.json")
+    assert np.array_equal(logits, alone.logits(texts))
+    embedder = OnnxStage(art / "embedder" / "model.onnx", art / "embedder" / "tokenizer.json")
+    assert np.array_equal(features, embedder.logits(texts))
+    model, tokenizer = AutoModel.from_pretrained(pretrained).eval(), AutoTokenizer.from_pretrained(pretrained)
+    with torch.no_grad():
+        for text, row in zip(texts, features, strict=True):
+            mean = model(**tokenizer(text, return_tensors="pt")).last_hidden_state[0].mean(0)
+            assert float(np.dot(row, (mean / mean.norm()).numpy())) > 0.99

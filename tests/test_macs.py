@@ -14,15 +14,17 @@ from tests.conftest import MODEL_DIR
 
 
 def committed_formula(n: int) -> int:
-    """The committed student: 3 layers of hidden 384 and 12 heads, FFN 1152 (75% of 1536 kept), 151 labels."""
-    layers, hidden, ffn, labels = 3, 384, 1152, 151
+    """The committed transformer: two MiniLM-L6 encoders (6 layers of hidden 384 and 12 heads, FFN 1536) in one
+    graph, the fine-tuned classifier with 151 labels and the pretrained sentence encoder."""
+    layers, hidden, ffn, labels = 6, 384, 1536, 151
     per_layer = (
         4 * n * hidden**2  # Q, K, V and output projections
         + 2 * n * n * hidden  # scores Q·Kᵀ and context A·V, over all heads
         + 2 * n * hidden * ffn  # FFN up and down
     )
     pooled = hidden * hidden + hidden * labels  # pooler and classifier see the [CLS] row only
-    return layers * per_layer + pooled
+    mean = n * hidden + n  # the embedding's masked sum over tokens, and the mask's count
+    return 2 * layers * per_layer + pooled + mean
 
 
 @pytest.mark.parametrize("n", [11, 32])
@@ -34,10 +36,12 @@ def test_transformer_macs_match_the_formula(n: int) -> None:
 def test_committed_transformer_breakdown() -> None:
     nodes = count(MODEL_DIR / "model.onnx", 11)
     ops = by_op(nodes)
-    assert set(ops) == {"QAttention", "MatMulInteger"}  # the quantized, fused graph: shapes came from the probe
+    # The quantized, fused graphs (shapes came from the probe), and the embedding's mean over tokens.
+    assert set(ops) == {"QAttention", "MatMulInteger", "ReduceSum"}
     n, hidden = 11, 384
-    assert ops["QAttention"] == 3 * (3 * n * hidden**2 + 2 * n * n * hidden)
-    assert sum(ops.values()) == 49_144_704
+    assert ops["QAttention"] == 12 * (3 * n * hidden**2 + 2 * n * n * hidden)
+    assert ops["ReduceSum"] == n * hidden + n
+    assert sum(ops.values()) == 234_895_115 == committed_formula(11)
 
 
 def test_first_stage_macs_are_a_mean_and_a_one_hidden_layer_head() -> None:
@@ -145,7 +149,7 @@ def test_fused_contrib_attention(tmp_path: Path) -> None:
 def test_cli_prints_the_total(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([str(MODEL_DIR / "model.onnx"), "--tokens", "11"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert "49,144,704" in last
+    assert "234,895,115" in last
     assert "11-token" in last
 
 

@@ -5,6 +5,7 @@ in-scope queries alone, the Wilson interval, and pools that refuse queries the m
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,68 @@ def test_mahalanobis_scores_by_hand() -> None:
     assert decide(logits, OOS, "mahalanobis", -1.0, FEATURES, IDENTITY).pred.tolist() == [OOS, 0, 1, OOS, OOS, 0]
     with pytest.raises(ValueError, match="needs the model's features"):
         RULES["mahalanobis"].score(logits)
+
+
+# energy_knn: two stored neighbours (unit rows), and its standardisation [energy mean, std, similarity mean,
+# std, weight]: score = (E - 1) / 2 + 2 (S - 0.5) / 0.25.
+NEIGHBOURS = np.array([[1.0, 0.0], [0.6, 0.8]], dtype=np.float32)
+COMBINE = np.array([1.0, 2.0, 0.5, 0.25, 2.0], dtype=np.float32)
+KNN = FeatureStats(whiten=np.eye(2, dtype=np.float32), centers=MEANS, neighbours=NEIGHBOURS, combine=COMBINE)
+
+
+def test_energy_knn_scores_by_hand() -> None:
+    logits = np.array([[0, 0, 0], [2, 0, 0], [0, 0, 0]], dtype=np.float32)
+    features = np.array([[4, 0], [0, 5], [-3, -4]], dtype=np.float32)
+    # Unit features (1, 0), (0, 1), (-0.6, -0.8): nearest similarities 1, 0.8 and -0.6.
+    assert KNN.nearest_similarity(features) == pytest.approx([1.0, 0.8, -0.6], abs=1e-6)
+    # Energies ln 3, ln(e^2 + 2), ln 3.
+    e0, e1 = math.log(3), math.log(math.e**2 + 2)
+    by_hand = [(e0 - 1) / 2 + 2 * 0.5 / 0.25, (e1 - 1) / 2 + 2 * 0.3 / 0.25, (e0 - 1) / 2 - 2 * 1.1 / 0.25]
+    assert RULES["energy_knn"].score(logits, features, KNN) == pytest.approx(by_hand, abs=1e-5)
+    assert by_hand == pytest.approx([4.049306, 3.019772, -8.750694], abs=1e-6)
+    # Row 2 is as confident as row 0 by its logits (same energy), but far from every training query.
+    assert decide(logits, OOS, "energy", 1.0).pred.tolist() == [0, 0, 0]
+    assert decide(logits, OOS, "energy_knn", 0.0, features, KNN).pred.tolist() == [0, 0, OOS]
+    # Its cost is one dot product per stored neighbour; Mahalanobis's the whitening and the class centres.
+    assert (RULES["energy_knn"].macs(KNN), RULES["mahalanobis"].macs(KNN), RULES["energy"].macs(KNN)) == (4, 8, 0)
+    with pytest.raises(ValueError, match="energy_knn rule needs"):
+        RULES["energy_knn"].score(logits, features, IDENTITY)
+
+
+def test_energy_knn_statistics_are_checked_on_load(tmp_path: Path) -> None:
+    path = tmp_path / "oos_stats.npz"
+    KNN.save(path)
+    loaded = FeatureStats.load(path)
+    assert loaded.neighbours is not None
+    assert loaded.combine is not None
+    assert loaded.neighbours.dtype == np.float32  # stored in half precision, read back as float32
+    assert np.abs(loaded.neighbours - NEIGHBOURS).max() < 1e-3
+    assert loaded.combine.tolist() == COMBINE.tolist()
+    bad = {
+        "neighbours are": dict(neighbours=np.ones((2, 3), dtype=np.float32), combine=COMBINE),
+        "combine must be 5 values": dict(neighbours=NEIGHBOURS, combine=COMBINE[:4]),
+        "positive standard deviations": dict(neighbours=NEIGHBOURS, combine=np.array([0, 0, 0, 1, 1], np.float32)),
+        "non-finite": dict(neighbours=NEIGHBOURS, combine=np.array([np.nan, 1, 0, 1, 1], np.float32)),
+    }
+    for message, arrays in bad.items():
+        np.savez(path, whiten=np.eye(2, dtype=np.float32), centers=MEANS, **arrays)
+        with pytest.raises(ValueError, match=message):
+            FeatureStats.load(path)
+
+
+def test_the_service_and_the_factory_agree_on_energy_knn(tmp_path: Path) -> None:
+    """FEATURES through the tiny artifact: the stored (half-precision) neighbours decide in both."""
+    directory = tiny_artifact.make(tmp_path, LABELS, FEATURES, None, "energy_knn", 0.0, stats=KNN, head=HEAD)
+    clf = OnnxClassifier(load_artifact(directory))
+    texts = [f"q{i}" for i in range(len(FEATURES))]
+    served = [clf.predict(t) for t in texts]
+    logits = clf.stage_logits(texts)
+    factory, _ = clf.decisions(logits)
+    assert [LABELS[i] for i in factory.pred] == [p.intent for p in served]
+    # q0 has no direction (zero features, similarity 0) and low energy: -0.45 - 4 is under 0.
+    assert served[0].intent == "oos"
+    # q4 (8, 0) is on neighbour (1, 0) with energy 8.0007: 3.5 + 4 = 7.5, answered.
+    assert served[4].intent == "a"
 
 
 def test_fitted_statistics_whiten_by_the_inverse_of_the_shared_covariance() -> None:
@@ -153,9 +216,16 @@ def test_the_pools_hold_no_query_any_stage_trains_on(data_path: Path) -> None:
 
 
 def test_a_feature_rule_is_served_only_when_it_earns_its_file() -> None:
-    cfg = Config(oos_feature_margin=0.005)
-    assert choose_rule({"max_prob": 0.98, "energy": 0.99, "mahalanobis": 0.994}, cfg) == "energy"
-    assert choose_rule({"max_prob": 0.98, "energy": 0.99, "mahalanobis": 0.995}, cfg) == "mahalanobis"
-    assert choose_rule({"max_prob": 0.99, "energy": 0.99, "mahalanobis": 0.9}, cfg) == "max_prob"  # ties: order
+    cfg = Config(oos_feature_margin=0.25)
+    # energy misses 1.0% of the tuning pool: a feature rule must catch a quarter of that, up to 0.9925.
+    figures = {"max_prob": 0.98, "energy": 0.99, "mahalanobis": 0.992, "energy_knn": 0.9}
+    assert choose_rule(figures, cfg) == "energy"
+    assert choose_rule({**figures, "energy_knn": 0.9925}, cfg) == "energy_knn"
+    assert choose_rule({**figures, "mahalanobis": 0.996, "energy_knn": 0.996}, cfg) == "mahalanobis"  # ties: order
+    assert choose_rule({**figures, "max_prob": 0.99}, cfg) == "max_prob"
     with pytest.raises(FactoryError, match="--oos-features must be one of"):
         Config(oos_features="cls")
+    with pytest.raises(FactoryError, match="--oos-feature-margin must be in"):
+        Config(oos_feature_margin=1.0)
+    with pytest.raises(FactoryError, match="--oos-knn-weight must be"):
+        Config(oos_knn_weight=-1.0)

@@ -92,13 +92,18 @@ def test_the_registry_in_order() -> None:
         "prune",
         "export",
         "quantize",
+        "embedder",
         "oos",
         "static",
         "artifact",
         "bench",
     ]
+    # The served transformer is exported from the teacher or the pruned student (--export-from).
+    assert pipeline.STAGES["export"].inputs == ("prune", "teacher")
+    # The OOS rule reads the pretrained encoder's embedding beside the classifier's logits.
+    assert pipeline.STAGES["embedder"].inputs == ()
     # The first stage learns the transformer's answers with the served OOS rule, so it follows the oos stage.
-    assert pipeline.STAGES["oos"].inputs == ("quantize",)
+    assert pipeline.STAGES["oos"].inputs == ("quantize", "embedder")
     assert pipeline.STAGES["static"].inputs == ("oos",)
     assert pipeline.STAGES["static"].module == "compression.static"
     assert set(pipeline.STAGES["artifact"].inputs) >= {"quantize", "oos", "static"}
