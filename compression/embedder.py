@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import tempfile
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,7 +19,7 @@ import numpy as np
 
 from compression.data import Clinc
 from compression.errors import FactoryError
-from compression.export import OPSET, fuse, write_tokenizer
+from compression.export import OPSET, fuse, trace, write_tokenizer
 from compression.provenance import write_run
 from compression.quantize import dynamic
 
@@ -72,28 +71,6 @@ def _sentence_embedding(model: Any) -> nn.Module:
     return SentenceEmbedding(model)
 
 
-def _export(wrapper: nn.Module, tokenizer: Any, path: Path) -> None:
-    import torch
-
-    sample = tokenizer(["book a flight to paris", "hi"], padding=True, return_tensors="pt")
-    with torch.no_grad(), warnings.catch_warnings():
-        # As in compression.export: the TorchScript exporter's graph is the one ORT's BERT fusions match.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # type: ignore[attr-defined]
-        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx")
-        torch.onnx.export(
-            wrapper.eval(),
-            (sample["input_ids"], sample["attention_mask"]),
-            str(path),
-            input_names=["input_ids", "attention_mask"],
-            output_names=[OUTPUT],
-            dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}},
-            opset_version=OPSET,
-            do_constant_folding=True,
-            dynamo=False,
-        )
-
-
 def embed(model_path: Path, tokenizer_path: Path, texts: list[str]) -> np.ndarray:
     """The exported encoder's embeddings, one query per call as served."""
     from compression.onnx_runner import OnnxStage
@@ -120,7 +97,7 @@ def run(
     wrapper = _sentence_embedding(model)
     with tempfile.TemporaryDirectory() as tmp:
         raw, fused = Path(tmp) / "raw.onnx", Path(tmp) / "fused.onnx"
-        _export(wrapper, tokenizer, raw)
+        trace(wrapper, tokenizer, raw, OUTPUT)
         cfg = model.config
         fusions = fuse(raw, fused, cfg.num_attention_heads, cfg.hidden_size)
         tokenizer.save_pretrained(tmp)

@@ -58,12 +58,11 @@ def write_tokenizer(src_dir: Path, dest: Path, window: int) -> None:
     tok.save(str(dest))
 
 
-def export_onnx(model: Any, tokenizer: Any, path: Path) -> None:
+def trace(wrapper: nn.Module, tokenizer: Any, path: Path, output: str) -> None:
+    """Write `wrapper`, a module (input_ids, attention_mask) -> [batch, ...], as ONNX with one output named
+    `output`; batch and sequence axes stay dynamic."""
     import torch
 
-    model.eval()
-    # ORT's attention fusion matches the eager attention graph, not the SDPA one.
-    model.set_attn_implementation("eager")
     sample = tokenizer(["book a flight to paris", "hi"], padding=True, return_tensors="pt")
     # The TorchScript exporter is deprecated, but its graph is the one ORT's BERT fusions are written for.
     with torch.no_grad(), warnings.catch_warnings():
@@ -74,20 +73,27 @@ def export_onnx(model: Any, tokenizer: Any, path: Path) -> None:
         # The wrapper must be in eval mode too: the exporter restores the wrapper's mode afterwards,
         # which would otherwise switch the wrapped model back to training (dropout on).
         torch.onnx.export(
-            _logits_only(model).eval(),
+            wrapper.eval(),
             (sample["input_ids"], sample["attention_mask"]),
             str(path),
             input_names=["input_ids", "attention_mask"],
-            output_names=["logits"],
+            output_names=[output],
             dynamic_axes={
                 "input_ids": {0: "batch", 1: "seq"},
                 "attention_mask": {0: "batch", 1: "seq"},
-                "logits": {0: "batch"},
+                output: {0: "batch"},
             },
             opset_version=OPSET,
             do_constant_folding=True,
             dynamo=False,
         )
+
+
+def export_onnx(model: Any, tokenizer: Any, path: Path) -> None:
+    model.eval()
+    # ORT's attention fusion matches the eager attention graph, not the SDPA one.
+    model.set_attn_implementation("eager")
+    trace(_logits_only(model), tokenizer, path, "logits")
 
 
 def fuse(raw: Path, out: Path, num_heads: int, hidden_size: int) -> dict[str, int]:
