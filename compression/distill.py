@@ -14,7 +14,7 @@ from compression import checkpoint
 from compression.augment import augment
 from compression.data import Clinc
 from compression.errors import FactoryError
-from compression.evaluate import evaluate, training_split, validation_report
+from compression.evaluate import evaluate, training_data, training_split, validation_report
 from compression.provenance import read_run, write_run
 
 if TYPE_CHECKING:
@@ -192,7 +192,9 @@ def run(teacher_dir: Path, data: Clinc, out: Path, cfg: DistillConfig, train_cfg
     logits, gold = evaluate(student, tokenizer, data, train_cfg.max_length)
     report = validation_report(logits, gold, data.labels)
     checkpoint.save(out, student, tokenizer, data.labels)
-    write_run(out, "distill", {"distill": asdict(cfg), "train": train_cfg.as_dict()}, report, history=history)
+    config = {"distill": asdict(cfg), "train": train_cfg.as_dict()}
+    split = training_split(data, cfg.wiki_path, cfg.wiki_oos, train_cfg.seed, cfg.train_subset)  # before copies
+    write_run(out, "distill", config, report, history=history, training_data=training_data(split, data))
     log.info("student validation: %s", report)
     return report
 

@@ -20,6 +20,13 @@ def training_split(data: Clinc, wiki_path: str, wiki_oos: int, seed: int, subset
     return train + load_wiki(wiki_path, wiki_oos, seed)
 
 
+def training_data(split: Split, data: Clinc) -> dict[str, int]:
+    """What a stage trained on, for its run record: how many examples, and how many of them are CLINC's real
+    out-of-scope queries (0 unless --train-oos), since the OOS pools are only unseen if none are."""
+    real_oos = set(data.split("oos_train").texts) | set(data.split("oos_val").texts)
+    return {"examples": len(split), "clinc_oos_queries": sum(t in real_oos for t in split.texts)}
+
+
 def evaluate(model: Any, tokenizer: Any, data: Clinc, max_length: int) -> tuple[np.ndarray, np.ndarray]:
     """Validation logits and gold label ids."""
     from compression.training import Encoded, predict_logits

@@ -16,7 +16,7 @@ from compression import checkpoint
 from compression.augment import augment
 from compression.data import Clinc
 from compression.errors import FactoryError
-from compression.evaluate import evaluate, training_split, validation_report
+from compression.evaluate import evaluate, training_data, training_split, validation_report
 from compression.provenance import write_run
 
 if TYPE_CHECKING:
@@ -152,7 +152,7 @@ def run(
         "train": train_cfg.as_dict(),
         "recovery_teacher": str(teacher_dir or student_dir),
     }
-    write_run(out, "prune", config, report, history=history)
+    write_run(out, "prune", config, report, history=history, training_data=training_data(split, data))
     log.info("pruned validation: %s", report)
     return report
 

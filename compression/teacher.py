@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from compression import checkpoint
 from compression.data import Clinc
-from compression.evaluate import evaluate, training_split, validation_report
+from compression.evaluate import evaluate, training_data, training_split, validation_report
 from compression.provenance import write_run
 
 if TYPE_CHECKING:
@@ -51,7 +51,8 @@ def run(data: Clinc, out: Path, cfg: TeacherConfig, train_cfg: TrainConfig) -> d
     logits, gold = evaluate(model, tokenizer, data, train_cfg.max_length)
     report = validation_report(logits, gold, data.labels)
     checkpoint.save(out, model, tokenizer, data.labels)
-    write_run(out, "teacher", {"teacher": asdict(cfg), "train": train_cfg.as_dict()}, report, history=history)
+    config = {"teacher": asdict(cfg), "train": train_cfg.as_dict()}
+    write_run(out, "teacher", config, report, history=history, training_data=training_data(split, data))
     log.info("teacher validation: %s", report)
     return report
 

@@ -93,6 +93,8 @@ def test_pipeline_end_to_end_on_tiny_model(tiny_pretrained: Path, tmp_path: Path
         assert run["stage"] == stage
         assert "torch" in run["versions"]
         assert "config" in run
+        if stage in ("teacher", "distill", "prune"):  # no real CLINC out-of-scope query: the 350 stay unseen
+            assert run["training_data"] == {"examples": 300 + 50, "clinc_oos_queries": 0}
     # Cross-stage values come from the input stage's output: distill used the search's best, prune what distill used.
     best = json.loads((art / "search" / "best_params.json").read_text())
     distilled = json.loads((art / "distill" / "run.json").read_text())["config"]
