@@ -61,6 +61,8 @@ def write(
     if transformer_dir is oos_dir:
         oos = read_run(oos_dir).get("metrics", {})
         metrics.update(oos_rule=oos["oos_rule"], oos_threshold=oos["oos_threshold"], thresholded=oos["thresholded"])
+        if oos.get("gate") is not None:  # where the graph skips its sentence encoder (compression.oos_rule)
+            metrics["oos_gate"] = oos["gate"]
         if (oos_dir / STATS_FILE).is_file():
             oos_features = {"features_output": FEATURES_OUTPUT, "oos_stats": STATS_FILE}
     labels = json.loads((transformer_dir / LABELS_FILE).read_text())
@@ -111,6 +113,7 @@ def write(
                 "validation": validation,
                 "validation_transformer": metrics.get("thresholded", {}),
                 "validation_argmax": metrics.get("argmax", {}),
+                **({"oos_gate": metrics["oos_gate"]} if "oos_gate" in metrics else {}),
                 "stages": {
                     k: {
                         "oos_rule": v.get("oos_rule", "max_prob"),

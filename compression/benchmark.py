@@ -91,7 +91,9 @@ def bench_served(directory: Path, data: Clinc, cfg: BenchConfig) -> dict[str, An
     served = OnnxClassifier(artifact)
     val = data.split("val")
     gold = np.array(val.label_ids(artifact.labels))
-    decision, answered = served.decisions(served.stage_logits(val.texts))
+    logits = served.stage_logits(val.texts)
+    decision, answered = served.decisions(logits)
+    encoded = _encoder_share(logits.features, getattr(served, "stats", None), answered)
 
     s = score(decision.pred, gold, artifact.oos_index)
     files = artifact.card.served_files
@@ -112,28 +114,46 @@ def bench_served(directory: Path, data: Clinc, cfg: BenchConfig) -> dict[str, An
         "oos_threshold": artifact.card.oos_threshold,
         "first_stage_share": float(answered.mean()),
         "variant": served.variant_name,
-        **_macs(directory, artifact.card, val.texts, served, float(answered.mean())),
+        "encoder_share": encoded,
+        **_macs(directory, artifact.card, val.texts, served, float(answered.mean()), encoded),
         "cascade_threshold": served.cascade_threshold if served.first else None,
         "latency_queries": len(val.texts),
     }
 
 
-def _macs(directory: Path, card: Any, texts: list[str], served: Any, share: float) -> dict[str, Any]:
+def _encoder_share(features: np.ndarray | None, stats: Any, answered: np.ndarray) -> float | None:
+    """Of the queries the transformer answers, the share whose gated sentence encoder ran (their features are
+    not the gate's stand-in); None for a model without the gate's statistics."""
+    if features is None or stats is None or stats.neighbours is None or answered.all():
+        return None
+    from compression.oos_rule import gate_sentinel
+
+    skipped = np.all(features[~answered] == gate_sentinel(stats), axis=-1)
+    return float(1.0 - skipped.mean())
+
+
+def _macs(
+    directory: Path, card: Any, texts: list[str], served: Any, share: float, encoded: float | None = None
+) -> dict[str, Any]:
     """Multiply-adds per query at the validation median length: each model's, and the served path's average
-    (the first stage on every query, the transformer on the share it does not answer). A feature-space OOS
-    rule's arithmetic (distances to the class centres, or similarities to the stored neighbours) counts with the
-    transformer's."""
-    from compression.macs import macs_per_query
+    (the first stage on every query, the transformer on the share it does not answer; a gated encoder inside
+    it on the share `encoded` of those). A feature-space OOS rule's arithmetic (distances to the class centres,
+    or similarities to the stored neighbours) counts with the transformer's."""
+    from compression.macs import count, macs_per_query
 
     tokens = int(np.median([len(e.ids) for e in served.tokenizer.encode_batch(texts)]))
-    transformer = macs_per_query(directory / "model.onnx", tokens)
+    nodes = count(directory / "model.onnx", tokens)
+    gated = sum(n.macs for n in nodes if n.conditional)
     rule = get_rule(card.oos_rule).macs(getattr(served, "stats", None))
-    transformer += rule
+    worst = sum(n.macs for n in nodes) + rule
+    transformer = worst - gated + (encoded if encoded is not None else 1.0) * gated
     out = {
         "median_tokens": tokens,
-        "macs_transformer": transformer,
+        "macs_transformer": round(transformer),
+        "macs_transformer_worst": worst,
+        "macs_gated_encoder": gated,
         "macs_oos_rule": rule,
-        "macs_per_query": transformer,
+        "macs_per_query": round(transformer),
     }
     if card.cascade is not None:
         first = macs_per_query(directory / card.cascade.model, tokens)

@@ -123,6 +123,61 @@ def add_encoder_output(src: Path, encoder: Path, dest: Path, name: str = FEATURE
     onnx.save(model, str(dest))
 
 
+GATE_PREFIX = "gate/"
+
+
+def gate_encoder_output(src: Path, dest: Path, energy_floor: float, sentinel: np.ndarray) -> None:
+    """Copy the joined graph at `src` (add_encoder_output) to `dest` with the encoder run only where it can
+    change the answer: where the classifier's energy (log-sum-exp of its logits) is under `energy_floor`.
+    Elsewhere the features output is `sentinel`, a stored in-scope training query's embedding, so that a
+    nearest-neighbour rule sees a perfect match: those rows are answered as the logits say. The encoder's
+    nodes move into an ONNX `If`, which ONNX Runtime skips when no row of the batch needs them."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(src))
+    graph = model.graph
+    prefix = "embedder/"
+    output = next((n for n in graph.node if n.output and n.output[0] == FEATURES_OUTPUT), None)
+    encoder = [n for n in graph.node if n.output and all(o.startswith(prefix) for o in n.output)]
+    if output is None or not encoder or any(n.op_type == "If" for n in graph.node):
+        raise FactoryError(f"{src.name}: not a classifier joined with an encoder, or already gated")
+    rest = [n for n in graph.node if n is not output and n not in encoder]
+    embedding = output.input[0]
+    g = GATE_PREFIX
+    then_branch = helper.make_graph(
+        encoder, "encode", [], [helper.make_tensor_value_info(embedding, TensorProto.FLOAT, None)]
+    )
+    else_branch = helper.make_graph(
+        [helper.make_node("Identity", [g + "sentinel"], [g + "skipped"])],
+        "skip",
+        [],
+        [helper.make_tensor_value_info(g + "skipped", TensorProto.FLOAT, None)],
+    )
+    gate = [
+        helper.make_node("ReduceLogSumExp", ["logits"], [g + "energy"], axes=[-1], keepdims=0),
+        helper.make_node("Less", [g + "energy", g + "floor"], [g + "needed"]),
+        helper.make_node("Cast", [g + "needed"], [g + "needed_int"], to=TensorProto.INT32),
+        helper.make_node("ReduceMax", [g + "needed_int"], [g + "any_int"], keepdims=0),
+        helper.make_node("Cast", [g + "any_int"], [g + "any"], to=TensorProto.BOOL),
+        helper.make_node("If", [g + "any"], [g + "embedding"], then_branch=then_branch, else_branch=else_branch),
+        # Per row, so that a row's answer never depends on the batch it came in.
+        helper.make_node("Unsqueeze", [g + "needed", g + "axis"], [g + "needed_column"]),
+        helper.make_node("Where", [g + "needed_column", g + "embedding", g + "sentinel"], [FEATURES_OUTPUT]),
+    ]
+    del graph.node[:]
+    graph.node.extend(rest + gate)
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array(energy_floor, dtype=np.float32), g + "floor"),
+            numpy_helper.from_array(sentinel.reshape(1, -1).astype(np.float32), g + "sentinel"),
+            numpy_helper.from_array(np.array([1], dtype=np.int64), g + "axis"),
+        ]
+    )
+    onnx.checker.check_model(model)
+    onnx.save(model, str(dest))
+
+
 def fit_stats(features: np.ndarray, labels: np.ndarray, ridge: float = RIDGE) -> FeatureStats:
     """Class means and the inverse of the covariance they share (the pooled within-class covariance plus a
     small ridge), whitened: see FeatureStats. `labels` index the classes 0..K-1 of `features`' rows."""

@@ -15,7 +15,9 @@ and reading the shapes it produces. Then:
   separate MatMuls);
 - a mean or sum over tokens (the pooling of an embedding-bag classifier, whose axes keep the feature axis)
   costs one addition per input element: n·d. Reductions over the feature axis (a decomposed LayerNorm)
-  count nothing, as a fused LayerNormalization does not.
+  count nothing, as a fused LayerNormalization does not;
+- an If (the gated sentence encoder of compression.features.gate_encoder_output) costs its then-branch, as
+  if taken: its nodes are counted as `conditional`, so that a caller can weigh them by how often it runs.
 
     python -m compression.macs models/clinc150/model.onnx --tokens 11
 """
@@ -60,6 +62,7 @@ class NodeMacs:
     name: str
     op_type: str
     macs: int
+    conditional: bool = False  # inside an If: run only when its condition holds
 
 
 def macs_per_query(onnx_path: Path | str, seq_len: int) -> int:
@@ -72,6 +75,7 @@ def count(onnx_path: Path | str, seq_len: int) -> list[NodeMacs]:
     if seq_len < 1:
         raise ValueError(f"seq_len must be at least 1, not {seq_len}")
     model = onnx.load(str(onnx_path))
+    conditional = inline_conditionals(model.graph)
     fix_inputs(model.graph, seq_len)
     graph = model.graph
     shapes = static_shapes(model)
@@ -87,8 +91,30 @@ def count(onnx_path: Path | str, seq_len: int) -> list[NodeMacs]:
             raise ValueError(f"{node.op_type} node {node.name!r}: no shape for {unknown}")
         macs = _node_macs(node, shapes, constants)
         if macs:
-            out.append(NodeMacs(node.name or node.output[0], node.op_type, macs))
+            out.append(NodeMacs(node.name or node.output[0], node.op_type, macs, node.output[0] in conditional))
     return out
+
+
+def inline_conditionals(graph: onnx.GraphProto) -> set[str]:
+    """Replace every If by its then-branch's nodes (and an Identity to the If's output), as if the branch were
+    taken; returns the first outputs of the nodes that came from a branch."""
+    from onnx import helper
+
+    inlined: set[str] = set()
+    nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        if node.op_type != "If":
+            nodes.append(node)
+            continue
+        branch = next(a.g for a in node.attribute if a.name == "then_branch")
+        for inner in branch.node:
+            nodes.append(inner)
+            inlined.add(inner.output[0])
+        for src, dest in zip(branch.output, node.output, strict=True):
+            nodes.append(helper.make_node("Identity", [src.name], [dest]))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return inlined
 
 
 def fix_inputs(graph: onnx.GraphProto, seq_len: int) -> None:

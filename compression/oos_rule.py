@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from compression.features import (
     add_encoder_output,
     add_features_output,
     fit_stats,
+    gate_encoder_output,
 )
 from compression.metrics import IN_SCOPE_FLOOR, threshold_for_in_scope
 from compression.onnx_runner import OnnxStage
@@ -61,6 +63,13 @@ class Config:
         default="embedder",
         metadata={"help": f"features of the feature-space rules: {', '.join(FEATURE_SOURCES)} (compression.features)"},
     )
+    oos_knn_gate: float = field(
+        default=0.0,
+        metadata={
+            "help": "energy_knn runs the sentence encoder only where the standardised energy is under this "
+            "(elsewhere the logits answer); inf runs it on every query"
+        },
+    )
     oos_knn_weight: float = field(
         default=1.0,
         metadata={"help": "weight of the standardised neighbour similarity against the energy's in energy_knn"},
@@ -73,6 +82,8 @@ class Config:
             raise FactoryError(f"--oos-in-scope-target must be in (0, 1], got {self.oos_in_scope_target}")
         if not 0 <= self.oos_feature_margin < 1:
             raise FactoryError(f"--oos-feature-margin must be in [0, 1), got {self.oos_feature_margin}")
+        if math.isnan(self.oos_knn_gate):
+            raise FactoryError("--oos-knn-gate must be a number, or inf to run the encoder on every query")
         if not (self.oos_knn_weight >= 0 and np.isfinite(self.oos_knn_weight)):
             raise FactoryError(f"--oos-knn-weight must be a finite weight >= 0, got {self.oos_knn_weight}")
 
@@ -174,6 +185,63 @@ def fit_combine(stats: FeatureStats, logits: np.ndarray, features: np.ndarray, w
     return np.array([energy.mean(), energy.std(), similarity.mean(), similarity.std(), weight], dtype=np.float32)
 
 
+Outputs = dict[str, tuple[np.ndarray, np.ndarray]]
+
+
+def gate_sentinel(stats: FeatureStats) -> np.ndarray:
+    """What a gated graph outputs as features where it skips the encoder: the first stored neighbour, so that
+    energy_knn sees a perfect match there."""
+    if stats.neighbours is None:
+        raise FactoryError("a gate needs the stored neighbours")
+    row: np.ndarray = stats.neighbours[0]
+    return row
+
+
+def score_rule(
+    name: str, outputs: Outputs, gold: dict[str, np.ndarray], stats: FeatureStats, oos: int, cfg: Config
+) -> dict[str, Any]:
+    """A rule's threshold, from in-scope validation queries alone, and its figures on every pool."""
+    val_logits, val_features = outputs["validation"]
+    scores = RULES[name].score(val_logits, val_features, stats)
+    threshold = threshold_for_in_scope(
+        scores, val_logits.argmax(-1), gold["validation"], oos, name, cfg.oos_in_scope_target
+    )
+    served = ServedRule(name, threshold, stats)
+    return {
+        "oos_threshold": threshold,
+        "pools": {
+            pool: pool_scores(served.decide(logits, features, oos), gold[pool], oos)
+            for pool, (logits, features) in outputs.items()
+        },
+    }
+
+
+def served_decisions(
+    name: str, scored: dict[str, Any], output: tuple[np.ndarray, np.ndarray], stats: FeatureStats, oos: int
+) -> np.ndarray:
+    return ServedRule(name, scored["oos_threshold"], stats).decide(output[0], output[1], oos)
+
+
+def _gate(out: Path, stats: FeatureStats, cfg: Config, pools: dict[str, Any], outputs: Outputs) -> dict[str, Any]:
+    """Replace out/model.onnx by its gated graph (compression.features.gate_encoder_output): the encoder runs
+    where the standardised energy is under --oos-knn-gate. Returns the gate's report and the pools' outputs
+    through the gated graph."""
+    if stats.combine is None or stats.neighbours is None:
+        raise FactoryError("the gate needs energy_knn's statistics")
+    floor = float(stats.combine[0] + cfg.oos_knn_gate * stats.combine[1])
+    sentinel = gate_sentinel(stats)
+    gated = out / "model.gated.onnx"
+    gate_encoder_output(out / MODEL_FILE, gated, floor, sentinel)
+    gated.replace(out / MODEL_FILE)
+    stage = OnnxStage(out / MODEL_FILE, out / "tokenizer.json", features=FEATURES_OUTPUT)
+    gated_outputs = {name: features_of(stage, split.texts) for name, split in pools.items()}
+    skipped = {
+        pool: round(float(np.all(features == sentinel, axis=-1).mean()), 4)
+        for pool, (_, features) in gated_outputs.items()
+    }
+    return {"z": cfg.oos_knn_gate, "energy_floor": floor, "skipped": skipped, "outputs": gated_outputs}
+
+
 def run(
     quantize_dir: Path, data: Clinc, wiki: str, out: Path, cfg: Config, embedder_dir: Path | None = None
 ) -> dict[str, Any]:
@@ -206,21 +274,23 @@ def run(
     combine = fit_combine(stats, val_logits[val_in], val_features[val_in], cfg.oos_knn_weight)
     FeatureStats(stats.whiten, stats.centers, stats.neighbours, combine).save(out / STATS_FILE)
     stats = FeatureStats.load(out / STATS_FILE)  # the stored arrays, exactly as the service reads them
-    rules: dict[str, Any] = {}
-    for name, rule in RULES.items():
-        scores = rule.score(val_logits, val_features, stats)
-        threshold = threshold_for_in_scope(
-            scores, val_logits.argmax(-1), gold["validation"], oos, name, cfg.oos_in_scope_target
-        )
-        served = ServedRule(name, threshold, stats)
-        rules[name] = {
-            "oos_threshold": threshold,
-            "pools": {
-                pool: pool_scores(served.decide(logits, features, oos), gold[pool], oos)
-                for pool, (logits, features) in outputs.items()
-            },
-        }
+    rules = {name: score_rule(name, outputs, gold, stats, oos, cfg) for name in RULES}
     chosen = choose_rule({name: v["pools"][TUNING_POOL]["oos_recall"] for name, v in rules.items()}, cfg)
+    gate: dict[str, Any] | None = None
+    if chosen == "energy_knn" and math.isfinite(cfg.oos_knn_gate):
+        gate = _gate(out, stats, cfg, pools, outputs)
+        gated_outputs = gate.pop("outputs")
+        ungated = rules[chosen]
+        rules[chosen] = score_rule(chosen, gated_outputs, gold, stats, oos, cfg)
+        gate["decisions_changed"] = {
+            pool: int(
+                (
+                    served_decisions(chosen, rules[chosen], gated_outputs[pool], stats, oos)
+                    != served_decisions(chosen, ungated, outputs[pool], stats, oos)
+                ).sum()
+            )
+            for pool in outputs
+        }
     report = {
         "oos_rule": chosen,
         "oos_threshold": rules[chosen]["oos_threshold"],
@@ -235,8 +305,16 @@ def run(
         "rules": rules,
         "report_pool": reported,
         "tuning_pool": TUNING_POOL,
+        "gate": gate,
     }
     write_run(out, "oos", asdict(cfg), report)
+    if gate is not None:
+        log.info(
+            "oos: encoder gated at energy %.3f: skipped %s, decisions changed %s",
+            gate["energy_floor"],
+            gate["skipped"],
+            gate["decisions_changed"],
+        )
     for name in RULES:
         figures = rules[name]["pools"]
         log.info(

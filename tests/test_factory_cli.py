@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from compression.errors import FactoryError
 from tests.conftest import ROOT, WIKI
 
 
@@ -130,6 +131,7 @@ def test_pipeline_end_to_end_on_tiny_model(tiny_pretrained: Path, tmp_path: Path
     assert low <= pools["served"]["clinc_oos"]["oos_recall"] <= high
     _features_are_the_mean_hidden_state(art, tmp_path)
     _embedder_features_are_the_pretrained_sentence_embedding(art, tiny_pretrained)
+    _the_gated_encoder_runs_only_under_the_energy_floor(art, tmp_path)
 
     assert card["schema_version"] == 2
     assert 0.3 <= card["cascade"]["threshold"] <= 1.0
@@ -270,3 +272,35 @@ def _embedder_features_are_the_pretrained_sentence_embedding(art: Path, pretrain
         for text, row in zip(texts, features, strict=True):
             mean = model(**tokenizer(text, return_tensors="pt")).last_hidden_state[0].mean(0)
             assert float(np.dot(row, (mean / mean.norm()).numpy())) > 0.99
+
+
+def _the_gated_encoder_runs_only_under_the_energy_floor(art: Path, tmp_path: Path) -> None:
+    """compression.features.gate_encoder_output on the oos stage's joined graph: rows whose energy reaches the
+    floor get the stand-in features, the others the encoder's own, and the logits never change; the multiply-add
+    count is the ungated graph's, with the encoder's part marked conditional."""
+    from app.oos import RULES
+    from compression.features import gate_encoder_output
+    from compression.macs import count
+    from compression.onnx_runner import OnnxStage
+    from compression.oos_rule import features_of
+
+    texts = ["book a flight to paris", "what is my balance", "hi", "how do i get rid of ants"]
+    joined = art / "oos" / "model.onnx"
+    logits, features = features_of(OnnxStage(joined, art / "oos" / "tokenizer.json", features="features"), texts)
+    energy = RULES["energy"].score(logits)
+    sentinel = np.full(features.shape[1], 0.5, dtype=np.float32)
+    gated = tmp_path / "gated.onnx"
+    for floor in (float(np.median(energy)), -1e9, 1e9):
+        gate_encoder_output(joined, gated, floor, sentinel)
+        stage = OnnxStage(gated, art / "oos" / "tokenizer.json", features="features")
+        gated_logits, gated_features = features_of(stage, texts)
+        assert np.array_equal(gated_logits, logits)
+        needed = energy < floor
+        assert np.array_equal(gated_features[needed], features[needed])
+        assert (gated_features[~needed] == sentinel).all()
+    nodes, plain = count(gated, 11), count(joined, 11)
+    assert sum(n.macs for n in nodes) == sum(n.macs for n in plain)
+    encoder = sum(n.macs for n in count(art / "embedder" / "model.onnx", 11))
+    assert sum(n.macs for n in nodes if n.conditional) == encoder
+    with pytest.raises(FactoryError, match="already gated"):
+        gate_encoder_output(gated, tmp_path / "twice.onnx", 0.0, sentinel)

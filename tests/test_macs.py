@@ -42,6 +42,9 @@ def test_committed_transformer_breakdown() -> None:
     assert ops["QAttention"] == 12 * (3 * n * hidden**2 + 2 * n * n * hidden)
     assert ops["ReduceSum"] == n * hidden + n
     assert sum(ops.values()) == 234_895_115 == committed_formula(11)
+    # The pretrained encoder is gated (it runs where the energy is low): its nodes count as conditional.
+    per_layer = 4 * n * hidden**2 + 2 * n * n * hidden + 2 * n * hidden * 1536
+    assert sum(x.macs for x in nodes if x.conditional) == 6 * per_layer + n * hidden + n
 
 
 def test_first_stage_macs_are_a_mean_and_a_one_hidden_layer_head() -> None:

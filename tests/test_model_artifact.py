@@ -77,6 +77,11 @@ def test_served_model_catches_the_unseen_out_of_scope_queries(data_path: Path, c
     assert caught == card["metrics"]["oos_pools"]["served"]["clinc_oos"]["oos_caught"]
     # The training split the card records held no oos_train query: its pools report includes the 350.
     assert card["metrics"]["oos_pools"]["served"]["clinc_oos"]["oos_n"] == 350
+    # The sentence encoder is gated on the energy, and the gate changed no decision on any pool.
+    gate = card["metrics"]["oos_gate"]
+    assert set(gate["decisions_changed"]) >= {"validation", "clinc_oos", "wiki_heldout"}
+    assert set(gate["decisions_changed"].values()) == {0}
+    assert 0 < gate["skipped"]["validation"] < 1
 
 
 def test_served_model_meets_the_accuracy_bar(served: dict[str, float]) -> None:
