@@ -20,6 +20,7 @@ import numpy as np
 from compression.data import Clinc
 from compression.errors import FactoryError
 from compression.export import OPSET, fuse, trace, write_tokenizer
+from compression.onnx_runner import OnnxStage
 from compression.provenance import write_run
 from compression.quantize import dynamic
 
@@ -71,14 +72,6 @@ def _sentence_embedding(model: Any) -> nn.Module:
     return SentenceEmbedding(model)
 
 
-def embed(model_path: Path, tokenizer_path: Path, texts: list[str]) -> np.ndarray:
-    """The exported encoder's embeddings, one query per call as served."""
-    from compression.onnx_runner import OnnxStage
-
-    stage = OnnxStage(model_path, tokenizer_path)
-    return np.stack([stage.model.run(e.ids) for e in stage.tokenizer.encode_batch(texts)])
-
-
 def run(
     source: str, data: Clinc, out: Path, max_length: int, parity_n: int = 300, recorded: str | None = None
 ) -> dict[str, Any]:
@@ -103,7 +96,7 @@ def run(
         tokenizer.save_pretrained(tmp)
         write_tokenizer(Path(tmp), out / "tokenizer.json", max_length)
         texts = data.split("val").subset(parity_n, seed=0).texts
-        exported = embed(fused, out / "tokenizer.json", texts)
+        exported = OnnxStage(fused, out / "tokenizer.json").logits(texts)  # batch-1 calls, as served
         with torch.no_grad():
             reference = np.concatenate(
                 [
@@ -117,7 +110,7 @@ def run(
         if diff > PARITY:
             raise FactoryError(f"the exported encoder differs from PyTorch by {diff:.2e}")
         dynamic(fused, out / MODEL_FILE)
-    quantized = embed(out / MODEL_FILE, out / "tokenizer.json", texts)
+    quantized = OnnxStage(out / MODEL_FILE, out / "tokenizer.json").logits(texts)
     cosine = (quantized * exported).sum(-1)
     name = recorded or source
     report = {

@@ -15,6 +15,8 @@ FEATURES_OUTPUT = "features"
 # mean and pooled come from the classifier's own graph; embedder from a second encoder's (add_encoder_output).
 FEATURE_SOURCES = ("mean", "pooled", "embedder")
 CLASSIFIER_SOURCES = ("mean", "pooled")
+# The names of a joined encoder's nodes and tensors (add_encoder_output), which gate_encoder_output finds by it.
+ENCODER_PREFIX = "embedder/"
 # The classifier's own matrix product, found by walking back from the logits; after dynamic quantisation its
 # float input is the input of a DynamicQuantizeLinear.
 _PRODUCTS = ("MatMul", "Gemm", "MatMulInteger")
@@ -107,7 +109,7 @@ def add_encoder_output(src: Path, encoder: Path, dest: Path, name: str = FEATURE
     for o in other.opset_import:
         if ours.setdefault(o.domain, o.version) != o.version:
             raise FactoryError(f"{encoder.name} uses opset {o.version} of '{o.domain}', {src.name} {ours[o.domain]}")
-    prefix = "embedder/"
+    prefix = ENCODER_PREFIX
     other = compose.add_prefix(other, prefix)
     shared = {prefix + n: n for n in wanted}  # the encoder reads the classifier's own inputs
     for node in other.graph.node:
@@ -137,7 +139,7 @@ def gate_encoder_output(src: Path, dest: Path, energy_floor: float, sentinel: np
 
     model = onnx.load(str(src))
     graph = model.graph
-    prefix = "embedder/"
+    prefix = ENCODER_PREFIX
     output = next((n for n in graph.node if n.output and n.output[0] == FEATURES_OUTPUT), None)
     encoder = [n for n in graph.node if n.output and all(o.startswith(prefix) for o in n.output)]
     if output is None or not encoder or any(n.op_type == "If" for n in graph.node):

@@ -169,12 +169,11 @@ def _with_features(quantize_dir: Path, embedder_dir: Path | None, out: Path, sou
     add_encoder_output(quantize_dir / MODEL_FILE, embedder_dir / MODEL_FILE, out / MODEL_FILE)
 
 
-def fit_neighbours(stats: FeatureStats, features: np.ndarray, out: Path) -> FeatureStats:
-    """`stats` with the in-scope training queries' features as the stored neighbours, as the service reads them
-    back (half precision)."""
+def fit_neighbours(stats: FeatureStats, features: np.ndarray) -> FeatureStats:
+    """`stats` with the in-scope training queries' unit features as the stored neighbours, rounded to half
+    precision as FeatureStats.save stores them, so that what is fitted on them sees what the service reads."""
     unit = features / np.linalg.norm(features, axis=-1, keepdims=True)
-    FeatureStats(stats.whiten, stats.centers, neighbours=unit).save(out)
-    return FeatureStats.load(out)
+    return FeatureStats(stats.whiten, stats.centers, neighbours=unit.astype(np.float16).astype(np.float32))
 
 
 def fit_combine(stats: FeatureStats, logits: np.ndarray, features: np.ndarray, weight: float) -> np.ndarray:
@@ -226,7 +225,7 @@ def _gate(out: Path, stats: FeatureStats, cfg: Config, pools: dict[str, Any], ou
     """Replace out/model.onnx by its gated graph (compression.features.gate_encoder_output): the encoder runs
     where the standardised energy is under --oos-knn-gate. Returns the gate's report and the pools' outputs
     through the gated graph."""
-    if stats.combine is None or stats.neighbours is None:
+    if stats.combine is None:
         raise FactoryError("the gate needs energy_knn's statistics")
     floor = float(stats.combine[0] + cfg.oos_knn_gate * stats.combine[1])
     sentinel = gate_sentinel(stats)
@@ -263,7 +262,7 @@ def run(
     gold_train = np.array(train.label_ids(labels))
     in_scope = gold_train != oos
     stats = fit_stats(train_features[in_scope], gold_train[in_scope], cfg.oos_ridge)
-    stats = fit_neighbours(stats, train_features[in_scope], out / STATS_FILE)
+    stats = fit_neighbours(stats, train_features[in_scope])
     dim = stats.dim
     log.info("oos: %d-dim features, statistics of %d classes from %d queries", dim, len(stats.centers), in_scope.sum())
 
