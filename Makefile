@@ -5,11 +5,15 @@ SERVE_VENV := .venv-serve
 PIP_FLAGS := -q --disable-pip-version-check -c constraints.txt
 HOST ?= 127.0.0.1
 PORT ?= 8000
-DATA ?= ../shared/data/clinc150/clinc150_plus_train_val.json
+# CLINC150 and the Wikipedia out-of-scope sentences: the copy at ../shared, else what `make data` downloaded.
+SHARED_DATA := ../shared/data/clinc150
+DATA ?= $(firstword $(wildcard $(SHARED_DATA)/clinc150_plus_train_val.json data/clinc150/data_oos_plus.json) \
+  $(SHARED_DATA)/clinc150_plus_train_val.json)
+WIKI ?= $(firstword $(wildcard $(SHARED_DATA)/wiki_sents.txt data/clinc150/wiki_sents.txt) $(SHARED_DATA)/wiki_sents.txt)
 export INTENT_HOST ?= $(HOST)
 export INTENT_PORT ?= $(PORT)
 
-.PHONY: audit serve test lint model bench loadtest compare stress soak scaleout data docker-build docker-run clean venv serve-venv
+.PHONY: audit serve test data-check lint model bench loadtest compare stress soak scaleout data docker-build docker-run clean venv serve-venv
 
 $(SERVE_VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(SERVE_VENV)
@@ -27,9 +31,13 @@ venv: $(VENV)/.installed
 serve: $(SERVE_VENV)/.installed  ## serve the committed model on HOST:PORT
 	$(SERVE_VENV)/bin/python -m app
 
-test: $(VENV)/.installed $(SERVE_VENV)/.installed  ## the whole test suite
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS); rc=$$?; \
-	if [ $$rc -eq 5 ]; then echo "pytest: no tests selected"; exit 0; fi; exit $$rc
+test: data-check $(VENV)/.installed $(SERVE_VENV)/.installed  ## the whole test suite
+	CLINC_DATA=$(DATA) CLINC_WIKI=$(WIKI) $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+data-check:  ## one clear line, before anything is installed, when the data the tests read is missing
+	@for f in $(DATA) $(WIKI); do if [ ! -f "$$f" ]; then \
+	  echo "error: $$f not found: the tests read CLINC150 from $(SHARED_DATA)/ (clinc150_plus_train_val.json," \
+	    "wiki_sents.txt); put it there, or run 'make data' to download it into data/clinc150/"; exit 2; fi; done
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check app compression loadtest tests
@@ -42,10 +50,10 @@ audit: $(VENV)/.installed  ## known vulnerabilities in the pinned dependencies (
 	  > reports/pip-audit.txt 2>&1; rc=$$?; tail -n 3 reports/pip-audit.txt; exit $$rc
 
 model: $(VENV)/.installed  ## rebuild models/clinc150 from scratch, then print the stage table
-	$(VENV)/bin/python -m compression all --data $(DATA) $(MODEL_ARGS)
+	$(VENV)/bin/python -m compression all --data $(DATA) --wiki $(WIKI) $(MODEL_ARGS)
 
 bench: $(VENV)/.installed $(SERVE_VENV)/.installed  ## stage table, plus the serving footprint
-	$(VENV)/bin/python -m compression bench --data $(DATA) $(BENCH_ARGS)
+	$(VENV)/bin/python -m compression bench --data $(DATA) --wiki $(WIKI) $(BENCH_ARGS)
 	$(VENV)/bin/python -m loadtest.footprint --serve-venv $(SERVE_VENV)
 
 data: $(SERVE_VENV)/.installed  ## download CLINC150 and the Wikipedia oos sentences into data/clinc150 (needs the internet; no torch)

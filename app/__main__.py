@@ -13,9 +13,9 @@ from pathlib import Path
 import uvicorn
 from pydantic import ValidationError
 
-from app.artifact import check_served
 from app.config import Settings
-from app.logs import configure_logging
+from app.engine.engine import check
+from app.http.logs import configure_logging
 
 
 def prepare_metrics_dir(directory: Path) -> None:
@@ -28,12 +28,12 @@ def prepare_metrics_dir(directory: Path) -> None:
 
 
 def check_in_child(settings: Settings) -> str | None:
-    """app.artifact.check_served in a spawned process: the supervisor that starts the workers then never imports ONNX
+    """app.engine.engine.check in a spawned process: the supervisor that starts the workers then never imports ONNX
     Runtime or holds a model (about 50 MB less per replica), and a crash in the check is only an error."""
     context = multiprocessing.get_context("spawn")
     try:
         with ProcessPoolExecutor(1, mp_context=context) as pool:
-            return pool.submit(check_served, str(settings.model_dir), settings.verify_sha256).result()
+            return pool.submit(check, str(settings.model_dir), settings.verify_sha256).result()
     except Exception as exc:  # noqa: BLE001 - a broken child (say, a crash in a native library) is reported
         return f"could not check the model: {type(exc).__name__}: {exc}"
 
@@ -62,12 +62,12 @@ def main() -> int:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     pointer_dir = None
     if settings.admin_key is not None and settings.model_pointer is None:
-        # The file through which the workers follow a reload (app.reload); it starts empty.
+        # The file through which the workers follow a reload (app.http.reload); it starts empty.
         pointer_dir = tempfile.mkdtemp(prefix="intent-model-")
         os.environ["INTENT_MODEL_POINTER"] = os.path.join(pointer_dir, "pointer.json")
     try:
         uvicorn.run(
-            "app.main:create_app_from_env",
+            "app.http.main:create_app_from_env",
             factory=True,
             host=settings.host,
             port=settings.port,

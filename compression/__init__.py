@@ -1,6 +1,7 @@
-"""The model factory: teacher -> distilled, pruned, graph-optimised int8 ONNX student.
+"""The model factory: CLINC150 (or a team's own examples) -> a served artifact, stage by stage (teacher, search,
+distill, prune, export, quantize, embedder, oos, static, artifact, bench).
 
-Imports go one way: the factory imports the service's artifact contract from ``app`` (card schema,
-OOS rules, cascade rule, runtime), so it writes and measures exactly what serves; nothing in ``app``
-imports from here, and the serving image ships only ``app/``.
+Imports go one way: the factory imports the engine from ``app.engine`` (spec, rules, the Engine itself), so it
+writes and measures exactly what serves; nothing in ``app`` imports from here, and the serving image ships only
+``app/``.
 """

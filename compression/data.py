@@ -8,7 +8,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.artifact import sha256_file
+from app.engine.artifact import sha256_file
 from compression.errors import FactoryError
 
 OOS = "oos"
@@ -33,7 +33,7 @@ DOWNLOADS = ((DATA_FILE, ORIGINAL_URL, ORIGINAL_SHA256), (WIKI_FILE, WIKI_URL, W
 # In-scope and out-of-scope parts of each split, as the original file names them.
 _SPLIT_KEYS = {"train": ("train", "oos_train"), "val": ("val", "oos_val"), "test": ("test", "oos_test")}
 # The out-of-scope parts, also kept as splits of their own: with --no-train-oos, oos_train + oos_val is the
-# 350-query pool of real CLINC out-of-scope queries OOS recall is reported on (compression.oos_pools).
+# 350-query pool of real CLINC out-of-scope queries OOS recall is reported on (compression.measure.pools).
 OOS_PARTS = ("oos_train", "oos_val")
 # Wikipedia sentences that no stage trains on: a fixed shuffle (its own seed, so --seed never moves a sentence
 # between training and evaluation) sets the last WIKI_POOL_SIZE aside as an easier out-of-scope pool.

@@ -48,25 +48,29 @@ class Stage:
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in (
-        Stage("teacher", (), "compression.teacher", "fine-tune the pretrained encoder on CLINC150"),
-        Stage("search", ("teacher",), "compression.search", "Optuna search of the distillation's alpha, T and lr"),
-        Stage("distill", ("teacher", "search"), "compression.distill", "distil a shallower student"),
-        Stage("prune", ("distill", "teacher"), "compression.prune", "prune FFN neurons, recover by distillation"),
-        Stage("export", ("prune", "teacher"), "compression.export", "ONNX export with ORT transformer fusions"),
-        Stage("quantize", ("export",), "compression.quantize", "int8 quantisation, the best candidate kept"),
-        Stage("embedder", (), "compression.embedder", "the pretrained sentence encoder, for the OOS rule"),
-        Stage("oos", ("quantize", "embedder"), "compression.oos_rule", "the OOS rule, chosen on held-out pools"),
-        Stage("static", ("oos",), "compression.static", "the cascade's first stage, distilled"),
+        Stage("teacher", (), "compression.stages.teacher", "fine-tune the pretrained encoder on CLINC150"),
+        Stage(
+            "search", ("teacher",), "compression.stages.search", "Optuna search of the distillation's alpha, T and lr"
+        ),
+        Stage("distill", ("teacher", "search"), "compression.stages.distill", "distil a shallower student"),
+        Stage(
+            "prune", ("distill", "teacher"), "compression.stages.prune", "prune FFN neurons, recover by distillation"
+        ),
+        Stage("export", ("prune", "teacher"), "compression.stages.export", "ONNX export with ORT transformer fusions"),
+        Stage("quantize", ("export",), "compression.stages.quantize", "int8 quantisation, the best candidate kept"),
+        Stage("embedder", (), "compression.stages.embedder", "the pretrained sentence encoder, for the OOS rule"),
+        Stage("oos", ("quantize", "embedder"), "compression.stages.oos", "the OOS rule, chosen on held-out pools"),
+        Stage("static", ("oos",), "compression.stages.static", "the cascade's first stage, distilled"),
         Stage(
             "artifact",
             ("oos", "quantize", "static", "teacher", "distill", "prune", "export", "embedder"),
-            "compression.artifact",
+            "compression.stages.artifact",
             "write the served artifact and its card",
         ),
         Stage(
             "bench",
             ("artifact", "teacher", "distill", "prune", "export", "quantize"),
-            "compression.benchmark",
+            "compression.measure.benchmark",
             "measure every stage, write reports/",
         ),
     )
@@ -91,7 +95,7 @@ class Common:
         default=False,
         metadata={
             "help": "train on CLINC's 250 oos_train queries; without, as served, they stay out of every stage "
-            "for the 350-query OOS pool (compression.oos_pools)"
+            "for the 350-query OOS pool (compression.measure.pools)"
         },
     )
     train_subset: int = field(default=0, metadata={"help": "use only N training rows (0: all)"})

@@ -7,10 +7,10 @@ import argparse
 import time
 
 import numpy as np
-
-from app.artifact import load_artifact
-from app.cpu import current
 from app.runtime import OnnxClassifier
+
+from app.cpu import current
+from app.engine.artifact import load_artifact
 from loadtest.queries import load_queries
 from loadtest.server import ROOT
 

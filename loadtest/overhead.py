@@ -16,10 +16,10 @@ import statistics
 import time
 from typing import Any
 
-from app.classifier import Prediction
 from app.config import Settings
 from app.cpu import current
-from app.main import create_app
+from app.engine.engine import Prediction
+from app.http.main import create_app
 
 BODY = b'{"text": "book a flight to rome"}'
 

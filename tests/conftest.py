@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -8,13 +9,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_DIR = ROOT / "models" / "clinc150"
-DATA = ROOT.parent / "shared" / "data" / "clinc150" / "clinc150_plus_train_val.json"
-WIKI = ROOT.parent / "shared" / "data" / "clinc150" / "wiki_sents.txt"
+# Where `make test` found the data (CLINC_DATA, CLINC_WIKI), else the shared copy beside the repository.
+SHARED = ROOT.parent / "shared" / "data" / "clinc150"
+DATA = Path(os.environ.get("CLINC_DATA") or SHARED / "clinc150_plus_train_val.json").resolve()
+WIKI = Path(os.environ.get("CLINC_WIKI") or SHARED / "wiki_sents.txt").resolve()
 
 
 @pytest.fixture(scope="session")
 def data_path() -> Path:
-    assert DATA.is_file(), f"CLINC150 data missing at {DATA}; tests read it from ../shared"
+    assert DATA.is_file(), f"CLINC150 data missing at {DATA}; `make test` says where to put it"
     return DATA
 
 

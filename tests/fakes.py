@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from app.classifier import Prediction
 from app.config import Settings
+from app.engine.engine import Prediction
 
 LABELS = ["book_flight", "balance", "oos"]
 
@@ -38,7 +38,7 @@ class FakeClassifier:
 
 def fake_factory(clf: FakeClassifier) -> Any:
     def factory(settings: Settings) -> tuple[FakeClassifier, dict[str, Any]]:
-        card = {"version": clf.version, "labels": LABELS, "oos_threshold": 0.0, "files": {}, "metrics": {}}
+        card = {"version": clf.version, "labels": LABELS, "spec": {"rule": {"kind": "max_prob", "threshold": 0.0}}}
         return clf, card
 
     return factory

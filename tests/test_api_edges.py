@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.config import Settings
-from app.main import create_app
+from app.http.main import create_app
 from tests.fakes import FakeClassifier, fake_factory
 
 
@@ -315,7 +315,7 @@ def test_user_text_never_reaches_the_logs(caplog: pytest.LogCaptureFixture) -> N
 
 
 def test_access_log_line_is_structured() -> None:
-    from app.logs import JsonFormatter
+    from app.http.logs import JsonFormatter
 
     record = logging.LogRecord("app.access", logging.DEBUG, __file__, 1, "request", None, None)
     record.request_id = "abc"

@@ -1,25 +1,26 @@
-"""The artifact contract on numbers chosen by hand: the OOS rules and the cascade rule as the service applies
-them one query at a time and as the factory evaluates them over a matrix, variant choice by CPU flags, and
-the card's sha256 covering every served file."""
+"""The engine on numbers chosen by hand: the OOS rules and the cascade as `Engine.run` applies them, one text
+alone or many in a batch, the strict card (an unknown field anywhere in the spec is refused), and the card's
+sha256 covering every file the spec names."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from app import cpu
-from app.artifact import load_artifact
-from app.card import ModelCard
 from app.config import Settings
-from app.errors import ModelLoadError
-from app.main import create_app
-from app.oos import RULES, decide
-from app.runtime import OnnxClassifier
-from compression.metrics import score, tune_threshold
+from app.engine.artifact import load_artifact
+from app.engine.engine import Engine
+from app.engine.errors import ModelLoadError
+from app.engine.rules import RULES, Outputs
+from app.engine.spec import Card
+from app.http.main import create_app
+from compression.measure.metrics import score, tune_threshold
 from tests import tiny_artifact
 
 LABELS = ["a", "b", "oos"]
@@ -39,33 +40,40 @@ TRANSFORMER = np.array(
 
 
 @pytest.mark.parametrize(("rule", "threshold"), [("max_prob", 0.5), ("energy", 2.0)])
-def test_each_rule_gives_the_service_and_the_factory_the_same_answers(tmp_path: Path, rule: str, threshold: float):
+def test_each_rule_answers_a_text_alone_as_in_a_batch(tmp_path: Path, rule: str, threshold: float) -> None:
     # Feature-space rules have theirs in test_oos_rules.py.
     assert {r for r in RULES if not RULES[r].needs_features} == {"max_prob", "energy"}, "a new rule needs a case"
-    clf = OnnxClassifier(load_artifact(tiny_artifact.make(tmp_path, LABELS, TRANSFORMER, None, rule, threshold)))
+    spec = {"kind": rule, "threshold": threshold}
+    engine = Engine.open(tiny_artifact.make(tmp_path, LABELS, TRANSFORMER, None, spec))
     texts = [f"q{i}" for i in range(len(TRANSFORMER))]
-    served = [clf.predict(t) for t in texts]
-    factory, _ = clf.decisions(clf.stage_logits(texts))
-    assert [p.intent for p in served] == [LABELS[i] for i in factory.pred]
-    assert [p.confidence for p in served] == factory.confidence.tolist()
-    # The factory's threshold tuning scores with the same registry function over the whole matrix.
-    scores = RULES[rule].score(TRANSFORMER)
-    assert [RULES[rule].score(row[None])[0] for row in TRANSFORMER] == scores.tolist()
-    gold = factory.pred
+    alone = [engine.predict(t) for t in texts]
+    batch = engine.run(texts)
+    assert [p.intent for p in alone] == [LABELS[i] for i in batch.pred]
+    assert [p.confidence for p in alone] == batch.confidence.tolist()
+    # The factory tunes thresholds with the same rule class, over the whole matrix.
+    scorer = engine.rule
+    scores = scorer.score(Outputs.of(TRANSFORMER))
+    assert [scorer.score(Outputs.of(row[None]))[0] for row in TRANSFORMER] == scores.tolist()
+    gold = batch.pred
     t, s = tune_threshold(scores, TRANSFORMER.argmax(-1), gold, OOS, rule, min_oos_recall=1.0, min_in_scope=1.0)
     assert s.accuracy == 1.0
-    assert decide(TRANSFORMER, OOS, rule, t).pred.tolist() == gold.tolist()
+    assert scorer.with_threshold(t).decide(Outputs.of(TRANSFORMER), OOS)[0].tolist() == gold.tolist()
+
+
+def energy(threshold: float) -> Any:
+    return RULES["energy"](RULES["energy"].Spec(threshold=threshold))
 
 
 def test_rules_by_hand() -> None:
     # energy of [4, 1, 0] is log(e^4 + e + 1) = 4.0659; max_prob is e^4 / (e^4 + e + 1) = 0.9362.
-    assert RULES["energy"].score(TRANSFORMER[1:2])[0] == pytest.approx(4.0659, abs=1e-4)
-    assert RULES["max_prob"].score(TRANSFORMER[1:2])[0] == pytest.approx(0.9362, abs=1e-4)
-    d = decide(TRANSFORMER[[1, 5]], OOS, "energy", 1.5)
+    out = Outputs.of(TRANSFORMER[1:2])
+    assert energy(0.0).score(out)[0] == pytest.approx(4.0659, abs=1e-4)
+    assert RULES["max_prob"](RULES["max_prob"].Spec(threshold=0.5)).score(out)[0] == pytest.approx(0.9362, abs=1e-4)
+    pred, confidence = energy(1.5).decide(Outputs.of(TRANSFORMER[[1, 5]]), OOS)
     # Row 5: energy log(e^.5 + e^.25 + 1) = 1.3693 < 1.5, so oos, with confidence 1 - p(top) = 1 - 0.4192.
-    assert d.pred.tolist() == [0, OOS]
-    assert RULES["energy"].score(TRANSFORMER[5:6])[0] == pytest.approx(1.3693, abs=1e-4)
-    assert d.confidence[1] == pytest.approx(1 - 0.4192, abs=1e-4)
+    assert pred.tolist() == [0, OOS]
+    assert energy(0.0).score(Outputs.of(TRANSFORMER[5:6]))[0] == pytest.approx(1.3693, abs=1e-4)
+    assert confidence[1] == pytest.approx(1 - 0.4192, abs=1e-4)
 
 
 # First stage: q1 confident 'a' (0.9), q2 unsure (0.6), q3 confident but 'oos', q4 confident 'b' (0.85),
@@ -78,9 +86,9 @@ FIRST = np.array(
 
 
 def test_cascade_rule_by_hand(tmp_path: Path) -> None:
-    artifact = load_artifact(tiny_artifact.make(tmp_path, LABELS, TRANSFORMER, FIRST, "energy", 2.0, 0.8))
-    clf = OnnxClassifier(artifact, cpu_flags=frozenset())
-    got = [(p.intent, p.stage) for p in (clf.predict(f"q{i}") for i in range(1, 6))]
+    rule = {"kind": "energy", "threshold": 2.0}
+    engine = Engine.open(tiny_artifact.make(tmp_path, LABELS, TRANSFORMER, FIRST, rule, 0.8))
+    got = [(p.intent, p.stage) for p in (engine.predict(f"q{i}") for i in range(1, 6))]
     assert got == [
         ("a", "first"),  # 0.9 >= 0.8
         ("b", "transformer"),  # 0.6 < 0.8: the transformer's [1, 1.25, 0.5] -> b (energy 2.0 is not under 2.0)
@@ -88,16 +96,20 @@ def test_cascade_rule_by_hand(tmp_path: Path) -> None:
         ("b", "first"),  # 0.85 >= 0.8, although the transformer would say 'a'
         ("a", "first"),  # exactly 0.8 (to fp16 precision, above it) answers
     ]
-    assert clf.predict("q1").confidence == pytest.approx(0.9, abs=1e-3)
+    assert engine.predict("q1").confidence == pytest.approx(0.9, abs=1e-3)
     texts = [f"q{i}" for i in range(1, 6)]
-    decision, answered = clf.decisions(clf.stage_logits(texts))
-    assert answered.tolist() == [True, False, False, True, True]
-    assert [LABELS[i] for i in decision.pred] == [g for g, _ in got]
-    assert decision.confidence.tolist() == [clf.predict(t).confidence for t in texts]
+    decisions = engine.run(texts)
+    assert decisions.stage.tolist() == [0, 1, 1, 0, 0]
+    assert [LABELS[i] for i in decisions.pred] == [g for g, _ in got]
+    assert decisions.confidence.tolist() == [engine.predict(t).confidence for t in texts]
+    # Every step is timed: the tokenizer, each stage that ran, and the rule.
+    assert set(decisions.timings) == {"tokenize", "first", "transformer", "rule"}
+    # A batch the first stage answers whole never reaches the transformer or the rule.
+    assert set(engine.run(["q1", "q4"]).timings) == {"tokenize", "first"}
 
 
 def test_a_text_gets_the_same_answer_alone_as_in_a_batch(tmp_path: Path) -> None:
-    directory = tiny_artifact.make(tmp_path, LABELS, TRANSFORMER, FIRST, "energy", 2.0, 0.8)
+    directory = tiny_artifact.make(tmp_path, LABELS, TRANSFORMER, FIRST, {"kind": "energy", "threshold": 2.0}, 0.8)
     texts = ["q1", "q2", "q3", "q4", "q5", "q2 q1", "q4 q4 q3"]
     with TestClient(create_app(Settings(model_dir=directory, warmup_queries=1))) as client:
         alone = [client.post("/predict", json={"text": t, "top_k": 2}).json() for t in texts]
@@ -110,54 +122,18 @@ def test_a_text_gets_the_same_answer_alone_as_in_a_batch(tmp_path: Path) -> None
     assert timing[0].endswith('desc="first"')
     assert ", inference;dur=" in timing[1]
     assert timing[1].endswith('desc="transformer"')
-    stages = [OnnxClassifier(load_artifact(directory), cpu_flags=frozenset()).predict(t).stage for t in texts]
+    stages = [Engine.open(directory).predict(t).stage for t in texts]
     assert stages[:5] == ["first", "transformer", "transformer", "first", "first"]
     # Each text was asked twice, alone and in the batch; warm-up queries are not counted.
     assert f'intent_answered_by_total{{stage="first"}} {2.0 * stages.count("first")}' in metrics
     assert f'intent_answered_by_total{{stage="transformer"}} {2.0 * stages.count("transformer")}' in metrics
 
 
-VARIANTS = [
-    {"name": "int8-dot", "requires_any": ["avx512_vnni", "avx_vnni", "amx_int8"], "cascade_threshold": 0.95},
-    {"name": "generic", "requires_any": [], "cascade_threshold": 0.5},
-]
-
-
-@pytest.mark.parametrize(
-    ("flags", "variant", "threshold"),
-    [
-        ({"avx2", "fma"}, "generic", 0.5),
-        ({"avx2", "avx512f", "avx512_vnni"}, "int8-dot", 0.95),
-        ({"avx2", "avx_vnni"}, "int8-dot", 0.95),
-        ({"amx_tile", "amx_int8"}, "int8-dot", 0.95),
-    ],
-)
-def test_variant_is_chosen_from_cpu_flags(tmp_path: Path, flags: set[str], variant: str, threshold: float) -> None:
-    directory = tiny_artifact.make(tmp_path, LABELS, TRANSFORMER, FIRST, "energy", 2.0, 0.8, VARIANTS)
-    clf = OnnxClassifier(load_artifact(directory), cpu_flags=frozenset(flags))
-    assert (clf.variant_name, clf.cascade_threshold) == (variant, threshold)
-    # q2's first stage says 'a' at 0.6: it answers only under the generic variant's 0.5.
-    assert clf.predict("q2").stage == ("first" if variant == "generic" else "transformer")
-
-
-def test_service_shows_and_exports_the_variant_it_chose(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    directory = tiny_artifact.make(tmp_path, LABELS, TRANSFORMER, FIRST, "energy", 2.0, 0.8, VARIANTS)
-    fake = cpu.CpuInfo("Fake EPYC", "AuthenticAMD", 23, 1, frozenset({"avx2", "fma"}))
-    monkeypatch.setattr(cpu, "current", lambda: fake)
-    with TestClient(create_app(Settings(model_dir=directory, warmup_queries=1))) as client:
-        serving = client.get("/model").json()["serving"]
-        metrics = client.get("/metrics").text
-    assert serving["variant"] == "generic"
-    assert serving["cascade_threshold"] == 0.5
-    assert serving["cpu"] == fake.describe()
-    assert 'variant="generic"' in metrics
-
-
-def test_card_sha256_covers_every_served_file(tmp_path: Path) -> None:
-    directory = tiny_artifact.make(tmp_path, LABELS, TRANSFORMER, FIRST, "energy", 2.0, 0.8)
+def test_card_sha256_covers_every_file_the_spec_names(tmp_path: Path) -> None:
+    directory = tiny_artifact.make(tmp_path, LABELS, TRANSFORMER, FIRST, {"kind": "energy", "threshold": 2.0}, 0.8)
     card = load_artifact(directory).card
-    assert set(card.served_files) == {"model.onnx", "tokenizer.json", "labels.json", "static.onnx"}
-    assert set(card.files) == set(card.served_files)
+    assert set(card.spec.files) == {"model.onnx", "tokenizer.json", "labels.json", "static.onnx"}
+    assert set(card.files) == set(card.spec.files)
     with (directory / "static.onnx").open("ab") as f:
         f.write(b"\0")
     with pytest.raises(ModelLoadError, match=r"sha256 mismatch for .*static\.onnx"):
@@ -169,17 +145,67 @@ def test_card_sha256_covers_every_served_file(tmp_path: Path) -> None:
         load_artifact(directory, verify=False)
 
 
-def test_committed_card_loads_through_the_schema_and_every_served_file_matches() -> None:
+# Where an unknown field can hide: every block of the card, and every nested model of the spec.
+UNKNOWN_FIELD_AT = [
+    ((), ""),
+    (("spec",), "spec"),
+    (("spec", "tokenizer"), "spec.tokenizer"),
+    (("spec", "labels"), "spec.labels"),
+    (("spec", "stages", 0), "spec.stages.0.static"),
+    (("spec", "stages", 1), "spec.stages.1.transformer"),
+    (("spec", "rule"), "spec.rule.energy"),
+    (("provenance",), "provenance"),
+    (("files", "model.onnx"), "files.model.onnx"),
+]
+
+
+@pytest.mark.parametrize(("path", "where"), UNKNOWN_FIELD_AT)
+def test_an_unknown_field_anywhere_is_refused(tmp_path: Path, path: tuple[Any, ...], where: str) -> None:
+    directory = tiny_artifact.make(tmp_path, LABELS, TRANSFORMER, FIRST, {"kind": "energy", "threshold": 2.0}, 0.8)
+    raw = json.loads((directory / "card.json").read_text())
+    node = raw
+    for key in path:
+        node = node[key]
+    node["surprise"] = 1
+    (directory / "card.json").write_text(json.dumps(raw))
+    at = f"{re.escape(where)}\\." if where else ""
+    with pytest.raises(ModelLoadError, match=rf"invalid .*card\.json: {at}surprise: Extra inputs"):
+        load_artifact(directory)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"rule": {"kind": "nope", "threshold": 0.0}}, "does not match any of the expected tags"),
+        ({"rule": {"kind": "max_prob", "threshold": 1.5}}, "less than 1"),
+        ({"rule": {"kind": "energy"}}, "spec.rule.energy.threshold: Field required"),
+        ({"rule": {"kind": "energy", "threshold": float("nan")}}, "must be finite"),
+        ({"stages": []}, "at least 1 item"),
+        ({"stages": [{"kind": "static", "file": "static.onnx", "threshold": 0.5}]}, "static stages followed by one"),
+        ({"labels": {"count": 1}}, "greater than or equal to 2"),
+        ({"tokenizer": {"file": "../tokenizer.json", "max_length": 8}}, "should match pattern"),
+    ],
+)
+def test_a_spec_that_does_not_validate_is_refused(tmp_path: Path, change: dict[str, Any], message: str) -> None:
+    directory = tiny_artifact.make(tmp_path, LABELS, TRANSFORMER, FIRST, {"kind": "energy", "threshold": 2.0}, 0.8)
+    raw = json.loads((directory / "card.json").read_text())
+    raw["spec"].update(change)
+    (directory / "card.json").write_text(json.dumps(raw))
+    with pytest.raises(ModelLoadError, match=message):
+        load_artifact(directory)
+
+
+def test_the_committed_card_validates_and_every_file_matches() -> None:
     directory = ROOT / "models" / "clinc150"
-    card = ModelCard.model_validate_json((directory / "card.json").read_bytes())
-    artifact = load_artifact(directory)  # verifies the sha256 of every served file
-    assert set(card.served_files) <= set(card.files)
-    assert sorted(p.name for p in directory.iterdir() if p.name != "card.json") == sorted(card.files)
+    card = Card.model_validate_json((directory / "card.json").read_bytes())
+    artifact = load_artifact(directory)  # verifies the sha256 of every file the spec names
+    assert sorted(p.name for p in directory.iterdir() if p.name != "card.json") == sorted(card.spec.files)
+    assert sorted(card.files) == sorted(card.spec.files)
     assert artifact.card == card
 
 
 def test_scores_by_hand_for_the_cascade_over_a_matrix() -> None:
-    from compression.static import cascade_scores, choose_threshold
+    from compression.stages.static import cascade_scores, choose_threshold
 
     gold = np.array([0, 1, 2, 2])
     second = np.array([0, 1, 2, 0])  # the transformer misses the last oos
@@ -195,7 +221,7 @@ def test_scores_by_hand_for_the_cascade_over_a_matrix() -> None:
 
 
 def test_the_cascade_threshold_tolerates_only_the_share_of_oos_it_is_given() -> None:
-    from compression.static import choose_threshold
+    from compression.stages.static import choose_threshold
 
     # One in-scope query and ten out-of-scope ones, all of which the transformer gets right. The first stage
     # is sure of row 0 ('a', 0.9), says 'a' at 0.615 for row 1 (out of scope), and `oos` for the rest.

@@ -82,7 +82,7 @@ def test_wiki_sample_is_seeded(tmp_path: Path) -> None:
 
 
 def test_download_verifies_the_sha256_and_leaves_nothing_behind_when_it_differs(tmp_path: Path) -> None:
-    from app.artifact import sha256_file
+    from app.engine.artifact import sha256_file
     from compression.data import download
 
     src = tmp_path / "upstream.txt"
@@ -100,7 +100,7 @@ def test_download_verifies_the_sha256_and_leaves_nothing_behind_when_it_differs(
 
 def test_make_data_fetches_what_the_default_recipe_reads() -> None:
     """Both defaults' files are downloaded, and each expected sha256 is that of the shared copy."""
-    from app.artifact import sha256_file
+    from app.engine.artifact import sha256_file
     from compression import data
 
     assert [name for name, _, _ in data.DOWNLOADS] == [data.DATA_FILE, data.WIKI_FILE]

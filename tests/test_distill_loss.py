@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from compression.distill import kd_loss
+from compression.stages.distill import kd_loss
 
 
 def test_kd_loss_matches_hand_computation() -> None:
@@ -51,7 +51,7 @@ def test_soft_only_rows_have_no_hard_label_term() -> None:
 def test_distillation_loss_reads_the_teacher_logits_of_the_batch_rows() -> None:
     from types import SimpleNamespace
 
-    from compression.distill import DistillationLoss
+    from compression.stages.distill import DistillationLoss
 
     g = torch.Generator().manual_seed(2)
     teacher_logits = torch.randn(5, 3, generator=g)
@@ -75,7 +75,7 @@ def test_distillation_loss_reads_the_teacher_logits_of_the_batch_rows() -> None:
 def test_hidden_state_transfer_adds_a_layer_matching_term() -> None:
     from transformers import BertConfig, BertForSequenceClassification
 
-    from compression.distill import DistillationLoss, make_student
+    from compression.stages.distill import DistillationLoss, make_student
 
     torch.manual_seed(0)
     cfg = BertConfig(

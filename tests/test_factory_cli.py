@@ -114,9 +114,16 @@ def test_pipeline_end_to_end_on_tiny_model(tiny_pretrained: Path, tmp_path: Path
     # Skip-layernorm stays unfused (slower on CPU), and the card tells the service to keep it so.
     assert "SkipLayerNormalization" not in onnx_run["metrics"]["fused_operators"]
     card = json.loads((model_dir / "card.json").read_text())
-    assert card["ort_disabled_optimizers"] == ["SkipLayerNormFusion"]
-    assert set(card["files"]) == {"model.onnx", "tokenizer.json", "labels.json", "static.onnx", "oos_stats.npz"}
-    assert (card["features_output"], card["oos_stats"]) == ("features", "oos_stats.npz")
+    spec = card["spec"]
+    first, transformer = spec["stages"]
+    assert transformer["ort_disabled_optimizers"] == ["SkipLayerNormFusion"]
+    rule = json.loads((art / "oos" / "rule.json").read_text())
+    assert spec["rule"] == rule
+    assert set(card["files"]) == {"model.onnx", "tokenizer.json", "labels.json", "static.onnx", *rule_files(rule)}
+    assert sorted(p.name for p in model_dir.iterdir() if p.name != "card.json") == sorted(card["files"])
+    assert transformer.get("features_output") == ("features" if rule["kind"] in ("mahalanobis", "energy_knn") else None)
+    # What each training stage learnt from is in the card's provenance, none of CLINC's out-of-scope queries.
+    assert card["provenance"]["data"]["teacher"] == {"examples": 350, "clinc_oos_queries": 0}
     # Every rule is scored on every pool, and the served path too; the real CLINC pool is all 350 queries.
     pools = card["metrics"]["oos_pools"]
     assert set(pools["rules"]) == {"max_prob", "energy", "mahalanobis", "energy_knn"}
@@ -133,8 +140,9 @@ def test_pipeline_end_to_end_on_tiny_model(tiny_pretrained: Path, tmp_path: Path
     _embedder_features_are_the_pretrained_sentence_embedding(art, tiny_pretrained)
     _the_gated_encoder_runs_only_under_the_energy_floor(art, tmp_path)
 
-    assert card["schema_version"] == 2
-    assert 0.3 <= card["cascade"]["threshold"] <= 1.0
+    assert card["format"] == 3
+    assert 0.3 <= first["threshold"] <= 1.0
+    _mean_features_with_the_gate(art, tmp_path, data_path)
     assert len(json.loads((model_dir / "labels.json").read_text())) == 151
     bench = json.loads((reports / "benchmark.json").read_text())
     stages = [r["stage"] for r in bench["rows"]]
@@ -155,14 +163,15 @@ def _features_are_the_mean_hidden_state(art: Path, tmp_path: Path) -> None:
     import torch
 
     from compression import checkpoint
-    from compression.features import add_features_output
-    from compression.onnx_runner import OnnxStage
-    from compression.oos_rule import features_of
+    from compression.graphs import add_features_output
+    from compression.onnx_stage import OnnxStage
 
     add_features_output(art / "export" / "model.onnx", tmp_path / "features.onnx", "mean")
     stage = OnnxStage(tmp_path / "features.onnx", art / "export" / "tokenizer.json", features="features")
     texts = ["book a flight to paris", "what is my balance", "hi"]
-    logits, features = features_of(stage, texts)
+    out = stage.outputs(texts)
+    logits, features = out.logits, out.features
+    assert features is not None
     model, tokenizer, _ = checkpoint.load(art / "teacher")
     model.eval()
     with torch.no_grad():
@@ -178,8 +187,8 @@ def test_onnx_matches_pytorch_logits(tiny_pretrained: Path, tmp_path: Path) -> N
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from compression.export import export_onnx, fuse, write_tokenizer
-    from compression.onnx_runner import OnnxStage
+    from compression.onnx_stage import OnnxStage
+    from compression.stages.export import export_onnx, fuse, write_tokenizer
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_pretrained).eval()
     tok = AutoTokenizer.from_pretrained(tiny_pretrained)
@@ -240,7 +249,7 @@ def test_cli_bad_data_is_one_line(tmp_path: Path, content: dict, message: str) -
 
 
 def test_quantisation_keeps_the_most_accurate_of_the_equally_fast() -> None:
-    from compression.quantize import choose
+    from compression.stages.quantize import choose
 
     def r(p50: float, tw: float) -> dict[str, object]:
         return {"latency_ms_p50": p50, "thresholded": {"test_weighted_accuracy": tw}}
@@ -257,12 +266,17 @@ def _embedder_features_are_the_pretrained_sentence_embedding(art: Path, pretrain
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    from compression.onnx_runner import OnnxStage
-    from compression.oos_rule import features_of
+    from compression.onnx_stage import OnnxStage
 
     texts = ["book a flight to paris", "what is my balance", "hi"]
-    merged = OnnxStage(art / "oos" / "model.onnx", art / "oos" / "tokenizer.json", features="features")
-    logits, features = features_of(merged, texts)
+    # The oos stage's graph before any gate: joined again here from the quantize and embedder stages.
+    from compression.graphs import add_encoder_output
+
+    add_encoder_output(art / "quantize" / "model.onnx", art / "embedder" / "model.onnx", art.parent / "joined.onnx")
+    merged = OnnxStage(art.parent / "joined.onnx", art / "oos" / "tokenizer.json", features="features")
+    out = merged.outputs(texts)
+    logits, features = out.logits, out.features
+    assert features is not None
     alone = OnnxStage(art / "quantize" / "model.onnx", art / "quantize" / "tokenizer.json")
     assert np.array_equal(logits, alone.logits(texts))
     embedder = OnnxStage(art / "embedder" / "model.onnx", art / "embedder" / "tokenizer.json")
@@ -275,25 +289,27 @@ def _embedder_features_are_the_pretrained_sentence_embedding(art: Path, pretrain
 
 
 def _the_gated_encoder_runs_only_under_the_energy_floor(art: Path, tmp_path: Path) -> None:
-    """compression.features.gate_encoder_output on the oos stage's joined graph: rows whose energy reaches the
+    """compression.graphs.gate_encoder_output on the oos stage's joined graph: rows whose energy reaches the
     floor get the stand-in features, the others the encoder's own, and the logits never change; the multiply-add
     count is the ungated graph's, with the encoder's part marked conditional."""
-    from app.oos import RULES
-    from compression.features import gate_encoder_output
-    from compression.macs import count
-    from compression.onnx_runner import OnnxStage
-    from compression.oos_rule import features_of
+    from compression.graphs import add_encoder_output, gate_encoder_output
+    from compression.measure.macs import count
+    from compression.onnx_stage import OnnxStage
 
     texts = ["book a flight to paris", "what is my balance", "hi", "how do i get rid of ants"]
-    joined = art / "oos" / "model.onnx"
-    logits, features = features_of(OnnxStage(joined, art / "oos" / "tokenizer.json", features="features"), texts)
-    energy = RULES["energy"].score(logits)
+    joined = tmp_path / "joined.onnx"
+    add_encoder_output(art / "quantize" / "model.onnx", art / "embedder" / "model.onnx", joined)
+    out = OnnxStage(joined, art / "oos" / "tokenizer.json", features="features").outputs(texts)
+    logits, features, energy = out.logits, out.features, out.energy
+    assert features is not None
     sentinel = np.full(features.shape[1], 0.5, dtype=np.float32)
     gated = tmp_path / "gated.onnx"
     for floor in (float(np.median(energy)), -1e9, 1e9):
         gate_encoder_output(joined, gated, floor, sentinel)
         stage = OnnxStage(gated, art / "oos" / "tokenizer.json", features="features")
-        gated_logits, gated_features = features_of(stage, texts)
+        gated_out = stage.outputs(texts)
+        gated_logits, gated_features = gated_out.logits, gated_out.features
+        assert gated_features is not None
         assert np.array_equal(gated_logits, logits)
         needed = energy < floor
         assert np.array_equal(gated_features[needed], features[needed])
@@ -304,3 +320,33 @@ def _the_gated_encoder_runs_only_under_the_energy_floor(art: Path, tmp_path: Pat
     assert sum(n.macs for n in nodes if n.conditional) == encoder
     with pytest.raises(FactoryError, match="already gated"):
         gate_encoder_output(gated, tmp_path / "twice.onnx", 0.0, sentinel)
+
+
+def rule_files(rule: dict) -> set[str]:
+    return {rule[k] for k in ("stats_file", "references_file") if k in rule}
+
+
+def _mean_features_with_the_gate(art: Path, tmp_path: Path, data_path: Path) -> None:
+    """energy_knn on the classifier's own mean-pooled features, with the default gate: the gate is the spec's
+    alone (there is no joined encoder to skip), and the stage runs through (it used to raise)."""
+    from compression.data import load_clinc
+    from compression.stages import oos
+
+    out = tmp_path / "oos_mean"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(oos, "choose_rule", lambda figures, cfg: "energy_knn")
+        report = oos.run(art / "quantize", load_clinc(data_path), str(WIKI), out, oos.Config(oos_features="mean"))
+    assert report["oos_rule"] == "energy_knn"
+    rule = json.loads((out / "rule.json").read_text())
+    assert rule["gate"] == {"energy_floor": rule["energy"]["mean"]}  # --oos-knn-gate 0: the in-scope mean
+    assert report["gate"]["energy_floor"] == rule["energy"]["mean"]
+    import onnx
+
+    assert not any(n.op_type == "If" for n in onnx.load(str(out / "model.onnx")).graph.node)
+    assert set(report["gate"]["decisions_changed"]) == {
+        "validation",
+        "oos_val",
+        "wiki_heldout",
+        "clinc_oos",
+        "oos_train",
+    }

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.runtime import LogitsSession
+from app.engine.onnx import OnnxModel
 from compression.errors import FactoryError
-from compression.static import TABLE_TYPES, Dense, head_logits, quantize_rows, stored_table, write_onnx
+from compression.stages.static import TABLE_TYPES, Dense, head_logits, quantize_rows, stored_table, write_onnx
 
 
 def _layers(rng: np.random.Generator, sizes: list[int]) -> list[Dense]:
@@ -29,11 +29,11 @@ def test_graph_is_the_mean_of_token_rows_through_the_head(tmp_path: Path, sizes:
     dense = _layers(rng, sizes)
     path = tmp_path / "static.onnx"
     write_onnx(path, table, dense, table_type)
-    session = LogitsSession(path, 1, 1, ())
+    session = OnnxModel(path, ["logits"])
     stored = stored_table(table, table_type)  # what the graph holds, in fp32
     for ids in ([3], [1, 2, 29], [7, 7, 0, 12, 5], [4]):
         expected = head_logits(stored[ids].mean(0, keepdims=True), dense)[0]
-        np.testing.assert_allclose(session.run(ids), expected, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(session.run(ids)[0], expected, rtol=1e-5, atol=1e-5)
 
 
 def test_int8_rows_by_hand() -> None:

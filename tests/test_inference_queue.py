@@ -6,10 +6,11 @@ import asyncio
 
 import pytest
 
-from app.classifier import Prediction
-from app.errors import Overloaded
-from app.inference import InferenceQueue
-from app.metrics import Metrics
+from app.engine.engine import Prediction
+from app.http.errors import Overloaded
+from app.http.metrics import Metrics
+from app.http.queue import InferenceQueue
+from app.http.serving import Served, Slot
 from tests.fakes import FakeClassifier
 
 
@@ -23,6 +24,12 @@ class RecordingClassifier(FakeClassifier):
         return super().predict(text, top_k)
 
 
+def slot_of(model: FakeClassifier) -> Slot:
+    slot = Slot()
+    slot.install(Served.of(model, {"name": "fake"}))
+    return slot
+
+
 def _stage_count(metrics: Metrics, stage: str) -> float:
     return float(metrics.registry.get_sample_value("intent_stage_duration_seconds_count", {"stage": stage}) or 0.0)
 
@@ -32,7 +39,7 @@ def test_idle_single_text_is_classified_without_the_consumer() -> None:
     metrics = Metrics()
 
     async def scenario() -> list[Prediction]:
-        queue = InferenceQueue(clf, metrics, max_pending=4, retry_after_s=1, mode="inline")
+        queue = InferenceQueue(slot_of(clf), metrics, max_pending=4, retry_after_s=1, mode="inline")
         # No consumer task is started: only the fast path can answer.
         preds = await asyncio.wait_for(queue.submit(["flight to rome"], 0), 1.0)
         assert queue.pending == 0
@@ -51,7 +58,7 @@ def test_single_text_waits_behind_a_queued_batch() -> None:
     metrics = Metrics()
 
     async def scenario() -> None:
-        queue = InferenceQueue(clf, metrics, max_pending=16, retry_after_s=1, mode="inline")
+        queue = InferenceQueue(slot_of(clf), metrics, max_pending=16, retry_after_s=1, mode="inline")
         queue.start()
         batch = asyncio.create_task(queue.submit(["a", "b", "c"], 0))
         await asyncio.sleep(0)  # the batch is admitted and pending
@@ -71,7 +78,7 @@ def test_fast_path_is_off_in_thread_mode_and_limits_still_hold() -> None:
     metrics = Metrics()
 
     async def scenario() -> None:
-        queue = InferenceQueue(clf, metrics, max_pending=2, retry_after_s=3, mode="thread")
+        queue = InferenceQueue(slot_of(clf), metrics, max_pending=2, retry_after_s=3, mode="thread")
         queue.start()
         with pytest.raises(Overloaded) as refused:
             await queue.submit(["a", "b", "c"], 0)
@@ -93,7 +100,7 @@ def test_keep_warm_runs_throwaway_queries_only_when_idle() -> None:
 
     async def scenario() -> None:
         queue = InferenceQueue(
-            clf, metrics, max_pending=4, retry_after_s=1, mode="inline", keep_warm_s=0.02, warm_texts=("warm",)
+            slot_of(clf), metrics, max_pending=4, retry_after_s=1, mode="inline", keep_warm_s=0.02, warm_texts=("warm",)
         )
         queue.start()
         await asyncio.sleep(0.2)
@@ -120,7 +127,7 @@ def test_keep_warm_is_off_by_default() -> None:
     metrics = Metrics()
 
     async def scenario() -> None:
-        queue = InferenceQueue(clf, metrics, max_pending=4, retry_after_s=1, mode="inline")
+        queue = InferenceQueue(slot_of(clf), metrics, max_pending=4, retry_after_s=1, mode="inline")
         queue.start()
         await asyncio.sleep(0.05)
         await queue.stop()
@@ -135,7 +142,7 @@ def test_keep_warm_stops_quietly_on_a_faulty_classifier() -> None:
     metrics = Metrics()
 
     async def scenario() -> None:
-        queue = InferenceQueue(clf, metrics, max_pending=4, retry_after_s=1, mode="inline", keep_warm_s=0.005)
+        queue = InferenceQueue(slot_of(clf), metrics, max_pending=4, retry_after_s=1, mode="inline", keep_warm_s=0.005)
         queue.start()
         await asyncio.sleep(0.05)
         await queue.stop()  # must not raise the throw-away query's error

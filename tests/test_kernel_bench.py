@@ -6,7 +6,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from compression import kernel_bench
+from compression.measure import kernel_bench
 
 
 def _run(fused: bool, x: np.ndarray, skip: np.ndarray) -> np.ndarray:

@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from compression.macs import by_op, count, macs_per_query, main
+from compression.measure.macs import by_op, count, macs_per_query, main
 from tests.conftest import MODEL_DIR
 
 

@@ -3,10 +3,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from app.oos import decide, get_rule
-from compression.metrics import bar_shortfalls, best_rule, score, tune_rule, tune_threshold
+from app.engine.rules import Outputs, Rule, rule_class
+from compression.measure.metrics import bar_shortfalls, best_rule, score, tune_rule, tune_threshold
 
 OOS = 2
+
+
+def rule(kind: str, threshold: float = 0.0) -> Rule:
+    cls = rule_class(kind)
+    return cls(cls.Spec(threshold=threshold))
+
+
+def answers(logits: np.ndarray, kind: str, threshold: float) -> list[int]:
+    return rule(kind, threshold).decide(Outputs.of(logits), OOS)[0].tolist()
 
 
 def test_score_by_hand() -> None:
@@ -21,21 +30,22 @@ def test_score_by_hand() -> None:
 
 def test_threshold_sends_low_confidence_to_oos() -> None:
     logits = np.log(np.array([[0.9, 0.05, 0.05], [0.4, 0.35, 0.25]]))
-    assert decide(logits, OOS, "max_prob", 0.5).pred.tolist() == [0, OOS]
-    assert decide(logits, OOS, "max_prob", 0.0).pred.tolist() == [0, 0]
+    assert answers(logits, "max_prob", 0.5) == [0, OOS]
+    assert answers(logits, "max_prob", 0.0) == [0, 0]
 
 
 def test_energy_is_log_sum_exp_and_keeps_the_logit_scale() -> None:
     logits = np.array([[2.0, 0.0, 0.0], [4.0, 2.0, 2.0]])
     expected = np.log(np.exp(logits).sum(axis=1))
-    energy, max_prob = get_rule("energy").score, get_rule("max_prob").score
-    assert energy(logits) == pytest.approx(expected)
+    out = Outputs.of(logits)
+    energy, max_prob = rule("energy").score(out), rule("max_prob").score(out)
+    assert energy == pytest.approx(expected)
     # Shifting every logit by 2 leaves the softmax unchanged but raises the energy by exactly 2.
-    assert max_prob(logits)[0] == pytest.approx(max_prob(logits)[1])
-    assert energy(logits)[1] - energy(logits)[0] == pytest.approx(2.0)
-    assert decide(logits, OOS, "energy", 3.0).pred.tolist() == [OOS, 0]
+    assert max_prob[0] == pytest.approx(max_prob[1])
+    assert energy[1] - energy[0] == pytest.approx(2.0)
+    assert answers(logits, "energy", 3.0) == [OOS, 0]
     with pytest.raises(ValueError, match="unknown OOS rule"):
-        get_rule("entropy")
+        rule_class("entropy")
 
 
 def test_tuned_threshold_reaches_the_oos_recall_target_when_it_can() -> None:

@@ -1,4 +1,5 @@
-"""The committed artifact: integrity, size, and the accuracy bar as served (threshold included)."""
+"""The committed artifact: integrity from the bytes, every decision against the recorded golden decisions of its
+version, the accuracy bar recomputed from the ONNX files, and a served path that does no discarded work."""
 
 from __future__ import annotations
 
@@ -9,83 +10,105 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.artifact import load_artifact
-from app.runtime import OnnxClassifier
-from tests.conftest import MODEL_DIR
+from app.engine import rules as rules_module
+from app.engine.engine import Engine
+from app.engine.rules import EnergyKnn
+from compression.data import load_clinc, load_wiki_pool
+from compression.measure.metrics import score
+from tests.conftest import MODEL_DIR, ROOT, WIKI
+
+GOLDEN = ROOT / "tests" / "golden"
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    return Engine.open(MODEL_DIR)
+
+
+@pytest.fixture(scope="module")
+def pools(data_path: Path) -> dict[str, tuple[list[str], list[str]]]:
+    data = load_clinc(data_path)
+    splits = {
+        "validation": data.split("val"),
+        "oos_train": data.split("oos_train"),
+        "wiki_heldout": load_wiki_pool(WIKI),
+    }
+    return {name: (split.texts, split.intents) for name, split in splits.items()}
 
 
 def test_sha256_of_every_file_matches_card(card: dict) -> None:
-    assert set(card["files"]) == {"model.onnx", "tokenizer.json", "labels.json", "static.onnx", "oos_stats.npz"}
+    assert set(card["files"]) == set(Engine.open(MODEL_DIR).spec.files)
     for name, entry in card["files"].items():
         data = (MODEL_DIR / name).read_bytes()
         assert hashlib.sha256(data).hexdigest() == entry["sha256"]
         assert len(data) == entry["bytes"]
 
 
-def test_artifact_contract(card: dict) -> None:
-    labels = json.loads((MODEL_DIR / "labels.json").read_text())
-    assert len(labels) == 151
-    assert card["oos_label"] == "oos"
-    assert card["oos_rule"] == "energy_knn"
-    assert (card["features_output"], card["oos_stats"]) == ("features", "oos_stats.npz")
-    # Two int8 6-layer encoders (about 23 MB each) in one graph.
-    assert (MODEL_DIR / "model.onnx").stat().st_size <= 50 * 1024 * 1024
-    assert card["cascade"]["model"] == "static.onnx"
-    assert 0.0 < card["cascade"]["threshold"] < 1.0
-    for key in ("version", "metrics", "training", "seed", "versions", "licenses"):
-        assert key in card
+def test_every_decision_is_the_recorded_one(engine: Engine, pools: dict) -> None:
+    """Every validation, oos_train and held-out Wikipedia decision of the committed model, and which stage gave
+    it, against the decisions recorded for its version (tests/golden/README.md says how they were made)."""
+    golden = json.loads((GOLDEN / f"decisions-{engine.version}.json").read_text())
+    assert golden["model_version"] == engine.version
+    last = len(engine.stage_names) - 1
+    for name, (texts, _) in pools.items():
+        decisions = engine.run(texts)
+        expected = golden["pools"][name]
+        assert [engine.labels[i] for i in decisions.pred] == expected["intents"], name
+        assert "".join("1" if s < last else "0" for s in decisions.stage) == expected["first_stage"], name
 
 
-def _served_scores(validation: tuple[list[str], list[str]]) -> dict[str, float]:
-    texts, intents = validation
-    clf = OnnxClassifier(load_artifact(MODEL_DIR), 1, 1)
-    pred = np.array([clf.predict(t).intent for t in texts])
-    gold = np.array(intents)
-    in_scope = gold != "oos"
-    ins = float((pred[in_scope] == gold[in_scope]).mean())
-    oos = float((pred[~in_scope] == "oos").mean())
-    return {
-        "in_scope": ins,
-        "oos": oos,
-        "weighted": 0.818 * ins + 0.182 * oos,
-        "accuracy": float((pred == gold).mean()),
-    }
-
-
-@pytest.fixture(scope="module")
-def served(validation: tuple[list[str], list[str]]) -> dict[str, float]:
-    return _served_scores(validation)
-
-
-def test_served_metrics_are_the_ones_the_card_records(served: dict[str, float], card: dict) -> None:
-    recorded = card["metrics"]["validation"]
-    assert served["in_scope"] == pytest.approx(recorded["in_scope_accuracy"], abs=1e-3)
-    assert served["oos"] == pytest.approx(recorded["oos_recall"], abs=1e-3)
-    assert served["accuracy"] == pytest.approx(recorded["accuracy"], abs=1e-3)
-    assert served["oos"] >= 0.85  # the threshold's operating point
-
-
-def test_served_model_catches_the_unseen_out_of_scope_queries(data_path: Path, card: dict) -> None:
-    """Issue 15's bar, as the service answers: CLINC's 350 out-of-scope queries of oos_train and oos_val,
-    which no stage trains on (the factory leaves oos_train out) and no threshold was tuned on."""
-    raw = json.loads(data_path.read_text())
-    texts = [r[0] for r in raw["oos_train"] + raw["oos_val"]]
-    clf = OnnxClassifier(load_artifact(MODEL_DIR), 1, 1)
-    caught = sum(clf.predict(t).intent == "oos" for t in texts)
-    assert len(texts) == 350
+def test_the_served_model_meets_the_accuracy_bar(engine: Engine, pools: dict) -> None:
+    """Issue 5's bar on validation and issue 15's on CLINC's 350 out-of-scope queries of oos_train and oos_val
+    (no stage trains on them), recomputed from the ONNX files as the engine serves them."""
+    texts, intents = pools["validation"]
+    gold = np.array([engine.labels.index(i) for i in intents])
+    s = score(engine.run(texts).pred, gold, engine.oos_index)
+    assert s.in_scope_accuracy >= 0.95
+    assert s.oos_recall >= 0.85
+    assert s.test_weighted_accuracy >= 0.935
+    oos_texts = pools["oos_train"][0] + [t for t, i in zip(texts, intents, strict=True) if i == "oos"]
+    assert len(oos_texts) == 350
+    caught = int((engine.run(oos_texts).pred == engine.oos_index).sum())
     assert caught / 350 >= 0.88
-    assert caught == card["metrics"]["oos_pools"]["served"]["clinc_oos"]["oos_caught"]
-    # The training split the card records held no oos_train query: its pools report includes the 350.
-    assert card["metrics"]["oos_pools"]["served"]["clinc_oos"]["oos_n"] == 350
-    # The sentence encoder is gated on the energy, and the gate changed no decision on any pool.
-    gate = card["metrics"]["oos_gate"]
-    assert set(gate["decisions_changed"]) >= {"validation", "clinc_oos", "wiki_heldout"}
-    assert set(gate["decisions_changed"].values()) == {0}
-    assert 0 < gate["skipped"]["validation"] < 1
 
 
-def test_served_model_meets_the_accuracy_bar(served: dict[str, float]) -> None:
-    """Issue 5's bar, on validation, as the service answers (OOS rule and threshold included)."""
-    assert served["in_scope"] >= 0.95
-    assert served["oos"] >= 0.85
-    assert served["weighted"] >= 0.935
+def test_the_served_path_does_no_discarded_work(engine: Engine, pools: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The neighbour scan sees only the rows the gate sends to it (energy under the floor: the rows whose sentence
+    encoder ran); the energy is computed once per row of each stage that runs, and nowhere else."""
+    assert isinstance(engine.rule, EnergyKnn)
+    gate = engine.rule.spec.gate
+    assert gate is not None
+    texts = pools["validation"][0][:400]
+    energies: list[int] = []
+    scanned: list[np.ndarray] = []
+    real_energy, real_scan = rules_module.softmax_and_energy, EnergyKnn.nearest_similarity
+
+    def count_energy(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        energies.append(len(logits))
+        return real_energy(logits)
+
+    def spy_scan(self: EnergyKnn, features: np.ndarray) -> np.ndarray:
+        scanned.append(features.copy())
+        return real_scan(self, features)
+
+    monkeypatch.setattr(rules_module, "softmax_and_energy", count_energy)
+    monkeypatch.setattr(EnergyKnn, "nearest_similarity", spy_scan)
+    decisions = engine.run(texts)
+    reached = [t for t, s in zip(texts, decisions.stage, strict=True) if s == len(engine.stage_names) - 1]
+    assert energies == [len(texts), len(reached)]  # the first stage's rows, then the transformer's: once each
+    energies.clear()
+    monkeypatch.setattr(EnergyKnn, "nearest_similarity", real_scan)
+    transformer = engine.outputs(reached)
+    under = transformer.energy < gate.energy_floor
+    assert 0 < under.sum() < len(reached)
+    assert len(scanned) == 1
+    assert np.array_equal(scanned[0], transformer.features[under])  # type: ignore[index]
+    # Above the floor the committed graph skips its encoder too: its features there are one stored stand-in.
+    assert transformer.features is not None
+    stand_in = transformer.features[~under]
+    assert (stand_in == stand_in[0]).all()
+    # A single text does the same work: a query the first stage answers never reaches the transformer.
+    energies.clear()
+    first = next(t for t, s in zip(texts, decisions.stage, strict=True) if s == 0)
+    assert engine.predict(first).stage == "first"
+    assert energies == [1]

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
-from app.normalize import normalize_text
+from app.http.normalize import normalize_text
 from tests.conftest import MODEL_DIR
 
 ZERO_WIDTH = "\u200b\u200c\u200d\u2060\ufeff"

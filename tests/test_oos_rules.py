@@ -1,26 +1,38 @@
-"""The feature-space OOS rule and the OOS pools on numbers chosen by hand: Mahalanobis scores, the fitted
-statistics, the service and the factory agreeing on a real (tiny) artifact, the threshold chosen from
-in-scope queries alone, the Wilson interval, and pools that refuse queries the model trained on."""
+"""The feature-space OOS rules and the OOS pools on numbers chosen by hand: Mahalanobis and energy_knn scores,
+their fit, the gate that skips the neighbour scan, the engine on a real (tiny) artifact with a feature rule, the
+threshold chosen from in-scope queries alone, the Wilson interval, and pools that refuse queries the model
+trained on."""
 
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
-from app.artifact import load_artifact, sha256_file
-from app.errors import ModelLoadError
-from app.oos import RULES, FeatureStats, decide
-from app.runtime import OnnxClassifier
+from app.engine.artifact import load_artifact, sha256_file
+from app.engine.engine import Engine
+from app.engine.errors import ModelLoadError
+from app.engine.rules import (
+    EnergyKnn,
+    EnergyKnnSpec,
+    FitData,
+    Gate,
+    Mahalanobis,
+    MahalanobisSpec,
+    Outputs,
+    Standardise,
+    spherical_kmeans,
+    write_npz,
+)
 from compression.data import WIKI_POOL_SIZE, load_clinc, load_wiki, load_wiki_pool
 from compression.errors import FactoryError
-from compression.features import fit_stats
-from compression.metrics import threshold_for_in_scope
-from compression.oos_pools import evaluation_pools, pool_scores, report_pool, tuning_split, wilson
-from compression.oos_rule import Config, choose_rule
+from compression.measure.metrics import threshold_for_in_scope
+from compression.measure.pools import evaluation_pools, pool_scores, report_pool, tuning_split, wilson
+from compression.stages.oos import Config, choose_rule
 from tests import tiny_artifact
 from tests.conftest import WIKI
 
@@ -28,7 +40,8 @@ LABELS = ["a", "b", "oos"]
 OOS = 2
 # Class means a = (4, 0) and b = (0, 4); with the identity as whitening, distances are plain squared ones.
 MEANS = np.array([[4.0, 0.0], [0.0, 4.0]], dtype=np.float32)
-IDENTITY = FeatureStats(whiten=np.eye(2, dtype=np.float32), centers=MEANS)
+MAHALANOBIS = {"kind": "mahalanobis", "threshold": -1.0, "stats_file": "stats.npz"}
+IDENTITY = Mahalanobis(MahalanobisSpec(**MAHALANOBIS), np.eye(2, dtype=np.float32), MEANS)
 # Query qN's features (values exact in fp16); the logits are features @ HEAD = [f0, f1, 0].
 FEATURES = np.array([[0, 0], [4, 0], [0, 4], [2, 2], [8, 0], [3, 0.5]], dtype=np.float32)
 HEAD = np.array([[1, 0, 0], [0, 1, 0]], dtype=np.float32)
@@ -36,134 +49,188 @@ HEAD = np.array([[1, 0, 0], [0, 1, 0]], dtype=np.float32)
 BY_HAND = [-8.0, 0.0, 0.0, -4.0, -8.0, -0.625]
 
 
+def outputs(features: np.ndarray) -> Outputs:
+    return Outputs.of(features @ HEAD, features)
+
+
 def test_mahalanobis_scores_by_hand() -> None:
-    logits = FEATURES @ HEAD
-    assert RULES["mahalanobis"].score(logits, FEATURES, IDENTITY).tolist() == BY_HAND
+    assert IDENTITY.score(outputs(FEATURES)).tolist() == BY_HAND
     # A whitening L = diag(1, 0.5) is the precision diag(1, 0.25): q5 is (3 - 4)^2 + 0.25 * 0.5^2 = 1.0625 from a.
     whiten = np.diag([1.0, 0.5]).astype(np.float32)
-    scaled = FeatureStats(whiten=whiten, centers=MEANS @ whiten)
+    scaled = Mahalanobis(IDENTITY.spec, whiten, MEANS @ whiten)
     assert scaled.sq_distances(FEATURES[5:6])[0].tolist() == pytest.approx([1.0625, 9 + 0.25 * 3.5**2])
     # q4 has large logits (energy 8.0007: confidently in scope) but lies far from every class mean.
-    assert decide(logits, OOS, "energy", 2.0).pred[4] == 0
-    assert decide(logits, OOS, "mahalanobis", -1.0, FEATURES, IDENTITY).pred.tolist() == [OOS, 0, 1, OOS, OOS, 0]
-    with pytest.raises(ValueError, match="needs the model's features"):
-        RULES["mahalanobis"].score(logits)
+    assert IDENTITY.decide(outputs(FEATURES), OOS)[0].tolist() == [OOS, 0, 1, OOS, OOS, 0]
 
 
-# energy_knn: two stored neighbours (unit rows), and its standardisation [energy mean, std, similarity mean,
-# std, weight]: score = (E - 1) / 2 + 2 (S - 0.5) / 0.25.
-NEIGHBOURS = np.array([[1.0, 0.0], [0.6, 0.8]], dtype=np.float32)
-COMBINE = np.array([1.0, 2.0, 0.5, 0.25, 2.0], dtype=np.float32)
-KNN = FeatureStats(whiten=np.eye(2, dtype=np.float32), centers=MEANS, neighbours=NEIGHBOURS, combine=COMBINE)
+# energy_knn: two reference vectors (unit rows), and score = (E - 1) / 2 + 2 (S - 0.5) / 0.25.
+REFERENCES = np.array([[1.0, 0.0], [0.6, 0.8]], dtype=np.float32)
+KNN_SPEC = {
+    "kind": "energy_knn",
+    "threshold": 0.0,
+    "energy": {"mean": 1.0, "std": 2.0},
+    "similarity": {"mean": 0.5, "std": 0.25},
+    "weight": 2.0,
+    "references_file": "references.npz",
+}
+KNN = EnergyKnn(EnergyKnnSpec(**KNN_SPEC), REFERENCES)
+KNN_LOGITS = np.array([[0, 0, 0], [2, 0, 0], [0, 0, 0]], dtype=np.float32)
+KNN_FEATURES = np.array([[4, 0], [0, 5], [-3, -4]], dtype=np.float32)
 
 
 def test_energy_knn_scores_by_hand() -> None:
-    logits = np.array([[0, 0, 0], [2, 0, 0], [0, 0, 0]], dtype=np.float32)
-    features = np.array([[4, 0], [0, 5], [-3, -4]], dtype=np.float32)
+    out = Outputs.of(KNN_LOGITS, KNN_FEATURES)
     # Unit features (1, 0), (0, 1), (-0.6, -0.8): nearest similarities 1, 0.8 and -0.6.
-    assert KNN.nearest_similarity(features) == pytest.approx([1.0, 0.8, -0.6], abs=1e-6)
+    assert KNN.nearest_similarity(KNN_FEATURES) == pytest.approx([1.0, 0.8, -0.6], abs=1e-6)
     # Energies ln 3, ln(e^2 + 2), ln 3.
     e0, e1 = math.log(3), math.log(math.e**2 + 2)
     by_hand = [(e0 - 1) / 2 + 2 * 0.5 / 0.25, (e1 - 1) / 2 + 2 * 0.3 / 0.25, (e0 - 1) / 2 - 2 * 1.1 / 0.25]
-    assert RULES["energy_knn"].score(logits, features, KNN) == pytest.approx(by_hand, abs=1e-5)
+    assert KNN.score(out) == pytest.approx(by_hand, abs=1e-5)
     assert by_hand == pytest.approx([4.049306, 3.019772, -8.750694], abs=1e-6)
-    # Row 2 is as confident as row 0 by its logits (same energy), but far from every training query.
-    assert decide(logits, OOS, "energy", 1.0).pred.tolist() == [0, 0, 0]
-    assert decide(logits, OOS, "energy_knn", 0.0, features, KNN).pred.tolist() == [0, 0, OOS]
-    # Its cost is one dot product per stored neighbour; Mahalanobis's the whitening and the class centres.
-    assert (RULES["energy_knn"].macs(KNN), RULES["mahalanobis"].macs(KNN), RULES["energy"].macs(KNN)) == (4, 8, 0)
-    with pytest.raises(ValueError, match="energy_knn rule needs"):
-        RULES["energy_knn"].score(logits, features, IDENTITY)
+    # Row 2 is as confident as row 0 by its logits (same energy), but far from every reference.
+    assert KNN.decide(out, OOS)[0].tolist() == [0, 0, OOS]
+    # Its cost is one dot product per reference; Mahalanobis's the whitening and the class centres.
+    assert (KNN.macs(), IDENTITY.macs()) == (4, 8)
 
 
-def test_energy_knn_statistics_are_checked_on_load(tmp_path: Path) -> None:
-    path = tmp_path / "oos_stats.npz"
-    KNN.save(path)
-    loaded = FeatureStats.load(path)
-    assert loaded.neighbours is not None
-    assert loaded.combine is not None
-    assert loaded.neighbours.dtype == np.float32  # stored in half precision, read back as float32
-    assert np.abs(loaded.neighbours - NEIGHBOURS).max() < 1e-3
-    assert loaded.combine.tolist() == COMBINE.tolist()
-    bad = {
-        "neighbours are": dict(neighbours=np.ones((2, 3), dtype=np.float32), combine=COMBINE),
-        "combine must be 5 values": dict(neighbours=NEIGHBOURS, combine=COMBINE[:4]),
-        "positive standard deviations": dict(neighbours=NEIGHBOURS, combine=np.array([0, 0, 0, 1, 1], np.float32)),
-        "non-finite": dict(neighbours=NEIGHBOURS, combine=np.array([np.nan, 1, 0, 1, 1], np.float32)),
-    }
-    for message, arrays in bad.items():
-        np.savez(path, whiten=np.eye(2, dtype=np.float32), centers=MEANS, **arrays)
-        with pytest.raises(ValueError, match=message):
-            FeatureStats.load(path)
+def test_the_gate_skips_the_scan_for_rows_above_the_energy_floor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Row 2 (energy ln 3 = 1.0986) is far from every reference; a floor at 1.0 lets the logits answer it alone,
+    and the scan runs only on the rows under the floor."""
+    out = Outputs.of(KNN_LOGITS, KNN_FEATURES)
+    scanned: list[np.ndarray] = []
+    real = EnergyKnn.nearest_similarity
+
+    def spy(self: EnergyKnn, features: np.ndarray) -> np.ndarray:
+        scanned.append(features.copy())
+        return real(self, features)
+
+    monkeypatch.setattr(EnergyKnn, "nearest_similarity", spy)
+    gated = KNN.with_gate(1.0)
+    assert gated.spec.gate == Gate(energy_floor=1.0)
+    assert gated.decide(out, OOS)[0].tolist() == [0, 0, 0]
+    assert scanned == []  # every row's energy (1.0986, 2.1269, 1.0986) reaches the floor
+    assert KNN.with_gate(2.0).decide(out, OOS)[0].tolist() == [0, 0, OOS]
+    assert [s.tolist() for s in scanned] == [KNN_FEATURES[[0, 2]].tolist()]  # row 1 (2.1269) skipped the scan
 
 
-def test_the_service_and_the_factory_agree_on_energy_knn(tmp_path: Path) -> None:
-    """FEATURES through the tiny artifact: the stored (half-precision) neighbours decide in both."""
-    directory = tiny_artifact.make(tmp_path, LABELS, FEATURES, None, "energy_knn", 0.0, stats=KNN, head=HEAD)
-    clf = OnnxClassifier(load_artifact(directory))
-    texts = [f"q{i}" for i in range(len(FEATURES))]
-    served = [clf.predict(t) for t in texts]
-    logits = clf.stage_logits(texts)
-    factory, _ = clf.decisions(logits)
-    assert [LABELS[i] for i in factory.pred] == [p.intent for p in served]
-    # q0 has no direction (zero features, similarity 0) and low energy: -0.45 - 4 is under 0.
-    assert served[0].intent == "oos"
-    # q4 (8, 0) is on neighbour (1, 0) with energy 8.0007: 3.5 + 4 = 7.5, answered.
-    assert served[4].intent == "a"
+def test_energy_knn_is_fitted_on_in_scope_queries(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 30)
+    train = np.where(labels[:, None] == 0, [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]) + rng.normal(0, 0.1, (60, 3))
+    val = np.array([[1.0, 0.1, 0.0], [0.1, 1.0, 0.0], [0.9, 0.0, 0.2]])
+    logits = rng.normal(size=(60, 3)).astype(np.float32)
+    data = FitData(Outputs.of(logits, train), labels, Outputs.of(logits[:3], val))
+    every = EnergyKnn.fit(data, {})
+    assert isinstance(every, EnergyKnn)
+    assert every.references.shape == (60, 3)
+    norms = np.linalg.norm(every.references, axis=-1)
+    assert np.abs(norms - 1).max() < 2e-3  # unit rows, rounded to half precision as they are stored
+    assert np.array_equal(every.references, every.references.astype(np.float16).astype(np.float32))
+    # The standardisation is the validation queries' own.
+    energy = Outputs.of(logits[:3], val).energy
+    assert every.spec.energy == Standardise(mean=float(energy.mean()), std=float(energy.std()))
+    similarity = every.nearest_similarity(val)
+    assert every.spec.similarity.mean == pytest.approx(float(similarity.mean()))
+    two = EnergyKnn.fit(data, {"prototypes_per_intent": 2, "weight": 0.5})
+    assert isinstance(two, EnergyKnn)
+    assert two.references.shape == (4, 3)
+    assert two.spec.weight == 0.5
+    # Saved and read back as the engine reads it.
+    two.with_threshold(-1.0).save(tmp_path)
+    back = EnergyKnn.load(two.with_threshold(-1.0).spec, tmp_path)
+    assert np.array_equal(back.references, two.references)
 
 
-def test_fitted_statistics_whiten_by_the_inverse_of_the_shared_covariance() -> None:
+def test_spherical_kmeans_finds_the_directions() -> None:
+    rng = np.random.default_rng(1)
+    directions = np.array([[1.0, 0.0], [0.0, 1.0]])
+    points = np.concatenate([d + rng.normal(0, 0.05, (20, 2)) for d in directions])
+    points /= np.linalg.norm(points, axis=-1, keepdims=True)
+    centres = spherical_kmeans(points, 2)
+    assert np.abs(np.linalg.norm(centres, axis=-1) - 1).max() < 1e-6
+    assert sorted(np.round(np.abs(centres).argmax(-1)).tolist()) == [0, 1]
+
+
+def test_mahalanobis_whitens_by_the_inverse_of_the_shared_covariance() -> None:
     rng = np.random.default_rng(0)
     labels = np.repeat([0, 1, 2], 40)
     features = rng.normal(size=(120, 3)) * [1.0, 2.0, 0.5] + np.array([[0, 0, 0], [5, 0, 0], [0, 5, 0]])[labels]
-    stats = fit_stats(features, labels, ridge=0.0)
+    data = FitData(Outputs.of(np.zeros((120, 3), np.float32), features), labels, Outputs.of(np.zeros((1, 3))))
+    rule = Mahalanobis.fit(data, {"ridge": 0.0})
+    assert isinstance(rule, Mahalanobis)
     means = np.stack([features[labels == c].mean(0) for c in range(3)])
     centred = features - means[labels]
     precision = np.linalg.inv(centred.T @ centred / (120 - 3))
     x = rng.normal(size=(5, 3))
     by_hand = np.array([[(row - m) @ precision @ (row - m) for m in means] for row in x])
-    assert stats.sq_distances(x) == pytest.approx(by_hand, rel=1e-4, abs=1e-4)
-    with pytest.raises(FactoryError, match="two classes"):
-        fit_stats(features[:40], labels[:40])
+    assert rule.sq_distances(x) == pytest.approx(by_hand, rel=1e-4, abs=1e-4)
+    with pytest.raises(ValueError, match="two classes"):
+        Mahalanobis.fit(FitData(data.train.rows(labels == 0), labels[labels == 0], data.validation), {})
 
 
-def test_the_service_and_the_factory_agree_on_the_feature_rule(tmp_path: Path) -> None:
-    directory = tiny_artifact.make(tmp_path, LABELS, FEATURES, None, "mahalanobis", -1.0, stats=IDENTITY, head=HEAD)
-    clf = OnnxClassifier(load_artifact(directory))
+STATS = {"stats.npz": {"whiten": np.eye(2, dtype=np.float32), "centers": MEANS}}
+
+
+def test_the_engine_serves_a_feature_rule(tmp_path: Path) -> None:
+    directory = tiny_artifact.make(tmp_path, LABELS, FEATURES, None, MAHALANOBIS, head=HEAD, rule_files=STATS)
+    engine = Engine.open(directory)
     texts = [f"q{i}" for i in range(len(FEATURES))]
-    served = [clf.predict(t) for t in texts]
-    assert [p.intent for p in served] == ["oos", "a", "b", "oos", "oos", "a"]
-    logits = clf.stage_logits(texts)
-    assert logits.features is not None
-    assert logits.features.tolist() == FEATURES.tolist()
-    factory, _ = clf.decisions(logits)
-    assert [LABELS[i] for i in factory.pred] == [p.intent for p in served]
-    assert factory.confidence.tolist() == [p.confidence for p in served]
+    alone = [engine.predict(t) for t in texts]
+    assert [p.intent for p in alone] == ["oos", "a", "b", "oos", "oos", "a"]
+    out = engine.outputs(texts)
+    assert out.features is not None
+    assert out.features.tolist() == FEATURES.tolist()
+    batch = engine.run(texts)
+    assert [LABELS[i] for i in batch.pred] == [p.intent for p in alone]
+    assert batch.confidence.tolist() == [p.confidence for p in alone]
 
 
-def test_a_feature_rule_needs_its_statistics_intact(tmp_path: Path) -> None:
-    directory = tiny_artifact.make(tmp_path, LABELS, FEATURES, None, "mahalanobis", -1.0, stats=IDENTITY, head=HEAD)
-    card = json.loads((directory / "card.json").read_text())
-    without = {k: v for k, v in card.items() if k != "oos_stats"}
-    (directory / "card.json").write_text(json.dumps(without))
-    with pytest.raises(ModelLoadError, match="needs features_output and oos_stats"):
-        load_artifact(directory)
+def test_energy_knn_through_the_engine(tmp_path: Path) -> None:
+    """FEATURES through the tiny artifact: the stored (half-precision) references decide."""
+    files = {"references.npz": {"references": REFERENCES.astype(np.float16)}}
+    directory = tiny_artifact.make(tmp_path, LABELS, FEATURES, None, KNN_SPEC, head=HEAD, rule_files=files)
+    engine = Engine.open(directory)
+    served = [engine.predict(f"q{i}") for i in range(len(FEATURES))]
+    # q0 has no direction (zero features, similarity 0) and low energy: -0.45 - 4 is under 0.
+    assert served[0].intent == "oos"
+    # q4 (8, 0) is on reference (1, 0) with energy 8.0007: 3.5 + 4 = 7.5, answered.
+    assert served[4].intent == "a"
+
+
+def _rewrite(directory: Path, card: dict[str, Any]) -> None:
     (directory / "card.json").write_text(json.dumps(card))
-    stats = directory / "oos_stats.npz"
+
+
+def test_a_feature_rule_needs_its_files_intact(tmp_path: Path) -> None:
+    directory = tiny_artifact.make(tmp_path, LABELS, FEATURES, None, MAHALANOBIS, head=HEAD, rule_files=STATS)
+    card = json.loads((directory / "card.json").read_text())
+    without = json.loads(json.dumps(card))
+    del without["spec"]["stages"][0]["features_output"]
+    _rewrite(directory, without)
+    with pytest.raises(ModelLoadError, match="the mahalanobis rule needs the transformer's features_output"):
+        load_artifact(directory)
+    _rewrite(directory, card)
+    stats = directory / "stats.npz"
     stats.write_bytes(stats.read_bytes()[:-9] + b"tampered!")
-    with pytest.raises(ModelLoadError, match="sha256 mismatch for .*oos_stats.npz"):
+    with pytest.raises(ModelLoadError, match=r"sha256 mismatch for .*stats\.npz"):
         load_artifact(directory)
     # Matching sha256, but not an npz of the right arrays: one clear line, not a crash.
-    card["files"]["oos_stats.npz"]["sha256"] = sha256_file(stats)
-    (directory / "card.json").write_text(json.dumps(card))
-    with pytest.raises(ModelLoadError, match="unreadable oos_stats.npz"):
-        OnnxClassifier(load_artifact(directory))
+    card["files"]["stats.npz"]["sha256"] = sha256_file(stats)
+    _rewrite(directory, card)
+    with pytest.raises(ModelLoadError, match="unreadable stats.npz"):
+        Engine.open(directory)
     # Statistics of another width than the model's features.
-    FeatureStats(np.eye(3, dtype=np.float32), np.zeros((2, 3), dtype=np.float32)).save(stats)
-    card["files"]["oos_stats.npz"]["sha256"] = sha256_file(stats)
-    (directory / "card.json").write_text(json.dumps(card))
-    with pytest.raises(ModelLoadError, match="is for 3 features, the model gives"):
-        OnnxClassifier(load_artifact(directory))
+    write_npz(stats, {"whiten": np.eye(3, dtype=np.float32), "centers": np.zeros((2, 3), dtype=np.float32)})
+    card["files"]["stats.npz"]["sha256"] = sha256_file(stats)
+    _rewrite(directory, card)
+    with pytest.raises(ModelLoadError, match="is for 3 features, the model gives 2"):
+        Engine.open(directory)
+    # References with a non-finite value.
+    write_npz(stats, {"whiten": np.eye(2, dtype=np.float32), "centers": np.array([[np.nan, 0.0]], np.float32)})
+    card["files"]["stats.npz"]["sha256"] = sha256_file(stats)
+    _rewrite(directory, card)
+    with pytest.raises(ModelLoadError, match="stats.npz: non-finite values"):
+        Engine.open(directory)
 
 
 def test_the_threshold_comes_from_in_scope_queries_alone() -> None:
@@ -229,3 +296,5 @@ def test_a_feature_rule_is_served_only_when_it_earns_its_file() -> None:
         Config(oos_feature_margin=1.0)
     with pytest.raises(FactoryError, match="--oos-knn-weight must be"):
         Config(oos_knn_weight=-1.0)
+    with pytest.raises(FactoryError, match="--oos-prototypes must be"):
+        Config(oos_prototypes=-1)

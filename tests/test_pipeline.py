@@ -13,6 +13,7 @@ import pytest
 
 from compression import cli, pipeline
 from compression.errors import FactoryError
+from compression.records import BEST_PARAMS_FILE
 from tests.conftest import ROOT
 
 # The whole of a new stage: one module, written here to a temporary directory.
@@ -105,7 +106,7 @@ def test_the_registry_in_order() -> None:
     # The first stage learns the transformer's answers with the served OOS rule, so it follows the oos stage.
     assert pipeline.STAGES["oos"].inputs == ("quantize", "embedder")
     assert pipeline.STAGES["static"].inputs == ("oos",)
-    assert pipeline.STAGES["static"].module == "compression.static"
+    assert pipeline.STAGES["static"].module == "compression.stages.static"
     assert set(pipeline.STAGES["artifact"].inputs) >= {"quantize", "oos", "static"}
 
 
@@ -136,7 +137,7 @@ def test_context_has_the_common_options_and_reads_the_data_once(data_path: Path)
 
 
 def test_prune_flags_from_its_config() -> None:
-    from compression import prune
+    from compression.stages import prune
 
     assert cli.build_parser(["prune"]).parse_args(["prune"]).ffn_keep == prune.Config().ffn_keep
     args = cli.build_parser(["prune"]).parse_args(["prune", "--ffn-keep", "0.5", "--recover-from-student"])
@@ -156,7 +157,7 @@ def test_list_and_bool_flags() -> None:
 
 
 def test_a_stage_reads_another_stages_flags_given_in_this_run() -> None:
-    from compression import distill
+    from compression.stages import distill
 
     args = cli.build_parser(["all"]).parse_args(["all", "--alpha", "0.3", "--student-layers", "0,1"])
     ctx = pipeline.Context(pipeline.build(pipeline.Common, args), args)
@@ -166,7 +167,7 @@ def test_a_stage_reads_another_stages_flags_given_in_this_run() -> None:
 
 
 def test_distill_takes_the_search_best_unless_a_flag_sets_it(tmp_path: Path) -> None:
-    from compression import distill, search
+    from compression.stages import distill
 
     ctx = pipeline.Context(pipeline.Common(artifacts=tmp_path))
     base, train = distill.resolve(ctx, distill.Config())  # no search ran
@@ -176,16 +177,16 @@ def test_distill_takes_the_search_best_unless_a_flag_sets_it(tmp_path: Path) -> 
         distill.FALLBACK_LR,
     )
     ctx.dir("search").mkdir()
-    (ctx.dir("search") / search.BEST_FILE).write_text(json.dumps({"alpha": 0.2, "temperature": 6.0, "lr": 3e-4}))
+    (ctx.dir("search") / BEST_PARAMS_FILE).write_text(json.dumps({"alpha": 0.2, "temperature": 6.0, "lr": 3e-4}))
     base, train = distill.resolve(ctx, distill.Config(temperature=2.0))
     assert (base.alpha, base.temperature, train.lr) == (0.2, 2.0, 3e-4)
     assert (train.seed, train.batch_size, train.max_length) == (ctx.seed, ctx.batch_size, ctx.max_length)
 
 
 def test_prune_reads_the_softening_from_the_distill_record(tmp_path: Path) -> None:
-    from compression import distill
     from compression.errors import FactoryError
-    from compression.provenance import write_run
+    from compression.records import write_run
+    from compression.stages import distill
 
     with pytest.raises(FactoryError, match="no distillation record"):
         distill.recorded(tmp_path)

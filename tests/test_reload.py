@@ -16,8 +16,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.config import Settings
-from app.main import create_app
-from app.reload import Pointer, read_pointer, write_pointer
+from app.http.main import create_app
+from app.http.reload import Pointer, read_pointer, write_pointer
 from loadtest.driver import closed_loop
 from loadtest.queries import BUILTIN
 from tests.conftest import MODEL_DIR
@@ -114,6 +114,21 @@ def test_a_bad_model_is_refused_and_the_old_one_keeps_serving(tmp_path: Path, ki
         assert version_of(client) == old
         assert read_pointer(tmp_path / "ptr.json") is None
         assert re.search(r'intent_model_reloads_total\{result="rejected"\} 1\.0', client.get("/metrics").text)
+
+
+def test_a_card_with_an_unknown_spec_field_is_refused_and_the_old_model_keeps_answering(tmp_path: Path) -> None:
+    target = new_version(tmp_path)
+    card = json.loads((target / "card.json").read_text())
+    card["spec"]["rule"]["margin"] = 0.5  # one field the spec does not know
+    (target / "card.json").write_text(json.dumps(card))
+    with TestClient(create_app(settings(tmp_path))) as client:
+        old = version_of(client)
+        r = client.post("/admin/reload", json={"model_dir": str(target)}, headers=AUTH)
+        assert r.status_code == 422
+        assert r.json()["error"]["type"] == "model_rejected"
+        assert "spec.rule.energy_knn.margin: Extra inputs are not permitted" in r.json()["error"]["message"]
+        answer = client.post("/predict", json={"text": "what is my checking balance"})
+        assert (answer.status_code, answer.json()["intent"], answer.json()["model_version"]) == (200, "balance", old)
 
 
 def test_malformed_reload_bodies_get_clear_errors(tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ def test_serve_answers_predict_and_metrics() -> None:
         assert status == 200
         assert b"intent_stage_duration_seconds_bucket" in text
         status, card = get(base + "/model")
-        assert json.loads(card)["num_labels"] == 151
+        assert json.loads(card)["spec"]["labels"]["count"] == len(json.loads(card)["labels"]) == 151
 
 
 def test_two_workers_share_metrics() -> None:
@@ -50,7 +50,7 @@ def test_two_workers_share_metrics() -> None:
 
 
 def _rehash(model) -> None:
-    from app.artifact import sha256_file
+    from app.engine.artifact import sha256_file
 
     card = json.loads((model / "card.json").read_text())
     for name in card["files"]:
@@ -74,6 +74,10 @@ def _damage(model, how: str) -> None:
     elif how == "bad_tokenizer":
         (model / "tokenizer.json").write_text("{not a tokenizer")
         _rehash(model)
+    elif how == "unknown_spec_field":
+        card = json.loads((model / "card.json").read_text())
+        card["spec"]["tokenizer"]["lowercase"] = True
+        (model / "card.json").write_text(json.dumps(card))
 
 
 @pytest.mark.parametrize(
@@ -82,8 +86,9 @@ def _damage(model, how: str) -> None:
         ("tampered", "sha256 mismatch"),
         ("missing", "missing model file"),
         ("truncated", "unloadable model.onnx"),
-        ("labels_mismatch", "card.json says 151 labels but labels.json has 150 labels"),
+        ("labels_mismatch", "the spec says 151 labels but labels.json has 150"),
         ("bad_tokenizer", "unreadable tokenizer.json"),
+        ("unknown_spec_field", "card.json: spec.tokenizer.lowercase: Extra inputs are not permitted"),
     ],
 )
 def test_bad_model_fails_fast_with_one_line(tmp_path, damage: str, message: str) -> None:

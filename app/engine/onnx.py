@@ -1,0 +1,76 @@
+"""One ONNX Runtime session per model file, run one text at a time: dynamic int8 quantisation computes its
+activation scales per call, so a text gets the same answer alone as in any batch only when it is its own batch."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from app.engine.errors import ModelLoadError
+
+INPUTS = frozenset({"input_ids", "attention_mask", "token_type_ids"})
+
+
+def session_options(intra: int, inter: int) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = intra
+    opts.inter_op_num_threads = inter
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Spinning threads burn the cores that other workers need; with one intra thread it changes nothing.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.log_severity_level = 3
+    return opts
+
+
+class OnnxModel:
+    """Token ids of one text -> the named output rows, in the order asked (None names the graph's first output)."""
+
+    def __init__(
+        self, path: Path, outputs: Sequence[str | None], intra: int = 1, inter: int = 1, disabled: Sequence[str] = ()
+    ) -> None:
+        try:
+            self.session = ort.InferenceSession(
+                str(path),
+                session_options(intra, inter),
+                providers=["CPUExecutionProvider"],
+                disabled_optimizers=list(disabled),
+            )
+        except Exception as exc:  # noqa: BLE001 - ORT raises its own untyped errors for a bad model file
+            raise ModelLoadError(f"unloadable {path.name}: {str(exc).splitlines()[0][:200]}") from None
+        inputs = {i.name for i in self.session.get_inputs()}
+        if "input_ids" not in inputs or not inputs <= INPUTS:
+            raise ModelLoadError(f"{path.name} inputs are {sorted(inputs)}, expected input_ids and attention_mask")
+        available = [o.name for o in self.session.get_outputs()]
+        names = [available[0] if name is None else name for name in outputs]
+        for name in names:
+            if name not in available:
+                raise ModelLoadError(f"{path.name} has no output {name!r} (its outputs: {available})")
+        self.name = path.name
+        self.outputs = names
+        self._mask = "attention_mask" in inputs
+        self._types = "token_type_ids" in inputs
+
+    def feed(self, ids: list[int]) -> dict[str, np.ndarray]:
+        input_ids = np.array([ids], dtype=np.int64)
+        feed = {"input_ids": input_ids}
+        if self._mask:
+            feed["attention_mask"] = np.ones_like(input_ids)
+        if self._types:
+            feed["token_type_ids"] = np.zeros_like(input_ids)
+        return feed
+
+    def run(self, ids: list[int]) -> list[np.ndarray]:
+        """Each named output's row for one text."""
+        return [out[0] for out in self.session.run(self.outputs, self.feed(ids))]
+
+    def rows(self, ids: Sequence[list[int]]) -> list[np.ndarray]:
+        """Each named output for many texts, stacked: [n, ...], each text its own call."""
+        if len(ids) == 1:
+            outputs: list[np.ndarray] = self.session.run(self.outputs, self.feed(ids[0]))
+            return outputs  # already [1, ...]
+        rows = [self.run(x) for x in ids]
+        return [np.stack([row[k] for row in rows]) for k in range(len(self.outputs))]

@@ -1,0 +1,119 @@
+"""One exception type per failure kind, one table from type to HTTP status, one JSON error body, one renderer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+
+class ServiceError(Exception):
+    """Base class: `kind` names the failure in the response body and in metrics."""
+
+    kind = "internal_error"
+    status = 500
+
+    def __init__(self, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+
+class InvalidJSON(ServiceError):
+    kind = "invalid_json"
+
+
+class InvalidEncoding(ServiceError):
+    kind = "invalid_encoding"
+
+
+class ValidationFailed(ServiceError):
+    kind = "validation_error"
+
+
+class EmptyText(ServiceError):
+    kind = "empty_text"
+
+
+class TextTooLong(ServiceError):
+    kind = "text_too_long"
+
+
+class BatchTooLarge(ServiceError):
+    kind = "batch_too_large"
+
+
+class BodyTooLarge(ServiceError):
+    kind = "body_too_large"
+
+
+class Unauthorized(ServiceError):
+    kind = "unauthorized"
+
+
+class NotFound(ServiceError):
+    kind = "not_found"
+
+
+class MethodNotAllowed(ServiceError):
+    kind = "method_not_allowed"
+
+
+class Overloaded(ServiceError):
+    kind = "overloaded"
+
+
+class NotReady(ServiceError):
+    kind = "not_ready"
+
+
+class ModelRejected(ServiceError):
+    """A model directory given to /admin/reload that cannot be served; the old model keeps serving."""
+
+    kind = "model_rejected"
+
+
+STATUS: dict[type[ServiceError], int] = {
+    InvalidJSON: 400,
+    InvalidEncoding: 400,
+    Unauthorized: 401,
+    NotFound: 404,
+    MethodNotAllowed: 405,
+    BodyTooLarge: 413,
+    ValidationFailed: 422,
+    EmptyText: 422,
+    TextTooLong: 422,
+    BatchTooLarge: 422,
+    ModelRejected: 422,
+    Overloaded: 429,
+    NotReady: 503,
+    ServiceError: 500,
+}
+for _cls, _code in STATUS.items():
+    _cls.status = _code
+
+
+def error_body(kind: str, message: str) -> bytes:
+    return orjson.dumps({"error": {"type": kind, "message": message}})
+
+
+def render(exc: ServiceError) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """An error as its status, headers and body: the one rendering both the service middleware and FastAPI's
+    exception handlers send."""
+    body = error_body(exc.kind, exc.message)
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
+    return exc.status, headers, body
+
+
+ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["type", "message"],
+            "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
+        }
+    },
+}

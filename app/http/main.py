@@ -1,0 +1,196 @@
+"""`create_app(settings)`: the application factory. The lifespan owns the model, session and queue."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import iter_route_contexts
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app import __doc__ as description
+from app.config import Settings
+from app.engine.engine import WARMUP_TEXTS
+from app.http import reload
+from app.http.errors import MethodNotAllowed, NotFound, ServiceError, ValidationFailed, render
+from app.http.metrics import Metrics
+from app.http.middleware import ServiceMiddleware
+from app.http.queue import InferenceQueue
+from app.http.routes import predict_one, router
+from app.http.serving import ModelFactory, Slot, load_engine
+
+log = logging.getLogger("app")
+
+
+def _install_drain_on_sigterm(app: FastAPI, delay: float) -> None:
+    """On SIGTERM: /ready answers 503 at once, traffic is still served for `delay` seconds so that
+    load balancers can stop routing here, then uvicorn's own handler closes listeners and drains."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # only the main thread may set signal handlers (TestClient runs the lifespan elsewhere)
+    previous = signal.getsignal(signal.SIGTERM)
+    if not callable(previous):
+        return
+    loop = asyncio.get_running_loop()
+
+    def begin_drain(signum: int, frame: FrameType | None) -> None:
+        app.state.metrics.ready.set(0)
+        log.info("SIGTERM: not ready; closing listeners in %.1f s", delay)
+        loop.call_later(delay, previous, signum, frame)
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        # A signal handler runs between any two bytecodes of the main thread, which may be holding the lock
+        # of a metric (multiprocess mode) or of a log handler at that moment: taking either here would
+        # deadlock the worker. So only a flag is set here; the rest runs on the event loop.
+        if not app.state.ready:  # a second SIGTERM: stop waiting
+            previous(signum, frame)
+            return
+        app.state.ready = False
+        loop.call_soon_threadsafe(begin_drain, signum, frame)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def _lifespan(factory: ModelFactory) -> Callable[[FastAPI], Any]:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings: Settings = app.state.settings
+        metrics: Metrics = app.state.metrics
+        state = app.state
+        state.model_factory = factory
+        state.reload_lock = asyncio.Lock()
+        # A worker started after a reload serves what the pointer names, like the workers already running.
+        pointer = reload.read_pointer(settings.model_pointer)
+        model_dir = Path(pointer.model_dir) if pointer is not None else settings.model_dir
+        model, card = reload.load_warm(state, model_dir)
+        reload.install(state, model, card)
+        queue = InferenceQueue(
+            state.slot,
+            metrics,
+            settings.max_queue,
+            settings.retry_after_s,
+            settings.inference_mode,
+            keep_warm_s=settings.keep_warm_ms / 1000,
+            warm_texts=WARMUP_TEXTS,
+        )
+        queue.start()
+        state.queue = queue
+        follower = None
+        if settings.admin_key is not None and settings.model_pointer is not None:
+            follower = asyncio.create_task(reload.follow_pointer(state, settings.model_pointer, settings.reload_poll_s))
+        metrics.ready.set(1)
+        app.state.ready = True
+        _install_drain_on_sigterm(app, settings.shutdown_delay_s)
+        log.info("ready", extra={"model_version": model.version, "mode": settings.inference_mode})
+        try:
+            yield
+        finally:
+            app.state.ready = False
+            metrics.ready.set(0)
+            if follower is not None:
+                follower.cancel()
+            drained = await queue.drain(settings.graceful_timeout_s)
+            await queue.stop()
+            state.slot.served.model.close()
+            app.state.queue = None
+            log.info("stopped", extra={"drained": drained})
+
+    return lifespan
+
+
+async def _service_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ServiceError)
+    status, headers, body = render(exc)
+    response = Response(body, status_code=status)
+    response.raw_headers = headers
+    return response
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    mapped: ServiceError
+    if exc.status_code == 404:
+        mapped = NotFound(f"no route {request.url.path}")
+    elif exc.status_code == 405:
+        mapped = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}")
+    else:
+        mapped = ServiceError(str(exc.detail))
+        mapped.status = exc.status_code
+    return await _service_error(request, mapped)
+
+
+async def _validation_error(request: Request, exc: Exception) -> Response:
+    return await _service_error(request, ValidationFailed("request does not match the schema"))
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    log.error(
+        "unhandled error",
+        extra={"request_id": request.scope.get("state", {}).get("request_id"), "error_type": type(exc).__name__},
+    )
+    return await _service_error(request, ServiceError("internal error"))
+
+
+def create_app(settings: Settings | None = None, model_factory: ModelFactory | None = None) -> FastAPI:
+    settings = settings or Settings()
+    app = FastAPI(
+        title="Intent detection",
+        version="1.0.0",
+        description=description or "",
+        lifespan=_lifespan(model_factory or load_engine),
+        telemetry=None if settings.opentelemetry else {"tracing": False, "metrics": False, "logs": False},
+    )
+    app.state.settings = settings
+    app.state.metrics = Metrics()
+    app.state.ready = False
+    app.state.queue = None
+    app.state.slot = Slot()
+    app.include_router(router)
+    open_paths = list(settings.open_paths)
+    if settings.admin_key is not None:
+        app.include_router(reload.router)
+        open_paths.append(reload.ADMIN_RELOAD)  # it checks its own key, not INTENT_API_KEY
+    app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unexpected)
+    key = settings.api_key.get_secret_value() if settings.api_key else None
+    # Metrics label routes by the paths the router declares (computed after the routers are included).
+    # (FastAPI keeps included routers as one entry each; iter_route_contexts flattens them with their prefixes.)
+    route_labels = frozenset(ctx.path for ctx in iter_route_contexts(app.routes) if ctx.path is not None)
+    # The service middleware answers POST /predict itself in every configuration.
+    app.add_middleware(
+        ServiceMiddleware,
+        metrics=app.state.metrics,
+        max_body=settings.max_body_bytes,
+        api_key=key,
+        open_paths=open_paths,
+        route_labels=route_labels,
+        direct_posts={"/predict": partial(predict_one, app.state)},
+    )
+    if settings.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        # Added last, so it is the outermost middleware: its headers reach the directly answered
+        # /predict and error responses too, and preflights are answered before auth.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["authorization", "content-type", "x-request-id"],
+        )
+    return app
+
+
+def create_app_from_env() -> FastAPI:
+    """Entry point for `uvicorn --factory app.http.main:create_app_from_env`."""
+    return create_app(Settings())

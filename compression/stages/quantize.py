@@ -1,0 +1,120 @@
+"""Stage 5: int8 quantisation for ONNX Runtime. Dynamic (per-tensor and per-channel weight scales) and
+static QDQ are all built and measured; the most accurate of those not measurably slower than the
+fastest is kept."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from compression.data import Clinc, Split
+from compression.errors import FactoryError
+from compression.measure.evaluate import validation_report
+from compression.measure.latency import latencies_ms
+from compression.onnx_stage import OnnxStage
+from compression.records import write_run
+
+if TYPE_CHECKING:
+    from compression.pipeline import Context
+
+log = logging.getLogger(__name__)
+LATENCY_QUERIES = 300
+# A candidate within this share of the fastest one's p50 counts as equally fast: run-to-run noise on
+# these machines is about that large. Among equally fast candidates the most accurate is kept.
+LATENCY_TOLERANCE = 0.10
+
+
+def dynamic(src: Path, dest: Path, per_channel: bool = False) -> None:
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # Fused graphs carry ops whose output type the quantiser cannot infer; FLOAT is the right default.
+    quantize_dynamic(
+        str(src),
+        str(dest),
+        weight_type=QuantType.QInt8,
+        per_channel=per_channel,
+        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+    )
+
+
+def static(src: Path, dest: Path, runner: OnnxStage, calibration: Split) -> None:
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Calibration(CalibrationDataReader):  # type: ignore[misc]
+        def __init__(self, texts: list[str]) -> None:
+            self.feeds = iter([runner.model.feed(runner.tokenizer.encode(t).ids) for t in texts])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.feeds, None)
+
+    quantize_static(
+        str(src),
+        str(dest),
+        Calibration(calibration.texts),
+        quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        # Only the big matrices: calibrating the pooler's bias path fails, and it is a small share of the time.
+        op_types_to_quantize=["MatMul"],
+        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+    )
+
+
+def measure(model: Path, tokenizer: Path, data: Clinc) -> dict[str, Any]:
+    val = data.split("val")
+    runner = OnnxStage(model, tokenizer, threads=1)
+    report = validation_report(runner.logits(val.texts), np.array(val.label_ids(data.labels)), data.labels)
+    lat = latencies_ms(runner.logits_one, val.subset(LATENCY_QUERIES, seed=1).texts)
+    report["latency_ms_p50"] = float(np.percentile(lat, 50))
+    report["size_mb"] = model.stat().st_size / 1e6
+    return report
+
+
+def choose(results: dict[str, dict[str, Any]]) -> str:
+    """The most accurate candidate among those within LATENCY_TOLERANCE of the fastest; ties go to speed."""
+    fastest = min(r["latency_ms_p50"] for r in results.values())
+    fast = [n for n, r in results.items() if r["latency_ms_p50"] <= fastest * (1 + LATENCY_TOLERANCE)]
+    return max(fast, key=lambda n: (results[n]["thresholded"]["test_weighted_accuracy"], -results[n]["latency_ms_p50"]))
+
+
+def run(export_dir: Path, data: Clinc, out: Path, calibration_n: int = 300, seed: int = 42) -> dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
+    src, tokenizer = export_dir / "model.onnx", export_dir / "tokenizer.json"
+    if not src.is_file():
+        raise FactoryError(f"no ONNX model at {src} (run the export stage first)")
+    candidates = {
+        "dynamic": out / "model.dynamic.onnx",
+        "dynamic_per_channel": out / "model.dynamic_per_channel.onnx",
+        "static_qdq": out / "model.static.onnx",
+    }
+    dynamic(src, candidates["dynamic"])
+    dynamic(src, candidates["dynamic_per_channel"], per_channel=True)
+    calib = data.split("train").subset(calibration_n, seed)
+    static(src, candidates["static_qdq"], OnnxStage(src, tokenizer), calib)
+    results = {name: measure(path, tokenizer, data) for name, path in candidates.items()}
+    for name, r in results.items():
+        log.info("%s: p50 %.3f ms, tw-acc %.4f", name, r["latency_ms_p50"], r["thresholded"]["test_weighted_accuracy"])
+    chosen = choose(results)
+    shutil.copy(candidates[chosen], out / "model.onnx")
+    for name in ("tokenizer.json", "labels.json"):
+        shutil.copy(export_dir / name, out / name)
+    report = {"chosen": chosen, "candidates": results, **results[chosen]}
+    config = {"calibration_n": calibration_n, "seed": seed, "latency_tolerance": LATENCY_TOLERANCE}
+    write_run(out, "quantize", config, report)
+    return report
+
+
+@dataclass
+class Config:
+    calibration_queries: int = field(default=300, metadata={"help": "training queries for static calibration"})
+
+
+def run_stage(ctx: Context, cfg: Config) -> None:
+    run(ctx.dir("export"), ctx.clinc, ctx.dir("quantize"), cfg.calibration_queries, ctx.seed)

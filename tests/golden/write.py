@@ -1,0 +1,35 @@
+"""Write tests/golden/decisions-<version>.json for the committed model, from the engine's own decisions."""
+
+from __future__ import annotations
+
+import json
+
+from app.engine.engine import Engine
+from compression.data import load_clinc, load_wiki_pool
+from tests.conftest import DATA, MODEL_DIR, ROOT, WIKI
+
+
+def main() -> None:
+    data = load_clinc(DATA)
+    pools = {
+        "validation": data.split("val"),
+        "oos_train": data.split("oos_train"),
+        "wiki_heldout": load_wiki_pool(WIKI),
+    }
+    engine = Engine.open(MODEL_DIR)
+    last = len(engine.stage_names) - 1
+    out: dict[str, object] = {"model_version": engine.version, "pools": {}}
+    for name, split in pools.items():
+        d = engine.run(split.texts)
+        out["pools"][name] = {  # type: ignore[index]
+            "n": len(split),
+            "intents": [engine.labels[i] for i in d.pred],
+            "first_stage": "".join("1" if s < last else "0" for s in d.stage),
+        }
+    path = ROOT / "tests" / "golden" / f"decisions-{engine.version}.json"
+    path.write_text(json.dumps(out, separators=(",", ":")) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
