@@ -49,8 +49,16 @@ audit: $(VENV)/.installed  ## known vulnerabilities in the pinned dependencies (
 	@mkdir -p reports; $(VENV)/bin/pip-audit --progress-spinner off -r constraints.txt --no-deps --disable-pip \
 	  > reports/pip-audit.txt 2>&1; rc=$$?; tail -n 3 reports/pip-audit.txt; exit $$rc
 
-model: $(VENV)/.installed  ## rebuild models/clinc150 from scratch, then print the stage table
-	$(VENV)/bin/python -m compression all --data $(DATA) --wiki $(WIKI) $(MODEL_ARGS)
+# RECIPE=served (default) rebuilds what models/clinc150 serves; RECIPE=student builds the one small student that
+# carries the OOS rule's sentence geometry itself (docs/one-small-model.md).
+RECIPE ?= served
+RECIPE_ARGS_served :=
+RECIPE_ARGS_student := --geometry-weight 3 --transfer-wiki 20000 --recover-epochs 2 --recover-copies 1 \
+  --export-from prune --oos-features student --oos-prototypes 4 --oos-rule energy_knn --static-rule-on-cascade
+
+model: $(VENV)/.installed  ## rebuild models/clinc150 from scratch (RECIPE=served|student), then the stage table
+	@[ -n "$(filter $(RECIPE),served student)" ] || { echo "error: RECIPE must be served or student"; exit 2; }
+	$(VENV)/bin/python -m compression all --data $(DATA) --wiki $(WIKI) $(RECIPE_ARGS_$(RECIPE)) $(MODEL_ARGS)
 
 bench: $(VENV)/.installed $(SERVE_VENV)/.installed  ## stage table, plus the serving footprint
 	$(VENV)/bin/python -m compression bench --data $(DATA) --wiki $(WIKI) $(BENCH_ARGS)
@@ -75,10 +83,10 @@ compare: $(VENV)/.installed $(SERVE_VENV)/.installed .venv-optimum/.installed
 stress: $(SERVE_VENV)/.installed $(VENV)/.installed  ## 3x saturation for 30 s, then recovery
 	$(VENV)/bin/python -m loadtest.stress $(STRESS_ARGS)
 
-soak: $(SERVE_VENV)/.installed $(VENV)/.installed  ## 10 minutes at a fixed rate, RSS over time
+soak: $(SERVE_VENV)/.installed $(VENV)/.installed  ## 1 hour at half the measured capacity (SOAK_ARGS="--minutes N"): RSS, p50, p99, errors per minute; fails on any error, RSS +5% after 5 min, or p99 +20% (last 10 min vs first 10); reports/soak.{json,png}
 	$(VENV)/bin/python -m loadtest.soak $(SOAK_ARGS)
 
-scaleout: $(SERVE_VENV)/.installed $(VENV)/.installed  ## 3 replicas behind HAProxy: kill one, then restart each
+scaleout: $(SERVE_VENV)/.installed $(VENV)/.installed  ## 3 replicas behind HAProxy at half their measured capacity: 5 kills, then restart each; fails if any request fails
 	$(VENV)/bin/python -m loadtest.scaleout $(SCALEOUT_ARGS)
 
 docker-build:

@@ -1,4 +1,5 @@
-"""PyTorch checkpoints that pass between stages: model, tokenizer, labels and run record."""
+"""PyTorch checkpoints that pass between stages: model (with its geometry head, where it has one), tokenizer,
+labels and run record."""
 
 from __future__ import annotations
 
@@ -44,8 +45,16 @@ def load_pretrained(name: str | None, labels: list[str]) -> tuple[Any, Any]:
 
 
 def save(directory: Path, model: Any, tokenizer: Any, labels: list[str]) -> None:
+    """HF's own format, plus the student's geometry head (compression.geometry) beside it where it has one."""
+    from compression import geometry
+
     directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
+    if geometry.has_head(model):
+        model.save_pretrained(directory, state_dict=geometry.without_head(model))
+        geometry.save_head(directory, model)
+    else:
+        model.save_pretrained(directory)
+        (directory / geometry.HEAD_FILE).unlink(missing_ok=True)
     tokenizer.save_pretrained(directory)
     (directory / "labels.json").write_text(json.dumps(labels, indent=1) + "\n")
 
@@ -57,9 +66,12 @@ def load(directory: Path) -> tuple[Any, Any, list[str]]:
     if not (directory / "labels.json").is_file() or not (directory / "config.json").is_file():
         raise FactoryError(f"no checkpoint at {directory} (run the previous stage first)")
     labels = json.loads((directory / "labels.json").read_text())
+    from compression import geometry
+
     try:
         model = AutoModelForSequenceClassification.from_pretrained(directory)
         tokenizer = AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError) as exc:
         raise FactoryError(f"could not load checkpoint {directory}: {str(exc).splitlines()[0]}") from None
+    geometry.load_head(directory, model)
     return model, tokenizer, labels

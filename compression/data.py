@@ -150,6 +150,17 @@ def load_wiki(path: Path | str, n: int, seed: int) -> Split:
     return Split(chosen, [OOS] * len(chosen))
 
 
+def load_wiki_transfer(path: Path | str, n: int, seed: int, exclude: set[str], intent: str) -> Split:
+    """Up to n Wikipedia sentences stages may train on, other than `exclude`, all with `intent` (a soft-only one:
+    transfer-set material the teacher labels), never from the held-out pool."""
+    if n <= 0:
+        return Split([], [])
+    trainable, _ = _wiki_parts(path)
+    rest = [s for s in trainable if s not in exclude]
+    chosen = random.Random(seed + 1).sample(rest, min(n, len(rest)))
+    return Split(chosen, [intent] * len(chosen))
+
+
 def load_wiki_pool(path: Path | str) -> Split:
     """The held-out Wikipedia sentences, labelled out-of-scope: no stage trains on them."""
     _, pool = _wiki_parts(path)

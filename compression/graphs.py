@@ -11,8 +11,9 @@ import numpy as np
 from compression.errors import FactoryError
 
 FEATURES_OUTPUT = "features"
-# mean and pooled come from the classifier's own graph; embedder from a second encoder's (add_encoder_output).
-FEATURE_SOURCES = ("mean", "pooled", "embedder")
+# student: the exported student's own features output (its geometry head, compression.geometry); mean and pooled
+# come from the classifier's own graph by surgery; embedder from a second encoder's (add_encoder_output).
+FEATURE_SOURCES = ("student", "mean", "pooled", "embedder")
 CLASSIFIER_SOURCES = ("mean", "pooled")
 # The names of a joined encoder's nodes and tensors (add_encoder_output), which gate_encoder_output finds by it.
 ENCODER_PREFIX = "embedder/"
@@ -37,6 +38,12 @@ def _classifier_input(producer: dict[str, Any], logits: str, where: str) -> str:
     return str(feature)
 
 
+def has_output(path: Path, name: str = FEATURES_OUTPUT) -> bool:
+    import onnx
+
+    return any(o.name == name for o in onnx.load(str(path), load_external_data=False).graph.output)
+
+
 def add_features_output(
     src: Path, dest: Path, source: str = "mean", logits: str = "logits", name: str = FEATURES_OUTPUT
 ) -> None:
@@ -52,6 +59,7 @@ def add_features_output(
         raise FactoryError(f"feature source must be one of {', '.join(CLASSIFIER_SOURCES)}, got {source!r}")
     model = onnx.load(str(src))
     graph = model.graph
+    drop_output(graph, name)  # a student's own features give way
     producer = {out: node for node in graph.node for out in node.output}
     feature = _classifier_input(producer, logits, src.name)
     if source == "pooled":
@@ -89,6 +97,27 @@ def add_features_output(
     onnx.save(model, str(dest))
 
 
+def drop_output(graph: Any, name: str) -> None:
+    """Remove the graph output `name`, where there is one, and every node only it needed."""
+    kept = [o for o in graph.output if o.name != name]
+    if len(kept) == len(graph.output):
+        return
+    del graph.output[:]
+    graph.output.extend(kept)
+    prune_dead_nodes(graph)
+
+
+def prune_dead_nodes(graph: Any) -> None:
+    """Drop the nodes none of whose outputs is read, by a node or as a graph output, until none is left."""
+    while True:
+        needed = {o.name for o in graph.output} | {i for n in graph.node for i in n.input}
+        dead = [n for n in graph.node if not any(o in needed for o in n.output)]
+        if not dead:
+            return
+        for node in dead:
+            graph.node.remove(node)
+
+
 def add_encoder_output(src: Path, encoder: Path, dest: Path, name: str = FEATURES_OUTPUT) -> None:
     """Copy the classifier at `src` to `dest` with a second output, `name`: the first output of the ONNX
     encoder at `encoder`, which reads the same inputs. One graph keeps the service's one session and one call
@@ -111,6 +140,7 @@ def add_encoder_output(src: Path, encoder: Path, dest: Path, name: str = FEATURE
     for node in other.graph.node:
         node.input[:] = [shared.get(i, i) for i in node.input]
     produced = other.graph.output[0].name
+    drop_output(model.graph, name)  # a student's own features give way to the encoder's
     model.graph.node.extend(other.graph.node)
     model.graph.node.append(onnx.helper.make_node("Identity", [produced], [name], name=f"{name}_output"))
     model.graph.initializer.extend(other.graph.initializer)

@@ -113,6 +113,25 @@ def predict_logits(model: Any, data: Encoded, batch_size: int = 128) -> np.ndarr
     return out if out is not None else np.empty((0, 0), dtype=np.float32)
 
 
+@torch.no_grad()
+def predict_embeddings(model: Any, data: Encoded, batch_size: int = 128) -> np.ndarray:
+    """The student's unit sentence embeddings (compression.geometry), batched like predict_logits."""
+    from compression import geometry
+
+    model.eval()
+    order = sorted(range(len(data)), key=lambda i: len(data.input_ids[i]))
+    out: np.ndarray | None = None
+    for start in range(0, len(order), batch_size):
+        index = order[start : start + batch_size]
+        b = data.batch(index)
+        hidden = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True)
+        rows = geometry.embed(model, hidden.hidden_states[-1], b["attention_mask"]).float().numpy()
+        if out is None:
+            out = np.empty((len(data), rows.shape[-1]), dtype=np.float32)
+        out[index] = rows
+    return out if out is not None else np.empty((0, 0), dtype=np.float32)
+
+
 Loss = Callable[[Any, dict[str, torch.Tensor]], torch.Tensor]  # (model, batch) -> scalar loss
 
 

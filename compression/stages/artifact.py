@@ -24,7 +24,7 @@ from compression.errors import FactoryError
 from compression.graphs import FEATURES_OUTPUT
 from compression.onnx_stage import DISABLED_OPTIMIZERS
 from compression.records import git_commit, read_run, versions
-from compression.stages.oos import MODEL_FILE, read_rule
+from compression.stages.oos import MODEL_FILE, RULE_FILE, read_rule
 from compression.stages.static import MODEL_FILE as STATIC_FILE
 
 LICENSES = {
@@ -45,9 +45,16 @@ TOKENIZER_FILE, LABELS_FILE = "tokenizer.json", "labels.json"
 NAME = "clinc150-intent"
 
 
+def rule_dir(oos_dir: Path, static_dir: Path | None) -> Path:
+    """Where the served rule is: the static stage's, which sets its threshold on the cascade, else the oos stage's."""
+    if static_dir is not None and (static_dir / RULE_FILE).is_file() and (static_dir / STATIC_FILE).is_file():
+        return static_dir
+    return oos_dir
+
+
 def build_spec(oos_dir: Path, static_dir: Path | None, labels: list[str], max_length: int) -> ServingSpec:
-    """The serving spec of the oos stage's transformer and rule, behind the static stage where it ran."""
-    rule = read_rule(oos_dir)
+    """The serving spec of the oos stage's transformer and the served rule, behind the static stage where it ran."""
+    rule = read_rule(rule_dir(oos_dir, static_dir))
     quantize = read_run(oos_dir.parent / "quantize").get("metrics", {})
     stages: list[StaticStage | TransformerStage] = []
     if static_dir is not None and (static_dir / STATIC_FILE).is_file():
@@ -116,6 +123,8 @@ def write(stage_dirs: dict[str, Path], dest: Path, seed: int, max_length: int) -
     sources = {name: oos_dir / name for name in spec.files}
     if any(isinstance(stage, StaticStage) for stage in spec.stages):
         sources[STATIC_FILE] = stage_dirs["static"] / STATIC_FILE
+    served_rule = rule_dir(oos_dir, stage_dirs.get("static"))
+    sources.update({name: served_rule / name for name in spec.rule.files()})
     dest.mkdir(parents=True, exist_ok=True)
     if (dest / CARD_FILE).is_file():
         try:

@@ -12,7 +12,7 @@ import numpy as np
 
 from compression import checkpoint
 from compression.augment import augment
-from compression.data import Clinc
+from compression.data import Clinc, Split, load_wiki_transfer
 from compression.errors import FactoryError
 from compression.measure.evaluate import evaluate, training_data, training_split, validation_report
 from compression.records import read_best_params, read_run, write_run
@@ -50,6 +50,23 @@ class Config:
     # The teacher's tuned word embeddings are two thirds of a 3-layer student's weights; freezing them cuts
     # the optimiser's work per step by about a third here and keeps rare words where the teacher put them.
     train_embeddings: bool = field(default=False, metadata={"help": "also train the student's word embeddings"})
+    # The student recipe (make model RECIPE=student) sets 3: the cosine loss about as large as the distillation's
+    # late in training. At 10 it dominated, and the student fell short of the teacher's classes
+    # (docs/one-small-model.md).
+    geometry_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "weight of the cosine loss that trains the student's sentence embedding to the pretrained "
+            "encoder's (compression.geometry); 0: a logits-only student"
+        },
+    )
+    geometry_source: str | None = field(
+        default=None, metadata={"help": "the pretrained sentence encoder (default: the all-MiniLM-L6-v2 package)"}
+    )
+    transfer_wiki: int = field(
+        default=0,
+        metadata={"help": "Wikipedia sentences added to the transfer set with soft targets only (none held out)"},
+    )
 
 
 @dataclass
@@ -66,6 +83,9 @@ class DistillConfig:
     train_subset: int  # 0: the whole training split
     augment_copies: int  # perturbed copies of each training query, labelled by the teacher only
     freeze_embeddings: bool
+    geometry_weight: float = 0.0  # of the cosine loss to the pretrained sentence embedding (0: no embedding head)
+    geometry_source: str | None = None  # the pretrained encoder; None: the all-MiniLM-L6-v2 package
+    transfer_wiki: int = 0  # soft-only Wikipedia sentences in the transfer set
 
 
 def kd_loss(
@@ -106,7 +126,9 @@ def freeze_word_embeddings(model: Any) -> None:
 @dataclass
 class DistillationLoss:
     """A Trainer loss mixing hard labels with the teacher's softened logits (row `batch["index"]` of
-    `teacher_logits`) and, when `hidden_weight` > 0, the teacher's hidden states at the student's layers."""
+    `teacher_logits`); when `hidden_weight` > 0, the teacher's hidden states at the student's layers; and when
+    `geometry_weight` > 0, the cosine distance of the student's sentence embedding to the pretrained encoder's
+    (row `batch["index"]` of `geometry_targets`)."""
 
     alpha: float
     temperature: float
@@ -114,21 +136,32 @@ class DistillationLoss:
     hidden_weight: float = 0.0
     layers: list[int] = field(default_factory=list)  # student layer k mirrors teacher layer layers[k]
     teacher: Any | None = None
+    geometry_weight: float = 0.0
+    geometry_targets: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.hidden_weight > 0 and (self.teacher is None or not self.layers):
             raise ValueError("hidden-state transfer needs the teacher model and the layer mapping")
+        if self.geometry_weight > 0 and self.geometry_targets is None:
+            raise ValueError("the geometry loss needs the pretrained embeddings of the transfer set")
 
     def __call__(self, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         import torch
 
-        want_hidden = self.hidden_weight > 0
+        from compression import geometry
+
+        want_geometry = self.geometry_weight > 0
+        want_hidden = self.hidden_weight > 0 or want_geometry
         out = model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=want_hidden
         )
         logits = self.teacher_logits[batch["index"]]
         loss = kd_loss(out.logits, logits, batch["labels"], self.alpha, self.temperature)
-        if want_hidden and self.teacher is not None:
+        if want_geometry and self.geometry_targets is not None:
+            embedding = geometry.embed(model, out.hidden_states[-1], batch["attention_mask"])
+            target = self.geometry_targets[batch["index"]]
+            loss = loss + self.geometry_weight * geometry.cosine_loss(embedding, target)
+        if self.hidden_weight > 0 and self.teacher is not None:
             with torch.no_grad():
                 t_out = self.teacher(
                     input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True
@@ -144,6 +177,27 @@ class DistillationLoss:
         return loss
 
 
+def transfer_set(data: Clinc, cfg: DistillConfig, seed: int, mask: str | None) -> Split:
+    """What the student learns from: the training queries and the Wikipedia out-of-scope sentences (hard labels),
+    perturbed copies of both, and more Wikipedia sentences (teacher-labelled only): the queries show it the
+    intents, the rest the teacher's function and the pretrained geometry on text that is no intent."""
+    from compression.augment import IGNORE
+
+    labelled = training_split(data, cfg.wiki_path, cfg.wiki_oos, seed, cfg.train_subset)
+    extra = load_wiki_transfer(cfg.wiki_path, cfg.transfer_wiki, seed, set(labelled.texts), IGNORE)
+    return labelled + augment(labelled, cfg.augment_copies, seed, mask) + extra
+
+
+def geometry_targets(cfg: DistillConfig, texts: list[str], max_length: int) -> torch.Tensor:
+    import torch
+
+    from compression.checkpoint import default_pretrained
+    from compression.geometry import pretrained_embeddings
+
+    source = cfg.geometry_source or default_pretrained()
+    return torch.from_numpy(pretrained_embeddings(source, texts, max_length))
+
+
 def train_student(
     teacher: Any,
     tokenizer: Any,
@@ -154,23 +208,30 @@ def train_student(
 ) -> tuple[Any, list[dict[str, float]]]:
     import torch
 
+    from compression import geometry
     from compression.training import Encoded, Trainer, predict_logits, seed_everything
 
     seed_everything(train_cfg.seed)
     torch.set_num_threads(train_cfg.threads)
-    split = training_split(data, cfg.wiki_path, cfg.wiki_oos, train_cfg.seed, cfg.train_subset)
-    split = split + augment(split, cfg.augment_copies, train_cfg.seed, tokenizer.mask_token)
+    split = transfer_set(data, cfg, train_cfg.seed, tokenizer.mask_token)
     encoded = Encoded(tokenizer, split, data.labels, train_cfg.max_length)
-    key = f"{cfg.wiki_oos}:{cfg.train_subset}:{train_cfg.seed}:{train_cfg.max_length}:{cfg.augment_copies}"
-    if teacher_logits_cache is not None and key in teacher_logits_cache:
-        logits = teacher_logits_cache[key]
-    else:
-        logits = torch.from_numpy(predict_logits(teacher, encoded))
-        if teacher_logits_cache is not None:
-            teacher_logits_cache[key] = logits
+    key = (
+        f"{cfg.wiki_oos}:{cfg.train_subset}:{train_cfg.seed}:{train_cfg.max_length}:{cfg.augment_copies}:"
+        f"{cfg.transfer_wiki}"
+    )
+    cache = teacher_logits_cache if teacher_logits_cache is not None else {}
+    if key not in cache:
+        cache[key] = torch.from_numpy(predict_logits(teacher, encoded))
+    logits = cache[key]
     student = make_student(teacher, cfg.layers)
     if cfg.freeze_embeddings:
         freeze_word_embeddings(student)
+    targets = None
+    if cfg.geometry_weight > 0:
+        if "geometry:" + key not in cache:
+            cache["geometry:" + key] = geometry_targets(cfg, split.texts, train_cfg.max_length)
+        targets = cache["geometry:" + key]
+        geometry.add_head(student, int(targets.shape[1]))
     teacher.eval()
     loss = DistillationLoss(
         cfg.alpha,
@@ -179,6 +240,8 @@ def train_student(
         hidden_weight=cfg.hidden_weight,
         layers=cfg.layers,
         teacher=teacher if cfg.hidden_weight > 0 else None,
+        geometry_weight=cfg.geometry_weight,
+        geometry_targets=targets,
     )
     history = Trainer(student, train_cfg, loss).train(encoded)
     return student, history
@@ -191,12 +254,28 @@ def run(teacher_dir: Path, data: Clinc, out: Path, cfg: DistillConfig, train_cfg
     student, history = train_student(teacher, tokenizer, data, cfg, train_cfg)
     logits, gold = evaluate(student, tokenizer, data, train_cfg.max_length)
     report = validation_report(logits, gold, data.labels)
+    if cfg.geometry_weight > 0:
+        report["geometry_cosine"] = geometry_fit(student, tokenizer, data, cfg, train_cfg.max_length)
     checkpoint.save(out, student, tokenizer, data.labels)
     config = {"distill": asdict(cfg), "train": train_cfg.as_dict()}
-    split = training_split(data, cfg.wiki_path, cfg.wiki_oos, train_cfg.seed, cfg.train_subset)  # before copies
-    write_run(out, "distill", config, report, history=history, training_data=training_data(split, data))
+    labelled = training_split(data, cfg.wiki_path, cfg.wiki_oos, train_cfg.seed, cfg.train_subset)
+    transfer = transfer_set(data, cfg, train_cfg.seed, tokenizer.mask_token)
+    write_run(out, "distill", config, report, history=history, training_data=training_data(labelled, data, transfer))
     log.info("student validation: %s", report)
     return report
+
+
+def geometry_fit(student: Any, tokenizer: Any, data: Clinc, cfg: DistillConfig, max_length: int) -> dict[str, float]:
+    """How closely the student's sentence embedding follows the pretrained encoder's: mean cosine on validation
+    (in scope, and its 100 out-of-scope queries, which no stage trains on)."""
+    from compression.training import Encoded, predict_embeddings
+
+    val = data.split("val")
+    ours = predict_embeddings(student, Encoded(tokenizer, val, data.labels, max_length))
+    theirs = geometry_targets(cfg, val.texts, max_length).numpy()
+    cosine = (ours * theirs).sum(-1)
+    is_oos = np.array([i == "oos" for i in val.intents])
+    return {"in_scope": round(float(cosine[~is_oos].mean()), 4), "oos": round(float(cosine[is_oos].mean()), 4)}
 
 
 def val_score(student: Any, tokenizer: Any, data: Clinc, max_length: int) -> float:
@@ -208,6 +287,7 @@ def val_score(student: Any, tokenizer: Any, data: Clinc, max_length: int) -> flo
 def resolve(ctx: Context, cfg: Config) -> tuple[DistillConfig, TrainConfig]:
     """The distillation settings: the flags where given, else the search's best (read from the search stage's
     output, when it ran), else the fallbacks above."""
+    from compression.stages.teacher import Config as TeacherConfig
     from compression.training import train_config
 
     best = read_best_params(ctx.dir("search"))
@@ -221,6 +301,10 @@ def resolve(ctx: Context, cfg: Config) -> tuple[DistillConfig, TrainConfig]:
         train_subset=ctx.train_subset,
         augment_copies=cfg.augment_copies,
         freeze_embeddings=not cfg.train_embeddings,
+        geometry_weight=cfg.geometry_weight,
+        # The sentence space the student learns: the encoder the teacher was fine-tuned from, unless told.
+        geometry_source=cfg.geometry_source or ctx.config_of(TeacherConfig).pretrained,
+        transfer_wiki=cfg.transfer_wiki,
     )
     lr = cfg.student_lr if cfg.student_lr is not None else best.get("lr", FALLBACK_LR)
     return distill, train_config(ctx, cfg.student_epochs, lr)

@@ -90,7 +90,7 @@ def run(
     wrapper = _sentence_embedding(model)
     with tempfile.TemporaryDirectory() as tmp:
         raw, fused = Path(tmp) / "raw.onnx", Path(tmp) / "fused.onnx"
-        trace(wrapper, tokenizer, raw, OUTPUT)
+        trace(wrapper, tokenizer, raw, [OUTPUT])
         cfg = model.config
         fusions = fuse(raw, fused, cfg.num_attention_heads, cfg.hidden_size)
         tokenizer.save_pretrained(tmp)

@@ -27,25 +27,35 @@ log = logging.getLogger(__name__)
 OPSET = 17
 
 
-def _logits_only(model: Any) -> nn.Module:
-    """The model as (input_ids, attention_mask) -> logits, the graph's one output."""
+def _served_outputs(model: Any) -> nn.Module:
+    """The model as (input_ids, attention_mask) -> logits, and, for a student with a geometry head
+    (compression.geometry), its unit sentence embedding as a second output: one pass gives both."""
     import torch
     from torch import nn
 
-    class LogitsOnly(nn.Module):
+    from compression import geometry
+
+    class Served(nn.Module):
         def __init__(self, model: Any) -> None:
             super().__init__()
             self.model = model
+            self.with_features = geometry.has_head(model)
 
-        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
             # Explicit zero segment ids: left to the model, they are rebuilt from a buffer by about 15 small
             # ops per call, a measurable share of a sub-millisecond query.
             token_type_ids = torch.zeros_like(input_ids)
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
-            logits: torch.Tensor = out.logits
-            return logits
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                token_type_ids=token_type_ids,
+                output_hidden_states=self.with_features,
+            )
+            if not self.with_features:
+                return out.logits
+            return out.logits, geometry.embed(self.model, out.hidden_states[-1], attention_mask)
 
-    return LogitsOnly(model)
+    return Served(model)
 
 
 def write_tokenizer(src_dir: Path, dest: Path, window: int) -> None:
@@ -58,9 +68,9 @@ def write_tokenizer(src_dir: Path, dest: Path, window: int) -> None:
     tok.save(str(dest))
 
 
-def trace(wrapper: nn.Module, tokenizer: Any, path: Path, output: str) -> None:
-    """Write `wrapper`, a module (input_ids, attention_mask) -> [batch, ...], as ONNX with one output named
-    `output`; batch and sequence axes stay dynamic."""
+def trace(wrapper: nn.Module, tokenizer: Any, path: Path, outputs: list[str]) -> None:
+    """Write `wrapper`, a module (input_ids, attention_mask) -> [batch, ...] (or a tuple of those), as ONNX with
+    its outputs named `outputs`; batch and sequence axes stay dynamic."""
     import torch
 
     sample = tokenizer(["book a flight to paris", "hi"], padding=True, return_tensors="pt")
@@ -77,11 +87,11 @@ def trace(wrapper: nn.Module, tokenizer: Any, path: Path, output: str) -> None:
             (sample["input_ids"], sample["attention_mask"]),
             str(path),
             input_names=["input_ids", "attention_mask"],
-            output_names=[output],
+            output_names=outputs,
             dynamic_axes={
                 "input_ids": {0: "batch", 1: "seq"},
                 "attention_mask": {0: "batch", 1: "seq"},
-                output: {0: "batch"},
+                **{name: {0: "batch"} for name in outputs},
             },
             opset_version=OPSET,
             do_constant_folding=True,
@@ -89,11 +99,19 @@ def trace(wrapper: nn.Module, tokenizer: Any, path: Path, output: str) -> None:
         )
 
 
-def export_onnx(model: Any, tokenizer: Any, path: Path) -> None:
+FEATURES = "features"  # the student's sentence embedding, where it has a geometry head
+
+
+def export_onnx(model: Any, tokenizer: Any, path: Path) -> list[str]:
+    """The served graph; returns its output names."""
+    from compression import geometry
+
     model.eval()
     # ORT's attention fusion matches the eager attention graph, not the SDPA one.
     model.set_attn_implementation("eager")
-    trace(_logits_only(model), tokenizer, path, "logits")
+    outputs = ["logits", FEATURES] if geometry.has_head(model) else ["logits"]
+    trace(_served_outputs(model), tokenizer, path, outputs)
+    return outputs
 
 
 def fuse(raw: Path, out: Path, num_heads: int, hidden_size: int) -> dict[str, int]:
@@ -119,28 +137,36 @@ def fuse(raw: Path, out: Path, num_heads: int, hidden_size: int) -> dict[str, in
 
 
 def run(ckpt_dir: Path, data: Clinc, out: Path, max_length: int, parity_n: int = 300) -> dict[str, Any]:
-    from compression.training import Encoded, predict_logits
+    from compression.training import Encoded, predict_embeddings, predict_logits
 
     model, tokenizer, labels = checkpoint.load(ckpt_dir)
     out.mkdir(parents=True, exist_ok=True)
     raw, fused = out / "model.raw.onnx", out / "model.onnx"
-    export_onnx(model, tokenizer, raw)
+    outputs = export_onnx(model, tokenizer, raw)
     cfg = model.config
     fusions = fuse(raw, fused, cfg.num_attention_heads, cfg.hidden_size)
     write_tokenizer(ckpt_dir, out / "tokenizer.json", max_length)
     shutil.copy(ckpt_dir / "labels.json", out / "labels.json")
 
     val = data.split("val")
-    runner = OnnxStage(fused, out / "tokenizer.json")
-    onnx_logits = runner.logits(val.texts)
+    runner = OnnxStage(fused, out / "tokenizer.json", features=FEATURES if FEATURES in outputs else None)
+    exported = runner.outputs(val.texts)
+    onnx_logits = exported.logits
     sub = val.subset(parity_n, seed=0)
-    torch_logits = predict_logits(model, Encoded(tokenizer, sub, labels, max_length), batch_size=1)
-    index = {t: i for i, t in enumerate(val.texts)}
-    diff = float(np.abs(onnx_logits[[index[t] for t in sub.texts]] - torch_logits).max())
+    sub_encoded = Encoded(tokenizer, sub, labels, max_length)
+    torch_logits = predict_logits(model, sub_encoded, batch_size=1)
+    index = [{t: i for i, t in enumerate(val.texts)}[t] for t in sub.texts]
+    diff = float(np.abs(onnx_logits[index] - torch_logits).max())
     if diff > 1e-3:
         raise RuntimeError(f"ONNX logits differ from PyTorch by {diff:.2e}")
     report = validation_report(onnx_logits, np.array(val.label_ids(labels)), labels)
     report["parity_max_abs_diff"] = diff
+    if exported.features is not None:
+        torch_features = predict_embeddings(model, sub_encoded, batch_size=1)
+        report["features_parity_max_abs_diff"] = float(np.abs(exported.features[index] - torch_features).max())
+        if report["features_parity_max_abs_diff"] > 1e-3:
+            raise RuntimeError(f"ONNX features differ from PyTorch by {report['features_parity_max_abs_diff']:.2e}")
+    report["outputs"] = outputs
     report["fused_operators"] = {k: v for k, v in fusions.items() if v}
     raw.unlink()
     write_run(out, "export", {"opset": OPSET, "max_length": max_length, "source": str(ckpt_dir)}, report)
@@ -149,7 +175,7 @@ def run(ckpt_dir: Path, data: Clinc, out: Path, max_length: int, parity_n: int =
 
 
 # The checkpoints the served transformer can come from.
-EXPORT_SOURCES = ("teacher", "prune")
+EXPORT_SOURCES = ("teacher", "prune", "distill")
 
 
 @dataclass
@@ -158,8 +184,9 @@ class Config:
     export_from: str = field(
         default="teacher",
         metadata={
-            "help": "the checkpoint served: teacher (6 layers), or prune, chapter 8's distilled and pruned "
-            "student, which catches 4.5 points fewer unseen out-of-scope queries (docs/oos-unseen.md)"
+            "help": "the checkpoint served: teacher (6 layers; its OOS rule reads --oos-features embedder or "
+            "mean); prune, the distilled and pruned student, with its sentence-embedding head where it was "
+            "distilled with --geometry-weight (--oos-features student); distill, the same before pruning"
         },
     )
 

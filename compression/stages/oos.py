@@ -33,6 +33,7 @@ from compression.graphs import (
     add_encoder_output,
     add_features_output,
     gate_encoder_output,
+    has_output,
 )
 from compression.measure.metrics import IN_SCOPE_FLOOR, threshold_for_in_scope
 from compression.measure.pools import TUNING_POOL, evaluation_pools, pool_scores, report_pool
@@ -55,6 +56,13 @@ class Config:
     )
     oos_ridge: float = field(
         default=1e-3, metadata={"help": "mahalanobis: ridge of the shared covariance, share of its trace"}
+    )
+    oos_rule: str = field(
+        default="auto",
+        metadata={
+            "help": "the served rule, one of the registry's (app.engine.rules.RULES), or auto: the one that "
+            "catches the most of the held-out Wikipedia sentences, a feature-space rule only by a margin"
+        },
     )
     oos_feature_margin: float = field(
         default=0.25,
@@ -84,6 +92,8 @@ class Config:
     )
 
     def __post_init__(self) -> None:
+        if self.oos_rule != "auto" and self.oos_rule not in RULES:
+            raise FactoryError(f"--oos-rule must be auto or one of {', '.join(RULES)}, got {self.oos_rule!r}")
         if self.oos_features not in FEATURE_SOURCES:
             raise FactoryError(f"--oos-features must be one of {', '.join(FEATURE_SOURCES)}, got {self.oos_features!r}")
         if not 0 < self.oos_in_scope_target <= 1:
@@ -149,6 +159,14 @@ def same_vocabulary(a: Path, b: Path) -> bool:
 
 def _with_features(quantize_dir: Path, embedder_dir: Path | None, out: Path, source: str) -> None:
     """out/model.onnx: the quantised classifier with its features output from `source`."""
+    if source == "student":
+        if not has_output(quantize_dir / MODEL_FILE):
+            raise FactoryError(
+                f"{quantize_dir / MODEL_FILE} has no {FEATURES_OUTPUT} output: distil with --geometry-weight > 0, "
+                "or pass --oos-features embedder or mean"
+            )
+        shutil.copy(quantize_dir / MODEL_FILE, out / MODEL_FILE)
+        return
     if source != "embedder":
         add_features_output(quantize_dir / MODEL_FILE, out / MODEL_FILE, source)
         return
@@ -233,7 +251,8 @@ def run(
         for kind, cls in RULES.items()
     }
     figures = {kind: report for kind, (_, report) in scored.items()}
-    chosen = choose_rule({kind: v["pools"][TUNING_POOL]["oos_recall"] for kind, v in figures.items()}, cfg)
+    by_tuning_pool = choose_rule({kind: v["pools"][TUNING_POOL]["oos_recall"] for kind, v in figures.items()}, cfg)
+    chosen = by_tuning_pool if cfg.oos_rule == "auto" else cfg.oos_rule
     rule = scored[chosen][0]
     gate: dict[str, Any] | None = None
     if isinstance(rule, EnergyKnn) and math.isfinite(cfg.oos_knn_gate):
@@ -251,6 +270,8 @@ def run(
             "fitted_on": len(fit_data.train),
         },
         "rules": figures,
+        "chosen_by": "the tuning pool" if cfg.oos_rule == "auto" else "--oos-rule",
+        "tuning_pool_would_choose": by_tuning_pool,
         "report_pool": reported,
         "tuning_pool": TUNING_POOL,
         "gate": gate,

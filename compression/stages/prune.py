@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from compression import checkpoint
-from compression.augment import augment
 from compression.data import Clinc
 from compression.errors import FactoryError
 from compression.measure.evaluate import evaluate, training_data, training_split, validation_report
@@ -53,6 +52,9 @@ class PruneConfig:
     augment_copies: int  # perturbed, teacher-labelled copies in the recovery transfer set
     alpha: float
     temperature: float
+    geometry_weight: float = 0.0  # as the distillation trained the student's sentence embedding
+    geometry_source: str | None = None
+    transfer_wiki: int = 0
 
 
 def _slice_linear(layer: nn.Linear, keep: torch.Tensor, dim: int) -> nn.Linear:
@@ -102,6 +104,26 @@ def prune_ffn(model: Any, scores: list[torch.Tensor], keep_fraction: float) -> A
     return model
 
 
+def distill_view(cfg: PruneConfig) -> Any:
+    """The recovery's transfer set and geometry loss, in the distillation's own terms."""
+    from compression.stages.distill import DistillConfig
+
+    return DistillConfig(
+        alpha=cfg.alpha,
+        temperature=cfg.temperature,
+        hidden_weight=0.0,
+        layers=[],
+        wiki_path=cfg.wiki_path,
+        wiki_oos=cfg.wiki_oos,
+        train_subset=cfg.train_subset,
+        augment_copies=cfg.augment_copies,
+        freeze_embeddings=True,
+        geometry_weight=cfg.geometry_weight,
+        geometry_source=cfg.geometry_source,
+        transfer_wiki=cfg.transfer_wiki,
+    )
+
+
 def run(
     student_dir: Path,
     data: Clinc,
@@ -114,7 +136,14 @@ def run(
     None). The fine-tuned teacher is the better target: it does not pass on the student's own errors."""
     import torch
 
-    from compression.stages.distill import DistillationLoss, freeze_word_embeddings
+    from compression import geometry
+    from compression.stages.distill import (
+        DistillationLoss,
+        freeze_word_embeddings,
+        geometry_fit,
+        geometry_targets,
+        transfer_set,
+    )
     from compression.training import Encoded, Trainer, predict_logits, seed_everything
 
     seed_everything(train_cfg.seed)
@@ -122,12 +151,10 @@ def run(
     model, tokenizer, labels = checkpoint.load(student_dir)
     split = training_split(data, cfg.wiki_path, cfg.wiki_oos, train_cfg.seed, cfg.train_subset)
     labelled = Encoded(tokenizer, split, labels, train_cfg.max_length)
-    encoded = Encoded(
-        tokenizer,
-        split + augment(split, cfg.augment_copies, train_cfg.seed + 1, tokenizer.mask_token),
-        labels,
-        train_cfg.max_length,
-    )
+    # The distillation's transfer set with fresh perturbed copies (another seed).
+    recovery = distill_view(cfg)
+    transfer = transfer_set(data, recovery, train_cfg.seed + 1, tokenizer.mask_token)
+    encoded = Encoded(tokenizer, transfer, labels, train_cfg.max_length)
     target = model
     if teacher_dir is not None:
         target, _, teacher_labels = checkpoint.load(teacher_dir)
@@ -140,19 +167,30 @@ def run(
     history: list[dict[str, float]] = []
     if cfg.recover_epochs > 0:
         freeze_word_embeddings(model)
-        loss = DistillationLoss(cfg.alpha, cfg.temperature, target_logits)
+        targets = None
+        if cfg.geometry_weight > 0 and geometry.has_head(model):
+            targets = geometry_targets(recovery, transfer.texts, train_cfg.max_length)
+        loss = DistillationLoss(
+            cfg.alpha,
+            cfg.temperature,
+            target_logits,
+            geometry_weight=cfg.geometry_weight if targets is not None else 0.0,
+            geometry_targets=targets,
+        )
         rcfg = dataclasses.replace(train_cfg, epochs=cfg.recover_epochs)
         history = Trainer(model, rcfg, loss).train(encoded)
     logits, gold = evaluate(model, tokenizer, data, train_cfg.max_length)
     report = validation_report(logits, gold, labels)
     report["parameters"] = {"before": before, "after": model.num_parameters()}
+    if geometry.has_head(model):
+        report["geometry_cosine"] = geometry_fit(model, tokenizer, data, recovery, train_cfg.max_length)
     checkpoint.save(out, model, tokenizer, labels)
     config = {
         "prune": dataclasses.asdict(cfg),
         "train": train_cfg.as_dict(),
         "recovery_teacher": str(teacher_dir or student_dir),
     }
-    write_run(out, "prune", config, report, history=history, training_data=training_data(split, data))
+    write_run(out, "prune", config, report, history=history, training_data=training_data(split, data, transfer))
     log.info("pruned validation: %s", report)
     return report
 
@@ -181,6 +219,9 @@ def run_stage(ctx: Context, cfg: Config) -> None:
         augment_copies=cfg.recover_copies,
         alpha=kd.alpha,
         temperature=kd.temperature,
+        geometry_weight=kd.geometry_weight,
+        geometry_source=kd.geometry_source,
+        transfer_wiki=kd.transfer_wiki,
     )
     teacher = None if cfg.recover_from_student else ctx.dir("teacher")
     train = train_config(ctx, cfg.recover_epochs, cfg.recover_lr)

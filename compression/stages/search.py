@@ -48,6 +48,7 @@ def run(
             temperature=trial.suggest_float("temperature", 1.0, 8.0),
             train_subset=search.trial_subset,
             augment_copies=0,  # trials are a cheap proxy; augmentation only pays over full runs
+            transfer_wiki=0,
             wiki_oos=min(base.wiki_oos, search.trial_subset // 4),
         )
         tcfg = dataclasses.replace(

@@ -35,11 +35,11 @@ from app.engine.rules import Outputs, Rule
 from compression.data import Clinc, Split, load_wiki
 from compression.errors import FactoryError
 from compression.graphs import FEATURES_OUTPUT
-from compression.measure.metrics import TEST_OOS_SHARE, Scores, score
+from compression.measure.metrics import TEST_OOS_SHARE, Scores, score, threshold_for_in_scope
 from compression.measure.pools import tuning_split
 from compression.onnx_stage import OnnxStage
-from compression.records import write_run
-from compression.stages.oos import read_rule
+from compression.records import read_run, write_run
+from compression.stages.oos import read_rule, write_rule
 
 if TYPE_CHECKING:
     from compression.pipeline import Context
@@ -71,6 +71,13 @@ class Config:
     )
     static_pretrained: str = field(
         default="", metadata={"help": "encoder for the token vectors (default: the all-MiniLM-L6-v2 package)"}
+    )
+    static_rule_on_cascade: bool = field(
+        default=False,
+        metadata={
+            "help": "set the transformer rule's threshold on the cascade: the strictest that keeps the cascade's "
+            "in-scope validation accuracy at the oos stage's target (in-scope queries alone choose it)"
+        },
     )
     static_oos_tolerance: float = field(
         default=0.001,
@@ -351,6 +358,23 @@ def transfer_set(
     return train + load_wiki(wiki, wiki_oos, seed) + augment(train, copies, seed, mask)
 
 
+def rule_on_cascade(
+    rule: Rule, first: np.ndarray, second: Outputs, gold: np.ndarray, oos: int, tau: float, target: float
+) -> Rule:
+    """The rule at the strictest threshold that keeps the cascade's in-scope validation accuracy at `target`: the
+    rows the first stage answers are never rejected, so the in-scope queries the rule may reject are counted on
+    the cascade, not on the transformer alone. Only in-scope queries choose it (threshold_for_in_scope)."""
+    first_out = Outputs.of(first)
+    answered = first_stage_answers(first_out, tau, oos)
+    scores = rule.score(second)
+    # A row the first stage answers counts as right exactly when its answer is, whatever the threshold.
+    kept = np.where(answered, scores.max() + 1e6, scores)
+    pred = np.where(answered, first_out.pred, second.pred)
+    threshold = threshold_for_in_scope(kept, pred, gold, oos, rule.kind, target)
+    log.info("static: the rule's threshold on the cascade %.2f (transformer alone %.2f)", threshold, rule.threshold)
+    return rule.with_threshold(threshold)
+
+
 def served_targets(outputs: Outputs, oos: int, rule: Rule, margin: float) -> np.ndarray:
     """The transformer's logits, with `oos` raised to the top (by `margin`) wherever its OOS rule fires: the
     first stage learns what the transformer answers, not only its argmax, which on out-of-scope queries is
@@ -397,7 +421,8 @@ def run(transformer_dir: Path, data: Clinc, out: Path, cfg: Config, ctx: Context
     val = data.split("val")
     gold = np.array(val.label_ids(labels))
     first = first_model.logits(val.texts)
-    second = rule.decide(transformer.outputs(val.texts), oos)[0]
+    val_outputs = transformer.outputs(val.texts)
+    second = rule.decide(val_outputs, oos)[0]
     val_ids = [e.ids for e in tokenizer.encode_batch(val.texts)]
     fp32 = head_logits(np.stack([table[x].mean(0) for x in val_ids]), dense)
     stored = stored_table(table, cfg.static_table)
@@ -408,12 +433,18 @@ def run(transformer_dir: Path, data: Clinc, out: Path, cfg: Config, ctx: Context
     tune_second = rule.decide(transformer.outputs(tune.texts), oos)[0]
     tune_gold = np.array(tune.label_ids(labels))
     tau = choose_threshold(first_model.logits(tune.texts), tune_second, tune_gold, oos, cfg.static_oos_tolerance)
+    transformer_alone = score(second, gold, oos)
+    if cfg.static_rule_on_cascade:
+        target = float(read_run(transformer_dir).get("metrics", {}).get("oos_in_scope_target", 0.952))
+        rule = rule_on_cascade(rule, first, val_outputs, gold, oos, tau, target)
+        second = rule.decide(val_outputs, oos)[0]
+    write_rule(out, rule)
     cascade, share = cascade_scores(first, second, gold, oos, tau)
     report = {
         "cascade_threshold": tau,
         "first_stage_share": share,
         "cascade": cascade.as_dict(),
-        "transformer": score(second, gold, oos).as_dict(),
+        "transformer": transformer_alone.as_dict(),
         "first_stage_argmax": score(first.argmax(-1), gold, oos).as_dict(),
         # The graph computes what the trained head does on the stored table, and how often storing it so
         # changes the first stage's answer against the fp32 table it was trained as.
@@ -426,7 +457,11 @@ def run(transformer_dir: Path, data: Clinc, out: Path, cfg: Config, ctx: Context
             for t in (*GRID[::10], 0.95, 0.99)
             for s, sh in [cascade_scores(first, second, gold, oos, t)]
         },
-        "transformer_rule": {"oos_rule": rule.kind, "oos_threshold": rule.threshold},
+        "transformer_rule": {
+            "oos_rule": rule.kind,
+            "oos_threshold": rule.threshold,
+            "on_cascade": cfg.static_rule_on_cascade,
+        },
         "threshold_tuned_on": "in-scope validation + wiki_heldout",
         "kind": f"embedding_bag, GELU head {cfg.static_hidden}" if cfg.static_hidden else "embedding_bag",
         "macs_per_token": table.shape[1],
