@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "clinc150"
@@ -17,6 +17,11 @@ class Settings(BaseSettings):
 
     model_dir: Path = Field(
         DEFAULT_MODEL_DIR, description="directory holding the artifact (model.onnx, card.json, ...)"
+    )
+    model_root: Path | None = Field(
+        None,
+        description="if set, INTENT_MODEL_DIR and every directory /admin/reload loads must lie under it "
+        "(after resolving symlinks); unset: any directory",
     )
     verify_sha256: bool = Field(True, description="check every artifact file against card.json at start-up")
 
@@ -63,11 +68,28 @@ class Settings(BaseSettings):
         2.0, ge=0, description="after SIGTERM, answer /ready 503 and keep serving this long before closing listeners"
     )
 
+    @field_validator("model_root")
+    @classmethod
+    def _model_dir_under_root(cls, root: Path | None, info: ValidationInfo) -> Path | None:
+        model_dir = info.data.get("model_dir")  # absent only if it failed its own validation
+        if root is not None and model_dir is not None and not within_root(model_dir, root):
+            raise ValueError(f"INTENT_MODEL_DIR {model_dir} is outside INTENT_MODEL_ROOT {root}")
+        return root
+
     @model_validator(mode="after")
     def _cores(self) -> Settings:
         if self.workers == 0:
             self.workers = max(1, effective_cpus() // self.ort_intra_threads)
         return self
+
+
+def within_root(path: Path, root: Path | None) -> bool:
+    """Whether `path` lies under `root` once both are resolved (symlinks followed, `..` collapsed, the path
+    need not exist); always true without a root. Relative paths resolve against the working directory, as
+    the model loader reads them."""
+    if root is None:
+        return True
+    return path.resolve(strict=False).is_relative_to(root.resolve(strict=False))
 
 
 def effective_cpus() -> int:

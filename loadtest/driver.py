@@ -144,11 +144,13 @@ async def open_loop(
     connections: int = 64,
     seed: int = 0,
     batch: int = 1,
+    report: Report | None = None,
 ) -> Report:
-    """Offer `rate` requests/s for `seconds`, on at most `connections` keep-alive connections."""
+    """Offer `rate` requests/s for `seconds`, on at most `connections` keep-alive connections. Results go
+    into `report` if given, as they come in (a long run can read and clear them as it goes)."""
     host, port = loopback_target(base_url)
     rng = random.Random(seed)
-    report = Report()
+    report = report if report is not None else Report()
     queue: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue()
 
     async def worker() -> None:

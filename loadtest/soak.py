@@ -1,5 +1,13 @@
-"""`make soak`: a bounded run at a moderate fixed rate that records RSS over time. Fails if RSS grows
-more than 10% after warm-up, or if any request fails. Writes reports/soak.json."""
+"""`make soak`: an hour (`--minutes`) of open-loop load at a fixed share (`--share`, half) of the capacity
+measured first (a few seconds closed-loop), with the service's memory and latency written every minute:
+RSS summed over its processes (the supervisor and its workers), p50, p99 and errors.
+
+The bar, checked at the end: no request fails; after a warm-up of 5 minutes, RSS grows by at most 5%;
+the p99 of the last 10 minutes is at most 20% above the p99 of the first 10 after the warm-up. A run
+shorter than 25 minutes scales the warm-up and both windows down in proportion (a 1-minute run: 12 s of
+warm-up, windows of 24 s). Writes reports/soak.json and reports/soak.png (RSS, p50/p99 and errors over
+time); exits 1 if the bar is not met.
+"""
 
 from __future__ import annotations
 
@@ -8,77 +16,259 @@ import asyncio
 import json
 import os
 import subprocess
-import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from app.cpu import current, measurement_context
-from loadtest.driver import open_loop
+from loadtest.driver import Report, closed_loop, open_loop
 from loadtest.procs import rss_mb
 from loadtest.queries import load_queries
-from loadtest.server import ROOT, free_port, our_server, wait_ready
+from loadtest.server import ROOT, free_port, our_server, stop, wait_ready
+
+WARMUP_S = 300.0
+COMPARE_S = 600.0
+RSS_GROWTH_MAX = 0.05
+P99_RISE_MAX = 0.20
 
 
-def run(seconds: float, rate: float, workers: int, warmup_s: float, sample_every: float) -> dict[str, Any]:
+@dataclass
+class Tick:
+    """What came back in one sampling interval, which ended `t_s` seconds into the run."""
+
+    t_s: float
+    rss_mb: float
+    requests: int
+    errors: int
+    latencies_ms: np.ndarray = field(repr=False)  # of the requests answered 200
+
+
+def percentile(latencies: list[np.ndarray], q: float) -> float | None:
+    joined = np.concatenate(latencies) if latencies else np.empty(0)
+    return round(float(np.percentile(joined, q)), 3) if joined.size else None
+
+
+def phases(duration_s: float, warmup_s: float = WARMUP_S, compare_s: float = COMPARE_S) -> tuple[float, float]:
+    """(warm-up, comparison window), scaled down in proportion when the run is shorter than both windows
+    after the warm-up."""
+    needed = warmup_s + 2 * compare_s
+    if duration_s >= needed:
+        return warmup_s, compare_s
+    scale = duration_s / needed
+    return warmup_s * scale, compare_s * scale
+
+
+def minute_rows(ticks: list[Tick], minute_s: float = 60.0) -> list[dict[str, Any]]:
+    """One row per minute (the last one may be partial): RSS at its end, requests, p50, p99, errors."""
+    rows: list[dict[str, Any]] = []
+    by_minute: dict[int, list[Tick]] = {}
+    for tick in ticks:
+        by_minute.setdefault(max(0, int(np.ceil(tick.t_s / minute_s)) - 1), []).append(tick)
+    for index in sorted(by_minute):
+        group = by_minute[index]
+        rows.append(
+            {
+                "minute": index + 1,
+                "t_s": round(group[-1].t_s, 1),
+                "rss_mb": round(group[-1].rss_mb, 1),
+                "requests": sum(t.requests for t in group),
+                "p50_ms": percentile([t.latencies_ms for t in group], 50),
+                "p99_ms": percentile([t.latencies_ms for t in group], 99),
+                "errors": sum(t.errors for t in group),
+            }
+        )
+    return rows
+
+
+def evaluate(
+    ticks: list[Tick], duration_s: float, warmup_s: float = WARMUP_S, compare_s: float = COMPARE_S
+) -> dict[str, Any]:
+    """The bar over the whole run: no errors; RSS after the warm-up at most 5% above its value at the end of
+    the warm-up; the p99 of the last `compare_s` at most 20% above that of the first `compare_s` after the
+    warm-up (both scaled down for a short run)."""
+    warmup, compare = phases(duration_s, warmup_s, compare_s)
+    errors = sum(t.errors for t in ticks)
+    after = [t for t in ticks if t.t_s >= warmup] or ticks[-1:]
+    rss_base = after[0].rss_mb if after else 0.0
+    rss_peak = max((t.rss_mb for t in after), default=0.0)
+    growth = (rss_peak - rss_base) / rss_base if rss_base else 0.0
+    # A tick belongs to a window if it ended inside it.
+    first = [t.latencies_ms for t in ticks if warmup < t.t_s <= warmup + compare]
+    last = [t.latencies_ms for t in ticks if t.t_s > duration_s - compare]
+    p99_first, p99_last = percentile(first, 99), percentile(last, 99)
+    rise = (p99_last / p99_first - 1) if p99_first and p99_last is not None else None
+    checks = {
+        "no_errors": errors == 0,
+        "rss_flat": growth <= RSS_GROWTH_MAX,
+        "p99_steady": rise is not None and rise <= P99_RISE_MAX,
+    }
+    return {
+        "warmup_s": round(warmup, 1),
+        "compare_s": round(compare, 1),
+        "errors": errors,
+        "rss_after_warmup_mb": round(rss_base, 1),
+        "rss_peak_after_warmup_mb": round(rss_peak, 1),
+        "rss_growth": round(growth, 4),
+        "p99_first_ms": p99_first,
+        "p99_last_ms": p99_last,
+        "p99_rise": None if rise is None else round(rise, 4),
+        "checks": checks,
+        "passed": all(checks.values()),
+    }
+
+
+def plot(ticks: list[Tick], rows: list[dict[str, Any]], verdict: dict[str, Any], path: Path) -> None:
+    """RSS at every tick, p50 and p99 per minute, errors per minute; the warm-up and both p99 windows shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_rss, ax_lat, ax_err) = plt.subplots(3, 1, figsize=(9, 8), sharex=True)
+    t_min = [t.t_s / 60 for t in ticks]
+    ax_rss.plot(t_min, [t.rss_mb for t in ticks], color="tab:blue")
+    ax_rss.axvspan(0, verdict["warmup_s"] / 60, color="grey", alpha=0.2, label="warm-up")
+    ax_rss.set_ylabel("RSS, MB (all processes)")
+    ax_rss.legend(loc="lower right")
+    row_t = [r["t_s"] / 60 for r in rows]
+    ax_lat.plot(row_t, [r["p50_ms"] for r in rows], marker=".", label="p50")
+    ax_lat.plot(row_t, [r["p99_ms"] for r in rows], marker=".", label="p99")
+    duration_min = ticks[-1].t_s / 60 if ticks else 0.0
+    warm, comp = verdict["warmup_s"] / 60, verdict["compare_s"] / 60
+    ax_lat.axvspan(warm, warm + comp, color="tab:green", alpha=0.1, label="first window")
+    ax_lat.axvspan(duration_min - comp, duration_min, color="tab:red", alpha=0.1, label="last window")
+    ax_lat.set_ylabel("latency, ms")
+    ax_lat.legend(loc="upper right")
+    ax_err.bar(row_t, [r["errors"] for r in rows], width=0.6, color="tab:red")
+    ax_err.set_ylabel("errors per minute")
+    ax_err.set_xlabel("minutes")
+    fig.suptitle(f"soak: {'passed' if verdict['passed'] else 'FAILED'} {verdict['checks']}", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def measure_capacity(base: str, texts: list[str], seconds: float) -> float:
+    """Closed-loop peak (requests/s answered 200), after a short warm-up."""
+    asyncio.run(closed_loop(base, min(2.0, seconds), texts, connections=16))
+    report = asyncio.run(closed_loop(base, seconds, texts, connections=16))
+    return sum(1 for r in report.results if r.status == 200) / seconds
+
+
+async def drive(
+    base: str, rate: float, duration_s: float, texts: list[str], pid: int, tick_s: float, minute_s: float
+) -> list[Tick]:
+    """Open loop at `rate` for `duration_s`; every `tick_s`, what came back since the last tick (then dropped,
+    so that an hour of results does not pile up in memory) and the service's RSS. Prints each finished minute."""
+    report = Report()
+    load = asyncio.create_task(open_loop(base, rate, duration_s, texts, connections=16, report=report))
+    ticks: list[Tick] = []
+    seen_lost = seen_refused = 0
+    start = time.perf_counter()
+    printed = 0
+
+    def take() -> None:
+        nonlocal seen_lost, seen_refused
+        results = report.results[:]
+        report.results.clear()  # nothing awaits between these two lines: no result is lost
+        lost, refused = report.lost - seen_lost, report.connect_errors - seen_refused
+        seen_lost, seen_refused = report.lost, report.connect_errors
+        ok = np.array([r.latency_s * 1000 for r in results if r.status == 200], dtype=np.float32)
+        errors = sum(1 for r in results if r.status != 200) + lost + refused
+        t = time.perf_counter() - start
+        ticks.append(Tick(round(t, 2), rss_mb(pid), len(results) + lost + refused, errors, ok))
+
+    def print_minutes(final: bool) -> None:
+        nonlocal printed
+        rows = minute_rows(ticks, minute_s)
+        for row in rows[printed:] if final else rows[printed:-1]:
+            print(
+                f"  minute {row['minute']:>3}: RSS {row['rss_mb']:7.1f} MB  {row['requests']:>6} requests  "
+                f"p50 {row['p50_ms']} ms  p99 {row['p99_ms']} ms  errors {row['errors']}",
+                flush=True,
+            )
+            printed += 1
+
+    while not load.done():
+        await asyncio.wait({load}, timeout=tick_s)
+        take()
+        print_minutes(final=False)
+    await load
+    print_minutes(final=True)
+    return ticks
+
+
+def run(
+    minutes: float = 60.0,
+    share: float = 0.5,
+    workers: int = 2,
+    rate: float | None = None,
+    capacity_s: float = 5.0,
+    warmup_s: float = WARMUP_S,
+    compare_s: float = COMPARE_S,
+    minute_s: float = 60.0,
+) -> tuple[dict[str, Any], list[Tick]]:
+    duration = minutes * 60
+    tick_s = max(0.5, min(5.0, duration / 12))
     port = free_port()
     cmd, env = our_server(port, workers)
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     base = f"http://127.0.0.1:{port}"
-    samples: list[tuple[float, float]] = []
-    done = threading.Event()
-
-    def sample() -> None:
-        start = time.perf_counter()
-        while not done.wait(sample_every):
-            samples.append((round(time.perf_counter() - start, 1), round(rss_mb(proc.pid), 2)))
-
+    texts = load_queries()
+    capacity = None
     try:
-        wait_ready(base, proc, "/ready", 60)
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        report = asyncio.run(open_loop(base, rate, seconds, load_queries(), connections=16))
-        done.set()
-        sampler.join()
+        wait_ready(base, proc, "/ready", 120)
+        if rate is None:
+            capacity = measure_capacity(base, texts, capacity_s)
+            rate = share * capacity
+        print(f"soak: {duration / 60:g} min at {rate:.1f} req/s (capacity {capacity} req/s)", flush=True)
+        ticks = asyncio.run(drive(base, rate, duration, texts, proc.pid, tick_s, minute_s))
     finally:
-        proc.terminate()
-        proc.wait(30)
-    after_warmup = [rss for t, rss in samples if t >= warmup_s] or [rss for _, rss in samples]
-    baseline, peak = after_warmup[0], max(after_warmup)
-    growth = (peak - baseline) / baseline if baseline else 0.0
-    errors = sum(1 for r in report.results if r.status != 200) + report.lost + report.connect_errors
-    return {
-        "seconds": seconds,
-        "rate": rate,
-        "requests": report.scheduled,
-        "answers": report.classes(),
-        "errors": errors,
-        "latency_ms": report.latency_ms(200),
-        "rss_after_warmup_mb": baseline,
-        "rss_peak_mb": peak,
-        "rss_growth": round(growth, 4),
-        "samples": samples,
-        "passed": errors == 0 and growth <= 0.10,
+        stop(proc)
+    rows = minute_rows(ticks, minute_s)
+    verdict = evaluate(ticks, duration, warmup_s, compare_s)
+    result = {
+        "minutes": minutes,
+        "workers": workers,
+        "capacity_rps": None if capacity is None else round(capacity, 1),
+        "share": share if capacity is not None else None,
+        "rate_rps": round(rate, 1),
+        "requests": sum(t.requests for t in ticks),
+        **verdict,
+        "per_minute": rows,
+        "rss_samples": [[t.t_s, round(t.rss_mb, 2)] for t in ticks],
     }
+    return result, ticks
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--seconds", type=float, default=600)
-    p.add_argument("--rate", type=float, default=200)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--minutes", type=float, default=60.0, help="length of the run (default: an hour)")
+    p.add_argument("--share", type=float, default=0.5, help="share of the measured capacity to offer")
+    p.add_argument("--rate", type=float, default=None, help="a fixed rate (requests/s) instead of --share")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--warmup", type=float, default=None, help="default: 10%% of the run")
-    p.add_argument("--out", type=Path, default=ROOT / "reports" / "soak.json")
+    p.add_argument("--capacity-seconds", type=float, default=5.0, help="length of the capacity measurement")
+    p.add_argument("--out-dir", type=Path, default=ROOT / "reports", help="where soak.json and soak.png go")
     a = p.parse_args(argv)
+    if a.minutes <= 0:
+        p.error("--minutes must be positive")
+    if not 0 < a.share <= 1:
+        p.error("--share must be in (0, 1]")
     print(f"CPU: {current().describe()}", flush=True)
-    warmup = a.warmup if a.warmup is not None else a.seconds * 0.1
-    result = run(a.seconds, a.rate, a.workers, warmup, max(0.5, a.seconds / 120))
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({**result, "context": measurement_context()}, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=2))
-    print("soak:", "passed" if result["passed"] else "FAILED")
+    result, ticks = run(a.minutes, a.share, a.workers, a.rate, a.capacity_seconds)
+    a.out_dir.mkdir(parents=True, exist_ok=True)
+    (a.out_dir / "soak.json").write_text(json.dumps({**result, "context": measurement_context()}, indent=2) + "\n")
+    plot(ticks, result["per_minute"], result, a.out_dir / "soak.png")
+    summary = {k: v for k, v in result.items() if k not in ("per_minute", "rss_samples")}
+    print(json.dumps(summary, indent=2))
+    print(f"wrote {a.out_dir / 'soak.json'} and {a.out_dir / 'soak.png'}")
+    print("soak:", "passed" if result["passed"] else f"FAILED {[k for k, v in result['checks'].items() if not v]}")
     return 0 if result["passed"] else 1
 
 

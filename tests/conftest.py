@@ -39,3 +39,22 @@ def model_copy(tmp_path: Path) -> Path:
     dest = tmp_path / "model"
     shutil.copytree(MODEL_DIR, dest)
     return dest
+
+
+def linked_copy(dest: Path, version: str | None = None, skip: tuple[str, ...] = ()) -> Path:
+    """The committed model at `dest`, under `version` if given, without the files named in `skip`. Model files
+    are hard links where the filesystem allows (no space, no time): never write into one, it is the committed
+    file. card.json is always written fresh."""
+    dest.mkdir(parents=True)
+    for src in MODEL_DIR.iterdir():
+        if src.name == "card.json" or src.name in skip:
+            continue
+        try:
+            os.link(src, dest / src.name)
+        except OSError:
+            shutil.copy2(src, dest / src.name)
+    card = json.loads((MODEL_DIR / "card.json").read_text())
+    if version is not None:
+        card["version"] = version
+    (dest / "card.json").write_text(json.dumps(card))
+    return dest

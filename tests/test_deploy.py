@@ -1,11 +1,22 @@
 """Deployment artifacts: the kustomization renders, every manifest validates against the Kubernetes
-schemas, and the Dockerfile lints clean."""
+schemas, the Dockerfile lints clean, and the HAProxy and nginx configs retry only what is safe to retry."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import re
 import shutil
+import socket
 import subprocess
 import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import kubernetes_validate
@@ -13,6 +24,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT
+from tests.servers import free_port
 
 BIN = Path(sys.executable).parent
 K8S_VERSION = "1.33.0"
@@ -104,3 +116,306 @@ def test_dockerfile_serves_without_training_stack() -> None:
     assert [line for line in text.splitlines() if line.startswith("FROM ")] == ["FROM ${BASE} AS deps", "FROM ${BASE}"]
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {"compression", "artifacts", ".venv"} <= set(ignored)
+
+
+# Balancers: retries only where a request is safe to send twice (POST /predict and /predict/batch are pure
+# functions of their body), never a second send of POST /admin/reload.
+
+HAPROXY_CFG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
+NGINX_CONF = ROOT / "deploy" / "nginx" / "intent.conf"
+RETRIED = [("POST", "/predict"), ("POST", "/predict/batch")]
+SENT_ONCE = [("POST", "/admin/reload")]
+
+
+def haproxy_sections(text: str) -> dict[str, list[str]]:
+    """Section header ('global', 'defaults', 'backend replicas', ...) -> its directives, comments dropped."""
+    sections: dict[str, list[str]] = {}
+    current: list[str] = []
+    for raw in text.splitlines():
+        line = raw.split("#", 1)[0].rstrip()
+        if not line.strip():
+            continue
+        if not line[0].isspace():
+            current = sections.setdefault(" ".join(line.split()), [])
+        else:
+            current.append(" ".join(line.split()))
+    return sections
+
+
+def haproxy_retries(directives: list[str], method: str, path: str) -> bool:
+    """Whether HAProxy may send (method, path) a second time after it reached a replica (an L7 retry): the
+    backend has a retry-on beyond conn-failure, and no `http-request disable-l7-retry` rule matches. Knows
+    the forms this config uses: `acl NAME path|method VALUES...` and `disable-l7-retry unless|if NAME`."""
+    retry_on = [d.split()[1:] for d in directives if d.startswith("retry-on ")]
+    if not retry_on or set(retry_on[-1]) <= {"none", "conn-failure"}:
+        return False
+    acls: dict[str, bool] = {}
+    for d in directives:
+        if d.startswith("acl "):
+            _, name, fetch, *values = d.split()
+            assert fetch in {"path", "method"}, d
+            matches = (path if fetch == "path" else method) in values
+            acls[name] = acls.get(name, False) or matches  # acl lines of one name are OR'ed
+    for d in directives:
+        if d.startswith("http-request disable-l7-retry"):
+            words = d.split()[2:]
+            if not words:
+                return False
+            cond, name = words
+            assert cond in {"if", "unless"}, d
+            if acls[name] == (cond == "if"):
+                return False
+    return True
+
+
+def test_haproxy_retries_the_predict_routes_and_never_resends_admin_reload() -> None:
+    sections = haproxy_sections(HAPROXY_CFG.read_text())
+    backend = sections["backend replicas"]
+    assert "retries 3" in backend
+    assert any(d.split()[:2] == ["option", "redispatch"] for d in backend)
+    assert "retry-on conn-failure empty-response response-timeout 503" in backend
+    assert "option http-buffer-request" in backend  # the whole request is held, so it can be sent again
+    # Retry settings live in the one backend, not in sections that would apply them elsewhere.
+    for name, directives in sections.items():
+        if name != "backend replicas":
+            assert not [d for d in directives if d.startswith(("retry-on", "retries", "option redispatch"))], name
+    for method, path in RETRIED:
+        assert haproxy_retries(backend, method, path), (method, path)
+    for method, path in SENT_ONCE:
+        assert not haproxy_retries(backend, method, path), (method, path)
+    assert haproxy_retries(backend, "GET", "/model")
+
+
+def nginx_parse(text: str) -> list[tuple[list[str], list]]:
+    """nginx's syntax as (directive words, children) pairs; children is [] for a simple directive."""
+    tokens = re.findall(r'"[^"]*"|\'[^\']*\'|[{};]|[^\s{};"\']+', re.sub(r"#[^\n]*", "", text))
+    pos = 0
+
+    def block() -> list[tuple[list[str], list]]:
+        nonlocal pos
+        out: list[tuple[list[str], list]] = []
+        words: list[str] = []
+        while pos < len(tokens):
+            tok = tokens[pos]
+            pos += 1
+            if tok == ";":
+                out.append((words, []))
+                words = []
+            elif tok == "{":
+                out.append((words, block()))
+                words = []
+            elif tok == "}":
+                assert not words, words
+                return out
+            else:
+                words.append(tok)
+        assert not words, words
+        return out
+
+    return block()
+
+
+def nginx_location(server: list[tuple[list[str], list]], path: str) -> tuple[list[str], list]:
+    """The location nginx picks for `path` among exact (=) and plain prefix locations."""
+    locations = [(words, body) for words, body in server if words[0] == "location"]
+    for words, body in locations:
+        if words[1:] == ["=", path]:
+            return words, body
+    prefixes = [(words, body) for words, body in locations if len(words) == 2 and path.startswith(words[1])]
+    assert prefixes, path
+    return max(prefixes, key=lambda wb: len(wb[0][1]))
+
+
+def nginx_next_upstream(body: list[tuple[list[str], list]]) -> list[str] | None:
+    found = [words[1:] for words, _ in body if words[0] == "proxy_next_upstream"]
+    assert len(found) <= 1
+    return found[0] if found else None
+
+
+def test_nginx_retries_only_the_predict_routes() -> None:
+    conf = nginx_parse(NGINX_CONF.read_text())
+    (upstream,) = [body for words, body in conf if words[:2] == ["upstream", "intent_replicas"]]
+    assert len([w for w, _ in upstream if w[0] == "server"]) == 3
+    (server,) = [body for words, body in conf if words == ["server"]]
+    # Retries after the request was sent are set per location, never for the whole server.
+    assert nginx_next_upstream(server) is None
+    for _method, path in RETRIED:
+        words, body = nginx_location(server, path)
+        assert words == ["location", "=", path]
+        assert nginx_next_upstream(body) == ["error", "timeout", "http_503", "non_idempotent"]
+        assert ["proxy_pass", "http://intent_replicas"] in [w for w, _ in body]
+    for _method, path in SENT_ONCE:
+        words, body = nginx_location(server, path)
+        assert words == ["location", "/"]
+        assert ["proxy_pass", "http://intent_replicas"] in [w for w, _ in body]
+        # nginx's default (error timeout) never sends a POST again once it reached a replica.
+        assert nginx_next_upstream(body) is None
+    locations_with_non_idempotent = [
+        words
+        for words, body in server
+        if words[0] == "location" and "non_idempotent" in (nginx_next_upstream(body) or [])
+    ]
+    assert locations_with_non_idempotent == [["location", "=", "/predict"], ["location", "=", "/predict/batch"]]
+
+
+class FakeReplica:
+    """A replica stand-in on loopback: /ready 200; POSTs counted by path, answered 200 by a well one; a sick one
+    answers 503 to /predict and /admin/reload and closes /predict/batch's connection without a response."""
+
+    def __init__(self, sick: bool) -> None:
+        self.hits: Counter[str] = Counter()
+        replica = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def answer(self, status: int, body: bytes) -> None:
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                with contextlib.suppress(ConnectionError):  # HAProxy's health check hangs up after the status line
+                    self.wfile.write(body)
+
+            def do_GET(self) -> None:
+                self.answer(200, b"{}")
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("content-length", "0")))
+                replica.hits[self.path] += 1
+                if not sick:
+                    self.answer(200, json.dumps({"model_version": "well"}).encode())
+                elif self.path == "/predict/batch":
+                    self.close_connection = True  # an empty response: what a replica killed mid-request gives
+                else:
+                    self.answer(503, b'{"error": {"type": "not_ready", "message": "sick"}}')
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = int(self.server.server_address[1])
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def replicas() -> Iterator[tuple[FakeReplica, FakeReplica]]:
+    sick, well = FakeReplica(sick=True), FakeReplica(sick=False)
+    yield sick, well
+    sick.close()
+    well.close()
+
+
+def send(base: str, path: str, n: int) -> list[int]:
+    codes = []
+    for i in range(n):
+        req = urllib.request.Request(
+            base + path, json.dumps({"text": f"t{i}"}).encode(), {"content-type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                codes.append(r.status)
+        except urllib.error.HTTPError as e:
+            codes.append(e.code)
+    return codes
+
+
+def check_balancer(base: str, sick: FakeReplica, well: FakeReplica, n: int = 12) -> None:
+    """Through the balancer: every /predict and /predict/batch answered 200 although the sick replica got its
+    share of them (so they were retried); each /admin/reload reached exactly one replica once, and those the
+    sick one got came back as its 503."""
+    admin = send(base, "/admin/reload", n)
+    assert sick.hits["/admin/reload"] + well.hits["/admin/reload"] == n
+    assert sick.hits["/admin/reload"] >= 1
+    assert admin.count(503) == sick.hits["/admin/reload"]
+    assert admin.count(200) == well.hits["/admin/reload"]
+    for path in ("/predict", "/predict/batch"):
+        assert send(base, path, n) == [200] * n, path
+        assert well.hits[path] == n
+        assert sick.hits[path] >= 1, path  # the sick replica was tried, and the request went on to the well one
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"exited with {proc.returncode}"
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"nothing listens on {port} after {timeout:.0f} s")
+
+
+@pytest.mark.integration
+def test_haproxy_accepts_the_config_and_retries_as_configured(
+    tmp_path: Path, replicas: tuple[FakeReplica, FakeReplica]
+) -> None:
+    from loadtest import debian, scaleout
+
+    binary = debian.require("haproxy")
+    check = subprocess.run([binary, "-c", "-f", str(HAPROXY_CFG)], capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr
+    sick, well = replicas
+    frontend, stats = free_port(), tmp_path / "haproxy.sock"
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(scaleout.render(HAPROXY_CFG.read_text(), frontend, [sick.port, well.port], stats))
+    proc = subprocess.Popen([binary, "-db", "-f", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(frontend, proc)
+        for name in ("replica1", "replica2"):
+            scaleout.wait_status(stats, name, "UP")
+        check_balancer(f"http://127.0.0.1:{frontend}", sick, well)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def nginx_wrapper(tmp_path: Path, conf: Path) -> Path:
+    """A whole nginx.conf around the shipped file (which goes in an `http` block), everything under tmp_path."""
+    wrapper = tmp_path / "nginx.conf"
+    wrapper.write_text(
+        f"daemon off;\nmaster_process off;\npid {tmp_path / 'nginx.pid'};\nerror_log {tmp_path / 'error.log'};\n"
+        f"events {{}}\nhttp {{\n    access_log off;\n    client_body_temp_path {tmp_path / 'body'};\n"
+        f"    proxy_temp_path {tmp_path / 'proxy'};\n    include {conf};\n}}\n"
+    )
+    return wrapper
+
+
+@pytest.mark.integration
+def test_nginx_accepts_the_config_and_retries_as_configured(
+    tmp_path: Path, replicas: tuple[FakeReplica, FakeReplica]
+) -> None:
+    from loadtest import debian
+
+    binary = debian.require("nginx")
+    nginx = [binary, "-p", str(tmp_path), "-e", str(tmp_path / "error.log")]
+    check = subprocess.run(
+        [*nginx, "-t", "-c", str(nginx_wrapper(tmp_path, NGINX_CONF))], capture_output=True, text=True, timeout=60
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    sick, well = replicas
+    frontend = free_port()
+    # This run's ports; and no passive failure marking (max_fails=0), so that both fakes keep getting their
+    # share of requests instead of the sick one being skipped after its first failure.
+    text = NGINX_CONF.read_text().replace("listen 127.0.0.1:8000;", f"listen 127.0.0.1:{frontend};")
+    servers = [line for line in text.splitlines() if line.strip().startswith("server 127.0.0.1:")]
+    assert len(servers) == 3
+    for line, port in zip(servers, [sick.port, well.port, None], strict=True):
+        indent = line[: len(line) - len(line.lstrip())]
+        text = text.replace(line + "\n", f"{indent}server 127.0.0.1:{port} max_fails=0;\n" if port else "")
+    conf = tmp_path / "intent.conf"
+    conf.write_text(text)
+    proc = subprocess.Popen(
+        [*nginx, "-c", str(nginx_wrapper(tmp_path, conf))], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        wait_port(frontend, proc)
+        check_balancer(f"http://127.0.0.1:{frontend}", sick, well)
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from app.http.metrics import REQUEST_BUCKETS
 from tests.conftest import ROOT
 from tests.servers import free_port, get, post, running_server
 
@@ -113,7 +114,9 @@ def test_prometheus_scrapes_and_queries(prom_bin: Path, tmp_path: Path) -> None:
             p99 = query(url, p99_expr)
             seconds = float(p99[0]["value"][1])
             print(f"\nPrometheus: {value:.0f} requests counted, server p99 {seconds * 1000:.2f} ms")
-            assert 0 < seconds < 1
+            # A finite quantile from the service's buckets (histogram_quantile caps it at the highest finite
+            # bucket), not a latency bar: one slow request on a loaded machine must not fail this test.
+            assert 0 < seconds <= REQUEST_BUCKETS[-1]
             stage = query(url, stage_expr)
             assert {r["metric"]["stage"] for r in stage} == {"tokenize", "queue", "inference"}
         finally:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -14,13 +17,14 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import ValidationError
 
 from app.config import Settings
 from app.http.main import create_app
 from app.http.reload import Pointer, read_pointer, write_pointer
 from loadtest.driver import closed_loop
 from loadtest.queries import BUILTIN
-from tests.conftest import MODEL_DIR
+from tests.conftest import MODEL_DIR, ROOT, linked_copy
 from tests.servers import get, post, running_server
 
 KEY = "s3cret-admin"
@@ -49,7 +53,8 @@ def tampered(tmp_path: Path) -> Path:
 
 
 def settings(tmp_path: Path, **kw: object) -> Settings:
-    return Settings(model_dir=MODEL_DIR, warmup_queries=2, admin_key=KEY, model_pointer=tmp_path / "ptr.json", **kw)
+    kw = {"model_dir": MODEL_DIR, **kw}
+    return Settings(warmup_queries=2, admin_key=KEY, model_pointer=tmp_path / "ptr.json", **kw)  # type: ignore[arg-type]
 
 
 def version_of(client: TestClient) -> str:
@@ -143,7 +148,7 @@ def test_a_worker_follows_the_pointer_another_worker_wrote(tmp_path: Path) -> No
     target = new_version(tmp_path)
     with TestClient(create_app(settings(tmp_path, reload_poll_s=0.05))) as client:
         write_pointer(tmp_path / "ptr.json", Pointer(str(target), "2026.12.01-rollout"))
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60  # only catches a hang: a loaded machine loads slowly
         while version_of(client) != "2026.12.01-rollout":
             assert time.monotonic() < deadline, "the worker did not follow the pointer"
             time.sleep(0.05)
@@ -155,7 +160,7 @@ def test_a_worker_follows_the_pointer_another_worker_wrote(tmp_path: Path) -> No
 @pytest.mark.integration
 @pytest.mark.slow
 def test_rollout_under_load_in_every_worker(tmp_path: Path) -> None:
-    """Two workers under continuous load: the reload answers 200, no request fails, and 5 s later every
+    """Two workers under continuous load: the reload answers 200, no request fails, and soon after every
     response carries the new version; a tampered copy is refused while the new model keeps answering."""
     target = new_version(tmp_path)
     env = {"INTENT_WORKERS": "2", "INTENT_ADMIN_KEY": KEY}
@@ -171,7 +176,6 @@ def test_rollout_under_load_in_every_worker(tmp_path: Path) -> None:
             )
             with urllib.request.urlopen(req, timeout=60) as r:
                 result["status"], result["body"] = r.status, json.loads(r.read())
-            result["returned_at"] = time.monotonic()
 
         async def scenario() -> object:
             load = asyncio.create_task(closed_loop(base, 6.0, list(BUILTIN), connections=4))
@@ -189,10 +193,17 @@ def test_rollout_under_load_in_every_worker(tmp_path: Path) -> None:
         assert report.lost == 0
         assert report.connect_errors == 0
         assert report.classes() == {"200": len(report.results)}
-        time.sleep(max(0.0, float(result["returned_at"]) + 5 - time.monotonic()))  # type: ignore[arg-type]
-        # Fresh connections, so both workers answer some of them.
-        versions = {post(base + "/predict", {"text": f"what is my balance {i}"})[1]["model_version"] for i in range(40)}
-        assert versions == {"2026.12.01-rollout"}
+        # The other worker follows within a poll and a load (about a second on a quiet machine); the deadline
+        # only catches one that never does. Fresh connections, so both workers answer some of them.
+        deadline = time.monotonic() + 60
+        while True:
+            versions = {
+                post(base + "/predict", {"text": f"what is my balance {i}"})[1]["model_version"] for i in range(40)
+            }
+            if versions == {"2026.12.01-rollout"}:
+                break
+            assert time.monotonic() < deadline, f"still serving {versions} after 60 s"
+            time.sleep(0.2)
         assert post(base + "/admin/reload", {"model_dir": str(tampered(tmp_path))})[0] == 401  # no key
         req = urllib.request.Request(
             base + "/admin/reload",
@@ -223,3 +234,98 @@ def test_concurrent_reloads_in_one_worker_run_one_at_a_time(tmp_path: Path) -> N
         final = version_of(client)
         assert final in {"va", "vb"}
         assert read_pointer(tmp_path / "ptr.json") == Pointer(str(tmp_path / final), final)
+
+
+# INTENT_MODEL_ROOT: reloads only from under one directory.
+
+
+def rooted(tmp_path: Path, **kw: object) -> Settings:
+    """A service serving a copy of the committed model from under tmp_path/models, with that as the root."""
+    root = tmp_path / "models"
+    current = root / "current"
+    if not current.exists():
+        linked_copy(current)
+    return settings(tmp_path, model_dir=current, model_root=root, **kw)
+
+
+@pytest.mark.parametrize("where", ["dotdot", "absolute", "symlink"])
+def test_a_model_dir_outside_the_root_is_forbidden(tmp_path: Path, where: str) -> None:
+    outside = linked_copy(tmp_path / "outside", "9999.outside")  # a good model: only the root refuses it
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "link").symlink_to(outside, target_is_directory=True)
+    target = {
+        "dotdot": str(tmp_path / "models" / ".." / "outside"),
+        "absolute": "/etc",
+        "symlink": str(tmp_path / "models" / "link"),
+    }[where]
+    with TestClient(create_app(rooted(tmp_path))) as client:
+        old = version_of(client)
+        r = client.post("/admin/reload", json={"model_dir": target}, headers=AUTH)
+        assert r.status_code == 403, r.text
+        assert r.json() == {
+            "error": {"type": "forbidden", "message": f"model_dir {target} is outside INTENT_MODEL_ROOT"}
+        }
+        assert version_of(client) == old
+        assert client.get("/model").json()["version"] == old
+        assert read_pointer(tmp_path / "ptr.json") is None
+        assert re.search(r'intent_model_reloads_total\{result="rejected"\} 1\.0', client.get("/metrics").text)
+
+
+def test_a_model_dir_inside_the_root_reloads(tmp_path: Path) -> None:
+    target = linked_copy(tmp_path / "models" / "releases" / ".." / "v2", "2026.12.01-rooted")
+    with TestClient(create_app(rooted(tmp_path))) as client:
+        r = client.post("/admin/reload", json={"model_dir": str(target)}, headers=AUTH)
+        assert r.status_code == 200, r.text
+        assert r.json()["model_version"] == "2026.12.01-rooted"
+        assert version_of(client) == "2026.12.01-rooted"
+
+
+def test_without_a_root_any_directory_reloads(tmp_path: Path) -> None:
+    target = linked_copy(tmp_path / "anywhere" / "else", "2026.12.01-unrooted")
+    assert settings(tmp_path).model_root is None  # the default
+    with TestClient(create_app(settings(tmp_path))) as client:
+        r = client.post("/admin/reload", json={"model_dir": str(target)}, headers=AUTH)
+        assert r.status_code == 200, r.text
+        assert version_of(client) == "2026.12.01-unrooted"
+
+
+def test_start_up_refuses_a_model_dir_outside_the_root(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match=r"INTENT_MODEL_DIR \S+ is outside INTENT_MODEL_ROOT"):
+        Settings(model_dir=MODEL_DIR, model_root=tmp_path)
+    # Symlinks are resolved at start-up too: a link under the root to the committed model is outside.
+    (tmp_path / "link").symlink_to(MODEL_DIR, target_is_directory=True)
+    with pytest.raises(ValidationError, match="outside INTENT_MODEL_ROOT"):
+        Settings(model_dir=tmp_path / "link", model_root=tmp_path)
+    assert Settings(model_dir=MODEL_DIR, model_root=MODEL_DIR.parent).model_root == MODEL_DIR.parent
+    # `python -m app`: one line on stderr, before anything is loaded or bound.
+    env = {**os.environ, "INTENT_MODEL_DIR": str(MODEL_DIR), "INTENT_MODEL_ROOT": str(tmp_path)}
+    run = subprocess.run(
+        [sys.executable, "-m", "app"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [
+        f"error: invalid setting INTENT_MODEL_ROOT: Value error, INTENT_MODEL_DIR {MODEL_DIR} is outside "
+        f"INTENT_MODEL_ROOT {tmp_path}"
+    ]
+
+
+def test_a_worker_does_not_follow_a_pointer_outside_the_root(tmp_path: Path) -> None:
+    outside = linked_copy(tmp_path / "outside", "9999.outside")
+    inside = linked_copy(tmp_path / "models" / "v2", "2026.12.01-rooted")
+    with TestClient(create_app(rooted(tmp_path, reload_poll_s=0.05))) as client:
+        old = version_of(client)
+        write_pointer(tmp_path / "ptr.json", Pointer(str(outside), "9999.outside"))
+        # Then a good one: once the worker serves it, it has certainly seen (and refused) the first.
+        deadline = time.monotonic() + 60
+        while not re.search(r'intent_model_reloads_total\{result="rejected"\} 1\.0', client.get("/metrics").text):
+            assert time.monotonic() < deadline, "the worker never looked at the pointer"
+            time.sleep(0.05)
+        assert version_of(client) == old
+        write_pointer(tmp_path / "ptr.json", Pointer(str(inside), "2026.12.01-rooted"))
+        while version_of(client) != "2026.12.01-rooted":
+            assert time.monotonic() < deadline, "the worker did not follow the good pointer"
+            time.sleep(0.05)
+    # A worker that starts with a pointer outside the root serves INTENT_MODEL_DIR instead.
+    write_pointer(tmp_path / "ptr.json", Pointer(str(outside), "9999.outside"))
+    with TestClient(create_app(rooted(tmp_path))) as client:
+        assert version_of(client) == old

@@ -73,10 +73,17 @@ class ModelRejected(ServiceError):
     kind = "model_rejected"
 
 
+class Forbidden(ServiceError):
+    """A model directory outside INTENT_MODEL_ROOT given to /admin/reload; nothing is read from it."""
+
+    kind = "forbidden"
+
+
 STATUS: dict[type[ServiceError], int] = {
     InvalidJSON: 400,
     InvalidEncoding: 400,
     Unauthorized: 401,
+    Forbidden: 403,
     NotFound: 404,
     MethodNotAllowed: 405,
     BodyTooLarge: 413,

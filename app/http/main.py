@@ -19,7 +19,7 @@ from fastapi.routing import iter_route_contexts
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import __doc__ as description
-from app.config import Settings
+from app.config import Settings, within_root
 from app.engine.engine import WARMUP_TEXTS
 from app.http import reload
 from app.http.errors import MethodNotAllowed, NotFound, ServiceError, ValidationFailed, render
@@ -71,6 +71,9 @@ def _lifespan(factory: ModelFactory) -> Callable[[FastAPI], Any]:
         # A worker started after a reload serves what the pointer names, like the workers already running.
         pointer = reload.read_pointer(settings.model_pointer)
         model_dir = Path(pointer.model_dir) if pointer is not None else settings.model_dir
+        if not within_root(model_dir, settings.model_root):  # a pointer file no reload of ours wrote
+            log.warning("the model pointer names a directory outside INTENT_MODEL_ROOT; serving INTENT_MODEL_DIR")
+            model_dir = settings.model_dir
         model, card = reload.load_warm(state, model_dir)
         reload.install(state, model, card)
         queue = InferenceQueue(

@@ -5,6 +5,8 @@ loads a model directory through the same factory as start-up (files, sha256, tok
 both stages' logits), warms it up off the event loop, and swaps it in: new requests go to the new model,
 and requests already in the queue finish on the one they started on (the queue reads the model slot once
 per request). A model that does not load is refused with 422 `model_rejected`; the old one keeps serving.
+With `INTENT_MODEL_ROOT` set, a directory outside it (after resolving symlinks) is refused with 403
+`forbidden` before anything is read from it, here and in the workers that follow the pointer.
 
 The worker that answers the call then writes a pointer file (`INTENT_MODEL_POINTER`, which `python -m
 app` creates for its workers) naming the directory and version. Every other worker polls that file and
@@ -27,9 +29,10 @@ import orjson
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.config import within_root
 from app.engine.engine import WARMUP_TEXTS, Predictor
 from app.engine.errors import ModelLoadError
-from app.http.errors import ModelRejected, NotReady, Unauthorized
+from app.http.errors import Forbidden, ModelRejected, NotReady, Unauthorized
 from app.http.routes import parse
 from app.http.serving import Served
 
@@ -88,9 +91,17 @@ def load_warm(state: State, model_dir: Path) -> tuple[Predictor, dict[str, Any]]
     return model, card
 
 
+def check_root(state: State, model_dir: Path) -> None:
+    """Refuse a directory outside INTENT_MODEL_ROOT (when set), symlinks and `..` resolved first."""
+    if not within_root(model_dir, state.settings.model_root):
+        state.metrics.reloads.labels("rejected").inc()
+        raise Forbidden(f"model_dir {model_dir} is outside INTENT_MODEL_ROOT")
+
+
 async def reload(state: State, model_dir: Path, publish: bool) -> tuple[str, str | None]:
     """Load, verify, warm up and swap in `model_dir`; with `publish`, point the other workers at it.
     Returns (new version, previous version). Reloads in one worker run one at a time."""
+    check_root(state, model_dir)
     async with state.reload_lock:
         try:
             model, card = await asyncio.to_thread(load_warm, state, model_dir)
@@ -119,7 +130,7 @@ async def follow_pointer(state: State, path: Path, interval_s: float) -> None:
             continue
         try:
             await reload(state, Path(pointer.model_dir), publish=False)
-        except ModelRejected as exc:
+        except (ModelRejected, Forbidden) as exc:
             log.warning("could not follow a reload", extra={"error": exc.message[:300]})
 
 

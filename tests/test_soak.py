@@ -1,0 +1,81 @@
+"""`make soak`'s bookkeeping on made-up samples: per-minute rows, the bar, the windows of a short run, the plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from loadtest import soak
+from loadtest.soak import Tick
+
+
+def ticks(duration_s: float, every_s: float, rss=lambda t: 300.0, p99=lambda t: 10.0, errors=lambda t: 0) -> list[Tick]:
+    """One tick every `every_s`: 100 answers, 98 at 1 ms and 2 at the given p99 level, so the tick's p99 is that."""
+    out = []
+    for i in range(1, int(duration_s / every_s) + 1):
+        t = i * every_s
+        lat = np.array([1.0] * 98 + [p99(t)] * 2, dtype=np.float32)
+        out.append(Tick(t, rss(t), 100 + errors(t), errors(t), lat))
+    return out
+
+
+def test_phases_keep_the_hour_and_scale_a_short_run_down() -> None:
+    assert soak.phases(3600) == (300, 600)
+    assert soak.phases(1500) == (300, 600)
+    warmup, compare = soak.phases(60)
+    assert (warmup, compare) == pytest.approx((12.0, 24.0))  # 60 s is 1/25 of 5 + 2 x 10 minutes
+
+
+def test_rows_per_minute() -> None:
+    rows = soak.minute_rows(ticks(150, 5, rss=lambda t: 300 + t, errors=lambda t: 1 if t == 65 else 0))
+    assert [r["minute"] for r in rows] == [1, 2, 3]
+    assert [r["requests"] for r in rows] == [1200, 1201, 600]  # the last minute is half done
+    assert [r["errors"] for r in rows] == [0, 1, 0]
+    assert [r["rss_mb"] for r in rows] == [360.0, 420.0, 450.0]  # at each minute's end
+    assert rows[0]["p50_ms"] == 1.0
+
+
+def test_a_steady_hour_passes() -> None:
+    verdict = soak.evaluate(ticks(3600, 5), 3600)
+    assert verdict["passed"], verdict
+    assert (verdict["warmup_s"], verdict["compare_s"]) == (300, 600)
+    assert verdict["rss_growth"] == 0.0
+    assert verdict["p99_rise"] == pytest.approx(0.0)
+
+
+def test_memory_growth_during_warm_up_is_allowed_and_after_it_is_not() -> None:
+    warm_growth = ticks(3600, 5, rss=lambda t: 200 + min(t, 300) / 3)  # +100 MB, all in the first 5 minutes
+    assert soak.evaluate(warm_growth, 3600)["checks"]["rss_flat"]
+    leak = ticks(3600, 5, rss=lambda t: 300 + t / 3600 * 18)  # +6% over the hour
+    verdict = soak.evaluate(leak, 3600)
+    assert not verdict["checks"]["rss_flat"]
+    assert not verdict["passed"]
+    assert verdict["rss_growth"] == pytest.approx((318 - 301.5) / 301.5, abs=1e-4)  # from the end of warm-up
+
+
+def test_p99_may_rise_20_percent_between_the_first_and_last_ten_minutes() -> None:
+    def slower_at_the_end(factor: float):
+        return lambda t: 10.0 * factor if t > 3000 else 10.0
+
+    assert soak.evaluate(ticks(3600, 5, p99=slower_at_the_end(1.19)), 3600)["checks"]["p99_steady"]
+    verdict = soak.evaluate(ticks(3600, 5, p99=slower_at_the_end(1.25)), 3600)
+    assert not verdict["checks"]["p99_steady"]
+    assert verdict["p99_rise"] == pytest.approx(0.25, abs=0.01)
+    # A slow warm-up does not count: the first window starts after it.
+    assert soak.evaluate(ticks(3600, 5, p99=lambda t: 50.0 if t <= 300 else 10.0), 3600)["checks"]["p99_steady"]
+
+
+def test_any_error_fails_the_run() -> None:
+    verdict = soak.evaluate(ticks(60, 5, errors=lambda t: 1 if t == 30 else 0), 60)
+    assert verdict["errors"] == 1
+    assert verdict["checks"] == {"no_errors": False, "rss_flat": True, "p99_steady": True}
+
+
+def test_plot_writes_a_png(tmp_path: Path) -> None:
+    samples = ticks(180, 5)
+    verdict = soak.evaluate(samples, 180)
+    out = tmp_path / "soak.png"
+    soak.plot(samples, soak.minute_rows(samples), verdict, out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
