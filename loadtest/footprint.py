@@ -52,7 +52,7 @@ def serve_peak_rss(python: Path, requests: int = 2000) -> float:
 
 def model_files_mb(directory: Path) -> float:
     """Every file the served spec names (card.json's `files`), in MB."""
-    card = json.loads((directory / "card.json").read_text())
+    card: dict[str, dict[str, object]] = json.loads((directory / "card.json").read_text())
     return sum((directory / name).stat().st_size for name in card["files"]) / 1e6
 
 
