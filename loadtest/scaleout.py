@@ -1,13 +1,18 @@
 """`make scaleout`: N replicas of the service behind a real HAProxy (Debian's package) on loopback, under
-open-loop load, with the balancer's config from deploy/haproxy/haproxy.cfg. Two measurements:
+open-loop load, with the balancer's config from deploy/haproxy/haproxy.cfg. The load is sized from the
+machine: the closed-loop peak (single texts and batches of 16, a few seconds each) of one replica alone and of
+the pool through the balancer, and both phases offer `--load-share` (half) of the replicas' summed capacity, or
+of the pool's where that is less (replicas sharing cores). Two measurements:
 
-- kill: SIGKILL one replica mid-load; how many requests failed, against how many were in flight on it
-  when it died (HAProxy's own count of that replica's current sessions, read just before the kill);
+- kill, `--kills` times (5): SIGKILL one replica mid-load (each in turn), at the first moment HAProxy shows
+  requests in flight on it; how many requests failed (the bar: none, as the balancer sends the ones the
+  dead replica did not answer to another), against how many were in flight on it when it died;
 - rolling: SIGTERM each replica in turn, wait for it to exit, start it again and wait until HAProxy
   has it back in rotation; how many requests failed (the bar: none).
 
-Writes reports/scaleout.json as {"replicas", "balancer", "kill": {"requests", "failed",
-"in_flight_on_killed"}, "rolling": {"requests", "failed"}}, plus the details of each phase.
+Writes reports/scaleout.json as {"replicas", "balancer", "capacity", "rate_rps", "kills": [{"requests",
+"failed", "in_flight_on_killed", "killed", ...}, ...], "kill": (the kills summed), "rolling": {"requests",
+"failed", "restarts"}, "passed"}; exits 1 if any request failed.
 """
 
 from __future__ import annotations
@@ -27,8 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from app.config import effective_cpus
 from loadtest import debian
-from loadtest.driver import Report, open_loop
+from loadtest.driver import Report, closed_loop, open_loop
 from loadtest.queries import BUILTIN
 from loadtest.server import ROOT, free_port, our_server, wait_ready
 
@@ -36,6 +42,10 @@ CONFIG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
 # Long enough for HAProxy's /ready check (every 200 ms, one failure) to take a stopping replica out of
 # rotation while it still answers; then its listeners close and it drains.
 SHUTDOWN_DELAY_S = 1.0
+# The kill phase's mix: single texts at the rate, plus batches of BATCH texts at a tenth of it (each takes a
+# few ms, so the victim has requests in flight).
+BATCH = 16
+BATCH_SHARE = 0.1
 
 
 def render(template: str, frontend_port: int, replica_ports: list[int], stats_socket: Path) -> str:
@@ -147,15 +157,16 @@ def in_flight(stats_socket: Path, name: str) -> int:
 
 
 async def kill_phase(
-    base: str, replicas: list[Replica], stats_socket: Path, rate: float, seconds: float
+    base: str, victim: Replica, stats_socket: Path, rate: float, seconds: float, seed: int = 0
 ) -> dict[str, Any]:
-    """Single texts at `rate`, plus batches of 16 texts at a tenth of it (each takes a few ms, so the victim
-    has requests in flight); the victim is killed at the first moment HAProxy shows it busy."""
+    """Single texts at `rate`, plus batches at a tenth of it; `victim` is killed at the first moment HAProxy
+    shows it busy, then started again and awaited back in rotation."""
     texts = list(BUILTIN)
-    singles = asyncio.create_task(open_loop(base, rate, seconds, texts, connections=32))
-    batches = asyncio.create_task(open_loop(base, rate / 10, seconds, texts, connections=8, seed=1, batch=16))
+    singles = asyncio.create_task(open_loop(base, rate, seconds, texts, connections=32, seed=seed))
+    batches = asyncio.create_task(
+        open_loop(base, rate * BATCH_SHARE, seconds, texts, connections=8, seed=seed + 1000, batch=BATCH)
+    )
     await asyncio.sleep(seconds / 3)
-    victim = replicas[0]
     deadline = time.monotonic() + seconds / 3
     while (busy := await asyncio.to_thread(in_flight, stats_socket, victim.name)) == 0 and time.monotonic() < deadline:
         await asyncio.sleep(0)
@@ -163,7 +174,7 @@ async def kill_phase(
     down_after = await asyncio.to_thread(wait_status, stats_socket, victim.name, "DOWN")
     report = merge([await singles, await batches])
     await asyncio.to_thread(victim.wait)
-    await asyncio.to_thread(victim.start)  # back, for the rolling restart
+    await asyncio.to_thread(victim.start)  # back, for the next kill and the rolling restart
     await asyncio.to_thread(wait_status, stats_socket, victim.name, "UP")
     return {
         **summary(report),
@@ -171,6 +182,41 @@ async def kill_phase(
         "killed": victim.name,
         "marked_down_after_s": round(down_after, 3),
     }
+
+
+def total(kills: list[dict[str, Any]]) -> dict[str, int]:
+    """The kills summed: requests, failed, and requests in flight on the killed replicas."""
+    return {key: sum(int(k[key]) for k in kills) for key in ("requests", "failed", "in_flight_on_killed")}
+
+
+def measure_capacity(base: str, seconds: float, connections: int = 8) -> dict[str, float]:
+    """Closed-loop peak at `base`: single texts, then batches of BATCH texts (requests/s answered 200), after
+    a one-second warm-up."""
+    texts = list(BUILTIN)
+    asyncio.run(closed_loop(base, 1.0, texts, connections=connections))
+    singles = asyncio.run(closed_loop(base, seconds, texts, connections=connections))
+    batches = asyncio.run(closed_loop(base, seconds, texts, connections=max(1, connections // 2), batch=BATCH))
+    return {
+        "single_rps": round(sum(1 for r in singles.results if r.status == 200) / seconds, 1),
+        f"batch{BATCH}_rps": round(sum(1 for r in batches.results if r.status == 200) / seconds, 1),
+    }
+
+
+def mix_rate(capacity: dict[str, float]) -> float:
+    """The single-text rate at which the kill phase's mix (batches at BATCH_SHARE of it on top) uses all of
+    `capacity`: one single request takes 1/single of it, one batch 1/batch."""
+    single, batch = capacity["single_rps"], capacity[f"batch{BATCH}_rps"]
+    if single <= 0 or batch <= 0:
+        raise ValueError(f"no capacity measured: {capacity}")
+    return 1 / (1 / single + BATCH_SHARE / batch)
+
+
+def load_rate(replica: dict[str, float], pool: dict[str, float], replicas: int, share: float) -> float:
+    """Single-text requests/s for the kill and rolling phases: `share` of the replicas' summed capacity (one
+    replica's, measured alone, times their number), or of the pool's as measured through the balancer if
+    that is less: replicas that share cores, with the balancer and the load generator beside them, add less
+    than their number."""
+    return share * min(replicas * mix_rate(replica), mix_rate(pool))
 
 
 def merge(reports: list[Report]) -> Report:
@@ -216,7 +262,16 @@ async def rolling_phase(base: str, replicas: list[Replica], stats_socket: Path, 
     return {**summary(merge(reports)), "restarts": restarts}
 
 
-def run(replicas_n: int = 3, rate: float = 200.0, kill_seconds: float = 6.0, out: Path | None = None) -> dict[str, Any]:
+def run(
+    replicas_n: int = 3,
+    kills: int = 5,
+    kill_seconds: float = 6.0,
+    load_share: float = 0.5,
+    rate: float | None = None,
+    capacity_seconds: float = 3.0,
+    out: Path | None = None,
+) -> dict[str, Any]:
+    """`rate` fixes the single-text rate instead of sizing it from the measured capacity."""
     binary = haproxy_binary()
     work = Path(tempfile.mkdtemp(prefix="scaleout-"))
     stats_socket = work / "haproxy.sock"
@@ -225,9 +280,12 @@ def run(replicas_n: int = 3, rate: float = 200.0, kill_seconds: float = 6.0, out
     config = work / "haproxy.cfg"
     config.write_text(render(CONFIG.read_text(), frontend, [r.port for r in replicas], stats_socket))
     balancer: subprocess.Popen[bytes] | None = None
+    capacity: dict[str, Any] = {"cores": effective_cpus(), "load_share": load_share}
     try:
         for replica in replicas:
             replica.start()
+        if rate is None:
+            capacity["replica"] = measure_capacity(f"http://127.0.0.1:{replicas[0].port}", capacity_seconds)
         log = (work / "haproxy.log").open("wb")
         balancer = subprocess.Popen([binary, "-W", "-db", "-f", str(config)], stdout=log, stderr=log)
         log.close()
@@ -237,7 +295,13 @@ def run(replicas_n: int = 3, rate: float = 200.0, kill_seconds: float = 6.0, out
         for replica in replicas:
             wait_status(stats_socket, replica.name, "UP")
         base = f"http://127.0.0.1:{frontend}"
-        kill = asyncio.run(kill_phase(base, replicas, stats_socket, rate, kill_seconds))
+        if rate is None:
+            capacity["pool"] = measure_capacity(base, capacity_seconds, connections=8 * replicas_n)
+            rate = load_rate(capacity["replica"], capacity["pool"], replicas_n, load_share)
+        kill_results = []
+        for i in range(kills):
+            victim = replicas[i % replicas_n]
+            kill_results.append(asyncio.run(kill_phase(base, victim, stats_socket, rate, kill_seconds, i)))
         rolling = asyncio.run(rolling_phase(base, replicas, stats_socket, rate))
     finally:
         for replica in replicas:
@@ -247,12 +311,17 @@ def run(replicas_n: int = 3, rate: float = 200.0, kill_seconds: float = 6.0, out
             balancer.wait(10)
     from app.cpu import measurement_context
 
+    kill = total(kill_results)
     result = {
         "replicas": replicas_n,
         "balancer": haproxy_version(binary),
+        "capacity": capacity,
+        "rate_rps": round(rate, 1),
+        "batch_rate_rps": round(rate * BATCH_SHARE, 1),
+        "kills": kill_results,
         "kill": kill,
         "rolling": rolling,
-        "rate_rps": rate,
+        "passed": kill["failed"] == 0 and rolling["failed"] == 0,
         "context": measurement_context(),
     }
     if out is not None:
@@ -262,27 +331,52 @@ def run(replicas_n: int = 3, rate: float = 200.0, kill_seconds: float = 6.0, out
     return result
 
 
+def peaks(capacity: dict[str, Any]) -> str:
+    """The measured peaks in words."""
+    parts = [
+        f"{where} {peak['single_rps']:g} req/s or {peak[f'batch{BATCH}_rps']:g} batches of {BATCH}/s"
+        for where, peak in ((w, capacity[w]) for w in ("replica", "pool") if w in capacity)
+    ]
+    return ", ".join(parts) or "not measured (fixed rate)"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m loadtest.scaleout", description=__doc__.split("\n\n")[0])
     p.add_argument("--replicas", type=int, default=3)
-    p.add_argument("--rate", type=float, default=200.0, help="open-loop requests/s through the balancer")
-    p.add_argument("--kill-seconds", type=float, default=6.0, help="length of the kill phase")
+    p.add_argument("--kills", type=int, default=5, help="kill phases, each SIGKILLs one replica (in turn)")
+    p.add_argument("--kill-seconds", type=float, default=6.0, help="length of each kill phase")
+    p.add_argument(
+        "--load-share", type=float, default=0.5, help="share of the replicas' measured capacity the load uses"
+    )
+    p.add_argument(
+        "--rate", type=float, default=None, help="fixed single-text requests/s instead of sizing from capacity"
+    )
+    p.add_argument("--capacity-seconds", type=float, default=3.0, help="length of each capacity measurement")
     p.add_argument("--out", type=Path, default=ROOT / "reports" / "scaleout.json")
     a = p.parse_args(argv)
     if a.replicas < 2:
         p.error("--replicas must be at least 2: one is killed while the others serve")
-    result = run(a.replicas, a.rate, a.kill_seconds, a.out)
+    if a.kills < 0:
+        p.error("--kills must be 0 or more")
+    if not 0 < a.load_share <= 1:
+        p.error("--load-share must be in (0, 1]")
+    result = run(a.replicas, a.kills, a.kill_seconds, a.load_share, a.rate, a.capacity_seconds, a.out)
     kill, rolling = result["kill"], result["rolling"]
     print(
-        f"{result['replicas']} replicas behind {result['balancer']} at {a.rate:g} req/s on {result['context']['cpu']}"
+        f"{result['replicas']} replicas behind {result['balancer']} on {result['context']['cpu']}: "
+        f"peak {peaks(result['capacity'])}; load "
+        f"{result['rate_rps']:g} req/s + {result['batch_rate_rps']:g} batches/s"
     )
-    print(
-        f"  SIGKILL {kill['killed']}: {kill['failed']} of {kill['requests']} requests failed; "
-        f"{kill['in_flight_on_killed']} were in flight on it"
-    )
+    for i, k in enumerate(result["kills"], 1):
+        print(
+            f"  kill {i}, SIGKILL {k['killed']}: {k['failed']} of {k['requests']} requests failed; "
+            f"{k['in_flight_on_killed']} were in flight on it"
+        )
+    print(f"  kills: {kill['failed']} of {kill['requests']} requests failed")
     print(f"  rolling restart by SIGTERM: {rolling['failed']} of {rolling['requests']} requests failed")
     print(f"  wrote {a.out}")
-    return 0 if rolling["failed"] == 0 and kill["failed"] <= kill["in_flight_on_killed"] else 1
+    print("scaleout:", "passed" if result["passed"] else "FAILED (some requests failed)")
+    return 0 if result["passed"] else 1
 
 
 if __name__ == "__main__":

@@ -37,21 +37,72 @@ def test_shipped_and_rendered_configs_are_valid_for_haproxy(tmp_path: Path) -> N
         assert check.returncode == 0, check.stdout + check.stderr
 
 
+def test_the_load_is_a_share_of_the_measured_capacity() -> None:
+    replica = {"single_rps": 400.0, f"batch{scaleout.BATCH}_rps": 40.0}
+    # One single takes 1/400 of a replica's time, a batch 1/40; batches come at a tenth of the singles' rate.
+    per_rate = 1 / 400 + scaleout.BATCH_SHARE / 40
+    assert scaleout.mix_rate(replica) == pytest.approx(1 / per_rate)
+    rate = scaleout.mix_rate(replica)
+    assert rate / 400 + rate * scaleout.BATCH_SHARE / 40 == pytest.approx(1.0)  # exactly one replica's time
+    # A pool that scales: half the sum of three replicas.
+    roomy = {"single_rps": 1200.0, f"batch{scaleout.BATCH}_rps": 120.0}
+    assert scaleout.load_rate(replica, roomy, replicas=3, share=0.5) == pytest.approx(0.5 * 3 / per_rate)
+    # Three replicas on two cores: the pool measured through the balancer has less than the sum, and rules.
+    shared = {"single_rps": 300.0, f"batch{scaleout.BATCH}_rps": 30.0}
+    expected = 0.5 / (1 / 300 + scaleout.BATCH_SHARE / 30)
+    assert scaleout.load_rate(replica, shared, replicas=3, share=0.5) == pytest.approx(expected)
+    with pytest.raises(ValueError, match="no capacity"):
+        scaleout.mix_rate({"single_rps": 0.0, f"batch{scaleout.BATCH}_rps": 10.0})
+    with pytest.raises(ValueError, match="no capacity"):
+        scaleout.load_rate(replica, {"single_rps": 10.0, f"batch{scaleout.BATCH}_rps": 0.0}, 3, 0.5)
+
+
+def test_kills_are_summed() -> None:
+    kills = [
+        {"requests": 100, "failed": 0, "in_flight_on_killed": 3, "killed": "replica1"},
+        {"requests": 120, "failed": 2, "in_flight_on_killed": 5, "killed": "replica2"},
+    ]
+    assert scaleout.total(kills) == {"requests": 220, "failed": 2, "in_flight_on_killed": 8}
+    assert scaleout.total([]) == {"requests": 0, "failed": 0, "in_flight_on_killed": 0}
+
+
+def test_help_and_argument_checks(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        scaleout.main(["--help"])
+    assert done.value.code == 0
+    assert "--kills" in capsys.readouterr().out
+    for bad in (["--replicas", "1"], ["--load-share", "0"], ["--kills", "-1"]):
+        with pytest.raises(SystemExit) as refused:
+            scaleout.main(bad)
+        assert refused.value.code == 2, bad
+
+
 @pytest.mark.integration
 @pytest.mark.slow
-def test_kill_fails_at_most_the_in_flight_and_a_rolling_restart_fails_nothing(tmp_path: Path) -> None:
+def test_kills_and_a_rolling_restart_lose_nothing(tmp_path: Path) -> None:
     out = tmp_path / "scaleout.json"
-    result = scaleout.run(replicas_n=3, rate=150.0, kill_seconds=4.5, out=out)
-    print(f"\nscaleout: kill {result['kill']}\nrolling {result['rolling']}")
+    result = scaleout.run(replicas_n=3, kills=2, kill_seconds=4.5, capacity_seconds=2.0, out=out)
+    print(f"\nscaleout: capacity {result['capacity']}, rate {result['rate_rps']}\nkills {result['kills']}")
+    print(f"rolling {result['rolling']}")
 
     assert json.loads(out.read_text()) == result
     assert result["replicas"] == 3
     assert result["balancer"].startswith("HAProxy version 2.")
-    kill, rolling = result["kill"], result["rolling"]
-    assert set(kill) >= {"requests", "failed", "in_flight_on_killed"}
-    assert set(rolling) >= {"requests", "failed"}
-    assert kill["requests"] > 500
-    assert kill["failed"] <= kill["in_flight_on_killed"]
-    assert rolling["failed"] == 0
+    capacity = result["capacity"]
+    assert capacity["replica"]["single_rps"] > 0
+    assert capacity["pool"]["single_rps"] > 0
+    assert result["rate_rps"] == round(scaleout.load_rate(capacity["replica"], capacity["pool"], 3, 0.5), 1)
+    assert result["rate_rps"] > 0
+    assert [k["killed"] for k in result["kills"]] == ["replica1", "replica2"]
+    for kill in result["kills"]:
+        assert set(kill) >= {"requests", "failed", "in_flight_on_killed", "marked_down_after_s"}
+        assert kill["requests"] > 100
+        # The balancer sends what the killed replica did not answer to another: nothing is lost.
+        assert kill["failed"] == 0, kill
+        assert kill["answers"] == {"200": kill["requests"]}, kill
+    assert result["kill"] == scaleout.total(result["kills"])
+    rolling = result["rolling"]
+    assert rolling["failed"] == 0, rolling
+    assert result["passed"] is True
     assert rolling["requests"] > 500
     assert [r["replica"] for r in rolling["restarts"]] == ["replica1", "replica2", "replica3"]
