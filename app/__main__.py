@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from app.config import Settings
 from app.engine.engine import check
 from app.http.logs import configure_logging
+from app.http.protocol import CoalescingHttpToolsProtocol
 
 
 def prepare_metrics_dir(directory: Path) -> None:
@@ -73,7 +74,7 @@ def main() -> int:
             port=settings.port,
             workers=settings.workers,
             loop="uvloop",
-            http="httptools",
+            http=CoalescingHttpToolsProtocol,
             log_config=None,
             access_log=False,
             timeout_graceful_shutdown=settings.graceful_timeout_s,

@@ -29,6 +29,7 @@ import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -66,9 +67,42 @@ def render(template: str, frontend_port: int, replica_ports: list[int], stats_so
             out.extend(f"{indent}server replica{i + 1} 127.0.0.1:{p}" for i, p in enumerate(replica_ports))
             continue
         out.append(line)
+        if stripped in ("global", "defaults"):
+            # A line per request on the balancer's stdout (the run's haproxy.log): retries and failures.
+            out.extend(
+                ["    log stdout format raw local0"]
+                if stripped == "global"
+                else ["    log global", "    option httplog"]
+            )
     if not servers_written:
         raise ValueError("the HAProxy config has no server lines to replace")
     return "\n".join(out) + "\n"
+
+
+# HAProxy's httplog line, from the backend/server on: timers, status, bytes, two cookies, the termination state,
+# the connection counts ending in the retries (prefixed "+" when redispatched).
+HTTPLOG = re.compile(
+    r"\[(?P<accepted>\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d\.\d{3})\] \S+"
+    r" (?P<server>\S+/\S+) (?P<timers>\S+) (?P<status>-?\d+) \S+ \S+ \S+ (?P<state>\S{4})"
+    r" \S+/\S+/\S+/\S+/(?P<retries>\+?\d+) "
+)
+
+
+def balancer_log(path: Path, since: datetime | None = None) -> dict[str, Any]:
+    """What the balancer's own log says of the requests it accepted from `since` on (local time, as HAProxy
+    logs it): how many, how many it retried, and every line of a request that did not end normally in a 200
+    (status and termination state, e.g. "SD--": the server aborted while sending the body)."""
+    logged = retried = 0
+    unusual: list[str] = []
+    for line in path.read_text(errors="replace").splitlines() if path.is_file() else []:
+        m = HTTPLOG.search(line)
+        if m is None or (since is not None and datetime.strptime(m["accepted"], "%d/%b/%Y:%H:%M:%S.%f") < since):
+            continue
+        logged += 1
+        retried += m["retries"].lstrip("+") != "0"
+        if m["status"] != "200" or m["state"][:2] != "--":
+            unusual.append(line[m.start("server") :][:200])
+    return {"logged": logged, "retried": retried, "unusual": unusual[:20]}
 
 
 def haproxy_binary() -> str:
@@ -298,6 +332,7 @@ def run(
         if rate is None:
             capacity["pool"] = measure_capacity(base, capacity_seconds, connections=8 * replicas_n)
             rate = load_rate(capacity["replica"], capacity["pool"], replicas_n, load_share)
+        phases_from = datetime.now()  # the balancer's log is read from here: the capacity probe overloads on purpose
         kill_results = []
         for i in range(kills):
             victim = replicas[i % replicas_n]
@@ -322,12 +357,16 @@ def run(
         "kill": kill,
         "rolling": rolling,
         "passed": kill["failed"] == 0 and rolling["failed"] == 0,
+        "balancer_log": balancer_log(work / "haproxy.log", phases_from),
         "context": measurement_context(),
     }
+    if result["passed"]:
+        shutil.rmtree(work, ignore_errors=True)
+    else:
+        result["kept"] = str(work)  # the replicas' and the balancer's logs, to see what went wrong
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
-    shutil.rmtree(work, ignore_errors=True)
     return result
 
 
@@ -374,6 +413,14 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(f"  kills: {kill['failed']} of {kill['requests']} requests failed")
     print(f"  rolling restart by SIGTERM: {rolling['failed']} of {rolling['requests']} requests failed")
+    log = result["balancer_log"]
+    print(
+        f"  HAProxy logged {log['logged']} requests, retried {log['retried']}; unusual endings: {len(log['unusual'])}"
+    )
+    for line in log["unusual"]:
+        print(f"    {line}")
+    if "kept" in result:
+        print(f"  logs kept in {result['kept']}")
     print(f"  wrote {a.out}")
     print("scaleout:", "passed" if result["passed"] else "FAILED (some requests failed)")
     return 0 if result["passed"] else 1

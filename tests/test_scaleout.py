@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,32 @@ def test_kills_and_a_rolling_restart_lose_nothing(tmp_path: Path) -> None:
     assert result["passed"] is True
     assert rolling["requests"] > 500
     assert [r["replica"] for r in rolling["restarts"]] == ["replica1", "replica2", "replica3"]
+
+
+def test_the_balancer_log_counts_retries_and_keeps_unusual_endings(tmp_path: Path) -> None:
+    # Lines as Debian's HAProxy 2.6 writes them with the rendered config (`option httplog`, raw to stdout).
+    log = tmp_path / "haproxy.log"
+    head = "127.0.0.1:1 [02/Dec/2026:04:55:17.640] intent "
+    lines = [
+        'replicas/replica1 0/0/0/2/2 200 310 - - ---- 3/3/1/1/0 0/0 "POST /predict HTTP/1.1"',
+        'replicas/replica2 0/0/1/3/9 200 310 - - ---- 3/3/1/1/+2 0/0 "POST /predict HTTP/1.1"',
+        'replicas/<NOSRV> 0/-1/-1/-1/0 503 217 - - SC-- 1/1/0/0/0 0/0 "POST /predict HTTP/1.1"',
+        'replicas/replica3 0/0/0/-1/5 502 209 - - SH-- 1/1/0/0/3 0/0 "POST /predict/batch HTTP/1.1"',
+    ]
+    log.write_text("[NOTICE]   (1) : haproxy version is 2.6.12-1+deb12u3\n" + "".join(head + x + "\n" for x in lines))
+    found = scaleout.balancer_log(log)
+    assert found["logged"] == 4
+    assert found["retried"] == 2
+    assert found["unusual"] == lines[2:]
+    assert scaleout.balancer_log(tmp_path / "missing.log") == {"logged": 0, "retried": 0, "unusual": []}
+    # Requests accepted before `since` (the capacity probe, which overloads on purpose) are left out.
+    late = log.read_text().replace("17.640]", "19.000]", 1)
+    log.write_text(late)
+    assert scaleout.balancer_log(log, datetime(2026, 12, 2, 4, 55, 18)) == {"logged": 1, "retried": 0, "unusual": []}
+    # The rendered config asks for those lines.
+    rendered = scaleout.render(scaleout.CONFIG.read_text(), 9000, [9101], tmp_path / "s.sock").splitlines()
+    assert rendered[rendered.index("global") + 1] == "    log stdout format raw local0"
+    assert rendered[rendered.index("defaults") + 1 : rendered.index("defaults") + 3] == [
+        "    log global",
+        "    option httplog",
+    ]

@@ -1,0 +1,131 @@
+"""app.http.protocol: a response's head leaves in one write with its body, so that a replica killed mid-response
+cannot leave the balancer a head without a body (which it cannot retry elsewhere)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from uvicorn.config import Config
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
+
+from app.http.protocol import CoalescingHttpToolsProtocol, CoalescingTransport
+
+HEAD = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"
+
+
+class FakeTransport:
+    """Records what reaches the socket, write by write."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+        self.eof = False
+
+    def write(self, data: bytes) -> None:
+        assert not self.closed, "write after close"
+        self.writes.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def write_eof(self) -> None:
+        self.eof = True
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"peername": ("127.0.0.1", 5000), "sockname": ("127.0.0.1", 8000)}.get(name, default)
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+
+def test_a_head_goes_out_with_the_body_that_follows_it() -> None:
+    async def scenario() -> list[bytes]:
+        fake = FakeTransport()
+        transport = CoalescingTransport(fake, asyncio.get_running_loop())  # type: ignore[arg-type]
+        transport.write(HEAD)
+        assert fake.writes == []  # held
+        transport.write(b"{}")
+        await asyncio.sleep(0)  # the flush scheduled for the head finds nothing left to send
+        return fake.writes
+
+    assert asyncio.run(scenario()) == [HEAD + b"{}"]
+
+
+def test_a_head_alone_leaves_at_the_end_of_the_loop_iteration_and_order_is_kept() -> None:
+    async def scenario() -> FakeTransport:
+        fake = FakeTransport()
+        transport = CoalescingTransport(fake, asyncio.get_running_loop())  # type: ignore[arg-type]
+        transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        await asyncio.sleep(0)
+        assert fake.writes == [b"HTTP/1.1 100 Continue\r\n\r\n"]
+        transport.write(b"not a head")  # passes straight through
+        transport.write(HEAD)
+        transport.close()  # a held head is sent before the close
+        assert fake.closed
+        return fake
+
+    fake = asyncio.run(scenario())
+    assert fake.writes == [b"HTTP/1.1 100 Continue\r\n\r\n", b"not a head", HEAD]
+
+
+def test_write_eof_sends_a_held_head_first_and_the_rest_is_the_transports() -> None:
+    async def scenario() -> FakeTransport:
+        fake = FakeTransport()
+        transport = CoalescingTransport(fake, asyncio.get_running_loop())  # type: ignore[arg-type]
+        transport.write(HEAD)
+        transport.write_eof()
+        assert transport.get_extra_info("peername") == ("127.0.0.1", 5000)
+        assert transport.is_closing() is False
+        return fake
+
+    fake = asyncio.run(scenario())
+    assert (fake.writes, fake.eof) == ([HEAD], True)
+
+
+async def _app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] != "http":
+        return
+    await receive()
+    body = b'{"ok":true}'
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(body))]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _serve(protocol_class: type[HttpToolsProtocol], requests: int) -> list[bytes]:
+    config = Config(app=_app, http=protocol_class, lifespan="off", log_config=None)
+    config.load()
+    protocol = protocol_class(config, ServerState(), {}, asyncio.get_running_loop())
+    fake = FakeTransport()
+    protocol.connection_made(fake)  # type: ignore[arg-type]
+    for _ in range(requests):
+        # One keep-alive request at a time, as a client waits for each answer.
+        protocol.data_received(b"POST /predict HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{}")
+        for _ in range(20):
+            await asyncio.sleep(0)
+    protocol.connection_lost(None)
+    return fake.writes
+
+
+def test_plain_uvicorn_writes_the_head_and_the_body_apart() -> None:
+    """The reason for the protocol: if uvicorn ever writes them together, it is no longer needed."""
+    writes = asyncio.run(_serve(HttpToolsProtocol, 1))
+    assert len(writes) == 2
+    assert writes[0].startswith(b"HTTP/1.1 200 OK\r\n")
+    assert writes[1] == b'{"ok":true}'
+
+
+@pytest.mark.parametrize("requests", [1, 3])
+def test_uvicorn_with_the_protocol_writes_each_response_once(requests: int) -> None:
+    writes = asyncio.run(_serve(CoalescingHttpToolsProtocol, requests))
+    assert len(writes) == requests
+    for write in writes:
+        head, _, body = write.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert body == b'{"ok":true}'
