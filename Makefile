@@ -56,9 +56,13 @@ RECIPE_ARGS_served :=
 RECIPE_ARGS_student := --geometry-weight 3 --transfer-wiki 20000 --recover-epochs 2 --recover-copies 1 \
   --export-from prune --oos-features student --oos-prototypes 4 --oos-rule energy_knn --static-rule-on-cascade
 
-model: $(VENV)/.installed  ## rebuild models/clinc150 from scratch (RECIPE=served|student), then the stage table
+# DATA=intents.csv (or .jsonl: text and intent) OUT=models/my-intents builds a team's own model; its stage
+# outputs go to artifacts/<name of OUT>, so the CLINC150 stages are kept.
+OUT_ARGS = $(if $(OUT),--model-dir $(OUT) --artifacts artifacts/$(notdir $(patsubst %/,%,$(OUT))))
+
+model: $(VENV)/.installed  ## rebuild models/clinc150 from scratch (RECIPE=served|student; DATA=file.csv OUT=dir), then the stage table
 	@[ -n "$(filter $(RECIPE),served student)" ] || { echo "error: RECIPE must be served or student"; exit 2; }
-	$(VENV)/bin/python -m compression all --data $(DATA) --wiki $(WIKI) $(RECIPE_ARGS_$(RECIPE)) $(MODEL_ARGS)
+	$(VENV)/bin/python -m compression all --data $(DATA) --wiki $(WIKI) $(OUT_ARGS) $(RECIPE_ARGS_$(RECIPE)) $(MODEL_ARGS)
 
 bench: $(VENV)/.installed $(SERVE_VENV)/.installed  ## stage table, plus the serving footprint
 	$(VENV)/bin/python -m compression bench --data $(DATA) --wiki $(WIKI) $(BENCH_ARGS)

@@ -1,4 +1,5 @@
-"""CLINC150 in its original JSON format: reading, validating, and the fixed label order."""
+"""The factory's dataset (labels and named splits), CLINC150 in its original JSON format (reading, validating),
+the fixed label order, and the Wikipedia sentences. A team's own CSV or JSONL files: compression.labelled."""
 
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ class Split:
 
 
 @dataclass(frozen=True)
-class Clinc:
+class Dataset:
     labels: list[str]
     splits: dict[str, Split]
 
@@ -74,6 +75,10 @@ class Clinc:
         if name not in self.splits:
             raise FactoryError(f"the data file has no '{name}' split (it has: {', '.join(sorted(self.splits))})")
         return self.splits[name]
+
+    def optional(self, name: str) -> Split:
+        """A split that only some datasets have (CLINC150's oos_train, out-of-scope examples): empty if absent."""
+        return self.splits.get(name, Split([], []))
 
 
 def label_order(train_intents: list[str]) -> list[str]:
@@ -96,7 +101,7 @@ def _parse_rows(rows: object, key: str) -> Split:
     return Split(texts, intents)
 
 
-def load_clinc(path: Path | str, train_oos: bool = False) -> Clinc:
+def load_clinc(path: Path | str, train_oos: bool = False) -> Dataset:
     """Read a CLINC150 JSON file; raise FactoryError with one clear line on any problem. The `train` split
     holds the 250 `oos_train` queries unless train_oos is off, which keeps them for evaluation; `oos_train`
     and `oos_val` are also splits of their own."""
@@ -126,7 +131,7 @@ def load_clinc(path: Path | str, train_oos: bool = False) -> Clinc:
         unknown = sorted(set(split.intents) - known)
         if unknown:
             raise FactoryError(f"split '{name}' has intents that are not in train: {', '.join(unknown[:5])}")
-    return Clinc(labels=labels, splits=splits)
+    return Dataset(labels=labels, splits=splits)
 
 
 def _wiki_parts(path: Path | str) -> tuple[list[str], list[str]]:

@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from compression.data import DEFAULT_DATA, DEFAULT_WIKI, Clinc, load_clinc
+from compression.data import DEFAULT_DATA, DEFAULT_WIKI, Dataset, load_clinc
 from compression.errors import FactoryError
+from compression.labelled import Columns, load_labelled
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -81,7 +82,23 @@ STAGES: dict[str, Stage] = {
 class Common:
     """Options every stage shares."""
 
-    data: Path = field(default=DEFAULT_DATA, metadata={"help": "CLINC150 JSON file (original format)"})
+    data: Path = field(
+        default=DEFAULT_DATA,
+        metadata={"help": "training examples: CLINC150's JSON (original format), or CSV or JSONL of text and intent"},
+    )
+    val_data: Path | None = field(
+        default=None,
+        metadata={"help": "validation examples (CSV or JSONL data); without, --val-share of each intent is held out"},
+    )
+    oos_data: Path | None = field(
+        default=None,
+        metadata={"help": "out-of-scope examples (CSV or JSONL, text only): evaluated on, never trained on"},
+    )
+    text_column: str = field(default=Columns.text, metadata={"help": "CSV column or JSONL key of the text"})
+    intent_column: str = field(default=Columns.intent, metadata={"help": "CSV column or JSONL key of the intent"})
+    val_share: float = field(
+        default=0.1, metadata={"help": "share of each intent held out when there is no --val-data"}
+    )
     wiki: Path = field(default=DEFAULT_WIKI, metadata={"help": "Wikipedia sentences used as extra oos"})
     artifacts: Path = field(default=Path("artifacts"), metadata={"help": "where stages read and write"})
     model_dir: Path = field(default=Path("models/clinc150"), metadata={"help": "the served artifact"})
@@ -123,8 +140,15 @@ class Context(Common):
         return config(**given)
 
     @functools.cached_property
-    def clinc(self) -> Clinc:
-        return load_clinc(self.data, train_oos=self.train_oos)
+    def dataset(self) -> Dataset:
+        """CLINC150's JSON by its suffix, else a team's CSV or JSONL files (compression.labelled)."""
+        if Path(self.data).suffix == ".json":
+            given = [flag for flag, value in (("--val-data", self.val_data), ("--oos-data", self.oos_data)) if value]
+            if given:
+                raise FactoryError(f"{' and '.join(given)}: only with CSV or JSONL data; {self.data} has its own")
+            return load_clinc(self.data, train_oos=self.train_oos)
+        columns = Columns(self.text_column, self.intent_column)
+        return load_labelled(self.data, self.val_data, self.oos_data, columns, self.val_share, self.seed)
 
 
 class StageModule(Protocol):
@@ -212,7 +236,7 @@ def build(config: type[Any], args: argparse.Namespace) -> Any:
 def run(names: list[str], args: argparse.Namespace, log: logging.Logger) -> None:
     """Run the named stages in the order given, each with its Config built from the parsed flags."""
     ctx = Context(build(Common, args), args)
-    ctx.clinc  # noqa: B018 - read and check the data before any stage starts: a bad file fails in one line
+    ctx.dataset  # noqa: B018 - read and check the data before any stage starts: a bad file fails in one line
     for name in names:
         stage = STAGES[name]
         module = load(stage)

@@ -379,3 +379,56 @@ def _mean_features_with_the_gate(art: Path, tmp_path: Path, data_path: Path) -> 
         "clinc_oos",
         "oos_train",
     }
+
+
+TEAM_INTENTS = ("balance", "book_flight", "alarm", "weather", "translate")
+
+
+@pytest.mark.slow
+def test_a_teams_csv_builds_a_model_that_the_service_serves(
+    tiny_pretrained: Path, tmp_path: Path, data_path: Path
+) -> None:
+    """Issue 25's path: a plain CSV of a few CLINC150 intents, no out-of-scope examples, no validation file,
+    through the default recipe scaled down, then served as it is and asked over HTTP."""
+    import csv
+
+    from fastapi.testclient import TestClient
+
+    from app.config import Settings
+    from app.http.main import create_app
+
+    raw = json.loads(data_path.read_text())
+    rows = [row for intent in TEAM_INTENTS for row in [r for r in raw["train"] if r[1] == intent][:30]]
+    data = tmp_path / "intents.csv"
+    with data.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["utterance", "label"])
+        writer.writerows(rows)
+    art, model_dir, reports = tmp_path / "art", tmp_path / "model", tmp_path / "reports"
+    result = run_cli(
+        "all",
+        *("--data", str(data), "--text-column", "utterance", "--intent-column", "label", "--val-share", "0.2"),
+        *("--wiki", str(WIKI), "--pretrained", str(tiny_pretrained), "--artifacts", str(art)),
+        *("--model-dir", str(model_dir), "--reports", str(reports), "--wiki-oos", "50", "--threads", "1"),
+        *("--teacher-epochs", "1", "--student-epochs", "1", "--trials", "2", "--trial-subset", "60"),
+        *("--trial-epochs", "0.5", "--student-layers", "0,2", "--ffn-keep", "0.5", "--recover-epochs", "0.2"),
+        *("--latency-queries", "10", "--static-epochs", "1", "--static-copies", "0", "--static-wiki-oos", "50"),
+        *("--static-dim", "16"),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    labels = json.loads((model_dir / "labels.json").read_text())
+    assert labels == sorted([*TEAM_INTENTS, "oos"])
+    teacher = json.loads((art / "teacher" / "run.json").read_text())["training_data"]
+    # 30 per intent, 6 of each held out for validation, plus the Wikipedia sentences as out-of-scope material.
+    assert teacher == {"examples": 5 * 24 + 50, "clinc_oos_queries": 0}
+    card = json.loads((model_dir / "card.json").read_text())
+    # Without out-of-scope examples the OOS figure is on the held-out Wikipedia sentences, and says so.
+    assert card["metrics"]["oos_pools"]["report_pool"] == "wiki_heldout"
+    with TestClient(create_app(Settings(model_dir=model_dir, warmup_queries=1))) as client:
+        answer = client.post("/predict", json={"text": "what is the weather like in paris"})
+        assert answer.status_code == 200
+        body = answer.json()
+        assert body["intent"] in labels
+        assert body["model_version"] == card["version"]
+        model = client.get("/model").json()
+        assert model["version"] == card["version"]

@@ -30,7 +30,7 @@ class Config:
 def run_stage(ctx, cfg):
     out = ctx.dir("long_queries")
     out.mkdir(parents=True, exist_ok=True)
-    texts = [t for t in ctx.clinc.split("val").texts if len(t.split()) >= cfg.min_words]
+    texts = [t for t in ctx.dataset.split("val").texts if len(t.split()) >= cfg.min_words]
     (out / "count.json").write_text(json.dumps({"min_words": cfg.min_words, "count": len(texts)}))
 """
 
@@ -132,8 +132,8 @@ def test_context_has_the_common_options_and_reads_the_data_once(data_path: Path)
     assert (ctx.seed, ctx.threads, ctx.batch_size, ctx.max_length) == (7, 2, 32, 64)
     assert (ctx.artifacts, ctx.model_dir, ctx.reports) == (Path("artifacts"), Path("m"), Path("r"))
     assert (ctx.wiki_oos, ctx.train_subset) == (2000, 0)
-    assert ctx.clinc is ctx.clinc
-    assert len(ctx.clinc.labels) == 151
+    assert ctx.dataset is ctx.dataset
+    assert len(ctx.dataset.labels) == 151
 
 
 def test_prune_flags_from_its_config() -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from compression.data import Clinc
+from compression.data import Dataset
 from compression.measure.evaluate import validation_report
 from compression.measure.latency import latencies_ms
 from compression.onnx_stage import OnnxStage
@@ -45,7 +45,7 @@ def _dir_mb(path: Path, pattern: str) -> float:
     return sum(p.stat().st_size for p in path.glob(pattern)) / 1e6
 
 
-def bench_torch(name: str, ckpt: Path, data: Clinc, texts: list[str], cfg: BenchConfig) -> dict[str, Any]:
+def bench_torch(name: str, ckpt: Path, data: Dataset, texts: list[str], cfg: BenchConfig) -> dict[str, Any]:
     import torch
 
     from compression import checkpoint
@@ -68,7 +68,7 @@ def bench_torch(name: str, ckpt: Path, data: Clinc, texts: list[str], cfg: Bench
 
 
 def bench_onnx(
-    name: str, directory: Path, data: Clinc, texts: list[str], cfg: BenchConfig, runtime: str
+    name: str, directory: Path, data: Dataset, texts: list[str], cfg: BenchConfig, runtime: str
 ) -> dict[str, Any]:
     """An intermediate stage's ONNX model, with its own OOS rule and threshold tuned on validation."""
     runner = OnnxStage(directory / "model.onnx", directory / "tokenizer.json", threads=1)
@@ -80,7 +80,7 @@ def bench_onnx(
     return {**row, **_metrics(report)}
 
 
-def bench_served(directory: Path, data: Clinc, cfg: BenchConfig) -> dict[str, Any]:
+def bench_served(directory: Path, data: Dataset, cfg: BenchConfig) -> dict[str, Any]:
     """The artifact through the engine, exactly as the service runs it: every stage, the rule and its gate, and
     latency as tokenise + every stage that ran, one query at a time, over every validation query. A cascade is
     judged by its mean and tail, so the row has both beside the median, and the share each stage answers."""
@@ -202,7 +202,7 @@ def _metrics(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(
-    stages: list[tuple[str, str, Path]], data: Clinc, out: Path, cfg: BenchConfig, tokenizer_dir: Path
+    stages: list[tuple[str, str, Path]], data: Dataset, out: Path, cfg: BenchConfig, tokenizer_dir: Path
 ) -> list[dict[str, Any]]:
     """stages: (name, kind, path) with kind one of torch, onnx-fp32, onnx-int8, served."""
     texts = data.split("val").subset(cfg.latency_queries, cfg.seed).texts
@@ -308,7 +308,7 @@ def run_stage(ctx: Any, cfg: Config) -> None:
     ]
     stages = [s for s in candidates if (s[2] / ("card.json" if s[1] == "served" else "run.json")).is_file()]
     bench = BenchConfig(latency_queries=cfg.latency_queries, seed=1, baseline=cfg.baseline)
-    rows = run(stages, ctx.clinc, ctx.reports, bench, ctx.dir("teacher"))
+    rows = run(stages, ctx.dataset, ctx.reports, bench, ctx.dir("teacher"))
     served = next((r for r in rows if r["stage"].startswith("served")), None)
     print(markdown(rows))
     if served is None:

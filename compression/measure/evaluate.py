@@ -7,11 +7,11 @@ from typing import Any
 
 import numpy as np
 
-from compression.data import OOS, Clinc, Split, load_wiki
+from compression.data import OOS, Dataset, Split, load_wiki
 from compression.measure.metrics import best_rule, score, tune_rule
 
 
-def training_split(data: Clinc, wiki_path: str, wiki_oos: int, seed: int, subset: int = 0) -> Split:
+def training_split(data: Dataset, wiki_path: str, wiki_oos: int, seed: int, subset: int = 0) -> Split:
     """Train (with oos_train only under --train-oos), optionally sampled, plus Wikipedia sentences as extra
     out-of-scope examples."""
     train = data.split("train")
@@ -20,11 +20,11 @@ def training_split(data: Clinc, wiki_path: str, wiki_oos: int, seed: int, subset
     return train + load_wiki(wiki_path, wiki_oos, seed)
 
 
-def training_data(split: Split, data: Clinc, transfer: Split | None = None) -> dict[str, int]:
+def training_data(split: Split, data: Dataset, transfer: Split | None = None) -> dict[str, int]:
     """What a stage trained on, for its run record: how many labelled examples (and, for a distillation, how many
     transfer sentences in all, copies and soft-only ones included), and how many of them are CLINC's real
     out-of-scope queries (0 unless --train-oos), since the OOS pools are only unseen if none are."""
-    real_oos = set(data.split("oos_train").texts) | set(data.split("oos_val").texts)
+    real_oos = set(data.optional("oos_train").texts) | set(data.optional("oos_val").texts)
     seen = transfer.texts if transfer is not None else split.texts
     out = {"examples": len(split), "clinc_oos_queries": sum(t in real_oos for t in seen)}
     if transfer is not None:
@@ -32,7 +32,7 @@ def training_data(split: Split, data: Clinc, transfer: Split | None = None) -> d
     return out
 
 
-def evaluate(model: Any, tokenizer: Any, data: Clinc, max_length: int) -> tuple[np.ndarray, np.ndarray]:
+def evaluate(model: Any, tokenizer: Any, data: Dataset, max_length: int) -> tuple[np.ndarray, np.ndarray]:
     """Validation logits and gold label ids."""
     from compression.training import Encoded, predict_logits
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from compression.data import OOS, Clinc, Split, load_wiki_pool
+from compression.data import OOS, Dataset, Split, load_wiki_pool
 from compression.errors import FactoryError
 from compression.measure.metrics import score
 
@@ -35,12 +35,15 @@ POOL_DOCS = {
 }
 
 
-def evaluation_pools(data: Clinc, wiki: str) -> dict[str, Split]:
-    """The pools of POOL_DOCS that no stage trains on, by name: `clinc_oos` and `oos_train` only when the
-    training split holds no oos_train query (--no-train-oos)."""
+def evaluation_pools(data: Dataset, wiki: str) -> dict[str, Split]:
+    """The pools of POOL_DOCS that no stage trains on, by name: `oos_val` where the dataset has out-of-scope
+    examples, and `clinc_oos` and `oos_train` only when the training split holds no oos_train query
+    (--no-train-oos)."""
     train = data.split("train")
-    pools = {"validation": data.split("val"), "oos_val": data.split("oos_val"), TUNING_POOL: load_wiki_pool(wiki)}
-    if OOS not in train.intents:
+    pools = {"validation": data.split("val"), TUNING_POOL: load_wiki_pool(wiki)}
+    if "oos_val" in data.splits:
+        pools["oos_val"] = data.split("oos_val")
+    if "oos_train" in data.splits and OOS not in train.intents:
         pools[REPORT_POOL] = data.split("oos_train") + data.split("oos_val")
         pools["oos_train"] = data.split("oos_train")
     trained = set(train.texts)
@@ -51,11 +54,13 @@ def evaluation_pools(data: Clinc, wiki: str) -> dict[str, Split]:
 
 
 def report_pool(pools: dict[str, Any]) -> str:
-    """The pool OOS recall is reported on: the 350 real queries where the model never saw them, else oos_val."""
-    return REPORT_POOL if REPORT_POOL in pools else "oos_val"
+    """The pool OOS recall is reported on: the 350 real queries where the model never saw them, else oos_val,
+    else (a dataset without out-of-scope examples) the held-out Wikipedia sentences, which thresholds are
+    chosen on: the card's `report_pool` says which."""
+    return next(name for name in (REPORT_POOL, "oos_val", TUNING_POOL) if name in pools)
 
 
-def tuning_split(data: Clinc, wiki: str) -> Split:
+def tuning_split(data: Dataset, wiki: str) -> Split:
     """In-scope validation plus the held-out Wikipedia sentences: what thresholds are chosen on, so that no
     real CLINC out-of-scope query is."""
     val = data.split("val")

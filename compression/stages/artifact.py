@@ -208,4 +208,4 @@ STAGES = ("teacher", "distill", "prune", "export", "quantize", "embedder", "oos"
 def run_stage(ctx: Any, cfg: Config) -> None:
     stage_dirs = {s: ctx.dir(s) for s in STAGES if (ctx.dir(s) / "run.json").is_file()}
     write(stage_dirs, ctx.model_dir, ctx.seed, ctx.max_length)
-    add_pool_report(ctx.model_dir, ctx.clinc, str(ctx.wiki), read_run(ctx.dir("oos")).get("metrics", {}))
+    add_pool_report(ctx.model_dir, ctx.dataset, str(ctx.wiki), read_run(ctx.dir("oos")).get("metrics", {}))

@@ -12,7 +12,7 @@ import numpy as np
 
 from compression import checkpoint
 from compression.augment import augment
-from compression.data import Clinc, Split, load_wiki_transfer
+from compression.data import Dataset, Split, load_wiki_transfer
 from compression.errors import FactoryError
 from compression.measure.evaluate import evaluate, training_data, training_split, validation_report
 from compression.records import read_best_params, read_run, write_run
@@ -177,7 +177,7 @@ class DistillationLoss:
         return loss
 
 
-def transfer_set(data: Clinc, cfg: DistillConfig, seed: int, mask: str | None) -> Split:
+def transfer_set(data: Dataset, cfg: DistillConfig, seed: int, mask: str | None) -> Split:
     """What the student learns from: the training queries and the Wikipedia out-of-scope sentences (hard labels),
     perturbed copies of both, and more Wikipedia sentences (teacher-labelled only): the queries show it the
     intents, the rest the teacher's function and the pretrained geometry on text that is no intent."""
@@ -201,7 +201,7 @@ def geometry_targets(cfg: DistillConfig, texts: list[str], max_length: int) -> t
 def train_student(
     teacher: Any,
     tokenizer: Any,
-    data: Clinc,
+    data: Dataset,
     cfg: DistillConfig,
     train_cfg: TrainConfig,
     teacher_logits_cache: dict[str, torch.Tensor] | None = None,
@@ -247,7 +247,7 @@ def train_student(
     return student, history
 
 
-def run(teacher_dir: Path, data: Clinc, out: Path, cfg: DistillConfig, train_cfg: TrainConfig) -> dict[str, Any]:
+def run(teacher_dir: Path, data: Dataset, out: Path, cfg: DistillConfig, train_cfg: TrainConfig) -> dict[str, Any]:
     teacher, tokenizer, labels = checkpoint.load(teacher_dir)
     if labels != data.labels:
         raise FactoryError(f"the teacher's labels ({teacher_dir}) differ from the data's label order")
@@ -265,7 +265,7 @@ def run(teacher_dir: Path, data: Clinc, out: Path, cfg: DistillConfig, train_cfg
     return report
 
 
-def geometry_fit(student: Any, tokenizer: Any, data: Clinc, cfg: DistillConfig, max_length: int) -> dict[str, float]:
+def geometry_fit(student: Any, tokenizer: Any, data: Dataset, cfg: DistillConfig, max_length: int) -> dict[str, float]:
     """How closely the student's sentence embedding follows the pretrained encoder's: mean cosine on validation
     (in scope, and its 100 out-of-scope queries, which no stage trains on)."""
     from compression.training import Encoded, predict_embeddings
@@ -278,7 +278,7 @@ def geometry_fit(student: Any, tokenizer: Any, data: Clinc, cfg: DistillConfig, 
     return {"in_scope": round(float(cosine[~is_oos].mean()), 4), "oos": round(float(cosine[is_oos].mean()), 4)}
 
 
-def val_score(student: Any, tokenizer: Any, data: Clinc, max_length: int) -> float:
+def val_score(student: Any, tokenizer: Any, data: Dataset, max_length: int) -> float:
     logits, gold = evaluate(student, tokenizer, data, max_length)
     report = validation_report(logits, gold, data.labels)
     return float(np.float64(report["thresholded"]["test_weighted_accuracy"]))
@@ -323,4 +323,4 @@ def recorded(distill_dir: Path) -> DistillConfig:
 
 def run_stage(ctx: Context, cfg: Config) -> None:
     distill, train = resolve(ctx, cfg)
-    run(ctx.dir("teacher"), ctx.clinc, ctx.dir("distill"), distill, train)
+    run(ctx.dir("teacher"), ctx.dataset, ctx.dir("distill"), distill, train)

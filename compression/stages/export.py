@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from compression import checkpoint
-from compression.data import Clinc
+from compression.data import Dataset
 from compression.errors import FactoryError
 from compression.measure.evaluate import validation_report
 from compression.onnx_stage import OnnxStage
@@ -136,7 +136,7 @@ def fuse(raw: Path, out: Path, num_heads: int, hidden_size: int) -> dict[str, in
     return counts
 
 
-def run(ckpt_dir: Path, data: Clinc, out: Path, max_length: int, parity_n: int = 300) -> dict[str, Any]:
+def run(ckpt_dir: Path, data: Dataset, out: Path, max_length: int, parity_n: int = 300) -> dict[str, Any]:
     from compression.training import Encoded, predict_embeddings, predict_logits
 
     model, tokenizer, labels = checkpoint.load(ckpt_dir)
@@ -196,4 +196,4 @@ class Config:
 
 
 def run_stage(ctx: Context, cfg: Config) -> None:
-    run(ctx.dir(cfg.export_from), ctx.clinc, ctx.dir("export"), ctx.max_length, cfg.parity_queries)
+    run(ctx.dir(cfg.export_from), ctx.dataset, ctx.dir("export"), ctx.max_length, cfg.parity_queries)

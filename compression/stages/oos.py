@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from app.engine.rules import RULES, EnergyKnn, FitData, Outputs, Rule, RuleSpecBase, load_rule
-from compression.data import OOS, Clinc
+from compression.data import OOS, Dataset
 from compression.errors import FactoryError
 from compression.graphs import (
     FEATURE_SOURCES,
@@ -218,7 +218,7 @@ def _gate(
 
 
 def run(
-    quantize_dir: Path, data: Clinc, wiki: str, out: Path, cfg: Config, embedder_dir: Path | None = None
+    quantize_dir: Path, data: Dataset, wiki: str, out: Path, cfg: Config, embedder_dir: Path | None = None
 ) -> dict[str, Any]:
     for name in (MODEL_FILE, "tokenizer.json", "labels.json"):
         if not (quantize_dir / name).is_file():
@@ -302,4 +302,4 @@ def run(
 
 
 def run_stage(ctx: Context, cfg: Config) -> None:
-    run(ctx.dir("quantize"), ctx.clinc, str(ctx.wiki), ctx.dir("oos"), cfg, ctx.dir("embedder"))
+    run(ctx.dir("quantize"), ctx.dataset, str(ctx.wiki), ctx.dir("oos"), cfg, ctx.dir("embedder"))

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from compression import checkpoint
-from compression.data import Clinc
+from compression.data import Dataset
 from compression.errors import FactoryError
 from compression.measure.evaluate import evaluate, training_data, training_split, validation_report
 from compression.records import write_run
@@ -126,7 +126,7 @@ def distill_view(cfg: PruneConfig) -> Any:
 
 def run(
     student_dir: Path,
-    data: Clinc,
+    data: Dataset,
     out: Path,
     cfg: PruneConfig,
     train_cfg: TrainConfig,
@@ -225,4 +225,4 @@ def run_stage(ctx: Context, cfg: Config) -> None:
     )
     teacher = None if cfg.recover_from_student else ctx.dir("teacher")
     train = train_config(ctx, cfg.recover_epochs, cfg.recover_lr)
-    run(ctx.dir("distill"), ctx.clinc, out, prune, train, teacher_dir=teacher)
+    run(ctx.dir("distill"), ctx.dataset, out, prune, train, teacher_dir=teacher)

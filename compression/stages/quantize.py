@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from compression.data import Clinc, Split
+from compression.data import Dataset, Split
 from compression.errors import FactoryError
 from compression.measure.evaluate import validation_report
 from compression.measure.latency import latencies_ms
@@ -67,7 +67,7 @@ def static(src: Path, dest: Path, runner: OnnxStage, calibration: Split) -> None
     )
 
 
-def measure(model: Path, tokenizer: Path, data: Clinc) -> dict[str, Any]:
+def measure(model: Path, tokenizer: Path, data: Dataset) -> dict[str, Any]:
     val = data.split("val")
     runner = OnnxStage(model, tokenizer, threads=1)
     report = validation_report(runner.logits(val.texts), np.array(val.label_ids(data.labels)), data.labels)
@@ -84,7 +84,7 @@ def choose(results: dict[str, dict[str, Any]]) -> str:
     return max(fast, key=lambda n: (results[n]["thresholded"]["test_weighted_accuracy"], -results[n]["latency_ms_p50"]))
 
 
-def run(export_dir: Path, data: Clinc, out: Path, calibration_n: int = 300, seed: int = 42) -> dict[str, Any]:
+def run(export_dir: Path, data: Dataset, out: Path, calibration_n: int = 300, seed: int = 42) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     src, tokenizer = export_dir / "model.onnx", export_dir / "tokenizer.json"
     if not src.is_file():
@@ -117,4 +117,4 @@ class Config:
 
 
 def run_stage(ctx: Context, cfg: Config) -> None:
-    run(ctx.dir("export"), ctx.clinc, ctx.dir("quantize"), cfg.calibration_queries, ctx.seed)
+    run(ctx.dir("export"), ctx.dataset, ctx.dir("quantize"), cfg.calibration_queries, ctx.seed)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from compression import checkpoint
-from compression.data import Clinc
+from compression.data import Dataset
 from compression.records import BEST_PARAMS_FILE, write_run
 
 if TYPE_CHECKING:
@@ -32,7 +32,7 @@ class Config:
 
 
 def run(
-    teacher_dir: Path, data: Clinc, out: Path, search: Config, base: DistillConfig, train_cfg: TrainConfig
+    teacher_dir: Path, data: Dataset, out: Path, search: Config, base: DistillConfig, train_cfg: TrainConfig
 ) -> dict[str, Any]:
     import optuna
 
@@ -87,4 +87,4 @@ def run_stage(ctx: Context, cfg: Config) -> None:
         return
     # The trials tune the distillation this run will do: its flags where given (with `all`), else its defaults.
     base, train = distill.resolve(ctx, ctx.config_of(distill.Config))
-    run(ctx.dir("teacher"), ctx.clinc, ctx.dir("search"), cfg, base, train)
+    run(ctx.dir("teacher"), ctx.dataset, ctx.dir("search"), cfg, base, train)

@@ -32,7 +32,7 @@ import numpy as np
 
 from app.engine.engine import first_stage_answers
 from app.engine.rules import Outputs, Rule
-from compression.data import Clinc, Split, load_wiki
+from compression.data import Dataset, Split, load_wiki
 from compression.errors import FactoryError
 from compression.graphs import FEATURES_OUTPUT
 from compression.measure.metrics import TEST_OOS_SHARE, Scores, score, threshold_for_in_scope
@@ -348,7 +348,7 @@ def mask_token(tokenizer: Any) -> str | None:
 
 
 def transfer_set(
-    data: Clinc, wiki: str, wiki_oos: int, copies: int, seed: int, mask: str | None, subset: int = 0
+    data: Dataset, wiki: str, wiki_oos: int, copies: int, seed: int, mask: str | None, subset: int = 0
 ) -> Split:
     from compression.augment import augment
 
@@ -386,7 +386,7 @@ def served_targets(outputs: Outputs, oos: int, rule: Rule, margin: float) -> np.
     return out
 
 
-def run(transformer_dir: Path, data: Clinc, out: Path, cfg: Config, ctx: Context) -> dict[str, Any]:
+def run(transformer_dir: Path, data: Dataset, out: Path, cfg: Config, ctx: Context) -> dict[str, Any]:
     """Train the first stage against the transformer and OOS rule in `transformer_dir`, the oos stage's output."""
     from compression.augment import IGNORE
 
@@ -473,4 +473,4 @@ def run(transformer_dir: Path, data: Clinc, out: Path, cfg: Config, ctx: Context
 
 
 def run_stage(ctx: Context, cfg: Config) -> None:
-    run(ctx.dir("oos"), ctx.clinc, ctx.dir("static"), cfg, ctx)
+    run(ctx.dir("oos"), ctx.dataset, ctx.dir("static"), cfg, ctx)

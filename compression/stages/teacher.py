@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from compression import checkpoint
-from compression.data import Clinc
+from compression.data import Dataset
 from compression.measure.evaluate import evaluate, training_data, training_split, validation_report
 from compression.records import write_run
 
@@ -39,7 +39,7 @@ class TeacherConfig:
     train_subset: int  # 0 means the whole training split
 
 
-def run(data: Clinc, out: Path, cfg: TeacherConfig, train_cfg: TrainConfig) -> dict[str, Any]:
+def run(data: Dataset, out: Path, cfg: TeacherConfig, train_cfg: TrainConfig) -> dict[str, Any]:
     from compression.training import Encoded, Trainer, seed_everything
 
     seed_everything(train_cfg.seed)
@@ -62,4 +62,4 @@ def run_stage(ctx: Context, cfg: Config) -> None:
 
     teacher = TeacherConfig(cfg.pretrained, str(ctx.wiki), ctx.wiki_oos, ctx.train_subset)
     train = train_config(ctx, cfg.teacher_epochs, cfg.teacher_lr, cfg.label_smoothing)
-    run(ctx.clinc, ctx.dir("teacher"), teacher, train)
+    run(ctx.dataset, ctx.dir("teacher"), teacher, train)

@@ -1,0 +1,195 @@
+"""A team's own labelled files (compression.labelled): CSV and JSONL read into the same dataset, a stratified
+split with a fixed seed, and one exact error naming the file and line for each kind of bad data, from the
+reader and through `python -m compression` (exit 2, one line, nothing written)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from compression.data import OOS, label_order
+from compression.errors import FactoryError
+from compression.labelled import Columns, load_labelled, read_examples, stratified_split
+
+ROOT = Path(__file__).resolve().parents[1]
+ROWS = [
+    ("what is my balance", "balance"),
+    ("how much money do I have", "balance"),
+    ("balance please", "balance"),
+    ("show my account balance", "balance"),
+    ("book a flight to paris", "book_flight"),
+    ("I need a plane ticket", "book_flight"),
+    ("fly me to rome on friday", "book_flight"),
+    ("set an alarm for 7", "alarm"),
+    ("wake me up at six", "alarm"),
+]
+
+
+def csv_file(path: Path, rows: list[tuple[str, str]], header: str = "text,intent") -> Path:
+    lines = [header] + [f'"{text}",{intent}' for text, intent in rows]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def jsonl_file(path: Path, rows: list[tuple[str, str]]) -> Path:
+    path.write_text("".join(json.dumps({"text": t, "intent": i}) + "\n" for t, i in rows), encoding="utf-8")
+    return path
+
+
+def test_csv_and_jsonl_give_the_same_dataset(tmp_path: Path) -> None:
+    a = load_labelled(csv_file(tmp_path / "a.csv", ROWS), seed=7)
+    b = load_labelled(jsonl_file(tmp_path / "b.jsonl", ROWS), seed=7)
+    assert a == b
+    assert a.labels == ["alarm", "balance", "book_flight", OOS]
+    assert a.labels == label_order([i for _, i in ROWS])
+    train, val = a.split("train"), a.split("val")
+    # Every example lands in exactly one of the two.
+    assert sorted(train.texts + val.texts) == sorted(t for t, _ in ROWS)
+    assert set(a.splits) == {"train", "val"}
+
+
+def test_the_split_is_stratified_and_fixed_by_the_seed(tmp_path: Path) -> None:
+    rows = [(f"example {k} of {intent}", intent) for intent, n in (("a", 20), ("b", 10), ("c", 2)) for k in range(n)]
+    examples = read_examples(csv_file(tmp_path / "d.csv", rows))
+    train, val = stratified_split(examples, 0.1, seed=3, path=tmp_path / "d.csv")
+    # 10% of each intent, at least one held out and at least one left to train on.
+    assert Counter(val.intents) == {"a": 2, "b": 1, "c": 1}
+    assert Counter(train.intents) == {"a": 18, "b": 9, "c": 1}
+    assert stratified_split(examples, 0.1, 3, tmp_path / "d.csv") == (train, val)
+    other = [stratified_split(examples, 0.1, seed, tmp_path / "d.csv")[1] for seed in range(4, 10)]
+    assert any(v.texts != val.texts for v in other)
+    # Order within each split is the file's.
+    order = {text: i for i, (text, _) in enumerate(rows)}
+    assert [order[t] for t in train.texts] == sorted(order[t] for t in train.texts)
+
+
+def test_a_validation_file_and_out_of_scope_examples(tmp_path: Path) -> None:
+    val = [("what's in my account", "balance"), ("alarm at noon", "alarm")]
+    data = load_labelled(
+        csv_file(tmp_path / "t.csv", ROWS),
+        val_path=jsonl_file(tmp_path / "v.jsonl", val),
+        oos_path=csv_file(tmp_path / "o.csv", [("tell me a joke", ""), ("who won the game", "")], header="text,x"),
+    )
+    assert data.split("train").texts == [t for t, _ in ROWS]
+    # Out-of-scope examples are a pool of their own and part of validation, labelled oos, as in CLINC150.
+    assert data.split("oos_val").texts == ["tell me a joke", "who won the game"]
+    assert data.split("val").texts == ["what's in my account", "alarm at noon", "tell me a joke", "who won the game"]
+    assert data.split("val").intents == ["balance", "alarm", OOS, OOS]
+    assert data.optional("oos_train").texts == []
+
+
+def test_custom_columns_a_byte_order_mark_and_exact_repeats(tmp_path: Path) -> None:
+    path = tmp_path / "c.csv"
+    path.write_text('\ufeffutterance,label,note\nhi there,greet,x\n"hi, again",greet,y\nhi there,greet,z\n')
+    examples = read_examples(path, Columns(text="utterance", intent="label"))
+    assert [(e.text, e.intent, e.line) for e in examples] == [("hi there", "greet", 2), ("hi, again", "greet", 3)]
+
+
+def bad(tmp_path: Path, name: str, content: bytes) -> Path:
+    path = tmp_path / name
+    path.write_bytes(content)
+    return path
+
+
+BAD = [
+    ("empty.csv", b"", "{path}: the file is empty"),
+    ("blank.jsonl", b"\n  \n", "{path}: the file is empty"),
+    ("header.csv", b"text,intent\n", "{path}: no examples"),
+    (
+        "latin1.csv",
+        b"text,intent\nhello,greet\ncaf\xe9,order\n",
+        "{path}, line 3: not UTF-8 text (invalid continuation byte at byte 3)",
+    ),
+    ("empty_text.csv", b"text,intent\nhello,greet\n   ,greet\n", "{path}, line 3: empty text"),
+    ("empty_intent.jsonl", b'{"text": "hello", "intent": " "}\n', "{path}, line 1: empty intent"),
+    (
+        "two_labels.csv",
+        b"text,intent\nHello there,greet\nbook it,book\nhello  THERE,farewell\n",
+        "{path}, line 4: the text 'hello  THERE' is 'farewell' here and 'greet' on line 2",
+    ),
+    (
+        "oos_label.csv",
+        b"text,intent\nhello,greet\nwhat is love,OOS\n",
+        "{path}, line 3: the intent 'OOS' is the out-of-scope label; rename it, or put out-of-scope examples in "
+        "their own file (--oos-data)",
+    ),
+    (
+        "columns.csv",
+        b"sentence,label\nhello,greet\n",
+        "{path}, line 1: no column 'text', 'intent' in the header ('sentence', 'label'); name the columns with "
+        "--text-column and --intent-column",
+    ),
+    (
+        "fields.csv",
+        b"text,intent\nhello,greet\nhi, there,greet\n",
+        "{path}, line 3: 2 fields expected (quote a text that holds a comma)",
+    ),
+    ("notjson.jsonl", b'{"text": "a", "intent": "b"}\n{"text": \n', "{path}, line 2: not JSON (Expecting value)"),
+    ("list.jsonl", b'["a", "b"]\n', "{path}, line 1: expected an object with 'text', 'intent'"),
+    ("number.jsonl", b'{"text": "a", "intent": 3}\n', "{path}, line 1: 'intent' must be a string"),
+    ("data.tsv", b"text\tintent\n", "{path}: unknown format '.tsv'; give a .csv, .jsonl or CLINC150 .json file"),
+    (
+        "single.csv",
+        b"text,intent\nhello,greet\nhi,greet\nbook it,book\n",
+        "{path}, line 4: the intent 'book' has 1 example; at least 2 are needed to hold one out for validation (add "
+        "examples, or give a validation file with --val-data)",
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "content", "message"), BAD, ids=[b[0] for b in BAD])
+def test_bad_data_gets_one_exact_error(tmp_path: Path, name: str, content: bytes, message: str) -> None:
+    path = bad(tmp_path, name, content)
+    with pytest.raises(FactoryError) as refused:
+        load_labelled(path)
+    assert str(refused.value) == message.format(path=path)
+
+
+def test_bad_validation_and_out_of_scope_files(tmp_path: Path) -> None:
+    train = csv_file(tmp_path / "t.csv", ROWS)
+    unknown = csv_file(tmp_path / "v1.csv", [("snooze it", "alarm"), ("play jazz", "music")])
+    with pytest.raises(FactoryError) as refused:
+        load_labelled(train, val_path=unknown)
+    assert str(refused.value) == f"{unknown}, line 3: the intent 'music' is not in {train}"
+    seen = csv_file(tmp_path / "v2.csv", [("Balance  please", "balance")])
+    with pytest.raises(FactoryError) as refused:
+        load_labelled(train, val_path=seen)
+    assert str(refused.value) == (
+        f"{seen}, line 2: the text is also in {train} (line 4); validation examples must be unseen in training"
+    )
+    in_scope = csv_file(tmp_path / "o.csv", [("tell me a joke", ""), ("wake me up at six", "")])
+    with pytest.raises(FactoryError) as refused:
+        load_labelled(train, oos_path=in_scope)
+    assert str(refused.value) == (
+        f"{in_scope}, line 3: the text is also an in-scope example; an out-of-scope example cannot be in scope too"
+    )
+    with pytest.raises(FactoryError, match="between 0 and 1"):
+        load_labelled(train, val_share=1.0)
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "compression", *args], capture_output=True, text=True, cwd=cwd, timeout=120, check=False
+    )
+
+
+def test_the_cli_refuses_bad_data_in_one_line_and_writes_nothing(tmp_path: Path) -> None:
+    data = bad(tmp_path, "two.csv", b"text,intent\nhello,greet\nhello,bye\n")
+    artifacts, model = tmp_path / "artifacts", tmp_path / "model"
+    flags = ["--artifacts", str(artifacts), "--model-dir", str(model)]
+    result = run_cli("all", "--data", str(data), *flags, cwd=ROOT)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {data}, line 3: the text 'hello' is 'bye' here and 'greet' on line 2"
+    assert not artifacts.exists()
+    assert not model.exists()
+    clinc_with_val = run_cli("teacher", "--data", str(ROOT / "x.json"), "--val-data", str(data), *flags, cwd=ROOT)
+    assert clinc_with_val.returncode == 2
+    assert (
+        clinc_with_val.stderr.strip()
+        == f"error: --val-data: only with CSV or JSONL data; {ROOT / 'x.json'} has its own"
+    )
