@@ -31,6 +31,15 @@ DOWNLOAD_DIR = Path("data/clinc150")
 DATA_FILE, WIKI_FILE = "data_oos_plus.json", "wiki_sents.txt"
 DOWNLOADS = ((DATA_FILE, ORIGINAL_URL, ORIGINAL_SHA256), (WIKI_FILE, WIKI_URL, WIKI_SHA256))
 
+# What the card's provenance says of CLINC150 data.
+SOURCE = {
+    "name": "CLINC150 (oos-eval), 'plus' configuration",
+    "license": "CC BY 3.0",
+    "source": "https://github.com/clinc/oos-eval",
+    "citation": "Larson et al., An Evaluation Dataset for Intent Classification and Out-of-Scope Prediction, "
+    "EMNLP-IJCNLP 2019",
+}
+
 # In-scope and out-of-scope parts of each split, as the original file names them.
 _SPLIT_KEYS = {"train": ("train", "oos_train"), "val": ("val", "oos_val"), "test": ("test", "oos_test")}
 # The out-of-scope parts, also kept as splits of their own: with --no-train-oos, oos_train + oos_val is the

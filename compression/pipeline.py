@@ -26,7 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+from app.engine.artifact import sha256_file
 from compression.data import DEFAULT_DATA, DEFAULT_WIKI, Dataset, load_clinc
+from compression.data import SOURCE as CLINC_SOURCE
 from compression.errors import FactoryError
 from compression.labelled import Columns, load_labelled
 
@@ -149,6 +151,19 @@ class Context(Common):
             return load_clinc(self.data, train_oos=self.train_oos)
         columns = Columns(self.text_column, self.intent_column)
         return load_labelled(self.data, self.val_data, self.oos_data, columns, self.val_share, self.seed)
+
+    @property
+    def data_source(self) -> dict[str, Any]:
+        """What the card's provenance says of the data: CLINC150's source and licence, or a team's files (name and
+        sha256 of each; their licence is the team's to state)."""
+        if Path(self.data).suffix == ".json":
+            return {**CLINC_SOURCE, "file": Path(self.data).name}
+        given = {"train": self.data, "validation": self.val_data, "out_of_scope": self.oos_data}
+        return {
+            "name": "the team's own labelled examples",
+            "files": {role: {"name": Path(f).name, "sha256": sha256_file(f)} for role, f in given.items() if f},
+            "validation": "given" if self.val_data else f"{self.val_share:g} of each intent, seed {self.seed}",
+        }
 
 
 class StageModule(Protocol):

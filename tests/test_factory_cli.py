@@ -395,6 +395,7 @@ def test_a_teams_csv_builds_a_model_that_the_service_serves(
     from fastapi.testclient import TestClient
 
     from app.config import Settings
+    from app.engine.artifact import sha256_file
     from app.http.main import create_app
 
     raw = json.loads(data_path.read_text())
@@ -413,7 +414,7 @@ def test_a_teams_csv_builds_a_model_that_the_service_serves(
         *("--teacher-epochs", "1", "--student-epochs", "1", "--trials", "2", "--trial-subset", "60"),
         *("--trial-epochs", "0.5", "--student-layers", "0,2", "--ffn-keep", "0.5", "--recover-epochs", "0.2"),
         *("--latency-queries", "10", "--static-epochs", "1", "--static-copies", "0", "--static-wiki-oos", "50"),
-        *("--static-dim", "16"),
+        *("--static-dim", "16", "--oos-reject-rate", "0.05"),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     labels = json.loads((model_dir / "labels.json").read_text())
@@ -424,6 +425,20 @@ def test_a_teams_csv_builds_a_model_that_the_service_serves(
     card = json.loads((model_dir / "card.json").read_text())
     # Without out-of-scope examples the OOS figure is on the held-out Wikipedia sentences, and says so.
     assert card["metrics"]["oos_pools"]["report_pool"] == "wiki_heldout"
+    # Named after its directory; its provenance names the team's file by sha256, not CLINC150's licence.
+    assert card["name"] == "model-intent"
+    source = card["provenance"]["licenses"]["data"]
+    assert source["files"] == {"train": {"name": "intents.csv", "sha256": sha256_file(data)}}
+    assert source["validation"] == "0.2 of each intent, seed 42"
+    # The report a team reads: every intent's figures on its 30 held-out queries, and the OOS operating point.
+    report = card["metrics"]["validation_report"]
+    assert set(report["intents"]) == set(labels)
+    assert {i: v["support"] for i, v in report["intents"].items()} == {**dict.fromkeys(TEAM_INTENTS, 6), "oos": 0}
+    point = report["oos_operating_point"]
+    assert (point["in_scope_n"], point["oos_n"], point["oos_recall"]) == (30, 0, None)
+    # The rule rejects at most the rate it was given of in-scope validation, and the card says how it was set.
+    assert card["metrics"]["oos_threshold_policy"] == {"in_scope_rejection": 0.05}
+    assert point["in_scope_rejected"] <= 0.05
     with TestClient(create_app(Settings(model_dir=model_dir, warmup_queries=1))) as client:
         answer = client.post("/predict", json={"text": "what is the weather like in paris"})
         assert answer.status_code == 200
@@ -432,3 +447,4 @@ def test_a_teams_csv_builds_a_model_that_the_service_serves(
         assert body["model_version"] == card["version"]
         model = client.get("/model").json()
         assert model["version"] == card["version"]
+        assert model["metrics"]["validation_report"] == report

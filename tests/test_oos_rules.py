@@ -30,7 +30,7 @@ from app.engine.rules import (
 )
 from compression.data import WIKI_POOL_SIZE, load_clinc, load_wiki, load_wiki_pool
 from compression.errors import FactoryError
-from compression.measure.metrics import threshold_for_in_scope
+from compression.measure.metrics import threshold_for_in_scope, threshold_for_rejection
 from compression.measure.pools import evaluation_pools, pool_scores, report_pool, tuning_split, wilson
 from compression.stages.oos import Config, choose_rule
 from tests import tiny_artifact
@@ -246,6 +246,26 @@ def test_the_threshold_comes_from_in_scope_queries_alone() -> None:
     # Out of reach (argmax gets 4 of 5): a threshold under every score, so the rule never fires.
     assert threshold_for_in_scope(scores, pred, gold, OOS, "energy", 1.0) == -1.01
     assert threshold_for_in_scope(np.full(6, 0.5), pred, gold, OOS, "max_prob", 1.0) == 0.49
+
+
+def test_a_rejection_rate_sets_the_threshold_from_in_scope_scores_alone() -> None:
+    # Ten in-scope rows scored 0.5 .. 9.5 (right or wrong alike), and two oos rows scored anything.
+    scores = np.r_[np.arange(10) + 0.5, -50.0, 50.0]
+    gold = np.r_[np.zeros(10, dtype=int), OOS, OOS]
+    # At most 2 of 10 in-scope rows under the threshold: the threshold is the third-lowest score, 2.5.
+    t = threshold_for_rejection(scores, gold, OOS, "energy", 0.2)
+    assert t == 2.5
+    assert int((scores[:10] < t).sum()) == 2
+    assert threshold_for_rejection(scores, gold, OOS, "energy", 0.25) == 2.5  # 2.5 rows: at most 2
+    assert threshold_for_rejection(scores, gold, OOS, "energy", 0.0) == 0.5  # none rejected
+    assert threshold_for_rejection(scores[[0, 1, 10, 11]], gold[[0, 1, 10, 11]], OOS, "energy", 0.5) == 1.5
+    # The grid (0.01) rounds down, never up: 2.567 would reject a third row, 2.56 does not.
+    shifted = np.r_[np.arange(10) + 0.567, -50.0, 50.0]
+    assert threshold_for_rejection(shifted, gold, OOS, "energy", 0.2) == 2.56
+    # A rule's range holds: max_prob's thresholds stay in [0, 1).
+    assert threshold_for_rejection(np.full(12, 1.0), gold, OOS, "max_prob", 0.1) == 0.99
+    with pytest.raises(ValueError, match="no in-scope validation query"):
+        threshold_for_rejection(np.array([1.0]), np.array([OOS]), OOS, "energy", 0.1)
 
 
 def test_wilson_interval_by_hand() -> None:

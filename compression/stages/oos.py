@@ -4,7 +4,8 @@
 The quantised transformer gets features as a second output (by default the pretrained sentence encoder's
 embedding, from the embedder stage; or its own mean-pooled or pooled features). Every rule of the engine's
 registry (app.engine.rules.RULES) is fitted on the in-scope training queries (`Rule.fit`) and given the strictest
-threshold that keeps in-scope validation accuracy at the target. The rule that catches the most of the held-out
+threshold that keeps in-scope validation accuracy at the target, or (--oos-reject-rate) the one that rejects at most
+that share of in-scope validation queries. The rule that catches the most of the held-out
 Wikipedia sentences is served (a feature-space rule only by a margin, see choose_rule); the figures on the real
 CLINC pool, which chose nothing, are the estimate that is reported.
 
@@ -35,7 +36,7 @@ from compression.graphs import (
     gate_encoder_output,
     has_output,
 )
-from compression.measure.metrics import IN_SCOPE_FLOOR, threshold_for_in_scope
+from compression.measure.metrics import IN_SCOPE_FLOOR, threshold_for_in_scope, threshold_for_rejection
 from compression.measure.pools import TUNING_POOL, evaluation_pools, pool_scores, report_pool
 from compression.onnx_stage import OnnxStage
 from compression.records import write_run
@@ -53,6 +54,13 @@ class Config:
     oos_in_scope_target: float = field(
         default=round(IN_SCOPE_FLOOR + 0.002, 4),
         metadata={"help": "in-scope validation accuracy each rule's threshold keeps (the floor, plus 6 queries)"},
+    )
+    oos_reject_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "set each rule's threshold to reject at most this share of in-scope validation queries (e.g. "
+            "0.03) instead of keeping --oos-in-scope-target; for data whose accuracy no fixed target suits"
+        },
     )
     oos_ridge: float = field(
         default=1e-3, metadata={"help": "mahalanobis: ridge of the shared covariance, share of its trace"}
@@ -98,6 +106,8 @@ class Config:
             raise FactoryError(f"--oos-features must be one of {', '.join(FEATURE_SOURCES)}, got {self.oos_features!r}")
         if not 0 < self.oos_in_scope_target <= 1:
             raise FactoryError(f"--oos-in-scope-target must be in (0, 1], got {self.oos_in_scope_target}")
+        if self.oos_reject_rate is not None and not 0 <= self.oos_reject_rate < 1:
+            raise FactoryError(f"--oos-reject-rate must be in [0, 1), got {self.oos_reject_rate}")
         if not 0 <= self.oos_feature_margin < 1:
             raise FactoryError(f"--oos-feature-margin must be in [0, 1), got {self.oos_feature_margin}")
         if math.isnan(self.oos_knn_gate):
@@ -106,6 +116,12 @@ class Config:
             raise FactoryError(f"--oos-knn-weight must be a finite weight >= 0, got {self.oos_knn_weight}")
         if self.oos_prototypes < 0:
             raise FactoryError(f"--oos-prototypes must be >= 0, got {self.oos_prototypes}")
+
+    def threshold_policy(self) -> dict[str, float]:
+        """How each rule's threshold is set, as the card records it."""
+        if self.oos_reject_rate is not None:
+            return {"in_scope_rejection": self.oos_reject_rate}
+        return {"in_scope_accuracy": self.oos_in_scope_target}
 
     def fit_options(self) -> dict[str, Any]:
         return {"ridge": self.oos_ridge, "weight": self.oos_knn_weight, "prototypes_per_intent": self.oos_prototypes}
@@ -178,11 +194,17 @@ def _with_features(quantize_dir: Path, embedder_dir: Path | None, out: Path, sou
 
 
 def score_rule(
-    rule: Rule, outputs: dict[str, Outputs], gold: dict[str, np.ndarray], oos: int, target: float
+    rule: Rule, outputs: dict[str, Outputs], gold: dict[str, np.ndarray], oos: int, policy: dict[str, float]
 ) -> tuple[Rule, dict[str, Any]]:
-    """The rule at its threshold, chosen from in-scope validation queries alone, and its figures on every pool."""
-    val = outputs["validation"]
-    threshold = threshold_for_in_scope(rule.score(val), val.pred, gold["validation"], oos, rule.kind, target)
+    """The rule at its threshold, chosen from in-scope validation queries alone by `policy` (Config.threshold_policy),
+    and its figures on every pool."""
+    val, val_gold = outputs["validation"], gold["validation"]
+    if "in_scope_rejection" in policy:
+        threshold = threshold_for_rejection(rule.score(val), val_gold, oos, rule.kind, policy["in_scope_rejection"])
+    else:
+        threshold = threshold_for_in_scope(
+            rule.score(val), val.pred, val_gold, oos, rule.kind, policy["in_scope_accuracy"]
+        )
     rule = rule.with_threshold(threshold)
     pools = {pool: pool_scores(rule.decide(out, oos)[0], gold[pool], oos) for pool, out in outputs.items()}
     return rule, {"oos_threshold": threshold, "pools": pools}
@@ -247,7 +269,7 @@ def run(
     dim = fit_data.train.features.shape[1]
     log.info("oos: %d-dim features of %d in-scope training queries", dim, len(fit_data.train))
     scored = {
-        kind: score_rule(cls.fit(fit_data, cfg.fit_options()), outputs, gold, oos, cfg.oos_in_scope_target)
+        kind: score_rule(cls.fit(fit_data, cfg.fit_options()), outputs, gold, oos, cfg.threshold_policy())
         for kind, cls in RULES.items()
     }
     figures = {kind: report for kind, (_, report) in scored.items()}
@@ -262,6 +284,7 @@ def run(
         "oos_rule": chosen,
         "oos_threshold": rule.threshold,
         "oos_in_scope_target": cfg.oos_in_scope_target,
+        "threshold_policy": cfg.threshold_policy(),
         "thresholded": figures[chosen]["pools"]["validation"],
         "features": {
             "output": FEATURES_OUTPUT,

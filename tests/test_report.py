@@ -1,0 +1,57 @@
+"""compression.measure.report: per-intent precision and recall, the most confused pairs and the OOS operating
+point, checked against counts worked out by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from compression.measure.report import CONFUSED_PAIRS, validation_report
+
+LABELS = ["alarm", "balance", "oos"]
+
+
+def test_figures_worked_out_by_hand() -> None:
+    gold = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    pred = np.array([0, 0, 1, 1, 2, 2, 2, 0, 2])
+    report = validation_report(pred, gold, LABELS, oos_index=2)
+    # alarm: 3 examples, 2 right; predicted 3 times (2 right, one oos query taken for alarm).
+    assert report["intents"]["alarm"] == {"precision": round(2 / 3, 4), "recall": round(2 / 3, 4), "support": 3}
+    # balance: 2 examples, 1 right; predicted twice (once for an alarm query).
+    assert report["intents"]["balance"] == {"precision": 0.5, "recall": 0.5, "support": 2}
+    assert report["intents"]["oos"] == {"precision": 0.75, "recall": 0.75, "support": 4}
+    # Every off-diagonal cell once: ties keep the label order (gold, then predicted).
+    assert report["most_confused"] == [
+        {"intent": "alarm", "predicted": "balance", "count": 1},
+        {"intent": "balance", "predicted": "oos", "count": 1},
+        {"intent": "oos", "predicted": "alarm", "count": 1},
+    ]
+    # 5 in-scope queries, 1 rejected as oos; 4 out-of-scope, 3 caught.
+    assert report["oos_operating_point"] == {"in_scope_n": 5, "in_scope_rejected": 0.2, "oos_n": 4, "oos_recall": 0.75}
+
+
+def test_no_out_of_scope_queries_and_an_intent_never_predicted() -> None:
+    gold = np.array([0, 0, 1, 1])
+    pred = np.array([0, 0, 0, 0])
+    report = validation_report(pred, gold, LABELS, oos_index=2)
+    assert report["intents"]["balance"] == {"precision": None, "recall": 0.0, "support": 2}
+    assert report["intents"]["oos"] == {"precision": None, "recall": None, "support": 0}
+    assert report["most_confused"] == [{"intent": "balance", "predicted": "alarm", "count": 2}]
+    assert report["oos_operating_point"] == {"in_scope_n": 4, "in_scope_rejected": 0.0, "oos_n": 0, "oos_recall": None}
+
+
+def test_the_most_confused_are_the_largest_counts_and_at_most_ten() -> None:
+    labels = [f"i{k}" for k in range(12)] + ["oos"]
+    rng = np.random.default_rng(0)
+    gold = rng.integers(0, 13, 2000)
+    pred = np.where(rng.random(2000) < 0.6, gold, rng.integers(0, 13, 2000))
+    report = validation_report(pred, gold, labels, oos_index=12)
+    pairs = report["most_confused"]
+    assert len(pairs) == CONFUSED_PAIRS
+    counts = [p["count"] for p in pairs]
+    assert counts == sorted(counts, reverse=True)
+    off = [int(((gold == g) & (pred == p)).sum()) for g in range(13) for p in range(13) if g != p]
+    assert counts == sorted(off, reverse=True)[:CONFUSED_PAIRS]
+    assert sum(v["support"] for v in report["intents"].values()) == 2000
+    with pytest.raises(ValueError, match="same 1-d shape"):
+        validation_report(pred[:5], gold[:4], labels, 12)
