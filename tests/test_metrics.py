@@ -1,10 +1,20 @@
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
 from app.engine.rules import Outputs, Rule, rule_class
-from compression.measure.metrics import bar_shortfalls, best_rule, score, tune_rule, tune_threshold
+from compression.measure.evaluate import validation_report
+from compression.measure.metrics import (
+    bar_shortfalls,
+    best_rule,
+    score,
+    selection_score,
+    tune_rule,
+    tune_threshold,
+)
 
 OOS = 2
 
@@ -94,3 +104,15 @@ def test_bar_shortfalls_name_each_missed_figure() -> None:
     rebuilt = {"in_scope_accuracy": 0.941, "oos_recall": 0.90, "test_weighted_accuracy": 0.933538}
     assert bar_shortfalls(rebuilt) == ["in-scope accuracy 0.9410 < 0.95", "test-weighted accuracy 0.9335 < 0.935"]
     assert bar_shortfalls({**committed, "oos_recall": None}) == ["OOS recall not measured"]
+
+
+def test_stages_choose_by_test_weighted_accuracy_or_in_scope_accuracy_without_oos_queries() -> None:
+    # With out-of-scope queries in validation: the tuned report's test-weighted accuracy.
+    gold = np.array([0, 0, 1, 1, 2])
+    logits = np.eye(3)[[0, 0, 1, 0, 2]] * 5
+    report = validation_report(logits, gold, ["a", "b", "oos"])
+    assert selection_score(report) == report["thresholded"]["test_weighted_accuracy"]
+    # Without (a team's data): test-weighted accuracy is undefined, so argmax in-scope accuracy, 3 of 4 here.
+    in_scope_only = validation_report(logits[:4], gold[:4], ["a", "b", "oos"])
+    assert math.isnan(in_scope_only["thresholded"]["test_weighted_accuracy"])
+    assert selection_score(in_scope_only) == 0.75

@@ -349,10 +349,17 @@ def _print_oos_pools(model_dir: Path) -> None:
     from app.engine.artifact import read_card
     from compression.measure.pools import markdown_table
 
-    pools = read_card(model_dir).metrics.get("oos_pools")
+    metrics = read_card(model_dir).metrics
+    pools = metrics.get("oos_pools")
     if not pools:
         return
-    print(f"\nOut-of-scope pools (thresholds kept in-scope validation at {pools.get('in_scope_target')}):")
+    policy = metrics.get("oos_threshold_policy") or {"in_scope_accuracy": pools.get("in_scope_target")}
+    setting = (
+        f"reject at most {policy['in_scope_rejection']} of in-scope validation"
+        if "in_scope_rejection" in policy
+        else f"keep in-scope validation accuracy at {policy['in_scope_accuracy']}"
+    )
+    print(f"\nOut-of-scope pools (each rule's threshold set to {setting}):")
     print(markdown_table(pools))
     name = pools["report_pool"]
     served = pools["served"][name]

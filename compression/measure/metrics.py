@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -177,3 +178,11 @@ def threshold_for_rejection(scores: np.ndarray, gold: np.ndarray, oos_index: int
     at = float(ranked[k]) if k < len(ranked) else float(ranked[-1]) + r.grid_step
     t = math.floor(at / r.grid_step) * r.grid_step
     return round(min(max(t, r.low), r.high - r.grid_step), 6)
+
+
+def selection_score(report: Mapping[str, Any]) -> float:
+    """What stages choose candidates by (the search's trials, the quantisation's candidates), from a
+    validation_report: test-weighted accuracy at the tuned OOS threshold; where validation has no out-of-scope
+    query (a team's data without any), which leaves that undefined, argmax in-scope accuracy."""
+    weighted = float(report["thresholded"]["test_weighted_accuracy"])
+    return weighted if math.isfinite(weighted) else float(report["argmax"]["in_scope_accuracy"])

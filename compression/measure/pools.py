@@ -96,11 +96,19 @@ def pool_scores(pred: np.ndarray, gold: np.ndarray, oos: int) -> dict[str, Any]:
 
 
 def markdown_table(oos_pools: dict[str, Any]) -> str:
-    """The card's `metrics.oos_pools` as a table: each rule on the transformer alone, then the served path."""
-    head = (
-        "| OOS rule | clinc_oos (350) [95%] | oos_train (250) | oos_val (100) | wiki_heldout (2,000) "
-        "| validation in-scope | validation test-weighted |\n|---|---|---|---|---|---|---|"
-    )
+    """The card's `metrics.oos_pools` as a table: each rule on the transformer alone, then the served path. One
+    column per out-of-scope pool the dataset has (CLINC150: clinc_oos, oos_train, oos_val, wiki_heldout), with
+    its recall and 95% interval; "-" where a figure is undefined (test-weighted accuracy without any out-of-scope
+    query in validation)."""
+    rules = oos_pools.get("rules", {})
+    first: dict[str, Any] = next(iter(rules.values()), {})
+    sample = oos_pools.get("served") or first.get("pools", {})
+    names = [n for n in (REPORT_POOL, "oos_train", "oos_val", TUNING_POOL) if n in sample]
+    sizes = " | ".join(f"{n} ({sample[n].get('oos_n', 0):,}) [95%]" for n in names)
+    head = f"| OOS rule | {sizes} | validation in-scope | validation test-weighted |\n|---|{'---|' * (len(names) + 2)}"
+
+    def figure(value: Any) -> str:
+        return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
 
     def recall(pools: dict[str, Any], name: str) -> str:
         if name not in pools:
@@ -110,12 +118,11 @@ def markdown_table(oos_pools: dict[str, Any]) -> str:
 
     def line(name: str, pools: dict[str, Any]) -> str:
         val = pools["validation"]
-        return (
-            f"| {name} | {recall(pools, REPORT_POOL)} | {recall(pools, 'oos_train')} | {recall(pools, 'oos_val')} "
-            f"| {recall(pools, TUNING_POOL)} | {val['in_scope_accuracy']:.4f} | {val['test_weighted_accuracy']:.4f} |"
-        )
+        cells = [recall(pools, n) for n in names]
+        cells += [figure(val.get("in_scope_accuracy")), figure(val.get("test_weighted_accuracy"))]
+        return f"| {name} | {' | '.join(cells)} |"
 
-    rows = [line(f"{rule} (transformer alone)", v["pools"]) for rule, v in oos_pools.get("rules", {}).items()]
+    rows = [line(f"{rule} (transformer alone)", v["pools"]) for rule, v in rules.items()]
     if "served" in oos_pools:
         rows.append(line("**served path** (cascade + served rule)", oos_pools["served"]))
     return "\n".join([head, *rows])

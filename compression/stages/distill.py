@@ -12,9 +12,10 @@ import numpy as np
 
 from compression import checkpoint
 from compression.augment import augment
-from compression.data import Dataset, Split, load_wiki_transfer
+from compression.data import OOS, Dataset, Split, load_wiki_transfer
 from compression.errors import FactoryError
 from compression.measure.evaluate import evaluate, training_data, training_split, validation_report
+from compression.measure.metrics import selection_score
 from compression.records import read_best_params, read_run, write_run
 
 if TYPE_CHECKING:
@@ -265,7 +266,9 @@ def run(teacher_dir: Path, data: Dataset, out: Path, cfg: DistillConfig, train_c
     return report
 
 
-def geometry_fit(student: Any, tokenizer: Any, data: Dataset, cfg: DistillConfig, max_length: int) -> dict[str, float]:
+def geometry_fit(
+    student: Any, tokenizer: Any, data: Dataset, cfg: DistillConfig, max_length: int
+) -> dict[str, float | None]:
     """How closely the student's sentence embedding follows the pretrained encoder's: mean cosine on validation
     (in scope, and its 100 out-of-scope queries, which no stage trains on)."""
     from compression.training import Encoded, predict_embeddings
@@ -274,14 +277,15 @@ def geometry_fit(student: Any, tokenizer: Any, data: Dataset, cfg: DistillConfig
     ours = predict_embeddings(student, Encoded(tokenizer, val, data.labels, max_length))
     theirs = geometry_targets(cfg, val.texts, max_length).numpy()
     cosine = (ours * theirs).sum(-1)
-    is_oos = np.array([i == "oos" for i in val.intents])
-    return {"in_scope": round(float(cosine[~is_oos].mean()), 4), "oos": round(float(cosine[is_oos].mean()), 4)}
+    is_oos = np.array([i == OOS for i in val.intents])
+    oos = round(float(cosine[is_oos].mean()), 4) if is_oos.any() else None  # a team's data may have none
+    return {"in_scope": round(float(cosine[~is_oos].mean()), 4), "oos": oos}
 
 
 def val_score(student: Any, tokenizer: Any, data: Dataset, max_length: int) -> float:
+    """The search's objective (compression.measure.metrics.selection_score)."""
     logits, gold = evaluate(student, tokenizer, data, max_length)
-    report = validation_report(logits, gold, data.labels)
-    return float(np.float64(report["thresholded"]["test_weighted_accuracy"]))
+    return selection_score(validation_report(logits, gold, data.labels))
 
 
 def resolve(ctx: Context, cfg: Config) -> tuple[DistillConfig, TrainConfig]:

@@ -16,6 +16,7 @@ from compression.data import Dataset, Split
 from compression.errors import FactoryError
 from compression.measure.evaluate import validation_report
 from compression.measure.latency import latencies_ms
+from compression.measure.metrics import selection_score
 from compression.onnx_stage import OnnxStage
 from compression.records import write_run
 
@@ -81,7 +82,7 @@ def choose(results: dict[str, dict[str, Any]]) -> str:
     """The most accurate candidate among those within LATENCY_TOLERANCE of the fastest; ties go to speed."""
     fastest = min(r["latency_ms_p50"] for r in results.values())
     fast = [n for n, r in results.items() if r["latency_ms_p50"] <= fastest * (1 + LATENCY_TOLERANCE)]
-    return max(fast, key=lambda n: (results[n]["thresholded"]["test_weighted_accuracy"], -results[n]["latency_ms_p50"]))
+    return max(fast, key=lambda n: (selection_score(results[n]), -results[n]["latency_ms_p50"]))
 
 
 def run(export_dir: Path, data: Dataset, out: Path, calibration_n: int = 300, seed: int = 42) -> dict[str, Any]:
@@ -100,7 +101,7 @@ def run(export_dir: Path, data: Dataset, out: Path, calibration_n: int = 300, se
     static(src, candidates["static_qdq"], OnnxStage(src, tokenizer), calib)
     results = {name: measure(path, tokenizer, data) for name, path in candidates.items()}
     for name, r in results.items():
-        log.info("%s: p50 %.3f ms, tw-acc %.4f", name, r["latency_ms_p50"], r["thresholded"]["test_weighted_accuracy"])
+        log.info("%s: p50 %.3f ms, accuracy %.4f", name, r["latency_ms_p50"], selection_score(r))
     chosen = choose(results)
     shutil.copy(candidates[chosen], out / "model.onnx")
     for name in ("tokenizer.json", "labels.json"):
