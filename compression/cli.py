@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from compression import data as data_mod
-from compression import pipeline
+from compression import pipeline, progress
 from compression.errors import FactoryError
 
 log = logging.getLogger("compression")
@@ -59,8 +59,10 @@ def run_stage(a: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser(argv).parse_args(argv)
+        handler = logging.StreamHandler()
+        handler.addFilter(progress.StageFilter())
         logging.basicConfig(
-            level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s %(message)s"
+            level=logging.DEBUG if args.verbose else logging.INFO, format=progress.FORMAT, handlers=[handler]
         )
         run_stage(args)
     except FactoryError as exc:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from app.engine.artifact import sha256_file
+from compression import progress
 from compression.data import DEFAULT_DATA, DEFAULT_WIKI, Dataset, load_clinc
 from compression.data import SOURCE as CLINC_SOURCE
 from compression.errors import FactoryError
@@ -252,10 +253,11 @@ def run(names: list[str], args: argparse.Namespace, log: logging.Logger) -> None
     """Run the named stages in the order given, each with its Config built from the parsed flags."""
     ctx = Context(build(Common, args), args)
     ctx.dataset  # noqa: B018 - read and check the data before any stage starts: a bad file fails in one line
-    for name in names:
+    for number, name in enumerate(names, 1):
         stage = STAGES[name]
         module = load(stage)
         started = time.perf_counter()
-        log.info("stage %s: start (inputs: %s)", name, ", ".join(stage.inputs) or "none")
-        module.run_stage(ctx, build(module.Config, args))
-        log.info("stage %s: done in %.0f s", name, time.perf_counter() - started)
+        with progress.stage(name, number, len(names)):
+            log.info("stage %s: start (inputs: %s)", name, ", ".join(stage.inputs) or "none")
+            module.run_stage(ctx, build(module.Config, args))
+            log.info("stage %s: done in %.0f s", name, time.perf_counter() - started)

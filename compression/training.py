@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from compression import progress
 from compression.data import Split
 
 if TYPE_CHECKING:
@@ -174,6 +175,7 @@ class Trainer:
         )
         history: list[dict[str, float]] = []
         step, epoch = 0, 0
+        began, report_every = time.perf_counter(), progress.every(total)
         while step < total:
             self.model.train()
             started, running, count = time.perf_counter(), 0.0, 0
@@ -187,9 +189,14 @@ class Trainer:
                 running += float(loss.detach())
                 count += 1
                 step += 1
-                if count % 100 == 0:
+                if step % report_every == 0:
                     log.info(
-                        "step %d/%d loss %.4f (%.1fs)", step, total, running / count, time.perf_counter() - started
+                        "step %d/%d (%.0f%%) loss %.4f, %s",
+                        step,
+                        total,
+                        100 * step / total,
+                        running / count,
+                        progress.time_left(step, total, time.perf_counter() - began),
                     )
                 if step >= total:
                     break

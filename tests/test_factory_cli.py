@@ -417,6 +417,10 @@ def test_a_teams_csv_builds_a_model_that_the_service_serves(
         *("--static-dim", "16", "--oos-reject-rate", "0.05"),
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    # Progress: every log line names its stage and place in the run; training lines say how long is left.
+    assert "[teacher 1/11] compression stage teacher: start" in result.stderr
+    assert "[bench 11/11] compression stage bench: done in" in result.stderr
+    assert any(" left" in line and line.split("] ")[0].endswith("1/11") for line in result.stderr.splitlines())
     labels = json.loads((model_dir / "labels.json").read_text())
     assert labels == sorted([*TEAM_INTENTS, "oos"])
     teacher = json.loads((art / "teacher" / "run.json").read_text())["training_data"]
