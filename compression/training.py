@@ -99,38 +99,38 @@ class Encoded:
 
 
 @torch.no_grad()
-def predict_logits(model: Any, data: Encoded, batch_size: int = 128) -> np.ndarray:
-    model.eval()
-    # Batches of similar length waste no work on padding; rows go back to their places afterwards.
-    order = sorted(range(len(data)), key=lambda i: len(data.input_ids[i]))
-    out: np.ndarray | None = None
-    for start in range(0, len(order), batch_size):
-        index = order[start : start + batch_size]
-        b = data.batch(index)
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float().numpy()
-        if out is None:
-            out = np.empty((len(data), logits.shape[-1]), dtype=np.float32)
-        out[index] = logits
-    return out if out is not None else np.empty((0, 0), dtype=np.float32)
-
-
-@torch.no_grad()
-def predict_embeddings(model: Any, data: Encoded, batch_size: int = 128) -> np.ndarray:
-    """The student's unit sentence embeddings (compression.geometry), batched like predict_logits."""
-    from compression import geometry
-
+def _predict_rows(
+    model: Any, data: Encoded, batch_size: int, rows_of: Callable[[dict[str, torch.Tensor]], torch.Tensor]
+) -> np.ndarray:
+    """`rows_of(batch)` for every row of `data`, in eval mode. Batches of similar length waste no work on padding;
+    rows go back to their places afterwards."""
     model.eval()
     order = sorted(range(len(data)), key=lambda i: len(data.input_ids[i]))
     out: np.ndarray | None = None
     for start in range(0, len(order), batch_size):
         index = order[start : start + batch_size]
-        b = data.batch(index)
-        hidden = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True)
-        rows = geometry.embed(model, hidden.hidden_states[-1], b["attention_mask"]).float().numpy()
+        rows = rows_of(data.batch(index)).float().numpy()
         if out is None:
             out = np.empty((len(data), rows.shape[-1]), dtype=np.float32)
         out[index] = rows
     return out if out is not None else np.empty((0, 0), dtype=np.float32)
+
+
+def predict_logits(model: Any, data: Encoded, batch_size: int = 128) -> np.ndarray:
+    return _predict_rows(
+        model, data, batch_size, lambda b: model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    )
+
+
+def predict_embeddings(model: Any, data: Encoded, batch_size: int = 128) -> np.ndarray:
+    """The student's unit sentence embeddings (compression.geometry), batched like predict_logits."""
+    from compression import geometry
+
+    def embed(b: dict[str, torch.Tensor]) -> torch.Tensor:
+        hidden = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True)
+        return geometry.embed(model, hidden.hidden_states[-1], b["attention_mask"])
+
+    return _predict_rows(model, data, batch_size, embed)
 
 
 Loss = Callable[[Any, dict[str, torch.Tensor]], torch.Tensor]  # (model, batch) -> scalar loss
