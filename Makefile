@@ -49,20 +49,19 @@ audit: $(VENV)/.installed  ## known vulnerabilities in the pinned dependencies (
 	@mkdir -p reports; $(VENV)/bin/pip-audit --progress-spinner off -r constraints.txt --no-deps --disable-pip \
 	  > reports/pip-audit.txt 2>&1; rc=$$?; tail -n 3 reports/pip-audit.txt; exit $$rc
 
-# RECIPE=served (default) rebuilds what models/clinc150 serves; RECIPE=student builds the one small student that
-# carries the OOS rule's sentence geometry itself (docs/one-small-model.md).
+# RECIPE=served (default) rebuilds what models/clinc150 serves (about two hours on 2 cores); RECIPE=quick builds
+# a linear head on the frozen pretrained encoder in minutes; RECIPE=student is issue 23's student
+# (docs/one-small-model.md). Each recipe's stages and settings: compression.pipeline.RECIPES.
 RECIPE ?= served
-RECIPE_ARGS_served :=
-RECIPE_ARGS_student := --geometry-weight 3 --transfer-wiki 20000 --recover-epochs 2 --recover-copies 1 \
-  --export-from prune --oos-features student --oos-prototypes 4 --oos-rule energy_knn --static-rule-on-cascade
+RECIPES := served quick student
 
 # DATA=intents.csv (or .jsonl: text and intent) OUT=models/my-intents builds a team's own model; its stage
 # outputs go to artifacts/<name of OUT>, so the CLINC150 stages are kept.
 OUT_ARGS = $(if $(OUT),--model-dir $(OUT) --artifacts artifacts/$(notdir $(patsubst %/,%,$(OUT))))
 
-model: $(VENV)/.installed  ## rebuild models/clinc150 from scratch (RECIPE=served|student; DATA=file.csv OUT=dir), then the stage table
-	@[ -n "$(filter $(RECIPE),served student)" ] || { echo "error: RECIPE must be served or student"; exit 2; }
-	$(VENV)/bin/python -m compression all --data $(DATA) --wiki $(WIKI) $(OUT_ARGS) $(RECIPE_ARGS_$(RECIPE)) $(MODEL_ARGS)
+model: $(VENV)/.installed  ## rebuild models/clinc150 from scratch (RECIPE=served|quick|student; DATA=file.csv OUT=dir)
+	@[ -n "$(filter $(RECIPE),$(RECIPES))" ] || { echo "error: RECIPE must be one of: $(RECIPES)"; exit 2; }
+	$(VENV)/bin/python -m compression $(RECIPE) --data $(DATA) --wiki $(WIKI) $(OUT_ARGS) $(MODEL_ARGS)
 
 bench: $(VENV)/.installed $(SERVE_VENV)/.installed  ## stage table, plus the serving footprint
 	$(VENV)/bin/python -m compression bench --data $(DATA) --wiki $(WIKI) $(BENCH_ARGS)

@@ -1,5 +1,6 @@
 """`python -m compression STAGE ...`: one stage of the pipeline (compression.pipeline.STAGES) from the
-previous stages' outputs under --artifacts, or `all` of them in order; `data` downloads the dataset.
+previous stages' outputs under --artifacts, or a recipe's stages in order (compression.pipeline.RECIPES: `served`,
+also called `all`, `student` or `quick`); `data` downloads the dataset.
 
 Flags come from the pipeline's `Common` options and from the chosen stages' `Config` dataclasses (only the
 chosen stages' modules are imported, and those import the training libraries only when they run), so
@@ -32,17 +33,28 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="stage", required=True)
     p = sub.add_parser("data", help="download CLINC150 and the Wikipedia out-of-scope sentences (needs the internet)")
     p.add_argument("--dest", type=Path, default=data_mod.DOWNLOAD_DIR, help="directory to write both files into")
-    names = [*pipeline.STAGES, "all"]
-    for name in names:
-        stage = pipeline.STAGES.get(name)
-        p = sub.add_parser(name, help=stage.help if stage else "every stage, in order")
-        if name != chosen:
-            continue  # only the chosen stages' modules are imported
-        pipeline.add_flags(p, pipeline.Common, "common")
-        for s in pipeline.STAGES.values() if name == "all" else (stage,):
-            assert s is not None
-            pipeline.add_flags(p, pipeline.load(s).Config, f"{s.name} (inputs: {', '.join(s.inputs) or 'none'})")
+    for name, stage in pipeline.STAGES.items():
+        p = sub.add_parser(name, help=stage.help)
+        if name == chosen:  # only the chosen stages' modules are imported
+            _add_stage_flags(p, (name,))
+    for name in [*pipeline.RECIPES, *pipeline.RECIPE_ALIASES]:
+        recipe = _recipe(name)
+        p = sub.add_parser(name, help=f"recipe: {recipe.help}" if name in pipeline.RECIPES else f"the same as {name}")
+        if name == chosen:
+            _add_stage_flags(p, recipe.stages)
+            p.set_defaults(**recipe.defaults)
     return parser
+
+
+def _recipe(name: str) -> pipeline.Recipe:
+    return pipeline.RECIPES[pipeline.RECIPE_ALIASES.get(name, name)]
+
+
+def _add_stage_flags(parser: argparse.ArgumentParser, names: tuple[str, ...]) -> None:
+    pipeline.add_flags(parser, pipeline.Common, "common")
+    for name in names:
+        s = pipeline.STAGES[name]
+        pipeline.add_flags(parser, pipeline.load(s).Config, f"{s.name} (inputs: {', '.join(s.inputs) or 'none'})")
 
 
 def run_stage(a: argparse.Namespace) -> None:
@@ -52,7 +64,7 @@ def run_stage(a: argparse.Namespace) -> None:
         data_file, wiki_file = a.dest / data_mod.DATA_FILE, a.dest / data_mod.WIKI_FILE
         print(f"use them with: make model DATA={data_file} MODEL_ARGS='--wiki {wiki_file}'")
         return
-    names = list(pipeline.STAGES) if a.stage == "all" else [a.stage]
+    names = [a.stage] if a.stage in pipeline.STAGES else list(_recipe(a.stage).stages)
     pipeline.run(names, a, log)
 
 

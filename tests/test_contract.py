@@ -246,9 +246,31 @@ def test_the_rule_threshold_set_on_the_cascade_by_hand() -> None:
     second = np.array([[5, 0, 0], [1, 0, 0], [0, 3, 0], [0, 2, 0], [0, 1, 0]], dtype=np.float32)
     first = np.log(np.array([[0.9, 0.05, 0.05]] * 2 + [[0.4, 0.3, 0.3]] * 3, dtype=np.float32))
     out = Outputs.of(second)
-    on_cascade = rule_on_cascade(energy(0.0), first, out, gold, OOS, tau=0.8, target=0.75)
+    on_cascade = rule_on_cascade(energy(0.0), first, out, gold, OOS, tau=0.8, policy={"in_scope_accuracy": 0.75})
     assert on_cascade.threshold == pytest.approx(3.09)
     alone = threshold_for_in_scope(energy(0.0).score(out), out.pred, gold, OOS, "energy", 0.75)
     assert alone == pytest.approx(2.23)
     # Served: rows 0 and 1 by the first stage; of the transformer's rows, 2 answered, 3 and 4 rejected.
     assert on_cascade.decide(out.rows(np.array([2, 3, 4])), OOS)[0].tolist() == [1, OOS, OOS]
+
+
+def test_the_rejection_rate_is_kept_on_the_cascade_by_hand() -> None:
+    """The default policy, a share of in-scope validation queries refused, counted on what is served. The same
+    five rows: at 1 in 4, the rule may refuse one of the transformer's two in-scope rows, the worse-scored (row 3,
+    energy 2.2395), so the threshold is the other's, 3.09. Where the transformer's argmax is itself `oos` on an
+    in-scope row it reaches, that is the one refusal allowed, and the rule may refuse none: 2.23."""
+    from compression.stages.static import rule_on_cascade
+
+    gold = np.array([0, 0, 1, 1, OOS])
+    second = np.array([[5, 0, 0], [1, 0, 0], [0, 3, 0], [0, 2, 0], [0, 1, 0]], dtype=np.float32)
+    out = Outputs.of(second)
+    first = np.log(np.array([[0.9, 0.05, 0.05]] * 2 + [[0.4, 0.3, 0.3]] * 3, dtype=np.float32))
+    rule = rule_on_cascade(energy(0.0), first, out, gold, OOS, tau=0.8, policy={"in_scope_rejection": 0.25})
+    assert rule.threshold == pytest.approx(3.09)
+    assert rule.decide(out.rows(np.array([2, 3])), OOS)[0].tolist() == [1, OOS]  # 1 of the 4 in-scope rows
+    refuses = second.copy()
+    refuses[2] = [0, 3, 4]  # row 2's argmax is oos: energy log(e^4 + e^3 + 1) = 4.3266
+    out = Outputs.of(refuses)
+    rule = rule_on_cascade(energy(0.0), first, out, gold, OOS, tau=0.8, policy={"in_scope_rejection": 0.25})
+    assert rule.threshold == pytest.approx(2.23)
+    assert rule.decide(out.rows(np.array([2, 3])), OOS)[0].tolist() == [OOS, 1]

@@ -384,19 +384,9 @@ def _mean_features_with_the_gate(art: Path, tmp_path: Path, data_path: Path) -> 
 TEAM_INTENTS = ("balance", "book_flight", "alarm", "weather", "translate")
 
 
-@pytest.mark.slow
-def test_a_teams_csv_builds_a_model_that_the_service_serves(
-    tiny_pretrained: Path, tmp_path: Path, data_path: Path
-) -> None:
-    """Issue 25's path: a plain CSV of a few CLINC150 intents, no out-of-scope examples, no validation file,
-    through the default recipe scaled down, then served as it is and asked over HTTP."""
+def team_csv(data_path: Path, tmp_path: Path) -> Path:
+    """30 CLINC150 queries of each of TEAM_INTENTS as a team's CSV, with its own column names."""
     import csv
-
-    from fastapi.testclient import TestClient
-
-    from app.config import Settings
-    from app.engine.artifact import sha256_file
-    from app.http.main import create_app
 
     raw = json.loads(data_path.read_text())
     rows = [row for intent in TEAM_INTENTS for row in [r for r in raw["train"] if r[1] == intent][:30]]
@@ -405,6 +395,22 @@ def test_a_teams_csv_builds_a_model_that_the_service_serves(
         writer = csv.writer(f)
         writer.writerow(["utterance", "label"])
         writer.writerows(rows)
+    return data
+
+
+@pytest.mark.slow
+def test_a_teams_csv_builds_a_model_that_the_service_serves(
+    tiny_pretrained: Path, tmp_path: Path, data_path: Path
+) -> None:
+    """Issue 25's path: a plain CSV of a few CLINC150 intents, no out-of-scope examples, no validation file,
+    through the default recipe scaled down, then served as it is and asked over HTTP."""
+    from fastapi.testclient import TestClient
+
+    from app.config import Settings
+    from app.engine.artifact import sha256_file
+    from app.http.main import create_app
+
+    data = team_csv(data_path, tmp_path)
     art, model_dir, reports = tmp_path / "art", tmp_path / "model", tmp_path / "reports"
     result = run_cli(
         "all",
@@ -452,3 +458,64 @@ def test_a_teams_csv_builds_a_model_that_the_service_serves(
         model = client.get("/model").json()
         assert model["version"] == card["version"]
         assert model["metrics"]["validation_report"] == report
+
+
+@pytest.mark.slow
+def test_the_quick_recipe_builds_a_teams_model_that_the_service_serves(
+    tiny_pretrained: Path, tmp_path: Path, data_path: Path
+) -> None:
+    """`make model DATA=... OUT=... RECIPE=quick`: the frozen encoder with a linear head, its OOS rule at the
+    default rejection rate on the cascade, and nothing of the full recipe's stages; served over HTTP."""
+    from fastapi.testclient import TestClient
+
+    from app.config import Settings
+    from app.http.main import create_app
+    from compression.labelled import Columns, load_labelled
+    from compression.measure.report import REPORT_FILE
+    from compression.onnx_stage import OnnxStage
+
+    def labels_of(directory: Path) -> list[str]:
+        return list(json.loads((directory / "labels.json").read_text()))
+
+    data = team_csv(data_path, tmp_path)
+    art, model_dir = tmp_path / "art", tmp_path / "model"
+    result = run_cli(
+        "quick",
+        *("--data", str(data), "--text-column", "utterance", "--intent-column", "label", "--val-share", "0.2"),
+        *("--wiki", str(WIKI), "--embedder-pretrained", str(tiny_pretrained), "--artifacts", str(art)),
+        *("--model-dir", str(model_dir), "--wiki-oos", "50", "--threads", "1"),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[embedder 1/4] compression stage embedder: start" in result.stderr
+    assert "[artifact 4/4] compression stage artifact: done in" in result.stderr
+    assert sorted(p.name for p in art.iterdir()) == ["embedder", "head", "oos"]
+    head = json.loads((art / "head" / "run.json").read_text())
+    assert head["training_data"] == {"examples": 5 * 24 + 50, "clinc_oos_queries": 0}
+    assert head["metrics"]["l2"] in head["config"]["head_l2"]
+    card = json.loads((model_dir / "card.json").read_text())
+    assert set(card["provenance"]["stages"]) == {"head", "embedder", "oos"}
+    assert [stage["kind"] for stage in card["spec"]["stages"]] == ["transformer"]
+    assert card["provenance"]["stages"]["oos"]["oos_classifier"] == "head"
+    transformer = card["spec"]["stages"][-1]
+    assert (transformer["kind"], transformer["quantization"]) == ("transformer", "dynamic")
+    argmax = card["metrics"]["validation_argmax"]
+    assert argmax["in_scope_accuracy"] == head["metrics"]["argmax"]["in_scope_accuracy"]
+    assert argmax["oos_recall"] is None  # no out-of-scope validation example: no figure, rather than NaN
+    # The default policy: at most 2.5% of the 30 in-scope validation queries refused on the served path (none),
+    # besides those the classifier's own argmax refuses (this random tiny encoder's head says `oos` to some).
+    assert card["metrics"]["oos_threshold_policy"] == {"in_scope_rejection": 0.025}
+    report = card["metrics"]["validation_report"]
+    val = load_labelled(data, None, None, Columns("utterance", "label"), 0.2, 42).split("val")
+    logits = OnnxStage(model_dir / "model.onnx", model_dir / "tokenizer.json").logits(val.texts)
+    refused_by_argmax = float((logits.argmax(-1) == labels_of(model_dir).index("oos")).mean())
+    assert report["oos_operating_point"]["in_scope_n"] == 30
+    # floor(0.025 * 30) = 0: the rule refuses none more than the argmax does.
+    assert report["oos_operating_point"]["in_scope_rejected"] == round(refused_by_argmax, 4)  # the report rounds
+    page = (model_dir / REPORT_FILE).read_text()
+    assert "set to reject at most 2.5% of in-scope validation queries" in page
+    assert all(f"| {intent} |" in page for intent in TEAM_INTENTS)
+    with TestClient(create_app(Settings(model_dir=model_dir, warmup_queries=1))) as client:
+        answer = client.post("/predict", json={"text": "set an alarm for 7 am"})
+        assert answer.status_code == 200
+        assert answer.json()["model_version"] == card["version"]
+        assert client.get("/model").json()["metrics"]["validation_report"] == report

@@ -252,20 +252,33 @@ def test_a_rejection_rate_sets_the_threshold_from_in_scope_scores_alone() -> Non
     # Ten in-scope rows scored 0.5 .. 9.5 (right or wrong alike), and two oos rows scored anything.
     scores = np.r_[np.arange(10) + 0.5, -50.0, 50.0]
     gold = np.r_[np.zeros(10, dtype=int), OOS, OOS]
+    pred = np.zeros(12, dtype=int)  # the classifier answers in scope everywhere
+
+    def rate(*args: Any) -> float:
+        return threshold_for_rejection(*args)
+
     # At most 2 of 10 in-scope rows under the threshold: the threshold is the third-lowest score, 2.5.
-    t = threshold_for_rejection(scores, gold, OOS, "energy", 0.2)
+    t = rate(scores, pred, gold, OOS, "energy", 0.2)
     assert t == 2.5
     assert int((scores[:10] < t).sum()) == 2
-    assert threshold_for_rejection(scores, gold, OOS, "energy", 0.25) == 2.5  # 2.5 rows: at most 2
-    assert threshold_for_rejection(scores, gold, OOS, "energy", 0.0) == 0.5  # none rejected
-    assert threshold_for_rejection(scores[[0, 1, 10, 11]], gold[[0, 1, 10, 11]], OOS, "energy", 0.5) == 1.5
+    assert rate(scores, pred, gold, OOS, "energy", 0.25) == 2.5  # 2.5 rows: at most 2
+    assert rate(scores, pred, gold, OOS, "energy", 0.0) == 0.5  # none rejected
+    keep = [0, 1, 10, 11]
+    assert rate(scores[keep], pred[keep], gold[keep], OOS, "energy", 0.5) == 1.5
     # The grid (0.01) rounds down, never up: 2.567 would reject a third row, 2.56 does not.
     shifted = np.r_[np.arange(10) + 0.567, -50.0, 50.0]
-    assert threshold_for_rejection(shifted, gold, OOS, "energy", 0.2) == 2.56
+    assert rate(shifted, pred, gold, OOS, "energy", 0.2) == 2.56
     # A rule's range holds: max_prob's thresholds stay in [0, 1).
-    assert threshold_for_rejection(np.full(12, 1.0), gold, OOS, "max_prob", 0.1) == 0.99
+    assert rate(np.full(12, 1.0), pred, gold, OOS, "max_prob", 0.1) == 0.99
+    # Rows the classifier itself answers `oos` count against the rate: with row 9 (the best-scored) refused so,
+    # one more may fall under at 0.2, so the threshold is the second-lowest score; at 0.1, none more.
+    refuses = pred.copy()
+    refuses[9] = OOS
+    assert rate(scores, refuses, gold, OOS, "energy", 0.2) == 1.5
+    assert rate(scores, refuses, gold, OOS, "energy", 0.1) == 0.5
+    assert rate(scores, refuses, gold, OOS, "energy", 0.0) == 0.5  # more than the rate already: nothing more
     with pytest.raises(ValueError, match="no in-scope validation query"):
-        threshold_for_rejection(np.array([1.0]), np.array([OOS]), OOS, "energy", 0.1)
+        rate(np.array([1.0]), np.array([OOS]), np.array([OOS]), OOS, "energy", 0.1)
 
 
 def test_wilson_interval_by_hand() -> None:

@@ -94,6 +94,7 @@ def test_the_registry_in_order() -> None:
         "export",
         "quantize",
         "embedder",
+        "head",
         "oos",
         "static",
         "artifact",
@@ -104,7 +105,9 @@ def test_the_registry_in_order() -> None:
     # The OOS rule reads the pretrained encoder's embedding beside the classifier's logits.
     assert pipeline.STAGES["embedder"].inputs == ()
     # The first stage learns the transformer's answers with the served OOS rule, so it follows the oos stage.
-    assert pipeline.STAGES["oos"].inputs == ("quantize", "embedder")
+    # The rule sits on a classifier (the full recipe's int8 student, or the quick recipe's head on the embedder).
+    assert pipeline.STAGES["head"].inputs == ("embedder",)
+    assert pipeline.STAGES["oos"].inputs == ("quantize", "head", "embedder")
     assert pipeline.STAGES["static"].inputs == ("oos",)
     assert pipeline.STAGES["static"].module == "compression.stages.static"
     assert set(pipeline.STAGES["artifact"].inputs) >= {"quantize", "oos", "static"}
@@ -115,8 +118,27 @@ def test_no_flag_is_generated_twice() -> None:
     configs = [pipeline.Common] + [_module(name).Config for name in pipeline.STAGES]
     names = pipeline.flag_names(configs)
     assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
-    args = cli.build_parser(["all"]).parse_args(["all"])
-    assert set(vars(args)) >= {n[2:].replace("-", "_") for n in names}
+    parsed = set().union(*(vars(cli.build_parser([r]).parse_args([r])) for r in pipeline.RECIPES))
+    assert parsed >= {n[2:].replace("-", "_") for n in names}  # every stage's flags, in some recipe
+
+
+def test_each_recipe_runs_registered_stages_in_order_and_sets_only_their_flags() -> None:
+    """A recipe's defaults are flags of its own stages (a typo would otherwise be silently ignored), and the command
+    line overrides them."""
+    order = list(pipeline.STAGES)
+    assert set(pipeline.RECIPES) == {"served", "student", "quick"}
+    assert pipeline.RECIPES["served"].stages == tuple(n for n in order if n != "head")
+    assert pipeline.RECIPES["quick"].stages == ("embedder", "head", "oos", "artifact")
+    for name, recipe in pipeline.RECIPES.items():
+        assert list(recipe.stages) == sorted(recipe.stages, key=order.index), name
+        flags = pipeline.flag_names([pipeline.Common] + [_module(s).Config for s in recipe.stages])
+        assert {"--" + k.replace("_", "-") for k in recipe.defaults} <= set(flags), name
+        args = cli.build_parser([name]).parse_args([name])
+        assert all(getattr(args, k) == v for k, v in recipe.defaults.items()), name
+    quick = cli.build_parser(["quick"]).parse_args(["quick", "--oos-prototypes", "8"])
+    assert (quick.oos_classifier, quick.oos_features, quick.oos_prototypes) == ("head", "student", 8)
+    assert not hasattr(quick, "teacher_epochs")  # only the recipe's stages' flags
+    assert cli.build_parser(["all"]).parse_args(["all"]).oos_classifier == "quantize"  # all: the served recipe
 
 
 def test_stage_inputs_are_earlier_stages_and_outputs_are_named_after_them() -> None:
@@ -223,7 +245,9 @@ def test_stage_modules_import_without_the_training_libraries() -> None:
 
 
 @pytest.mark.skipif(not (ROOT / ".venv-serve" / "bin" / "python").exists(), reason="needs make serve-venv")
-@pytest.mark.parametrize("args", [["--help"], ["data", "--help"], ["all", "--help"], ["distill", "--help"]])
+@pytest.mark.parametrize(
+    "args", [["--help"], ["data", "--help"], ["all", "--help"], ["quick", "--help"], ["distill", "--help"]]
+)
 def test_help_and_data_run_in_the_serving_environment_without_torch(args: list[str]) -> None:
     python = ROOT / ".venv-serve" / "bin" / "python"
     has_torch = subprocess.run([python, "-c", "import torch"], capture_output=True, check=False).returncode == 0

@@ -55,3 +55,25 @@ def test_the_most_confused_are_the_largest_counts_and_at_most_ten() -> None:
     assert sum(v["support"] for v in report["intents"].values()) == 2000
     with pytest.raises(ValueError, match="same 1-d shape"):
         validation_report(pred[:5], gold[:4], labels, 12)
+
+
+def test_the_page_beside_the_model_says_the_same_weakest_first() -> None:
+    from compression.measure.report import markdown
+
+    gold = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    pred = np.array([0, 0, 1, 1, 2, 2, 2, 0, 2])
+    report = validation_report(pred, gold, LABELS, oos_index=2)
+    page = markdown(report, "my-intent", "2026.12.02-abcdef12", {"in_scope_rejection": 0.025})
+    lines = page.splitlines()
+    assert lines[0] == "# my-intent 2026.12.02-abcdef12: validation report"
+    assert "- The OOS rule's threshold is set to reject at most 2.5% of in-scope validation queries." in lines
+    assert "- In-scope validation queries rejected as out of scope: 0.2000 of 5." in lines
+    assert "- Out-of-scope validation queries caught: 0.7500 of 4." in lines
+    assert "| alarm | balance | 1 |" in lines
+    # balance (recall 0.5) before alarm (0.667) before oos (0.75).
+    rows = [line for line in lines if line.startswith("| ") and line.count("|") == 5 and "support" not in line]
+    assert rows == ["| balance | 0.500 | 0.500 | 2 |", "| alarm | 0.667 | 0.667 | 3 |", "| oos | 0.750 | 0.750 | 4 |"]
+    target = markdown(report, "m", "v", {"in_scope_accuracy": 0.952})
+    assert "- The OOS rule's threshold is set to keep in-scope validation accuracy at 0.952." in target.splitlines()
+    none = validation_report(np.array([0, 0]), np.array([0, 1]), LABELS, oos_index=2)
+    assert "caught: - of 0 (no out-of-scope examples were given)." in markdown(none, "m", "v", None)

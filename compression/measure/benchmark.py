@@ -353,6 +353,7 @@ def _print_oos_pools(model_dir: Path) -> None:
     pools = metrics.get("oos_pools")
     if not pools:
         return
+    # Cards before the rejection-rate default recorded only the in-scope target.
     policy = metrics.get("oos_threshold_policy") or {"in_scope_accuracy": pools.get("in_scope_target")}
     setting = (
         f"reject at most {policy['in_scope_rejection']} of in-scope validation"

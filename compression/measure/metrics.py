@@ -166,15 +166,22 @@ def threshold_for_in_scope(
     return round(min(max(t, r.low), r.high - r.grid_step), 6)
 
 
-def threshold_for_rejection(scores: np.ndarray, gold: np.ndarray, oos_index: int, rule: str, rate: float) -> float:
-    """The threshold on the rule's grid under which at most `rate` of the in-scope validation queries fall, so
-    that the rule rejects at most that share of them, as near to it as the grid allows: a rejection rate a team
-    chooses, for data whose in-scope accuracy no fixed target suits. Out-of-scope queries play no part."""
+def threshold_for_rejection(
+    scores: np.ndarray, pred: np.ndarray, gold: np.ndarray, oos_index: int, rule: str, rate: float
+) -> float:
+    """The threshold on the rule's grid under which the in-scope validation queries the rule refuses, with those
+    the classifier already answers `oos` (pred), are at most `rate` of them, as near to it as the grid allows: a
+    rejection rate a team chooses, for data whose in-scope accuracy no fixed target suits. Out-of-scope queries
+    play no part. Where the classifier alone refuses more than the rate, the rule refuses nothing more."""
     r = rule_class(rule)
-    ranked = np.sort(scores[gold != oos_index])
-    if not len(ranked):
+    in_scope = gold != oos_index
+    if not in_scope.any():
         raise ValueError("no in-scope validation query to set the rejection rate on")
-    k = math.floor(rate * len(ranked) + 1e-9)  # how many may fall under the threshold
+    refused = in_scope & (pred == oos_index)
+    ranked = np.sort(scores[in_scope & ~refused])
+    k = max(0, math.floor(rate * int(in_scope.sum()) + 1e-9) - int(refused.sum()))  # how many more may fall under
+    if not len(ranked):
+        return r.low if math.isfinite(r.low) else float(scores.min()) - r.grid_step
     at = float(ranked[k]) if k < len(ranked) else float(ranked[-1]) + r.grid_step
     t = math.floor(at / r.grid_step) * r.grid_step
     return round(min(max(t, r.low), r.high - r.grid_step), 6)

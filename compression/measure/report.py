@@ -45,3 +45,51 @@ def validation_report(pred: np.ndarray, gold: np.ndarray, labels: list[str], oos
         "oos_recall": round(float((pred[~in_scope] == oos_index).mean()), 4) if (~in_scope).any() else None,
     }
     return {"intents": intents, "most_confused": pairs, "oos_operating_point": operating}
+
+
+REPORT_FILE = "report.md"
+
+
+def _share(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def markdown(report: dict[str, Any], name: str, version: str, policy: dict[str, float] | None) -> str:
+    """The validation report as a page a team reads beside its model (REPORT_FILE): the OOS operating point, the
+    most-confused pairs, then every intent, the weakest recall first."""
+    point = report["oos_operating_point"]
+    setting = (
+        f"set to reject at most {policy['in_scope_rejection']:.1%} of in-scope validation queries"
+        if policy and "in_scope_rejection" in policy
+        else f"set to keep in-scope validation accuracy at {policy['in_scope_accuracy']}"
+        if policy
+        else "as recorded in the card"
+    )
+    lines = [
+        f"# {name} {version}: validation report",
+        "",
+        "The served path's decisions (every stage and the OOS rule) on the validation examples; `GET /model` shows",
+        "the same figures under `metrics.validation_report`.",
+        "",
+        "## Out of scope",
+        "",
+        f"- The OOS rule's threshold is {setting}.",
+        f"- In-scope validation queries rejected as out of scope: {_share(point['in_scope_rejected'], 4)} "
+        f"of {point['in_scope_n']}.",
+        f"- Out-of-scope validation queries caught: {_share(point['oos_recall'], 4)} of {point['oos_n']}"
+        + (" (no out-of-scope examples were given)." if not point["oos_n"] else "."),
+        "",
+        "## Most confused",
+        "",
+        "| intent | predicted as | count |",
+        "|---|---|---|",
+        *(f"| {p['intent']} | {p['predicted']} | {p['count']} |" for p in report["most_confused"]),
+        "",
+        "## Every intent, the weakest recall first",
+        "",
+        "| intent | precision | recall | support |",
+        "|---|---|---|---|",
+    ]
+    rows = sorted(report["intents"].items(), key=lambda kv: (kv[1]["recall"] is None, kv[1]["recall"] or 0, kv[0]))
+    lines += [f"| {i} | {_share(v['precision'])} | {_share(v['recall'])} | {v['support']} |" for i, v in rows]
+    return "\n".join(lines) + "\n"

@@ -42,10 +42,25 @@ def rule_dir(oos_dir: Path, static_dir: Path | None) -> Path:
     return oos_dir
 
 
+def classifier_stage(oos_dir: Path) -> str:
+    """The stage whose classifier the oos stage's rule sits on (its --oos-classifier): quantize or head."""
+    return str(read_run(oos_dir).get("config", {}).get("oos_classifier", "quantize"))
+
+
+# The stages a served model descends from, by its classifier: what the card's provenance records, and no other
+# stage's leftovers in the same --artifacts directory.
+LINEAGE = {"quantize": ("teacher", "distill", "prune", "export", "quantize"), "head": ("head",)}
+SERVING_STAGES = ("embedder", "oos", "static")
+
+
+def lineage(oos_dir: Path) -> tuple[str, ...]:
+    return (*LINEAGE[classifier_stage(oos_dir)], *SERVING_STAGES)
+
+
 def build_spec(oos_dir: Path, static_dir: Path | None, labels: list[str], max_length: int) -> ServingSpec:
     """The serving spec of the oos stage's transformer and the served rule, behind the static stage where it ran."""
     rule = read_rule(rule_dir(oos_dir, static_dir))
-    quantize = read_run(oos_dir.parent / "quantize").get("metrics", {})
+    quantize = read_run(oos_dir.parent / classifier_stage(oos_dir)).get("metrics", {})
     stages: list[StaticStage | TransformerStage] = []
     if static_dir is not None and (static_dir / STATIC_FILE).is_file():
         threshold = read_run(static_dir).get("metrics", {}).get("cascade_threshold")
@@ -73,13 +88,13 @@ def version_digest(sha256s: dict[str, str]) -> str:
     return hashlib.sha256("".join(sha256s[n] for n in sorted(sha256s)).encode()).hexdigest()
 
 
-def _metrics(stage_dirs: dict[str, Path]) -> dict[str, Any]:
+def _metrics(stage_dirs: dict[str, Path], classifier: str) -> dict[str, Any]:
     records = {stage: read_run(d).get("metrics", {}) for stage, d in stage_dirs.items()}
     oos, static = records.get("oos", {}), records.get("static", {})
     metrics: dict[str, Any] = {
         "validation": static.get("cascade", oos.get("thresholded", {})),
         "validation_transformer": oos.get("thresholded", {}),
-        "validation_argmax": records.get("quantize", {}).get("argmax", {}),
+        "validation_argmax": records.get(classifier, {}).get("argmax", {}),
         "stages": {
             k: {
                 "oos_rule": v.get("oos_rule", "max_prob"),
@@ -151,7 +166,7 @@ def write(
                 "versions": versions(),
                 "licenses": {"data": data_source or {}, "pretrained": PRETRAINED_LICENSE},
             },
-            "metrics": _metrics(stage_dirs),
+            "metrics": _metrics(stage_dirs, classifier_stage(oos_dir)),
         }
     )
     write_card(dest, card)
@@ -169,7 +184,7 @@ def add_pool_report(model_dir: Path, data: Any, wiki: str, oos_run: dict[str, An
     from app.engine.artifact import load_artifact
     from app.engine.engine import Engine
     from compression.measure.pools import POOL_DOCS, evaluation_pools, pool_scores, report_pool
-    from compression.measure.report import validation_report
+    from compression.measure.report import REPORT_FILE, markdown, validation_report
 
     artifact = load_artifact(model_dir)
     engine = Engine.from_artifact(artifact)
@@ -188,12 +203,15 @@ def add_pool_report(model_dir: Path, data: Any, wiki: str, oos_run: dict[str, An
     metrics["oos_pools"] = {
         "served": served,
         "rules": oos_run.get("rules", {}),
-        "in_scope_target": oos_run.get("oos_in_scope_target"),
+        "threshold_policy": oos_run.get("threshold_policy"),
         "report_pool": report_pool(pools),
         "pools": {name: POOL_DOCS[name] for name in pools},
     }
     card = artifact.card.model_copy(update={"metrics": metrics})
     write_card(model_dir, card)
+    if "validation_report" in metrics:
+        page = markdown(metrics["validation_report"], card.name, card.version, metrics.get("oos_threshold_policy"))
+        (model_dir / REPORT_FILE).write_text(page)
     return card
 
 
@@ -202,10 +220,9 @@ class Config:
     """The artifact stage has no options of its own: it packs the oos and static stages' outputs."""
 
 
-STAGES = ("teacher", "distill", "prune", "export", "quantize", "embedder", "oos", "static")
-
-
 def run_stage(ctx: Any, cfg: Config) -> None:
-    stage_dirs = {s: ctx.dir(s) for s in STAGES if (ctx.dir(s) / "run.json").is_file()}
+    if not (ctx.dir("oos") / "run.json").is_file():
+        raise FactoryError(f"no oos stage output in {ctx.dir('oos')} (run the oos stage first)")
+    stage_dirs = {s: ctx.dir(s) for s in lineage(ctx.dir("oos")) if (ctx.dir(s) / "run.json").is_file()}
     write(stage_dirs, ctx.model_dir, ctx.seed, ctx.max_length, ctx.data_source)
     add_pool_report(ctx.model_dir, ctx.dataset, str(ctx.wiki), read_run(ctx.dir("oos")).get("metrics", {}))

@@ -1,11 +1,12 @@
 """Stage: the served out-of-scope rule, fitted on in-scope data and chosen on pools no model trained on
 (compression.measure.pools).
 
-The quantised transformer gets features as a second output (by default the pretrained sentence encoder's
-embedding, from the embedder stage; or its own mean-pooled or pooled features). Every rule of the engine's
-registry (app.engine.rules.RULES) is fitted on the in-scope training queries (`Rule.fit`) and given the strictest
-threshold that keeps in-scope validation accuracy at the target, or (--oos-reject-rate) the one that rejects at most
-that share of in-scope validation queries. The rule that catches the most of the held-out
+The classifier (the quantize stage's int8 transformer, or with --oos-classifier head the quick recipe's head) gets
+features as a second output (by default the pretrained sentence encoder's embedding, from the embedder stage; or
+its own). Every rule of the engine's registry (app.engine.rules.RULES) is fitted on the in-scope training queries
+(`Rule.fit`), out-of-scope examples playing no part, and given the threshold that rejects at most
+--oos-reject-rate of the in-scope validation queries (or, with --oos-in-scope-target, the strictest that keeps
+in-scope validation accuracy at that target). The rule that catches the most of the held-out
 Wikipedia sentences is served (a feature-space rule only by a margin, see choose_rule); the figures on the real
 CLINC pool, which chose nothing, are the estimate that is reported.
 
@@ -47,20 +48,31 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 MODEL_FILE = "model.onnx"
 RULE_FILE = "rule.json"
+# Stages whose output is a classifier the rule can sit on: the full recipe's int8 student, the quick recipe's head.
+CLASSIFIERS = ("quantize", "head")
 
 
 @dataclass
 class Config:
-    oos_in_scope_target: float = field(
-        default=round(IN_SCOPE_FLOOR + 0.002, 4),
-        metadata={"help": "in-scope validation accuracy each rule's threshold keeps (the floor, plus 6 queries)"},
+    # What a team without out-of-scope examples can choose: how many of its own queries it will see refused. 2.5%
+    # is about the share the CLINC150 model of issue 23 refuses on validation (0.0247 at in-scope accuracy 0.952).
+    oos_reject_rate: float = field(
+        default=0.025,
+        metadata={
+            "help": "each rule's threshold rejects at most this share of in-scope validation queries, on the path "
+            "that is served (the static stage sets it on the cascade)"
+        },
     )
-    oos_reject_rate: float | None = field(
+    oos_in_scope_target: float | None = field(
         default=None,
         metadata={
-            "help": "set each rule's threshold to reject at most this share of in-scope validation queries (e.g. "
-            "0.03) instead of keeping --oos-in-scope-target; for data whose accuracy no fixed target suits"
+            "help": "instead of --oos-reject-rate: the strictest threshold that keeps in-scope validation accuracy "
+            f"at this (CLINC150's bar is {IN_SCOPE_FLOOR})"
         },
+    )
+    oos_classifier: str = field(
+        default="quantize",
+        metadata={"help": f"the classifier the rule is fitted on: {' or '.join(CLASSIFIERS)}'s output"},
     )
     oos_ridge: float = field(
         default=1e-3, metadata={"help": "mahalanobis: ridge of the shared covariance, share of its trace"}
@@ -104,10 +116,12 @@ class Config:
             raise FactoryError(f"--oos-rule must be auto or one of {', '.join(RULES)}, got {self.oos_rule!r}")
         if self.oos_features not in FEATURE_SOURCES:
             raise FactoryError(f"--oos-features must be one of {', '.join(FEATURE_SOURCES)}, got {self.oos_features!r}")
-        if not 0 < self.oos_in_scope_target <= 1:
+        if self.oos_in_scope_target is not None and not 0 < self.oos_in_scope_target <= 1:
             raise FactoryError(f"--oos-in-scope-target must be in (0, 1], got {self.oos_in_scope_target}")
-        if self.oos_reject_rate is not None and not 0 <= self.oos_reject_rate < 1:
+        if not 0 <= self.oos_reject_rate < 1:
             raise FactoryError(f"--oos-reject-rate must be in [0, 1), got {self.oos_reject_rate}")
+        if self.oos_classifier not in CLASSIFIERS:
+            raise FactoryError(f"--oos-classifier must be one of {', '.join(CLASSIFIERS)}, got {self.oos_classifier!r}")
         if not 0 <= self.oos_feature_margin < 1:
             raise FactoryError(f"--oos-feature-margin must be in [0, 1), got {self.oos_feature_margin}")
         if math.isnan(self.oos_knn_gate):
@@ -119,9 +133,9 @@ class Config:
 
     def threshold_policy(self) -> dict[str, float]:
         """How each rule's threshold is set, as the card records it."""
-        if self.oos_reject_rate is not None:
-            return {"in_scope_rejection": self.oos_reject_rate}
-        return {"in_scope_accuracy": self.oos_in_scope_target}
+        if self.oos_in_scope_target is not None:
+            return {"in_scope_accuracy": self.oos_in_scope_target}
+        return {"in_scope_rejection": self.oos_reject_rate}
 
     def fit_options(self) -> dict[str, Any]:
         return {"ridge": self.oos_ridge, "weight": self.oos_knn_weight, "prototypes_per_intent": self.oos_prototypes}
@@ -200,7 +214,9 @@ def score_rule(
     and its figures on every pool."""
     val, val_gold = outputs["validation"], gold["validation"]
     if "in_scope_rejection" in policy:
-        threshold = threshold_for_rejection(rule.score(val), val_gold, oos, rule.kind, policy["in_scope_rejection"])
+        threshold = threshold_for_rejection(
+            rule.score(val), val.pred, val_gold, oos, rule.kind, policy["in_scope_rejection"]
+        )
     else:
         threshold = threshold_for_in_scope(
             rule.score(val), val.pred, val_gold, oos, rule.kind, policy["in_scope_accuracy"]
@@ -244,7 +260,7 @@ def run(
 ) -> dict[str, Any]:
     for name in (MODEL_FILE, "tokenizer.json", "labels.json"):
         if not (quantize_dir / name).is_file():
-            raise FactoryError(f"missing {quantize_dir / name} (run the quantize stage first)")
+            raise FactoryError(f"missing {quantize_dir / name} (run the {quantize_dir.name} stage first)")
     pools = evaluation_pools(data, wiki)
     reported = report_pool(pools)
     out.mkdir(parents=True, exist_ok=True)
@@ -283,7 +299,6 @@ def run(
     report = {
         "oos_rule": chosen,
         "oos_threshold": rule.threshold,
-        "oos_in_scope_target": cfg.oos_in_scope_target,
         "threshold_policy": cfg.threshold_policy(),
         "thresholded": figures[chosen]["pools"]["validation"],
         "features": {
@@ -325,4 +340,4 @@ def run(
 
 
 def run_stage(ctx: Context, cfg: Config) -> None:
-    run(ctx.dir("quantize"), ctx.dataset, str(ctx.wiki), ctx.dir("oos"), cfg, ctx.dir("embedder"))
+    run(ctx.dir(cfg.oos_classifier), ctx.dataset, str(ctx.wiki), ctx.dir("oos"), cfg, ctx.dir("embedder"))

@@ -35,7 +35,13 @@ from app.engine.rules import Outputs, Rule
 from compression.data import Dataset, Split, load_wiki
 from compression.errors import FactoryError
 from compression.graphs import FEATURES_OUTPUT
-from compression.measure.metrics import TEST_OOS_SHARE, Scores, score, threshold_for_in_scope
+from compression.measure.metrics import (
+    TEST_OOS_SHARE,
+    Scores,
+    score,
+    threshold_for_in_scope,
+    threshold_for_rejection,
+)
 from compression.measure.pools import tuning_split
 from compression.onnx_stage import OnnxStage
 from compression.records import read_run, write_run
@@ -72,11 +78,13 @@ class Config:
     static_pretrained: str = field(
         default="", metadata={"help": "encoder for the token vectors (default: the all-MiniLM-L6-v2 package)"}
     )
+    # The oos stage's policy (a rejection rate, or an in-scope accuracy) is a promise about what is served, and
+    # the first stage's answers are never rejected by the rule: so it is kept on the cascade, not the transformer.
     static_rule_on_cascade: bool = field(
-        default=False,
+        default=True,
         metadata={
-            "help": "set the transformer rule's threshold on the cascade: the strictest that keeps the cascade's "
-            "in-scope validation accuracy at the oos stage's target (in-scope queries alone choose it)"
+            "help": "set the transformer rule's threshold on the cascade, by the oos stage's policy (its rejection "
+            "rate, or its in-scope accuracy target), in-scope validation queries alone choosing it"
         },
     )
     static_oos_tolerance: float = field(
@@ -359,18 +367,30 @@ def transfer_set(
 
 
 def rule_on_cascade(
-    rule: Rule, first: np.ndarray, second: Outputs, gold: np.ndarray, oos: int, tau: float, target: float
+    rule: Rule,
+    first: np.ndarray,
+    second: Outputs,
+    gold: np.ndarray,
+    oos: int,
+    tau: float,
+    policy: dict[str, float],
 ) -> Rule:
-    """The rule at the strictest threshold that keeps the cascade's in-scope validation accuracy at `target`: the
-    rows the first stage answers are never rejected, so the in-scope queries the rule may reject are counted on
-    the cascade, not on the transformer alone. Only in-scope queries choose it (threshold_for_in_scope)."""
+    """The rule at the threshold that meets the oos stage's `policy` (Config.threshold_policy there) on the
+    cascade: the rows the first stage answers are never rejected by the rule, so the in-scope queries it may
+    reject are counted on the cascade, not on the transformer alone. Only in-scope queries choose it.
+    - in_scope_accuracy: the strictest threshold that keeps the cascade's in-scope accuracy at the target;
+    - in_scope_rejection: the one under which the cascade refuses at most that share of in-scope queries, the
+      transformer's own `oos` answers included (the first stage answers only in scope)."""
     first_out = Outputs.of(first)
     answered = first_stage_answers(first_out, tau, oos)
     scores = rule.score(second)
     # A row the first stage answers counts as right exactly when its answer is, whatever the threshold.
     kept = np.where(answered, scores.max() + 1e6, scores)
     pred = np.where(answered, first_out.pred, second.pred)
-    threshold = threshold_for_in_scope(kept, pred, gold, oos, rule.kind, target)
+    if "in_scope_rejection" in policy:
+        threshold = threshold_for_rejection(kept, pred, gold, oos, rule.kind, policy["in_scope_rejection"])
+    else:
+        threshold = threshold_for_in_scope(kept, pred, gold, oos, rule.kind, policy["in_scope_accuracy"])
     log.info("static: the rule's threshold on the cascade %.2f (transformer alone %.2f)", threshold, rule.threshold)
     return rule.with_threshold(threshold)
 
@@ -435,8 +455,10 @@ def run(transformer_dir: Path, data: Dataset, out: Path, cfg: Config, ctx: Conte
     tau = choose_threshold(first_model.logits(tune.texts), tune_second, tune_gold, oos, cfg.static_oos_tolerance)
     transformer_alone = score(second, gold, oos)
     if cfg.static_rule_on_cascade:
-        target = float(read_run(transformer_dir).get("metrics", {}).get("oos_in_scope_target", 0.952))
-        rule = rule_on_cascade(rule, first, val_outputs, gold, oos, tau, target)
+        policy = read_run(transformer_dir).get("metrics", {}).get("threshold_policy")
+        if not policy:
+            raise FactoryError(f"no threshold_policy in {transformer_dir / 'run.json'} (run the oos stage again)")
+        rule = rule_on_cascade(rule, first, val_outputs, gold, oos, tau, policy)
         second = rule.decide(val_outputs, oos)[0]
     write_rule(out, rule)
     cascade, share = cascade_scores(first, second, gold, oos, tau)
