@@ -45,6 +45,9 @@ _SPLIT_KEYS = {"train": ("train", "oos_train"), "val": ("val", "oos_val"), "test
 # The out-of-scope parts, also kept as splits of their own: with --no-train-oos, oos_train + oos_val is the
 # 350-query pool of real CLINC out-of-scope queries OOS recall is reported on (compression.measure.pools).
 OOS_PARTS = ("oos_train", "oos_val")
+# A team's out-of-scope examples (--oos-data) are split in two: this half tunes the choice of OOS rule, the rest
+# is `oos_val`, reported on and chosen on by nothing (compression.labelled, compression.measure.pools).
+OOS_TUNE = "oos_tune"
 # Wikipedia sentences that no stage trains on: a fixed shuffle (its own seed, so --seed never moves a sentence
 # between training and evaluation) sets the last WIKI_POOL_SIZE aside as an easier out-of-scope pool.
 WIKI_POOL_SIZE = 2000

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from compression.data import OOS, Dataset, Split, label_order
+from compression.data import OOS, OOS_TUNE, Dataset, Split, label_order
 from compression.errors import FactoryError
 
 SUFFIXES = (".csv", ".jsonl")
@@ -208,7 +208,12 @@ def load_labelled(
                     f"{oos_path}, line {example.line}: the text is also an in-scope example; an out-of-scope "
                     "example cannot be in scope too"
                 )
-        oos = Split([e.text for e in outside], [OOS] * len(outside))
-        splits["oos_val"] = oos
-        splits["val"] = val + oos
+        # Half of them (seeded) choose the OOS rule beside the held-out Wikipedia sentences; the other half,
+        # which nothing is chosen on, is the pool the card reports OOS recall on (compression.measure.pools).
+        order = random.Random(f"{seed}:oos").sample(range(len(outside)), len(outside))
+        tune = sorted(order[: len(outside) // 2])
+        held = sorted(order[len(outside) // 2 :])
+        splits[OOS_TUNE] = Split([outside[i].text for i in tune], [OOS] * len(tune))
+        splits["oos_val"] = Split([outside[i].text for i in held], [OOS] * len(held))
+        splits["val"] = val + splits["oos_val"]
     return Dataset(labels=label_order(train.intents), splits=splits)

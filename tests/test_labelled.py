@@ -68,19 +68,33 @@ def test_the_split_is_stratified_and_fixed_by_the_seed(tmp_path: Path) -> None:
     assert [order[t] for t in train.texts] == sorted(order[t] for t in train.texts)
 
 
+OUTSIDE = ["tell me a joke", "who won the game", "sing a song", "what is love", "how tall is everest"]
+
+
 def test_a_validation_file_and_out_of_scope_examples(tmp_path: Path) -> None:
     val = [("what's in my account", "balance"), ("alarm at noon", "alarm")]
     data = load_labelled(
         csv_file(tmp_path / "t.csv", ROWS),
         val_path=jsonl_file(tmp_path / "v.jsonl", val),
-        oos_path=csv_file(tmp_path / "o.csv", [("tell me a joke", ""), ("who won the game", "")], header="text,x"),
+        oos_path=csv_file(tmp_path / "o.csv", [(t, "") for t in OUTSIDE], header="text,x"),
     )
     assert data.split("train").texts == [t for t, _ in ROWS]
-    # Out-of-scope examples are a pool of their own and part of validation, labelled oos, as in CLINC150.
-    assert data.split("oos_val").texts == ["tell me a joke", "who won the game"]
-    assert data.split("val").texts == ["what's in my account", "alarm at noon", "tell me a joke", "who won the game"]
-    assert data.split("val").intents == ["balance", "alarm", OOS, OOS]
+    # Out-of-scope examples, labelled oos, in two seeded halves kept in the file's order: one tunes the choice of
+    # rule, the other is a pool of its own and part of validation, as CLINC150's oos_val is.
+    tune, held = data.split("oos_tune"), data.split("oos_val")
+    assert (len(tune), len(held)) == (2, 3)
+    assert sorted(tune.texts + held.texts) == sorted(OUTSIDE)
+    assert tune.texts == [t for t in OUTSIDE if t in tune.texts]
+    assert held.texts == [t for t in OUTSIDE if t in held.texts]
+    assert set(tune.intents) == set(held.intents) == {OOS}
+    assert data.split("val").texts == ["what's in my account", "alarm at noon", *held.texts]
+    assert data.split("val").intents == ["balance", "alarm", OOS, OOS, OOS]
     assert data.optional("oos_train").texts == []
+    again = load_labelled(tmp_path / "t.csv", tmp_path / "v.jsonl", tmp_path / "o.csv")
+    assert again.split("oos_tune") == tune  # the same file always splits the same way
+    # One example alone is reported on: nothing is tuned on it.
+    one = load_labelled(tmp_path / "t.csv", oos_path=csv_file(tmp_path / "one.csv", [("tell me a joke", "")], "text,x"))
+    assert (one.optional("oos_tune").texts, one.split("oos_val").texts) == ([], ["tell me a joke"])
 
 
 def test_custom_columns_a_byte_order_mark_and_exact_repeats(tmp_path: Path) -> None:

@@ -31,7 +31,14 @@ from app.engine.rules import (
 from compression.data import WIKI_POOL_SIZE, load_clinc, load_wiki, load_wiki_pool
 from compression.errors import FactoryError
 from compression.measure.metrics import threshold_for_in_scope, threshold_for_rejection
-from compression.measure.pools import evaluation_pools, pool_scores, report_pool, tuning_split, wilson
+from compression.measure.pools import (
+    evaluation_pools,
+    pool_scores,
+    report_pool,
+    tuning_recall,
+    tuning_split,
+    wilson,
+)
 from compression.stages.oos import Config, choose_rule
 from tests import tiny_artifact
 from tests.conftest import WIKI
@@ -313,6 +320,32 @@ def test_the_pools_hold_no_query_any_stage_trains_on(data_path: Path) -> None:
     tune = tuning_split(data, str(WIKI))
     assert len(tune) == 3000 + 2000
     assert not set(tune.texts) & set(pools["clinc_oos"].texts)
+
+
+def test_a_teams_out_of_scope_half_tunes_with_the_wikipedia_pool_and_the_other_half_is_reported(
+    tmp_path: Path, data_path: Path
+) -> None:
+    """With --oos-data, the rule is chosen on the held-out Wikipedia sentences and the `oos_tune` half pooled, and
+    OOS recall is reported on the `oos_val` half, which chose nothing."""
+    from compression.labelled import load_labelled
+
+    raw = json.loads(data_path.read_text())
+    rows = [r for r in raw["train"] if r[1] in ("alarm", "balance")][:40]
+    (tmp_path / "t.csv").write_text("text,intent\n" + "".join(f'"{t}",{i}\n' for t, i in rows))
+    outside = [t for t, _ in raw["oos_val"][:10]]
+    (tmp_path / "o.csv").write_text("text\n" + "".join(f'"{t}"\n' for t in outside))
+    data = load_labelled(tmp_path / "t.csv", oos_path=tmp_path / "o.csv")
+    pools = evaluation_pools(data, str(WIKI))
+    assert set(pools) == {"validation", "oos_val", "oos_tune", "wiki_heldout"}
+    assert report_pool(pools) == "oos_val"
+    assert not set(pools["oos_tune"].texts) & set(pools["validation"].texts)
+    tune = tuning_split(data, str(WIKI))
+    assert set(pools["oos_tune"].texts) <= set(tune.texts)
+    assert not set(pools["oos_val"].texts) & set(tune.texts)
+    # Pooled: 1,990 of the 2,000 sentences and 1 of the 5 examples caught.
+    figures = {"wiki_heldout": {"oos_caught": 1990, "oos_n": 2000}, "oos_tune": {"oos_caught": 1, "oos_n": 5}}
+    assert tuning_recall(figures) == pytest.approx(1991 / 2005)
+    assert tuning_recall({"wiki_heldout": figures["wiki_heldout"]}) == pytest.approx(0.995)
 
 
 def test_a_feature_rule_is_served_only_when_it_earns_its_file() -> None:

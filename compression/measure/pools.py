@@ -7,6 +7,8 @@ alone, the rule and the cascade threshold from held-out Wikipedia sentences. So:
 - `oos_val` (100) is never trained on.
 - `wiki_heldout` is the 2,000 Wikipedia sentences no stage trains on (compression.data.WIKI_POOL_SIZE). They
   are easier than real queries; the cascade's threshold and the choice of rule are tuned on them.
+- A team's out-of-scope examples (`--oos-data`) are split in two: `oos_tune` joins the Wikipedia sentences in
+  choosing the rule and the cascade threshold, and `oos_val`, chosen on by nothing, is reported on.
 - With `--no-train-oos`, no stage trains on `oos_train` either, and `clinc_oos` = oos_train (250) + oos_val
   (100) is 350 real CLINC out-of-scope queries no model trained on: the pool OOS recall is reported on.
   With `--train-oos` the model learns from oos_train, which then is no pool, and the report falls back
@@ -20,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from compression.data import OOS, Dataset, Split, load_wiki_pool
+from compression.data import OOS, OOS_TUNE, Dataset, Split, load_wiki_pool
 from compression.errors import FactoryError
 from compression.measure.metrics import score
 
@@ -32,6 +34,7 @@ POOL_DOCS = {
     "oos_train": "the 250 oos_train queries alone",
     "oos_val": "the 100 oos_val queries alone",
     TUNING_POOL: "2,000 held-out Wikipedia sentences: no stage trains on them; the cascade and rule are tuned here",
+    OOS_TUNE: "half of the team's out-of-scope examples (--oos-data): the rule and the cascade are tuned here too",
 }
 
 
@@ -43,6 +46,8 @@ def evaluation_pools(data: Dataset, wiki: str) -> dict[str, Split]:
     pools = {"validation": data.split("val"), TUNING_POOL: load_wiki_pool(wiki)}
     if "oos_val" in data.splits:
         pools["oos_val"] = data.split("oos_val")
+    if data.optional(OOS_TUNE).texts:
+        pools[OOS_TUNE] = data.split(OOS_TUNE)
     if "oos_train" in data.splits and OOS not in train.intents:
         pools[REPORT_POOL] = data.split("oos_train") + data.split("oos_val")
         pools["oos_train"] = data.split("oos_train")
@@ -61,12 +66,20 @@ def report_pool(pools: dict[str, Any]) -> str:
 
 
 def tuning_split(data: Dataset, wiki: str) -> Split:
-    """In-scope validation plus the held-out Wikipedia sentences: what thresholds are chosen on, so that no
-    real CLINC out-of-scope query is."""
+    """In-scope validation plus the held-out Wikipedia sentences (and a team's `oos_tune` half): what thresholds
+    are chosen on, so that no real CLINC out-of-scope query, and no query of the reported pool, is."""
     val = data.split("val")
     keep = [i for i, intent in enumerate(val.intents) if intent != OOS]
     in_scope = Split([val.texts[i] for i in keep], [val.intents[i] for i in keep])
-    return in_scope + load_wiki_pool(wiki)
+    return in_scope + load_wiki_pool(wiki) + data.optional(OOS_TUNE)
+
+
+def tuning_recall(pools: dict[str, Any]) -> float:
+    """OOS recall over the pools the rule is chosen on (pool_scores figures by name), pooled: the held-out
+    Wikipedia sentences, and a team's `oos_tune` half where it gave out-of-scope examples."""
+    names = [name for name in (TUNING_POOL, OOS_TUNE) if name in pools]
+    caught = sum(int(pools[name]["oos_caught"]) for name in names)
+    return caught / sum(int(pools[name]["oos_n"]) for name in names)
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -103,7 +116,7 @@ def markdown_table(oos_pools: dict[str, Any]) -> str:
     rules = oos_pools.get("rules", {})
     first: dict[str, Any] = next(iter(rules.values()), {})
     sample = oos_pools.get("served") or first.get("pools", {})
-    names = [n for n in (REPORT_POOL, "oos_train", "oos_val", TUNING_POOL) if n in sample]
+    names = [n for n in (REPORT_POOL, "oos_train", "oos_val", TUNING_POOL, OOS_TUNE) if n in sample]
     sizes = " | ".join(f"{n} ({sample[n].get('oos_n', 0):,}) [95%]" for n in names)
     head = f"| OOS rule | {sizes} | validation in-scope | validation test-weighted |\n|---|{'---|' * (len(names) + 2)}"
 

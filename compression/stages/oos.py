@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from app.engine.rules import RULES, EnergyKnn, FitData, Outputs, Rule, RuleSpecBase, load_rule
-from compression.data import OOS, Dataset
+from compression.data import OOS, OOS_TUNE, Dataset
 from compression.errors import FactoryError
 from compression.graphs import (
     FEATURE_SOURCES,
@@ -38,7 +38,13 @@ from compression.graphs import (
     has_output,
 )
 from compression.measure.metrics import IN_SCOPE_FLOOR, threshold_for_in_scope, threshold_for_rejection
-from compression.measure.pools import TUNING_POOL, evaluation_pools, pool_scores, report_pool
+from compression.measure.pools import (
+    TUNING_POOL,
+    evaluation_pools,
+    pool_scores,
+    report_pool,
+    tuning_recall,
+)
 from compression.onnx_stage import OnnxStage
 from compression.records import write_run
 
@@ -163,19 +169,19 @@ def read_rule(directory: Path) -> Rule:
     return load_rule(spec, directory)
 
 
-def choose_rule(tuning_recall: dict[str, float], cfg: Config) -> str:
+def choose_rule(recall: dict[str, float], cfg: Config) -> str:
     """The rule that catches the most of the tuning pool (ties keep the registry's order); a feature-space
     rule ships another file and costs more arithmetic, so it must catch the margin's share of what the best
     logits rule misses (a share, not points: the held-out Wikipedia sentences are nearly all caught)."""
     order = list(RULES)
 
     def best(names: list[str]) -> str:
-        return max(names, key=lambda r: (tuning_recall[r], -order.index(r)))
+        return max(names, key=lambda r: (recall[r], -order.index(r)))
 
     plain = best([r for r in order if not RULES[r].needs_features])
     featured = [r for r in order if RULES[r].needs_features]
-    needed = tuning_recall[plain] + cfg.oos_feature_margin * (1 - tuning_recall[plain])
-    if featured and tuning_recall[best(featured)] >= needed - 1e-9:
+    needed = recall[plain] + cfg.oos_feature_margin * (1 - recall[plain])
+    if featured and recall[best(featured)] >= needed - 1e-9:
         return best(featured)
     return plain
 
@@ -289,7 +295,7 @@ def run(
         for kind, cls in RULES.items()
     }
     figures = {kind: report for kind, (_, report) in scored.items()}
-    by_tuning_pool = choose_rule({kind: v["pools"][TUNING_POOL]["oos_recall"] for kind, v in figures.items()}, cfg)
+    by_tuning_pool = choose_rule({kind: tuning_recall(v["pools"]) for kind, v in figures.items()}, cfg)
     chosen = by_tuning_pool if cfg.oos_rule == "auto" else cfg.oos_rule
     rule = scored[chosen][0]
     gate: dict[str, Any] | None = None
@@ -312,6 +318,7 @@ def run(
         "tuning_pool_would_choose": by_tuning_pool,
         "report_pool": reported,
         "tuning_pool": TUNING_POOL,
+        "tuning_pools": [name for name in (TUNING_POOL, OOS_TUNE) if name in pools],
         "gate": gate,
     }
     write_run(out, "oos", asdict(cfg), report)
