@@ -143,7 +143,10 @@ def test_pipeline_end_to_end_on_tiny_model(tiny_pretrained: Path, tmp_path: Path
     oos_rule = json.loads((art / "oos" / "rule.json").read_text())
     assert {**oos_rule, "threshold": rule["threshold"]} == rule
     assert set(card["files"]) == {"model.onnx", "tokenizer.json", "labels.json", "static.onnx", *rule_files(rule)}
-    assert sorted(p.name for p in model_dir.iterdir() if p.name != "card.json") == sorted(card["files"])
+    # Beside the card: the files it names, and the report page a team reads (not served, so not in `files`).
+    beside = sorted(p.name for p in model_dir.iterdir() if p.name not in ("card.json", "report.md"))
+    assert beside == sorted(card["files"])
+    assert (model_dir / "report.md").read_text().startswith(f"# {card['name']} {card['version']}: validation report")
     assert transformer.get("features_output") == ("features" if rule["kind"] in ("mahalanobis", "energy_knn") else None)
     # What each training stage learnt from is in the card's provenance, none of CLINC's out-of-scope queries.
     assert card["provenance"]["data"]["teacher"] == {"examples": 350, "clinc_oos_queries": 0}
