@@ -57,6 +57,35 @@ def test_every_decision_is_the_recorded_one(engine: Engine, pools: dict) -> None
         assert "".join("1" if s < last else "0" for s in decisions.stage) == expected["first_stage"], name
 
 
+def test_the_committed_report_is_that_of_the_recorded_decisions(card: dict, pools: dict) -> None:
+    """The card's validation report (what GET /model and report.md show), recounted by hand from the golden
+    validation decisions, which the old serving code wrote."""
+    golden = json.loads((GOLDEN / f"decisions-{card['version']}.json").read_text())["pools"]["validation"]
+    _, gold = pools["validation"]
+    report = card["metrics"]["validation_report"]
+    in_scope = [(g, p) for g, p in zip(gold, golden["intents"], strict=True) if g != "oos"]
+    refused = sum(p == "oos" for _, p in in_scope)
+    assert report["oos_operating_point"] == {
+        "in_scope_n": len(in_scope),
+        "in_scope_rejected": round(refused / len(in_scope), 4),
+        "oos_n": gold.count("oos"),
+        "oos_recall": round(
+            sum(p == "oos" for g, p in zip(gold, golden["intents"], strict=True) if g == "oos") / 100, 4
+        ),
+    }
+    for intent in ("oos", "balance", "translate"):
+        support = gold.count(intent)
+        hits = sum(g == p == intent for g, p in zip(gold, golden["intents"], strict=True))
+        predicted = golden["intents"].count(intent)
+        assert report["intents"][intent] == {
+            "precision": round(hits / predicted, 4),
+            "recall": round(hits / support, 4),
+            "support": support,
+        }
+    page = (MODEL_DIR / "report.md").read_text().splitlines()
+    assert f"- In-scope validation queries rejected as out of scope: {refused / len(in_scope):.4f} of 3000." in page
+
+
 def test_the_served_model_meets_the_accuracy_bar(engine: Engine, pools: dict) -> None:
     """Issue 5's bar on validation and issue 15's on CLINC's 350 out-of-scope queries of oos_train and oos_val
     (no stage trains on them), recomputed from the ONNX files as the engine serves them."""

@@ -3,6 +3,10 @@ point, checked against counts worked out by hand."""
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -77,3 +81,26 @@ def test_the_page_beside_the_model_says_the_same_weakest_first() -> None:
     assert "- The OOS rule's threshold is set to keep in-scope validation accuracy at 0.952." in target.splitlines()
     none = validation_report(np.array([0, 0]), np.array([0, 1]), LABELS, oos_index=2)
     assert "caught: - of 0 (no out-of-scope examples were given)." in markdown(none, "m", "v", None)
+
+
+def test_a_built_model_gets_its_report_and_nothing_that_decides_changes(tmp_path: Path, data_path: Path) -> None:
+    """`python -m compression.measure.served_report DIR`: the report into the card's metrics and report.md; the
+    spec, the files and the version stay as they were. A missing data file is one line and exit 2."""
+    from compression.measure import served_report
+    from tests.conftest import MODEL_DIR
+
+    model = tmp_path / "model"
+    shutil.copytree(MODEL_DIR, model)
+    (model / "report.md").unlink()
+    before = json.loads((model / "card.json").read_text())
+    del before["metrics"]["validation_report"]
+    (model / "card.json").write_text(json.dumps(before))
+    assert served_report.main([str(model), "--data", str(data_path)]) == 0
+    after = json.loads((model / "card.json").read_text())
+    assert {k: v for k, v in after.items() if k != "metrics"} == {k: v for k, v in before.items() if k != "metrics"}
+    assert after["metrics"] == {**before["metrics"], "validation_report": after["metrics"]["validation_report"]}
+    # The same figures the committed card holds (tests/test_model_artifact.py recounts those from golden decisions).
+    committed = json.loads((MODEL_DIR / "card.json").read_text())["metrics"]["validation_report"]
+    assert after["metrics"]["validation_report"] == committed
+    assert (model / "report.md").read_text() == (MODEL_DIR / "report.md").read_text()
+    assert served_report.main([str(model), "--data", str(tmp_path / "none.json")]) == 2
