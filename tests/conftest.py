@@ -44,10 +44,13 @@ def model_copy(tmp_path: Path) -> Path:
 def linked_copy(dest: Path, version: str | None = None, skip: tuple[str, ...] = ()) -> Path:
     """The committed model at `dest`, under `version` if given, without the files named in `skip`. Model files
     are hard links where the filesystem allows (no space, no time): never write into one, it is the committed
-    file. card.json is always written fresh."""
+    file. card.json is always written fresh, and report.md copied (a factory writes both)."""
     dest.mkdir(parents=True)
     for src in MODEL_DIR.iterdir():
         if src.name == "card.json" or src.name in skip:
+            continue
+        if src.name == "report.md":
+            shutil.copy2(src, dest / src.name)
             continue
         try:
             os.link(src, dest / src.name)

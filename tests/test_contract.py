@@ -199,7 +199,10 @@ def test_the_committed_card_validates_and_every_file_matches() -> None:
     directory = ROOT / "models" / "clinc150"
     card = Card.model_validate_json((directory / "card.json").read_bytes())
     artifact = load_artifact(directory)  # verifies the sha256 of every file the spec names
-    assert sorted(p.name for p in directory.iterdir() if p.name != "card.json") == sorted(card.spec.files)
+    # Beside the card: the files its spec names, and the report page (read by people, never served).
+    beside = sorted(p.name for p in directory.iterdir() if p.name not in ("card.json", "report.md"))
+    assert beside == sorted(card.spec.files)
+    assert (directory / "report.md").is_file()
     assert sorted(card.files) == sorted(card.spec.files)
     assert artifact.card == card
 
