@@ -126,8 +126,12 @@ def test_each_recipe_runs_registered_stages_in_order_and_sets_only_their_flags()
     """A recipe's defaults are flags of its own stages (a typo would otherwise be silently ignored), and the command
     line overrides them."""
     order = list(pipeline.STAGES)
-    assert set(pipeline.RECIPES) == {"served", "student", "quick"}
-    assert pipeline.RECIPES["served"].stages == tuple(n for n in order if n != "head")
+    assert set(pipeline.RECIPES) == {"served", "chapter8", "student", "quick"}
+    # The served recipe exports the teacher: no search, distillation or pruning whose students it would not serve.
+    served = ("teacher", "export", "quantize", "embedder", "oos", "static", "artifact", "bench")
+    assert pipeline.RECIPES["served"].stages == served
+    assert pipeline.RECIPES["chapter8"].stages == tuple(n for n in order if n != "head")
+    assert cli.build_parser(["served"]).parse_args(["served"]).export_from == "teacher"
     assert pipeline.RECIPES["quick"].stages == ("embedder", "head", "oos", "artifact")
     for name, recipe in pipeline.RECIPES.items():
         assert list(recipe.stages) == sorted(recipe.stages, key=order.index), name
@@ -138,7 +142,8 @@ def test_each_recipe_runs_registered_stages_in_order_and_sets_only_their_flags()
     quick = cli.build_parser(["quick"]).parse_args(["quick", "--oos-prototypes", "8"])
     assert (quick.oos_classifier, quick.oos_features, quick.oos_prototypes) == ("head", "student", 8)
     assert not hasattr(quick, "teacher_epochs")  # only the recipe's stages' flags
-    assert cli.build_parser(["all"]).parse_args(["all"]).oos_classifier == "quantize"  # all: the served recipe
+    assert cli.build_parser(["all"]).parse_args(["all"]).oos_classifier == "quantize"  # all: every stage
+    assert pipeline.RECIPE_ALIASES == {"all": "chapter8"}
 
 
 def test_stage_inputs_are_earlier_stages_and_outputs_are_named_after_them() -> None:
