@@ -27,7 +27,8 @@ class FakeClassifier:
         if self.delay_s:
             time.sleep(self.delay_s)
         intent = "balance" if "balance" in text else "book_flight" if "flight" in text else "oos"
-        ranked = [(intent, 0.9), *((x, 0.05) for x in LABELS if x != intent)][:top_k]
+        ranked = [(x, 0.9 if x == intent else 0.05) for x in LABELS if x != "oos"]
+        ranked = sorted(ranked, key=lambda kv: -kv[1])[:top_k]  # intents only, as the engine ranks them
         return Prediction(
             intent=intent, confidence=0.9, top_k=ranked, tokenize_s=1e-5, inference_s=2e-4, model_version=self.version
         )

@@ -45,6 +45,27 @@ def test_top_k(client: TestClient) -> None:
     assert confidences == sorted(confidences, reverse=True)
 
 
+def test_top_k_ranks_intents_and_never_the_oos_decision(client: TestClient) -> None:
+    """An out-of-scope answer still lists the intents the query came nearest to; `oos` is the decision, never an
+    entry. Recomputed from the engine's probabilities: the k most probable labels other than `oos`."""
+    from app.engine.engine import Engine
+    from tests.conftest import MODEL_DIR
+
+    text = "what is the boiling point of gold"
+    body = client.post("/predict", json={"text": text, "top_k": 5}).json()
+    assert body["intent"] == "oos"
+    engine = Engine.open(MODEL_DIR)
+    try:
+        probs = engine.run([text]).probs[0]
+        expected = [engine.labels[i] for i in np.argsort(-probs, kind="stable") if engine.labels[i] != "oos"][:5]
+    finally:
+        engine.close()
+    assert [x["intent"] for x in body["top_k"]] == expected
+    batch = client.post("/predict/batch", json={"texts": [text, "balance please"], "top_k": 10}).json()
+    assert all(x["intent"] != "oos" for p in batch["predictions"] for x in p["top_k"])
+    assert [len(p["top_k"]) for p in batch["predictions"]] == [10, 10]
+
+
 @pytest.mark.parametrize(
     "text",
     [

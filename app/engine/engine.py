@@ -189,8 +189,11 @@ class Engine:
         d = self.run([text])
         ranked: list[tuple[str, float]] = []
         if top_k:
+            # The most likely intents: `oos` is a decision, not an intent, so an out-of-scope answer still lists
+            # what the query came nearest to, and an in-scope one lists intents only (its closed-set ranking).
             row = d.probs[0]
-            ranked = [(self.labels[i], float(row[i])) for i in np.argsort(-row)[:top_k]]
+            order = [i for i in np.argsort(-row, kind="stable") if i != self.oos_index][:top_k]
+            ranked = [(self.labels[i], float(row[i])) for i in order]
         tokenize = d.timings["tokenize"]
         return Prediction(
             intent=self.labels[int(d.pred[0])],
