@@ -187,6 +187,16 @@ def threshold_for_rejection(
     return round(min(max(t, r.low), r.high - r.grid_step), 6)
 
 
+def threshold_for_policy(
+    scores: np.ndarray, pred: np.ndarray, gold: np.ndarray, oos_index: int, rule: str, policy: Mapping[str, float]
+) -> float:
+    """The threshold a threshold policy (the oos stage's Config.threshold_policy, as the card records it) names:
+    `in_scope_rejection` (threshold_for_rejection) or `in_scope_accuracy` (threshold_for_in_scope)."""
+    if "in_scope_rejection" in policy:
+        return threshold_for_rejection(scores, pred, gold, oos_index, rule, policy["in_scope_rejection"])
+    return threshold_for_in_scope(scores, pred, gold, oos_index, rule, policy["in_scope_accuracy"])
+
+
 def selection_score(report: Mapping[str, Any]) -> float:
     """What stages choose candidates by (the search's trials, the quantisation's candidates), from a
     validation_report: test-weighted accuracy at the tuned OOS threshold; where validation has no out-of-scope

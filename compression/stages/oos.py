@@ -37,7 +37,7 @@ from compression.graphs import (
     gate_encoder_output,
     has_output,
 )
-from compression.measure.metrics import IN_SCOPE_FLOOR, threshold_for_in_scope, threshold_for_rejection
+from compression.measure.metrics import IN_SCOPE_FLOOR, threshold_for_policy
 from compression.measure.pools import (
     TUNING_POOL,
     evaluation_pools,
@@ -219,14 +219,7 @@ def score_rule(
     """The rule at its threshold, chosen from in-scope validation queries alone by `policy` (Config.threshold_policy),
     and its figures on every pool."""
     val, val_gold = outputs["validation"], gold["validation"]
-    if "in_scope_rejection" in policy:
-        threshold = threshold_for_rejection(
-            rule.score(val), val.pred, val_gold, oos, rule.kind, policy["in_scope_rejection"]
-        )
-    else:
-        threshold = threshold_for_in_scope(
-            rule.score(val), val.pred, val_gold, oos, rule.kind, policy["in_scope_accuracy"]
-        )
+    threshold = threshold_for_policy(rule.score(val), val.pred, val_gold, oos, rule.kind, policy)
     rule = rule.with_threshold(threshold)
     pools = {pool: pool_scores(rule.decide(out, oos)[0], gold[pool], oos) for pool, out in outputs.items()}
     return rule, {"oos_threshold": threshold, "pools": pools}

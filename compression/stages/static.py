@@ -35,13 +35,7 @@ from app.engine.rules import Outputs, Rule
 from compression.data import Dataset, Split, load_wiki
 from compression.errors import FactoryError
 from compression.graphs import FEATURES_OUTPUT
-from compression.measure.metrics import (
-    TEST_OOS_SHARE,
-    Scores,
-    score,
-    threshold_for_in_scope,
-    threshold_for_rejection,
-)
+from compression.measure.metrics import TEST_OOS_SHARE, Scores, score, threshold_for_policy
 from compression.measure.pools import tuning_split
 from compression.onnx_stage import OnnxStage
 from compression.records import read_run, write_run
@@ -387,10 +381,7 @@ def rule_on_cascade(
     # A row the first stage answers counts as right exactly when its answer is, whatever the threshold.
     kept = np.where(answered, scores.max() + 1e6, scores)
     pred = np.where(answered, first_out.pred, second.pred)
-    if "in_scope_rejection" in policy:
-        threshold = threshold_for_rejection(kept, pred, gold, oos, rule.kind, policy["in_scope_rejection"])
-    else:
-        threshold = threshold_for_in_scope(kept, pred, gold, oos, rule.kind, policy["in_scope_accuracy"])
+    threshold = threshold_for_policy(kept, pred, gold, oos, rule.kind, policy)
     log.info("static: the rule's threshold on the cascade %.2f (transformer alone %.2f)", threshold, rule.threshold)
     return rule.with_threshold(threshold)
 
