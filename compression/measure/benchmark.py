@@ -348,19 +348,13 @@ def _print_oos_pools(model_dir: Path) -> None:
     """The served model's OOS figures on pools no stage trained on (compression.measure.pools), where it has them."""
     from app.engine.artifact import read_card
     from compression.measure.pools import markdown_table
+    from compression.measure.report import describe_policy, threshold_policy
 
     metrics = read_card(model_dir).metrics
     pools = metrics.get("oos_pools")
     if not pools:
         return
-    # Cards before the rejection-rate default recorded only the in-scope target.
-    policy = metrics.get("oos_threshold_policy") or {"in_scope_accuracy": pools.get("in_scope_target")}
-    setting = (
-        f"reject at most {policy['in_scope_rejection']} of in-scope validation"
-        if "in_scope_rejection" in policy
-        else f"keep in-scope validation accuracy at {policy['in_scope_accuracy']}"
-    )
-    print(f"\nOut-of-scope pools (each rule's threshold set to {setting}):")
+    print(f"\nOut-of-scope pools (each rule's threshold set to {describe_policy(threshold_policy(metrics))}):")
     print(markdown_table(pools))
     name = pools["report_pool"]
     served = pools["served"][name]

@@ -5,6 +5,8 @@ metrics (`validation_report`), so `GET /model` shows it."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -50,21 +52,34 @@ def validation_report(pred: np.ndarray, gold: np.ndarray, labels: list[str], oos
 REPORT_FILE = "report.md"
 
 
+def threshold_policy(metrics: Mapping[str, Any]) -> dict[str, float] | None:
+    """A card's threshold policy (`metrics.oos_threshold_policy`), or for cards written before it was recorded,
+    their in-scope accuracy target."""
+    policy = metrics.get("oos_threshold_policy")
+    if isinstance(policy, dict):
+        return policy
+    pools = metrics.get("oos_pools")
+    target = pools.get("in_scope_target") if isinstance(pools, dict) else None
+    return {"in_scope_accuracy": float(target)} if isinstance(target, int | float) else None
+
+
+def describe_policy(policy: Mapping[str, float] | None) -> str:
+    """What a threshold policy sets the threshold to do, in words."""
+    if policy is None:
+        return "a setting the card does not record"
+    if "in_scope_rejection" in policy:
+        return f"reject at most {policy['in_scope_rejection']:.1%} of in-scope validation queries"
+    return f"keep in-scope validation accuracy at {policy['in_scope_accuracy']}"
+
+
 def _share(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def markdown(report: dict[str, Any], name: str, version: str, policy: dict[str, float] | None) -> str:
+def markdown(report: dict[str, Any], name: str, version: str, policy: Mapping[str, float] | None) -> str:
     """The validation report as a page a team reads beside its model (REPORT_FILE): the OOS operating point, the
     most-confused pairs, then every intent, the weakest recall first."""
     point = report["oos_operating_point"]
-    setting = (
-        f"set to reject at most {policy['in_scope_rejection']:.1%} of in-scope validation queries"
-        if policy and "in_scope_rejection" in policy
-        else f"set to keep in-scope validation accuracy at {policy['in_scope_accuracy']}"
-        if policy
-        else "as recorded in the card"
-    )
     lines = [
         f"# {name} {version}: validation report",
         "",
@@ -73,7 +88,7 @@ def markdown(report: dict[str, Any], name: str, version: str, policy: dict[str, 
         "",
         "## Out of scope",
         "",
-        f"- The OOS rule's threshold is {setting}.",
+        f"- The OOS rule's threshold is set to {describe_policy(policy)}.",
         f"- In-scope validation queries rejected as out of scope: {_share(point['in_scope_rejected'], 4)} "
         f"of {point['in_scope_n']}.",
         f"- Out-of-scope validation queries caught: {_share(point['oos_recall'], 4)} of {point['oos_n']}"
@@ -93,3 +108,11 @@ def markdown(report: dict[str, Any], name: str, version: str, policy: dict[str, 
     rows = sorted(report["intents"].items(), key=lambda kv: (kv[1]["recall"] is None, kv[1]["recall"] or 0, kv[0]))
     lines += [f"| {i} | {_share(v['precision'])} | {_share(v['recall'])} | {v['support']} |" for i, v in rows]
     return "\n".join(lines) + "\n"
+
+
+def write_page(directory: Path, name: str, version: str, metrics: Mapping[str, Any]) -> None:
+    """REPORT_FILE beside a model, from its card's name, version and metrics (their validation_report, where the
+    card has one)."""
+    if "validation_report" in metrics:
+        page = markdown(metrics["validation_report"], name, version, threshold_policy(metrics))
+        (directory / REPORT_FILE).write_text(page)

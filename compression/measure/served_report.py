@@ -13,24 +13,14 @@ from typing import Any
 import numpy as np
 
 from compression.errors import FactoryError
-from compression.measure.report import REPORT_FILE, markdown, validation_report
-
-
-def threshold_policy(metrics: dict[str, object]) -> dict[str, float] | None:
-    """The card's policy, or for cards written before it was recorded, their in-scope accuracy target."""
-    policy = metrics.get("oos_threshold_policy")
-    if isinstance(policy, dict):
-        return policy
-    pools = metrics.get("oos_pools")
-    target = pools.get("in_scope_target") if isinstance(pools, dict) else None
-    return {"in_scope_accuracy": float(target)} if isinstance(target, int | float) else None
+from compression.measure.report import REPORT_FILE, validation_report, write_page
 
 
 def refresh(model_dir: Path, data_path: Path) -> dict[str, Any]:
     from app.engine.artifact import load_artifact
     from app.engine.engine import Engine
-    from app.engine.spec import CARD_FILE
     from compression.data import load_clinc
+    from compression.stages.artifact import write_card
 
     artifact = load_artifact(model_dir)
     engine = Engine.from_artifact(artifact)
@@ -44,9 +34,8 @@ def refresh(model_dir: Path, data_path: Path) -> dict[str, Any]:
     finally:
         engine.close()
     card = artifact.card.model_copy(update={"metrics": {**artifact.card.metrics, "validation_report": report}})
-    (model_dir / CARD_FILE).write_text(card.model_dump_json(indent=2, exclude_none=True) + "\n")
-    page = markdown(report, card.name, card.version, threshold_policy(card.metrics))
-    (model_dir / REPORT_FILE).write_text(page)
+    write_card(model_dir, card)
+    write_page(model_dir, card.name, card.version, card.metrics)
     return report
 
 

@@ -184,8 +184,7 @@ def add_pool_report(model_dir: Path, data: Any, wiki: str, oos_run: dict[str, An
     from app.engine.artifact import load_artifact
     from app.engine.engine import Engine
     from compression.measure.pools import POOL_DOCS, evaluation_pools, pool_scores, report_pool
-    from compression.measure.report import REPORT_FILE, markdown, validation_report
-    from compression.measure.served_report import threshold_policy
+    from compression.measure.report import validation_report, write_page
 
     artifact = load_artifact(model_dir)
     engine = Engine.from_artifact(artifact)
@@ -210,9 +209,7 @@ def add_pool_report(model_dir: Path, data: Any, wiki: str, oos_run: dict[str, An
     }
     card = artifact.card.model_copy(update={"metrics": metrics})
     write_card(model_dir, card)
-    if "validation_report" in metrics:
-        page = markdown(metrics["validation_report"], card.name, card.version, threshold_policy(metrics))
-        (model_dir / REPORT_FILE).write_text(page)
+    write_page(model_dir, card.name, card.version, metrics)
     return card
 
 
