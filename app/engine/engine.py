@@ -192,7 +192,9 @@ class Engine:
             # The most likely intents: `oos` is a decision, not an intent, so an out-of-scope answer still lists
             # what the query came nearest to, and an in-scope one lists intents only (its closed-set ranking).
             row = d.probs[0]
-            order = [i for i in np.argsort(-row, kind="stable") if i != self.oos_index][:top_k]
+            # k + 1 of the ranking hold the k best intents whether or not `oos` is among them.
+            best = np.argsort(-row, kind="stable")[: top_k + 1]
+            order = [i for i in best if i != self.oos_index][:top_k]
             ranked = [(self.labels[i], float(row[i])) for i in order]
         tokenize = d.timings["tokenize"]
         return Prediction(
