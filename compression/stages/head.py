@@ -134,6 +134,7 @@ def run(embedder_dir: Path, data: Dataset, out: Path, cfg: Config, ctx: Context)
     write_graph(embedder_dir / EMBEDDER_FILE, out / MODEL_FILE, fits[chosen][0], scale)
     shutil.copy(embedder_dir / "tokenizer.json", out / "tokenizer.json")
     (out / "labels.json").write_text(json.dumps(labels) + "\n")
+    # Scored through the written graph, not from val_x: the record is of what will be served, joins included.
     served = OnnxStage(out / MODEL_FILE, out / "tokenizer.json", output=LOGITS).logits(val.texts)
     report = {
         "l2": chosen,
