@@ -1,6 +1,6 @@
 """`python -m compression STAGE ...`: one stage of the pipeline (compression.pipeline.STAGES) from the
 previous stages' outputs under --artifacts, or a recipe's stages in order (compression.pipeline.RECIPES: `served`,
-also called `all`, `student` or `quick`); `data` downloads the dataset.
+`chapter8`, also called `all`, `student` or `quick`); `data` downloads the dataset.
 
 Flags come from the pipeline's `Common` options and from the chosen stages' `Config` dataclasses (only the
 chosen stages' modules are imported, and those import the training libraries only when they run), so
