@@ -1,7 +1,7 @@
 """Stage: the quick recipe's classifier, a linear head on the frozen pretrained sentence encoder.
 
-The full recipe fine-tunes, distils and prunes an encoder: about two hours on 2 cores for 15,000 queries. A team
-iterating on its intents needs an answer in minutes. all-MiniLM-L6-v2 already places sentences by meaning, so a
+The full recipe fine-tunes an encoder: about 75 minutes on 2 cores for 15,000 queries. A team iterating on its
+intents needs an answer in minutes. all-MiniLM-L6-v2 already places sentences by meaning, so a
 multinomial logistic regression on its unit embedding (the embedder stage's int8 graph, run as served) separates
 most intents well. The regression's L2 weight is chosen from a short grid by in-scope validation accuracy.
 

@@ -61,7 +61,7 @@ CLASSIFIERS = ("quantize", "head")
 @dataclass
 class Config:
     # What a team without out-of-scope examples can choose: how many of its own queries it will see refused. 2.5%
-    # is about the share the CLINC150 model of issue 23 refuses on validation (0.0247 at in-scope accuracy 0.952).
+    # is about the share the committed CLINC150 model refuses on validation (0.0247 at in-scope accuracy 0.952).
     oos_reject_rate: float = field(
         default=0.025,
         metadata={
