@@ -122,10 +122,17 @@ def bench_served(directory: Path, data: Dataset, cfg: BenchConfig) -> dict[str, 
 def tested_share(engine: Any, texts: list[str]) -> float:
     """Of the queries the last stage answers, the share under the rule's gate: those whose neighbour test (and
     gated encoder) ran. 1 for a rule without a gate."""
-    gate = getattr(engine.spec.rule, "gate", None)
-    if gate is None or not texts:
+    if not texts:
         return 1.0
-    return float((engine.outputs(texts).energy < gate.energy_floor).mean())
+    return share_under_gate(engine, engine.outputs(texts).energy)
+
+
+def share_under_gate(engine: Any, energy: np.ndarray) -> float:
+    """The share of rows, by their last-stage energy, whose neighbour test runs: 1 for a rule without a gate."""
+    gate = getattr(engine.spec.rule, "gate", None)
+    if gate is None or not energy.size:
+        return 1.0
+    return float((energy < gate.energy_floor).mean())
 
 
 def served_macs(directory: Path, engine: Any, texts: list[str], stage_of: np.ndarray, tested: float) -> dict[str, Any]:

@@ -5,6 +5,11 @@ oos_train + oos_val (which no stage trains on, and on which nothing is tuned): m
 and the rule's own arithmetic, each weighed by the share of queries that reach it), validation in-scope and
 test-weighted accuracy, and OOS recall on the 350 with its 95% interval. Speed is not measured here: the
 multiply-adds travel between machines, and `make bench` times the served model.
+
+`--first-stage-thresholds 0.6,0.7,...` adds, for each artifact with a static first stage, the points it would
+serve with that stage's threshold moved: fewer queries reach the transformer as it falls. At each, the rule's
+threshold is set again on the cascade by the card's own policy, in-scope validation queries alone choosing it,
+as the static stage sets it at build. It shows what a cost bar leaves of the quality; it does not choose.
 """
 
 from __future__ import annotations
@@ -18,26 +23,29 @@ from typing import Any
 import numpy as np
 
 from compression.data import DEFAULT_DATA, DEFAULT_WIKI, load_clinc
-from compression.measure.benchmark import served_macs, tested_share
+from compression.measure.benchmark import served_macs, share_under_gate, tested_share
 from compression.measure.metrics import score
 from compression.measure.pools import wilson
+from compression.measure.report import threshold_policy
 
 
-def point(directory: Path, data: Any) -> dict[str, Any]:
-    from app.engine.engine import Engine
-
-    engine = Engine.open(directory)
-    val = data.split("val")
-    decisions = engine.run(val.texts)
+def _figures(
+    directory: Path,
+    engine: Any,
+    val: Any,
+    pred: np.ndarray,
+    stage_of: np.ndarray,
+    tested: float,
+    caught: int,
+    pool_size: int,
+) -> dict[str, Any]:
+    """One frontier point from the served decisions on validation (`pred`, and the stage that gave each) and the
+    count of the pool's out-of-scope queries caught; `tested` is the share of the last stage's rows whose
+    neighbour test ran."""
     gold = np.array(val.label_ids(engine.labels))
-    s = score(decisions.pred, gold, engine.oos_index)
-    last = len(engine.stage_names) - 1
-    reached = [t for t, k in zip(val.texts, decisions.stage, strict=True) if k == last]
-    tested = tested_share(engine, reached)
-    macs = served_macs(directory, engine, val.texts, decisions.stage, tested)
-    pool = data.split("oos_train") + data.split("oos_val")
-    caught = int((engine.run(pool.texts).pred == engine.oos_index).sum())
-    low, high = wilson(caught, len(pool))
+    s = score(pred, gold, engine.oos_index)
+    macs = served_macs(directory, engine, val.texts, stage_of, tested)
+    low, high = wilson(caught, pool_size)
     return {
         "model": str(directory),
         "version": engine.version,
@@ -45,12 +53,84 @@ def point(directory: Path, data: Any) -> dict[str, Any]:
         "in_scope_accuracy": round(s.in_scope_accuracy, 4),
         "test_weighted_accuracy": round(s.test_weighted_accuracy, 4),
         "oos_val_recall": round(s.oos_recall, 4),
-        "clinc_oos_recall": round(caught / len(pool), 4),
+        "clinc_oos_recall": round(caught / pool_size, 4),
         "clinc_oos_recall_95": [round(low, 4), round(high, 4)],
-        "clinc_oos_n": len(pool),
-        "answered_by": {n: round(float((decisions.stage == i).mean()), 4) for i, n in enumerate(engine.stage_names)},
+        "clinc_oos_n": pool_size,
+        "answered_by": {n: round(float((stage_of == i).mean()), 4) for i, n in enumerate(engine.stage_names)},
         "neighbour_test_share": round(tested, 4),
     }
+
+
+def _oos_pool(data: Any) -> Any:
+    return data.split("oos_train") + data.split("oos_val")
+
+
+def point(directory: Path, data: Any) -> dict[str, Any]:
+    """The artifact as it serves, through the engine."""
+    from app.engine.engine import Engine
+
+    engine = Engine.open(directory)
+    val, pool = data.split("val"), _oos_pool(data)
+    decisions = engine.run(val.texts)
+    last = len(engine.stage_names) - 1
+    tested = tested_share(engine, [t for t, k in zip(val.texts, decisions.stage, strict=True) if k == last])
+    caught = int((engine.run(pool.texts).pred == engine.oos_index).sum())
+    out = _figures(directory, engine, val, decisions.pred, decisions.stage, tested, caught, len(pool))
+    engine.close()
+    return out
+
+
+def _answered(first: Any, threshold: float, oos: int) -> np.ndarray:
+    from app.engine.engine import first_stage_answers
+
+    answered: np.ndarray = first_stage_answers(first, threshold, oos)
+    return answered
+
+
+def sweep(directory: Path, data: Any, thresholds: list[float]) -> list[dict[str, Any]]:
+    """The artifact at each first-stage threshold: as `point` measures it, with the rule's threshold set again on
+    the cascade by the card's policy (compression.stages.static.rule_on_cascade). Each stage runs once per pool;
+    the thresholds only move which of its answers are used."""
+    from app.engine.artifact import load_artifact
+    from app.engine.engine import Engine
+    from app.engine.spec import StaticStage
+    from compression.stages.static import rule_on_cascade
+
+    artifact = load_artifact(directory)
+    engine = Engine.from_artifact(artifact)
+    if len(engine.spec.stages) != 2 or not isinstance(engine.spec.stages[0], StaticStage):
+        raise SystemExit(f"{directory}: no static first stage before the transformer, so no threshold to move")
+    policy = threshold_policy(artifact.card.metrics)
+    if policy is None:
+        raise SystemExit(f"{directory}: the card records no threshold policy to set the rule by")
+    oos = engine.oos_index
+    val, pool = data.split("val"), _oos_pool(data)
+    gold = np.array(val.label_ids(engine.labels))
+    first_val, first_pool = engine.outputs(val.texts, 0), engine.outputs(pool.texts, 0)
+    last_val, last_pool = engine.outputs(val.texts, -1), engine.outputs(pool.texts, -1)
+    points = []
+    for tau in thresholds:
+        rule = rule_on_cascade(engine.rule, first_val.logits, last_val, gold, oos, tau, policy)
+        answered_val, answered_pool = _answered(first_val, tau, oos), _answered(first_pool, tau, oos)
+        pred = np.where(answered_val, first_val.pred, rule.decide(last_val, oos)[0])
+        caught = int((np.where(answered_pool, first_pool.pred, rule.decide(last_pool, oos)[0]) == oos).sum())
+        tested = share_under_gate(engine, last_val.energy[~answered_val])
+        stage_of = np.where(answered_val, 0, 1)
+        figures = _figures(directory, engine, val, pred, stage_of, tested, caught, len(pool))
+        figures.update(model=f"{directory} at {tau:.2f}", first_stage_threshold=tau, rule_threshold=rule.threshold)
+        points.append(figures)
+    engine.close()
+    return points
+
+
+def thresholds_arg(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or any(not 0.0 < v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"first-stage thresholds are probabilities in (0, 1], got {text!r}")
+    return sorted(set(values))
 
 
 def markdown(points: list[dict[str, Any]]) -> str:
@@ -73,9 +153,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--wiki", type=Path, default=DEFAULT_WIKI, help="unused; accepted for symmetry with the factory")
     p.add_argument("--json", type=Path, help="also write the points here")
+    p.add_argument(
+        "--first-stage-thresholds",
+        type=thresholds_arg,
+        default=[],
+        metavar="T1,T2,...",
+        help="also each artifact with its static first stage's threshold at these values",
+    )
     a = p.parse_args(argv)
     data = load_clinc(a.data)
-    points = [point(d, data) for d in a.models]
+    points = []
+    for d in a.models:
+        points.append(point(d, data))
+        if a.first_stage_thresholds:
+            points += sweep(d, data, a.first_stage_thresholds)
     print(markdown(points))
     if a.json:
         a.json.write_text(json.dumps(points, indent=2) + "\n")

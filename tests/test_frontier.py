@@ -1,0 +1,81 @@
+"""The frontier tool on the committed model: its served point through the engine, and the first-stage threshold
+sweep, checked against artifacts that really serve the swept thresholds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from compression.data import Dataset, load_clinc
+from compression.measure import frontier
+from tests import tiny_artifact
+from tests.conftest import MODEL_DIR, linked_copy
+
+FIGURES = (
+    "macs_per_query",
+    "in_scope_accuracy",
+    "test_weighted_accuracy",
+    "oos_val_recall",
+    "clinc_oos_recall",
+    "clinc_oos_recall_95",
+    "neighbour_test_share",
+)
+
+
+@pytest.fixture(scope="module")
+def data(data_path: Path) -> Dataset:
+    return load_clinc(data_path)
+
+
+@pytest.fixture(scope="module")
+def served(data: Dataset) -> dict:
+    return frontier.point(MODEL_DIR, data)
+
+
+def _card() -> dict:
+    card: dict = json.loads((MODEL_DIR / "card.json").read_text())
+    return card
+
+
+def test_the_sweep_at_the_cards_own_threshold_is_the_served_point(data: Dataset, served: dict) -> None:
+    card = _card()
+    tau = card["spec"]["stages"][0]["threshold"]
+    swept = frontier.sweep(MODEL_DIR, data, [tau])[0]
+    assert {k: swept[k] for k in FIGURES} == {k: served[k] for k in FIGURES}
+    assert swept["answered_by"] == served["answered_by"]
+    assert swept["rule_threshold"] == pytest.approx(card["spec"]["rule"]["threshold"])
+
+
+def test_a_moved_threshold_is_what_an_artifact_serving_it_measures(data: Dataset, served: dict, tmp_path: Path) -> None:
+    card = _card()
+    tau = round(card["spec"]["stages"][0]["threshold"] + 0.1, 2)
+    swept = frontier.sweep(MODEL_DIR, data, [tau])[0]
+    moved = linked_copy(tmp_path / "moved")
+    card["spec"]["stages"][0]["threshold"] = tau
+    card["spec"]["rule"]["threshold"] = swept["rule_threshold"]
+    (moved / "card.json").write_text(json.dumps(card))
+    measured = frontier.point(moved, data)
+    assert {k: swept[k] for k in FIGURES} == {k: measured[k] for k in FIGURES}
+    assert swept["answered_by"] == measured["answered_by"]
+    # A stricter first stage answers fewer queries, so more reach the transformer and cost more.
+    first = card["spec"]["stages"][0]["name"]
+    assert measured["answered_by"][first] < served["answered_by"][first]
+    assert measured["macs_per_query"] > served["macs_per_query"]
+    # The rule was set again by the card's policy (in-scope accuracy 0.952), which the served artifact keeps.
+    assert measured["in_scope_accuracy"] >= card["metrics"]["oos_pools"]["in_scope_target"]
+
+
+def test_thresholds_must_be_probabilities() -> None:
+    assert frontier.thresholds_arg("0.8,0.6,0.8") == [0.6, 0.8]
+    for bad in ("0", "1.2", "a,b", ""):
+        with pytest.raises(Exception, match="threshold|numbers"):
+            frontier.thresholds_arg(bad)
+
+
+def test_an_artifact_without_a_first_stage_cannot_be_swept(data: Dataset, tmp_path: Path) -> None:
+    tiny = tiny_artifact.make(tmp_path / "tiny", ["greet", "oos"], np.eye(2, dtype=np.float32))
+    with pytest.raises(SystemExit, match="no static first stage"):
+        frontier.sweep(tiny, data, [0.7])
