@@ -80,19 +80,12 @@ def point(directory: Path, data: Any) -> dict[str, Any]:
     return out
 
 
-def _answered(first: Any, threshold: float, oos: int) -> np.ndarray:
-    from app.engine.engine import first_stage_answers
-
-    answered: np.ndarray = first_stage_answers(first, threshold, oos)
-    return answered
-
-
 def sweep(directory: Path, data: Any, thresholds: list[float]) -> list[dict[str, Any]]:
     """The artifact at each first-stage threshold: as `point` measures it, with the rule's threshold set again on
     the cascade by the card's policy (compression.stages.static.rule_on_cascade). Each stage runs once per pool;
     the thresholds only move which of its answers are used."""
     from app.engine.artifact import load_artifact
-    from app.engine.engine import Engine
+    from app.engine.engine import Engine, first_stage_answers
     from app.engine.spec import StaticStage
     from compression.stages.static import rule_on_cascade
 
@@ -111,7 +104,8 @@ def sweep(directory: Path, data: Any, thresholds: list[float]) -> list[dict[str,
     points = []
     for tau in thresholds:
         rule = rule_on_cascade(engine.rule, first_val.logits, last_val, gold, oos, tau, policy)
-        answered_val, answered_pool = _answered(first_val, tau, oos), _answered(first_pool, tau, oos)
+        answered_val = first_stage_answers(first_val, tau, oos)
+        answered_pool = first_stage_answers(first_pool, tau, oos)
         pred = np.where(answered_val, first_val.pred, rule.decide(last_val, oos)[0])
         caught = int((np.where(answered_pool, first_pool.pred, rule.decide(last_pool, oos)[0]) == oos).sum())
         tested = share_under_gate(engine, last_val.energy[~answered_val])
