@@ -51,7 +51,7 @@ audit: $(VENV)/.installed  ## known vulnerabilities in the pinned dependencies (
 
 # RECIPE=served (default) rebuilds what models/clinc150 serves (teacher, int8, OOS rule, cascade; about 75 minutes
 # on 2 cores); RECIPE=chapter8 adds the book's search, distillation and pruning, each measured; RECIPE=quick builds a
-# linear head on the frozen pretrained encoder in minutes; RECIPE=student is issue 23's student
+# linear head on the frozen pretrained encoder in minutes; RECIPE=student is issue 23's student, unpruned
 # (docs/one-small-model.md). Each recipe's stages and settings: compression.pipeline.RECIPES.
 RECIPE ?= served
 RECIPES := served chapter8 quick student

@@ -41,6 +41,12 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         recipe = _recipe(name)
         p = sub.add_parser(name, help=f"recipe: {recipe.help}" if name in pipeline.RECIPES else f"the same as {name}")
         if name == chosen:
+            p.add_argument(
+                "--from",
+                dest="from_stage",
+                metavar="STAGE",
+                help="start at this stage of the recipe, reading the earlier stages' outputs from --artifacts",
+            )
             _add_stage_flags(p, recipe.stages)
             p.set_defaults(**recipe.defaults)
     return parser
@@ -65,6 +71,8 @@ def run_stage(a: argparse.Namespace) -> None:
         print(f"use them with: make model DATA={data_file} MODEL_ARGS='--wiki {wiki_file}'")
         return
     names = [a.stage] if a.stage in pipeline.STAGES else list(_recipe(a.stage).stages)
+    if getattr(a, "from_stage", None):
+        names = pipeline.resume(names, a.from_stage, Path(a.artifacts))
     pipeline.run(names, a, log)
 
 

@@ -146,6 +146,32 @@ def test_each_recipe_runs_registered_stages_in_order_and_sets_only_their_flags()
     assert pipeline.RECIPE_ALIASES == {"all": "chapter8"}
 
 
+def test_the_student_recipe_serves_the_unpruned_student_of_layers_1_3_5() -> None:
+    """docs/one-small-model.md's best student trade, (e′): no prune stage to run and throw away."""
+    student = pipeline.RECIPES["student"]
+    assert "prune" not in student.stages
+    assert "distill" in student.stages
+    args = cli.build_parser(["student"]).parse_args(["student"])
+    assert (args.student_layers, args.export_from, args.oos_rule) == ([1, 3, 5], "distill", "energy_knn")
+
+
+def test_a_recipe_resumes_from_a_stage_once_the_earlier_ones_left_their_records(tmp_path: Path) -> None:
+    names = list(pipeline.RECIPES["student"].stages)
+    args = cli.build_parser(["student"]).parse_args(["student", "--from", "distill"])
+    assert args.from_stage == "distill"
+    with pytest.raises(
+        FactoryError, match=r"--from distill: teacher, search left no run\.json under .*; run from teacher$"
+    ):
+        pipeline.resume(names, "distill", tmp_path)
+    for done in ("teacher", "search"):
+        (tmp_path / done).mkdir()
+        (tmp_path / done / "run.json").write_text("{}")
+    assert pipeline.resume(names, "distill", tmp_path) == names[names.index("distill") :]
+    assert pipeline.resume(names, "teacher", tmp_path) == names
+    with pytest.raises(FactoryError, match=r"--from prune: not a stage of this recipe \(teacher, search, distill, "):
+        pipeline.resume(names, "prune", tmp_path)
+
+
 def test_stage_inputs_are_earlier_stages_and_outputs_are_named_after_them() -> None:
     names = list(pipeline.STAGES)
     for i, stage in enumerate(pipeline.STAGES.values()):
