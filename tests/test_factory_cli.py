@@ -298,6 +298,26 @@ def test_quantisation_keeps_the_most_faithful_of_the_equally_fast() -> None:
     assert choose({"dynamic": r(0.52, 0.002), "per_channel": r(0.50, 0.002)}) == "per_channel"
 
 
+def test_candidates_are_timed_in_interleaved_rounds_whose_order_rotates() -> None:
+    """So that a drift of the machine during the timing falls on every candidate, not on the one timed then."""
+    from compression.measure.latency import interleaved_p50_ms
+
+    calls: list[tuple[str, str]] = []
+    fns = {name: (lambda text, name=name: calls.append((name, text))) for name in ("a", "b", "c")}
+    texts = [f"q{i}" for i in range(60)]
+    p50 = interleaved_p50_ms(fns, texts, rounds=4)
+    assert set(p50) == {"a", "b", "c"}
+    assert all(v > 0 for v in p50.values())
+    warm, timed = calls[: 3 * 50], calls[3 * 50 :]
+    assert [name for name, _ in warm[::50]] == ["a", "b", "c"]  # each warmed on the first 50 texts
+    assert len(timed) == 4 * 3 * 60
+    # Each candidate runs every text once per round, in blocks; the first of each round rotates.
+    blocks = [timed[i : i + 60] for i in range(0, len(timed), 60)]
+    assert all(len({name for name, _ in b}) == 1 and [t for _, t in b] == texts for b in blocks)
+    order = [b[0][0] for b in blocks]
+    assert order == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]
+
+
 def _embedder_features_are_the_pretrained_sentence_embedding(art: Path, pretrained: Path) -> None:
     """The oos stage's graph gives the classifier's logits unchanged and, as its features, the pretrained
     encoder's mean-pooled unit-length embedding (int8 on both sides, so compared with the embedder's own graph
