@@ -104,6 +104,9 @@ def test_bar_shortfalls_name_each_missed_figure() -> None:
     rebuilt = {"in_scope_accuracy": 0.941, "oos_recall": 0.90, "test_weighted_accuracy": 0.933538}
     assert bar_shortfalls(rebuilt) == ["in-scope accuracy 0.9410 < 0.95", "test-weighted accuracy 0.9335 < 0.935"]
     assert bar_shortfalls({**committed, "oos_recall": None}) == ["OOS recall not measured"]
+    # Issue 15's part, where the model has the 350: the test-weighted figure alone does not clear it.
+    assert bar_shortfalls(committed, 305 / 350) == ["OOS recall on the 350 CLINC out-of-scope queries 0.8714 < 0.88"]
+    assert bar_shortfalls(committed, 311 / 350) == []
 
 
 def test_stages_choose_by_test_weighted_accuracy_or_in_scope_accuracy_without_oos_queries() -> None:

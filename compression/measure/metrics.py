@@ -48,18 +48,22 @@ OOS_RECALL_TARGET = 0.85
 IN_SCOPE_FLOOR = 0.95
 # The served model's accuracy bar (issue #5): the two floors above, and this test-weighted accuracy.
 TEST_WEIGHTED_BAR = 0.935
+# Issue #15's part of it: OOS recall on CLINC's 350 out-of-scope queries that no stage trains on (the report pool).
+CLINC_OOS_RECALL_BAR = 0.88
 
 
-def bar_shortfalls(row: dict[str, Any]) -> list[str]:
-    """What a benchmark row misses of the served model's accuracy bar; empty when it meets all of it."""
-    bar = (
-        ("in-scope accuracy", "in_scope_accuracy", IN_SCOPE_FLOOR),
-        ("OOS recall", "oos_recall", OOS_RECALL_TARGET),
-        ("test-weighted accuracy", "test_weighted_accuracy", TEST_WEIGHTED_BAR),
-    )
+def bar_shortfalls(row: dict[str, Any], clinc_oos_recall: float | None = None) -> list[str]:
+    """What a benchmark row misses of the served model's accuracy bar; empty when it meets all of it.
+    `clinc_oos_recall`, the served path's recall on the 350 where the model has that pool, is checked too."""
+    bar = [
+        ("in-scope accuracy", row.get("in_scope_accuracy"), IN_SCOPE_FLOOR),
+        ("OOS recall", row.get("oos_recall"), OOS_RECALL_TARGET),
+        ("test-weighted accuracy", row.get("test_weighted_accuracy"), TEST_WEIGHTED_BAR),
+    ]
+    if clinc_oos_recall is not None:
+        bar.append(("OOS recall on the 350 CLINC out-of-scope queries", clinc_oos_recall, CLINC_OOS_RECALL_BAR))
     missed = []
-    for name, key, floor in bar:
-        value = row.get(key)
+    for name, value, floor in bar:
         if value is None:
             missed.append(f"{name} not measured")
         elif value < floor - 1e-9:
