@@ -39,7 +39,7 @@ def tiny_pretrained(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.slow
 def test_pipeline_end_to_end_on_tiny_model(tiny_pretrained: Path, tmp_path: Path, data_path: Path) -> None:
     art, model_dir, reports = tmp_path / "art", tmp_path / "model", tmp_path / "reports"
-    result = run_cli(
+    args = (
         "all",
         "--data",
         str(data_path),
@@ -101,6 +101,7 @@ def test_pipeline_end_to_end_on_tiny_model(tiny_pretrained: Path, tmp_path: Path
         "energy_knn",
         "--static-rule-on-cascade",
     )
+    result = run_cli(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     # Every stage wrote its artifact and the record of what produced it.
     for stage in ("teacher", "search", "distill", "prune", "export", "quantize", "embedder", "oos", "static"):
@@ -184,6 +185,22 @@ def test_pipeline_end_to_end_on_tiny_model(tiny_pretrained: Path, tmp_path: Path
     assert "served OOS recall on clinc_oos: " in result.stdout
     # A tiny model trained for one epoch cannot reach the bar, and the rebuild says so.
     assert f"warning: {model_dir} is below the accuracy bar on validation: in-scope accuracy" in result.stdout
+    _a_fixed_first_stage_threshold_is_served(args, art, model_dir)
+
+
+def _a_fixed_first_stage_threshold_is_served(args: tuple[str, ...], art: Path, model_dir: Path) -> None:
+    """`--from static --static-threshold T`: the first stage's threshold is T rather than the chooser's, which the
+    run record keeps, and the rule's threshold is set again on the cascade it makes."""
+    chosen = json.loads((art / "static" / "run.json").read_text())["metrics"]["cascade_threshold"]
+    fixed = 0.99 if chosen < 0.99 else 0.9
+    result = run_cli(*args, "--from", "static", "--static-threshold", str(fixed))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[static 1/3] compression stage static: start" in result.stderr
+    metrics = json.loads((art / "static" / "run.json").read_text())["metrics"]
+    assert (metrics["cascade_threshold"], metrics["chooser_threshold"]) == (fixed, chosen)
+    card = json.loads((model_dir / "card.json").read_text())
+    assert card["spec"]["stages"][0]["threshold"] == fixed
+    assert card["spec"]["rule"] == json.loads((art / "static" / "rule.json").read_text())
 
 
 def _features_are_the_mean_hidden_state(art: Path, tmp_path: Path) -> None:
@@ -250,6 +267,10 @@ def test_onnx_matches_pytorch_logits(tiny_pretrained: Path, tmp_path: Path) -> N
         ),
         (["oos", "--artifacts", "/nonexistent/art"], "error: missing /nonexistent/art/quantize/model.onnx"),
         (["quantize", "--artifacts", "/nonexistent/art"], "error: no ONNX model at /nonexistent/art/export/model.onnx"),
+        (
+            ["static", "--artifacts", "/nonexistent/art", "--static-threshold", "1.5"],
+            "error: static_threshold must be 0 (choose it) or in (0, 1], got 1.5",
+        ),
     ],
 )
 def test_cli_errors_are_one_line(args: list[str], message: str, data_path: Path) -> None:

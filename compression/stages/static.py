@@ -88,6 +88,12 @@ class Config:
             "the transformer would catch"
         },
     )
+    # A cost target, where the chooser's point is not the one wanted: a higher threshold sends more queries to
+    # the transformer (more multiply-adds) and its rule (more out-of-scope queries caught).
+    static_threshold: float = field(
+        default=0.0,
+        metadata={"help": "fix the cascade threshold instead of choosing it (0: choose it; else in (0, 1])"},
+    )
 
 
 # ---------------------------------------------------------------- token vectors and training
@@ -401,6 +407,8 @@ def run(transformer_dir: Path, data: Dataset, out: Path, cfg: Config, ctx: Conte
     """Train the first stage against the transformer and OOS rule in `transformer_dir`, the oos stage's output."""
     from compression.augment import IGNORE
 
+    if not 0.0 <= cfg.static_threshold <= 1.0:
+        raise FactoryError(f"static_threshold must be 0 (choose it) or in (0, 1], got {cfg.static_threshold}")
     for name in ("model.onnx", "tokenizer.json", "labels.json"):
         if not (transformer_dir / name).is_file():
             raise FactoryError(f"missing {transformer_dir / name} (run the oos stage first)")
@@ -443,7 +451,8 @@ def run(transformer_dir: Path, data: Dataset, out: Path, cfg: Config, ctx: Conte
     tune = tuning_split(data, str(ctx.wiki))
     tune_second = rule.decide(transformer.outputs(tune.texts), oos)[0]
     tune_gold = np.array(tune.label_ids(labels))
-    tau = choose_threshold(first_model.logits(tune.texts), tune_second, tune_gold, oos, cfg.static_oos_tolerance)
+    chosen = choose_threshold(first_model.logits(tune.texts), tune_second, tune_gold, oos, cfg.static_oos_tolerance)
+    tau = cfg.static_threshold or chosen
     transformer_alone = score(second, gold, oos)
     if cfg.static_rule_on_cascade:
         policy = read_run(transformer_dir).get("metrics", {}).get("threshold_policy")
@@ -455,6 +464,7 @@ def run(transformer_dir: Path, data: Dataset, out: Path, cfg: Config, ctx: Conte
     cascade, share = cascade_scores(first, second, gold, oos, tau)
     report = {
         "cascade_threshold": tau,
+        "chooser_threshold": chosen,
         "first_stage_share": share,
         "cascade": cascade.as_dict(),
         "transformer": transformer_alone.as_dict(),
