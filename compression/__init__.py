@@ -5,3 +5,7 @@ Imports go one way: the factory imports the engine from ``app.engine`` (spec, ru
 writes and measures exactly what serves; nothing in ``app`` imports from here, and the serving image ships only
 ``app/``.
 """
+
+# Before numpy loads: the service's one thread per worker for numpy's BLAS (app/__init__.py), so that the factory's
+# benchmarks time the engine as it serves.
+import app  # noqa: F401

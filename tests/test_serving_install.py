@@ -21,6 +21,28 @@ def test_serving_venv_has_no_training_stack() -> None:
         assert r.returncode != 0, f"{module} is importable in the serving venv"
 
 
+def _threads_after(code: str, **env: str) -> int:
+    clean = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    r = subprocess.run(
+        [str(SERVE_PYTHON), "-c", f"{code}; print(open('/proc/self/status').read().split('Threads:')[1].split()[0])"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**clean, **env},
+        cwd=ROOT,
+    )
+    return int(r.stdout)
+
+
+def test_a_serving_process_starts_no_blas_threads() -> None:
+    """numpy's OpenBLAS starts a thread per core unless told otherwise; the app tells it one, as each worker is one
+    thread, unless the environment already says."""
+    assert _threads_after("import app, numpy") == 1
+    if (os.cpu_count() or 1) > 1:
+        assert _threads_after("import numpy") > 1  # what the app prevents
+        assert _threads_after("import app, numpy", OPENBLAS_NUM_THREADS="2") == 2
+
+
 def test_serve_answers_predict_and_metrics() -> None:
     with running_server() as (base, _):
         status, body = post(
