@@ -185,6 +185,8 @@ def test_pipeline_end_to_end_on_tiny_model(tiny_pretrained: Path, tmp_path: Path
     assert "served OOS recall on clinc_oos: " in result.stdout
     # A tiny model trained for one epoch cannot reach the bar, and the rebuild says so.
     assert f"warning: {model_dir} is below the accuracy bar on validation: in-scope accuracy" in result.stdout
+    # Only the committed model has a committed copy to restore; a rebuild elsewhere is not told to `git checkout`.
+    assert "restores the committed model" not in result.stdout
     _a_fixed_first_stage_threshold_is_served(args, art, model_dir)
 
 

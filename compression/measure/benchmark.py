@@ -328,11 +328,14 @@ def run_stage(ctx: Any, cfg: Config) -> None:
         pools = ", OOS recall on the 350" if clinc_oos_recall is not None else ""
         print(f"{ctx.model_dir} meets the accuracy bar (in-scope, OOS recall, test-weighted{pools}) on validation.")
     else:
-        # Training is noisy near the bar, so a rebuild says plainly whether it cleared it.
-        print(
-            f"warning: {ctx.model_dir} is below the accuracy bar on validation: {'; '.join(missed)}. "
-            f"`git checkout -- {ctx.model_dir}` restores the committed model."
-        )
+        # Training is noisy near the bar, so a rebuild says plainly whether it cleared it, and how to undo a rebuild
+        # of the committed model (only that one has a committed copy to restore).
+        from app.config import DEFAULT_MODEL_DIR
+
+        restore = ""
+        if Path(ctx.model_dir).resolve() == DEFAULT_MODEL_DIR:
+            restore = f" `git checkout -- {ctx.model_dir}` restores the committed model."
+        print(f"warning: {ctx.model_dir} is below the accuracy bar on validation: {'; '.join(missed)}.{restore}")
 
 
 def served_summary(row: dict[str, Any]) -> str:
