@@ -333,7 +333,7 @@ def run_stage(ctx: Any, cfg: Config) -> None:
         from app.config import DEFAULT_MODEL_DIR
 
         restore = ""
-        if Path(ctx.model_dir).resolve() == DEFAULT_MODEL_DIR:
+        if ctx.model_dir.resolve() == DEFAULT_MODEL_DIR:
             restore = f" `git checkout -- {ctx.model_dir}` restores the committed model."
         print(f"warning: {ctx.model_dir} is below the accuracy bar on validation: {'; '.join(missed)}.{restore}")
 

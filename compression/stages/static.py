@@ -95,6 +95,10 @@ class Config:
         metadata={"help": "fix the cascade threshold instead of choosing it (0: choose it; else in (0, 1])"},
     )
 
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.static_threshold <= 1.0:
+            raise FactoryError(f"static_threshold must be 0 (choose it) or in (0, 1], got {self.static_threshold}")
+
 
 # ---------------------------------------------------------------- token vectors and training
 
@@ -407,8 +411,6 @@ def run(transformer_dir: Path, data: Dataset, out: Path, cfg: Config, ctx: Conte
     """Train the first stage against the transformer and OOS rule in `transformer_dir`, the oos stage's output."""
     from compression.augment import IGNORE
 
-    if not 0.0 <= cfg.static_threshold <= 1.0:
-        raise FactoryError(f"static_threshold must be 0 (choose it) or in (0, 1], got {cfg.static_threshold}")
     for name in ("model.onnx", "tokenizer.json", "labels.json"):
         if not (transformer_dir / name).is_file():
             raise FactoryError(f"missing {transformer_dir / name} (run the oos stage first)")
