@@ -167,7 +167,12 @@ def wait_status(stats_socket: Path, name: str, want: str, timeout: float = 30) -
     """Seconds until HAProxy reports server `name` with a status starting with `want` (UP or DOWN)."""
     start = time.monotonic()
     while time.monotonic() - start < timeout:
-        if show_stat(stats_socket).get(name, {}).get("status", "").startswith(want):
+        try:
+            status = show_stat(stats_socket).get(name, {}).get("status", "")
+        except (FileNotFoundError, ConnectionRefusedError):
+            # A starting HAProxy can accept on its frontend port before its stats socket exists.
+            status = ""
+        if status.startswith(want):
             return time.monotonic() - start
         time.sleep(0.05)
     raise RuntimeError(f"HAProxy did not see {name} {want} within {timeout:.0f} s")

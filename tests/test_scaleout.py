@@ -4,7 +4,9 @@ a replica killed and every replica restarted in turn under open-loop load."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
+import threading
 from datetime import datetime
 from pathlib import Path
 
@@ -65,6 +67,35 @@ def test_kills_are_summed() -> None:
     ]
     assert scaleout.total(kills) == {"requests": 220, "failed": 2, "in_flight_on_killed": 8}
     assert scaleout.total([]) == {"requests": 0, "failed": 0, "in_flight_on_killed": 0}
+
+
+def _stats_socket_later(path: Path, delay_s: float, status: str) -> threading.Thread:
+    """A stand-in for HAProxy's stats socket that appears only after `delay_s` and answers one `show stat`."""
+
+    def serve() -> None:
+        threading.Event().wait(delay_s)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+            server.bind(str(path))
+            server.listen(1)
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(1024)
+                conn.sendall(f"# pxname,svname,status\nreplicas,replica1,{status}\nreplicas,BACKEND,UP\n".encode())
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_waiting_for_a_status_outlasts_a_stats_socket_not_there_yet(tmp_path: Path) -> None:
+    """Under load HAProxy accepts on its frontend before its stats socket exists (5 of 60 starts with the CPU busy)."""
+    path = tmp_path / "haproxy.sock"
+    server = _stats_socket_later(path, 0.3, "UP")
+    waited = scaleout.wait_status(path, "replica1", "UP", timeout=30)
+    server.join(5)
+    assert waited >= 0.3
+    with pytest.raises(RuntimeError, match="HAProxy did not see replica1 UP within 0 s"):
+        scaleout.wait_status(tmp_path / "never.sock", "replica1", "UP", timeout=0.2)
 
 
 def test_help_and_argument_checks(capsys: pytest.CaptureFixture[str]) -> None:

@@ -62,7 +62,8 @@ def test_two_workers_share_metrics() -> None:
     with running_server(env={"INTENT_WORKERS": "2"}) as (base, _):
         for _ in range(20):
             assert post(base + "/predict", {"text": "what's my balance"})[0] == 200
-        _, text = get(base + "/metrics")
+        status, text = get(base + "/metrics")
+        assert status == 200, text[-500:]
         line = next(
             x
             for x in text.decode().splitlines()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import glob
 import os
+from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
@@ -63,6 +65,27 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 def multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+class WorkerFilesCollector(multiprocess.MultiProcessCollector):
+    """prometheus_client's multiprocess collector, less the files that hold nothing yet.
+
+    A worker creates each of its .db files empty and sizes it a moment later; a scrape that reads one in between
+    fails whole (struct.error, prometheus/client_python#1199, open in 0.26), and a worker killed in that moment
+    leaves the empty file, and the failure, for good. An empty file has recorded nothing, and a file never
+    shrinks, so skipping the empty ones loses no count."""
+
+    def collect(self) -> Iterable[Any]:
+        files = [f for f in glob.glob(os.path.join(self._path, "*.db")) if _holds_anything(f)]
+        merged: Iterable[Any] = self.merge(files, accumulate=True)  # type: ignore[no-untyped-call]
+        return merged
+
+
+def _holds_anything(path: str) -> bool:
+    try:
+        return os.path.getsize(path) > 0
+    except FileNotFoundError:  # removed since the listing: it holds nothing now either
+        return False
 
 
 class Metrics:
@@ -145,6 +168,6 @@ class Metrics:
         directory = multiprocess_dir()
         if directory:
             merged = CollectorRegistry()
-            multiprocess.MultiProcessCollector(merged, path=directory)  # type: ignore[no-untyped-call]
+            WorkerFilesCollector(merged, path=directory)  # type: ignore[no-untyped-call]
             return generate_latest(merged)
         return generate_latest(self.registry)
