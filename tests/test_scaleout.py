@@ -69,31 +69,46 @@ def test_kills_are_summed() -> None:
     assert scaleout.total([]) == {"requests": 0, "failed": 0, "in_flight_on_killed": 0}
 
 
-def _stats_socket_later(path: Path, delay_s: float, status: str) -> threading.Thread:
-    """A stand-in for HAProxy's stats socket that appears only after `delay_s` and answers one `show stat`."""
+def _stats_socket_after(path: Path, first_miss: threading.Event) -> threading.Thread:
+    """A stand-in for HAProxy's stats socket that appears only once a look for it has missed, then answers one
+    `show stat` with replica1 UP."""
 
     def serve() -> None:
-        threading.Event().wait(delay_s)
+        first_miss.wait(30)
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
             server.bind(str(path))
             server.listen(1)
             conn, _ = server.accept()
             with conn:
                 conn.recv(1024)
-                conn.sendall(f"# pxname,svname,status\nreplicas,replica1,{status}\nreplicas,BACKEND,UP\n".encode())
+                conn.sendall(b"# pxname,svname,status\nreplicas,replica1,UP\nreplicas,BACKEND,UP\n")
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     return thread
 
 
-def test_waiting_for_a_status_outlasts_a_stats_socket_not_there_yet(tmp_path: Path) -> None:
+def test_waiting_for_a_status_outlasts_a_stats_socket_not_there_yet(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Under load HAProxy accepts on its frontend before its stats socket exists (5 of 60 starts with the CPU busy)."""
-    path = tmp_path / "haproxy.sock"
-    server = _stats_socket_later(path, 0.3, "UP")
-    waited = scaleout.wait_status(path, "replica1", "UP", timeout=30)
+    path, first_miss, misses = tmp_path / "haproxy.sock", threading.Event(), []
+    real_show_stat = scaleout.show_stat
+
+    def show_stat(stats_socket: Path) -> dict[str, dict[str, str]]:
+        try:
+            return real_show_stat(stats_socket)
+        except OSError as exc:
+            misses.append(type(exc).__name__)
+            first_miss.set()
+            raise
+
+    monkeypatch.setattr(scaleout, "show_stat", show_stat)
+    server = _stats_socket_after(path, first_miss)
+    assert scaleout.wait_status(path, "replica1", "UP", timeout=30) > 0
     server.join(5)
-    assert waited >= 0.3
+    assert misses  # it looked before the socket was there, and went on looking
+    assert set(misses) <= {"FileNotFoundError", "ConnectionRefusedError"}
     with pytest.raises(RuntimeError, match="HAProxy did not see replica1 UP within 0 s"):
         scaleout.wait_status(tmp_path / "never.sock", "replica1", "UP", timeout=0.2)
 
