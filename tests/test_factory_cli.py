@@ -188,6 +188,7 @@ def test_pipeline_end_to_end_on_tiny_model(tiny_pretrained: Path, tmp_path: Path
     # Only the committed model has a committed copy to restore; a rebuild elsewhere is not told to `git checkout`.
     assert "restores the committed model" not in result.stdout
     _a_fixed_first_stage_threshold_is_served(args, art, model_dir)
+    _candidates_keep_the_least_harmful_first_stage(args, art, model_dir, data_path)
 
 
 def _a_fixed_first_stage_threshold_is_served(args: tuple[str, ...], art: Path, model_dir: Path) -> None:
@@ -203,6 +204,33 @@ def _a_fixed_first_stage_threshold_is_served(args: tuple[str, ...], art: Path, m
     card = json.loads((model_dir / "card.json").read_text())
     assert card["spec"]["stages"][0]["threshold"] == fixed
     assert card["spec"]["rule"] == json.loads((art / "static" / "rule.json").read_text())
+
+
+def _candidates_keep_the_least_harmful_first_stage(
+    args: tuple[str, ...], art: Path, model_dir: Path, data_path: Path
+) -> None:
+    """`--static-candidates 2`: first stages on seeds 42 and 43; the served one is the candidate with the least net
+    in-scope harm on validation (the first on a tie), recomputed here from the files served."""
+    import numpy as np
+
+    from compression.data import load_clinc
+    from compression.onnx_stage import OnnxStage
+    from compression.stages.static import net_harm
+
+    result = run_cli(*args, "--from", "static", "--static-threshold", "0.9", "--static-candidates", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((art / "static" / "run.json").read_text())["metrics"]
+    candidates = metrics["candidates"]
+    assert [c["seed"] for c in candidates] == [42, 43]
+    best = min(candidates, key=lambda c: c["net_harm"])  # min keeps the first of equals
+    assert metrics["seed"] == best["seed"]
+    data = load_clinc(data_path)
+    val = data.split("val")
+    gold = np.array(val.label_ids(data.labels))
+    oos = data.labels.index("oos")
+    first = OnnxStage(model_dir / "static.onnx", model_dir / "tokenizer.json").logits(val.texts)
+    transformer = OnnxStage(art / "oos" / "model.onnx", art / "oos" / "tokenizer.json").logits(val.texts)
+    assert net_harm(first, transformer.argmax(-1), gold, oos, 0.9) == best["net_harm"]
 
 
 def _features_are_the_mean_hidden_state(art: Path, tmp_path: Path) -> None:
@@ -272,6 +300,14 @@ def test_onnx_matches_pytorch_logits(tiny_pretrained: Path, tmp_path: Path) -> N
         (
             ["static", "--artifacts", "/nonexistent/art", "--static-threshold", "1.5"],
             "error: static_threshold must be 0 (choose it) or in (0, 1], got 1.5",
+        ),
+        (
+            ["static", "--artifacts", "/nonexistent/art", "--static-candidates", "2"],
+            "error: static_candidates above 1 needs static_threshold: candidates compare at one cost",
+        ),
+        (
+            ["static", "--artifacts", "/nonexistent/art", "--static-candidates", "0"],
+            "error: static_candidates must be 1 or more, got 0",
         ),
     ],
 )

@@ -57,3 +57,20 @@ def test_numpy_gelu_is_the_exact_gelu_torch_trains_with() -> None:
     identity = [Dense(np.eye(101, dtype=np.float32), np.zeros(101, np.float32))]
     ours = head_logits(x, [*identity, *identity])  # identity, GELU, identity
     np.testing.assert_allclose(ours, torch.nn.GELU()(torch.from_numpy(x)).numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_net_harm_counts_in_scope_answers_against_the_transformer_by_hand() -> None:
+    from compression.stages.static import net_harm
+
+    oos = 2
+    confident, unsure = [9.0, 0.0, 0.0], [0.0, 0.1, 0.0]  # answers intent 0 at 0.6 / too close to call
+    wrong_for_1 = [0.0, 0.0, 9.0]  # confident in `oos`: the first stage never answers that
+    first = np.array([confident, confident, confident, unsure, wrong_for_1, confident])
+    gold = np.array([0, 1, 1, 1, 1, oos])
+    transformer = np.array([0, 1, 0, 0, 0, oos])
+    # Row 1: wrong where the transformer is right (+1); row 2: both wrong (0); row 0: both right (0); row 3 is not
+    # answered; row 4 answers `oos`, which the first stage leaves to the transformer; row 5 is out of scope.
+    assert net_harm(first, transformer, gold, oos, 0.6) == 1
+    transformer[0] = 1  # now the first stage is right where the transformer is wrong: one back
+    assert net_harm(first, transformer, gold, oos, 0.6) == 0
+    assert net_harm(first, transformer, gold, oos, 1.0) == 0  # it answers nothing
