@@ -478,18 +478,18 @@ def run(transformer_dir: Path, data: Dataset, out: Path, cfg: Config, ctx: Conte
     seeds = range(ctx.seed, ctx.seed + cfg.static_candidates)
     for seed in seeds:
         trained = train_on(seed)
-        logits = OnnxStage(out / MODEL_FILE, out / "tokenizer.json").logits(val.texts)
+        runner = OnnxStage(out / MODEL_FILE, out / "tokenizer.json")
+        logits = runner.logits(val.texts)
         if cfg.static_candidates > 1:
             harm = net_harm(logits, val_outputs.pred, gold, oos, cfg.static_threshold)
             log.info("static: seed %d: net harm %d on in-scope validation at %.2f", seed, harm, cfg.static_threshold)
             candidates.append({"seed": seed, "net_harm": harm})
             if len(candidates) > 1 and harm >= min(c["net_harm"] for c in candidates[:-1]):
                 continue
-        kept_seed, (table, dense, history, transfer_queries), first = seed, trained, logits
-    if kept_seed != seeds[-1]:  # a later candidate's graph overwrote the kept one
+        kept_seed, (table, dense, history, transfer_queries), first, first_model = seed, trained, logits, runner
+    if kept_seed != seeds[-1]:  # a later candidate's graph overwrote the kept one; its session read it already
         write_onnx(out / MODEL_FILE, table, dense, cfg.static_table)
 
-    first_model = OnnxStage(out / MODEL_FILE, out / "tokenizer.json")
     second = rule.decide(val_outputs, oos)[0]
     val_ids = [e.ids for e in tokenizer.encode_batch(val.texts)]
     fp32 = head_logits(np.stack([table[x].mean(0) for x in val_ids]), dense)
