@@ -51,10 +51,11 @@ audit: $(VENV)/.installed  ## known vulnerabilities in the pinned dependencies (
 
 # RECIPE=served (default) rebuilds what models/clinc150 serves (teacher, int8, OOS rule, cascade; about 75 minutes
 # on 2 cores); RECIPE=chapter8 adds the book's search, distillation and pruning, each measured; RECIPE=quick builds a
-# linear head on the frozen pretrained encoder in minutes; RECIPE=student is issue 23's student, unpruned
-# (docs/one-small-model.md). Each recipe's stages and settings: compression.pipeline.RECIPES.
+# linear head on the frozen pretrained encoder in minutes; RECIPE=student is issue 23's 3-layer student, unpruned;
+# RECIPE=pruned is its 6-layer student, the teacher with its FFNs pruned to a quarter (docs/one-small-model.md).
+# Each recipe's stages and settings: compression.pipeline.RECIPES.
 RECIPE ?= served
-RECIPES := served chapter8 quick student
+RECIPES := served chapter8 quick student pruned
 
 # DATA=intents.csv (or .jsonl: text and intent) OUT=models/my-intents builds a team's own model; its stage
 # outputs go to artifacts/<name of OUT>, so the CLINC150 stages are kept.

@@ -83,6 +83,13 @@ def without_head(model: Any) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if not k.startswith(HEAD_ATTR + ".")}
 
 
+def pretrained_dim(source: str) -> int:
+    """The width of the pretrained encoder's sentence embedding, which the geometry head reproduces."""
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(source).hidden_size)
+
+
 @torch.no_grad()
 def pretrained_embeddings(source: str, texts: list[str], max_length: int, batch_size: int = 128) -> np.ndarray:
     """The pretrained encoder's unit sentence embedding of every text (masked mean of its last hidden states), the

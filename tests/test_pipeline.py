@@ -126,7 +126,7 @@ def test_each_recipe_runs_registered_stages_in_order_and_sets_only_their_flags()
     """A recipe's defaults are flags of its own stages (a typo would otherwise be silently ignored), and the command
     line overrides them."""
     order = list(pipeline.STAGES)
-    assert set(pipeline.RECIPES) == {"served", "chapter8", "student", "quick"}
+    assert set(pipeline.RECIPES) == {"served", "chapter8", "student", "pruned", "quick"}
     # The served recipe exports the teacher: no search, distillation or pruning whose students it would not serve.
     served = ("teacher", "export", "quantize", "embedder", "oos", "static", "artifact", "bench")
     assert pipeline.RECIPES["served"].stages == served
@@ -153,6 +153,28 @@ def test_the_student_recipe_serves_the_unpruned_student_of_layers_1_3_5() -> Non
     assert "distill" in student.stages
     args = cli.build_parser(["student"]).parse_args(["student"])
     assert (args.student_layers, args.export_from, args.oos_rule) == ([1, 3, 5], "distill", "energy_knn")
+
+
+def test_the_pruned_recipe_prunes_the_teachers_six_layers_and_serves_them() -> None:
+    """docs/one-small-model.md's ninth session: the distill stage only seeds the student with every teacher layer
+    (no epochs), the prune stage cuts its FFNs to a quarter and recovers it, and that is what is exported."""
+    pruned = pipeline.RECIPES["pruned"]
+    assert pruned.stages == (
+        "teacher",
+        "distill",
+        "prune",
+        "export",
+        "quantize",
+        "embedder",
+        "oos",
+        "static",
+        "artifact",
+        "bench",
+    )
+    args = cli.build_parser(["pruned"]).parse_args(["pruned"])
+    assert (args.student_layers, args.student_epochs) == ([0, 1, 2, 3, 4, 5], 0)
+    assert (args.ffn_keep, args.recover_epochs, args.export_from) == (0.25, 6, "prune")
+    assert (args.oos_features, args.oos_rule, args.oos_in_scope_target) == ("student", "energy_knn", 0.952)
 
 
 def test_a_recipe_resumes_from_a_stage_once_the_earlier_ones_left_their_records(tmp_path: Path) -> None:

@@ -34,7 +34,11 @@ class Config:
     student_layers: list[int] = field(
         default_factory=lambda: [0, 2, 4], metadata={"help": "teacher layers that seed the student"}
     )
-    student_epochs: float = field(default=6, metadata={"help": "distillation epochs"})
+    # 0: no distillation here, the student is the teacher's layers as they are (with the geometry head where
+    # asked for), for the prune stage to cut and train (the pruned recipe).
+    student_epochs: float = field(
+        default=6, metadata={"help": "distillation epochs (0: the teacher's layers as they are)"}
+    )
     student_lr: float | None = field(
         default=None, metadata={"help": f"learning rate (default: the search's best, else {FALLBACK_LR:g})"}
     )
@@ -214,6 +218,11 @@ def train_student(
 
     seed_everything(train_cfg.seed)
     torch.set_num_threads(train_cfg.threads)
+    if train_cfg.epochs == 0:
+        student = make_student(teacher, cfg.layers)
+        if cfg.geometry_weight > 0:
+            geometry.add_head(student, geometry.pretrained_dim(cfg.geometry_source or checkpoint.default_pretrained()))
+        return student, []
     split = transfer_set(data, cfg, train_cfg.seed, tokenizer.mask_token)
     encoded = Encoded(tokenizer, split, data.labels, train_cfg.max_length)
     key = (
@@ -260,7 +269,8 @@ def run(teacher_dir: Path, data: Dataset, out: Path, cfg: DistillConfig, train_c
     checkpoint.save(out, student, tokenizer, data.labels)
     config = {"distill": asdict(cfg), "train": train_cfg.as_dict()}
     labelled = training_split(data, cfg.wiki_path, cfg.wiki_oos, train_cfg.seed, cfg.train_subset)
-    transfer = transfer_set(data, cfg, train_cfg.seed, tokenizer.mask_token)
+    # With no epochs the student learnt nothing here: its training data is the teacher's.
+    transfer = transfer_set(data, cfg, train_cfg.seed, tokenizer.mask_token) if train_cfg.epochs > 0 else labelled
     write_run(out, "distill", config, report, history=history, training_data=training_data(labelled, data, transfer))
     log.info("student validation: %s", report)
     return report
@@ -326,5 +336,7 @@ def recorded(distill_dir: Path) -> DistillConfig:
 
 
 def run_stage(ctx: Context, cfg: Config) -> None:
+    if cfg.student_epochs < 0:
+        raise FactoryError(f"--student-epochs must be at least 0, got {cfg.student_epochs:g}")
     distill, train = resolve(ctx, cfg)
     run(ctx.dir("teacher"), ctx.dataset, ctx.dir("distill"), distill, train)
