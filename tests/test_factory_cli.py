@@ -557,6 +557,52 @@ def test_a_teams_csv_builds_a_model_that_the_service_serves(
 
 
 @pytest.mark.slow
+def test_the_pruned_recipe_keeps_every_teacher_layer_and_prunes_their_ffns(
+    tiny_pretrained: Path, tmp_path: Path, data_path: Path
+) -> None:
+    """RECIPE=pruned, scaled down: the distill stage seeds the student with all of the teacher's layers (whatever
+    its depth) and trains nothing; the prune stage cuts the FFNs and recovers; that student is what is served."""
+    from fastapi.testclient import TestClient
+
+    from app.config import Settings
+    from app.http.main import create_app
+
+    data = team_csv(data_path, tmp_path)
+    art, model_dir = tmp_path / "art", tmp_path / "model"
+    result = run_cli(
+        "pruned",
+        *("--data", str(data), "--text-column", "utterance", "--intent-column", "label", "--val-share", "0.2"),
+        *("--wiki", str(WIKI), "--pretrained", str(tiny_pretrained), "--artifacts", str(art)),
+        *("--model-dir", str(model_dir), "--reports", str(tmp_path / "reports"), "--wiki-oos", "50"),
+        *("--threads", "1", "--teacher-epochs", "1", "--recover-epochs", "1", "--recover-copies", "1"),
+        *("--transfer-wiki", "50", "--latency-queries", "10", "--static-epochs", "1", "--static-copies", "0"),
+        *("--static-wiki-oos", "50", "--static-dim", "16"),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in art.iterdir()) == [
+        "distill",
+        "embedder",
+        "export",
+        "oos",
+        "prune",
+        "quantize",
+        "static",
+        "teacher",
+    ]
+    seeded = json.loads((art / "distill" / "run.json").read_text())
+    assert seeded["config"]["distill"]["layers"] == [0, 1, 2, 3]  # the tiny teacher's four, named in the record
+    assert seeded["history"] == []
+    pruned = json.loads((art / "prune" / "config.json").read_text())
+    assert (pruned["num_hidden_layers"], pruned["intermediate_size"]) == (4, 16)  # 64 neurons, a quarter kept
+    card = json.loads((model_dir / "card.json").read_text())
+    assert card["spec"]["stages"][-1]["features_output"] == "features"  # the geometry head, for the OOS rule
+    with TestClient(create_app(Settings(model_dir=model_dir, warmup_queries=1))) as client:
+        answer = client.post("/predict", json={"text": "what is the weather like in paris"})
+        assert answer.status_code == 200
+        assert answer.json()["intent"] in [*TEAM_INTENTS, "oos"]
+
+
+@pytest.mark.slow
 def test_the_quick_recipe_builds_a_teams_model_that_the_service_serves(
     tiny_pretrained: Path, tmp_path: Path, data_path: Path
 ) -> None:

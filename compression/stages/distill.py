@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +32,8 @@ FALLBACK_ALPHA, FALLBACK_TEMPERATURE, FALLBACK_LR = 0.5, 4.0, 2e-4
 @dataclass
 class Config:
     student_layers: list[int] = field(
-        default_factory=lambda: [0, 2, 4], metadata={"help": "teacher layers that seed the student"}
+        default_factory=lambda: [0, 2, 4],
+        metadata={"help": "teacher layers that seed the student (an empty list: every layer)"},
     )
     # 0: no distillation here, the student is the teacher's layers as they are (with the geometry head where
     # asked for), for the prune stage to cut and train (the pruned recipe).
@@ -261,7 +262,12 @@ def run(teacher_dir: Path, data: Dataset, out: Path, cfg: DistillConfig, train_c
     teacher, tokenizer, labels = checkpoint.load(teacher_dir)
     if labels != data.labels:
         raise FactoryError(f"the teacher's labels ({teacher_dir}) differ from the data's label order")
-    student, history = train_student(teacher, tokenizer, data, cfg, train_cfg)
+    if not cfg.layers:  # every layer of whatever depth the teacher has; the record names them
+        cfg = replace(cfg, layers=list(range(teacher.config.num_hidden_layers)))
+    try:
+        student, history = train_student(teacher, tokenizer, data, cfg, train_cfg)
+    except ValueError as exc:  # a layer index the teacher does not have
+        raise FactoryError(f"--student-layers: {exc}") from None
     logits, gold = evaluate(student, tokenizer, data, train_cfg.max_length)
     report = validation_report(logits, gold, data.labels)
     if cfg.geometry_weight > 0:
