@@ -111,13 +111,16 @@ def kd_loss(
     return alpha * ce + (1.0 - alpha) * temperature**2 * kl
 
 
+def check_layers(layers: list[int], n_teacher: int) -> None:
+    if not layers or any(not 0 <= i < n_teacher for i in layers) or sorted(set(layers)) != layers:
+        raise ValueError(f"student layers must be increasing indices below {n_teacher}, got {layers}")
+
+
 def make_student(teacher: Any, layers: list[int]) -> Any:
     """A copy of the teacher keeping only `layers` of its encoder, in order (DistilBERT-style init)."""
     from torch import nn
 
-    n_teacher = teacher.config.num_hidden_layers
-    if not layers or any(not 0 <= i < n_teacher for i in layers) or sorted(set(layers)) != layers:
-        raise ValueError(f"student layers must be increasing indices below {n_teacher}, got {layers}")
+    check_layers(layers, teacher.config.num_hidden_layers)
     student = copy.deepcopy(teacher)
     encoder = student.base_model.encoder
     encoder.layer = nn.ModuleList([encoder.layer[i] for i in layers])
@@ -262,12 +265,14 @@ def run(teacher_dir: Path, data: Dataset, out: Path, cfg: DistillConfig, train_c
     teacher, tokenizer, labels = checkpoint.load(teacher_dir)
     if labels != data.labels:
         raise FactoryError(f"the teacher's labels ({teacher_dir}) differ from the data's label order")
+    depth = teacher.config.num_hidden_layers
     if not cfg.layers:  # every layer of whatever depth the teacher has; the record names them
-        cfg = replace(cfg, layers=list(range(teacher.config.num_hidden_layers)))
+        cfg = replace(cfg, layers=list(range(depth)))
     try:
-        student, history = train_student(teacher, tokenizer, data, cfg, train_cfg)
-    except ValueError as exc:  # a layer index the teacher does not have
+        check_layers(cfg.layers, depth)
+    except ValueError as exc:
         raise FactoryError(f"--student-layers: {exc}") from None
+    student, history = train_student(teacher, tokenizer, data, cfg, train_cfg)
     logits, gold = evaluate(student, tokenizer, data, train_cfg.max_length)
     report = validation_report(logits, gold, data.labels)
     if cfg.geometry_weight > 0:
