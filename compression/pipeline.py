@@ -140,9 +140,9 @@ RECIPES: dict[str, Recipe] = {
     # against the 3-layer student's 1.77 M), a geometry head added, then recovered by distillation from the
     # teacher on the student recipe's transfer set with its settings (6 epochs, 2 copies, 20,000 Wikipedia
     # sentences, geometry weight 3, an earlier search's best alpha, temperature and learning rate, so the search
-    # does not run). The distill stage only seeds it (0 epochs). Its transformer alone caught 0.909 and 0.883 of
-    # the 350 in two builds, against 0.866 for the 3-layer (e'); its first stage varied as theirs do, and it is
-    # not served (docs/one-small-model.md, a ninth session).
+    # does not run). The distill stage only seeds it (0 epochs). Its transformer alone caught 0.909, 0.883 and
+    # 0.871 of the 350 in three builds, against 0.866 for the 3-layer (e'); its first stage varied as theirs do,
+    # and it is not served (docs/one-small-model.md, a ninth session).
     "pruned": Recipe(
         tuple(name for name in _CHAPTER8 if name != "search"),
         {
