@@ -581,7 +581,6 @@ def test_the_pruned_recipe_keeps_every_teacher_layer_and_prunes_their_ffns(
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in art.iterdir()) == [
         "distill",
-        "embedder",
         "export",
         "oos",
         "prune",

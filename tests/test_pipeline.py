@@ -165,7 +165,6 @@ def test_the_pruned_recipe_prunes_the_teachers_six_layers_and_serves_them() -> N
         "prune",
         "export",
         "quantize",
-        "embedder",
         "oos",
         "static",
         "artifact",
@@ -175,6 +174,18 @@ def test_the_pruned_recipe_prunes_the_teachers_six_layers_and_serves_them() -> N
     assert (args.student_layers, args.student_epochs) == ([], 0)  # every teacher layer, as they are
     assert (args.ffn_keep, args.recover_epochs, args.export_from) == (0.25, 6, "prune")
     assert (args.oos_features, args.oos_rule, args.oos_in_scope_target) == ("student", "energy_knn", 0.952)
+
+
+def test_the_recipes_with_the_students_own_geometry_share_its_settings_and_skip_the_embedder() -> None:
+    """The student and pruned recipes read the rule's features from the student's geometry head: the same rule
+    settings in both, and no pretrained sentence encoder exported that nothing would read."""
+    shared = {"geometry_weight", "transfer_wiki", "oos_features", "oos_prototypes", "oos_rule", "oos_in_scope_target"}
+    student, pruned = (cli.build_parser([n]).parse_args([n]) for n in ("student", "pruned"))
+    assert {k: getattr(student, k) for k in shared} == {k: getattr(pruned, k) for k in shared}
+    assert (student.oos_features, student.geometry_weight, student.oos_in_scope_target) == ("student", 3.0, 0.952)
+    for name in ("student", "pruned"):
+        assert "embedder" not in pipeline.RECIPES[name].stages, name
+    assert "embedder" in pipeline.RECIPES["served"].stages  # there the rule reads the pretrained encoder
 
 
 def test_a_recipe_resumes_from_a_stage_once_the_earlier_ones_left_their_records(tmp_path: Path) -> None:
