@@ -152,7 +152,8 @@ RECIPES: dict[str, Recipe] = {
     # sentences, geometry weight 3, an earlier search's best alpha, temperature and learning rate, so the search
     # does not run). The distill stage only seeds it (0 epochs). Its transformer alone caught 0.909, 0.883 and
     # 0.871 of the 350 in three builds, against 0.866 for the 3-layer (e'); its first stage varied as theirs do,
-    # and it is not served (docs/one-small-model.md, a ninth session).
+    # and it is not served (docs/one-small-model.md, a ninth session). The first-stage pick (--static-candidates 4
+    # --static-threshold 0.6) is not set here: at 10 M it read 0.877, 0.849 and 0.863 of the 350 (a tenth session).
     "pruned": Recipe(
         _own_geometry("search"),
         {
