@@ -252,6 +252,18 @@ def test_a_stage_reads_another_stages_flags_given_in_this_run() -> None:
     assert pipeline.Context(pipeline.Common()).config_of(distill.Config) == distill.Config()
 
 
+def test_negative_distillation_epochs_fail_wherever_the_distill_config_is_built() -> None:
+    """The check lives with the field: the distill stage, and any stage reading its flags, gets the one-line error."""
+    from compression.stages import distill
+
+    with pytest.raises(FactoryError, match=r"^--student-epochs must be at least 0, got -1$"):
+        distill.Config(student_epochs=-1)
+    args = cli.build_parser(["all"]).parse_args(["all", "--student-epochs", "-1"])
+    with pytest.raises(FactoryError, match=r"^--student-epochs must be at least 0, got -1$"):
+        pipeline.Context(pipeline.build(pipeline.Common, args), args).config_of(distill.Config)
+    assert distill.Config(student_epochs=0).student_epochs == 0  # 0: the teacher's layers as they are
+
+
 def test_distill_takes_the_search_best_unless_a_flag_sets_it(tmp_path: Path) -> None:
     from compression.stages import distill
 

@@ -74,6 +74,10 @@ class Config:
         metadata={"help": "Wikipedia sentences added to the transfer set with soft targets only (none held out)"},
     )
 
+    def __post_init__(self) -> None:
+        if self.student_epochs < 0:
+            raise FactoryError(f"--student-epochs must be at least 0, got {self.student_epochs:g}")
+
 
 @dataclass
 class DistillConfig:
@@ -197,14 +201,18 @@ def transfer_set(data: Dataset, cfg: DistillConfig, seed: int, mask: str | None)
     return labelled + augment(labelled, cfg.augment_copies, seed, mask) + extra
 
 
+def geometry_source(cfg: DistillConfig) -> str:
+    """The pretrained sentence encoder whose embedding the geometry head learns: the configured one, else the
+    all-MiniLM-L6-v2 package."""
+    return cfg.geometry_source or checkpoint.default_pretrained()
+
+
 def geometry_targets(cfg: DistillConfig, texts: list[str], max_length: int) -> torch.Tensor:
     import torch
 
-    from compression.checkpoint import default_pretrained
     from compression.geometry import pretrained_embeddings
 
-    source = cfg.geometry_source or default_pretrained()
-    return torch.from_numpy(pretrained_embeddings(source, texts, max_length))
+    return torch.from_numpy(pretrained_embeddings(geometry_source(cfg), texts, max_length))
 
 
 def train_student(
@@ -225,7 +233,7 @@ def train_student(
     if train_cfg.epochs == 0:
         student = make_student(teacher, cfg.layers)
         if cfg.geometry_weight > 0:
-            geometry.add_head(student, geometry.pretrained_dim(cfg.geometry_source or checkpoint.default_pretrained()))
+            geometry.add_head(student, geometry.pretrained_dim(geometry_source(cfg)))
         return student, []
     split = transfer_set(data, cfg, train_cfg.seed, tokenizer.mask_token)
     encoded = Encoded(tokenizer, split, data.labels, train_cfg.max_length)
@@ -347,7 +355,5 @@ def recorded(distill_dir: Path) -> DistillConfig:
 
 
 def run_stage(ctx: Context, cfg: Config) -> None:
-    if cfg.student_epochs < 0:
-        raise FactoryError(f"--student-epochs must be at least 0, got {cfg.student_epochs:g}")
     distill, train = resolve(ctx, cfg)
     run(ctx.dir("teacher"), ctx.dataset, ctx.dir("distill"), distill, train)
