@@ -61,7 +61,7 @@ def save(directory: Path, model: Any, tokenizer: Any, labels: list[str]) -> None
 
 def load(directory: Path) -> tuple[Any, Any, list[str]]:
     """A checkpoint written by `save`; raises FactoryError if it is missing or incomplete."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
     if not (directory / "labels.json").is_file() or not (directory / "config.json").is_file():
         raise FactoryError(f"no checkpoint at {directory} (run the previous stage first)")
@@ -69,9 +69,26 @@ def load(directory: Path) -> tuple[Any, Any, list[str]]:
     from compression import geometry
 
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(directory)
+        model = _model(directory)
         tokenizer = AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError) as exc:
         raise FactoryError(f"could not load checkpoint {directory}: {str(exc).splitlines()[0]}") from None
     geometry.load_head(directory, model)
     return model, tokenizer, labels
+
+
+def _model(directory: Path) -> Any:
+    """The classifier saved in `directory`. One whose attention heads were sliced (compression.slicing) has
+    shapes its config alone does not give, so it is built from the config, reshaped, then given its weights."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from compression import slicing
+
+    config = AutoConfig.from_pretrained(directory)
+    if not getattr(config, slicing.HEADS_KEPT, None):
+        return AutoModelForSequenceClassification.from_pretrained(directory)
+    from safetensors.torch import load_file
+
+    model = slicing.rebuild(AutoModelForSequenceClassification.from_config(config))  # type: ignore[no-untyped-call]
+    model.load_state_dict(load_file(str(directory / "model.safetensors")))
+    return model.eval()

@@ -310,6 +310,7 @@ def test_onnx_matches_pytorch_logits(tiny_pretrained: Path, tmp_path: Path) -> N
             ["static", "--artifacts", "/nonexistent/art", "--static-candidates", "2"],
             "error: static_candidates above 1 needs static_threshold: candidates compare at one cost",
         ),
+        (["prune", "--heads-keep", "0"], "error: --heads-keep is a share, more than 0 and at most 1, got 0.0"),
         (
             ["static", "--artifacts", "/nonexistent/art", "--static-candidates", "0"],
             "error: static_candidates must be 1 or more, got 0",
@@ -557,11 +558,12 @@ def test_a_teams_csv_builds_a_model_that_the_service_serves(
 
 
 @pytest.mark.slow
-def test_the_pruned_recipe_keeps_every_teacher_layer_and_prunes_their_ffns(
+def test_the_pruned_recipe_keeps_every_teacher_layer_and_prunes_their_ffns_and_heads(
     tiny_pretrained: Path, tmp_path: Path, data_path: Path
 ) -> None:
-    """RECIPE=pruned, scaled down: the distill stage seeds the student with all of the teacher's layers (whatever
-    its depth) and trains nothing; the prune stage cuts the FFNs and recovers; that student is what is served."""
+    """RECIPE=pruned, scaled down, with --heads-keep: the distill stage seeds the student with all of the
+    teacher's layers (whatever its depth) and trains nothing; the prune stage cuts the FFNs and half the attention
+    heads and recovers; that student is exported, quantised and served."""
     from fastapi.testclient import TestClient
 
     from app.config import Settings
@@ -576,7 +578,7 @@ def test_the_pruned_recipe_keeps_every_teacher_layer_and_prunes_their_ffns(
         *("--model-dir", str(model_dir), "--reports", str(tmp_path / "reports"), "--wiki-oos", "50"),
         *("--threads", "1", "--teacher-epochs", "1", "--recover-epochs", "1", "--recover-copies", "1"),
         *("--transfer-wiki", "50", "--latency-queries", "10", "--static-epochs", "1", "--static-copies", "0"),
-        *("--static-wiki-oos", "50", "--static-dim", "16"),
+        *("--static-wiki-oos", "50", "--static-dim", "16", "--heads-keep", "0.5"),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in art.iterdir()) == [
@@ -593,6 +595,9 @@ def test_the_pruned_recipe_keeps_every_teacher_layer_and_prunes_their_ffns(
     assert seeded["history"] == []
     pruned = json.loads((art / "prune" / "config.json").read_text())
     assert (pruned["num_hidden_layers"], pruned["intermediate_size"]) == (4, 16)  # 64 neurons, a quarter kept
+    assert (pruned["num_attention_heads"], pruned["attention_heads_kept"]) == (2, 1)  # of two heads, one kept
+    exported = json.loads((art / "export" / "run.json").read_text())
+    assert exported["metrics"]["fused_operators"]["Attention"] == 4  # the sliced layers still fuse, one per layer
     card = json.loads((model_dir / "card.json").read_text())
     assert card["spec"]["stages"][-1]["features_output"] == "features"  # the geometry head, for the OOS rule
     with TestClient(create_app(Settings(model_dir=model_dir, warmup_queries=1))) as client:

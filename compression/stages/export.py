@@ -114,23 +114,38 @@ def export_onnx(model: Any, tokenizer: Any, path: Path) -> list[str]:
     return outputs
 
 
+class _SlicedHeadsNotice(logging.Filter):
+    """Drops ORT's warning that the heads' total width differs from the layer's input width: slicing heads
+    (compression.slicing) does that on purpose, and the fused Attention op takes the two widths apart (the
+    export's parity check holds it to PyTorch)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Input hidden size")
+
+
 def fuse(raw: Path, out: Path, num_heads: int, hidden_size: int) -> dict[str, int]:
     """ORT's BERT fusions (attention, bias-gelu, embed-layernorm), saved as a new graph. Skip-layernorm is
-    left out: on CPU it is slower than the ops it replaces (see onnx_runner.DISABLED_OPTIMIZERS)."""
+    left out: on CPU it is slower than the ops it replaces (see onnx_runner.DISABLED_OPTIMIZERS). `hidden_size` is
+    ORT's name for the heads' total width, `num_heads` x head size: the hidden size unless heads were sliced."""
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
     options = FusionOptions("bert")
     options.enable_skip_layer_norm = False
     options.enable_bias_skip_layer_norm = False
-    optimized = optimize_model(
-        str(raw),
-        model_type="bert",
-        num_heads=num_heads,
-        hidden_size=hidden_size,
-        opt_level=1,
-        optimization_options=options,
-    )
+    notice, fusion_log = _SlicedHeadsNotice(), logging.getLogger("fusion_attention")
+    fusion_log.addFilter(notice)
+    try:
+        optimized = optimize_model(
+            str(raw),
+            model_type="bert",
+            num_heads=num_heads,
+            hidden_size=hidden_size,
+            opt_level=1,
+            optimization_options=options,
+        )
+    finally:
+        fusion_log.removeFilter(notice)
     optimized.save_model_to_file(str(out))
     counts: dict[str, int] = optimized.get_fused_operator_statistics()
     return counts
@@ -143,8 +158,10 @@ def run(ckpt_dir: Path, data: Dataset, out: Path, max_length: int, parity_n: int
     out.mkdir(parents=True, exist_ok=True)
     raw, fused = out / "model.raw.onnx", out / "model.onnx"
     outputs = export_onnx(model, tokenizer, raw)
-    cfg = model.config
-    fusions = fuse(raw, fused, cfg.num_attention_heads, cfg.hidden_size)
+    from compression import slicing
+
+    heads = slicing.heads_per_layer(model.config)
+    fusions = fuse(raw, fused, heads, heads * slicing.head_size(model.config))
     write_tokenizer(ckpt_dir, out / "tokenizer.json", max_length)
     shutil.copy(ckpt_dir / "labels.json", out / "labels.json")
 

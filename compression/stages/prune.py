@@ -1,4 +1,5 @@
-"""Stage 3: structured pruning of FFN neurons, which shrinks the matrices and so speeds up dense CPU kernels.
+"""Stage 3: structured pruning of FFN neurons and attention heads, which shrinks the matrices and so speeds up
+dense CPU kernels.
 
 Unstructured or movement pruning (the chapter's choice) only zeroes weights, and dense int8 kernels
 run just as long on zeros, so it is not used here.
@@ -20,7 +21,6 @@ from compression.records import write_run
 
 if TYPE_CHECKING:
     import torch
-    from torch import nn
 
     from compression.pipeline import Context
     from compression.training import Encoded, TrainConfig
@@ -31,12 +31,18 @@ log = logging.getLogger(__name__)
 @dataclass
 class Config:
     ffn_keep: float = field(default=0.75, metadata={"help": "share of FFN neurons kept (1.0: no pruning)"})
+    heads_keep: float = field(default=1.0, metadata={"help": "share of attention heads kept in every layer (1.0: all)"})
     recover_epochs: float = field(default=7.0, metadata={"help": "distillation epochs after pruning"})
     recover_lr: float = field(default=1.5e-4, metadata={"help": "learning rate of the recovery"})
     recover_copies: int = field(default=3, metadata={"help": "fresh perturbed copies per query for recovery"})
     recover_from_student: bool = field(
         default=False, metadata={"help": "recover from the unpruned student, not the teacher"}
     )
+
+    def __post_init__(self) -> None:
+        for flag, share in (("--ffn-keep", self.ffn_keep), ("--heads-keep", self.heads_keep)):
+            if not 0.0 < share <= 1.0:
+                raise FactoryError(f"{flag} is a share, more than 0 and at most 1, got {share}")
 
 
 @dataclass
@@ -55,23 +61,13 @@ class PruneConfig:
     geometry_weight: float = 0.0  # as the distillation trained the student's sentence embedding
     geometry_source: str | None = None
     transfer_wiki: int = 0
+    heads_keep: float = 1.0  # share of attention heads kept in every layer
 
 
-def _slice_linear(layer: nn.Linear, keep: torch.Tensor, dim: int) -> nn.Linear:
+def backward(model: Any, data: Encoded, batches: int = 20) -> None:
+    """Leave the classification loss's gradients, summed over `batches` batches, on the model's weights."""
     from torch import nn
 
-    weight = layer.weight.data.index_select(dim, keep).clone()
-    bias = layer.bias.data.clone() if dim == 1 else layer.bias.data.index_select(0, keep).clone()
-    new = nn.Linear(weight.shape[1], weight.shape[0])
-    new.weight.data, new.bias.data = weight, bias
-    return new
-
-
-def neuron_importance(model: Any, data: Encoded, batches: int = 20) -> list[torch.Tensor]:
-    """First-order Taylor importance |w . dL/dw| of each FFN neuron, summed over its in and out weights."""
-    from torch import nn
-
-    layers = model.base_model.encoder.layer
     model.train(False)
     model.zero_grad()
     ce = nn.CrossEntropyLoss()
@@ -80,13 +76,17 @@ def neuron_importance(model: Any, data: Encoded, batches: int = 20) -> list[torc
             break
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         ce(out.logits, batch["labels"]).backward()
+
+
+def neuron_scores(model: Any) -> list[torch.Tensor]:
+    """First-order Taylor importance |w . dL/dw| of each FFN neuron, summed over its in and out weights; reads
+    the gradients `backward` left."""
     scores = []
-    for layer in layers:
+    for layer in model.base_model.encoder.layer:
         up, down = layer.intermediate.dense, layer.output.dense
         s = (up.weight * up.weight.grad).abs().sum(1) + (up.bias * up.bias.grad).abs()
         s = s + (down.weight * down.weight.grad).abs().sum(0)
         scores.append(s.detach())
-    model.zero_grad()
     return scores
 
 
@@ -94,12 +94,14 @@ def prune_ffn(model: Any, scores: list[torch.Tensor], keep_fraction: float) -> A
     """Keep the same number of top-scoring neurons in each layer, so the config stays uniform."""
     import torch
 
+    from compression import slicing
+
     size = model.config.intermediate_size
     keep_n = max(1, round(size * keep_fraction))
     for layer, s in zip(model.base_model.encoder.layer, scores, strict=True):
         keep = torch.topk(s, keep_n).indices.sort().values
-        layer.intermediate.dense = _slice_linear(layer.intermediate.dense, keep, 0)
-        layer.output.dense = _slice_linear(layer.output.dense, keep, 1)
+        layer.intermediate.dense = slicing.slice_linear(layer.intermediate.dense, keep, 0)
+        layer.output.dense = slicing.slice_linear(layer.output.dense, keep, 1)
     model.config.intermediate_size = keep_n
     return model
 
@@ -136,7 +138,7 @@ def run(
     None). The fine-tuned teacher is the better target: it does not pass on the student's own errors."""
     import torch
 
-    from compression import geometry
+    from compression import geometry, slicing
     from compression.stages.distill import (
         DistillationLoss,
         freeze_word_embeddings,
@@ -163,7 +165,11 @@ def run(
     target_logits = torch.from_numpy(predict_logits(target, encoded))
     del target
     before = model.num_parameters()
-    prune_ffn(model, neuron_importance(model, labelled), cfg.ffn_keep)
+    backward(model, labelled)
+    prune_ffn(model, neuron_scores(model), cfg.ffn_keep)
+    if cfg.heads_keep < 1.0:
+        slicing.keep_heads(model, slicing.head_scores(model), cfg.heads_keep)
+    model.zero_grad()
     history: list[dict[str, float]] = []
     if cfg.recover_epochs > 0:
         freeze_word_embeddings(model)
@@ -204,7 +210,7 @@ def run_stage(ctx: Context, cfg: Config) -> None:
     out = ctx.dir("prune")
     if not (ctx.dir("distill") / "config.json").is_file():
         raise FactoryError(f"no checkpoint at {ctx.dir('distill')} (run the distill stage first)")
-    if cfg.ffn_keep >= 1.0:
+    if cfg.ffn_keep >= 1.0 and cfg.heads_keep >= 1.0:
         # No pruning asked for: the stage passes the student through, so later stages have one input.
         shutil.rmtree(out, ignore_errors=True)
         shutil.copytree(ctx.dir("distill"), out)
@@ -222,6 +228,7 @@ def run_stage(ctx: Context, cfg: Config) -> None:
         geometry_weight=kd.geometry_weight,
         geometry_source=kd.geometry_source,
         transfer_wiki=kd.transfer_wiki,
+        heads_keep=cfg.heads_keep,
     )
     teacher = None if cfg.recover_from_student else ctx.dir("teacher")
     train = train_config(ctx, cfg.recover_epochs, cfg.recover_lr)

