@@ -370,11 +370,13 @@ def run(names: list[str], args: argparse.Namespace, log: logging.Logger) -> None
     """Run the named stages in the order given, each with its Config built from the parsed flags."""
     ctx = Context(build(Common, args), args)
     ctx.dataset  # noqa: B018 - read and check the data before any stage starts: a bad file fails in one line
-    for number, name in enumerate(names, 1):
-        stage = STAGES[name]
-        module = load(stage)
+    # Every stage's settings are checked before the first stage runs, so a bad flag of a late stage fails in one
+    # line at once, not after the teacher has trained for an hour.
+    modules = [load(STAGES[name]) for name in names]
+    configs = [build(module.Config, args) for module in modules]
+    for number, (name, module, config) in enumerate(zip(names, modules, configs, strict=True), 1):
         started = time.perf_counter()
         with progress.stage(name, number, len(names)):
-            log.info("stage %s: start (inputs: %s)", name, ", ".join(stage.inputs) or "none")
-            module.run_stage(ctx, build(module.Config, args))
+            log.info("stage %s: start (inputs: %s)", name, ", ".join(STAGES[name].inputs) or "none")
+            module.run_stage(ctx, config)
             log.info("stage %s: done in %.0f s", name, time.perf_counter() - started)

@@ -302,6 +302,19 @@ def test_a_registered_stage_without_its_module_is_a_one_line_error(
     assert capsys.readouterr().err == "error: stage later: its module compression.not_written_yet is not there\n"
 
 
+def test_a_bad_flag_of_a_late_stage_fails_before_the_first_stage_runs(
+    tmp_path: Path, data_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every stage's settings are checked up front: the static stage's bad pair of flags stops the recipe before
+    the teacher trains, and nothing is written."""
+    art = tmp_path / "art"
+    args = ["pruned", "--data", str(data_path), "--artifacts", str(art), "--static-candidates", "2"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err == "error: static_candidates above 1 needs static_threshold: candidates compare at one cost\n"
+    assert not art.exists()
+
+
 def test_stage_modules_import_without_the_training_libraries() -> None:
     """Reading every stage's Config imports no torch, transformers, onnx or optuna (checked in a fresh process
     of the training environment; the serving environment, which has none of them, is checked below)."""
