@@ -12,6 +12,7 @@ import torch
 
 from compression import checkpoint, geometry, slicing
 from compression.errors import FactoryError
+from compression.measure.macs import macs_per_query
 from compression.stages import prune
 
 HEADS, SIZE = 4, 8  # a tiny BERT: 4 heads of 8 features, hidden 32
@@ -124,6 +125,10 @@ def test_a_sliced_model_exports_with_fused_attention_that_matches_pytorch(
     ort = OnnxStage(tmp_path / "fused.onnx", tmp_path / "tok" / "tokenizer.json").logits(texts)
     expected = np.stack([logits(model, dict(tok(t, return_tensors="pt")))[0].numpy() for t in texts])
     assert np.abs(ort - expected).max() < 1e-4
+    # The counted cost is the narrower width's: Q, K, V and O, scores and context over 2 heads of 8, not 4.
+    n, hidden, width = 11, HEADS * SIZE, 2 * SIZE
+    per_layer = 3 * n * hidden * width + n * width * hidden + 2 * n * n * width + 2 * n * hidden * 64
+    assert macs_per_query(tmp_path / "fused.onnx", n) == 2 * per_layer + hidden * hidden + hidden * 3
 
 
 @pytest.mark.parametrize("share", [0.0, -0.5, 1.5])
