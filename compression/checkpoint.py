@@ -71,7 +71,7 @@ def load(directory: Path) -> tuple[Any, Any, list[str]]:
     try:
         model = _model(directory)
         tokenizer = AutoTokenizer.from_pretrained(directory)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: weights that do not fit the shapes
         raise FactoryError(f"could not load checkpoint {directory}: {str(exc).splitlines()[0]}") from None
     geometry.load_head(directory, model)
     return model, tokenizer, labels

@@ -137,3 +137,17 @@ def test_shares_outside_zero_to_one_are_refused(share: float) -> None:
         prune.Config(heads_keep=share)
     with pytest.raises(FactoryError, match=rf"^--ffn-keep is a share, more than 0 and at most 1, got {share}$"):
         prune.Config(ffn_keep=share)
+
+
+def test_a_checkpoint_whose_weights_do_not_fit_its_head_count_is_a_one_line_error(
+    tiny: tuple[Any, Any], tmp_path: Path
+) -> None:
+    import json
+
+    model, tok = tiny
+    slicing.keep_heads(model, SCORES, 0.5)
+    checkpoint.save(tmp_path, model, tok, ["a", "b", "c"])
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, slicing.HEADS_KEPT: 3}))
+    with pytest.raises(FactoryError, match=rf"^could not load checkpoint {tmp_path}: Error\(s\) in loading state_dict"):
+        checkpoint.load(tmp_path)
