@@ -294,6 +294,27 @@ def test_prune_reads_the_softening_from_the_distill_record(tmp_path: Path) -> No
     assert distill.recorded(tmp_path) == used
 
 
+def test_the_recovery_takes_the_distillation_geometry_weight_unless_its_flag_sets_it(tmp_path: Path) -> None:
+    from compression.records import write_run
+    from compression.stages import distill, prune
+
+    ctx = pipeline.Context(pipeline.Common(artifacts=tmp_path))
+    used, _ = distill.resolve(ctx, distill.Config(alpha=0.25, temperature=3.0, geometry_weight=3.0))
+    ctx.dir("distill").mkdir()
+    write_run(ctx.dir("distill"), "distill", {"distill": dataclasses.asdict(used)}, {})
+    recorded = prune.resolve(ctx, prune.Config(heads_keep=0.5))
+    assert (recorded.geometry_weight, recorded.alpha, recorded.temperature, recorded.heads_keep) == (
+        3.0,
+        0.25,
+        3.0,
+        0.5,
+    )
+    assert prune.resolve(ctx, prune.Config(recover_geometry_weight=6.0)).geometry_weight == 6.0
+    assert prune.resolve(ctx, prune.Config(recover_geometry_weight=0.0)).geometry_weight == 0.0  # none, not "unset"
+    with pytest.raises(FactoryError, match=r"^--recover-geometry-weight must be at least 0, got -1.0$"):
+        prune.Config(recover_geometry_weight=-1.0)
+
+
 def test_a_registered_stage_without_its_module_is_a_one_line_error(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -38,11 +38,19 @@ class Config:
     recover_from_student: bool = field(
         default=False, metadata={"help": "recover from the unpruned student, not the teacher"}
     )
+    recover_geometry_weight: float | None = field(
+        default=None,
+        metadata={
+            "help": "weight of the geometry loss in the recovery (default: the distillation's --geometry-weight)"
+        },
+    )
 
     def __post_init__(self) -> None:
         for flag, share in (("--ffn-keep", self.ffn_keep), ("--heads-keep", self.heads_keep)):
             if not 0.0 < share <= 1.0:
                 raise FactoryError(f"{flag} is a share, more than 0 and at most 1, got {share}")
+        if self.recover_geometry_weight is not None and self.recover_geometry_weight < 0:
+            raise FactoryError(f"--recover-geometry-weight must be at least 0, got {self.recover_geometry_weight}")
 
 
 @dataclass
@@ -204,7 +212,6 @@ def run(
 def run_stage(ctx: Context, cfg: Config) -> None:
     import shutil
 
-    from compression.stages import distill
     from compression.training import train_config
 
     out = ctx.dir("prune")
@@ -215,8 +222,20 @@ def run_stage(ctx: Context, cfg: Config) -> None:
         shutil.rmtree(out, ignore_errors=True)
         shutil.copytree(ctx.dir("distill"), out)
         return
-    kd = distill.recorded(ctx.dir("distill"))  # the recovery softens the logits as the distillation did
-    prune = PruneConfig(
+    teacher = None if cfg.recover_from_student else ctx.dir("teacher")
+    train = train_config(ctx, cfg.recover_epochs, cfg.recover_lr)
+    run(ctx.dir("distill"), ctx.dataset, out, resolve(ctx, cfg), train, teacher_dir=teacher)
+
+
+def resolve(ctx: Context, cfg: Config) -> PruneConfig:
+    """The recovery's settings: the flags, and what the distillation recorded (its softening, transfer set and
+    geometry loss, the last unless --recover-geometry-weight sets it: with fewer attention heads the geometry is
+    what the recovery loses first)."""
+    from compression.stages import distill
+
+    kd = distill.recorded(ctx.dir("distill"))
+    geometry_weight = kd.geometry_weight if cfg.recover_geometry_weight is None else cfg.recover_geometry_weight
+    return PruneConfig(
         cfg.ffn_keep,
         cfg.recover_epochs,
         str(ctx.wiki),
@@ -225,11 +244,8 @@ def run_stage(ctx: Context, cfg: Config) -> None:
         augment_copies=cfg.recover_copies,
         alpha=kd.alpha,
         temperature=kd.temperature,
-        geometry_weight=kd.geometry_weight,
+        geometry_weight=geometry_weight,
         geometry_source=kd.geometry_source,
         transfer_wiki=kd.transfer_wiki,
         heads_keep=cfg.heads_keep,
     )
-    teacher = None if cfg.recover_from_student else ctx.dir("teacher")
-    train = train_config(ctx, cfg.recover_epochs, cfg.recover_lr)
-    run(ctx.dir("distill"), ctx.dataset, out, prune, train, teacher_dir=teacher)
