@@ -264,6 +264,15 @@ def test_negative_distillation_epochs_fail_wherever_the_distill_config_is_built(
     assert distill.Config(student_epochs=0).student_epochs == 0  # 0: the teacher's layers as they are
 
 
+def test_a_negative_geometry_weight_fails_in_one_line_before_anything_trains() -> None:
+    from compression.stages import distill
+
+    args = cli.build_parser(["all"]).parse_args(["all", "--geometry-weight", "-3"])
+    with pytest.raises(FactoryError, match=r"^--geometry-weight must be at least 0, got -3$"):
+        pipeline.Context(pipeline.build(pipeline.Common, args), args).config_of(distill.Config)
+    assert distill.Config(geometry_weight=0.0).geometry_weight == 0.0  # 0: a logits-only student
+
+
 def test_distill_takes_the_search_best_unless_a_flag_sets_it(tmp_path: Path) -> None:
     from compression.stages import distill
 

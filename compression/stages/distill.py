@@ -77,6 +77,9 @@ class Config:
     def __post_init__(self) -> None:
         if self.student_epochs < 0:
             raise FactoryError(f"--student-epochs must be at least 0, got {self.student_epochs:g}")
+        # A negative weight would train the embedding away from the encoder's, silently, for an hour.
+        if self.geometry_weight < 0:
+            raise FactoryError(f"--geometry-weight must be at least 0, got {self.geometry_weight:g}")
 
 
 @dataclass
