@@ -10,7 +10,16 @@ import pytest
 
 from app.engine.onnx import OnnxModel
 from compression.errors import FactoryError
-from compression.stages.static import TABLE_TYPES, Dense, head_logits, quantize_rows, stored_table, write_onnx
+from compression.stages.static import (
+    TABLE_TYPES,
+    Config,
+    Dense,
+    _gelu,
+    head_logits,
+    quantize_rows,
+    stored_table,
+    write_onnx,
+)
 
 
 def _layers(rng: np.random.Generator, sizes: list[int]) -> list[Dense]:
@@ -34,6 +43,59 @@ def test_graph_is_the_mean_of_token_rows_through_the_head(tmp_path: Path, sizes:
     for ids in ([3], [1, 2, 29], [7, 7, 0, 12, 5], [4]):
         expected = head_logits(stored[ids].mean(0, keepdims=True), dense)[0]
         np.testing.assert_allclose(session.run(ids)[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def _dynamic_int8_head(pooled: np.ndarray, dense: list[Dense]) -> np.ndarray:
+    """The int8 head recomputed: per query, the activations quantised to uint8 over [min(0, x), max(0, x)]
+    (ONNX's DynamicQuantizeLinear); the weights symmetric int8 per output column (scale max|w| / 127); the integer
+    product scaled back, then the bias; GELU between layers as in fp32."""
+    x = pooled.astype(np.float32)
+    for i, layer in enumerate(dense):
+        lo, hi = min(0.0, float(x.min())), max(0.0, float(x.max()))
+        sx = np.float32((hi - lo) / 255.0)
+        zx = np.clip(np.round(-lo / sx), 0, 255)
+        xq = np.clip(np.round(x / sx) + zx, 0, 255)
+        sw = (np.abs(layer.weight).max(axis=0) / 127.0).astype(np.float32)
+        wq = np.clip(np.round(layer.weight / sw), -127, 127)
+        x = ((xq - zx) @ wq).astype(np.float32) * (sx * sw) + layer.bias
+        if i < len(dense) - 1:
+            x = _gelu(x)
+    return x
+
+
+@pytest.mark.parametrize("sizes", [[8, 5], [8, 16, 5]], ids=["linear", "gelu-hidden"])
+def test_an_int8_head_computes_the_dynamically_quantised_products(tmp_path: Path, sizes: list[int]) -> None:
+    rng = np.random.default_rng(1)
+    table = rng.normal(size=(30, sizes[0])).astype(np.float32)
+    dense = _layers(rng, sizes)
+    write_onnx(tmp_path / "int8.onnx", table, dense, "int8", "int8")
+    write_onnx(tmp_path / "fp32.onnx", table, dense, "int8", "fp32")
+    session = OnnxModel(tmp_path / "int8.onnx", ["logits"])
+    stored = stored_table(table, "int8")
+    for ids in ([3], [1, 2, 29], [7, 7, 0, 12, 5]):
+        pooled = stored[ids].mean(0, keepdims=True)
+        got = session.run(ids)[0]
+        np.testing.assert_allclose(got, _dynamic_int8_head(pooled, dense)[0], rtol=1e-4, atol=1e-4)
+        assert not np.allclose(got, head_logits(pooled, dense)[0], rtol=1e-5, atol=1e-5)  # it is not the fp32 head
+    # Every weight matrix is stored in int8 (a quarter of its fp32 bytes), and nothing else was quantised: the
+    # table's row scales stay fp32.
+    import onnx
+    from onnx import numpy_helper
+
+    stored_dtypes = {
+        i.name: numpy_helper.to_array(i).dtype for i in onnx.load(str(tmp_path / "int8.onnx")).graph.initializer
+    }
+    for i in range(len(dense)):
+        assert (stored_dtypes[f"weight{i}_quantized"], f"weight{i}" in stored_dtypes) == (np.int8, False)
+    assert (stored_dtypes["scales"], stored_dtypes["table"]) == (np.float32, np.int8)
+
+
+def test_unknown_table_and_head_types_fail_before_any_training() -> None:
+    with pytest.raises(FactoryError, match=r"^--static-table must be one of int8, float16, got 'int4'$"):
+        Config(static_table="int4")
+    with pytest.raises(FactoryError, match=r"^--static-head must be one of int8, fp32, got 'fp16'$"):
+        Config(static_head="fp16")
+    assert (Config().static_table, Config().static_head) == ("int8", "int8")
 
 
 def test_int8_rows_by_hand() -> None:

@@ -39,7 +39,8 @@ LATENCY_ROUNDS = 7
 LATENCY_TOLERANCE = 0.10
 
 
-def dynamic(src: Path, dest: Path, per_channel: bool = False) -> None:
+def dynamic(src: Path, dest: Path, per_channel: bool = False, op_types: list[str] | None = None) -> None:
+    """int8 weights, activations quantised per run; `op_types` limits which ops (None: every op it can)."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -47,6 +48,7 @@ def dynamic(src: Path, dest: Path, per_channel: bool = False) -> None:
     quantize_dynamic(
         str(src),
         str(dest),
+        op_types_to_quantize=op_types,
         weight_type=QuantType.QInt8,
         per_channel=per_channel,
         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},

@@ -49,6 +49,10 @@ MODEL_FILE = "static.onnx"
 GRID = tuple(round(0.30 + 0.01 * i, 2) for i in range(70))  # 0.30 .. 0.99
 
 
+TABLE_TYPES = ("int8", "float16")
+HEAD_TYPES = ("int8", "fp32")
+
+
 @dataclass
 class Config:
     static_dim: int = field(default=384, metadata={"help": "width of the first stage's token vectors (PCA)"})
@@ -64,6 +68,17 @@ class Config:
     static_label_smoothing: float = field(default=0.2, metadata={"help": "label smoothing of the hard-label CE"})
     static_table: str = field(
         default="int8", metadata={"help": "how static.onnx stores the token vectors: int8 (per-row scale) or float16"}
+    )
+    # A batch-1 product reads every weight once per query: 2.2 MB of fp32 for CLINC150's head, more than a core's
+    # L2 cache, so the head was half the first stage's time; int8 weights (a quarter of the bytes) cut the graph
+    # from 64 to 25 us on one Xeon, and `make compare`'s peak from 2.7-2.8k to 3.2-3.4k req/s for a 9.2 M cascade
+    # (docs/one-small-model.md, a twelfth session).
+    static_head: str = field(
+        default="int8",
+        metadata={
+            "help": "how static.onnx computes its dense head: int8 (weights per output column, activations "
+            "quantised per query, as the transformer's) or fp32"
+        },
     )
     static_wiki_oos: int = field(default=6000, metadata={"help": "Wikipedia sentences in the transfer set"})
     static_oos_margin: float = field(
@@ -107,6 +122,10 @@ class Config:
     )
 
     def __post_init__(self) -> None:
+        if self.static_table not in TABLE_TYPES:
+            raise FactoryError(f"--static-table must be one of {', '.join(TABLE_TYPES)}, got {self.static_table!r}")
+        if self.static_head not in HEAD_TYPES:
+            raise FactoryError(f"--static-head must be one of {', '.join(HEAD_TYPES)}, got {self.static_head!r}")
         if not 0.0 <= self.static_threshold <= 1.0:
             raise FactoryError(f"static_threshold must be 0 (choose it) or in (0, 1], got {self.static_threshold}")
         if self.static_candidates < 1:
@@ -240,9 +259,6 @@ def head_logits(pooled: np.ndarray, dense: list[Dense]) -> np.ndarray:
     return x
 
 
-TABLE_TYPES = ("int8", "float16")
-
-
 def quantize_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int8 per row: table ~ q * scale, with scale [V, 1] = max |row| / 127 (1 for an all-zero row)."""
     peak = np.abs(table).max(axis=1, keepdims=True)
@@ -260,14 +276,19 @@ def stored_table(table: np.ndarray, table_type: str) -> np.ndarray:
     return table.astype(np.float16).astype(np.float32)
 
 
-def write_onnx(path: Path, table: np.ndarray, dense: list[Dense], table_type: str = "int8") -> None:
+def write_onnx(
+    path: Path, table: np.ndarray, dense: list[Dense], table_type: str = "int8", head_type: str = "fp32"
+) -> None:
     """input_ids [1, seq] -> logits [1, C]: the rows of the query's tokens (Gather; an int8 table is scaled
-    back row by row, a float16 one cast), ReduceMean, then per dense layer MatMul -> Add, Gelu between."""
+    back row by row, a float16 one cast), ReduceMean, then per dense layer MatMul -> Add, Gelu between; an int8
+    head has each MatMul dynamically quantised (ONNX Runtime's quantize_dynamic, int8 weights per column)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     if table_type not in TABLE_TYPES:
         raise FactoryError(f"table type must be one of {', '.join(TABLE_TYPES)}, got {table_type!r}")
+    if head_type not in HEAD_TYPES:
+        raise FactoryError(f"head type must be one of {', '.join(HEAD_TYPES)}, got {head_type!r}")
     inits = [numpy_helper.from_array(np.array([1], dtype=np.int64), "seq_axis")]
     if table_type == "int8":
         # A third of the fp32 bytes and half the fp16 ones, in the file and in each worker's memory.
@@ -312,7 +333,18 @@ def write_onnx(path: Path, table: np.ndarray, dense: list[Dense], table_type: st
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], producer_name="clinc-intent")
     model.ir_version = 9
     onnx.checker.check_model(model)
-    onnx.save(model, str(path))
+    if head_type == "fp32":
+        onnx.save(model, str(path))
+        return
+    from compression.stages.quantize import dynamic
+
+    fp32 = path.with_name(path.name + ".fp32")
+    onnx.save(model, str(fp32))
+    try:
+        # The MatMuls alone: left to itself the quantiser also stores the int8 table's row scales in 8 bits.
+        dynamic(fp32, path, per_channel=True, op_types=["MatMul"])
+    finally:
+        fp32.unlink()
 
 
 # ---------------------------------------------------------------- the cascade threshold
@@ -469,7 +501,7 @@ def run(transformer_dir: Path, data: Dataset, out: Path, cfg: Config, ctx: Conte
         hard = np.array([labels.index(i) if i != IGNORE else -100 for i in split.intents])
         ids = [e.ids for e in tokenizer.encode_batch(split.texts)]
         table, dense, history = train_bag(init, ids, targets, hard, cfg, seed, ctx.threads)
-        write_onnx(out / MODEL_FILE, table, dense, cfg.static_table)
+        write_onnx(out / MODEL_FILE, table, dense, cfg.static_table, cfg.static_head)
         return table, dense, history, len(split)
 
     # Each candidate's graph is read back as served; the least net harm is kept, the first of equals (a single
@@ -488,7 +520,7 @@ def run(transformer_dir: Path, data: Dataset, out: Path, cfg: Config, ctx: Conte
                 continue
         kept_seed, (table, dense, history, transfer_queries), first, first_model = seed, trained, logits, runner
     if kept_seed != seeds[-1]:  # a later candidate's graph overwrote the kept one; its session read it already
-        write_onnx(out / MODEL_FILE, table, dense, cfg.static_table)
+        write_onnx(out / MODEL_FILE, table, dense, cfg.static_table, cfg.static_head)
 
     second = rule.decide(val_outputs, oos)[0]
     val_ids = [e.ids for e in tokenizer.encode_batch(val.texts)]
@@ -520,11 +552,14 @@ def run(transformer_dir: Path, data: Dataset, out: Path, cfg: Config, ctx: Conte
         "cascade": cascade.as_dict(),
         "transformer": transformer_alone.as_dict(),
         "first_stage_argmax": score(first.argmax(-1), gold, oos).as_dict(),
-        # The graph computes what the trained head does on the stored table, and how often storing it so
-        # changes the first stage's answer against the fp32 table it was trained as.
+        # The graph computes what the trained head does on the stored table (exactly with an fp32 head), and
+        # how often storing the table, and an int8 head, change the first stage's answer against the fp32 table
+        # and head it was trained as.
         "graph_max_abs_error": float(np.abs(reference - first).max()),
         "table": cfg.static_table,
-        "table_argmax_changes": int((fp32.argmax(-1) != first.argmax(-1)).sum()),
+        "table_argmax_changes": int((fp32.argmax(-1) != reference.argmax(-1)).sum()),
+        "head": cfg.static_head,
+        "head_argmax_changes": int((reference.argmax(-1) != first.argmax(-1)).sum()),
         "cross_fit": cross_fit(first, second, gold, oos),
         "by_threshold": {
             f"{t:.2f}": {"first_stage_share": sh, **s.as_dict()}
