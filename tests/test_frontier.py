@@ -79,3 +79,28 @@ def test_an_artifact_without_a_first_stage_cannot_be_swept(data: Dataset, tmp_pa
     tiny = tiny_artifact.make(tmp_path / "tiny", ["greet", "oos"], np.eye(2, dtype=np.float32))
     with pytest.raises(SystemExit, match="no static first stage"):
         frontier.sweep(tiny, data, [0.7])
+
+
+def test_a_swept_point_counts_the_first_stages_net_in_scope_harm(data: Dataset, served: dict) -> None:
+    """Recounted from each stage's own answers on validation: in-scope queries the first stage answers (its top
+    probability at least the threshold, not `oos`) wrongly where the transformer's argmax is right, less the
+    reverse; and both figures reach the printed table, blank for the artifact as built."""
+    from app.engine.engine import Engine
+
+    tau = 0.8
+    swept = frontier.sweep(MODEL_DIR, data, [tau])[0]
+    engine = Engine.open(MODEL_DIR)
+    val = data.split("val")
+    gold = np.array(val.label_ids(engine.labels))
+    first, last = engine.outputs(val.texts, 0), engine.outputs(val.texts, -1)
+    engine.close()
+    top = np.exp(first.logits - first.logits.max(-1, keepdims=True))
+    top = (top / top.sum(-1, keepdims=True)).max(-1)
+    mine = (top >= tau) & (first.pred != engine.oos_index) & (gold != engine.oos_index)
+    harm = int((mine & (first.pred != gold) & (last.pred == gold)).sum())
+    helped = int((mine & (first.pred == gold) & (last.pred != gold)).sum())
+    assert harm > 0  # the committed first stage makes in-scope mistakes at 0.8: the count is not vacuous
+    assert swept["first_stage_net_harm"] == harm - helped
+    table = frontier.markdown([served, swept]).splitlines()
+    assert table[2].endswith("|  |  |")  # as built: neither figure
+    assert table[3].endswith(f"| {swept['rule_threshold']:.2f} | {harm - helped} |")

@@ -9,7 +9,10 @@ multiply-adds travel between machines, and `make bench` times the served model.
 `--first-stage-thresholds 0.6,0.7,...` adds, for each artifact with a static first stage, the points it would
 serve with that stage's threshold moved: fewer queries reach the transformer as it falls. At each, the rule's
 threshold is set again on the cascade by the card's own policy, in-scope validation queries alone choosing it,
-as the static stage sets it at build. It shows what a cost bar leaves of the quality; it does not choose.
+as the static stage sets it at build. It shows what a cost bar leaves of the quality; it does not choose. Each
+such point also shows that threshold and the first stage's net in-scope harm (compression.stages.static.net_harm):
+the first stage costs out-of-scope recall mostly through the rule's threshold loosening to win back its in-scope
+mistakes (docs/one-small-model.md, a twelfth session).
 """
 
 from __future__ import annotations
@@ -87,7 +90,7 @@ def sweep(directory: Path, data: Any, thresholds: list[float]) -> list[dict[str,
     from app.engine.artifact import load_artifact
     from app.engine.engine import Engine, first_stage_answers
     from app.engine.spec import StaticStage
-    from compression.stages.static import rule_on_cascade
+    from compression.stages.static import net_harm, rule_on_cascade
 
     artifact = load_artifact(directory)
     engine = Engine.from_artifact(artifact)
@@ -111,7 +114,12 @@ def sweep(directory: Path, data: Any, thresholds: list[float]) -> list[dict[str,
         tested = share_under_gate(engine, last_val.energy[~answered_val])
         stage_of = np.where(answered_val, 0, 1)
         figures = _figures(directory, engine, val, pred, stage_of, tested, caught, len(pool))
-        figures.update(model=f"{directory} at {tau:.2f}", first_stage_threshold=tau, rule_threshold=rule.threshold)
+        figures.update(
+            model=f"{directory} at {tau:.2f}",
+            first_stage_threshold=tau,
+            rule_threshold=rule.threshold,
+            first_stage_net_harm=net_harm(first_val.logits, last_val.pred, gold, oos, tau),
+        )
         points.append(figures)
     engine.close()
     return points
@@ -130,15 +138,22 @@ def thresholds_arg(text: str) -> list[float]:
 def markdown(points: list[dict[str, Any]]) -> str:
     head = (
         "| served artifact | M multiply-adds / query | validation in-scope | test-weighted | OOS recall, 350 [95%] "
-        "| answered by the first stage |\n|---|---|---|---|---|---|"
+        "| answered by the first stage | rule's threshold on the cascade | first stage's net in-scope harm |"
+        "\n|---|---|---|---|---|---|---|---|"
     )
     rows = [
         f"| {p['model']} ({p['version']}) | {p['macs_per_query'] / 1e6:.1f} | {p['in_scope_accuracy']:.4f} "
         f"| {p['test_weighted_accuracy']:.4f} | {p['clinc_oos_recall']:.3f} [{p['clinc_oos_recall_95'][0]:.3f}, "
-        f"{p['clinc_oos_recall_95'][1]:.3f}] | {1 - list(p['answered_by'].values())[-1]:.3f} |"
+        f"{p['clinc_oos_recall_95'][1]:.3f}] | {1 - list(p['answered_by'].values())[-1]:.3f} "
+        f"| {_optional(p, 'rule_threshold', '.2f')} | {_optional(p, 'first_stage_net_harm', 'd')} |"
         for p in points
     ]
     return "\n".join([head, *rows])
+
+
+def _optional(point: dict[str, Any], key: str, spec: str) -> str:
+    """A swept point's figure; blank for an artifact as built, which is measured through the engine alone."""
+    return format(point[key], spec) if key in point else ""
 
 
 def main(argv: list[str] | None = None) -> int:
