@@ -63,15 +63,17 @@ def _dynamic_int8_head(pooled: np.ndarray, dense: list[Dense]) -> np.ndarray:
     return x
 
 
+@pytest.mark.parametrize("table_type", TABLE_TYPES)
 @pytest.mark.parametrize("sizes", [[8, 5], [8, 16, 5]], ids=["linear", "gelu-hidden"])
-def test_an_int8_head_computes_the_dynamically_quantised_products(tmp_path: Path, sizes: list[int]) -> None:
+def test_an_int8_head_computes_the_dynamically_quantised_products(
+    tmp_path: Path, sizes: list[int], table_type: str
+) -> None:
     rng = np.random.default_rng(1)
     table = rng.normal(size=(30, sizes[0])).astype(np.float32)
     dense = _layers(rng, sizes)
-    write_onnx(tmp_path / "int8.onnx", table, dense, "int8", "int8")
-    write_onnx(tmp_path / "fp32.onnx", table, dense, "int8", "fp32")
+    write_onnx(tmp_path / "int8.onnx", table, dense, table_type, "int8")
     session = OnnxModel(tmp_path / "int8.onnx", ["logits"])
-    stored = stored_table(table, "int8")
+    stored = stored_table(table, table_type)
     for ids in ([3], [1, 2, 29], [7, 7, 0, 12, 5]):
         pooled = stored[ids].mean(0, keepdims=True)
         got = session.run(ids)[0]
@@ -87,7 +89,10 @@ def test_an_int8_head_computes_the_dynamically_quantised_products(tmp_path: Path
     }
     for i in range(len(dense)):
         assert (stored_dtypes[f"weight{i}_quantized"], f"weight{i}" in stored_dtypes) == (np.int8, False)
-    assert (stored_dtypes["scales"], stored_dtypes["table"]) == (np.float32, np.int8)
+    if table_type == "int8":
+        assert (stored_dtypes["scales"], stored_dtypes["table"]) == (np.float32, np.int8)
+    else:
+        assert stored_dtypes["table"] == np.float16
 
 
 def test_unknown_table_and_head_types_fail_before_any_training() -> None:
