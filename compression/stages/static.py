@@ -17,8 +17,9 @@ one-hidden-layer head answer most of CLINC150 confidently and correctly (see doc
   held-out Wikipedia sentences (compression.measure.pools.tuning_split), using app.cascade (the rule the service
   applies). It is reported on validation, and checked there by two-fold cross-fitting.
 - Output `static.onnx`: Gather -> Cast (-> Mul by the row's scale) -> ReduceMean -> (MatMul -> Add -> Gelu)
-  -> MatMul -> Add, the table stored in int8 with a scale per row (or fp16). The threshold is tuned on the
-  graph's own logits; the record counts the validation answers that storing the table changed.
+  -> MatMul -> Add, the table stored in int8 with a scale per row (or fp16), each MatMul's weights in int8 per
+  output column with the activations quantised per query (or fp32). The threshold is tuned on the graph's own
+  logits; the record counts the validation answers that storing the table, and the int8 head, changed.
 """
 
 from __future__ import annotations
