@@ -157,6 +157,8 @@ RECIPES: dict[str, Recipe] = {
     # Nor is --heads-keep: with 8 of 12 heads the transformer loses more geometry than the cheaper cascade gains
     # (0.874, 0.789 and 0.843 of the 350 at 10 M in three builds; 6 heads 0.860; an eleventh session). With
     # --recover-geometry-weight 6 as well, 8 heads read 0.889 (tw 0.9444, 9.2 M), 0.820 and 0.837 in three builds.
+    # Recovered from the mean of three teachers' logits, with --static-candidates 4 --static-threshold 0.7, the
+    # weakest seed read 0.889 (tw 0.9444, 9.8 M) in one build: the lead (docs/one-small-model.md, a twelfth session).
     "pruned": Recipe(
         _own_geometry("search"),
         {
