@@ -311,6 +311,7 @@ def test_onnx_matches_pytorch_logits(tiny_pretrained: Path, tmp_path: Path) -> N
             "error: static_candidates above 1 needs static_threshold: candidates compare at one cost",
         ),
         (["prune", "--heads-keep", "0"], "error: --heads-keep is a share, more than 0 and at most 1, got 0.0"),
+        (["teacher", "--teachers", "0"], "error: --teachers must be at least 1, got 0"),
         (
             ["static", "--artifacts", "/nonexistent/art", "--static-candidates", "0"],
             "error: static_candidates must be 1 or more, got 0",
@@ -578,7 +579,7 @@ def test_the_pruned_recipe_keeps_every_teacher_layer_and_prunes_their_ffns_and_h
         *("--model-dir", str(model_dir), "--reports", str(tmp_path / "reports"), "--wiki-oos", "50"),
         *("--threads", "1", "--teacher-epochs", "1", "--recover-epochs", "1", "--recover-copies", "1"),
         *("--transfer-wiki", "50", "--latency-queries", "10", "--static-epochs", "1", "--static-copies", "0"),
-        *("--static-wiki-oos", "50", "--static-dim", "16", "--heads-keep", "0.5"),
+        *("--static-wiki-oos", "50", "--static-dim", "16", "--heads-keep", "0.5", "--teachers", "2"),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in art.iterdir()) == [
@@ -593,6 +594,14 @@ def test_the_pruned_recipe_keeps_every_teacher_layer_and_prunes_their_ffns_and_h
     seeded = json.loads((art / "distill" / "run.json").read_text())
     assert seeded["config"]["distill"]["layers"] == [0, 1, 2, 3]  # the tiny teacher's four, named in the record
     assert seeded["history"] == []
+    # Two teachers: the stage's own at --seed 42, and a member fine-tuned exactly as the stage would at seed 43;
+    # the recovery distilled from both.
+    member = art / "teacher" / "members" / "seed-43"
+    assert [p.name for p in (art / "teacher" / "members").iterdir()] == ["seed-43"]
+    assert json.loads((art / "teacher" / "run.json").read_text())["config"]["train"]["seed"] == 42
+    assert json.loads((member / "run.json").read_text())["config"]["train"]["seed"] == 43
+    recovery = json.loads((art / "prune" / "run.json").read_text())["config"]
+    assert recovery["recovery_teachers"] == [str(art / "teacher"), str(member)]
     pruned = json.loads((art / "prune" / "config.json").read_text())
     assert (pruned["num_hidden_layers"], pruned["intermediate_size"]) == (4, 16)  # 64 neurons, a quarter kept
     assert (pruned["num_attention_heads"], pruned["attention_heads_kept"]) == (2, 1)  # of two heads, one kept
@@ -604,6 +613,15 @@ def test_the_pruned_recipe_keeps_every_teacher_layer_and_prunes_their_ffns_and_h
         answer = client.post("/predict", json={"text": "what is the weather like in paris"})
         assert answer.status_code == 200
         assert answer.json()["intent"] in [*TEAM_INTENTS, "oos"]
+    # The teacher stage again with one teacher: the earlier member must not join a later recovery's mean.
+    again = run_cli(
+        "teacher",
+        *("--data", str(data), "--text-column", "utterance", "--intent-column", "label", "--val-share", "0.2"),
+        *("--wiki", str(WIKI), "--pretrained", str(tiny_pretrained), "--artifacts", str(art), "--wiki-oos", "50"),
+        *("--threads", "1", "--teacher-epochs", "0.1"),
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert not (art / "teacher" / "members").exists()
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from compression import checkpoint
+from compression import checkpoint, ensemble
 from compression.data import Dataset
 from compression.errors import FactoryError
 from compression.measure.evaluate import evaluate, training_data, training_split, validation_report
@@ -143,7 +143,8 @@ def run(
     teacher_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Prune the student's FFNs, then recover by distillation from `teacher_dir` (the unpruned student when
-    None). The fine-tuned teacher is the better target: it does not pass on the student's own errors."""
+    None): from the mean logits of the teacher and its ensemble members, where the teacher stage trained several.
+    The fine-tuned teacher is the better target: it does not pass on the student's own errors."""
     import torch
 
     from compression import geometry, slicing
@@ -154,7 +155,7 @@ def run(
         geometry_targets,
         transfer_set,
     )
-    from compression.training import Encoded, Trainer, predict_logits, seed_everything
+    from compression.training import Encoded, Trainer, seed_everything
 
     seed_everything(train_cfg.seed)
     torch.set_num_threads(train_cfg.threads)
@@ -165,13 +166,9 @@ def run(
     recovery = distill_view(cfg)
     transfer = transfer_set(data, recovery, train_cfg.seed + 1, tokenizer.mask_token)
     encoded = Encoded(tokenizer, transfer, labels, train_cfg.max_length)
-    target = model
-    if teacher_dir is not None:
-        target, _, teacher_labels = checkpoint.load(teacher_dir)
-        if teacher_labels != labels:
-            raise FactoryError(f"the teacher's labels ({teacher_dir}) differ from the student's ({student_dir})")
-    target_logits = torch.from_numpy(predict_logits(target, encoded))
-    del target
+    # The teacher and its ensemble members (compression.ensemble), else the unpruned student itself.
+    targets_from = ensemble.members(teacher_dir) if teacher_dir is not None else [student_dir]
+    target_logits = torch.from_numpy(ensemble.mean_logits(targets_from, encoded, labels))
     before = model.num_parameters()
     backward(model, labelled)
     prune_ffn(model, neuron_scores(model), cfg.ffn_keep)
@@ -202,7 +199,7 @@ def run(
     config = {
         "prune": dataclasses.asdict(cfg),
         "train": train_cfg.as_dict(),
-        "recovery_teacher": str(teacher_dir or student_dir),
+        "recovery_teachers": [str(path) for path in targets_from],
     }
     write_run(out, "prune", config, report, history=history, training_data=training_data(split, data, transfer))
     log.info("pruned validation: %s", report)

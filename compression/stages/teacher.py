@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from compression import checkpoint
+from compression import checkpoint, ensemble
 from compression.data import Dataset
+from compression.errors import FactoryError
 from compression.measure.evaluate import evaluate, training_data, training_split, validation_report
 from compression.records import write_run
 
@@ -27,6 +28,17 @@ class Config:
     teacher_epochs: float = field(default=7, metadata={"help": "fine-tuning epochs"})
     teacher_lr: float = field(default=1e-4, metadata={"help": "fine-tuning learning rate"})
     label_smoothing: float = field(default=0.1, metadata={"help": "label smoothing of the cross-entropy"})
+    teachers: int = field(
+        default=1,
+        metadata={
+            "help": "teachers fine-tuned, with seeds --seed, --seed + 1, ...: the first is the teacher every stage "
+            "reads; the prune stage's recovery distils from the mean of all their logits (compression.ensemble)"
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.teachers < 1:
+            raise FactoryError(f"--teachers must be at least 1, got {self.teachers}")
 
 
 @dataclass
@@ -58,8 +70,17 @@ def run(data: Dataset, out: Path, cfg: TeacherConfig, train_cfg: TrainConfig) ->
 
 
 def run_stage(ctx: Context, cfg: Config) -> None:
+    import shutil
+
     from compression.training import train_config
 
     teacher = TeacherConfig(cfg.pretrained, str(ctx.wiki), ctx.wiki_oos, ctx.train_subset)
     train = train_config(ctx, cfg.teacher_epochs, cfg.teacher_lr, cfg.label_smoothing)
-    run(ctx.dataset, ctx.dir("teacher"), teacher, train)
+    out = ctx.dir("teacher")
+    # An earlier run's members would otherwise join this run's mean.
+    shutil.rmtree(out / ensemble.MEMBERS, ignore_errors=True)
+    run(ctx.dataset, out, teacher, train)
+    for offset in range(1, cfg.teachers):
+        # Exactly the teacher stage at that seed: its own Wikipedia sample and initialisation.
+        seed = train.seed + offset
+        run(ctx.dataset, ensemble.member_dir(out, seed), teacher, replace(train, seed=seed))
