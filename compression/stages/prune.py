@@ -155,7 +155,7 @@ def run(
         geometry_targets,
         transfer_set,
     )
-    from compression.training import Encoded, Trainer, seed_everything
+    from compression.training import Encoded, Trainer, predict_logits, seed_everything
 
     seed_everything(train_cfg.seed)
     torch.set_num_threads(train_cfg.threads)
@@ -166,9 +166,12 @@ def run(
     recovery = distill_view(cfg)
     transfer = transfer_set(data, recovery, train_cfg.seed + 1, tokenizer.mask_token)
     encoded = Encoded(tokenizer, transfer, labels, train_cfg.max_length)
-    # The teacher and its ensemble members (compression.ensemble), else the unpruned student itself.
-    targets_from = ensemble.members(teacher_dir) if teacher_dir is not None else [student_dir]
-    target_logits = torch.from_numpy(ensemble.mean_logits(targets_from, encoded, labels))
+    if teacher_dir is None:  # the unpruned student itself, already in memory
+        targets_from = [student_dir]
+        target_logits = torch.from_numpy(predict_logits(model, encoded))
+    else:  # the teacher and its ensemble members (compression.ensemble)
+        targets_from = ensemble.members(teacher_dir)
+        target_logits = torch.from_numpy(ensemble.mean_logits(targets_from, encoded, labels))
     before = model.num_parameters()
     backward(model, labelled)
     prune_ffn(model, neuron_scores(model), cfg.ffn_keep)
