@@ -313,6 +313,10 @@ def test_onnx_matches_pytorch_logits(tiny_pretrained: Path, tmp_path: Path) -> N
         (["prune", "--heads-keep", "0"], "error: --heads-keep is a share, more than 0 and at most 1, got 0.0"),
         (["teacher", "--teachers", "0"], "error: --teachers must be at least 1, got 0"),
         (
+            ["oos", "--artifacts", "/nonexistent/art", "--oos-in-scope-target", "1.2"],
+            "error: --oos-in-scope-target must be 0 (off) or in (0, 1], got 1.2",
+        ),
+        (
             ["static", "--artifacts", "/nonexistent/art", "--static-candidates", "0"],
             "error: static_candidates must be 1 or more, got 0",
         ),
@@ -499,7 +503,8 @@ def test_a_teams_csv_builds_a_model_that_the_service_serves(
     tiny_pretrained: Path, tmp_path: Path, data_path: Path
 ) -> None:
     """Issue 25's path: a plain CSV of a few CLINC150 intents, no out-of-scope examples, no validation file,
-    through the default recipe scaled down, then served as it is and asked over HTTP."""
+    through the two-encoder recipe scaled down, then served as it is and asked over HTTP (the served recipe's own
+    run of a team's CSV is test_the_served_recipe_keeps_every_teacher_layer_and_prunes_their_ffns_and_heads)."""
     from fastapi.testclient import TestClient
 
     from app.config import Settings
@@ -509,7 +514,7 @@ def test_a_teams_csv_builds_a_model_that_the_service_serves(
     data = team_csv(data_path, tmp_path)
     art, model_dir, reports = tmp_path / "art", tmp_path / "model", tmp_path / "reports"
     result = run_cli(
-        "served",
+        "two-encoder",
         *("--data", str(data), "--text-column", "utterance", "--intent-column", "label", "--val-share", "0.2"),
         *("--wiki", str(WIKI), "--pretrained", str(tiny_pretrained), "--artifacts", str(art)),
         *("--model-dir", str(model_dir), "--reports", str(reports), "--wiki-oos", "50", "--threads", "1"),
@@ -559,12 +564,13 @@ def test_a_teams_csv_builds_a_model_that_the_service_serves(
 
 
 @pytest.mark.slow
-def test_the_pruned_recipe_keeps_every_teacher_layer_and_prunes_their_ffns_and_heads(
+def test_the_served_recipe_keeps_every_teacher_layer_and_prunes_their_ffns_and_heads(
     tiny_pretrained: Path, tmp_path: Path, data_path: Path
 ) -> None:
-    """RECIPE=pruned, scaled down, with --heads-keep: the distill stage seeds the student with all of the
-    teacher's layers (whatever its depth) and trains nothing; the prune stage cuts the FFNs and half the attention
-    heads and recovers; that student is exported, quantised and served."""
+    """The default recipe (what models/clinc150 serves: the pruned recipe with 3 teachers and 8 of 12 heads),
+    scaled down: the distill stage seeds the student with all of the teacher's layers (whatever its depth) and
+    trains nothing; the prune stage cuts the FFNs and a third of the attention heads (one of the tiny model's two)
+    and recovers from the mean of three teachers; that student is exported, quantised and served."""
     from fastapi.testclient import TestClient
 
     from app.config import Settings
@@ -573,13 +579,13 @@ def test_the_pruned_recipe_keeps_every_teacher_layer_and_prunes_their_ffns_and_h
     data = team_csv(data_path, tmp_path)
     art, model_dir = tmp_path / "art", tmp_path / "model"
     result = run_cli(
-        "pruned",
+        "served",
         *("--data", str(data), "--text-column", "utterance", "--intent-column", "label", "--val-share", "0.2"),
         *("--wiki", str(WIKI), "--pretrained", str(tiny_pretrained), "--artifacts", str(art)),
         *("--model-dir", str(model_dir), "--reports", str(tmp_path / "reports"), "--wiki-oos", "50"),
         *("--threads", "1", "--teacher-epochs", "1", "--recover-epochs", "1", "--recover-copies", "1"),
         *("--transfer-wiki", "50", "--latency-queries", "10", "--static-epochs", "1", "--static-copies", "0"),
-        *("--static-wiki-oos", "50", "--static-dim", "16", "--heads-keep", "0.5", "--teachers", "2"),
+        *("--static-wiki-oos", "50", "--static-dim", "16"),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in art.iterdir()) == [
@@ -594,14 +600,15 @@ def test_the_pruned_recipe_keeps_every_teacher_layer_and_prunes_their_ffns_and_h
     seeded = json.loads((art / "distill" / "run.json").read_text())
     assert seeded["config"]["distill"]["layers"] == [0, 1, 2, 3]  # the tiny teacher's four, named in the record
     assert seeded["history"] == []
-    # Two teachers: the stage's own at --seed 42, and a member fine-tuned exactly as the stage would at seed 43;
-    # the recovery distilled from both.
-    member = art / "teacher" / "members" / "seed-43"
-    assert [p.name for p in (art / "teacher" / "members").iterdir()] == ["seed-43"]
+    # Three teachers: the stage's own at --seed 42, and members fine-tuned exactly as the stage would at seeds 43
+    # and 44; the recovery distilled from all three.
+    members = [art / "teacher" / "members" / f"seed-{seed}" for seed in (43, 44)]
+    assert sorted(p.name for p in (art / "teacher" / "members").iterdir()) == ["seed-43", "seed-44"]
     assert json.loads((art / "teacher" / "run.json").read_text())["config"]["train"]["seed"] == 42
-    assert json.loads((member / "run.json").read_text())["config"]["train"]["seed"] == 43
+    for seed, member in zip((43, 44), members, strict=True):
+        assert json.loads((member / "run.json").read_text())["config"]["train"]["seed"] == seed
     recovery = json.loads((art / "prune" / "run.json").read_text())["config"]
-    assert recovery["recovery_teachers"] == [str(art / "teacher"), str(member)]
+    assert recovery["recovery_teachers"] == [str(art / "teacher"), *map(str, members)]
     pruned = json.loads((art / "prune" / "config.json").read_text())
     assert (pruned["num_hidden_layers"], pruned["intermediate_size"]) == (4, 16)  # 64 neurons, a quarter kept
     assert (pruned["num_attention_heads"], pruned["attention_heads_kept"]) == (2, 1)  # of two heads, one kept

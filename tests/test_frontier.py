@@ -65,7 +65,7 @@ def test_a_moved_threshold_is_what_an_artifact_serving_it_measures(data: Dataset
     assert measured["answered_by"][first] < served["answered_by"][first]
     assert measured["macs_per_query"] > served["macs_per_query"]
     # The rule was set again by the card's policy (in-scope accuracy 0.952), which the served artifact keeps.
-    assert measured["in_scope_accuracy"] >= card["metrics"]["oos_pools"]["in_scope_target"]
+    assert measured["in_scope_accuracy"] >= card["metrics"]["oos_pools"]["threshold_policy"]["in_scope_accuracy"]
 
 
 def test_thresholds_must_be_probabilities() -> None:
@@ -104,3 +104,21 @@ def test_a_swept_point_counts_the_first_stages_net_in_scope_harm(data: Dataset, 
     table = frontier.markdown([served, swept]).splitlines()
     assert table[2].endswith("|  |  |")  # as built: neither figure
     assert table[3].endswith(f"| {swept['rule_threshold']:.2f} | {harm - helped} |")
+
+
+def test_the_served_model_meets_issue_23s_cost_and_quality_bar(served: dict) -> None:
+    """Issue 23's bar on what the artifact decides, recomputed through the engine: at most 10 M multiply-adds per
+    query (every stage, the rule's neighbour similarities included, each weighed by the rows that reach it), at
+    most 35 MB of served files, validation in-scope >= 0.952 and test-weighted >= 0.937, >= 0.88 of the 350 CLINC
+    out-of-scope queries, and none of those in any stage's training data."""
+    card = _card()
+    assert served["macs_per_query"] <= 10_000_000
+    assert sum(f["bytes"] for f in card["files"].values()) <= 35_000_000
+    assert served["in_scope_accuracy"] >= 0.952
+    assert served["test_weighted_accuracy"] >= 0.937
+    assert served["clinc_oos_recall"] >= 0.88
+    assert {stage: d["clinc_oos_queries"] for stage, d in card["provenance"]["data"].items()} == {
+        "teacher": 0,
+        "distill": 0,
+        "prune": 0,
+    }

@@ -14,17 +14,18 @@ from tests.conftest import MODEL_DIR
 
 
 def committed_formula(n: int) -> int:
-    """The committed transformer: two MiniLM-L6 encoders (6 layers of hidden 384 and 12 heads, FFN 1536) in one
-    graph, the fine-tuned classifier with 151 labels and the pretrained sentence encoder."""
-    layers, hidden, ffn, labels = 6, 384, 1536, 151
+    """The committed transformer: MiniLM-L6 pruned (6 layers of hidden 384; 8 of 12 heads of 32, so attention
+    256 wide; FFN 384 of 1536), the classifier with 151 labels, and the geometry head (384 -> 384)."""
+    layers, hidden, width, ffn, labels = 6, 384, 8 * 32, 384, 151
     per_layer = (
-        4 * n * hidden**2  # Q, K, V and output projections
-        + 2 * n * n * hidden  # scores Q·Kᵀ and context A·V, over all heads
+        3 * n * hidden * width  # Q, K and V projections, to the kept heads
+        + 2 * n * n * width  # scores Q·Kᵀ and context A·V, over the kept heads
+        + n * width * hidden  # the output projection, back to the hidden size
         + 2 * n * hidden * ffn  # FFN up and down
     )
-    pooled = hidden * hidden + hidden * labels  # pooler and classifier see the [CLS] row only
+    heads = hidden * hidden + hidden * labels + hidden * hidden  # pooler, classifier, geometry head: one row each
     mean = n * hidden + n  # the embedding's masked sum over tokens, and the mask's count
-    return 2 * layers * per_layer + pooled + mean
+    return layers * per_layer + heads + mean
 
 
 @pytest.mark.parametrize("n", [11, 32])
@@ -36,15 +37,14 @@ def test_transformer_macs_match_the_formula(n: int) -> None:
 def test_committed_transformer_breakdown() -> None:
     nodes = count(MODEL_DIR / "model.onnx", 11)
     ops = by_op(nodes)
-    # The quantized, fused graphs (shapes came from the probe), and the embedding's mean over tokens.
+    # The quantized, fused graph (shapes came from the probe), and the embedding's mean over tokens.
     assert set(ops) == {"QAttention", "MatMulInteger", "ReduceSum"}
-    n, hidden = 11, 384
-    assert ops["QAttention"] == 12 * (3 * n * hidden**2 + 2 * n * n * hidden)
+    n, hidden, width = 11, 384, 256
+    assert ops["QAttention"] == 6 * (3 * n * hidden * width + 2 * n * n * width)
     assert ops["ReduceSum"] == n * hidden + n
-    assert sum(ops.values()) == 234_895_115 == committed_formula(11)
-    # The pretrained encoder is gated (it runs where the energy is low): its nodes count as conditional.
-    per_layer = 4 * n * hidden**2 + 2 * n * n * hidden + 2 * n * hidden * 1536
-    assert sum(x.macs for x in nodes if x.conditional) == 6 * per_layer + n * hidden + n
+    assert sum(ops.values()) == 46_145_291 == committed_formula(11)
+    # One graph, nothing gated: the geometry head runs wherever the transformer does.
+    assert not any(x.conditional for x in nodes)
 
 
 def test_first_stage_macs_are_a_mean_and_a_one_hidden_layer_head() -> None:
@@ -152,7 +152,7 @@ def test_fused_contrib_attention(tmp_path: Path) -> None:
 def test_cli_prints_the_total(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([str(MODEL_DIR / "model.onnx"), "--tokens", "11"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert "234,895,115" in last
+    assert "46,145,291" in last
     assert "11-token" in last
 
 

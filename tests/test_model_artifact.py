@@ -87,14 +87,15 @@ def test_the_committed_report_is_that_of_the_recorded_decisions(card: dict, pool
 
 
 def test_the_served_model_meets_the_accuracy_bar(engine: Engine, pools: dict) -> None:
-    """Issue 5's bar on validation and issue 15's on CLINC's 350 out-of-scope queries of oos_train and oos_val
-    (no stage trains on them), recomputed from the ONNX files as the engine serves them."""
+    """Issue 5's bar on validation, raised by issue 23 (in-scope 0.952, test-weighted 0.937), and issue 15's on
+    CLINC's 350 out-of-scope queries of oos_train and oos_val (no stage trains on them), recomputed from the ONNX
+    files as the engine serves them."""
     texts, intents = pools["validation"]
     gold = np.array([engine.labels.index(i) for i in intents])
     s = score(engine.run(texts).pred, gold, engine.oos_index)
-    assert s.in_scope_accuracy >= 0.95
+    assert s.in_scope_accuracy >= 0.952
     assert s.oos_recall >= 0.85
-    assert s.test_weighted_accuracy >= 0.935
+    assert s.test_weighted_accuracy >= 0.937
     oos_texts = pools["oos_train"][0] + [t for t, i in zip(texts, intents, strict=True) if i == "oos"]
     assert len(oos_texts) == 350
     caught = int((engine.run(oos_texts).pred == engine.oos_index).sum())

@@ -126,12 +126,29 @@ def test_each_recipe_runs_registered_stages_in_order_and_sets_only_their_flags()
     """A recipe's defaults are flags of its own stages (a typo would otherwise be silently ignored), and the command
     line overrides them."""
     order = list(pipeline.STAGES)
-    assert set(pipeline.RECIPES) == {"served", "chapter8", "student", "pruned", "quick"}
-    # The served recipe exports the teacher: no search, distillation or pruning whose students it would not serve.
-    served = ("teacher", "export", "quantize", "embedder", "oos", "static", "artifact", "bench")
-    assert pipeline.RECIPES["served"].stages == served
+    assert set(pipeline.RECIPES) == {"served", "two-encoder", "chapter8", "student", "pruned", "quick"}
+    # The two-encoder recipe exports the teacher: no search, distillation or pruning whose students it would not
+    # serve.
+    two_encoder = ("teacher", "export", "quantize", "embedder", "oos", "static", "artifact", "bench")
+    assert pipeline.RECIPES["two-encoder"].stages == two_encoder
+    assert cli.build_parser(["two-encoder"]).parse_args(["two-encoder"]).export_from == "teacher"
     assert pipeline.RECIPES["chapter8"].stages == tuple(n for n in order if n != "head")
-    assert cli.build_parser(["served"]).parse_args(["served"]).export_from == "teacher"
+    # The served recipe is the pruned one with the settings registered for it: no search (its distillation settings
+    # are an earlier search's), no pretrained encoder (the student carries its own geometry).
+    assert pipeline.RECIPES["served"].stages == pipeline.RECIPES["pruned"].stages
+    assert "search" not in pipeline.RECIPES["served"].stages
+    assert "embedder" not in pipeline.RECIPES["served"].stages
+    served = cli.build_parser(["served"]).parse_args(["served"])
+    assert (served.export_from, served.teachers, served.heads_keep, served.ffn_keep) == ("prune", 3, 0.667, 0.25)
+    assert (served.recover_geometry_weight, served.static_candidates, served.static_threshold) == (6.0, 4, 0.75)
+    pruned = cli.build_parser(["pruned"]).parse_args(["pruned"])
+    assert (pruned.teachers, pruned.heads_keep, pruned.static_candidates) == (1, 1.0, 1)
+    # CLINC150's in-scope target, which the served recipe sets, is turned off by 0 for a team's data: the rule then
+    # refuses --oos-reject-rate of in-scope validation.
+    oos_config = _module("oos").Config
+    assert oos_config(oos_in_scope_target=served.oos_in_scope_target).threshold_policy() == {"in_scope_accuracy": 0.952}
+    team = cli.build_parser(["served"]).parse_args(["served", "--oos-in-scope-target", "0"])
+    assert oos_config(oos_in_scope_target=team.oos_in_scope_target).threshold_policy() == {"in_scope_rejection": 0.025}
     assert pipeline.RECIPES["quick"].stages == ("embedder", "head", "oos", "artifact")
     for name, recipe in pipeline.RECIPES.items():
         assert list(recipe.stages) == sorted(recipe.stages, key=order.index), name
@@ -177,15 +194,16 @@ def test_the_pruned_recipe_prunes_the_teachers_six_layers_and_serves_them() -> N
 
 
 def test_the_recipes_with_the_students_own_geometry_share_its_settings_and_skip_the_embedder() -> None:
-    """The student and pruned recipes read the rule's features from the student's geometry head: the same rule
-    settings in both, and no pretrained sentence encoder exported that nothing would read."""
+    """The student, pruned and served recipes read the rule's features from the student's geometry head: the same
+    rule settings in all three, and no pretrained sentence encoder exported that nothing would read."""
     shared = {"geometry_weight", "transfer_wiki", "oos_features", "oos_prototypes", "oos_rule", "oos_in_scope_target"}
-    student, pruned = (cli.build_parser([n]).parse_args([n]) for n in ("student", "pruned"))
+    student, pruned, served = (cli.build_parser([n]).parse_args([n]) for n in ("student", "pruned", "served"))
     assert {k: getattr(student, k) for k in shared} == {k: getattr(pruned, k) for k in shared}
+    assert {k: getattr(served, k) for k in shared} == {k: getattr(pruned, k) for k in shared}
     assert (student.oos_features, student.geometry_weight, student.oos_in_scope_target) == ("student", 3.0, 0.952)
-    for name in ("student", "pruned"):
+    for name in ("student", "pruned", "served"):
         assert "embedder" not in pipeline.RECIPES[name].stages, name
-    assert "embedder" in pipeline.RECIPES["served"].stages  # there the rule reads the pretrained encoder
+    assert "embedder" in pipeline.RECIPES["two-encoder"].stages  # there the rule reads the pretrained encoder
 
 
 def test_a_recipe_resumes_from_a_stage_once_the_earlier_ones_left_their_records(tmp_path: Path) -> None:
