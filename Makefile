@@ -51,7 +51,7 @@ audit: $(VENV)/.installed  ## known vulnerabilities in the pinned dependencies (
 
 # RECIPE=served (default) rebuilds what models/clinc150 serves: the teacher's 6 layers with 8 of 12 heads and FFNs
 # pruned to a quarter, recovered from 3 teachers, with its own sentence geometry, int8, its OOS rule and cascade
-# (about 90 minutes on 2 cores); RECIPE=two-encoder is the model served before it (the teacher, its OOS rule on the
+# (105 minutes on 2 AMD EPYC cores); RECIPE=two-encoder is the model served before it (the teacher, its OOS rule on the
 # pretrained encoder); RECIPE=chapter8 adds the book's search, distillation and pruning to it, each measured;
 # RECIPE=quick builds a linear head on the frozen pretrained encoder in minutes; RECIPE=student is issue 23's 3-layer
 # student, unpruned; RECIPE=pruned is the served recipe with 1 teacher, every head and its own first-stage threshold.

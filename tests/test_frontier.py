@@ -106,17 +106,14 @@ def test_a_swept_point_counts_the_first_stages_net_in_scope_harm(data: Dataset, 
     assert table[3].endswith(f"| {swept['rule_threshold']:.2f} | {harm - helped} |")
 
 
-def test_the_served_model_meets_issue_23s_cost_and_quality_bar(served: dict) -> None:
-    """Issue 23's bar on what the artifact decides, recomputed through the engine: at most 10 M multiply-adds per
-    query (every stage, the rule's neighbour similarities included, each weighed by the rows that reach it), at
-    most 35 MB of served files, validation in-scope >= 0.952 and test-weighted >= 0.937, >= 0.88 of the 350 CLINC
-    out-of-scope queries, and none of those in any stage's training data."""
+def test_the_served_model_meets_issue_23s_cost_bar(served: dict) -> None:
+    """Issue 23's cost bar on what the artifact decides, recomputed through the engine: at most 10 M multiply-adds
+    per query (every stage, the rule's neighbour similarities included, each weighed by the rows that reach it), at
+    most 35 MB of served files, and none of the 350 CLINC out-of-scope queries in any stage's training data. Its
+    quality bar is test_model_artifact.test_the_served_model_meets_the_accuracy_bar's."""
     card = _card()
     assert served["macs_per_query"] <= 10_000_000
     assert sum(f["bytes"] for f in card["files"].values()) <= 35_000_000
-    assert served["in_scope_accuracy"] >= 0.952
-    assert served["test_weighted_accuracy"] >= 0.937
-    assert served["clinc_oos_recall"] >= 0.88
     assert {stage: d["clinc_oos_queries"] for stage, d in card["provenance"]["data"].items()} == {
         "teacher": 0,
         "distill": 0,
