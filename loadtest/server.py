@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -18,10 +19,44 @@ ROOT = Path(__file__).resolve().parent.parent
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_handed_out: set[int] = set()
+
+
+def ephemeral_ports(path: Path = EPHEMERAL_RANGE) -> range:
+    """The ports the kernel picks the local end of outgoing connections from (Linux's default if unreadable)."""
+    try:
+        low, high = (int(x) for x in path.read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return range(low, high + 1)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port nothing listens on, outside the ephemeral range, and not handed out before by this
+    process. A port from the ephemeral range (what binding port 0 gives) can become the local end of some
+    outgoing connection before the server binds it, or while a killed server starts again on it: HAProxy then
+    fails with 'Address already in use'."""
+    ephemeral = ephemeral_ports()
+    below, above = range(10000, ephemeral.start), range(ephemeral.stop, 65536)
+    pool = below if len(below) >= len(above) else above
+    if len(pool) < 1000:  # a kernel that hands out nearly every port: let it pick
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.choice(pool)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # in use, or still held by an earlier run's connections
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free loopback port in {pool.start}-{pool.stop - 1}")
 
 
 def pinned(cmd: list[str], cpus: str | None) -> list[str]:

@@ -259,11 +259,14 @@ def test_nginx_retries_only_the_predict_routes() -> None:
 
 
 class FakeReplica:
-    """A replica stand-in on loopback: /ready 200; POSTs counted by path, answered 200 by a well one; a sick one
-    answers 503 to /predict and /admin/reload and closes /predict/batch's connection without a response."""
+    """A replica stand-in on loopback: /ready 200; POSTs counted by path (and how many at once), each held for
+    `hold_s`, answered 200 by a well one; a sick one answers 503 to /predict and /admin/reload and closes
+    /predict/batch's connection without a response."""
 
-    def __init__(self, sick: bool) -> None:
+    def __init__(self, sick: bool, hold_s: float = 0.0) -> None:
         self.hits: Counter[str] = Counter()
+        self.in_flight = self.most_in_flight = 0  # POSTs being answered now, and the most at once
+        lock = threading.Lock()
         replica = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -285,7 +288,13 @@ class FakeReplica:
 
             def do_POST(self) -> None:
                 self.rfile.read(int(self.headers.get("content-length", "0")))
-                replica.hits[self.path] += 1
+                with lock:
+                    replica.hits[self.path] += 1
+                    replica.in_flight += 1
+                    replica.most_in_flight = max(replica.most_in_flight, replica.in_flight)
+                time.sleep(hold_s)  # a replica busy with each request for this long
+                with lock:
+                    replica.in_flight -= 1
                 if not sick:
                     self.answer(200, json.dumps({"model_version": "well"}).encode())
                 elif self.path == "/predict/batch":
@@ -351,28 +360,92 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> 
     raise AssertionError(f"nothing listens on {port} after {timeout:.0f} s")
 
 
+@contextlib.contextmanager
+def haproxy_in_front_of(tmp_path: Path, ports: list[int], want: str = "UP") -> Iterator[str]:
+    """The shipped HAProxy config on this run's ports, once it sees every replica `want` (UP or DOWN): its URL."""
+    from loadtest import debian, scaleout
+
+    binary = debian.require("haproxy")
+    frontend, stats = free_port(), tmp_path / "haproxy.sock"
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(scaleout.render(HAPROXY_CFG.read_text(), frontend, ports, stats))
+    proc = subprocess.Popen([binary, "-db", "-f", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(frontend, proc)
+        for i in range(len(ports)):
+            scaleout.wait_status(stats, f"replica{i + 1}", want)
+        yield f"http://127.0.0.1:{frontend}"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 @pytest.mark.integration
 def test_haproxy_accepts_the_config_and_retries_as_configured(
     tmp_path: Path, replicas: tuple[FakeReplica, FakeReplica]
 ) -> None:
-    from loadtest import debian, scaleout
+    from loadtest import debian
 
-    binary = debian.require("haproxy")
-    check = subprocess.run([binary, "-c", "-f", str(HAPROXY_CFG)], capture_output=True, text=True, timeout=60)
+    check = subprocess.run(
+        [debian.require("haproxy"), "-c", "-f", str(HAPROXY_CFG)], capture_output=True, text=True, timeout=60
+    )
     assert check.returncode == 0, check.stdout + check.stderr
     sick, well = replicas
-    frontend, stats = free_port(), tmp_path / "haproxy.sock"
-    config = tmp_path / "haproxy.cfg"
-    config.write_text(scaleout.render(HAPROXY_CFG.read_text(), frontend, [sick.port, well.port], stats))
-    proc = subprocess.Popen([binary, "-db", "-f", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with haproxy_in_front_of(tmp_path, [sick.port, well.port]) as base:
+        check_balancer(base, sick, well)
+
+
+def haproxy_maxconn() -> int:
+    """The most requests HAProxy puts on one replica at once: `maxconn` on the backend's default-server line."""
+    backend = haproxy_sections(HAPROXY_CFG.read_text())["backend replicas"]
+    (line,) = [d for d in backend if d.startswith("default-server")]
+    words = line.split()
+    return int(words[words.index("maxconn") + 1])
+
+
+def test_haproxy_never_puts_more_texts_on_a_replica_than_one_worker_admits() -> None:
+    from app.config import Settings
+    from loadtest import scaleout
+
+    # A replica answers 429 beyond max_queue texts per worker; HAProxy queues the rest itself, so every request
+    # of up to the load test's batch size is admitted even if all of them land on one worker of one replica.
+    assert haproxy_maxconn() * scaleout.BATCH <= Settings.model_fields["max_queue"].default
+
+
+@pytest.mark.integration
+def test_haproxy_holds_what_a_busy_replica_cannot_take_in_its_own_queue(tmp_path: Path) -> None:
+    busy = FakeReplica(sick=False, hold_s=0.5)
+    n = 3 * haproxy_maxconn()
+    start = threading.Barrier(n)
+    codes: list[int] = []
+
+    def one(base: str) -> None:
+        start.wait(30)
+        codes.extend(send(base, "/predict", 1))
+
     try:
-        wait_port(frontend, proc)
-        for name in ("replica1", "replica2"):
-            scaleout.wait_status(stats, name, "UP")
-        check_balancer(f"http://127.0.0.1:{frontend}", sick, well)
+        with haproxy_in_front_of(tmp_path, [busy.port]) as base:
+            clients = [threading.Thread(target=one, args=(base,)) for _ in range(n)]
+            for c in clients:
+                c.start()
+            for c in clients:
+                c.join(60)
     finally:
-        proc.terminate()
-        proc.wait(30)
+        busy.close()
+    assert codes == [200] * n
+    assert busy.hits["/predict"] == n
+    assert busy.most_in_flight == haproxy_maxconn()  # the rest waited in HAProxy's queue, not on the replica
+
+
+@pytest.mark.integration
+def test_haproxy_tells_when_to_come_back_when_no_replica_is_up(tmp_path: Path) -> None:
+    with haproxy_in_front_of(tmp_path, [free_port()], want="DOWN") as base:
+        req = urllib.request.Request(base + "/predict", b'{"text": "hi"}', {"content-type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(req, timeout=30)
+    with refused.value as answer:  # the error holds the response open
+        assert answer.code == 503
+        assert answer.headers["Retry-After"] == "1"
 
 
 def nginx_wrapper(tmp_path: Path, conf: Path) -> Path:

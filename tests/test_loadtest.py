@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -151,3 +152,28 @@ def test_stand_in_is_the_pretrained_encoder_with_a_fresh_clinc_head(tmp_path: Pa
     done = (path / STAND_IN_DONE).stat().st_mtime_ns
     build_stand_in(path)  # complete and for the same labels: kept
     assert (path / STAND_IN_DONE).stat().st_mtime_ns == done
+
+
+def test_free_ports_are_outside_the_ephemeral_range_and_never_handed_out_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from loadtest import server
+
+    ephemeral = server.ephemeral_ports()
+    ports = [server.free_port() for _ in range(50)]
+    assert len(set(ports)) == 50
+    for port in ports:
+        assert port not in ephemeral
+        assert 10000 <= port < 65536
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))  # free
+    custom = tmp_path / "range"
+    custom.write_text("20000\t40000\n")
+    assert server.ephemeral_ports(custom) == range(20000, 40001)
+    assert server.ephemeral_ports(tmp_path / "missing") == range(32768, 61000)
+    custom.write_text("garbage")
+    assert server.ephemeral_ports(custom) == range(32768, 61000)
+    # Where the kernel hands out nearly every port, it picks one itself.
+    monkeypatch.setattr(server, "ephemeral_ports", lambda: range(10500, 65000))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", server.free_port()))
