@@ -32,6 +32,9 @@ class InstantClassifier:
     def predict(self, text: str, top_k: int = 0) -> Prediction:
         return Prediction(intent="book_flight", confidence=0.9)
 
+    def warm(self, text: str) -> None:
+        pass
+
     def close(self) -> None:
         pass
 

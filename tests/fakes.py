@@ -18,6 +18,7 @@ class FakeClassifier:
         self.delay_s = delay_s
         self.fail = fail
         self.calls = 0
+        self.warmed: list[str] = []  # texts run (or tried) only to warm the model, not counted in `calls`
         self.closed = False
 
     def predict(self, text: str, top_k: int = 0) -> Prediction:
@@ -32,6 +33,11 @@ class FakeClassifier:
         return Prediction(
             intent=intent, confidence=0.9, top_k=ranked, tokenize_s=1e-5, inference_s=2e-4, model_version=self.version
         )
+
+    def warm(self, text: str) -> None:
+        self.warmed.append(text)
+        if self.fail:
+            raise RuntimeError("classifier broke")
 
     def close(self) -> None:
         self.closed = True

@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.config import Settings
+from app.engine.engine import WARMUP_TEXTS
 from app.http.main import create_app
 from tests.fakes import FakeClassifier, fake_factory
 
@@ -200,7 +201,8 @@ def test_readiness_lifecycle() -> None:
     assert health.status_code == 200  # liveness does not depend on the model
     with TestClient(app) as c:
         assert seen["ready_while_loading"] is False
-        assert clf.calls == 3  # warmed up before ready
+        assert clf.calls == 3  # warmed up before ready: each text answered once,
+        assert clf.warmed == list(WARMUP_TEXTS[:3])  # and run through every stage once
         assert c.get("/ready").json() == {"status": "ready"}
         assert c.get("/health").json() == {"status": "ok"}
     assert app.state.ready is False

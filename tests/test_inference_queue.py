@@ -30,6 +30,14 @@ class RecordingClassifier(FakeClassifier):
         finally:
             self.spans.append((text, start, time.perf_counter()))
 
+    def warm(self, text: str) -> None:
+        self.order.append(text)
+        start = time.perf_counter()
+        try:
+            super().warm(text)
+        finally:
+            self.spans.append((text, start, time.perf_counter()))
+
 
 async def _until(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
     """Wait for `condition`; the timeout only catches a hang, never a slow machine."""
@@ -141,6 +149,9 @@ def test_keep_warm_runs_throwaway_queries_only_when_idle() -> None:
         if text == "warm":
             assert start - previous_end >= keep_warm_s, (start - previous_end, keep_warm_s)
     assert _keep_warm_count(metrics) == clf.order.count("warm")
+    # Through `warm` (every stage of a real model), never `predict` (only the stages the text's answer reaches).
+    assert clf.warmed == ["warm"] * clf.order.count("warm")
+    assert clf.calls == 40
     # Throw-away queries are not counted as predictions or inference time.
     assert _stage_count(metrics, "inference") == 40.0
 
@@ -167,10 +178,11 @@ def test_keep_warm_stops_quietly_on_a_faulty_classifier() -> None:
     async def scenario() -> None:
         queue = InferenceQueue(slot_of(clf), metrics, max_pending=4, retry_after_s=1, mode="inline", keep_warm_s=0.005)
         queue.start()
-        await _until(lambda: clf.calls >= 1)
+        await _until(lambda: len(clf.warmed) >= 1)
         await asyncio.sleep(0.05)  # ten more intervals: it would have tried again by now
         await queue.stop()  # must not raise the throw-away query's error
 
     asyncio.run(scenario())
-    assert clf.calls == 1  # tried once, then keep-warm turned itself off
+    assert clf.warmed == ["what is my account balance"]  # tried once, then keep-warm turned itself off
+    assert clf.calls == 0
     assert _keep_warm_count(metrics) == 0.0

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from app.engine import rules as rules_module
-from app.engine.engine import Engine
+from app.engine.engine import WARMUP_TEXTS, Engine
+from app.engine.onnx import OnnxModel
 from app.engine.rules import EnergyKnn
 from compression.data import load_clinc, load_wiki_pool
 from compression.measure.metrics import score
@@ -149,3 +151,35 @@ def test_the_served_path_does_no_discarded_work(engine: Engine, pools: dict, mon
     first = next(t for t, s in zip(texts, decisions.stage, strict=True) if s == 0)
     assert engine.predict(first).stage == "first"
     assert energies == [1]
+
+
+def test_warm_runs_every_stage_and_the_whole_rule(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Warm-up and keep-warm go through `warm`: each stage once and the neighbour scan, even for a text the first
+    stage answers alone, for which `predict` runs the first stage and nothing else."""
+    assert isinstance(engine.rule, EnergyKnn)
+    text = WARMUP_TEXTS[0]
+    assert engine.predict(text).stage == "first"  # so a warm-up through `predict` would leave the rest cold
+    ran: list[str] = []
+    scanned: list[int] = []
+    real_rows, real_scan = OnnxModel.rows, EnergyKnn.nearest_similarity
+
+    def spy_rows(self: OnnxModel, ids: Sequence[list[int]]) -> list[np.ndarray]:
+        ran.append(self.name)
+        return real_rows(self, ids)
+
+    def spy_scan(self: EnergyKnn, features: np.ndarray) -> np.ndarray:
+        scanned.append(len(features))
+        return real_scan(self, features)
+
+    monkeypatch.setattr(OnnxModel, "rows", spy_rows)
+    monkeypatch.setattr(EnergyKnn, "nearest_similarity", spy_scan)
+    engine.predict(text)
+    assert (ran, scanned) == ([engine.models[0].name], [])
+    ran.clear()
+    engine.warm(text)
+    assert ran == [model.name for model in engine.models]
+    assert len(ran) == len(engine.spec.stages) == 2
+    assert scanned == [1]  # the gate would have skipped it: the text's energy is over the floor
+    gate = engine.rule.spec.gate
+    assert gate is not None
+    assert engine.outputs([text]).energy[0] >= gate.energy_floor

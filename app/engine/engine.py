@@ -70,6 +70,9 @@ class Predictor(Protocol):
 
     def predict(self, text: str, top_k: int = 0) -> Prediction: ...
 
+    def warm(self, text: str) -> None:
+        """Run `text` through every part of the model, whatever it would answer, and drop the result."""
+
     def close(self) -> None: ...
 
 
@@ -212,9 +215,14 @@ class Engine:
         """One stage's outputs on every text (no cascade): what the factory fits rules and tunes thresholds on."""
         return stage_outputs(self.models[stage], self.encode(texts))
 
-    def warm_up(self, queries: int) -> None:
-        for i in range(queries):
-            self.predict(WARMUP_TEXTS[i % len(WARMUP_TEXTS)], top_k=3)
+    def warm(self, text: str) -> None:
+        """Every stage on `text`, and the rule's whole score (a gated neighbour scan included), whatever the
+        cascade would answer. A warm-up through `predict` touches only what its texts reach: a confident first
+        stage answers everyday texts alone, and the transformer's weights and the reference vectors would stay
+        cold until the first hard query paid for them."""
+        encodings = self.encode([text])
+        outputs = [stage_outputs(model, encodings) for model in self.models]
+        self.rule.score(outputs[-1])
 
     def close(self) -> None:
         self.models.clear()

@@ -72,14 +72,14 @@ class InferenceQueue:
             self._warm_task = loop.create_task(self._keep_warm(), name="inference-keep-warm")
 
     async def _keep_warm(self) -> None:
-        """When no query has run for `keep_warm_s`, run one on a fixed text and drop the answer, so that
-        the model's weights and the code path stay in the CPU's caches between sparse requests."""
+        """When no query has run for `keep_warm_s`, run a fixed text through every stage and drop the answer,
+        so that every stage's weights and the code path stay in the CPU's caches between sparse requests."""
         i = 0
         while True:
             await asyncio.sleep(self.keep_warm_s)
             if self.pending == 0 and time.perf_counter() - self._last_inference >= self.keep_warm_s:
                 try:
-                    self._model().predict(self._warm_texts[i % len(self._warm_texts)], 0)
+                    self._model().warm(self._warm_texts[i % len(self._warm_texts)])
                 except Exception as exc:  # noqa: BLE001 - real requests report a faulty model themselves
                     log.warning("keep-warm stopped: the model failed", extra={"error_type": type(exc).__name__})
                     return

@@ -87,7 +87,9 @@ def load_warm(state: State, model_dir: Path) -> tuple[Predictor, dict[str, Any]]
     settings: Settings = state.settings
     model, card = state.model_factory(settings.model_copy(update={"model_dir": model_dir}))
     for i in range(settings.warmup_queries):
-        model.predict(WARMUP_TEXTS[i % len(WARMUP_TEXTS)], top_k=3)
+        text = WARMUP_TEXTS[i % len(WARMUP_TEXTS)]
+        model.warm(text)  # every stage, which the texts' own answers may not reach
+        model.predict(text, top_k=3)  # and the answering path, ranking included
     return model, card
 
 
