@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -28,6 +29,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -178,6 +180,31 @@ def wait_status(stats_socket: Path, name: str, want: str, timeout: float = 30) -
     raise RuntimeError(f"HAProxy did not see {name} {want} within {timeout:.0f} s")
 
 
+@contextlib.contextmanager
+def balancer(
+    work: Path, replica_ports: list[int], want: str = "UP", log: Path | None = None
+) -> Iterator[tuple[str, Path]]:
+    """HAProxy with the shipped config in front of `replica_ports` (named replica1, replica2, ... in order), once
+    it sees every replica `want` (UP or DOWN): its URL and its stats socket. Stopped on the way out."""
+    binary = haproxy_binary()
+    stats_socket, config, frontend = work / "haproxy.sock", work / "haproxy.cfg", free_port()
+    config.write_text(render(CONFIG.read_text(), frontend, replica_ports, stats_socket))
+    out = log.open("wb") if log is not None else None
+    sink = out if out is not None else subprocess.DEVNULL
+    proc = subprocess.Popen([binary, "-W", "-db", "-f", str(config)], stdout=sink, stderr=sink)
+    if out is not None:
+        out.close()
+    try:
+        for i in range(len(replica_ports)):
+            if proc.poll() is not None:
+                raise RuntimeError(f"HAProxy exited with {proc.returncode}")
+            wait_status(stats_socket, f"replica{i + 1}", want)
+        yield f"http://127.0.0.1:{frontend}", stats_socket
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 def summary(report: Report) -> dict[str, Any]:
     answers = report.classes()
     ok = answers.get("200", 0)
@@ -313,42 +340,26 @@ def run(
     """`rate` fixes the single-text rate instead of sizing it from the measured capacity."""
     binary = haproxy_binary()
     work = Path(tempfile.mkdtemp(prefix="scaleout-"))
-    stats_socket = work / "haproxy.sock"
-    frontend = free_port()
     replicas = [Replica(f"replica{i + 1}", free_port(), work / f"replica{i + 1}.log") for i in range(replicas_n)]
-    config = work / "haproxy.cfg"
-    config.write_text(render(CONFIG.read_text(), frontend, [r.port for r in replicas], stats_socket))
-    balancer: subprocess.Popen[bytes] | None = None
     capacity: dict[str, Any] = {"cores": effective_cpus(), "load_share": load_share}
     try:
         for replica in replicas:
             replica.start()
         if rate is None:
             capacity["replica"] = measure_capacity(f"http://127.0.0.1:{replicas[0].port}", capacity_seconds)
-        log = (work / "haproxy.log").open("wb")
-        balancer = subprocess.Popen([binary, "-W", "-db", "-f", str(config)], stdout=log, stderr=log)
-        log.close()
-        deadline = time.monotonic() + 30
-        while not stats_socket.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        for replica in replicas:
-            wait_status(stats_socket, replica.name, "UP")
-        base = f"http://127.0.0.1:{frontend}"
-        if rate is None:
-            capacity["pool"] = measure_capacity(base, capacity_seconds, connections=8 * replicas_n)
-            rate = load_rate(capacity["replica"], capacity["pool"], replicas_n, load_share)
-        phases_from = datetime.now()  # the balancer's log is read from here: the capacity probe overloads on purpose
-        kill_results = []
-        for i in range(kills):
-            victim = replicas[i % replicas_n]
-            kill_results.append(asyncio.run(kill_phase(base, victim, stats_socket, rate, kill_seconds, i)))
-        rolling = asyncio.run(rolling_phase(base, replicas, stats_socket, rate))
+        with balancer(work, [r.port for r in replicas], log=work / "haproxy.log") as (base, stats_socket):
+            if rate is None:
+                capacity["pool"] = measure_capacity(base, capacity_seconds, connections=8 * replicas_n)
+                rate = load_rate(capacity["replica"], capacity["pool"], replicas_n, load_share)
+            phases_from = datetime.now()  # the balancer's log is read from here: the probe overloads on purpose
+            kill_results = []
+            for i in range(kills):
+                victim = replicas[i % replicas_n]
+                kill_results.append(asyncio.run(kill_phase(base, victim, stats_socket, rate, kill_seconds, i)))
+            rolling = asyncio.run(rolling_phase(base, replicas, stats_socket, rate))
     finally:
         for replica in replicas:
             replica.stop()
-        if balancer is not None:
-            balancer.terminate()
-            balancer.wait(10)
     from app.cpu import measurement_context
 
     kill = total(kill_results)

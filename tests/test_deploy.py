@@ -363,21 +363,10 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> 
 @contextlib.contextmanager
 def haproxy_in_front_of(tmp_path: Path, ports: list[int], want: str = "UP") -> Iterator[str]:
     """The shipped HAProxy config on this run's ports, once it sees every replica `want` (UP or DOWN): its URL."""
-    from loadtest import debian, scaleout
+    from loadtest import scaleout
 
-    binary = debian.require("haproxy")
-    frontend, stats = free_port(), tmp_path / "haproxy.sock"
-    config = tmp_path / "haproxy.cfg"
-    config.write_text(scaleout.render(HAPROXY_CFG.read_text(), frontend, ports, stats))
-    proc = subprocess.Popen([binary, "-db", "-f", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_port(frontend, proc)
-        for i in range(len(ports)):
-            scaleout.wait_status(stats, f"replica{i + 1}", want)
-        yield f"http://127.0.0.1:{frontend}"
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    with scaleout.balancer(tmp_path, ports, want) as (base, _):
+        yield base
 
 
 @pytest.mark.integration
