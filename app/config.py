@@ -37,7 +37,8 @@ class Settings(BaseSettings):
     keep_warm_ms: float = Field(
         0.0,
         ge=0,
-        description="inline mode: after this long idle, run one throw-away query to keep caches warm (0: off)",
+        description="inline mode: after this long idle, run throw-away queries through every stage in an "
+        "idle-priority thread, to keep caches warm (0: off)",
     )
 
     max_text_chars: int = Field(1000, ge=1)

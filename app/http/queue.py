@@ -12,17 +12,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from app.engine.engine import Prediction, Predictor
 from app.http.errors import Overloaded
+from app.http.keep_warm import KeepWarm
 from app.http.metrics import Metrics
 from app.http.serving import Slot
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -57,8 +55,8 @@ class InferenceQueue:
         self._idle.set()
         self.keep_warm_s = keep_warm_s
         self._warm_texts = warm_texts
-        self._last_inference = time.perf_counter()
-        self._warm_task: asyncio.Task[None] | None = None
+        self._last_inference = time.perf_counter()  # read by the keep-warm thread
+        self._keep_warm: KeepWarm | None = None
 
     def _model(self) -> Predictor:
         served = self.slot.served
@@ -69,23 +67,17 @@ class InferenceQueue:
         loop = asyncio.get_running_loop()
         self._task = loop.create_task(self._consume(), name="inference-consumer")
         if self.keep_warm_s > 0 and self._executor is None:
-            self._warm_task = loop.create_task(self._keep_warm(), name="inference-keep-warm")
+            self._keep_warm = KeepWarm(
+                self.keep_warm_s,
+                self.idle,
+                lambda text: self._model().warm(text),  # the slot read each time: a reload swaps the model
+                self._warm_texts,
+                self.metrics.keep_warm.inc,
+            ).start()
 
-    async def _keep_warm(self) -> None:
-        """When no query has run for `keep_warm_s`, run a fixed text through every stage and drop the answer,
-        so that every stage's weights and the code path stay in the CPU's caches between sparse requests."""
-        i = 0
-        while True:
-            await asyncio.sleep(self.keep_warm_s)
-            if self.pending == 0 and time.perf_counter() - self._last_inference >= self.keep_warm_s:
-                try:
-                    self._model().warm(self._warm_texts[i % len(self._warm_texts)])
-                except Exception as exc:  # noqa: BLE001 - real requests report a faulty model themselves
-                    log.warning("keep-warm stopped: the model failed", extra={"error_type": type(exc).__name__})
-                    return
-                self._last_inference = time.perf_counter()
-                self.metrics.keep_warm.inc()
-                i += 1
+    def idle(self, seconds: float) -> bool:
+        """No text queued or being classified, and none answered in the last `seconds`."""
+        return self.pending == 0 and time.perf_counter() - self._last_inference >= seconds
 
     async def submit(self, texts: list[str], top_k: int) -> list[Prediction]:
         n = len(texts)
@@ -106,14 +98,16 @@ class InferenceQueue:
             self.metrics.in_flight.dec()
 
     def _classify_now(self, text: str, top_k: int) -> Prediction:
-        # Synchronous from check to answer, so no other task can see the queue in between: the pending
-        # count and the idle event need no update.
+        # Synchronous from check to answer, so no other task can see the queue in between and the idle event
+        # needs no update; the keep-warm thread can, so the pending count does.
         m = self.metrics
         m.in_flight.inc()
         m.queue.observe(0.0)
+        self.pending += 1
         try:
             pred = self._model().predict(text, top_k)
         finally:
+            self.pending -= 1
             m.in_flight.dec()
         self._record(pred)
         return pred
@@ -177,10 +171,11 @@ class InferenceQueue:
         return True
 
     async def stop(self) -> None:
-        for task in (self._warm_task, self._task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        if self._keep_warm is not None:
+            await asyncio.to_thread(self._keep_warm.stop)  # waits for a throw-away query in progress
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
         if self._executor is not None:
             self._executor.shutdown(wait=True)
