@@ -63,10 +63,6 @@ class KeepWarm:
         if self._thread.is_alive():
             self._thread.join(timeout_s)
 
-    @property
-    def running(self) -> bool:
-        return self._thread.is_alive()
-
     def _run(self) -> None:
         lower_priority()
         i = 0
