@@ -48,3 +48,34 @@ def test_nice_19_where_idle_scheduling_is_refused(monkeypatch: pytest.MonkeyPatc
 def test_a_period_and_a_text_are_required(period_s: float, texts: tuple[str, ...]) -> None:
     with pytest.raises(ValueError, match="positive period and at least one text"):
         KeepWarm(period_s, lambda _: True, lambda _: None, texts, lambda: None)
+
+
+def test_no_throw_away_query_when_the_thread_wakes_late(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A late wake-up means other work holds the CPU: the thread then skips its turn rather than risk being
+    preempted while it holds the GIL the event loop needs."""
+    reads: list[float] = []
+
+    class LateClock:
+        """Each reading a second after the one before: every wait looks far longer than asked."""
+
+        def monotonic(self) -> float:
+            reads.append(float(len(reads)))
+            return reads[-1]
+
+    monkeypatch.setattr(keep_warm, "time", LateClock())
+    warmed: list[str] = []
+    looked: list[float] = []
+
+    def idle(seconds: float) -> bool:
+        looked.append(seconds)
+        return True
+
+    kw = KeepWarm(0.001, idle, warmed.append, ("a",), lambda: None).start()
+    pause = threading.Event()  # never set: a sleep that a busy machine cannot shorten or skip
+    for _ in range(3000):  # up to 30 s: an idle-priority thread waits for a free CPU
+        if len(reads) >= 20:
+            break
+        pause.wait(0.01)
+    kw.stop()
+    assert len(reads) >= 20  # the loop kept turning,
+    assert (warmed, looked) == ([], [])  # and never asked whether the queue was idle, nor warmed
