@@ -5,7 +5,9 @@ loop holds up every request that arrives while it runs (the served cascade's tra
 cost more at the tail than the warm caches saved (docs/one-small-model.md). A SCHED_IDLE thread is preempted as
 soon as the loop has work, and ONNX Runtime releases the GIL while it runs and lets two runs share a session. The
 price is CPU time the machine had spare: most of a core for each idle worker at a short period, which a CPU-based
-autoscaler would read as load.
+autoscaler would read as load. And it is for cores with nothing else to do: a lowest-priority thread that holds
+the GIL when it is preempted stalls the loop until a CPU is free for it, so the thread skips its turn when it
+wakes late, which is what a busy CPU does to it.
 """
 
 from __future__ import annotations
