@@ -23,6 +23,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from loadtest import scaleout
 from tests.conftest import ROOT
 from tests.servers import free_port
 
@@ -121,7 +122,7 @@ def test_dockerfile_serves_without_training_stack() -> None:
 # Balancers: retries only where a request is safe to send twice (POST /predict and /predict/batch are pure
 # functions of their body), never a second send of POST /admin/reload.
 
-HAPROXY_CFG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
+HAPROXY_CFG = scaleout.CONFIG  # the config the scale-out run and these tests render
 NGINX_CONF = ROOT / "deploy" / "nginx" / "intent.conf"
 RETRIED = [("POST", "/predict"), ("POST", "/predict/batch")]
 SENT_ONCE = [("POST", "/admin/reload")]
@@ -363,8 +364,6 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> 
 @contextlib.contextmanager
 def haproxy_in_front_of(tmp_path: Path, ports: list[int], want: str = "UP") -> Iterator[str]:
     """The shipped HAProxy config on this run's ports, once it sees every replica `want` (UP or DOWN): its URL."""
-    from loadtest import scaleout
-
     with scaleout.balancer(tmp_path, ports, want) as (base, _):
         yield base
 
@@ -373,10 +372,8 @@ def haproxy_in_front_of(tmp_path: Path, ports: list[int], want: str = "UP") -> I
 def test_haproxy_accepts_the_config_and_retries_as_configured(
     tmp_path: Path, replicas: tuple[FakeReplica, FakeReplica]
 ) -> None:
-    from loadtest import debian
-
     check = subprocess.run(
-        [debian.require("haproxy"), "-c", "-f", str(HAPROXY_CFG)], capture_output=True, text=True, timeout=60
+        [scaleout.haproxy_binary(), "-c", "-f", str(HAPROXY_CFG)], capture_output=True, text=True, timeout=60
     )
     assert check.returncode == 0, check.stdout + check.stderr
     sick, well = replicas
@@ -394,7 +391,6 @@ def haproxy_maxconn() -> int:
 
 def test_haproxy_never_puts_more_texts_on_a_replica_than_one_worker_admits() -> None:
     from app.config import Settings
-    from loadtest import scaleout
 
     # A replica answers 429 beyond max_queue texts per worker; HAProxy queues the rest itself, so every request
     # of up to the load test's batch size is admitted even if all of them land on one worker of one replica.
