@@ -190,11 +190,19 @@ def test_readiness_lifecycle() -> None:
     async def before_startup() -> list[httpx.Response]:
         transport = httpx.ASGITransport(app=app)  # no lifespan: the model was never loaded
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
-            return [await c.get("/ready"), await c.post("/predict", json={"text": "flight"}), await c.get("/health")]
+            return [
+                await c.get("/ready"),
+                await c.post("/predict", json={"text": "flight"}),
+                await c.get("/health"),
+                await c.head("/ready"),
+            ]
 
-    ready, predict, health = asyncio.run(before_startup())
+    ready, predict, health, head = asyncio.run(before_startup())
     assert ready.status_code == 503
     assert error_of(ready) == "not_ready"
+    # HEAD answers as GET does, without the body.
+    assert (head.status_code, head.headers["retry-after"], head.content) == (503, "1", b"")
+    assert head.headers["content-length"] == ready.headers["content-length"]
     assert predict.status_code == 503
     assert error_of(predict) == "not_ready"
     assert predict.headers["retry-after"] == "1"
@@ -205,6 +213,9 @@ def test_readiness_lifecycle() -> None:
         assert clf.warmed == list(WARMUP_TEXTS[:3])  # and run through every stage once
         assert c.get("/ready").json() == {"status": "ready"}
         assert c.get("/health").json() == {"status": "ok"}
+        for path, body in (("/ready", b'{"status":"ready"}'), ("/health", b'{"status":"ok"}')):
+            head = c.head(path)
+            assert (head.status_code, head.content, head.headers["content-length"]) == (200, b"", str(len(body)))
     assert app.state.ready is False
     assert clf.closed
 

@@ -98,15 +98,18 @@ async def _app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-async def _serve(protocol_class: type[HttpToolsProtocol], requests: int) -> list[bytes]:
+POST = b"POST /predict HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{}"
+
+
+async def _serve(protocol_class: type[HttpToolsProtocol], requests: int | list[bytes]) -> list[bytes]:
     config = Config(app=_app, http=protocol_class, lifespan="off", log_config=None)
     config.load()
     protocol = protocol_class(config, ServerState(), {}, asyncio.get_running_loop())
     fake = FakeTransport()
     protocol.connection_made(fake)  # type: ignore[arg-type]
-    for _ in range(requests):
+    for raw in [POST] * requests if isinstance(requests, int) else requests:
         # One keep-alive request at a time, as a client waits for each answer.
-        protocol.data_received(b"POST /predict HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{}")
+        protocol.data_received(raw)
         for _ in range(20):
             await asyncio.sleep(0)
     protocol.connection_lost(None)
@@ -129,3 +132,15 @@ def test_uvicorn_with_the_protocol_writes_each_response_once(requests: int) -> N
         head, _, body = write.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200 OK\r\n")
         assert body == b'{"ok":true}'
+
+
+def test_a_head_request_gets_the_head_alone_and_the_connection_goes_on() -> None:
+    """uvicorn drops the body of a HEAD's answer, so the protocol's held head leaves alone at the end of the loop
+    iteration; the next request on the connection is answered as usual."""
+    writes = asyncio.run(_serve(CoalescingHttpToolsProtocol, [b"HEAD /ready HTTP/1.1\r\nhost: x\r\n\r\n", POST]))
+    assert len(writes) == 2
+    head, _, body = writes[0].partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"content-length: 11" in head.lower().split(b"\r\n")
+    assert body == b""
+    assert writes[1].partition(b"\r\n\r\n")[2] == b'{"ok":true}'

@@ -154,7 +154,11 @@ async def predict_batch(request: Request) -> Response:
     return _json(content, preds)
 
 
+# HEAD as well on the probes: monitors and balancers that check with HEAD (RFC 9110 asks every general-purpose
+# server to support it) get the GET answer's status and headers; out of the OpenAPI schema, which would otherwise
+# list each probe twice under one operation id.
 @router.get("/health", summary="Liveness: the process is up", response_model=schemas.Status)
+@router.head("/health", include_in_schema=False)
 async def health() -> Response:
     return Response(b'{"status":"ok"}', media_type=JSON)
 
@@ -165,6 +169,7 @@ async def health() -> Response:
     response_model=schemas.Status,
     responses=_errors(503),
 )
+@router.head("/ready", include_in_schema=False)
 async def ready(request: Request) -> Response:
     if not request.app.state.ready:
         raise NotReady("not ready", {"Retry-After": "1"})
