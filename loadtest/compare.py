@@ -145,6 +145,11 @@ def peak(result: dict[str, Any]) -> float:
     return max(clean) if clean else 0.0
 
 
+def interval(bounds: list[float] | None) -> str:
+    """A p99's 95% interval as the table shows it; nothing where the run had too few responses for one."""
+    return f" [{bounds[0]:.2f}, {bounds[1]:.2f}]" if bounds else ""
+
+
 def markdown(results: dict[str, dict[str, Any]], rates: list[float], cpu: str = "", baseline_model: str = "") -> str:
     names = list(results)
     ours = results[names[0]]
@@ -153,7 +158,7 @@ def markdown(results: dict[str, dict[str, Any]], rates: list[float], cpu: str = 
         title += f"; baselines serve the {baseline_model}"
     head = (
         "| server | "
-        + " | ".join(f"p50 / p99 ms @ {r:.0f}/s" for r in rates)
+        + " | ".join(f"p50 / p99 [95%] ms @ {r:.0f}/s" for r in rates)
         + " | saturation req/s (p99 <= 50 ms, 0 errors) | peak req/s (0 errors) | ours / this, peak |"
     )
     lines = [title, "", head, "|" + "---|" * (len(rates) + 4)]
@@ -161,6 +166,7 @@ def markdown(results: dict[str, dict[str, Any]], rates: list[float], cpu: str = 
         res = results[name]
         cells = [
             f"{s['latency_ms']['p50']:.2f} / {s['latency_ms']['p99']:.2f}"
+            + interval(s.get("latency_p99_interval_ms"))
             + (f" ({s['errors']} err)" if s["errors"] else "")
             for s in res["open_loop"]
         ]

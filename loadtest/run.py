@@ -114,7 +114,8 @@ def open_loop(host: str, out: Path, rates: list[float], seconds: int, cpus: str 
         s = run_locust(host, out / f"open_{int(rate)}", "open", users, seconds, rate, cpus, data=data)
         results.append(s)
         print(
-            f"  open {rate:>6.0f}/s: p50 {s['latency_ms']['p50']} ms  p99 {s['latency_ms']['p99']} ms  "
+            f"  open {rate:>6.0f}/s: p50 {s['latency_ms']['p50']} ms  p99 {s['latency_ms']['p99']} ms "
+            f"(95%: {s.get('latency_p99_interval_ms')})  "
             f"server p50 {s['server_latency_ms']['p50']} ms  errors {s['errors']}",
             flush=True,
         )

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
 import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from loadtest.run import run_locust
-from loadtest.stats import histogram_quantile
+from loadtest.stats import histogram_quantile, quantile_interval
 from tests.servers import running_server
 
 # Marked one by one: the load tests start servers; the compare-model tests at the bottom need none.
@@ -37,6 +39,8 @@ def test_locust_open_loop_and_closed_loop(tmp_path: Path, data_path: Path) -> No
     assert closed["batch_latency_ms"]["p50"] is not None  # /predict/batch was in the mix
     on_disk = json.loads((tmp_path / "open" / "summary.json").read_text())
     assert on_disk["latency_from_schedule_ms"]["p99"] is not None
+    # ~200 responses: too few for the p99's interval (it needs n * 0.99 * 0.01 >= 4, n >= 405).
+    assert (open_loop["latency_p99_interval_ms"] is None) == (open_loop["requests"] < 405)
     assert (tmp_path / "open" / "report.html").stat().st_size > 1000
     assert (tmp_path / "open" / "locust_stats.csv").is_file()
 
@@ -49,6 +53,47 @@ def test_histogram_quantile_matches_prometheus_rules() -> None:
     assert histogram_quantile(0.5, before, after) == pytest.approx(0.001)
     assert histogram_quantile(0.75, before, after) == pytest.approx(0.0015)
     assert histogram_quantile(0.99, before, {0.001: 0.0, 0.002: 0.0, float("inf"): 0.0}) is None
+
+
+def test_p99_interval_is_the_order_statistics_at_the_binomial_ranks() -> None:
+    values = [float(v) for v in range(1000)]  # the k-th smallest is k
+    spread = math.sqrt(1000 * 0.99 * 0.01)
+    assert quantile_interval(values[::-1], 0.99) == [
+        float(math.floor(990 - 1.96 * spread)),
+        float(math.ceil(990 + 1.96 * spread)),
+    ]
+    assert quantile_interval(values[:404], 0.99) is None  # a rank spread under 2 samples
+    assert quantile_interval(values[:405], 0.99) is not None
+
+
+def test_p99_interval_covers_the_true_p99_about_95_times_in_100() -> None:
+    rng = np.random.default_rng(0)
+    true_p99 = math.log(100.0)  # of the unit exponential
+    trials = 400
+    covered = 0
+    for _ in range(trials):
+        bounds = quantile_interval(list(rng.exponential(size=1000)), 0.99)
+        assert bounds is not None
+        covered += bounds[0] <= true_p99 <= bounds[1]
+    assert 0.92 <= covered / trials <= 0.99
+
+
+def test_compare_table_shows_the_p99_interval_where_there_is_one() -> None:
+    from loadtest.compare import markdown
+
+    def result(interval: list[float] | None) -> dict[str, object]:
+        rate = {"latency_ms": {"p50": 1.0, "p99": 2.5}, "latency_p99_interval_ms": interval, "errors": 0}
+        return {
+            "open_loop": [rate],
+            "saturation_steps": [{"throughput_rps": 100.0, "errors": 0}],
+            "saturation": {"throughput_rps": 100.0},
+        }
+
+    table = markdown({"ours": result([2.25, 3.0]), "theirs": result(None)}, [100.0], cpu="a CPU")
+    rows = table.splitlines()
+    assert "p50 / p99 [95%] ms @ 100/s" in rows[2]
+    assert rows[4].startswith("| ours | 1.00 / 2.50 [2.25, 3.00] | 100.0 | 100 | 1.0x |")
+    assert rows[5].startswith("| theirs | 1.00 / 2.50 | 100.0 | 100 | 1.0x |")
 
 
 @pytest.mark.integration
