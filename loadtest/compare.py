@@ -145,7 +145,7 @@ def peak(result: dict[str, Any]) -> float:
     return max(clean) if clean else 0.0
 
 
-def interval(bounds: list[float] | None) -> str:
+def interval_cell(bounds: list[float] | None) -> str:
     """A p99's 95% interval as the table shows it; nothing where the run had too few responses for one."""
     return f" [{bounds[0]:.2f}, {bounds[1]:.2f}]" if bounds else ""
 
@@ -166,7 +166,7 @@ def markdown(results: dict[str, dict[str, Any]], rates: list[float], cpu: str = 
         res = results[name]
         cells = [
             f"{s['latency_ms']['p50']:.2f} / {s['latency_ms']['p99']:.2f}"
-            + interval(s.get("latency_p99_interval_ms"))
+            + interval_cell(s.get("latency_p99_interval_ms"))
             + (f" ({s['errors']} err)" if s["errors"] else "")
             for s in res["open_loop"]
         ]

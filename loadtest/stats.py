@@ -10,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 PERCENTILES = {"p50": 50.0, "p90": 90.0, "p99": 99.0, "p99_9": 99.9}
 # The normal approximation of the binomial that `quantile_interval` leans on wants a rank spread of a few samples:
-# for the p99 that takes 400 or more responses (a 10 s step at 100/s gives 1,000).
+# for the p99 that takes 405 or more responses (a 10 s step at 100/s gives 1,000).
 MIN_RANK_SD = 2.0
 
 
@@ -23,9 +23,9 @@ def percentiles_ms(times_ms: list[float]) -> dict[str, float | None]:
 
 def quantile_interval(times_ms: list[float], q: float, z: float = 1.96) -> list[float] | None:
     """A distribution-free 95% interval for the q-quantile (0 < q < 1) of what was sampled: the order statistics at
-    ranks n q -/+ z sqrt(n q (1 - q)), as the count of samples under the true quantile is binomial(n, q). One run's
-    p99 from 1,000 responses sits between about the 17th- and the 3rd-largest; the interval says how far a second
-    run may read. None with too few samples for the approximation."""
+    ranks n q -/+ z sqrt(n q (1 - q)), as the count of samples under the true quantile is binomial(n, q). From 1,000
+    responses it runs from about the 17th- to the 3rd-largest. It covers sampling alone: a second run under other
+    conditions (a busier host, a colder CPU) can read outside it. None with too few samples for the approximation."""
     n = len(times_ms)
     spread = math.sqrt(n * q * (1.0 - q))
     if spread < MIN_RANK_SD:
