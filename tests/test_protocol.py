@@ -4,6 +4,7 @@ cannot leave the balancer a head without a body (which it cannot retry elsewhere
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import pytest
@@ -11,7 +12,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from app.http.protocol import CoalescingHttpToolsProtocol, CoalescingTransport
+from app.http.protocol import MAX_HEAD_BYTES, CoalescingHttpToolsProtocol, CoalescingTransport
 
 HEAD = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"
 
@@ -144,3 +145,56 @@ def test_a_head_request_gets_the_head_alone_and_the_connection_goes_on() -> None
     assert b"content-length: 11" in head.lower().split(b"\r\n")
     assert body == b""
     assert writes[1].partition(b"\r\n\r\n")[2] == b'{"ok":true}'
+
+
+def _head_refused(writes: list[bytes]) -> dict[str, Any] | None:
+    """The 431 error body if the one write is the protocol's refusal, else None."""
+    if len(writes) != 1 or not writes[0].startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"):
+        return None
+    head, _, body = writes[0].partition(b"\r\n\r\n")
+    assert b"connection: close" in head.split(b"\r\n")
+    assert b"content-length: %d" % len(body) in head.split(b"\r\n")
+    return json.loads(body)
+
+
+def _chunks(header_bytes: int, read: int = 16 * 1024) -> list[bytes]:
+    """A request whose one header value is `header_bytes` long, as the reads a socket would deliver it in."""
+    raw = b"POST /predict HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * header_bytes + b"\r\ncontent-length: 2\r\n\r\n{}"
+    return [raw[i : i + read] for i in range(0, len(raw), read)]
+
+
+def test_a_request_head_over_the_cap_gets_431_and_the_connection_closes() -> None:
+    async def scenario() -> FakeTransport:
+        config = Config(app=_app, http=CoalescingHttpToolsProtocol, lifespan="off", log_config=None)
+        config.load()
+        protocol = CoalescingHttpToolsProtocol(config, ServerState(), {}, asyncio.get_running_loop())
+        fake = FakeTransport()
+        protocol.connection_made(fake)  # type: ignore[arg-type]
+        for raw in _chunks(10 * MAX_HEAD_BYTES):
+            if fake.closed:
+                break  # a closed transport delivers no more reads
+            protocol.data_received(raw)
+        await asyncio.sleep(0)
+        return fake
+
+    fake = asyncio.run(scenario())
+    assert fake.closed
+    message = f"the request line and headers are over {MAX_HEAD_BYTES} bytes"
+    assert _head_refused(fake.writes) == {"error": {"type": "headers_too_large", "message": message}}
+
+
+@pytest.mark.parametrize("read", [1024, 16 * 1024, 256 * 1024])
+def test_a_head_under_the_cap_is_served_however_it_is_read(read: int) -> None:
+    writes = asyncio.run(_serve(CoalescingHttpToolsProtocol, _chunks(MAX_HEAD_BYTES - 100, read)))
+    assert _head_refused(writes) is None
+    assert len(writes) == 1
+    assert writes[0].partition(b"\r\n\r\n")[2] == b'{"ok":true}'
+
+
+def test_a_large_body_read_with_the_end_of_its_head_is_not_counted_as_head() -> None:
+    body = b"x" * (4 * MAX_HEAD_BYTES)
+    raw = b"POST /predict HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n" % len(body) + body
+    # The first read leaves the head unfinished; the second ends it and brings the whole body.
+    writes = asyncio.run(_serve(CoalescingHttpToolsProtocol, [raw[:20], raw[20:]]))
+    assert len(writes) == 1
+    assert writes[0].partition(b"\r\n\r\n")[2] == b'{"ok":true}'

@@ -47,6 +47,12 @@ class BodyTooLarge(ServiceError):
     kind = "body_too_large"
 
 
+class HeadersTooLarge(ServiceError):
+    """A request line and headers over app.http.protocol.MAX_HEAD_BYTES; refused by the protocol, before the app."""
+
+    kind = "headers_too_large"
+
+
 class Unauthorized(ServiceError):
     kind = "unauthorized"
 
@@ -87,6 +93,7 @@ STATUS: dict[type[ServiceError], int] = {
     NotFound: 404,
     MethodNotAllowed: 405,
     BodyTooLarge: 413,
+    HeadersTooLarge: 431,
     ValidationFailed: 422,
     EmptyText: 422,
     TextTooLong: 422,

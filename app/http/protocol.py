@@ -9,14 +9,24 @@ response reaches the balancer whole or not at all, and a small response costs on
 
 The head is held only until the next write or the end of the event loop's current iteration, whichever comes
 first, so a streamed response's head is never delayed behind a slow body, and the order of bytes never changes.
+
+The protocol also caps a request's head (request line and headers) at MAX_HEAD_BYTES and answers a larger one
+with 431, as nginx, HAProxy and Node do at 8-64 KiB. httptools sets no limit and grows a header value by copying
+it at every read, so without the cap a 60 MB header held the event loop for about 4 s (a health check waited
+1.6 s behind it) and a larger one would have held it for longer, and for every client of the worker.
 """
 
 from __future__ import annotations
 
 import asyncio
+from http import HTTPStatus
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from app.http.errors import HeadersTooLarge, render
+
+MAX_HEAD_BYTES = 64 * 1024
 
 
 class CoalescingTransport:
@@ -59,7 +69,41 @@ class CoalescingTransport:
 
 
 class CoalescingHttpToolsProtocol(HttpToolsProtocol):
-    """The service's HTTP protocol for uvicorn (`http=`): httptools over a CoalescingTransport."""
+    """The service's HTTP protocol for uvicorn (`http=`): httptools over a CoalescingTransport, and a cap on the
+    size of a request's head."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
+        self._head_bytes: int | None = None  # of the request head being read; None between heads
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head_bytes = 0
+
+    def on_headers_complete(self) -> None:
+        self._head_bytes = None
+        super().on_headers_complete()
+
+    def data_received(self, data: bytes) -> None:
+        # Counted are the reads that find a head already begun and leave it unfinished: every byte of those is
+        # the head's, so a head under the cap is never refused. The read that begins a head is not counted, so a
+        # refused head is over the cap by at most one read (uvloop reads up to 256 KiB at a time).
+        counting = self._head_bytes is not None
+        super().data_received(data)
+        if self._head_bytes is None or self.transport.is_closing():
+            return
+        if counting:
+            self._head_bytes += len(data)
+        if self._head_bytes > MAX_HEAD_BYTES:
+            self._refuse_head()
+
+    def _refuse_head(self) -> None:
+        status, headers, body = render(
+            HeadersTooLarge(f"the request line and headers are over {MAX_HEAD_BYTES} bytes", {"Connection": "close"})
+        )
+        self.logger.warning("refused a request whose head is over %d bytes (%d)", MAX_HEAD_BYTES, status)
+        lines = [b"HTTP/1.1 %d %s\r\n" % (status, HTTPStatus(status).phrase.encode())]
+        lines += [name + b": " + value + b"\r\n" for name, value in [*self.server_state.default_headers, *headers]]
+        self.transport.write(b"".join(lines) + b"\r\n" + body)
+        self.transport.close()
+        self._head_bytes = None
