@@ -12,6 +12,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
+from app.http import protocol as protocol_module
 from app.http.protocol import MAX_HEAD_BYTES, CoalescingHttpToolsProtocol, CoalescingTransport
 
 HEAD = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"
@@ -198,3 +199,101 @@ def test_a_large_body_read_with_the_end_of_its_head_is_not_counted_as_head() -> 
     writes = asyncio.run(_serve(CoalescingHttpToolsProtocol, [raw[:20], raw[20:]]))
     assert len(writes) == 1
     assert writes[0].partition(b"\r\n\r\n")[2] == b'{"ok":true}'
+
+
+async def _reading_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Reads the whole body before it answers, as the service does; records what `receive` gave it."""
+    if scope["type"] != "http":
+        return
+    while True:
+        message = await receive()
+        RECEIVED.append(message["type"])
+        if message["type"] == "http.disconnect":
+            return
+        if not message.get("more_body", False):
+            break
+    body = b'{"ok":true}'
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(body))]})
+    await send({"type": "http.response.body", "body": body})
+
+
+RECEIVED: list[str] = []
+
+
+async def _answer_at_once(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Answers without reading the body."""
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": b"{}"})
+
+
+def _timed(app: Any, reads: list[bytes], wait_s: float) -> FakeTransport:
+    """`reads` delivered one loop turn apart to a fresh connection, then `wait_s` of waiting."""
+
+    async def scenario() -> FakeTransport:
+        RECEIVED.clear()
+        config = Config(app=app, http=CoalescingHttpToolsProtocol, lifespan="off", log_config=None)
+        config.load()
+        protocol = CoalescingHttpToolsProtocol(config, ServerState(), {}, asyncio.get_running_loop())
+        fake = FakeTransport()
+        protocol.connection_made(fake)  # type: ignore[arg-type]
+        for raw in reads:
+            protocol.data_received(raw)
+            for _ in range(20):
+                await asyncio.sleep(0)
+        await asyncio.sleep(wait_s)
+        if fake.closed:
+            protocol.connection_lost(None)  # what the event loop does once a transport has closed
+        for _ in range(20):
+            await asyncio.sleep(0)
+        return fake
+
+    return asyncio.run(scenario())
+
+
+def _status(write: bytes) -> int:
+    return int(write.split(b" ", 2)[1])
+
+
+TIMEOUT_MESSAGE = "the request did not arrive whole within 0.05 s"
+
+
+@pytest.mark.parametrize(
+    "reads",
+    [
+        [],  # connected, sent nothing
+        [b"POST /predict HTTP/1.1\r\nhost: x\r\n"],  # part of a head
+        [b'POST /predict HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\n{"t'],  # a whole head, part of a body
+        [POST, b"POST /predict HTTP/1.1\r\n"],  # a whole request, then part of the next on the same connection
+    ],
+    ids=["silent", "part-of-head", "part-of-body", "keep-alive-then-part"],
+)
+def test_a_request_that_does_not_arrive_whole_in_time_gets_408_and_the_connection_closes(
+    reads: list[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(protocol_module, "READ_TIMEOUT_S", 0.05)
+    fake = _timed(_reading_app, reads, wait_s=0.3)
+    assert fake.closed
+    *answered, refused = fake.writes
+    assert [_status(w) for w in answered] == ([200] if reads and reads[0] == POST else [])
+    assert _status(refused) == 408
+    assert json.loads(refused.partition(b"\r\n\r\n")[2]) == {
+        "error": {"type": "request_timeout", "message": TIMEOUT_MESSAGE}
+    }
+    if b'{"t' in b"".join(reads):
+        assert RECEIVED[-1] == "http.disconnect"  # the app waiting for the body is told the client is gone
+
+
+def test_a_request_that_arrives_whole_is_not_timed_out_after(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(protocol_module, "READ_TIMEOUT_S", 0.05)
+    fake = _timed(_reading_app, [POST[:10], POST[10:]], wait_s=0.3)
+    assert not fake.closed  # idle now: uvicorn's keep-alive timeout (5 s) is the one that closes it
+    assert [_status(w) for w in fake.writes] == [200]
+
+
+def test_an_answer_that_began_before_its_body_came_is_not_followed_by_408(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(protocol_module, "READ_TIMEOUT_S", 0.05)
+    fake = _timed(_answer_at_once, [b'POST /predict HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\n{"t'], 0.3)
+    assert fake.closed
+    assert [_status(w) for w in fake.writes] == [200]

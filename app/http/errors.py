@@ -47,6 +47,12 @@ class BodyTooLarge(ServiceError):
     kind = "body_too_large"
 
 
+class RequestTimeout(ServiceError):
+    """No whole request within app.http.protocol.READ_TIMEOUT_S; answered by the protocol, which then closes."""
+
+    kind = "request_timeout"
+
+
 class HeadersTooLarge(ServiceError):
     """A request line and headers over app.http.protocol.MAX_HEAD_BYTES; refused by the protocol, before the app."""
 
@@ -92,6 +98,7 @@ STATUS: dict[type[ServiceError], int] = {
     Forbidden: 403,
     NotFound: 404,
     MethodNotAllowed: 405,
+    RequestTimeout: 408,
     BodyTooLarge: 413,
     HeadersTooLarge: 431,
     ValidationFailed: 422,

@@ -13,7 +13,11 @@ first, so a streamed response's head is never delayed behind a slow body, and th
 The protocol also caps a request's head (request line and headers) at MAX_HEAD_BYTES and answers a larger one
 with 431, as nginx, HAProxy and Node do at 8-64 KiB. httptools sets no limit and grows a header value by copying
 it at every read, so without the cap a 60 MB header held the event loop for about 4 s (a health check waited
-1.6 s behind it) and a larger one would have held it for longer, and for every client of the worker.
+1.6 s behind it) and a larger one would have held it for longer, and for every client of the worker. And a
+request must arrive whole, head and body, within READ_TIMEOUT_S of the connection opening or of its first byte
+(408, then close): uvicorn times out only idle keep-alive connections, so a client that sent nothing, part of a
+head or part of a body held its connection (a file descriptor, a task, a slot in the balancer's `maxconn`) for
+ever.
 """
 
 from __future__ import annotations
@@ -24,9 +28,12 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from app.http.errors import HeadersTooLarge, render
+from app.http.errors import HeadersTooLarge, RequestTimeout, ServiceError, render
 
 MAX_HEAD_BYTES = 64 * 1024
+# A request must arrive whole within this long. HAProxy's documentation suggests 10 s for its `timeout
+# http-request` (the head); nginx waits 60 s for the head and 60 s between reads of the body.
+READ_TIMEOUT_S = 10.0
 
 
 class CoalescingTransport:
@@ -75,14 +82,49 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
         self._head_bytes: int | None = None  # of the request head being read; None between heads
+        # When the request being read must be whole (head and body); None between requests. Checked by one timer
+        # per connection that re-arms itself, so a request costs no timer of its own.
+        self._read_deadline: float | None = None
+        self._deadline_timer: asyncio.TimerHandle | None = None
+        self._start_read_deadline()  # the first request is due from the moment the connection opens
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+            self._deadline_timer = None
+        super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._head_bytes = 0
+        if self._read_deadline is None:  # a later request on a kept-alive connection is due from its first byte
+            self._start_read_deadline()
 
     def on_headers_complete(self) -> None:
         self._head_bytes = None
         super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._read_deadline = None
+        super().on_message_complete()
+
+    def _start_read_deadline(self) -> None:
+        self._read_deadline = self.loop.time() + READ_TIMEOUT_S
+        if self._deadline_timer is None:
+            self._deadline_timer = self.loop.call_later(READ_TIMEOUT_S, self._check_read_deadline)
+
+    def _check_read_deadline(self) -> None:
+        self._deadline_timer = None
+        if self._read_deadline is None or self.transport.is_closing():
+            return  # between requests: uvicorn's keep-alive timeout closes an idle connection
+        left = self._read_deadline - self.loop.time()
+        if left > 0:
+            self._deadline_timer = self.loop.call_later(left, self._check_read_deadline)
+        elif self._head_bytes is None and self.cycle is not None and self.cycle.response_started:
+            # This request's head is in and its answer has begun (a route that reads no body): nothing to add.
+            self.transport.close()
+        else:
+            self._refuse(RequestTimeout(f"the request did not arrive whole within {READ_TIMEOUT_S:g} s"))
 
     def data_received(self, data: bytes) -> None:
         # Counted are the reads that find a head already begun and leave it unfinished: every byte of those is
@@ -95,15 +137,16 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         if counting:
             self._head_bytes += len(data)
         if self._head_bytes > MAX_HEAD_BYTES:
-            self._refuse_head()
+            self._refuse(HeadersTooLarge(f"the request line and headers are over {MAX_HEAD_BYTES} bytes"))
 
-    def _refuse_head(self) -> None:
-        status, headers, body = render(
-            HeadersTooLarge(f"the request line and headers are over {MAX_HEAD_BYTES} bytes", {"Connection": "close"})
-        )
-        self.logger.warning("refused a request whose head is over %d bytes (%d)", MAX_HEAD_BYTES, status)
+    def _refuse(self, error: ServiceError) -> None:
+        """Answer a request the app never saw with the service's error body, and close the connection."""
+        status, headers, body = render(error)
+        self.logger.warning("refused a request before the app: %d %s", status, error.message)
         lines = [b"HTTP/1.1 %d %s\r\n" % (status, HTTPStatus(status).phrase.encode())]
-        lines += [name + b": " + value + b"\r\n" for name, value in [*self.server_state.default_headers, *headers]]
+        headers = [*self.server_state.default_headers, *headers, (b"connection", b"close")]
+        lines += [name + b": " + value + b"\r\n" for name, value in headers]
         self.transport.write(b"".join(lines) + b"\r\n" + body)
         self.transport.close()
         self._head_bytes = None
+        self._read_deadline = None
