@@ -75,6 +75,7 @@ def main() -> int:
             workers=settings.workers,
             loop="uvloop",
             http=CoalescingHttpToolsProtocol,
+            ws="none",  # no WebSocket routes: an Upgrade header is ignored, and the websockets package never loads
             log_config=None,
             access_log=False,
             timeout_graceful_shutdown=settings.graceful_timeout_s,

@@ -233,7 +233,8 @@ def _timed(app: Any, reads: list[bytes], wait_s: float) -> FakeTransport:
 
     async def scenario() -> FakeTransport:
         RECEIVED.clear()
-        config = Config(app=app, http=CoalescingHttpToolsProtocol, lifespan="off", log_config=None)
+        # As app/__main__.py runs it: no WebSocket protocol.
+        config = Config(app=app, http=CoalescingHttpToolsProtocol, ws="none", lifespan="off", log_config=None)
         config.load()
         protocol = CoalescingHttpToolsProtocol(config, ServerState(), {}, asyncio.get_running_loop())
         fake = FakeTransport()
@@ -297,3 +298,36 @@ def test_an_answer_that_began_before_its_body_came_is_not_followed_by_408(monkey
     fake = _timed(_answer_at_once, [b'POST /predict HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\n{"t'], 0.3)
     assert fake.closed
     assert [_status(w) for w in fake.writes] == [200]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"GARBAGE\r\n\r\n",
+        # Content-Length and Transfer-Encoding together: the request-smuggling shape a parser must refuse.
+        b"POST /predict HTTP/1.1\r\nhost: x\r\ncontent-length: 13\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"GET /health HTTP/1.1\r\nhost: x\r\nbad header: 1\r\n\r\n",
+    ],
+    ids=["garbage", "content-length-and-chunked", "space-in-header-name"],
+)
+def test_bytes_that_are_not_http_get_the_service_error_body_and_the_connection_closes(raw: bytes) -> None:
+    fake = _timed(_reading_app, [raw], wait_s=0)
+    assert fake.closed
+    (write,) = fake.writes
+    head, _, body = write.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert b"content-type: application/json" in head.split(b"\r\n")
+    assert json.loads(body) == {"error": {"type": "invalid_http", "message": "Invalid HTTP request received."}}
+    assert RECEIVED == []  # the app never saw it
+
+
+@pytest.mark.parametrize("upgrade", [b"websocket", b"h2c"])
+def test_an_upgrade_header_is_ignored_and_the_request_answered_as_http_1_1(
+    upgrade: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    raw = b"GET /health HTTP/1.1\r\nhost: x\r\nupgrade: %s\r\nconnection: Upgrade\r\n\r\n" % upgrade
+    with caplog.at_level("WARNING"):
+        fake = _timed(_answer_at_once, [raw], wait_s=0)
+    assert [_status(w) for w in fake.writes] == [200]
+    assert not fake.closed
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == []

@@ -19,6 +19,12 @@ class ServiceError(Exception):
         self.headers = headers or {}
 
 
+class InvalidHTTP(ServiceError):
+    """Bytes that are not an HTTP/1.1 request (the parser refused them); answered by the protocol, which closes."""
+
+    kind = "invalid_http"
+
+
 class InvalidJSON(ServiceError):
     kind = "invalid_json"
 
@@ -92,6 +98,7 @@ class Forbidden(ServiceError):
 
 
 STATUS: dict[type[ServiceError], int] = {
+    InvalidHTTP: 400,
     InvalidJSON: 400,
     InvalidEncoding: 400,
     Unauthorized: 401,

@@ -28,7 +28,7 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from app.http.errors import HeadersTooLarge, RequestTimeout, ServiceError, render
+from app.http.errors import HeadersTooLarge, InvalidHTTP, RequestTimeout, ServiceError, render
 
 MAX_HEAD_BYTES = 64 * 1024
 # A request must arrive whole within this long. HAProxy's documentation suggests 10 s for its `timeout
@@ -124,6 +124,7 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
             # This request's head is in and its answer has begun (a route that reads no body): nothing to add.
             self.transport.close()
         else:
+            self.logger.warning("closed a connection whose request did not arrive whole in %g s", READ_TIMEOUT_S)
             self._refuse(RequestTimeout(f"the request did not arrive whole within {READ_TIMEOUT_S:g} s"))
 
     def data_received(self, data: bytes) -> None:
@@ -137,12 +138,22 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         if counting:
             self._head_bytes += len(data)
         if self._head_bytes > MAX_HEAD_BYTES:
+            self.logger.warning("refused a request whose head is over %d bytes", MAX_HEAD_BYTES)
             self._refuse(HeadersTooLarge(f"the request line and headers are over {MAX_HEAD_BYTES} bytes"))
+
+    def _unsupported_upgrade_warning(self) -> None:
+        # uvicorn would warn that no WebSocket library is installed and suggest one. The service has no WebSocket
+        # routes and runs with ws="none", so an Upgrade header (websocket, h2c) is ignored and the request is
+        # answered as plain HTTP/1.1, as RFC 9110 lets a server do.
+        self.logger.debug("ignored an Upgrade header: the service answers HTTP/1.1")
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to bytes its parser refuses (it has logged them), in the service's error body."""
+        self._refuse(InvalidHTTP(msg.strip()))
 
     def _refuse(self, error: ServiceError) -> None:
         """Answer a request the app never saw with the service's error body, and close the connection."""
         status, headers, body = render(error)
-        self.logger.warning("refused a request before the app: %d %s", status, error.message)
         lines = [b"HTTP/1.1 %d %s\r\n" % (status, HTTPStatus(status).phrase.encode())]
         headers = [*self.server_state.default_headers, *headers, (b"connection", b"close")]
         lines += [name + b": " + value + b"\r\n" for name, value in headers]
