@@ -372,3 +372,20 @@ def test_access_log_line_is_structured() -> None:
     assert line["request_id"] == "abc"
     assert line["status"] == 200
     assert line["level"] == "debug"
+
+
+def test_the_readme_error_table_lists_every_error_kind_with_its_status() -> None:
+    """Each row is `| 413 / 431 | `a` / `b` | ... |` (statuses and kinds pair up in order) or `| 400 | `a` / `b` |
+    ... |` (one status for every kind in the row)."""
+    from app.http.errors import STATUS
+    from tests.conftest import ROOT
+
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index("### Errors") :].split("\n\n")[2]
+    documented: dict[str, int] = {}
+    for row in table.splitlines()[2:]:
+        statuses, kinds = ([part.strip("`") for part in cell.strip().split(" / ")] for cell in row.split("|")[1:3])
+        if len(statuses) == 1:
+            statuses *= len(kinds)
+        documented.update({kind: int(status) for status, kind in zip(statuses, kinds, strict=True)})
+    assert documented == {error.kind: status for error, status in STATUS.items()}
