@@ -141,6 +141,25 @@ def test_body_over_byte_limit_is_refused_before_parsing() -> None:
         assert error_of(r) == "body_too_large"
 
 
+@pytest.mark.parametrize("path", ["/predict", "/predict/batch"])
+@pytest.mark.parametrize("coding", ["gzip", "br", "GZIP "])
+def test_a_compressed_body_is_refused_with_415_and_what_is_accepted(client: TestClient, path: str, coding: str) -> None:
+    import gzip
+
+    body = gzip.compress(b'{"text": "flight", "texts": ["flight"]}')
+    r = client.post(path, content=body, headers={"content-type": "application/json", "content-encoding": coding})
+    assert r.status_code == 415
+    assert error_of(r) == "unsupported_content_encoding"
+    assert r.headers["accept-encoding"] == "identity"
+    assert coding.strip().lower() in r.json()["error"]["message"]
+    identity = client.post(
+        path,
+        json={"texts": ["flight"]} if "batch" in path else {"text": "flight"},
+        headers={"content-encoding": "identity"},
+    )
+    assert identity.status_code == 200
+
+
 def test_unknown_route_and_method(client: TestClient) -> None:
     r = client.get("/nope")
     assert r.status_code == 404

@@ -59,6 +59,12 @@ class RequestTimeout(ServiceError):
     kind = "request_timeout"
 
 
+class UnsupportedEncoding(ServiceError):
+    """A body sent with a Content-Encoding (gzip, ...): bodies are read as sent, never decompressed."""
+
+    kind = "unsupported_content_encoding"
+
+
 class HeadersTooLarge(ServiceError):
     """A request line and headers over app.http.protocol.MAX_HEAD_BYTES; refused by the protocol, before the app."""
 
@@ -107,6 +113,7 @@ STATUS: dict[type[ServiceError], int] = {
     MethodNotAllowed: 405,
     RequestTimeout: 408,
     BodyTooLarge: 413,
+    UnsupportedEncoding: 415,
     HeadersTooLarge: 431,
     ValidationFailed: 422,
     EmptyText: 422,

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
-from app.http.errors import BodyTooLarge, ServiceError, Unauthorized, render
+from app.http.errors import BodyTooLarge, ServiceError, Unauthorized, UnsupportedEncoding, render
 from app.http.metrics import Metrics
 
 Scope = MutableMapping[str, Any]
@@ -159,6 +159,14 @@ class ServiceMiddleware:
 
     async def _read_body(self, headers: dict[bytes, bytes], receive: Receive) -> bytes | None:
         """The whole body, refused as soon as it passes the limit; None if the client disconnected."""
+        coding = headers.get(b"content-encoding", b"identity").strip().lower()
+        if coding != b"identity":
+            # Refused rather than decompressed: a few hundred bytes of JSON gain nothing from compression, and a
+            # decompressed body would need its own limit (a small gzip can inflate to gigabytes).
+            raise UnsupportedEncoding(
+                f"Content-Encoding {coding.decode('latin-1')[:40]} is not accepted: send the body uncompressed",
+                {"Accept-Encoding": "identity"},
+            )
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body:
             self.metrics.rejected.labels("body_too_large").inc()
