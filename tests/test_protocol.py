@@ -331,3 +331,19 @@ def test_an_upgrade_header_is_ignored_and_the_request_answered_as_http_1_1(
     assert [_status(w) for w in fake.writes] == [200]
     assert not fake.closed
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == []
+
+
+async def _slow_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] != "http":
+        return
+    await receive()
+    await asyncio.sleep(0.1)
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": b"{}"})
+
+
+def test_a_refusal_is_not_sent_before_the_answer_to_an_earlier_pipelined_request() -> None:
+    """The client would take the 431 for the first request's answer: the connection only closes."""
+    fake = _timed(_slow_app, [POST + _chunks(10 * MAX_HEAD_BYTES)[0], *_chunks(10 * MAX_HEAD_BYTES)[1:]], wait_s=0.3)
+    assert fake.closed
+    assert fake.writes == []

@@ -1,23 +1,25 @@
-"""uvicorn's httptools protocol, except that a response's head leaves in one write with the body that follows it.
+"""The service's HTTP/1.1 connections: uvicorn's httptools protocol, with one write per response and limits on
+what a client may send before the app sees it.
 
-Why: uvicorn writes the status line and headers as soon as the app starts its response, and the body in a second
-write. A replica killed between the two leaves the balancer holding a 200 head and no body (HAProxy logs the
-request as "SD": the server aborted during the data). It has already passed the head on, so it cannot send the
-request to another replica, and the client loses it. `make scaleout` saw this in 2 of 25 kills on two busy cores,
-where the scheduler can stop a replica between its two writes for tens of milliseconds. With one write, a
-response reaches the balancer whole or not at all, and a small response costs one send instead of two.
+One write: uvicorn writes the status line and headers as soon as the app starts its response, and the body in a
+second write. A replica killed between the two leaves the balancer holding a 200 head and no body (HAProxy logs
+the request as "SD": the server aborted during the data). It has already passed the head on, so it cannot send
+the request to another replica, and the client loses it. `make scaleout` saw this in 2 of 25 kills on two busy
+cores, where the scheduler can stop a replica between its two writes for tens of milliseconds. With one write, a
+response reaches the balancer whole or not at all, and a small response costs one send instead of two. The head
+is held only until the next write or the end of the event loop's current iteration, whichever comes first, so a
+streamed response's head is never delayed behind a slow body, and the order of bytes never changes.
 
-The head is held only until the next write or the end of the event loop's current iteration, whichever comes
-first, so a streamed response's head is never delayed behind a slow body, and the order of bytes never changes.
-
-The protocol also caps a request's head (request line and headers) at MAX_HEAD_BYTES and answers a larger one
-with 431, as nginx, HAProxy and Node do at 8-64 KiB. httptools sets no limit and grows a header value by copying
-it at every read, so without the cap a 60 MB header held the event loop for about 4 s (a health check waited
-1.6 s behind it) and a larger one would have held it for longer, and for every client of the worker. And a
-request must arrive whole, head and body, within READ_TIMEOUT_S of the connection opening or of its first byte
-(408, then close): uvicorn times out only idle keep-alive connections, so a client that sent nothing, part of a
-head or part of a body held its connection (a file descriptor, a task, a slot in the balancer's `maxconn`) for
-ever.
+Limits, each answered in the service's error body, after which the connection closes:
+- a request's head (request line and headers) over MAX_HEAD_BYTES: 431, as nginx, HAProxy and Node refuse at
+  8-64 KiB. httptools sets no limit and grows a header value by copying it at every read, so without the cap a
+  60 MB header held the event loop for about 4 s (a health check waited 1.6 s behind it), for every client of
+  the worker;
+- a request not whole, head and body, within READ_TIMEOUT_S of the connection opening or of its first byte: 408.
+  uvicorn times out only idle keep-alive connections, so a client that sent nothing, part of a head or part of a
+  body held its connection (a file descriptor, a task, a slot in the balancer's `maxconn`) for ever;
+- bytes the parser refuses (not HTTP/1.1, or a request-smuggling shape such as Content-Length with chunked):
+  400 `invalid_http`, where uvicorn answered in plain text.
 """
 
 from __future__ import annotations
@@ -76,8 +78,8 @@ class CoalescingTransport:
 
 
 class CoalescingHttpToolsProtocol(HttpToolsProtocol):
-    """The service's HTTP protocol for uvicorn (`http=`): httptools over a CoalescingTransport, and a cap on the
-    size of a request's head."""
+    """The service's HTTP protocol for uvicorn (`http=`): httptools over a CoalescingTransport, with the limits
+    above."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
@@ -152,12 +154,17 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         self._refuse(InvalidHTTP(msg.strip()))
 
     def _refuse(self, error: ServiceError) -> None:
-        """Answer a request the app never saw with the service's error body, and close the connection."""
-        status, headers, body = render(error)
-        lines = [b"HTTP/1.1 %d %s\r\n" % (status, HTTPStatus(status).phrase.encode())]
-        headers = [*self.server_state.default_headers, *headers, (b"connection", b"close")]
-        lines += [name + b": " + value + b"\r\n" for name, value in headers]
-        self.transport.write(b"".join(lines) + b"\r\n" + body)
+        """Answer a request the app never saw with the service's error body, and close the connection. If an
+        earlier request on the connection is still being answered (pipelining), an answer now would be taken for
+        its answer: the connection only closes, and the client, which saw no answer to either, may send both
+        again."""
+        earlier_in_flight = self._head_bytes is not None and self.cycle is not None and not self.cycle.response_complete
+        if not earlier_in_flight:
+            status, headers, body = render(error)
+            lines = [b"HTTP/1.1 %d %s\r\n" % (status, HTTPStatus(status).phrase.encode())]
+            headers = [*self.server_state.default_headers, *headers, (b"connection", b"close")]
+            lines += [name + b": " + value + b"\r\n" for name, value in headers]
+            self.transport.write(b"".join(lines) + b"\r\n" + body)
         self.transport.close()
         self._head_bytes = None
         self._read_deadline = None
