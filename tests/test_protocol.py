@@ -13,7 +13,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from app.http import protocol as protocol_module
-from app.http.protocol import MAX_HEAD_BYTES, CoalescingHttpToolsProtocol, CoalescingTransport
+from app.http.protocol import MAX_HEAD_BYTES, PROTOCOL_METRICS, CoalescingHttpToolsProtocol, CoalescingTransport
 
 HEAD = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"
 
@@ -228,15 +228,16 @@ async def _answer_at_once(scope: dict[str, Any], receive: Any, send: Any) -> Non
     await send({"type": "http.response.body", "body": b"{}"})
 
 
-def _timed(app: Any, reads: list[bytes], wait_s: float) -> FakeTransport:
-    """`reads` delivered one loop turn apart to a fresh connection, then `wait_s` of waiting."""
+def _timed(app: Any, reads: list[bytes], wait_s: float, state: dict[str, Any] | None = None) -> FakeTransport:
+    """`reads` delivered one loop turn apart to a fresh connection, then `wait_s` of waiting; `state` is the
+    lifespan state uvicorn would hand the protocol."""
 
     async def scenario() -> FakeTransport:
         RECEIVED.clear()
         # As app/__main__.py runs it: no WebSocket protocol.
         config = Config(app=app, http=CoalescingHttpToolsProtocol, ws="none", lifespan="off", log_config=None)
         config.load()
-        protocol = CoalescingHttpToolsProtocol(config, ServerState(), {}, asyncio.get_running_loop())
+        protocol = CoalescingHttpToolsProtocol(config, ServerState(), state or {}, asyncio.get_running_loop())
         fake = FakeTransport()
         protocol.connection_made(fake)  # type: ignore[arg-type]
         for raw in reads:
@@ -347,3 +348,33 @@ def test_a_refusal_is_not_sent_before_the_answer_to_an_earlier_pipelined_request
     fake = _timed(_slow_app, [POST + _chunks(10 * MAX_HEAD_BYTES)[0], *_chunks(10 * MAX_HEAD_BYTES)[1:]], wait_s=0.3)
     assert fake.closed
     assert fake.writes == []
+
+
+def test_refusals_are_counted_with_the_apps_metrics() -> None:
+    from app.http.metrics import Metrics
+
+    metrics = Metrics()
+    fake = _timed(_reading_app, [b"GARBAGE\r\n\r\n"], wait_s=0, state={PROTOCOL_METRICS: metrics})
+    assert _status(fake.writes[0]) == 400
+    assert metrics.registry.get_sample_value("intent_rejected_total", {"reason": "invalid_http"}) == 1.0
+
+
+@pytest.mark.integration
+def test_a_running_server_counts_what_its_protocol_refuses() -> None:
+    """The lifespan hands the app's metrics to uvicorn's protocol: /metrics shows refusals the app never saw."""
+    import socket
+
+    from tests.servers import get, running_server
+
+    with running_server() as (base, _):
+        port = int(base.rsplit(":", 1)[1])
+        for raw in (b"GARBAGE\r\n\r\n", b"GET /health HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * (1 << 20)):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.sendall(raw)
+                answer = s.recv(1 << 16)
+            assert answer.startswith((b"HTTP/1.1 400 ", b"HTTP/1.1 431 ")), answer[:80]
+        status, exposition = get(base + "/metrics", 10.0)
+        assert status == 200
+        text = exposition.decode()
+    for reason in ("invalid_http", "headers_too_large"):
+        assert f'intent_rejected_total{{reason="{reason}"}} 1.0' in text.splitlines(), reason

@@ -161,6 +161,7 @@ class ServiceMiddleware:
         """The whole body, refused as soon as it passes the limit; None if the client disconnected."""
         coding = headers.get(b"content-encoding", b"identity").strip().lower()
         if coding != b"identity":
+            self.metrics.rejected.labels("unsupported_content_encoding").inc()
             # Refused rather than decompressed: a few hundred bytes of JSON gain nothing from compression, and a
             # decompressed body would need its own limit (a small gzip can inflate to gigabytes).
             raise UnsupportedEncoding(

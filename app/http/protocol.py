@@ -31,11 +31,15 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from app.http.errors import HeadersTooLarge, InvalidHTTP, RequestTimeout, ServiceError, render
+from app.http.metrics import Metrics
 
 MAX_HEAD_BYTES = 64 * 1024
 # A request must arrive whole within this long. HAProxy's documentation suggests 10 s for its `timeout
 # http-request` (the head); nginx waits 60 s for the head and 60 s between reads of the body.
 READ_TIMEOUT_S = 10.0
+# The key under which the app's lifespan state holds its Metrics, so that refusals are counted with the app's own
+# (`intent_rejected_total{reason=...}`); absent before start-up, when nothing is counted.
+PROTOCOL_METRICS = "intent_metrics"
 
 
 class CoalescingTransport:
@@ -159,6 +163,9 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         its answer: the connection only closes, and the client, which saw no answer to either, may send both
         again."""
         earlier_in_flight = self._head_bytes is not None and self.cycle is not None and not self.cycle.response_complete
+        metrics: Metrics | None = self.app_state.get(PROTOCOL_METRICS)
+        if metrics is not None:
+            metrics.rejected.labels(error.kind).inc()
         if not earlier_in_flight:
             status, headers, body = render(error)
             lines = [b"HTTP/1.1 %d %s\r\n" % (status, HTTPStatus(status).phrase.encode())]
