@@ -180,6 +180,13 @@ def load_labelled(
     if not 0 < val_share < 1:
         raise FactoryError(f"the validation share must be between 0 and 1, got {val_share}")
     examples = read_examples(path, columns)
+    intents = {e.intent for e in examples}
+    if len(intents) < 2:
+        # One class gives the classifier nothing to learn and several OOS rules nothing to compare.
+        raise FactoryError(
+            f"{path}: every example is the intent {intents.pop()!r}; the model chooses among intents, so at least 2 "
+            "are needed (out-of-scope examples go in their own file, --oos-data)"
+        )
     if val_path is None:
         train, val = stratified_split(examples, val_share, seed, path)
     else:

@@ -148,6 +148,12 @@ BAD = [
     ("number.jsonl", b'{"text": "a", "intent": 3}\n', "{path}, line 1: 'intent' must be a string"),
     ("data.tsv", b"text\tintent\n", "{path}: unknown format '.tsv'; give a .csv, .jsonl or CLINC150 .json file"),
     (
+        "one_intent.csv",
+        b"text,intent\nhello,greet\nhi,greet\nhey there,greet\n",
+        "{path}: every example is the intent 'greet'; the model chooses among intents, so at least 2 are needed "
+        "(out-of-scope examples go in their own file, --oos-data)",
+    ),
+    (
         "single.csv",
         b"text,intent\nhello,greet\nhi,greet\nbook it,book\n",
         "{path}, line 4: the intent 'book' has 1 example; at least 2 are needed to hold one out for validation (add "
