@@ -87,10 +87,17 @@ class Settings(BaseSettings):
 def within_root(path: Path, root: Path | None) -> bool:
     """Whether `path` lies under `root` once both are resolved (symlinks followed, `..` collapsed, the path
     need not exist); always true without a root. Relative paths resolve against the working directory, as
-    the model loader reads them."""
+    the model loader reads them. ValueError when either cannot be resolved (a symlink loop)."""
     if root is None:
         return True
-    return path.resolve(strict=False).is_relative_to(root.resolve(strict=False))
+    return _resolved(path).is_relative_to(_resolved(root))
+
+
+def _resolved(path: Path) -> Path:
+    try:
+        return path.resolve(strict=False)
+    except (RuntimeError, OSError) as exc:  # RuntimeError: a symlink loop, before Python 3.13
+        raise ValueError(f"{path} cannot be resolved: {exc}") from None
 
 
 def effective_cpus() -> int:

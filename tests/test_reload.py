@@ -271,6 +271,24 @@ def test_a_model_dir_outside_the_root_is_forbidden(tmp_path: Path, where: str) -
         assert re.search(r'intent_model_reloads_total\{result="rejected"\} 1\.0', client.get("/metrics").text)
 
 
+def test_a_symlink_loop_is_rejected_not_an_internal_error(tmp_path: Path) -> None:
+    """Resolving it raises (RuntimeError before Python 3.13); that was a 500, and is a 422 that names it."""
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "loop1").symlink_to(tmp_path / "models" / "loop2")
+    (tmp_path / "models" / "loop2").symlink_to(tmp_path / "models" / "loop1")
+    target = str(tmp_path / "models" / "loop1")
+    with TestClient(create_app(rooted(tmp_path))) as client:
+        old = version_of(client)
+        r = client.post("/admin/reload", json={"model_dir": target}, headers=AUTH)
+        assert r.status_code == 422, r.text
+        assert r.json()["error"]["type"] == "model_rejected"
+        assert r.json()["error"]["message"].startswith(f"{target} cannot be resolved: ")
+        assert version_of(client) == old
+        assert re.search(r'intent_model_reloads_total\{result="rejected"\} 1\.0', client.get("/metrics").text)
+    with pytest.raises(ValidationError, match=r"cannot be resolved"):
+        Settings(model_dir=tmp_path / "models" / "loop1", model_root=tmp_path / "models")
+
+
 def test_a_model_dir_inside_the_root_reloads(tmp_path: Path) -> None:
     target = linked_copy(tmp_path / "models" / "releases" / ".." / "v2", "2026.12.01-rooted")
     with TestClient(create_app(rooted(tmp_path))) as client:

@@ -72,7 +72,11 @@ def _lifespan(factory: ModelFactory) -> Callable[[FastAPI], Any]:
         # A worker started after a reload serves what the pointer names, like the workers already running.
         pointer = reload.read_pointer(settings.model_pointer)
         model_dir = Path(pointer.model_dir) if pointer is not None else settings.model_dir
-        if not within_root(model_dir, settings.model_root):  # a pointer file no reload of ours wrote
+        try:
+            inside = within_root(model_dir, settings.model_root)
+        except ValueError:  # a symlink loop
+            inside = False
+        if not inside:  # a pointer file no reload of ours wrote
             log.warning("the model pointer names a directory outside INTENT_MODEL_ROOT; serving INTENT_MODEL_DIR")
             model_dir = settings.model_dir
         model, card = reload.load_warm(state, model_dir)

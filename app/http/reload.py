@@ -94,8 +94,14 @@ def load_warm(state: State, model_dir: Path) -> tuple[Predictor, dict[str, Any]]
 
 
 def check_root(state: State, model_dir: Path) -> None:
-    """Refuse a directory outside INTENT_MODEL_ROOT (when set), symlinks and `..` resolved first."""
-    if not within_root(model_dir, state.settings.model_root):
+    """Refuse a directory outside INTENT_MODEL_ROOT (when set), symlinks and `..` resolved first, and one that
+    cannot be resolved (a symlink loop)."""
+    try:
+        inside = within_root(model_dir, state.settings.model_root)
+    except ValueError as exc:
+        state.metrics.reloads.labels("rejected").inc()
+        raise ModelRejected(str(exc)) from None
+    if not inside:
         state.metrics.reloads.labels("rejected").inc()
         raise Forbidden(f"model_dir {model_dir} is outside INTENT_MODEL_ROOT")
 
