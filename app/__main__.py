@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import uvicorn
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from app.config import Settings
 from app.engine.engine import check
@@ -45,6 +47,11 @@ def main() -> int:
     except ValidationError as exc:
         first = exc.errors(include_url=False, include_input=False)[0]
         print(f"error: invalid setting INTENT_{str(first['loc'][0]).upper()}: {first['msg']}", file=sys.stderr)
+        return 2
+    except SettingsError as exc:  # a list setting (INTENT_OPEN_PATHS, INTENT_CORS_ORIGINS) that is not JSON
+        field = re.search(r'field "(\w+)"', str(exc))
+        name = f"INTENT_{field.group(1).upper()}" if field else "a list setting"
+        print(f'error: invalid setting {name}: not JSON; write a list as ["a", "b"]', file=sys.stderr)
         return 2
     # Fail fast, before any port is bound, on a missing, tampered or inconsistent model.
     if (error := check_in_child(settings)) is not None:

@@ -69,6 +69,15 @@ class Settings(BaseSettings):
         2.0, ge=0, description="after SIGTERM, answer /ready 503 and keep serving this long before closing listeners"
     )
 
+    @field_validator("api_key", "admin_key")
+    @classmethod
+    def _key_not_empty(cls, key: SecretStr | None) -> SecretStr | None:
+        # An empty API key read as "no key" (authentication off), and an empty admin key turned /admin/reload on
+        # with a key no client can send: refused, so that a key variable set from a missing secret stops start-up.
+        if key is not None and not key.get_secret_value().strip():
+            raise ValueError("is empty: unset it to run without a key, or give a key")
+        return key
+
     @field_validator("model_root")
     @classmethod
     def _model_dir_under_root(cls, root: Path | None, info: ValidationInfo) -> Path | None:

@@ -134,3 +134,41 @@ def test_bad_model_fails_fast_with_one_line(tmp_path, damage: str, message: str)
     assert lines[0].startswith("error: ")
     assert message in lines[0]
     assert "Traceback" not in r.stderr
+
+
+EMPTY_KEY = "unset it to run without a key, or give a key"
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "line"),
+    [
+        (
+            "INTENT_OPEN_PATHS",
+            "/health",
+            'error: invalid setting INTENT_OPEN_PATHS: not JSON; write a list as ["a", "b"]',
+        ),
+        (
+            "INTENT_CORS_ORIGINS",
+            "https://a.example",
+            'error: invalid setting INTENT_CORS_ORIGINS: not JSON; write a list as ["a", "b"]',
+        ),
+        # An empty API key read as "no key" (auth off); an empty admin key could not be sent.
+        (
+            "INTENT_API_KEY",
+            "",
+            "error: invalid setting INTENT_API_KEY: Value error, is empty: " + EMPTY_KEY,
+        ),
+        (
+            "INTENT_ADMIN_KEY",
+            " ",
+            "error: invalid setting INTENT_ADMIN_KEY: Value error, is empty: " + EMPTY_KEY,
+        ),
+    ],
+)
+def test_a_bad_setting_fails_fast_with_one_line(setting: str, value: str, line: str) -> None:
+    env = {**os.environ, setting: value}
+    r = subprocess.run(
+        [str(SERVE_PYTHON), "-m", "app"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [line]
