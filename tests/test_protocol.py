@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -19,12 +20,14 @@ HEAD = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"
 
 
 class FakeTransport:
-    """Records what reaches the socket, write by write."""
+    """Records what reaches the socket, write by write. `on_close`, if set, is called on close, as a real
+    transport schedules its protocol's `connection_lost`."""
 
     def __init__(self) -> None:
         self.writes: list[bytes] = []
         self.closed = False
         self.eof = False
+        self.on_close: Callable[[], object] | None = None
 
     def write(self, data: bytes) -> None:
         assert not self.closed, "write after close"
@@ -35,6 +38,8 @@ class FakeTransport:
 
     def close(self) -> None:
         self.closed = True
+        if self.on_close is not None:
+            self.on_close()
 
     def write_eof(self) -> None:
         self.eof = True
@@ -239,14 +244,16 @@ def _timed(app: Any, reads: list[bytes], wait_s: float, state: dict[str, Any] | 
         config.load()
         protocol = CoalescingHttpToolsProtocol(config, ServerState(), state or {}, asyncio.get_running_loop())
         fake = FakeTransport()
+        loop = asyncio.get_running_loop()
+        fake.on_close = lambda: loop.call_soon(protocol.connection_lost, None)
         protocol.connection_made(fake)  # type: ignore[arg-type]
         for raw in reads:
+            if fake.closed:
+                break  # a closed transport delivers no more reads
             protocol.data_received(raw)
             for _ in range(20):
                 await asyncio.sleep(0)
         await asyncio.sleep(wait_s)
-        if fake.closed:
-            protocol.connection_lost(None)  # what the event loop does once a transport has closed
         for _ in range(20):
             await asyncio.sleep(0)
         return fake
