@@ -96,10 +96,20 @@ def test_write_eof_sends_a_held_head_first_and_the_rest_is_the_transports() -> N
     assert (fake.writes, fake.eof) == ([HEAD], True)
 
 
+RECEIVED: list[str] = []  # what `receive` gave `_app`, in order
+
+
 async def _app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Reads the whole body before it answers, as the service does; records what `receive` gave it."""
     if scope["type"] != "http":
         return
-    await receive()
+    while True:
+        message = await receive()
+        RECEIVED.append(message["type"])
+        if message["type"] == "http.disconnect":
+            return
+        if not message.get("more_body", False):
+            break
     body = b'{"ok":true}'
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(body))]})
     await send({"type": "http.response.body", "body": body})
@@ -108,24 +118,44 @@ async def _app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 POST = b"POST /predict HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{}"
 
 
-async def _serve(protocol_class: type[HttpToolsProtocol], requests: int | list[bytes]) -> list[bytes]:
-    config = Config(app=_app, http=protocol_class, lifespan="off", log_config=None)
-    config.load()
-    protocol = protocol_class(config, ServerState(), {}, asyncio.get_running_loop())
-    fake = FakeTransport()
-    protocol.connection_made(fake)  # type: ignore[arg-type]
-    for raw in [POST] * requests if isinstance(requests, int) else requests:
-        # One keep-alive request at a time, as a client waits for each answer.
-        protocol.data_received(raw)
+def _connect(
+    reads: list[bytes],
+    app: Any = _app,
+    wait_s: float = 0.0,
+    state: dict[str, Any] | None = None,
+    protocol_class: type[HttpToolsProtocol] = CoalescingHttpToolsProtocol,
+) -> FakeTransport:
+    """`reads` delivered one loop turn apart to a fresh connection (one keep-alive request at a time, as a client
+    waits for each answer), then `wait_s` of waiting; `state` is the lifespan state uvicorn would hand the
+    protocol. A closed transport gets no more reads and, as a real one does, calls `connection_lost`."""
+
+    async def scenario() -> FakeTransport:
+        RECEIVED.clear()
+        # As app/__main__.py runs it: no WebSocket protocol.
+        config = Config(app=app, http=protocol_class, ws="none", lifespan="off", log_config=None)
+        config.load()
+        loop = asyncio.get_running_loop()
+        protocol = protocol_class(config, ServerState(), state or {}, loop)
+        fake = FakeTransport()
+        fake.on_close = lambda: loop.call_soon(protocol.connection_lost, None)
+        protocol.connection_made(fake)  # type: ignore[arg-type]
+        for raw in reads:
+            if fake.closed:
+                break
+            protocol.data_received(raw)
+            for _ in range(20):
+                await asyncio.sleep(0)
+        await asyncio.sleep(wait_s)
         for _ in range(20):
             await asyncio.sleep(0)
-    protocol.connection_lost(None)
-    return fake.writes
+        return fake
+
+    return asyncio.run(scenario())
 
 
 def test_plain_uvicorn_writes_the_head_and_the_body_apart() -> None:
     """The reason for the protocol: if uvicorn ever writes them together, it is no longer needed."""
-    writes = asyncio.run(_serve(HttpToolsProtocol, 1))
+    writes = _connect([POST], protocol_class=HttpToolsProtocol).writes
     assert len(writes) == 2
     assert writes[0].startswith(b"HTTP/1.1 200 OK\r\n")
     assert writes[1] == b'{"ok":true}'
@@ -133,7 +163,7 @@ def test_plain_uvicorn_writes_the_head_and_the_body_apart() -> None:
 
 @pytest.mark.parametrize("requests", [1, 3])
 def test_uvicorn_with_the_protocol_writes_each_response_once(requests: int) -> None:
-    writes = asyncio.run(_serve(CoalescingHttpToolsProtocol, requests))
+    writes = _connect([POST] * requests).writes
     assert len(writes) == requests
     for write in writes:
         head, _, body = write.partition(b"\r\n\r\n")
@@ -144,7 +174,7 @@ def test_uvicorn_with_the_protocol_writes_each_response_once(requests: int) -> N
 def test_a_head_request_gets_the_head_alone_and_the_connection_goes_on() -> None:
     """uvicorn drops the body of a HEAD's answer, so the protocol's held head leaves alone at the end of the loop
     iteration; the next request on the connection is answered as usual."""
-    writes = asyncio.run(_serve(CoalescingHttpToolsProtocol, [b"HEAD /ready HTTP/1.1\r\nhost: x\r\n\r\n", POST]))
+    writes = _connect([b"HEAD /ready HTTP/1.1\r\nhost: x\r\n\r\n", POST]).writes
     assert len(writes) == 2
     head, _, body = writes[0].partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 OK\r\n")
@@ -170,20 +200,7 @@ def _chunks(header_bytes: int, read: int = 16 * 1024) -> list[bytes]:
 
 
 def test_a_request_head_over_the_cap_gets_431_and_the_connection_closes() -> None:
-    async def scenario() -> FakeTransport:
-        config = Config(app=_app, http=CoalescingHttpToolsProtocol, lifespan="off", log_config=None)
-        config.load()
-        protocol = CoalescingHttpToolsProtocol(config, ServerState(), {}, asyncio.get_running_loop())
-        fake = FakeTransport()
-        protocol.connection_made(fake)  # type: ignore[arg-type]
-        for raw in _chunks(10 * MAX_HEAD_BYTES):
-            if fake.closed:
-                break  # a closed transport delivers no more reads
-            protocol.data_received(raw)
-        await asyncio.sleep(0)
-        return fake
-
-    fake = asyncio.run(scenario())
+    fake = _connect(_chunks(10 * MAX_HEAD_BYTES))
     assert fake.closed
     message = f"the request line and headers are over {MAX_HEAD_BYTES} bytes"
     assert _head_refused(fake.writes) == {"error": {"type": "headers_too_large", "message": message}}
@@ -191,7 +208,7 @@ def test_a_request_head_over_the_cap_gets_431_and_the_connection_closes() -> Non
 
 @pytest.mark.parametrize("read", [1024, 16 * 1024, 256 * 1024])
 def test_a_head_under_the_cap_is_served_however_it_is_read(read: int) -> None:
-    writes = asyncio.run(_serve(CoalescingHttpToolsProtocol, _chunks(MAX_HEAD_BYTES - 100, read)))
+    writes = _connect(_chunks(MAX_HEAD_BYTES - 100, read)).writes
     assert _head_refused(writes) is None
     assert len(writes) == 1
     assert writes[0].partition(b"\r\n\r\n")[2] == b'{"ok":true}'
@@ -201,28 +218,9 @@ def test_a_large_body_read_with_the_end_of_its_head_is_not_counted_as_head() -> 
     body = b"x" * (4 * MAX_HEAD_BYTES)
     raw = b"POST /predict HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n" % len(body) + body
     # The first read leaves the head unfinished; the second ends it and brings the whole body.
-    writes = asyncio.run(_serve(CoalescingHttpToolsProtocol, [raw[:20], raw[20:]]))
+    writes = _connect([raw[:20], raw[20:]]).writes
     assert len(writes) == 1
     assert writes[0].partition(b"\r\n\r\n")[2] == b'{"ok":true}'
-
-
-async def _reading_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    """Reads the whole body before it answers, as the service does; records what `receive` gave it."""
-    if scope["type"] != "http":
-        return
-    while True:
-        message = await receive()
-        RECEIVED.append(message["type"])
-        if message["type"] == "http.disconnect":
-            return
-        if not message.get("more_body", False):
-            break
-    body = b'{"ok":true}'
-    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(body))]})
-    await send({"type": "http.response.body", "body": body})
-
-
-RECEIVED: list[str] = []
 
 
 async def _answer_at_once(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -231,34 +229,6 @@ async def _answer_at_once(scope: dict[str, Any], receive: Any, send: Any) -> Non
         return
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
     await send({"type": "http.response.body", "body": b"{}"})
-
-
-def _timed(app: Any, reads: list[bytes], wait_s: float, state: dict[str, Any] | None = None) -> FakeTransport:
-    """`reads` delivered one loop turn apart to a fresh connection, then `wait_s` of waiting; `state` is the
-    lifespan state uvicorn would hand the protocol."""
-
-    async def scenario() -> FakeTransport:
-        RECEIVED.clear()
-        # As app/__main__.py runs it: no WebSocket protocol.
-        config = Config(app=app, http=CoalescingHttpToolsProtocol, ws="none", lifespan="off", log_config=None)
-        config.load()
-        protocol = CoalescingHttpToolsProtocol(config, ServerState(), state or {}, asyncio.get_running_loop())
-        fake = FakeTransport()
-        loop = asyncio.get_running_loop()
-        fake.on_close = lambda: loop.call_soon(protocol.connection_lost, None)
-        protocol.connection_made(fake)  # type: ignore[arg-type]
-        for raw in reads:
-            if fake.closed:
-                break  # a closed transport delivers no more reads
-            protocol.data_received(raw)
-            for _ in range(20):
-                await asyncio.sleep(0)
-        await asyncio.sleep(wait_s)
-        for _ in range(20):
-            await asyncio.sleep(0)
-        return fake
-
-    return asyncio.run(scenario())
 
 
 def _status(write: bytes) -> int:
@@ -282,7 +252,7 @@ def test_a_request_that_does_not_arrive_whole_in_time_gets_408_and_the_connectio
     reads: list[bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(protocol_module, "READ_TIMEOUT_S", 0.05)
-    fake = _timed(_reading_app, reads, wait_s=0.3)
+    fake = _connect(reads, wait_s=0.3)
     assert fake.closed
     *answered, refused = fake.writes
     assert [_status(w) for w in answered] == ([200] if reads and reads[0] == POST else [])
@@ -296,14 +266,16 @@ def test_a_request_that_does_not_arrive_whole_in_time_gets_408_and_the_connectio
 
 def test_a_request_that_arrives_whole_is_not_timed_out_after(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(protocol_module, "READ_TIMEOUT_S", 0.05)
-    fake = _timed(_reading_app, [POST[:10], POST[10:]], wait_s=0.3)
+    fake = _connect([POST[:10], POST[10:]], wait_s=0.3)
     assert not fake.closed  # idle now: uvicorn's keep-alive timeout (5 s) is the one that closes it
     assert [_status(w) for w in fake.writes] == [200]
 
 
 def test_an_answer_that_began_before_its_body_came_is_not_followed_by_408(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(protocol_module, "READ_TIMEOUT_S", 0.05)
-    fake = _timed(_answer_at_once, [b'POST /predict HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\n{"t'], 0.3)
+    fake = _connect(
+        [b'POST /predict HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\n{"t'], _answer_at_once, wait_s=0.3
+    )
     assert fake.closed
     assert [_status(w) for w in fake.writes] == [200]
 
@@ -319,7 +291,7 @@ def test_an_answer_that_began_before_its_body_came_is_not_followed_by_408(monkey
     ids=["garbage", "content-length-and-chunked", "space-in-header-name"],
 )
 def test_bytes_that_are_not_http_get_the_service_error_body_and_the_connection_closes(raw: bytes) -> None:
-    fake = _timed(_reading_app, [raw], wait_s=0)
+    fake = _connect([raw])
     assert fake.closed
     (write,) = fake.writes
     head, _, body = write.partition(b"\r\n\r\n")
@@ -335,7 +307,7 @@ def test_an_upgrade_header_is_ignored_and_the_request_answered_as_http_1_1(
 ) -> None:
     raw = b"GET /health HTTP/1.1\r\nhost: x\r\nupgrade: %s\r\nconnection: Upgrade\r\n\r\n" % upgrade
     with caplog.at_level("WARNING"):
-        fake = _timed(_answer_at_once, [raw], wait_s=0)
+        fake = _connect([raw], _answer_at_once)
     assert [_status(w) for w in fake.writes] == [200]
     assert not fake.closed
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == []
@@ -352,7 +324,7 @@ async def _slow_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 def test_a_refusal_is_not_sent_before_the_answer_to_an_earlier_pipelined_request() -> None:
     """The client would take the 431 for the first request's answer: the connection only closes."""
-    fake = _timed(_slow_app, [POST + _chunks(10 * MAX_HEAD_BYTES)[0], *_chunks(10 * MAX_HEAD_BYTES)[1:]], wait_s=0.3)
+    fake = _connect([POST + _chunks(10 * MAX_HEAD_BYTES)[0], *_chunks(10 * MAX_HEAD_BYTES)[1:]], _slow_app, wait_s=0.3)
     assert fake.closed
     assert fake.writes == []
 
@@ -361,7 +333,7 @@ def test_refusals_are_counted_with_the_apps_metrics() -> None:
     from app.http.metrics import Metrics
 
     metrics = Metrics()
-    fake = _timed(_reading_app, [b"GARBAGE\r\n\r\n"], wait_s=0, state={PROTOCOL_METRICS: metrics})
+    fake = _connect([b"GARBAGE\r\n\r\n"], state={PROTOCOL_METRICS: metrics})
     assert _status(fake.writes[0]) == 400
     assert metrics.registry.get_sample_value("intent_rejected_total", {"reason": "invalid_http"}) == 1.0
 
