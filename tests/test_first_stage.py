@@ -79,8 +79,8 @@ def test_an_int8_head_computes_the_dynamically_quantised_products(
         got = session.run(ids)[0]
         np.testing.assert_allclose(got, _dynamic_int8_head(pooled, dense)[0], rtol=1e-4, atol=1e-4)
         assert not np.allclose(got, head_logits(pooled, dense)[0], rtol=1e-5, atol=1e-5)  # it is not the fp32 head
-    # Every weight matrix is stored in int8 (a quarter of its fp32 bytes), and nothing else was quantised: the
-    # table's row scales stay fp32.
+    # Every weight matrix is stored in 8 bits (a quarter of its fp32 bytes), as uint8 (compression.unsigned_weights),
+    # and nothing else was quantised: the table's row scales stay fp32.
     import onnx
     from onnx import numpy_helper
 
@@ -88,7 +88,7 @@ def test_an_int8_head_computes_the_dynamically_quantised_products(
         i.name: numpy_helper.to_array(i).dtype for i in onnx.load(str(tmp_path / "int8.onnx")).graph.initializer
     }
     for i in range(len(dense)):
-        assert (stored_dtypes[f"weight{i}_quantized"], f"weight{i}" in stored_dtypes) == (np.int8, False)
+        assert (stored_dtypes[f"weight{i}_quantized"], f"weight{i}" in stored_dtypes) == (np.uint8, False)
     if table_type == "int8":
         assert (stored_dtypes["scales"], stored_dtypes["table"]) == (np.float32, np.int8)
     else:

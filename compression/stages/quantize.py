@@ -26,6 +26,7 @@ from compression.measure.metrics import selection_score
 from compression.measure.pools import TUNING_POOL, tuning_split
 from compression.onnx_stage import OnnxStage
 from compression.records import write_run
+from compression.unsigned_weights import unsigned_weights
 
 if TYPE_CHECKING:
     from compression.pipeline import Context
@@ -40,7 +41,8 @@ LATENCY_TOLERANCE = 0.10
 
 
 def dynamic(src: Path, dest: Path, per_channel: bool = False, op_types: list[str] | None = None) -> None:
-    """int8 weights, activations quantised per run; `op_types` limits which ops (None: every op it can)."""
+    """int8 weights, stored as uint8 (compression.unsigned_weights: the same products on every CPU), activations
+    quantised per run; `op_types` limits which ops (None: every op it can)."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -53,6 +55,7 @@ def dynamic(src: Path, dest: Path, per_channel: bool = False, op_types: list[str
         per_channel=per_channel,
         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
     )
+    unsigned_weights(dest)
 
 
 def static(src: Path, dest: Path, runner: OnnxStage, calibration: Split) -> None:
@@ -77,6 +80,7 @@ def static(src: Path, dest: Path, runner: OnnxStage, calibration: Split) -> None
         op_types_to_quantize=["MatMul"],
         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
     )
+    unsigned_weights(dest)
 
 
 def measure(runner: OnnxStage, data: Dataset, fidelity: Split, reference: np.ndarray) -> dict[str, Any]:
