@@ -10,6 +10,7 @@ from compression.measure.evaluate import validation_report
 from compression.measure.metrics import (
     bar_shortfalls,
     best_rule,
+    card_disagreements,
     score,
     selection_score,
     tune_rule,
@@ -119,3 +120,18 @@ def test_stages_choose_by_test_weighted_accuracy_or_in_scope_accuracy_without_oo
     in_scope_only = validation_report(logits[:4], gold[:4], ["a", "b", "oos"])
     assert math.isnan(in_scope_only["thresholded"]["test_weighted_accuracy"])
     assert selection_score(in_scope_only) == 0.75
+
+
+def test_card_disagreements_name_each_figure_this_machine_reads_otherwise() -> None:
+    """The committed model's card figures against the AVX2-only EPYC's reading of its int8 graph (2026-12-05)."""
+    card = {"accuracy": 0.9506, "in_scope_accuracy": 0.952, "oos_recall": 0.91, "test_weighted_accuracy": 0.9444}
+    same = {"in_scope_accuracy": 2856 / 3000, "oos_recall": 91 / 100, "test_weighted_accuracy": 0.944356}
+    assert card_disagreements(same, card) == []
+    avx2 = {"in_scope_accuracy": 2846 / 3000, "oos_recall": 93 / 100, "test_weighted_accuracy": 0.945269}
+    assert card_disagreements(avx2, card) == [
+        "in-scope accuracy 0.9487 (card 0.9520)",
+        "OOS recall 0.9300 (card 0.9100)",
+        "test-weighted accuracy 0.9453 (card 0.9444)",
+    ]
+    assert card_disagreements(avx2, {}) == []  # a card without figures is not compared
+    assert card_disagreements({**same, "oos_recall": None}, card) == []

@@ -303,7 +303,7 @@ class Config:
 
 
 def run_stage(ctx: Any, cfg: Config) -> None:
-    from compression.measure.metrics import bar_shortfalls
+    from compression.measure.metrics import bar_shortfalls, card_disagreements
 
     candidates: list[tuple[str, str, Path]] = [
         ("teacher", "torch", ctx.dir("teacher")),
@@ -323,6 +323,16 @@ def run_stage(ctx: Any, cfg: Config) -> None:
     _store_benchmark_row(ctx.model_dir, served)
     print(served_summary(served))
     clinc_oos_recall = _print_oos_pools(ctx.model_dir)
+    card = json.loads((ctx.model_dir / "card.json").read_text())
+    differ = card_disagreements(served, card.get("metrics", {}).get("validation", {}))
+    if differ:
+        # The same files answering otherwise is a property of this machine: ONNX Runtime's int8 kernels saturate
+        # on CPUs without VNNI unless the weights are stored as uint8 (compression.unsigned_weights).
+        print(
+            f"warning: on this CPU ({served['context']['cpu']}) {ctx.model_dir} answers validation otherwise than "
+            f"its card records: {'; '.join(differ)}. If its graphs hold int8 weights, `python -m "
+            f"compression.unsigned_weights {ctx.model_dir}` stores them as uint8, which every CPU multiplies exactly."
+        )
     missed = bar_shortfalls(served, clinc_oos_recall)
     if not missed:
         pools = ", OOS recall on the 350" if clinc_oos_recall is not None else ""

@@ -71,6 +71,25 @@ def bar_shortfalls(row: dict[str, Any], clinc_oos_recall: float | None = None) -
     return missed
 
 
+CARD_FIGURES = {
+    "in_scope_accuracy": "in-scope accuracy",
+    "oos_recall": "OOS recall",
+    "test_weighted_accuracy": "test-weighted accuracy",
+}
+
+
+def card_disagreements(row: dict[str, Any], card_validation: dict[str, Any]) -> list[str]:
+    """Where a benchmark row's validation figures differ from those the card recorded when the model was built
+    (rounded to 4 places, as the card stores them): the model answers differently on this machine. Figures the
+    card lacks are not compared."""
+    differ = []
+    for key, name in CARD_FIGURES.items():
+        here, recorded = row.get(key), card_validation.get(key)
+        if here is not None and recorded is not None and round(float(here), 4) != round(float(recorded), 4):
+            differ.append(f"{name} {here:.4f} (card {recorded:.4f})")
+    return differ
+
+
 def _grid(scores: np.ndarray, rule: str) -> list[float]:
     """Thresholds on the rule's grid, over the scores' range and inside the rule's valid range."""
     r = rule_class(rule)
