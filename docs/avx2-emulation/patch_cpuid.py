@@ -1,7 +1,7 @@
 """Copy an onnxruntime package and replace every `cpuid` instruction in its native module by `ud2`, so that
 cpuid_mask.so (LD_PRELOAD) answers them with AVX-512, AVX-VNNI and AMX hidden: ONNX Runtime then picks
-the kernels it would pick on an AVX2-only CPU. An experiment tool for docs/compute-light.md, not part of
-the product.
+the kernels it would pick on an AVX2-only CPU. An experiment tool for docs/compute-light.md, and how
+tests/test_isa_answers.py checks the served model's answers with those kernels; not part of the product.
 
     python3 docs/avx2-emulation/patch_cpuid.py .venv-serve/lib/python3.11/site-packages/onnxruntime /tmp/avx2/ort
     gcc -O2 -shared -fPIC docs/avx2-emulation/cpuid_mask.c -o /tmp/avx2/cpuid_mask.so
