@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(
         prog="python -m compression.unsigned_weights",
-        description="Store a served model's int8 weights as uint8, in place: the same answers on every CPU.",
+        description="Store a served model's int8 weights as uint8, in place: the same integer products on every CPU.",
     )
     parser.add_argument("model_dir", type=Path)
     args = parser.parse_args(argv)
