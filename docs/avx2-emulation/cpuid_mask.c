@@ -1,5 +1,5 @@
 // SIGILL handler: the patched library's cpuid instructions were replaced by ud2 (0f 0b). Run the real
-// cpuid and hide AVX-512 (all of it), AVX-VNNI and AMX, as an AVX2-only CPU would report.
+// cpuid and hide AVX-512 (all of it), AVX-VNNI (and its INT8 form) and AMX, as an AVX2-only CPU would report.
 #define _GNU_SOURCE
 #include <signal.h>
 #include <string.h>
@@ -18,7 +18,7 @@ static void handler(int sig, siginfo_t *si, void *ctx) {
     c &= ~((1u<<1)|(1u<<6)|(1u<<11)|(1u<<12)|(1u<<14)); // avx512 vbmi vbmi2 vnni bitalg vpopcntdq
     d &= ~((1u<<2)|(1u<<3)|(1u<<8)|(1u<<23)|(1u<<22)|(1u<<24)|(1u<<25)); // 4vnniw 4fmaps vp2intersect fp16 amx-bf16 amx-tile amx-int8
   }
-  if (leaf == 7 && sub == 1) { a &= ~((1u<<4)|(1u<<5)); } // avx-vnni, avx512_bf16
+  if (leaf == 7 && sub == 1) { a &= ~((1u<<4)|(1u<<5)); d &= ~((1u<<4)|(1u<<5)); } // avx-vnni, avx512_bf16; avx-vnni-int8, avx-ne-convert
   r[REG_RAX] = a; r[REG_RBX] = b; r[REG_RCX] = c; r[REG_RDX] = d;
   r[REG_RIP] += 2;
 }
