@@ -45,6 +45,16 @@ class Settings(BaseSettings):
     max_batch: int = Field(64, ge=1)
     max_top_k: int = Field(10, ge=1)
     max_body_bytes: int = Field(256 * 1024, ge=1024)
+    max_head_bytes: int = Field(
+        64 * 1024, ge=1024, description="request line and headers; beyond this, 431 (nginx, HAProxy, Node: 8-64 KiB)"
+    )
+    read_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="a request, head and body, must arrive whole within this long of the connection opening or of "
+        "its first byte; else 408 (HAProxy suggests 10 s for its head)",
+    )
     max_queue: int = Field(64, ge=1, description="requests admitted per worker; beyond this, 429 at once")
     retry_after_s: int = Field(1, ge=1)
 

@@ -13,8 +13,17 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from app.http import protocol as protocol_module
-from app.http.protocol import MAX_HEAD_BYTES, PROTOCOL_METRICS, CoalescingHttpToolsProtocol, CoalescingTransport
+from app.config import Settings
+from app.http.main import create_app
+from app.http.protocol import (
+    DEFAULT_LIMITS,
+    PROTOCOL_LIMITS,
+    PROTOCOL_METRICS,
+    CoalescingHttpToolsProtocol,
+    CoalescingTransport,
+    HttpLimits,
+)
+from tests.fakes import FakeClassifier, fake_factory
 
 HEAD = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"
 
@@ -200,22 +209,48 @@ def _chunks(header_bytes: int, read: int = 16 * 1024) -> list[bytes]:
 
 
 def test_a_request_head_over_the_cap_gets_431_and_the_connection_closes() -> None:
-    fake = _connect(_chunks(10 * MAX_HEAD_BYTES))
+    fake = _connect(_chunks(10 * DEFAULT_LIMITS.max_head_bytes))
     assert fake.closed
-    message = f"the request line and headers are over {MAX_HEAD_BYTES} bytes"
+    message = f"the request line and headers are over {DEFAULT_LIMITS.max_head_bytes} bytes"
     assert _head_refused(fake.writes) == {"error": {"type": "headers_too_large", "message": message}}
+
+
+def test_the_head_cap_is_the_one_the_app_hands_over() -> None:
+    """INTENT_MAX_HEAD_BYTES=2048, as the lifespan hands it to each connection."""
+    small = {PROTOCOL_LIMITS: HttpLimits(2048, DEFAULT_LIMITS.read_timeout_s)}
+    fake = _connect(_chunks(4096, 1024), state=small)
+    assert fake.closed
+    assert _head_refused(fake.writes) == {
+        "error": {"type": "headers_too_large", "message": "the request line and headers are over 2048 bytes"}
+    }
+    writes = _connect(_chunks(1500, 1024), state=small).writes
+    assert _head_refused(writes) is None
+    assert writes[0].partition(b"\r\n\r\n")[2] == b'{"ok":true}'
+
+
+def test_the_lifespan_hands_each_connection_the_limits_of_its_settings() -> None:
+    app = create_app(
+        Settings(warmup_queries=0, max_head_bytes=4096, read_timeout_s=2.5), fake_factory(FakeClassifier())
+    )
+
+    async def state() -> dict[str, Any]:
+        async with app.router.lifespan_context(app) as yielded:
+            return dict(yielded or {})
+
+    assert asyncio.run(state())[PROTOCOL_LIMITS] == HttpLimits(4096, 2.5)
+    assert HttpLimits.of(Settings()) == DEFAULT_LIMITS
 
 
 @pytest.mark.parametrize("read", [1024, 16 * 1024, 256 * 1024])
 def test_a_head_under_the_cap_is_served_however_it_is_read(read: int) -> None:
-    writes = _connect(_chunks(MAX_HEAD_BYTES - 100, read)).writes
+    writes = _connect(_chunks(DEFAULT_LIMITS.max_head_bytes - 100, read)).writes
     assert _head_refused(writes) is None
     assert len(writes) == 1
     assert writes[0].partition(b"\r\n\r\n")[2] == b'{"ok":true}'
 
 
 def test_a_large_body_read_with_the_end_of_its_head_is_not_counted_as_head() -> None:
-    body = b"x" * (4 * MAX_HEAD_BYTES)
+    body = b"x" * (4 * DEFAULT_LIMITS.max_head_bytes)
     raw = b"POST /predict HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n" % len(body) + body
     # The first read leaves the head unfinished; the second ends it and brings the whole body.
     writes = _connect([raw[:20], raw[20:]]).writes
@@ -236,6 +271,8 @@ def _status(write: bytes) -> int:
 
 
 TIMEOUT_MESSAGE = "the request did not arrive whole within 0.05 s"
+# As the lifespan hands the limits to each connection (INTENT_READ_TIMEOUT_S=0.05).
+SHORT_TIMEOUT: dict[str, Any] = {PROTOCOL_LIMITS: HttpLimits(DEFAULT_LIMITS.max_head_bytes, 0.05)}
 
 
 @pytest.mark.parametrize(
@@ -248,11 +285,8 @@ TIMEOUT_MESSAGE = "the request did not arrive whole within 0.05 s"
     ],
     ids=["silent", "part-of-head", "part-of-body", "keep-alive-then-part"],
 )
-def test_a_request_that_does_not_arrive_whole_in_time_gets_408_and_the_connection_closes(
-    reads: list[bytes], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(protocol_module, "READ_TIMEOUT_S", 0.05)
-    fake = _connect(reads, wait_s=0.3)
+def test_a_request_that_does_not_arrive_whole_in_time_gets_408_and_the_connection_closes(reads: list[bytes]) -> None:
+    fake = _connect(reads, wait_s=0.3, state=SHORT_TIMEOUT)
     assert fake.closed
     *answered, refused = fake.writes
     assert [_status(w) for w in answered] == ([200] if reads and reads[0] == POST else [])
@@ -264,17 +298,18 @@ def test_a_request_that_does_not_arrive_whole_in_time_gets_408_and_the_connectio
         assert RECEIVED[-1] == "http.disconnect"  # the app waiting for the body is told the client is gone
 
 
-def test_a_request_that_arrives_whole_is_not_timed_out_after(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(protocol_module, "READ_TIMEOUT_S", 0.05)
-    fake = _connect([POST[:10], POST[10:]], wait_s=0.3)
+def test_a_request_that_arrives_whole_is_not_timed_out_after() -> None:
+    fake = _connect([POST[:10], POST[10:]], wait_s=0.3, state=SHORT_TIMEOUT)
     assert not fake.closed  # idle now: uvicorn's keep-alive timeout (5 s) is the one that closes it
     assert [_status(w) for w in fake.writes] == [200]
 
 
-def test_an_answer_that_began_before_its_body_came_is_not_followed_by_408(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(protocol_module, "READ_TIMEOUT_S", 0.05)
+def test_an_answer_that_began_before_its_body_came_is_not_followed_by_408() -> None:
     fake = _connect(
-        [b'POST /predict HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\n{"t'], _answer_at_once, wait_s=0.3
+        [b'POST /predict HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\n{"t'],
+        _answer_at_once,
+        wait_s=0.3,
+        state=SHORT_TIMEOUT,
     )
     assert fake.closed
     assert [_status(w) for w in fake.writes] == [200]
@@ -324,7 +359,8 @@ async def _slow_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 def test_a_refusal_is_not_sent_before_the_answer_to_an_earlier_pipelined_request() -> None:
     """The client would take the 431 for the first request's answer: the connection only closes."""
-    fake = _connect([POST + _chunks(10 * MAX_HEAD_BYTES)[0], *_chunks(10 * MAX_HEAD_BYTES)[1:]], _slow_app, wait_s=0.3)
+    big = _chunks(10 * DEFAULT_LIMITS.max_head_bytes)
+    fake = _connect([POST + big[0], *big[1:]], _slow_app, wait_s=0.3)
     assert fake.closed
     assert fake.writes == []
 

@@ -152,6 +152,17 @@ EMPTY_KEY = "unset it to run without a key, or give a key"
             "https://a.example",
             'error: invalid setting INTENT_CORS_ORIGINS: not JSON; write a list as ["a", "b"]',
         ),
+        # The HTTP limits the protocol applies before the app (app.http.protocol).
+        (
+            "INTENT_READ_TIMEOUT_S",
+            "0",
+            "error: invalid setting INTENT_READ_TIMEOUT_S: Input should be greater than 0",
+        ),
+        (
+            "INTENT_MAX_HEAD_BYTES",
+            "100",
+            "error: invalid setting INTENT_MAX_HEAD_BYTES: Input should be greater than or equal to 1024",
+        ),
         # An empty API key read as "no key" (auth off); an empty admin key could not be sent.
         (
             "INTENT_API_KEY",

@@ -54,7 +54,8 @@ class BodyTooLarge(ServiceError):
 
 
 class RequestTimeout(ServiceError):
-    """No whole request within app.http.protocol.READ_TIMEOUT_S; answered by the protocol, which then closes."""
+    """No whole request within INTENT_READ_TIMEOUT_S (app.http.protocol); answered by the protocol, which then
+    closes."""
 
     kind = "request_timeout"
 
@@ -66,7 +67,8 @@ class UnsupportedEncoding(ServiceError):
 
 
 class HeadersTooLarge(ServiceError):
-    """A request line and headers over app.http.protocol.MAX_HEAD_BYTES; refused by the protocol, before the app."""
+    """A request line and headers over INTENT_MAX_HEAD_BYTES (app.http.protocol); refused by the protocol, before
+    the app."""
 
     kind = "headers_too_large"
 

@@ -25,7 +25,7 @@ from app.http import reload
 from app.http.errors import MethodNotAllowed, NotFound, ServiceError, ValidationFailed, render
 from app.http.metrics import Metrics
 from app.http.middleware import ServiceMiddleware
-from app.http.protocol import PROTOCOL_METRICS
+from app.http.protocol import PROTOCOL_LIMITS, PROTOCOL_METRICS, HttpLimits
 from app.http.queue import InferenceQueue
 from app.http.routes import predict_one, router
 from app.http.serving import ModelFactory, Slot, load_engine
@@ -100,9 +100,9 @@ def _lifespan(factory: ModelFactory) -> Callable[[FastAPI], Any]:
         _install_drain_on_sigterm(app, settings.shutdown_delay_s)
         log.info("ready", extra={"model_version": model.version, "mode": settings.inference_mode})
         try:
-            # The lifespan state: uvicorn hands it to each connection's protocol, which counts the requests it
-            # refuses before the app sees them (app.http.protocol) in the same metrics.
-            yield {PROTOCOL_METRICS: metrics}
+            # The lifespan state: uvicorn hands it to each connection's protocol, which applies these limits and
+            # counts the requests it refuses before the app sees them (app.http.protocol) in the same metrics.
+            yield {PROTOCOL_METRICS: metrics, PROTOCOL_LIMITS: HttpLimits.of(settings)}
         finally:
             app.state.ready = False
             metrics.ready.set(0)

@@ -11,11 +11,12 @@ is held only until the next write or the end of the event loop's current iterati
 streamed response's head is never delayed behind a slow body, and the order of bytes never changes.
 
 Limits, each answered in the service's error body, after which the connection closes:
-- a request's head (request line and headers) over MAX_HEAD_BYTES: 431, as nginx, HAProxy and Node refuse at
-  8-64 KiB. httptools sets no limit and grows a header value by copying it at every read, so without the cap a
-  60 MB header held the event loop for about 4 s (a health check waited 1.6 s behind it), for every client of
-  the worker;
-- a request not whole, head and body, within READ_TIMEOUT_S of the connection opening or of its first byte: 408.
+- a request's head (request line and headers) over INTENT_MAX_HEAD_BYTES (64 KiB): 431, as nginx, HAProxy and
+  Node refuse at 8-64 KiB. httptools sets no limit and grows a header value by copying it at every read, so
+  without the cap a 60 MB header held the event loop for about 4 s (a health check waited 1.6 s behind it), for
+  every client of the worker;
+- a request not whole, head and body, within INTENT_READ_TIMEOUT_S (10 s) of the connection opening or of its
+  first byte: 408.
   uvicorn times out only idle keep-alive connections, so a client that sent nothing, part of a head or part of a
   body held its connection (a file descriptor, a task, a slot in the balancer's `maxconn`) for ever;
 - bytes the parser refuses (not HTTP/1.1, or a request-smuggling shape such as Content-Length with chunked):
@@ -25,21 +26,37 @@ Limits, each answered in the service's error body, after which the connection cl
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from app.config import Settings
 from app.http.errors import HeadersTooLarge, InvalidHTTP, RequestTimeout, ServiceError, render
 from app.http.metrics import Metrics
 
-MAX_HEAD_BYTES = 64 * 1024
-# A request must arrive whole within this long. HAProxy's documentation suggests 10 s for its `timeout
-# http-request` (the head); nginx waits 60 s for the head and 60 s between reads of the body.
-READ_TIMEOUT_S = 10.0
-# The key under which the app's lifespan state holds its Metrics, so that refusals are counted with the app's own
-# (`intent_rejected_total{reason=...}`); absent before start-up, when nothing is counted.
+
+@dataclass(frozen=True)
+class HttpLimits:
+    """What a connection is allowed (INTENT_MAX_HEAD_BYTES, INTENT_READ_TIMEOUT_S; their defaults are Settings')."""
+
+    max_head_bytes: int
+    read_timeout_s: float
+
+    @classmethod
+    def of(cls, settings: Settings) -> HttpLimits:
+        return cls(settings.max_head_bytes, settings.read_timeout_s)
+
+
+DEFAULT_LIMITS = HttpLimits(
+    Settings.model_fields["max_head_bytes"].default, Settings.model_fields["read_timeout_s"].default
+)
+# The keys under which the app's lifespan state holds its Metrics, so that refusals are counted with the app's
+# own (`intent_rejected_total{reason=...}`), and its HttpLimits; before start-up nothing is counted and the
+# limits are the defaults.
 PROTOCOL_METRICS = "intent_metrics"
+PROTOCOL_LIMITS = "intent_http_limits"
 
 
 class CoalescingTransport:
@@ -87,6 +104,7 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
+        self._limits: HttpLimits = self.app_state.get(PROTOCOL_LIMITS, DEFAULT_LIMITS)
         self._head_bytes: int | None = None  # of the request head being read; None between heads
         # When the request being read must be whole (head and body); None between requests. Checked by one timer
         # per connection that re-arms itself, so a request costs no timer of its own.
@@ -115,9 +133,10 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_complete()
 
     def _start_read_deadline(self) -> None:
-        self._read_deadline = self.loop.time() + READ_TIMEOUT_S
+        timeout = self._limits.read_timeout_s
+        self._read_deadline = self.loop.time() + timeout
         if self._deadline_timer is None:
-            self._deadline_timer = self.loop.call_later(READ_TIMEOUT_S, self._check_read_deadline)
+            self._deadline_timer = self.loop.call_later(timeout, self._check_read_deadline)
 
     def _check_read_deadline(self) -> None:
         self._deadline_timer = None
@@ -130,8 +149,9 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
             # This request's head is in and its answer has begun (a route that reads no body): nothing to add.
             self.transport.close()
         else:
-            self.logger.warning("closed a connection whose request did not arrive whole in %g s", READ_TIMEOUT_S)
-            self._refuse(RequestTimeout(f"the request did not arrive whole within {READ_TIMEOUT_S:g} s"))
+            timeout = self._limits.read_timeout_s
+            self.logger.warning("closed a connection whose request did not arrive whole in %g s", timeout)
+            self._refuse(RequestTimeout(f"the request did not arrive whole within {timeout:g} s"))
 
     def data_received(self, data: bytes) -> None:
         # Counted are the reads that find a head already begun and leave it unfinished: every byte of those is
@@ -143,9 +163,10 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
             return
         if counting:
             self._head_bytes += len(data)
-        if self._head_bytes > MAX_HEAD_BYTES:
-            self.logger.warning("refused a request whose head is over %d bytes", MAX_HEAD_BYTES)
-            self._refuse(HeadersTooLarge(f"the request line and headers are over {MAX_HEAD_BYTES} bytes"))
+        cap = self._limits.max_head_bytes
+        if self._head_bytes > cap:
+            self.logger.warning("refused a request whose head is over %d bytes", cap)
+            self._refuse(HeadersTooLarge(f"the request line and headers are over {cap} bytes"))
 
     def _unsupported_upgrade_warning(self) -> None:
         # uvicorn would warn that no WebSocket library is installed and suggest one. The service has no WebSocket
