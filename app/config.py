@@ -46,7 +46,10 @@ class Settings(BaseSettings):
     max_top_k: int = Field(10, ge=1)
     max_body_bytes: int = Field(256 * 1024, ge=1024)
     max_head_bytes: int = Field(
-        64 * 1024, ge=1024, description="request line and headers; beyond this, 431 (nginx, HAProxy, Node: 8-64 KiB)"
+        64 * 1024,
+        ge=1024,
+        description="request line and headers; beyond this, 431 (nginx, HAProxy, Node: 8-64 KiB). Counted over the "
+        "reads after a head's first (app.http.protocol), so a head that arrives in one read passes",
     )
     read_timeout_s: float = Field(
         10.0,
