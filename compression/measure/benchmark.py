@@ -303,6 +303,7 @@ class Config:
 
 
 def run_stage(ctx: Any, cfg: Config) -> None:
+    from app.engine.artifact import read_card
     from compression.measure.metrics import bar_shortfalls, card_disagreements
 
     candidates: list[tuple[str, str, Path]] = [
@@ -323,8 +324,7 @@ def run_stage(ctx: Any, cfg: Config) -> None:
     _store_benchmark_row(ctx.model_dir, served)
     print(served_summary(served))
     clinc_oos_recall = _print_oos_pools(ctx.model_dir)
-    card = json.loads((ctx.model_dir / "card.json").read_text())
-    differ = card_disagreements(served, card.get("metrics", {}).get("validation", {}))
+    differ = card_disagreements(served, read_card(ctx.model_dir).metrics.get("validation", {}))
     if differ:
         # The same files answering otherwise is a property of this machine: ONNX Runtime's int8 kernels saturate
         # on CPUs without VNNI unless the weights are stored as uint8 (compression.unsigned_weights).
