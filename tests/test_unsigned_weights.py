@@ -9,39 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from app.engine.artifact import load_artifact, sha256_file
 from compression.unsigned_weights import SHIFT, WEIGHT_INPUTS, main, rewrite_served, unsigned_weights
 from tests.conftest import MODEL_DIR
-
-
-def _save(path: Path, nodes: list, inits: list, inputs: list, outputs: list) -> Path:
-    graph = helper.make_graph(nodes, "g", inputs, outputs, inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return path
-
-
-def _matmul_integer(path: Path, weights: np.ndarray, zero: np.ndarray | None) -> Path:
-    inits = [numpy_helper.from_array(weights, "w")]
-    inputs = ["a", "w"]
-    if zero is not None:
-        inits.append(numpy_helper.from_array(zero, "wz"))
-        inputs += ["", "wz"]
-    node = helper.make_node("MatMulInteger", inputs, ["y"])
-    a = helper.make_tensor_value_info("a", TensorProto.UINT8, [None, weights.shape[0]])
-    y = helper.make_tensor_value_info("y", TensorProto.INT32, [None, weights.shape[1]])
-    return _save(path, [node], inits, [a], [y])
-
-
-def _run(path: Path, **feeds: np.ndarray) -> np.ndarray:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return np.asarray(session.run(None, feeds)[0])
+from tests.onnx_graphs import matmul_integer, run_graph, save_graph
 
 
 @pytest.mark.parametrize("zero", [None, np.array(3, dtype=np.int8), np.arange(-2, 6, dtype=np.int8)])
@@ -53,12 +27,12 @@ def test_products_are_exact_where_int8_ones_saturate(tmp_path: Path, zero: np.nd
     weights[:, 0] = 127
     a = rng.integers(0, 256, size=(5, 64)).astype(np.uint8)
     a[0] = 255
-    path = _matmul_integer(tmp_path / "m.onnx", weights, zero)
+    path = matmul_integer(tmp_path / "m.onnx", weights, zero)
     assert unsigned_weights(path) == 1
     z = np.zeros(8, np.int32) if zero is None else zero.astype(np.int32)
     exact = a.astype(np.int32) @ (weights.astype(np.int32) - z)
     assert exact[0, 0] > 2 * 32767  # the case that saturates, not only its neighbours
-    assert np.array_equal(_run(path, a=a), exact)
+    assert np.array_equal(run_graph(path, a=a), exact)
     graph = onnx.load(str(path)).graph
     stored = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     assert stored["w"].dtype == np.uint8
@@ -74,10 +48,10 @@ def test_a_per_axis_dequantize_without_zero_point_keeps_its_values(tmp_path: Pat
     node = helper.make_node("DequantizeLinear", ["w", "s"], ["y"], axis=1)
     inits = [numpy_helper.from_array(weights, "w"), numpy_helper.from_array(scale, "s")]
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])
-    path = _save(tmp_path / "dq.onnx", [node], inits, [], [y])
-    before = _run(path)
+    path = save_graph(tmp_path / "dq.onnx", [node], inits, [], [y])
+    before = run_graph(path)
     assert unsigned_weights(path) == 1
-    assert np.array_equal(_run(path), before)
+    assert np.array_equal(run_graph(path), before)
     assert np.array_equal(before, weights.astype(np.float32) * scale)
 
 
@@ -95,7 +69,7 @@ def test_a_table_read_by_another_op_is_refused_and_the_file_is_untouched(tmp_pat
         helper.make_tensor_value_info("y", TensorProto.INT32, [1, 4]),
         helper.make_tensor_value_info("g", TensorProto.INT8, [1, 4]),
     ]
-    path = _save(tmp_path / "mixed.onnx", nodes, [numpy_helper.from_array(weights, "w")], inputs, outputs)
+    path = save_graph(tmp_path / "mixed.onnx", nodes, [numpy_helper.from_array(weights, "w")], inputs, outputs)
     before = path.read_bytes()
     with pytest.raises(ValueError, match="read both as weights and otherwise"):
         unsigned_weights(path)

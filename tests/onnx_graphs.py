@@ -1,0 +1,37 @@
+"""Small ONNX graphs the tests build by hand, and one way to run them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+
+def save_graph(path: Path, nodes: list, inits: list, inputs: list, outputs: list) -> Path:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def matmul_integer(path: Path, weights: np.ndarray, zero: np.ndarray | None = None) -> Path:
+    """One MatMulInteger: uint8 input `a` [n, K] times the int8 initializer `weights` [K, N], with its zero point."""
+    inits = [numpy_helper.from_array(weights, "w")]
+    inputs = ["a", "w"]
+    if zero is not None:
+        inits.append(numpy_helper.from_array(zero, "wz"))
+        inputs += ["", "wz"]
+    node = helper.make_node("MatMulInteger", inputs, ["y"])
+    a = helper.make_tensor_value_info("a", TensorProto.UINT8, [None, weights.shape[0]])
+    y = helper.make_tensor_value_info("y", TensorProto.INT32, [None, weights.shape[1]])
+    return save_graph(path, [node], inits, [a], [y])
+
+
+def run_graph(path: Path, **feeds: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return np.asarray(session.run(None, feeds)[0])
