@@ -48,8 +48,8 @@ class Settings(BaseSettings):
     max_head_bytes: int = Field(
         64 * 1024,
         ge=1024,
-        description="request line and headers; beyond this, 431 (nginx, HAProxy, Node: 8-64 KiB). Counted over the "
-        "reads after a head's first (app.http.protocol), so a head that arrives in one read passes",
+        description="request line and headers; beyond this, 431 (nginx, HAProxy, Node: 8-64 KiB). The URL and header "
+        "lines count, method, version and blank line aside (app.http.protocol)",
     )
     read_timeout_s: float = Field(
         10.0,

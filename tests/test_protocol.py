@@ -228,6 +228,46 @@ def test_the_head_cap_is_the_one_the_app_hands_over() -> None:
     assert writes[0].partition(b"\r\n\r\n")[2] == b'{"ok":true}'
 
 
+def _head_fields_bytes(raw: bytes) -> int:
+    """What the cap counts of a request's head: its URL and each header line with ": " and CRLF."""
+    head = raw.partition(b"\r\n\r\n")[0].split(b"\r\n")
+    url = head[0].split(b" ")[1]
+    return len(url) + sum(len(name) + len(value) + 4 for name, _, value in (line.partition(b": ") for line in head[1:]))
+
+
+@pytest.mark.parametrize("over", [0, 1])
+def test_a_head_that_arrives_in_one_read_is_held_to_the_cap_to_the_byte(over: int) -> None:
+    """INTENT_MAX_HEAD_BYTES=2048 and a head of 8,000 bytes or exactly 2,048 (+1) in one read: the counting of
+    later reads never sees it, the count of its parsed lines does."""
+    small = {PROTOCOL_LIMITS: HttpLimits(2048, DEFAULT_LIMITS.read_timeout_s)}
+    big = b"".join(_chunks(8000))
+    fake = _connect([big], state=small)
+    assert fake.closed
+    assert _head_refused(fake.writes) is not None
+    assert RECEIVED == []  # the app never saw the request
+    base = b"".join(_chunks(0))
+    raw = b"".join(_chunks(2048 - _head_fields_bytes(base) + over))
+    assert _head_fields_bytes(raw) == 2048 + over
+    fake = _connect([raw], state=small)
+    if over:
+        assert fake.closed
+        assert _head_refused(fake.writes) == {
+            "error": {"type": "headers_too_large", "message": "the request line and headers are over 2048 bytes"}
+        }
+    else:
+        assert _head_refused(fake.writes) is None
+        assert fake.writes[0].partition(b"\r\n\r\n")[2] == b'{"ok":true}'
+
+
+def test_a_request_pipelined_behind_a_refused_head_is_never_dispatched() -> None:
+    """A head over the cap, its body and a request behind it, all in one read: one 431, and the app sees nothing."""
+    small = {PROTOCOL_LIMITS: HttpLimits(2048, DEFAULT_LIMITS.read_timeout_s)}
+    fake = _connect([b"".join(_chunks(4096)) + POST], state=small)
+    assert fake.closed
+    assert _head_refused(fake.writes) is not None
+    assert RECEIVED == []
+
+
 def test_the_lifespan_hands_each_connection_the_limits_of_its_settings() -> None:
     app = create_app(
         Settings(warmup_queries=0, max_head_bytes=4096, read_timeout_s=2.5), fake_factory(FakeClassifier())

@@ -106,6 +106,8 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         super().connection_made(CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
         self._limits: HttpLimits = self.app_state.get(PROTOCOL_LIMITS, DEFAULT_LIMITS)
         self._head_bytes: int | None = None  # of the request head being read; None between heads
+        self._head_fields = 0  # bytes of the head's URL and header lines, as the parser hands them over
+        self._head_over = False  # the head just parsed is over the cap: nothing more is parsed or dispatched
         # When the request being read must be whole (head and body); None between requests. Checked by one timer
         # per connection that re-arms itself, so a request costs no timer of its own.
         self._read_deadline: float | None = None
@@ -118,17 +120,42 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
             self._deadline_timer = None
         super().connection_lost(exc)
 
+    # The parser's callbacks. Once a head is found over the cap, every later callback of the same read (its body,
+    # a pipelined request behind it) is dropped: uvicorn's own would act on a request that has no cycle.
     def on_message_begin(self) -> None:
+        if self._head_over:
+            return
         super().on_message_begin()
-        self._head_bytes = 0
+        self._head_bytes, self._head_fields = 0, 0
         if self._read_deadline is None:  # a later request on a kept-alive connection is due from its first byte
             self._start_read_deadline()
 
+    def on_url(self, url: bytes) -> None:
+        if not self._head_over:
+            super().on_url(url)
+            self._head_fields += len(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._head_over:
+            super().on_header(name, value)
+            self._head_fields += len(name) + len(value) + 4  # ": " and CRLF
+
     def on_headers_complete(self) -> None:
+        if self._head_over:
+            return
+        if self._head_fields > self._limits.max_head_bytes:
+            self._head_over = True  # refused by data_received once the parser returns; the app never sees it
+            return
         self._head_bytes = None
         super().on_headers_complete()
 
+    def on_body(self, body: bytes) -> None:
+        if not self._head_over:
+            super().on_body(body)
+
     def on_message_complete(self) -> None:
+        if self._head_over:
+            return
         self._read_deadline = None
         super().on_message_complete()
 
@@ -154,9 +181,11 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
             self._refuse(RequestTimeout(f"the request did not arrive whole within {timeout:g} s"))
 
     def data_received(self, data: bytes) -> None:
-        # Counted are the reads that find a head already begun and leave it unfinished: every byte of those is
-        # the head's, so a head under the cap is never refused. The read that begins a head is not counted, so a
-        # refused head is over the cap by at most one read (uvloop reads up to 256 KiB at a time).
+        # A head is over the cap by either of two counts, each never more than its true size, so a head under the
+        # cap is never refused. (1) The reads that find a head already begun and leave it unfinished: every byte
+        # of those is the head's. This one stops a head that never ends, which the parser would grow for ever.
+        # (2) Once the head is parsed, its URL and header lines (request line's method and version and the blank
+        # line aside): this one catches a head that arrived whole in one read, which (1) does not count.
         counting = self._head_bytes is not None
         super().data_received(data)
         if self._head_bytes is None or self.transport.is_closing():
@@ -164,7 +193,7 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         if counting:
             self._head_bytes += len(data)
         cap = self._limits.max_head_bytes
-        if self._head_bytes > cap:
+        if self._head_over or self._head_bytes > cap:
             self.logger.warning("refused a request whose head is over %d bytes", cap)
             self._refuse(HeadersTooLarge(f"the request line and headers are over {cap} bytes"))
 
@@ -195,4 +224,5 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
             self.transport.write(b"".join(lines) + b"\r\n" + body)
         self.transport.close()
         self._head_bytes = None
+        self._head_over = False
         self._read_deadline = None
