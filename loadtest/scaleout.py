@@ -182,11 +182,12 @@ def wait_status(stats_socket: Path, name: str, want: str, timeout: float = 30) -
 
 @contextlib.contextmanager
 def balancer(
-    work: Path, replica_ports: list[int], want: str = "UP", log: Path | None = None
+    work: Path, replica_ports: list[int], want: str = "UP", log: Path | None = None, binary: str | None = None
 ) -> Iterator[tuple[str, Path]]:
-    """HAProxy with the shipped config in front of `replica_ports` (named replica1, replica2, ... in order), once
-    it sees every replica `want` (UP or DOWN): its URL and its stats socket. Stopped on the way out."""
-    binary = haproxy_binary()
+    """HAProxy (`binary`, else Debian's) with the shipped config in front of `replica_ports` (named replica1,
+    replica2, ... in order), once it sees every replica `want` (UP or DOWN): its URL and its stats socket. Stopped
+    on the way out."""
+    binary = binary or haproxy_binary()
     stats_socket, config, frontend = work / "haproxy.sock", work / "haproxy.cfg", free_port()
     config.write_text(render(CONFIG.read_text(), frontend, replica_ports, stats_socket))
     out = log.open("wb") if log is not None else None
@@ -338,7 +339,7 @@ def run(
     out: Path | None = None,
 ) -> dict[str, Any]:
     """`rate` fixes the single-text rate instead of sizing it from the measured capacity."""
-    binary = haproxy_binary()
+    binary = haproxy_binary()  # before any replica starts, so that a missing HAProxy fails at once
     work = Path(tempfile.mkdtemp(prefix="scaleout-"))
     replicas = [Replica(f"replica{i + 1}", free_port(), work / f"replica{i + 1}.log") for i in range(replicas_n)]
     capacity: dict[str, Any] = {"cores": effective_cpus(), "load_share": load_share}
@@ -347,7 +348,8 @@ def run(
             replica.start()
         if rate is None:
             capacity["replica"] = measure_capacity(f"http://127.0.0.1:{replicas[0].port}", capacity_seconds)
-        with balancer(work, [r.port for r in replicas], log=work / "haproxy.log") as (base, stats_socket):
+        ports = [r.port for r in replicas]
+        with balancer(work, ports, log=work / "haproxy.log", binary=binary) as (base, stats_socket):
             if rate is None:
                 capacity["pool"] = measure_capacity(base, capacity_seconds, connections=8 * replicas_n)
                 rate = load_rate(capacity["replica"], capacity["pool"], replicas_n, load_share)
