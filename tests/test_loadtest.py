@@ -222,3 +222,24 @@ def test_free_ports_are_outside_the_ephemeral_range_and_never_handed_out_twice(
     monkeypatch.setattr(server, "ephemeral_ports", lambda: range(10500, 65000))
     with socket.socket() as s:
         s.bind(("127.0.0.1", server.free_port()))
+
+
+def test_the_baselines_app_answers_the_routes_the_load_test_calls() -> None:
+    from fastapi.testclient import TestClient
+
+    from loadtest.baselines.pipeline_app import pipeline_app
+
+    seen: list[str] = []
+
+    def classifier(text: str) -> list[dict[str, object]]:
+        seen.append(text)
+        return [{"label": "greeting", "score": 0.75}, {"label": "oos", "score": 0.25}]
+
+    with TestClient(pipeline_app("baseline: fake", classifier, ["greeting", "oos"])) as client:
+        answer = client.post("/predict", json={"text": "hello there"})
+        assert (answer.status_code, answer.json()) == (200, {"intent": "greeting", "confidence": 0.75})
+        assert seen == ["hello there"]
+        assert client.post("/predict", json={"txt": "hello"}).status_code == 422
+        assert client.get("/ready").json() == {"status": "ready"}
+        assert client.get("/model").json() == {"labels": ["greeting", "oos"]}
+        assert client.get("/openapi.json").json()["info"]["title"] == "baseline: fake"

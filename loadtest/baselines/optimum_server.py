@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import os
 
-from fastapi import FastAPI
 from optimum.onnxruntime import ORTModelForSequenceClassification
-from pydantic import BaseModel
 from transformers import AutoTokenizer, pipeline
+
+from loadtest.baselines.pipeline_app import pipeline_app
 
 MODEL = os.environ.get("BASELINE_MODEL", "artifacts/teacher")
 THREADS = int(os.environ.get("BASELINE_THREADS", "1"))
@@ -28,27 +28,8 @@ def _session_options() -> object:
     return opts
 
 
-app = FastAPI(title="baseline: optimum ORT pipeline")
 _model = ORTModelForSequenceClassification.from_pretrained(MODEL, export=True, session_options=_session_options())
 classifier = pipeline("text-classification", model=_model, tokenizer=AutoTokenizer.from_pretrained(MODEL))
-LABELS = [_model.config.id2label[i] for i in range(_model.config.num_labels)]
-
-
-class Query(BaseModel):
-    text: str
-
-
-@app.post("/predict")
-def predict(query: Query) -> dict[str, object]:
-    best = classifier(query.text)[0]
-    return {"intent": best["label"], "confidence": best["score"]}
-
-
-@app.get("/ready")
-def ready() -> dict[str, str]:
-    return {"status": "ready"}
-
-
-@app.get("/model")
-def model() -> dict[str, object]:
-    return {"labels": LABELS}
+app = pipeline_app(
+    "baseline: optimum ORT pipeline", classifier, [_model.config.id2label[i] for i in range(_model.config.num_labels)]
+)

@@ -10,33 +10,13 @@ from __future__ import annotations
 import os
 
 import torch
-from fastapi import FastAPI
-from pydantic import BaseModel
 from transformers import pipeline
+
+from loadtest.baselines.pipeline_app import pipeline_app
 
 torch.set_num_threads(int(os.environ.get("BASELINE_THREADS", "1")))
 MODEL = os.environ.get("BASELINE_MODEL", "artifacts/teacher")
 
-app = FastAPI(title="baseline: transformers pipeline")
 classifier = pipeline("text-classification", model=MODEL, tokenizer=MODEL, device=-1)
-LABELS = list(classifier.model.config.id2label.values())  # type: ignore[union-attr]
-
-
-class Query(BaseModel):
-    text: str
-
-
-@app.post("/predict")
-def predict(query: Query) -> dict[str, object]:
-    best = classifier(query.text)[0]
-    return {"intent": best["label"], "confidence": best["score"]}
-
-
-@app.get("/ready")
-def ready() -> dict[str, str]:
-    return {"status": "ready"}
-
-
-@app.get("/model")
-def model() -> dict[str, object]:
-    return {"labels": LABELS}
+labels = list(classifier.model.config.id2label.values())  # type: ignore[union-attr]
+app = pipeline_app("baseline: transformers pipeline", classifier, labels)
