@@ -102,8 +102,19 @@ def onnxruntime_version() -> str | None:
     return str(onnxruntime.__version__)
 
 
+def int8_products_exact() -> bool | None:
+    """Whether this machine's ONNX Runtime multiplies int8 weights exactly, and so whether the engine runs the
+    served weights as int8 or as stored (app.engine.signed_weights); None without onnxruntime."""
+    if onnxruntime_version() is None:
+        return None
+    from app.engine.signed_weights import signed_products_exact
+
+    return signed_products_exact()
+
+
 def measurement_context() -> dict[str, Any]:
-    """What every speed figure is recorded with: the CPU, its ISA, cores and runtime versions."""
+    """What every speed figure is recorded with: the CPU, its ISA, cores and runtime versions, and which weights
+    the engine runs on it."""
     cpu = current()
     return {
         "cpu": cpu.describe(),
@@ -112,4 +123,5 @@ def measurement_context() -> dict[str, Any]:
         "cores": os.cpu_count(),
         "onnxruntime": onnxruntime_version(),
         "python": platform.python_version(),
+        "int8_products_exact": int8_products_exact(),
     }

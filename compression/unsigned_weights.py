@@ -8,7 +8,8 @@ differently by CPU. On an AVX2-only EPYC the served model changed 18 of 3,100 va
 before it multiplies, which cannot overflow. Weight w with zero point z and weight w + 128 with zero point
 z + 128 are the same number, so the rewrite changes no product: every CPU computes the products a VNNI CPU
 computes for the int8 graph. (The floating-point steps between them still round by instruction set, which can
-move a borderline answer: none of 5,350 between AVX2 and AVX-512 kernels.)"""
+move a borderline answer: none of 5,350 between AVX2 and AVX-512 kernels.) Where a CPU multiplies int8 weights
+exactly, the engine flips them back to int8 at load, for the faster kernel (app.engine.signed_weights)."""
 
 from __future__ import annotations
 
@@ -21,10 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-# Where each op that multiplies by a weight reads it: (weight input, weight zero-point input). A quantised
-# embedding lookup (Gather on an int8 table) multiplies nothing and keeps its table.
-WEIGHT_INPUTS = {"MatMulInteger": (1, 3), "QAttention": (1, 7), "DequantizeLinear": (0, 2)}
-SHIFT = 128
+from app.engine.signed_weights import SHIFT, WEIGHT_INPUTS
 
 
 def unsigned_weights(path: Path) -> int:

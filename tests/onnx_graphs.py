@@ -7,7 +7,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import TensorProto, helper, numpy_helper
+from onnx import ModelProto, TensorProto, helper, numpy_helper
+
+from compression.unsigned_weights import SHIFT, WEIGHT_INPUTS
 
 
 def save_graph(path: Path, nodes: list, inits: list, inputs: list, outputs: list) -> Path:
@@ -35,3 +37,16 @@ def matmul_integer(path: Path, weights: np.ndarray, zero: np.ndarray | None = No
 def run_graph(path: Path, **feeds: np.ndarray) -> np.ndarray:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return np.asarray(session.run(None, feeds)[0])
+
+
+def signed_weights(model: ModelProto) -> ModelProto:
+    """The inverse of compression.unsigned_weights, with the onnx package: each uint8 weight an op in its
+    WEIGHT_INPUTS multiplies by, and its zero point, back to int8 (what the factory wrote before it stored uint8)."""
+    for node in model.graph.node:
+        if node.op_type in WEIGHT_INPUTS:
+            for name in (node.input[i] for i in WEIGHT_INPUTS[node.op_type]):
+                tensor = next(t for t in model.graph.initializer if t.name == name)
+                if tensor.data_type == TensorProto.UINT8:
+                    values = numpy_helper.to_array(tensor).astype(np.int16) - SHIFT
+                    tensor.CopyFrom(numpy_helper.from_array(values.astype(np.int8), name))
+    return model

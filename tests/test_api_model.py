@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from app import cpu
 from app.config import Settings
 from app.engine.artifact import sha256_file
-from app.engine.engine import Engine
+from app.engine.engine import WEIGHTS_SIGNED, WEIGHTS_STORED, Engine
 from app.engine.errors import ModelLoadError
+from app.engine.signed_weights import signed_products_exact
 from app.http.main import create_app
 from tests.conftest import MODEL_DIR
 
@@ -107,7 +109,8 @@ def test_model_route_serves_the_card(client: TestClient, card: dict) -> None:
     body = client.get("/model").json()
     assert {k: body[k] for k in card} == card
     assert body["labels"] == json.loads((MODEL_DIR / "labels.json").read_text())
-    assert set(body["serving"]) == {"cpu"}
+    weights = WEIGHTS_SIGNED if signed_products_exact() else WEIGHTS_STORED
+    assert body["serving"] == {"cpu": cpu.current().describe(), "weights": weights}
 
 
 def _rehash(directory: Path) -> None:

@@ -107,7 +107,7 @@ def test_measurement_context(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
     fake = from_text(tmp_path, EPYC_VNNI)
     monkeypatch.setattr(cpu, "current", lambda: fake)
     context = cpu.measurement_context()
-    assert set(context) == {"cpu", "cpu_model", "isa", "cores", "onnxruntime", "python"}
+    assert set(context) == {"cpu", "cpu_model", "isa", "cores", "onnxruntime", "python", "int8_products_exact"}
     assert context["cpu"] == "AMD EPYC (family 25 model 17; avx2 fma avx512f avx512_vnni)"
     assert context["cpu_model"] == "AMD EPYC"
     assert context["isa"] == ["avx2", "fma", "avx512f", "avx512_vnni"]
@@ -116,10 +116,14 @@ def test_measurement_context(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
     import onnxruntime
 
     assert context["onnxruntime"] == onnxruntime.__version__
+    from app.engine.signed_weights import signed_products_exact
+
+    assert context["int8_products_exact"] is signed_products_exact()  # the kernel's answer, not the fake CPU's flags
 
 
 def test_measurement_context_without_onnxruntime(monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
 
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # makes `import onnxruntime` raise ImportError
-    assert cpu.measurement_context()["onnxruntime"] is None
+    context = cpu.measurement_context()
+    assert (context["onnxruntime"], context["int8_products_exact"]) == (None, None)

@@ -46,6 +46,8 @@ def test_the_avx2_kernels_give_every_golden_answer(avx2_env: tuple[Path, dict[st
     assert Path(report["onnxruntime"]).is_relative_to(root)
     assert report["int8_exact"] is False
     assert report["uint8_exact"] is True
+    # So the engine's own probe keeps the stored uint8 weights.
+    assert report["signed_products_exact"] is False
     decisions = report["decisions"]
     golden = json.loads((ROOT / "tests" / "golden" / f"decisions-{decisions['model_version']}.json").read_text())
     assert decisions["model_version"] == json.loads((MODEL_DIR / "card.json").read_text())["version"]
@@ -53,3 +55,28 @@ def test_the_avx2_kernels_give_every_golden_answer(avx2_env: tuple[Path, dict[st
         got = decisions["pools"][name]
         assert got["intents"] == expected["intents"], name
         assert got["first_stage"] == expected["first_stage"], name
+
+
+def test_where_int8_products_are_exact_the_flipped_graphs_give_the_stored_outputs_bit_for_bit(
+    avx2_env: tuple[Path, dict[str, str]],
+) -> None:
+    """With AVX2 hidden as well, ONNX Runtime's SSE kernels multiply uint8 by int8 exactly, as VNNI does: the
+    engine's probe says so, the engine loads the weights as int8, and every committed graph then gives the stored
+    file's outputs, bit for bit, on 298 texts of the golden pools. This is the one exact int8 kernel a machine
+    without VNNI can run; on a VNNI machine the suite's golden test checks the same through VNNI."""
+    from app.engine.engine import WEIGHTS_SIGNED
+
+    root, env = avx2_env
+    child = subprocess.run(
+        [sys.executable, "-m", "tests.golden.isa_probe", "outputs"],
+        env={**env, "CPUID_MASK_SSE": "1"},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert child.returncode == 0, child.stderr[-2000:]
+    report = json.loads(child.stdout.strip().splitlines()[-1])
+    assert Path(report["onnxruntime"]).is_relative_to(root)
+    assert (report["int8_exact"], report["uint8_exact"], report["signed_products_exact"]) == (True, True, True)
+    assert report["flipped_outputs"] == {"weights": WEIGHTS_SIGNED, "static.onnx": [298, 298], "model.onnx": [298, 298]}

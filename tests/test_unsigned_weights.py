@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 from app.engine.artifact import load_artifact, sha256_file
 from compression.unsigned_weights import SHIFT, WEIGHT_INPUTS, main, rewrite_served, unsigned_weights
 from tests.conftest import MODEL_DIR
-from tests.onnx_graphs import matmul_integer, run_graph, save_graph
+from tests.onnx_graphs import matmul_integer, run_graph, save_graph, signed_weights
 
 
 @pytest.mark.parametrize("zero", [None, np.array(3, dtype=np.int8), np.arange(-2, 6, dtype=np.int8)])
@@ -92,26 +92,13 @@ def test_the_committed_graphs_multiply_by_uint8_weights_only() -> None:
     assert unsigned_weights(MODEL_DIR / spec.stages[0].file) == 0  # and nothing is left to rewrite
 
 
-def _signed(path: Path) -> None:
-    """The inverse rewrite: what the factory wrote before it stored uint8 weights."""
-    model = onnx.load(str(path))
-    for node in model.graph.node:
-        if node.op_type in WEIGHT_INPUTS:
-            for name in (node.input[i] for i in WEIGHT_INPUTS[node.op_type]):
-                tensor = next(t for t in model.graph.initializer if t.name == name)
-                if tensor.data_type == TensorProto.UINT8:
-                    values = numpy_helper.to_array(tensor).astype(np.int16) - SHIFT
-                    tensor.CopyFrom(numpy_helper.from_array(values.astype(np.int8), name))
-    onnx.save(model, str(path))
-
-
 def test_a_signed_served_model_is_rewritten_into_the_committed_files(tmp_path: Path) -> None:
     """The committed model's graphs made signed again, then rewritten: byte for byte the committed files, and a
     card with their hashes, a new version and the change in its history."""
     model = tmp_path / "model"
     shutil.copytree(MODEL_DIR, model)
     for name in ("model.onnx", "static.onnx"):
-        _signed(model / name)
+        onnx.save(signed_weights(onnx.load(str(model / name))), str(model / name))
     card = json.loads((model / "card.json").read_text())
     for name in ("model.onnx", "static.onnx"):
         card["files"][name]["sha256"] = sha256_file(model / name)

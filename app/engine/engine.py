@@ -25,6 +25,9 @@ from app.engine.rules import Outputs, Rule, load_rule
 from app.engine.spec import ServingSpec, StaticStage, TransformerStage
 from app.engine.tokenize import open_tokenizer
 
+WEIGHTS_SIGNED = "int8: this CPU multiplies them exactly, so the stored uint8 weights were flipped at load"
+WEIGHTS_STORED = "as stored"
+
 # Run before a model serves (start-up and reload), so that its first real query pays no cold-start costs.
 WARMUP_TEXTS = (
     "what is my account balance",
@@ -125,6 +128,8 @@ class Engine:
                 names, disabled = ["logits"], []
             self.models.append(OnnxModel(directory / stage.file, names, intra, inter, disabled))
         self.stage_names = [s.name for s in spec.stages]
+        # Which weights run: what /model and the benchmark rows report beside the CPU (app.engine.signed_weights).
+        self.weights = WEIGHTS_SIGNED if any(m.signed_at_load for m in self.models) else WEIGHTS_STORED
         self.rule: Rule = load_rule(spec.rule, directory)
         self._check_outputs()
 

@@ -116,6 +116,7 @@ def bench_served(directory: Path, data: Dataset, cfg: BenchConfig) -> dict[str, 
         "neighbour_test_share": tested,
         **served_macs(directory, engine, val.texts, decisions.stage, tested),
         "latency_queries": len(val.texts),
+        "weights": engine.weights,
     }
 
 
@@ -357,6 +358,8 @@ def served_summary(row: dict[str, Any]) -> str:
         f"answered by: {shares}; the neighbour test ran for {row['neighbour_test_share']:.1%} of the last stage's",
         f"multiply-adds per query: {row['macs_per_query'] / 1e6:.2f} M (median {row['median_tokens']} tokens)",
     ]
+    if "weights" in row:  # rows from before 2026-12-05 do not say
+        lines.append(f"weights: {row['weights']}")
     if row.get("speedup_mean_vs_baseline"):
         lines.append(
             f"against BERT-base fp32 in this run: {row['speedup_vs_baseline']:.0f}x by p50, "

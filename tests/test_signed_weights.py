@@ -1,0 +1,147 @@
+"""The stored uint8 weights flipped back to int8 at load where this CPU multiplies int8 weights exactly
+(app.engine.signed_weights): the flip gives the factory's int8 graph, the probe decides from the kernel itself,
+the engine reports what it loaded, and anything the flip does not recognise loads as stored."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import app.engine.onnx as onnx_module
+from app.engine.engine import WEIGHTS_SIGNED, WEIGHTS_STORED, Engine
+from app.engine.errors import ModelLoadError
+from app.engine.onnx import OnnxModel, session_options
+from app.engine.signed_weights import INT8, UINT8, probe_graph, signed_graph, signed_products_exact
+from compression.unsigned_weights import unsigned_weights
+from tests.conftest import MODEL_DIR
+from tests.onnx_graphs import matmul_integer, run_graph, save_graph, signed_weights
+
+GRAPHS = ("model.onnx", "static.onnx")
+
+
+@pytest.mark.parametrize("name", GRAPHS)
+def test_the_flip_of_a_committed_graph_is_the_factorys_int8_graph(name: str) -> None:
+    """Parsed with the onnx package, the flipped bytes equal the committed graph made signed with it: every
+    weight and zero point the rewrite shifted, and nothing else, field for field."""
+    flipped = onnx.load_from_string(signed_graph(MODEL_DIR / name))
+    expected = signed_weights(onnx.load(str(MODEL_DIR / name)))
+    assert flipped == expected
+    int8 = {t.name for t in flipped.graph.initializer if t.data_type == TensorProto.INT8}
+    stored = {t.name for t in onnx.load(str(MODEL_DIR / name)).graph.initializer if t.data_type == TensorProto.INT8}
+    # The weights and their zero points (the first stage also keeps its int8 embedding table, which it only looks up).
+    assert len(int8 - stored) == {"model.onnx": 54, "static.onnx": 4}[name]
+
+
+def test_the_probe_is_exact_for_uint8_weights_and_matches_the_int8_kernel_on_this_cpu() -> None:
+    a = np.full((3, 64), 255, dtype=np.uint8)
+    exact = np.full((3, 4), 255 * 127 * 64, dtype=np.int32)
+    for weight_type in (UINT8, INT8):
+        session = ort.InferenceSession(probe_graph(weight_type), providers=["CPUExecutionProvider"])
+        got = session.run(None, {"a": a})[0]
+        if weight_type == UINT8:
+            assert np.array_equal(got, exact)
+        else:
+            assert np.array_equal(got, exact) is signed_products_exact()
+
+
+def test_the_int8_graphs_give_the_stored_outputs_exactly_where_the_probe_says_so() -> None:
+    """On this CPU: the committed transformer flipped to int8 gives the stored graph's outputs bit for bit on
+    every text if and only if the probe found int8 products exact (on an AVX2-only CPU every text's logits move;
+    on a VNNI CPU none does). So the probe never lets the engine load a graph that answers otherwise."""
+    engine = Engine.open(MODEL_DIR)
+    stage = engine.spec.transformer
+    options = {"disabled_optimizers": stage.ort_disabled_optimizers, "providers": ["CPUExecutionProvider"]}
+    stored = ort.InferenceSession(str(MODEL_DIR / stage.file), session_options(1, 1), **options)
+    flipped = ort.InferenceSession(signed_graph(MODEL_DIR / stage.file), session_options(1, 1), **options)
+    model = engine.models[-1]
+    texts = ["what is my balance", "book a table for four at noon tomorrow", "how do I say thanks in german", "wow"]
+    same = [
+        all(
+            np.array_equal(x, y)
+            for x, y in zip(stored.run(model.outputs, f), flipped.run(model.outputs, f), strict=True)
+        )
+        for f in (model.feed(e.ids) for e in engine.encode(texts))
+    ]
+    assert same == [signed_products_exact()] * len(texts)
+    assert engine.weights == (WEIGHTS_SIGNED if signed_products_exact() else WEIGHTS_STORED)
+
+
+def _weights_graph(tmp_path: Path) -> Path:
+    """A MatMulInteger over int8 weights with a zero point, rewritten to uint8 by the factory."""
+    weights = np.arange(-8, 8, dtype=np.int8).reshape(4, 4)
+    path = matmul_integer(tmp_path / "w.onnx", weights, np.array(1, dtype=np.int8))
+    assert unsigned_weights(path) == 1
+    return path
+
+
+def test_a_flipped_graph_holds_the_int8_numbers_and_runs(tmp_path: Path) -> None:
+    path = _weights_graph(tmp_path)
+    flipped = onnx.load_from_string(signed_graph(path))
+    values = {t.name: numpy_helper.to_array(t) for t in flipped.graph.initializer}
+    assert values["w"].dtype == np.int8
+    assert np.array_equal(values["w"], np.arange(-8, 8).reshape(4, 4))
+    assert values["wz"].dtype == np.int8
+    assert int(values["wz"]) == 1
+    a = np.arange(8, dtype=np.uint8).reshape(2, 4)
+    flipped_bytes = signed_graph(path)
+    assert flipped_bytes is not None
+    (tmp_path / "flipped.onnx").write_bytes(flipped_bytes)
+    assert np.array_equal(run_graph(tmp_path / "flipped.onnx", a=a), run_graph(path, a=a))
+
+
+def test_what_the_flip_does_not_recognise_loads_as_stored(tmp_path: Path) -> None:
+    # int8 weights (a graph from before the rewrite): nothing to flip.
+    assert signed_graph(matmul_integer(tmp_path / "int8.onnx", np.ones((4, 4), dtype=np.int8))) is None
+    # A uint8 weight without a zero point means zero point 0, not the rewrite's 128.
+    bare = matmul_integer(tmp_path / "bare.onnx", np.ones((4, 4), dtype=np.int8))
+    model = onnx.load(str(bare))
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.ones((4, 4), dtype=np.uint8), "w"))
+    onnx.save(model, str(bare))
+    assert signed_graph(bare) is None
+    # A uint8 table another op also reads.
+    nodes = [
+        helper.make_node("MatMulInteger", ["a", "w", "", "wz"], ["y"]),
+        helper.make_node("Gather", ["w", "i"], ["g"]),
+    ]
+    inits = [
+        numpy_helper.from_array(np.ones((4, 4), np.uint8), "w"),
+        numpy_helper.from_array(np.array(128, np.uint8), "wz"),
+    ]
+    inputs = [
+        helper.make_tensor_value_info("a", TensorProto.UINT8, [1, 4]),
+        helper.make_tensor_value_info("i", TensorProto.INT64, [1]),
+    ]
+    outputs = [
+        helper.make_tensor_value_info("y", TensorProto.INT32, [1, 4]),
+        helper.make_tensor_value_info("g", TensorProto.UINT8, [1, 4]),
+    ]
+    assert signed_graph(save_graph(tmp_path / "shared.onnx", nodes, inits, inputs, outputs)) is None
+    # Weights in an external data file.
+    external = _weights_graph(tmp_path)
+    onnx.save(onnx.load(str(external)), str(external), save_as_external_data=True, size_threshold=0, location="w.bin")
+    assert signed_graph(external) is None
+
+
+def test_the_engine_loads_flipped_graphs_without_keeping_their_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As on a CPU whose int8 products are exact: both graphs flipped, and ONNX Runtime not left holding the 29 MB
+    of graph bytes it keeps by default for re-creating a session."""
+    monkeypatch.setattr(onnx_module, "signed_products_exact", lambda: True)
+    engine = Engine.open(MODEL_DIR)
+    assert [m.signed_at_load for m in engine.models] == [True, True]
+    assert engine.weights == WEIGHTS_SIGNED
+    assert all(m.session._model_bytes is None for m in engine.models)
+
+
+def test_a_file_that_is_not_onnx_is_a_load_error_on_the_flip_path_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(onnx_module, "signed_products_exact", lambda: True)
+    garbage = tmp_path / "model.onnx"
+    garbage.write_bytes(b"\xff" * 100)
+    with pytest.raises(ModelLoadError, match="^unloadable model.onnx: "):
+        OnnxModel(garbage, [None])
