@@ -21,17 +21,37 @@ def save_graph(path: Path, nodes: list, inits: list, inputs: list, outputs: list
     return path
 
 
-def matmul_integer(path: Path, weights: np.ndarray, zero: np.ndarray | None = None) -> Path:
-    """One MatMulInteger: uint8 input `a` [n, K] times the int8 initializer `weights` [K, N], with its zero point."""
+def _matmul(weights: np.ndarray, zero: np.ndarray | None) -> tuple[list, list]:
+    """A MatMulInteger of input `a` by the initializer `weights` ("w"), with its zero point ("wz") if given."""
     inits = [numpy_helper.from_array(weights, "w")]
     inputs = ["a", "w"]
     if zero is not None:
         inits.append(numpy_helper.from_array(zero, "wz"))
         inputs += ["", "wz"]
-    node = helper.make_node("MatMulInteger", inputs, ["y"])
+    return [helper.make_node("MatMulInteger", inputs, ["y"])], inits
+
+
+def matmul_integer(path: Path, weights: np.ndarray, zero: np.ndarray | None = None) -> Path:
+    """One MatMulInteger: uint8 input `a` [n, K] times the int8 initializer `weights` [K, N], with its zero point."""
+    nodes, inits = _matmul(weights, zero)
     a = helper.make_tensor_value_info("a", TensorProto.UINT8, [None, weights.shape[0]])
     y = helper.make_tensor_value_info("y", TensorProto.INT32, [None, weights.shape[1]])
-    return save_graph(path, [node], inits, [a], [y])
+    return save_graph(path, nodes, inits, [a], [y])
+
+
+def shared_table(path: Path, weights: np.ndarray, zero: np.ndarray | None = None) -> Path:
+    """A weight table read twice: by a MatMulInteger (with its zero point, if given) and by a Gather."""
+    nodes, inits = _matmul(weights, zero)
+    nodes.append(helper.make_node("Gather", ["w", "i"], ["g"]))
+    inputs = [
+        helper.make_tensor_value_info("a", TensorProto.UINT8, [1, weights.shape[0]]),
+        helper.make_tensor_value_info("i", TensorProto.INT64, [1]),
+    ]
+    outputs = [
+        helper.make_tensor_value_info("y", TensorProto.INT32, [1, weights.shape[1]]),
+        helper.make_tensor_value_info("g", helper.np_dtype_to_tensor_dtype(weights.dtype), [1, weights.shape[1]]),
+    ]
+    return save_graph(path, nodes, inits, inputs, outputs)
 
 
 def run_graph(path: Path, **feeds: np.ndarray) -> np.ndarray:

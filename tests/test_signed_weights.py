@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, numpy_helper
 
 import app.engine.onnx as onnx_module
 from app.engine.engine import WEIGHTS_SIGNED, WEIGHTS_STORED, Engine
@@ -19,7 +19,7 @@ from app.engine.onnx import OnnxModel, session_options
 from app.engine.signed_weights import INT8, UINT8, probe_graph, signed_graph, signed_products_exact
 from compression.unsigned_weights import unsigned_weights
 from tests.conftest import MODEL_DIR
-from tests.onnx_graphs import matmul_integer, run_graph, save_graph, signed_weights
+from tests.onnx_graphs import matmul_integer, run_graph, shared_table, signed_weights
 
 GRAPHS = ("model.onnx", "static.onnx")
 
@@ -104,23 +104,8 @@ def test_what_the_flip_does_not_recognise_loads_as_stored(tmp_path: Path) -> Non
     onnx.save(model, str(bare))
     assert signed_graph(bare) is None
     # A uint8 table another op also reads.
-    nodes = [
-        helper.make_node("MatMulInteger", ["a", "w", "", "wz"], ["y"]),
-        helper.make_node("Gather", ["w", "i"], ["g"]),
-    ]
-    inits = [
-        numpy_helper.from_array(np.ones((4, 4), np.uint8), "w"),
-        numpy_helper.from_array(np.array(128, np.uint8), "wz"),
-    ]
-    inputs = [
-        helper.make_tensor_value_info("a", TensorProto.UINT8, [1, 4]),
-        helper.make_tensor_value_info("i", TensorProto.INT64, [1]),
-    ]
-    outputs = [
-        helper.make_tensor_value_info("y", TensorProto.INT32, [1, 4]),
-        helper.make_tensor_value_info("g", TensorProto.UINT8, [1, 4]),
-    ]
-    assert signed_graph(save_graph(tmp_path / "shared.onnx", nodes, inits, inputs, outputs)) is None
+    shared = shared_table(tmp_path / "shared.onnx", np.ones((4, 4), np.uint8), np.array(128, np.uint8))
+    assert signed_graph(shared) is None
     # Weights in an external data file.
     external = _weights_graph(tmp_path)
     onnx.save(onnx.load(str(external)), str(external), save_as_external_data=True, size_threshold=0, location="w.bin")

@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 from app.engine.artifact import load_artifact, sha256_file
 from compression.unsigned_weights import SHIFT, WEIGHT_INPUTS, main, rewrite_served, unsigned_weights
 from tests.conftest import MODEL_DIR
-from tests.onnx_graphs import matmul_integer, run_graph, save_graph, signed_weights
+from tests.onnx_graphs import matmul_integer, run_graph, save_graph, shared_table, signed_weights
 
 
 @pytest.mark.parametrize("zero", [None, np.array(3, dtype=np.int8), np.arange(-2, 6, dtype=np.int8)])
@@ -56,20 +56,7 @@ def test_a_per_axis_dequantize_without_zero_point_keeps_its_values(tmp_path: Pat
 
 
 def test_a_table_read_by_another_op_is_refused_and_the_file_is_untouched(tmp_path: Path) -> None:
-    weights = np.ones((4, 4), dtype=np.int8)
-    nodes = [
-        helper.make_node("MatMulInteger", ["a", "w"], ["y"]),
-        helper.make_node("Gather", ["w", "i"], ["g"]),
-    ]
-    inputs = [
-        helper.make_tensor_value_info("a", TensorProto.UINT8, [1, 4]),
-        helper.make_tensor_value_info("i", TensorProto.INT64, [1]),
-    ]
-    outputs = [
-        helper.make_tensor_value_info("y", TensorProto.INT32, [1, 4]),
-        helper.make_tensor_value_info("g", TensorProto.INT8, [1, 4]),
-    ]
-    path = save_graph(tmp_path / "mixed.onnx", nodes, [numpy_helper.from_array(weights, "w")], inputs, outputs)
+    path = shared_table(tmp_path / "mixed.onnx", np.ones((4, 4), dtype=np.int8))
     before = path.read_bytes()
     with pytest.raises(ValueError, match="read both as weights and otherwise"):
         unsigned_weights(path)
