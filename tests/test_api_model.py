@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from app import cpu
 from app.config import Settings
-from app.engine.artifact import sha256_file
+from app.engine.artifact import load_artifact, sha256_file
 from app.engine.engine import WEIGHTS_SIGNED, WEIGHTS_STORED, Engine
 from app.engine.errors import ModelLoadError
 from app.engine.signed_weights import signed_products_exact
@@ -111,6 +112,18 @@ def test_model_route_serves_the_card(client: TestClient, card: dict) -> None:
     assert body["labels"] == json.loads((MODEL_DIR / "labels.json").read_text())
     weights = WEIGHTS_SIGNED if signed_products_exact() else WEIGHTS_STORED
     assert body["serving"] == {"cpu": cpu.current().describe(), "weights": weights}
+
+
+def test_the_ready_log_line_says_which_weights_run_on_which_cpu(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="app"), TestClient(create_app(Settings(model_dir=MODEL_DIR))):
+        pass
+    (ready,) = [r for r in caplog.records if r.getMessage() == "ready"]
+    weights = WEIGHTS_SIGNED if signed_products_exact() else WEIGHTS_STORED
+    assert (ready.model_version, ready.cpu, ready.weights) == (  # type: ignore[attr-defined]
+        load_artifact(MODEL_DIR).card.version,
+        cpu.current().describe(),
+        weights,
+    )
 
 
 def _rehash(directory: Path) -> None:
