@@ -16,7 +16,7 @@ import app.engine.onnx as onnx_module
 from app.engine.engine import WEIGHTS_SIGNED, WEIGHTS_STORED, Engine
 from app.engine.errors import ModelLoadError
 from app.engine.onnx import OnnxModel, session_options
-from app.engine.signed_weights import INT8, UINT8, probe_graph, signed_graph, signed_products_exact
+from app.engine.signed_weights import INT8, PROBE, UINT8, probe_graph, signed_graph, signed_products_exact
 from compression.unsigned_weights import unsigned_weights
 from tests.conftest import MODEL_DIR
 from tests.onnx_graphs import matmul_integer, run_graph, shared_table, signed_weights
@@ -35,6 +35,14 @@ def test_the_flip_of_a_committed_graph_is_the_factorys_int8_graph(name: str) -> 
     stored = {t.name for t in onnx.load(str(MODEL_DIR / name)).graph.initializer if t.data_type == TensorProto.INT8}
     # The weights and their zero points (the first stage also keeps its int8 embedding table, which it only looks up).
     assert len(int8 - stored) == {"model.onnx": 54, "static.onnx": 4}[name]
+
+
+def test_the_committed_probe_is_the_one_probe_graph_writes() -> None:
+    """Regenerate with: python -c "from app.engine.signed_weights import *; PROBE.write_bytes(probe_graph(INT8))"."""
+    assert PROBE.read_bytes() == probe_graph(INT8)
+    checked = onnx.load(str(PROBE))
+    onnx.checker.check_model(checked)
+    assert [n.op_type for n in checked.graph.node] == ["MatMulInteger"]
 
 
 def test_the_probe_is_exact_for_uint8_weights_and_matches_the_int8_kernel_on_this_cpu() -> None:

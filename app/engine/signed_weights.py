@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 # Where each op that multiplies by a weight reads it: (weight input, weight zero-point input), for the factory's
 # rewrite to uint8 (compression.unsigned_weights) and for the flip back here. DequantizeLinear is there for static
@@ -50,17 +49,22 @@ _SCHEMA: dict[str, list[tuple[str, int, str, str]]] = {
     "TensorShapeProto": [("dim", 1, "Dimension", "many")],
     "Dimension": [("dim_value", 1, "int64", "one"), ("dim_param", 2, "string", "one")],
 }  # fmt: skip
-_SCALARS = {
-    "int32": descriptor_pb2.FieldDescriptorProto.TYPE_INT32,
-    "int64": descriptor_pb2.FieldDescriptorProto.TYPE_INT64,
-    "string": descriptor_pb2.FieldDescriptorProto.TYPE_STRING,
-    "bytes": descriptor_pb2.FieldDescriptorProto.TYPE_BYTES,
-}
+# The probe, as probe_graph(INT8) writes it (tests/test_signed_weights.py checks that it still does): read as a
+# file, so that a CPU whose int8 products are not exact never imports protobuf (3 MB a worker).
+PROBE = Path(__file__).with_name("signed_products_probe.onnx")
 
 
 @functools.cache
 def _messages() -> dict[str, Any]:
     """The schema's message classes, in a pool of their own (proto2, as onnx.proto is)."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    scalars = {
+        "int32": descriptor_pb2.FieldDescriptorProto.TYPE_INT32,
+        "int64": descriptor_pb2.FieldDescriptorProto.TYPE_INT64,
+        "string": descriptor_pb2.FieldDescriptorProto.TYPE_STRING,
+        "bytes": descriptor_pb2.FieldDescriptorProto.TYPE_BYTES,
+    }
     package = "intent_onnx_subset"
     file = descriptor_pb2.FileDescriptorProto(name=f"{package}.proto", package=package, syntax="proto2")
     for message, fields in _SCHEMA.items():
@@ -72,8 +76,8 @@ def _messages() -> dict[str, Any]:
                 if label == "many"
                 else descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL
             )
-            if kind in _SCALARS:
-                field.type = _SCALARS[kind]
+            if kind in scalars:
+                field.type = scalars[kind]
             else:
                 field.type = descriptor_pb2.FieldDescriptorProto.TYPE_MESSAGE
                 field.type_name = f".{package}.{kind}"
@@ -116,7 +120,7 @@ def signed_products_exact() -> bool:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1  # no thread pool for one tiny product
     options.log_severity_level = 3
-    session = ort.InferenceSession(probe_graph(INT8), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(PROBE), options, providers=["CPUExecutionProvider"])
     activations = np.full((1, 64), 255, dtype=np.uint8)
     got = session.run(None, {"a": activations})[0]
     return bool(np.array_equal(got, np.full((1, 4), 255 * 127 * 64, dtype=np.int32)))
