@@ -4,6 +4,7 @@ the engine reports what it loaded, and anything the flip does not recognise load
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -121,13 +122,45 @@ def test_what_the_flip_does_not_recognise_loads_as_stored(tmp_path: Path) -> Non
 
 
 def test_the_engine_loads_flipped_graphs_without_keeping_their_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
-    """As on a CPU whose int8 products are exact: both graphs flipped, and ONNX Runtime not left holding the 29 MB
-    of graph bytes it keeps by default for re-creating a session."""
+    """As on a CPU whose int8 products are exact, with a flip that the graph's own check passes (the stored bytes
+    themselves): both graphs swapped, and ONNX Runtime not left holding the graph bytes it keeps by default for
+    re-creating a session (29 MB for these two)."""
     monkeypatch.setattr(onnx_module, "signed_products_exact", lambda: True)
+    monkeypatch.setattr(onnx_module, "signed_graph", lambda path: path.read_bytes())
     engine = Engine.open(MODEL_DIR)
     assert [m.signed_at_load for m in engine.models] == [True, True]
     assert engine.weights == WEIGHTS_SIGNED
     assert all(m.session._model_bytes is None for m in engine.models)
+
+
+def test_a_flip_whose_outputs_differ_is_not_served(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A probe that says exact on a CPU whose graph kernels are not: each graph's own check on VERIFY_IDS finds
+    other outputs, and the engine serves the stored graphs. On a CPU whose int8 products
+    do saturate (AVX2, AVX-512 without VNNI) the real flip is that case; elsewhere a flip that moves one weight by
+    one step stands in for it."""
+    if signed_products_exact():
+
+        def off_by_one(path: Path) -> bytes | None:
+            model = onnx.load_from_string(signed_graph(path))
+            weight = next(n.input[1] for n in model.graph.node if n.op_type in ("MatMulInteger", "QAttention"))
+            table = next(t for t in model.graph.initializer if t.name == weight)
+            values = numpy_helper.to_array(table).copy()
+            values.flat[0] = values.flat[0] + 1 if values.flat[0] < 127 else 126
+            table.CopyFrom(numpy_helper.from_array(values, table.name))
+            return model.SerializeToString()
+
+        monkeypatch.setattr(onnx_module, "signed_graph", off_by_one)
+    monkeypatch.setattr(onnx_module, "signed_products_exact", lambda: True)
+    with caplog.at_level(logging.WARNING, logger="app.engine.onnx"):
+        engine = Engine.open(MODEL_DIR)
+    assert [m.signed_at_load for m in engine.models] == [False, False]
+    assert engine.weights == WEIGHTS_STORED
+    assert sorted(r.getMessage() for r in caplog.records) == [
+        f"{name}: its int8 form gives other outputs on this CPU; serving it as stored"
+        for name in ("model.onnx", "static.onnx")
+    ]
 
 
 def test_a_file_that_is_not_onnx_is_a_load_error_on_the_flip_path_too(

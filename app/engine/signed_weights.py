@@ -5,9 +5,10 @@ Runtime multiplies uint8 activations by int8 weights with a saturating instructi
 answers then depended on the CPU (compression/unsigned_weights.py). On a CPU with VNNI (or AMX) the int8 products
 are exact and take ONNX Runtime's fastest integer kernel, while uint8 weights take a slower one. So at load, one
 MatMulInteger whose products saturate where the kernel does (255 x 127, in pairs past int16) is run: if it comes
-back exact, each graph is loaded with its weights flipped back to int8, which gives the same integer products and
-so the same outputs, bit for bit; if not, the stored uint8 graph is loaded as it is. Nothing here guesses the
-kernel from the CPU's flags: the probe asks the kernel itself.
+back exact, each graph's weights are flipped back to int8, which gives the same integer products and so the same
+outputs, bit for bit; if not, the stored uint8 graph is loaded as it is. Nothing here guesses the kernel from the
+CPU's flags: the probe asks the kernel itself, and app.engine.onnx then asks each graph's own kernels, swapping
+in the int8 form only where it gives the stored graph's outputs bit for bit on a few fixed inputs.
 
 The graphs are read and written with a subset of ONNX's protobuf schema built here (the serving install has
 protobuf, as ONNX Runtime needs it, but not the onnx package); the fields it does not name pass through intact.
