@@ -127,10 +127,13 @@ def test_the_engine_loads_flipped_graphs_without_keeping_their_bytes(monkeypatch
     re-creating a session (29 MB for these two)."""
     monkeypatch.setattr(onnx_module, "signed_products_exact", lambda: True)
     monkeypatch.setattr(onnx_module, "signed_graph", lambda path: path.read_bytes())
+    trims: list[int] = []
+    monkeypatch.setattr(onnx_module, "release_freed_heap", lambda: trims.append(1))
     engine = Engine.open(MODEL_DIR)
     assert [m.signed_at_load for m in engine.models] == [True, True]
     assert engine.weights == WEIGHTS_SIGNED
     assert all(m.session._model_bytes is None for m in engine.models)
+    assert len(trims) == 2  # the stored sessions' freed pages handed back, once per graph
 
 
 def test_a_flip_whose_outputs_differ_is_not_served(

@@ -3,6 +3,8 @@ activation scales per call, so a text gets the same answer alone as in any batch
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -30,6 +32,14 @@ def session_options(intra: int, inter: int) -> ort.SessionOptions:
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
     return opts
+
+
+def release_freed_heap() -> None:
+    """Hand the heap pages freed since start back to the kernel. After a session has been loaded, released and
+    another loaded, glibc kept up to 35 MB of the first's freed pages resident in some runs, and none in others
+    (docs/one-small-model.md); a worker's memory should not depend on that. No-op without glibc's malloc_trim."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 class OnnxModel:
@@ -83,16 +93,19 @@ class OnnxModel:
             return False
         del self.session
         flipped = load(signed)
-        if all(
+        del signed
+        same = all(
             all(np.array_equal(a, b) for a, b in zip(flipped.run(None, self.feed(ids)), want, strict=True))
             for ids, want in zip(VERIFY_IDS, expected, strict=True)
-        ):
+        )
+        if same:
             self.session = flipped
-            return True
-        log.warning("%s: its int8 form gives other outputs on this CPU; serving it as stored", path.name)
-        del flipped
-        self.session = load(str(path))
-        return False
+        else:
+            log.warning("%s: its int8 form gives other outputs on this CPU; serving it as stored", path.name)
+            del flipped
+            self.session = load(str(path))
+        release_freed_heap()
+        return same
 
     def feed(self, ids: list[int]) -> dict[str, np.ndarray]:
         input_ids = np.array([ids], dtype=np.int64)
