@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from app.engine.signed_weights import SHIFT, WEIGHT_INPUTS
+from app.engine.signed_weights import SHIFT, WEIGHT_INPUTS, read_roles
 
 
 def unsigned_weights(path: Path) -> int:
@@ -36,13 +36,7 @@ def unsigned_weights(path: Path) -> int:
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
     signed = {name for name, t in initializers.items() if t.data_type == TensorProto.INT8}
-    roles: dict[str, set[str]] = {}
-    for node in graph.node:
-        for i, name in enumerate(node.input):
-            if name in signed:
-                roles.setdefault(name, set()).add(
-                    "shifted" if i in WEIGHT_INPUTS.get(node.op_type, ()) else f"{node.op_type}:{i}"
-                )
+    roles = read_roles(((node.op_type, node.input) for node in graph.node), signed)
     mixed = {name: sorted(r) for name, r in roles.items() if len(r) > 1}
     if mixed:
         raise ValueError(f"{path}: int8 initializers read both as weights and otherwise: {mixed}")

@@ -17,6 +17,7 @@ protobuf, as ONNX Runtime needs it, but not the onnx package); the fields it doe
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,22 @@ _SCHEMA: dict[str, list[tuple[str, int, str, str]]] = {
     "TensorShapeProto": [("dim", 1, "Dimension", "many")],
     "Dimension": [("dim_value", 1, "int64", "one"), ("dim_param", 2, "string", "one")],
 }  # fmt: skip
+
+
+def read_roles(nodes: Iterable[tuple[str, Sequence[str]]], names: set[str]) -> dict[str, set[str]]:
+    """How the ops (op type, inputs) read each of `names`: "weight" where an op in WEIGHT_INPUTS reads it as its
+    weight or zero point, else "<op>:<input>". A table with more than one role cannot change type for one of them;
+    the rewrite to uint8 and the flip back both refuse it."""
+    roles: dict[str, set[str]] = {}
+    for op_type, inputs in nodes:
+        for at, name in enumerate(inputs):
+            if name in names:
+                roles.setdefault(name, set()).add(
+                    "weight" if at in WEIGHT_INPUTS.get(op_type, ()) else f"{op_type}:{at}"
+                )
+    return roles
+
+
 # The probe, as probe_graph(INT8) writes it (tests/test_signed_weights.py checks that it still does): read as a
 # file, so that a CPU whose int8 products are not exact never imports protobuf (3 MB a worker).
 PROBE = Path(__file__).with_name("signed_products_probe.onnx")
@@ -142,12 +159,8 @@ def signed_graph(path: Path) -> bytes | None:
             if not all(name in initializers and initializers[name].data_type == UINT8 for name in names):
                 return None  # a uint8 weight without its stored zero point: not the factory's rewrite
             flip.update(names)
-    if not flip:
-        return None
-    for node in graph.node:
-        positions = WEIGHT_INPUTS.get(node.op_type, ())
-        if any(name in flip and at not in positions for at, name in enumerate(node.input)):
-            return None  # a table that another op also reads, as uint8
+    if not flip or any(len(r) > 1 for r in read_roles(((n.op_type, n.input) for n in graph.node), flip).values()):
+        return None  # nothing to flip, or a table that another op also reads, as uint8
     for name in flip:
         tensor = initializers[name]
         size = int(np.prod(tensor.dims)) if len(tensor.dims) else 1
