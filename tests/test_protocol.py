@@ -389,20 +389,55 @@ def test_an_upgrade_header_is_ignored_and_the_request_answered_as_http_1_1(
 
 
 async def _slow_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Reads one body message (recorded in RECEIVED) and answers 0.1 s later."""
     if scope["type"] != "http":
         return
-    await receive()
+    RECEIVED.append((await receive())["type"])
     await asyncio.sleep(0.1)
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
     await send({"type": "http.response.body", "body": b"{}"})
 
 
-def test_a_refusal_is_not_sent_before_the_answer_to_an_earlier_pipelined_request() -> None:
-    """The client would take the 431 for the first request's answer: the connection only closes."""
+def _answers(writes: list[bytes]) -> list[tuple[int, bytes]]:
+    """Each response on the connection, in order, as (status, body); each goes out in one write."""
+    return [(_status(w), w.partition(b"\r\n\r\n")[2]) for w in writes]
+
+
+def _error(kind: str, message: str) -> bytes:
+    return json.dumps({"error": {"type": kind, "message": message}}, separators=(",", ":")).encode()
+
+
+def test_a_refusal_follows_the_answer_to_an_earlier_pipelined_request() -> None:
+    """Sent at once, the 431 would be taken for the first request's answer: it waits for that answer, follows
+    it, and the connection closes."""
     big = _chunks(10 * DEFAULT_LIMITS.max_head_bytes)
     fake = _connect([POST + big[0], *big[1:]], _slow_app, wait_s=0.3)
     assert fake.closed
-    assert fake.writes == []
+    cap = DEFAULT_LIMITS.max_head_bytes
+    too_large = _error("headers_too_large", f"the request line and headers are over {cap} bytes")
+    assert _answers(fake.writes) == [(200, b"{}"), (431, too_large)]
+
+
+def test_a_body_longer_than_its_content_length_gets_its_answer_then_400() -> None:
+    """The bytes past Content-Length are read as the next request, which is not HTTP: the request is answered
+    on what it declared, then the rest is refused, in that order. uvicorn alone sends its 400 at once, which the
+    client reads as the request's answer, and the request's own answer is lost."""
+    raw = b'POST /predict HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\n{"text":"hi"}'
+    fake = _connect([raw], _slow_app, wait_s=0.3)
+    assert fake.closed
+    assert _answers(fake.writes) == [(200, b"{}"), (400, _error("invalid_http", "Invalid HTTP request received."))]
+    plain = _connect([raw], _slow_app, wait_s=0.3, protocol_class=HttpToolsProtocol)
+    assert plain.closed
+    assert [(status, body) for status, body in _answers(plain.writes)] == [(400, b"Invalid HTTP request received.")]
+
+
+def test_nothing_is_read_while_a_refusal_waits() -> None:
+    """Bytes that arrive after the refused ones, before the earlier answer is out, are neither parsed nor
+    dispatched."""
+    fake = _connect([POST + b"GARBAGE\r\n\r\n", POST], _slow_app, wait_s=0.3)
+    assert fake.closed
+    assert [status for status, _ in _answers(fake.writes)] == [200, 400]
+    assert RECEIVED == ["http.request"]
 
 
 def test_refusals_are_counted_with_the_apps_metrics() -> None:
@@ -433,3 +468,27 @@ def test_a_running_server_counts_what_its_protocol_refuses() -> None:
         text = exposition.decode()
     for reason in ("invalid_http", "headers_too_large"):
         assert f'intent_rejected_total{{reason="{reason}"}} 1.0' in text.splitlines(), reason
+
+
+@pytest.mark.integration
+def test_a_running_server_answers_a_body_longer_than_its_content_length_then_refuses_the_rest() -> None:
+    """The service reads the 5 bytes declared, `{"tex`, and answers them (not JSON), then refuses the rest."""
+    import socket
+
+    from tests.servers import running_server
+
+    head = b"POST /predict HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 5\r\n\r\n"
+    raw = head + b'{"text":"hi"}'
+    with running_server() as (base, _), socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1])), 10) as s:
+        s.sendall(raw)
+        received = b""
+        while chunk := s.recv(1 << 16):  # the server closes after its refusal
+            received += chunk
+    answers = []
+    while received:
+        head, _, rest = received.partition(b"\r\n\r\n")
+        fields = dict(line.split(b": ", 1) for line in head.split(b"\r\n")[1:])
+        length = int(fields[b"content-length"])
+        answers.append((_status(head), json.loads(rest[:length])["error"]["type"]))
+        received = rest[length:]
+    assert answers == [(400, "invalid_json"), (400, "invalid_http")]

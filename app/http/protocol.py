@@ -21,6 +21,9 @@ Limits, each answered in the service's error body, after which the connection cl
   body held its connection (a file descriptor, a task, a slot in the balancer's `maxconn`) for ever;
 - bytes the parser refuses (not HTTP/1.1, or a request-smuggling shape such as Content-Length with chunked):
   400 `invalid_http`, where uvicorn answered in plain text.
+A refusal that comes while requests read whole before it are still being answered (pipelined, or the rest of a
+body longer than its Content-Length) waits for their answers and follows them, so that every request the app
+saw is answered and the client reads each answer for its own request; nothing more is read meanwhile.
 """
 
 from __future__ import annotations
@@ -112,6 +115,7 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         # per connection that re-arms itself, so a request costs no timer of its own.
         self._read_deadline: float | None = None
         self._deadline_timer: asyncio.TimerHandle | None = None
+        self._refusal: ServiceError | None = None  # to send once the requests read before it are answered
         self._start_read_deadline()  # the first request is due from the moment the connection opens
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -181,6 +185,8 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
             self._refuse(RequestTimeout(f"the request did not arrive whole within {timeout:g} s"))
 
     def data_received(self, data: bytes) -> None:
+        if self._refusal is not None:
+            return  # the connection ends with that refusal: nothing after the refused bytes is a request
         # A head is over the cap by either of two counts, each never more than its true size, so a head under the
         # cap is never refused. (1) The reads that find a head already begun and leave it unfinished: every byte
         # of those is the head's. This one stops a head that never ends, which the parser would grow for ever.
@@ -207,22 +213,38 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         """uvicorn's answer to bytes its parser refuses (it has logged them), in the service's error body."""
         self._refuse(InvalidHTTP(msg.strip()))
 
+    def _earlier_unanswered(self) -> bool:
+        """Whether a request read whole (its body included) still awaits its answer. `cycle` is the last request
+        whose head was read, and pipelined requests are answered in order, so it is the last to be answered."""
+        cycle = self.cycle
+        return cycle is not None and not cycle.more_body and not cycle.response_complete
+
     def _refuse(self, error: ServiceError) -> None:
-        """Answer a request the app never saw with the service's error body, and close the connection. If an
-        earlier request on the connection is still being answered (pipelining), an answer now would be taken for
-        its answer: the connection only closes, and the client, which saw no answer to either, may send both
-        again."""
-        earlier_in_flight = self._head_bytes is not None and self.cycle is not None and not self.cycle.response_complete
+        """Answer bytes the app never saw as a request with the service's error body, and close the connection.
+        If requests read before them are still being answered, an answer now would be taken for the first of
+        theirs: it is sent after theirs (`on_response_complete`), and nothing more is read meanwhile."""
         metrics: Metrics | None = self.app_state.get(PROTOCOL_METRICS)
         if metrics is not None:
             metrics.rejected.labels(error.kind).inc()
-        if not earlier_in_flight:
-            status, headers, body = render(error)
-            lines = [b"HTTP/1.1 %d %s\r\n" % (status, HTTPStatus(status).phrase.encode())]
-            headers = [*self.server_state.default_headers, *headers, (b"connection", b"close")]
-            lines += [name + b": " + value + b"\r\n" for name, value in headers]
-            self.transport.write(b"".join(lines) + b"\r\n" + body)
-        self.transport.close()
         self._head_bytes = None
         self._head_over = False
         self._read_deadline = None
+        if self._earlier_unanswered():
+            self._refusal = error
+            self.transport.pause_reading()
+            return
+        self._send_refusal(error)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._refusal is not None and not self._earlier_unanswered() and not self.transport.is_closing():
+            error, self._refusal = self._refusal, None
+            self._send_refusal(error)
+
+    def _send_refusal(self, error: ServiceError) -> None:
+        status, headers, body = render(error)
+        lines = [b"HTTP/1.1 %d %s\r\n" % (status, HTTPStatus(status).phrase.encode())]
+        headers = [*self.server_state.default_headers, *headers, (b"connection", b"close")]
+        lines += [name + b": " + value + b"\r\n" for name, value in headers]
+        self.transport.write(b"".join(lines) + b"\r\n" + body)
+        self.transport.close()
