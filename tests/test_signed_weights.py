@@ -5,6 +5,7 @@ the engine reports what it loaded, and anything the flip does not recognise load
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -123,17 +124,48 @@ def test_what_the_flip_does_not_recognise_loads_as_stored(tmp_path: Path) -> Non
 
 def test_the_engine_loads_flipped_graphs_without_keeping_their_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
     """As on a CPU whose int8 products are exact, with a flip that the graph's own check passes (the stored bytes
-    themselves): both graphs swapped, and ONNX Runtime not left holding the graph bytes it keeps by default for
-    re-creating a session (29 MB for these two)."""
+    themselves): both graphs swapped, and every session made from a path, so that ONNX Runtime keeps no graph
+    bytes (it keeps those it is given for re-creating a session: 29 MB for these two)."""
     monkeypatch.setattr(onnx_module, "signed_products_exact", lambda: True)
     monkeypatch.setattr(onnx_module, "signed_graph", lambda path: path.read_bytes())
     trims: list[int] = []
     monkeypatch.setattr(onnx_module, "release_freed_heap", lambda: trims.append(1))
+    sources: list[object] = []
+    session_class = ort.InferenceSession
+
+    def recording_session(source: object, *args: object, **kwargs: object) -> ort.InferenceSession:
+        sources.append(source)
+        return session_class(source, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(onnx_module.ort, "InferenceSession", recording_session)
     engine = Engine.open(MODEL_DIR)
+    monkeypatch.undo()
     assert [m.signed_at_load for m in engine.models] == [True, True]
     assert engine.weights == WEIGHTS_SIGNED
-    assert all(m.session._model_bytes is None for m in engine.models)
+    # Per graph, the stored file and then the flipped graph's in-memory file, gone once loaded.
+    assert [type(s) for s in sources] == [str] * 4
+    assert [Path(s).name for s in sources[::2]] == list(reversed(GRAPHS))
+    assert all(s.startswith("/proc/self/fd/") for s in sources[1::2])  # type: ignore[attr-defined]
     assert len(trims) == 2  # the stored sessions' freed pages handed back, once per graph
+
+
+@pytest.mark.parametrize("memfd", [True, False], ids=["memfd", "temporary-file"])
+def test_a_graph_file_holds_the_bytes_for_the_block_and_is_gone_after(
+    memfd: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    graph = (MODEL_DIR / "static.onnx").read_bytes()
+    if not memfd:
+        monkeypatch.delattr(onnx_module.os, "memfd_create")  # as on macOS
+    file = onnx_module.GraphFile(graph)
+    with file as path:
+        assert Path(path).read_bytes() == graph
+        assert path.startswith("/proc/self/fd/") is memfd
+        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["logits"]
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        os.fstat(file._fd)  # closed: a memfd's memory goes with its last descriptor
+    if not memfd:
+        assert not Path(path).parent.exists()
 
 
 def test_a_flip_whose_outputs_differ_is_not_served(

@@ -6,8 +6,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import os
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import TracebackType
 
 import numpy as np
 import onnxruntime as ort
@@ -42,24 +45,50 @@ def release_freed_heap() -> None:
         ctypes.CDLL(None).malloc_trim(0)
 
 
+class GraphFile:
+    """Graph bytes as a path to load them from, for as long as the `with` block lasts. A session made from bytes
+    keeps them for its whole life, to re-create itself (ONNX Runtime's "TODO: This is bad as we're holding the
+    memory indefinitely"): 29 MB for the served graphs. Made from a path, it keeps nothing. An anonymous in-memory
+    file where the kernel has them (Linux's memfd), else a temporary file. The bytes are written at once and not
+    referenced after, so the caller can drop its own copy before the load."""
+
+    def __init__(self, graph: bytes) -> None:
+        self._directory: tempfile.TemporaryDirectory[str] | None = None
+        if hasattr(os, "memfd_create"):
+            self._fd = os.memfd_create("intent-graph", os.MFD_CLOEXEC)
+            self.path = f"/proc/self/fd/{self._fd}"
+        else:
+            self._directory = tempfile.TemporaryDirectory(prefix="intent-graph-")
+            self.path = os.path.join(self._directory.name, "graph.onnx")
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(self._fd, "wb", closefd=False) as file:
+            file.write(graph)
+
+    def __enter__(self) -> str:
+        return self.path
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        os.close(self._fd)
+        if self._directory is not None:
+            self._directory.cleanup()
+
+
 class OnnxModel:
     """Token ids of one text -> the named output rows, in the order asked (None names the graph's first output)."""
 
     def __init__(
         self, path: Path, outputs: Sequence[str | None], intra: int = 1, inter: int = 1, disabled: Sequence[str] = ()
     ) -> None:
-        def load(source: str | bytes) -> ort.InferenceSession:
-            session = ort.InferenceSession(
-                source,
+        def load(source: str) -> ort.InferenceSession:
+            return ort.InferenceSession(
+                source,  # a path: from bytes, ONNX Runtime would keep them as long as the session (GraphFile)
                 session_options(intra, inter),
                 providers=["CPUExecutionProvider"],
                 disabled_optimizers=list(disabled),
-                enable_fallback=0,  # CPU only: nothing to fall back to, and no need to keep the model to re-create it
+                enable_fallback=0,  # CPU only: nothing to fall back to
             )
-            # ONNX Runtime keeps a graph given as bytes for that re-creation ("TODO: This is bad as we're holding the
-            # memory indefinitely"): 29 MB for the served graphs, on top of the weights it has loaded.
-            session._model_bytes = None
-            return session
 
         try:
             self.session = load(str(path))
@@ -79,7 +108,7 @@ class OnnxModel:
         self._types = "token_type_ids" in inputs
         self.signed_at_load = signed_products_exact() and self._load_signed(path, load)
 
-    def _load_signed(self, path: Path, load: Callable[[str | bytes], ort.InferenceSession]) -> bool:
+    def _load_signed(self, path: Path, load: Callable[[str], ort.InferenceSession]) -> bool:
         """Swap the stored graph for its int8 form (app.engine.signed_weights) if that gives the stored graph's
         every output bit for bit on VERIFY_IDS, on this CPU: the probe asked the kernel one product, and this asks
         the graph's own kernels. The stored session is released first, so that one set of weights is in memory
@@ -92,8 +121,9 @@ class OnnxModel:
         except Exception:  # noqa: BLE001 - a graph the flip cannot read, or ids it cannot take: serve it as stored
             return False
         del self.session
-        flipped = load(signed)
-        del signed
+        with GraphFile(signed) as source:
+            del signed
+            flipped = load(source)
         same = all(
             all(np.array_equal(a, b) for a, b in zip(flipped.run(None, self.feed(ids)), want, strict=True))
             for ids, want in zip(VERIFY_IDS, expected, strict=True)
