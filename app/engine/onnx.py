@@ -54,7 +54,7 @@ class GraphFile:
 
     def __init__(self, graph: bytes) -> None:
         self._directory: tempfile.TemporaryDirectory[str] | None = None
-        if hasattr(os, "memfd_create"):
+        if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):  # the file's path is through /proc
             self._fd = os.memfd_create("intent-graph", os.MFD_CLOEXEC)
             self.path = f"/proc/self/fd/{self._fd}"
         else:
