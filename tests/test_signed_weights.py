@@ -149,6 +149,33 @@ def test_the_engine_loads_flipped_graphs_without_keeping_their_bytes(monkeypatch
     assert len(trims) == 2  # the stored sessions' freed pages handed back, once per graph
 
 
+def test_an_int8_form_that_does_not_load_is_not_served(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No file to load the flipped graph from (a sandbox that refuses memfd_create and has no writable temporary
+    directory, say): the stored graph is loaded again and served, with a warning."""
+
+    def no_file(graph: bytes) -> None:
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(onnx_module, "signed_products_exact", lambda: True)
+    monkeypatch.setattr(onnx_module, "GraphFile", no_file)
+    with caplog.at_level(logging.WARNING, logger="app.engine.onnx"):
+        engine = Engine.open(MODEL_DIR)
+    assert [m.signed_at_load for m in engine.models] == [False, False]
+    assert engine.weights == WEIGHTS_STORED
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{name}: its int8 form did not load ([Errno 1] Operation not permitted); serving it as stored"
+        for name in ("static.onnx", "model.onnx")
+    ]
+    stored = Engine.open(MODEL_DIR)
+    texts = ["what is my balance", "tell me about the roman empire"]
+    served, expected = engine.run(texts), stored.run(texts)
+    assert np.array_equal(served.probs, expected.probs)
+    assert np.array_equal(served.stage, expected.stage)  # one text per stage
+    assert served.stage.tolist() == [0, 1]
+
+
 @pytest.mark.parametrize("memfd", [True, False], ids=["memfd", "temporary-file"])
 def test_a_graph_file_holds_the_bytes_for_the_block_and_is_gone_after(
     memfd: bool, monkeypatch: pytest.MonkeyPatch
