@@ -149,31 +149,52 @@ def test_the_engine_loads_flipped_graphs_without_keeping_their_bytes(monkeypatch
     assert len(trims) == 2  # the stored sessions' freed pages handed back, once per graph
 
 
-def test_an_int8_form_that_does_not_load_is_not_served(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    """No file to load the flipped graph from (a sandbox that refuses memfd_create and has no writable temporary
-    directory, say): the stored graph is loaded again and served, with a warning."""
+class _NoFile:
+    """As a sandbox that refuses memfd_create and has no writable temporary directory would."""
 
-    def no_file(graph: bytes) -> None:
+    def __init__(self, graph: bytes) -> None:
         raise OSError(1, "Operation not permitted")
 
+
+class _OtherGraph:
+    """A file that loads but does not run on the graph's inputs: the engine's probe, whose inputs are others."""
+
+    def __init__(self, graph: bytes) -> None:
+        pass
+
+    def __enter__(self) -> str:
+        return str(PROBE)
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("graph_file", "why"),
+    [(_NoFile, "[Errno 1] Operation not permitted"), (_OtherGraph, "Required inputs (['a']) are missing")],
+    ids=["no-file", "does-not-run"],
+)
+def test_an_int8_form_that_does_not_load_or_run_is_not_served(
+    graph_file: type, why: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The stored graph was released before its int8 form loaded: it is loaded again and served, with a
+    warning, where the error had ended the load."""
     monkeypatch.setattr(onnx_module, "signed_products_exact", lambda: True)
-    monkeypatch.setattr(onnx_module, "GraphFile", no_file)
+    monkeypatch.setattr(onnx_module, "GraphFile", graph_file)
     with caplog.at_level(logging.WARNING, logger="app.engine.onnx"):
         engine = Engine.open(MODEL_DIR)
     assert [m.signed_at_load for m in engine.models] == [False, False]
     assert engine.weights == WEIGHTS_STORED
-    assert [r.getMessage() for r in caplog.records] == [
-        f"{name}: its int8 form did not load ([Errno 1] Operation not permitted); serving it as stored"
-        for name in ("static.onnx", "model.onnx")
+    messages = [r.getMessage() for r in caplog.records]
+    assert [m.split(" (", 1)[0] for m in messages] == [
+        f"{name}: its int8 form did not load or run" for name in ("static.onnx", "model.onnx")
     ]
+    assert all(m.split(" (", 1)[1].startswith(why) and m.endswith("); serving it as stored") for m in messages)
     stored = Engine.open(MODEL_DIR)
     texts = ["what is my balance", "tell me about the roman empire"]
     served, expected = engine.run(texts), stored.run(texts)
+    assert served.stage.tolist() == [0, 1]  # one text per stage
     assert np.array_equal(served.probs, expected.probs)
-    assert np.array_equal(served.stage, expected.stage)  # one text per stage
-    assert served.stage.tolist() == [0, 1]
 
 
 @pytest.mark.parametrize("memfd", [True, False], ids=["memfd", "temporary-file"])

@@ -121,24 +121,25 @@ class OnnxModel:
         except Exception:  # noqa: BLE001 - a graph the flip cannot read, or ids it cannot take: serve it as stored
             return False
         del self.session
+        flipped: ort.InferenceSession | None = None
         try:
             with GraphFile(signed) as source:
                 del signed
                 flipped = load(source)
-        except Exception as exc:  # noqa: BLE001 - no file to load it from, or ORT refused it: serve it as stored
-            log.warning("%s: its int8 form did not load (%s); serving it as stored", path.name, str(exc)[:200])
-            same = False
-        else:
             same = all(
                 all(np.array_equal(a, b) for a, b in zip(flipped.run(None, self.feed(ids)), want, strict=True))
                 for ids, want in zip(VERIFY_IDS, expected, strict=True)
             )
-            if same:
-                self.session = flipped
-            else:
+        except Exception as exc:  # noqa: BLE001 - no file to load it from, or ORT refused it: serve it as stored
+            log.warning("%s: its int8 form did not load or run (%s); serving it as stored", path.name, str(exc)[:200])
+            same = False
+        else:
+            if not same:
                 log.warning("%s: its int8 form gives other outputs on this CPU; serving it as stored", path.name)
-            del flipped
-        if not same:
+        if same and flipped is not None:
+            self.session = flipped
+        else:
+            del flipped  # before the stored graph loads again, so that one set of weights is in memory at a time
             self.session = load(str(path))
         release_freed_heap()
         return same
