@@ -400,6 +400,10 @@ def run(names: list[str], args: argparse.Namespace, log: logging.Logger) -> None
     # line at once, not after the teacher has trained for an hour.
     modules = [load(STAGES[name]) for name in names]
     configs = [build(module.Config, args) for module in modules]
+    for module, config in zip(modules, configs, strict=True):
+        check = getattr(module, "check", None)  # a stage's own checks of its destination, where it has some
+        if check is not None:
+            check(ctx, config)
     for number, (name, module, config) in enumerate(zip(names, modules, configs, strict=True), 1):
         started = time.perf_counter()
         with progress.stage(name, number, len(names)):

@@ -391,6 +391,6 @@ def _print_oos_pools(model_dir: Path) -> float | None:
 def _store_benchmark_row(model_dir: Path, row: dict[str, Any]) -> None:
     """The card carries its benchmark row; card.json is not hashed, so the artifact stays valid."""
     from app.engine.artifact import read_card
+    from compression.stages.artifact import write_card
 
-    card = read_card(model_dir).model_copy(update={"benchmark": row})
-    (model_dir / "card.json").write_text(card.model_dump_json(indent=2, exclude_none=True) + "\n")
+    write_card(model_dir, read_card(model_dir).model_copy(update={"benchmark": row}))

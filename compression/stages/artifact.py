@@ -1,16 +1,22 @@
 """Stage: the served artifact under models/: the files the serving spec names and card.json, whose spec is built
 from the oos stage's rule and the static stage's threshold, validated by the engine's own card model, with
 provenance (what each stage trained on and how it was configured, where it ran) and metrics beside it. The served
-path is then run through the engine on every pool, and its figures join the card."""
+path is then run through the engine on every pool, and its figures join the card. The artifact is built in a
+directory beside its destination, which it then replaces whole, so that a build that fails or is killed part-way
+leaves the model there as it was."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import secrets
 import shlex
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,44 +120,75 @@ def _metrics(stage_dirs: dict[str, Path], classifier: str) -> dict[str, Any]:
     return metrics
 
 
+def card_name(model_dir: Path) -> str:
+    """What a card is named after: its directory (models/clinc150: clinc150-intent)."""
+    return f"{model_dir.resolve().name}-intent"
+
+
+def check_model_dir(model_dir: Path) -> None:
+    if model_dir.exists() and not model_dir.is_dir():
+        raise FactoryError(f"{model_dir} is not a directory: the model directory (--model-dir, OUT) must be one")
+
+
+@contextlib.contextmanager
+def replaced_whole(dest: Path) -> Iterator[Path]:
+    """A new, empty directory beside `dest` to build an artifact in. When the block ends, it replaces `dest`
+    whole (two renames on one file system, microseconds apart); when the block raises, it is removed and `dest` is
+    left as it was. Written in place, file by file, a build that failed part-way had left the old card beside new
+    files: a model that neither serves (its sha256s no longer match) nor can be rebuilt from what is there."""
+    dest = dest.resolve()  # through a symlink, as writing in place did
+    check_model_dir(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    building = dest.parent / f".{dest.name}.building-{secrets.token_hex(4)}"
+    building.mkdir()
+    try:
+        yield building
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+    if dest.exists():
+        previous = dest.parent / f".{dest.name}.previous-{secrets.token_hex(4)}"
+        os.rename(dest, previous)
+        os.rename(building, dest)
+        shutil.rmtree(previous)
+    else:
+        os.rename(building, dest)
+
+
 def write(
-    stage_dirs: dict[str, Path], dest: Path, seed: int, max_length: int, data_source: dict[str, Any] | None = None
+    stage_dirs: dict[str, Path],
+    dest: Path,
+    seed: int,
+    max_length: int,
+    data_source: dict[str, Any] | None = None,
+    name: str | None = None,
 ) -> Card:
-    """Copy the files the spec names to `dest` and write their card, named after `dest` (models/clinc150:
-    clinc150-intent), with `data_source` (what the data is and its licence) in its provenance. Files an earlier
-    card in `dest` named and this one does not are removed, so that nothing stale sits beside the new model."""
+    """Copy the files the spec names to the empty directory `dest` and write their card, named `name` (else after
+    `dest`, `card_name`), with `data_source` (what the data is and its licence) in its provenance."""
     oos_dir = stage_dirs.get("oos")
     if oos_dir is None:
         raise FactoryError("no oos stage output (run the quantize and oos stages first)")
-    for name in (MODEL_FILE, TOKENIZER_FILE, LABELS_FILE):
-        if not (oos_dir / name).is_file():
-            raise FactoryError(f"missing {oos_dir / name} (run the oos stage first)")
+    for file in (MODEL_FILE, TOKENIZER_FILE, LABELS_FILE):
+        if not (oos_dir / file).is_file():
+            raise FactoryError(f"missing {oos_dir / file} (run the oos stage first)")
     labels = json.loads((oos_dir / LABELS_FILE).read_text())
     if OOS not in labels:
         raise FactoryError(f"{LABELS_FILE} has no '{OOS}' label")
     spec = build_spec(oos_dir, stage_dirs.get("static"), labels, max_length)
-    sources = {name: oos_dir / name for name in spec.files}
+    sources = {file: oos_dir / file for file in spec.files}
     if any(isinstance(stage, StaticStage) for stage in spec.stages):
         sources[STATIC_FILE] = stage_dirs["static"] / STATIC_FILE
     served_rule = rule_dir(oos_dir, stage_dirs.get("static"))
-    sources.update({name: served_rule / name for name in spec.rule.files()})
+    sources.update({file: served_rule / file for file in spec.rule.files()})
     dest.mkdir(parents=True, exist_ok=True)
-    if (dest / CARD_FILE).is_file():
-        try:
-            stale = set(json.loads((dest / CARD_FILE).read_text()).get("files", {})) - set(sources)
-        except (ValueError, AttributeError):
-            stale = set()
-        for name in stale:
-            if "/" not in name and (dest / name).is_file():
-                (dest / name).unlink()
-    for name, src in sources.items():
-        shutil.copy(src, dest / name)
-    files = {name: {"sha256": sha256_file(dest / name), "bytes": (dest / name).stat().st_size} for name in sources}
-    digest = version_digest({name: str(entry["sha256"]) for name, entry in files.items()})
+    for file, src in sources.items():
+        shutil.copy(src, dest / file)
+    files = {file: {"sha256": sha256_file(dest / file), "bytes": (dest / file).stat().st_size} for file in sources}
+    digest = version_digest({file: str(entry["sha256"]) for file, entry in files.items()})
     runs = {stage: read_run(d) for stage, d in stage_dirs.items()}
     card = Card.model_validate(
         {
-            "name": f"{dest.resolve().name}-intent",
+            "name": name or card_name(dest),
             "version": f"{time.strftime('%Y.%m.%d')}-{digest[:8]}",
             "spec": spec.model_dump(),
             "files": files,
@@ -174,7 +211,14 @@ def write(
 
 
 def write_card(directory: Path, card: Card) -> None:
-    (directory / CARD_FILE).write_text(card.model_dump_json(indent=2, exclude_none=True) + "\n")
+    """card.json replaced whole (a temporary file, then a rename): a worker that reads it meanwhile, or a crash,
+    never finds half a card."""
+    temporary = directory / f".{CARD_FILE}.{secrets.token_hex(4)}"
+    try:
+        temporary.write_text(card.model_dump_json(indent=2, exclude_none=True) + "\n")
+        os.replace(temporary, directory / CARD_FILE)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def add_pool_report(model_dir: Path, data: Any, wiki: str, oos_run: dict[str, Any]) -> Card:
@@ -217,9 +261,15 @@ class Config:
     """The artifact stage has no options of its own: it packs the oos and static stages' outputs."""
 
 
+def check(ctx: Any, cfg: Config) -> None:
+    """Before any stage of the run trains: where the artifact will go."""
+    check_model_dir(Path(ctx.model_dir))
+
+
 def run_stage(ctx: Any, cfg: Config) -> None:
     if not (ctx.dir("oos") / "run.json").is_file():
         raise FactoryError(f"no oos stage output in {ctx.dir('oos')} (run the oos stage first)")
     stage_dirs = {s: ctx.dir(s) for s in lineage(ctx.dir("oos")) if (ctx.dir(s) / "run.json").is_file()}
-    write(stage_dirs, ctx.model_dir, ctx.seed, ctx.max_length, ctx.data_source)
-    add_pool_report(ctx.model_dir, ctx.dataset, str(ctx.wiki), read_run(ctx.dir("oos")).get("metrics", {}))
+    with replaced_whole(ctx.model_dir) as building:
+        write(stage_dirs, building, ctx.seed, ctx.max_length, ctx.data_source, name=card_name(ctx.model_dir))
+        add_pool_report(building, ctx.dataset, str(ctx.wiki), read_run(ctx.dir("oos")).get("metrics", {}))

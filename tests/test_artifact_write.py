@@ -1,0 +1,114 @@
+"""How the factory writes a served model (compression.stages.artifact): built beside its directory and swapped in
+whole, so that a build that fails part-way leaves the model there as it was, and a card is never half written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import compression.stages.artifact as artifact_stage
+from app.engine.artifact import read_card
+from compression.errors import FactoryError
+from compression.stages.artifact import replaced_whole, write_card
+from tests.conftest import MODEL_DIR, ROOT
+
+
+def _model(directory: Path, files: dict[str, bytes]) -> dict[str, bytes]:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        (directory / name).write_bytes(content)
+    return files
+
+
+def _contents(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in directory.iterdir()}
+
+
+def test_a_build_replaces_the_model_directory_whole(tmp_path: Path) -> None:
+    """Files the old model had and the new one has not (a rule file of another kind, say) go with it."""
+    dest = tmp_path / "models" / "mine"
+    _model(dest, {"card.json": b"old card", "model.onnx": b"old", "oos_stats.npz": b"old rule"})
+    with replaced_whole(dest) as building:
+        assert building.parent == dest.parent
+        assert building.is_dir()
+        assert not any(building.iterdir())
+        assert _contents(dest)["model.onnx"] == b"old"  # served from as it was while the build runs
+        new = _model(building, {"card.json": b"new card", "model.onnx": b"new", "references.npz": b"new rule"})
+    assert _contents(dest) == new
+    assert [p.name for p in dest.parent.iterdir()] == ["mine"]  # nothing left beside it
+
+
+def test_a_build_that_fails_leaves_the_model_as_it_was(tmp_path: Path) -> None:
+    dest = tmp_path / "mine"
+    old = _model(dest, {"card.json": b"old card", "model.onnx": b"old"})
+
+    def failing_build() -> None:
+        with replaced_whole(dest) as building:
+            _model(building, {"model.onnx": b"half of a new model"})
+            raise FactoryError("the oos stage failed")
+
+    with pytest.raises(FactoryError, match="the oos stage failed"):
+        failing_build()
+    assert _contents(dest) == old
+    assert [p.name for p in tmp_path.iterdir()] == ["mine"]
+
+
+def test_a_first_build_makes_the_directory_and_a_symlinked_one_is_built_where_it_points(tmp_path: Path) -> None:
+    fresh = tmp_path / "a" / "b" / "model"
+    with replaced_whole(fresh) as building:
+        new = _model(building, {"card.json": b"card"})
+    assert _contents(fresh) == new
+    target, link = tmp_path / "v3", tmp_path / "current"
+    _model(target, {"model.onnx": b"old"})
+    link.symlink_to(target)
+    with replaced_whole(link) as building:
+        new = _model(building, {"model.onnx": b"new"})
+    assert link.is_symlink()
+    assert link.resolve() == target
+    assert _contents(target) == new
+
+
+def test_a_model_directory_that_is_a_file_is_refused_before_any_stage_runs(tmp_path: Path) -> None:
+    """In one line, before the data is trained on, where it had failed at the artifact stage, an hour in."""
+    not_a_dir = tmp_path / "model"
+    not_a_dir.write_text("a file")
+    artifacts = tmp_path / "artifacts"
+    result = subprocess.run(
+        [sys.executable, "-m", "compression", "quick", "--model-dir", str(not_a_dir), "--artifacts", str(artifacts)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2
+    message = f"error: {not_a_dir} is not a directory: the model directory (--model-dir, OUT) must be one"
+    assert result.stderr.strip() == message
+    assert not artifacts.exists()
+    assert not_a_dir.read_text() == "a file"
+
+
+def test_a_card_is_written_whole_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The committed card rewritten with a benchmark row: a failure before the rename leaves the old card and no
+    temporary file."""
+    directory = tmp_path / "model"
+    directory.mkdir()
+    (directory / "card.json").write_bytes((MODEL_DIR / "card.json").read_bytes())
+    card = read_card(directory)
+    updated = card.model_copy(update={"benchmark": {"note": "a new row"}})
+
+    def no_rename(source: object, target: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(artifact_stage.os, "replace", no_rename)
+    with pytest.raises(OSError, match="No space left on device"):
+        write_card(directory, updated)
+    assert read_card(directory) == card
+    assert [p.name for p in directory.iterdir()] == ["card.json"]
+    monkeypatch.undo()
+    write_card(directory, updated)
+    assert read_card(directory) == updated
+    assert [p.name for p in directory.iterdir()] == ["card.json"]
