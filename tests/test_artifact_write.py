@@ -3,6 +3,7 @@ whole, so that a build that fails part-way leaves the model there as it was, and
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,17 +28,26 @@ def _contents(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in directory.iterdir()}
 
 
+OLD_CARD = b'{"files": {"model.onnx": {}, "oos_stats.npz": {}}}'
+
+
 def test_a_build_replaces_the_model_directory_whole(tmp_path: Path) -> None:
-    """Files the old model had and the new one has not (a rule file of another kind, say) go with it."""
+    """Files the old card named and the new model has not (a rule file of another kind, say) go with it; what
+    a team keeps there besides the model, and the model's mode, stay."""
     dest = tmp_path / "models" / "mine"
-    _model(dest, {"card.json": b"old card", "model.onnx": b"old", "oos_stats.npz": b"old rule"})
+    _model(dest, {"card.json": OLD_CARD, "model.onnx": b"old", "oos_stats.npz": b"old rule", "report.md": b"old"})
+    _model(dest / "notes", {"evaluation.txt": b"the team's"})
+    _model(dest, {"NOTES.txt": b"the team's"})
+    dest.chmod(0o750)
     with replaced_whole(dest) as building:
         assert building.parent == dest.parent
         assert building.is_dir()
         assert not any(building.iterdir())
-        assert _contents(dest)["model.onnx"] == b"old"  # served from as it was while the build runs
-        new = _model(building, {"card.json": b"new card", "model.onnx": b"new", "references.npz": b"new rule"})
-    assert _contents(dest) == new
+        assert (dest / "model.onnx").read_bytes() == b"old"  # served from as it was while the build runs
+        new = _model(building, {"card.json": b"new card", "model.onnx": b"new", "report.md": b"new"})
+    assert {p.name: p.read_bytes() for p in dest.iterdir() if p.is_file()} == {**new, "NOTES.txt": b"the team's"}
+    assert _contents(dest / "notes") == {"evaluation.txt": b"the team's"}
+    assert dest.stat().st_mode & 0o777 == 0o750
     assert [p.name for p in dest.parent.iterdir()] == ["mine"]  # nothing left beside it
 
 
@@ -54,6 +64,31 @@ def test_a_build_that_fails_leaves_the_model_as_it_was(tmp_path: Path) -> None:
         failing_build()
     assert _contents(dest) == old
     assert [p.name for p in tmp_path.iterdir()] == ["mine"]
+
+
+def test_a_model_directory_that_cannot_move_has_its_files_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mount point cannot be renamed: its files are replaced one by one, the card last, and the files only the
+    old card named are removed. Files it never named stay."""
+    dest = tmp_path / "mounted"
+    _model(dest, {"card.json": OLD_CARD, "model.onnx": b"old"})
+    _model(dest, {"oos_stats.npz": b"old rule", "NOTES.txt": b"the team's"})
+    renames: list[Path] = []
+    rename = os.rename
+
+    def mount_point(source: Path, target: Path) -> None:
+        renames.append(Path(source))
+        if Path(source) == dest:
+            raise OSError(16, "Device or resource busy")
+        rename(source, target)
+
+    monkeypatch.setattr(artifact_stage.os, "rename", mount_point)
+    with replaced_whole(dest) as building:
+        new = _model(building, {"card.json": b'{"files": {"model.onnx": {}}}', "model.onnx": b"new"})
+    assert renames == [dest]
+    assert _contents(dest) == {**new, "NOTES.txt": b"the team's"}
+    assert [p.name for p in tmp_path.iterdir()] == ["mounted"]
 
 
 def test_a_first_build_makes_the_directory_and_a_symlinked_one_is_built_where_it_points(tmp_path: Path) -> None:

@@ -133,9 +133,10 @@ def check_model_dir(model_dir: Path) -> None:
 @contextlib.contextmanager
 def replaced_whole(dest: Path) -> Iterator[Path]:
     """A new, empty directory beside `dest` to build an artifact in. When the block ends, it replaces `dest`
-    whole (two renames on one file system, microseconds apart); when the block raises, it is removed and `dest` is
-    left as it was. Written in place, file by file, a build that failed part-way had left the old card beside new
-    files: a model that neither serves (its sha256s no longer match) nor can be rebuilt from what is there."""
+    whole (two renames on one file system, microseconds apart), with anything of `dest` that is not the model
+    carried over; when the block raises, it is removed and `dest` is left as it was. Written in place, file by
+    file, a build that failed part-way had left the old card beside new files: a model that neither serves (its
+    sha256s no longer match) nor can be rebuilt from what is there."""
     dest = dest.resolve()  # through a symlink, as writing in place did
     check_model_dir(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -146,13 +147,56 @@ def replaced_whole(dest: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
-    if dest.exists():
-        previous = dest.parent / f".{dest.name}.previous-{secrets.token_hex(4)}"
+    if not dest.exists():
+        os.rename(building, dest)
+        return
+    shutil.copymode(dest, building)
+    _carry_over(dest, building)
+    previous = dest.parent / f".{dest.name}.previous-{secrets.token_hex(4)}"
+    try:
         os.rename(dest, previous)
-        os.rename(building, dest)
-        shutil.rmtree(previous)
-    else:
-        os.rename(building, dest)
+    except OSError:  # it cannot move (a mount point, say): its files are replaced one by one instead
+        _replace_files(building, dest)
+        shutil.rmtree(building)
+        return
+    os.rename(building, dest)
+    shutil.rmtree(previous)
+
+
+def _card_files(directory: Path) -> set[str]:
+    """The files the card in `directory` names, if it has a readable one."""
+    try:
+        return set(json.loads((directory / CARD_FILE).read_text()).get("files", {}))
+    except (OSError, ValueError, AttributeError):
+        return set()
+
+
+def _carry_over(dest: Path, building: Path) -> None:
+    """What a team keeps in the model directory besides the model (notes, say: anything its card does not name
+    and the build does not write) goes along into the new one."""
+    model = _card_files(dest) | {CARD_FILE}
+    for path in dest.iterdir():
+        if path.name in model or (building / path.name).exists():
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.copytree(path, building / path.name, symlinks=True)
+        else:
+            shutil.copy2(path, building / path.name, follow_symlinks=False)
+
+
+def _replace_files(built: Path, dest: Path) -> None:
+    """Each file of `built` into `dest` by copy and rename, the card last, then the files the old card named and
+    the new one does not removed: each file is whole at every moment, and the old card names the old files until
+    the new card replaces it."""
+    old_files = _card_files(dest)
+    new_files = sorted(p.name for p in built.iterdir())
+    for file in sorted(new_files, key=lambda f: f == CARD_FILE):
+        temporary = dest / f".{file}.{secrets.token_hex(4)}"
+        shutil.copyfile(built / file, temporary)
+        os.replace(temporary, dest / file)
+    for file in old_files - set(new_files):
+        if "/" not in file and (dest / file).is_file():
+            (dest / file).unlink()
 
 
 def write(
