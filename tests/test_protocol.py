@@ -438,6 +438,26 @@ def test_a_body_longer_than_its_content_length_gets_its_answer_then_400() -> Non
     assert [(status, body) for status, body in _answers(plain.writes)] == [(400, b"Invalid HTTP request received.")]
 
 
+def test_a_malformed_body_pipelined_behind_a_request_being_answered_is_refused_after_its_answer() -> None:
+    """The second request's chunked body is not HTTP: the first request is answered, then the second gets the
+    400, and its app never runs."""
+    bad_chunks = b"POST /predict HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n"
+    fake = _connect([POST + bad_chunks], _slow_app, wait_s=10)
+    assert fake.closed
+    assert _answers(fake.writes) == [(200, b"{}"), (400, _error("invalid_http", "Invalid HTTP request received."))]
+    assert RECEIVED == ["http.request"]
+
+
+def test_a_malformed_body_of_the_request_being_read_is_refused_at_once() -> None:
+    """Nothing is owed before it: the 400 is its answer, and its app, waiting for the body, is told the client
+    is gone."""
+    head = b"POST /predict HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
+    fake = _connect([head, b"zz\r\n{}\r\n0\r\n\r\n"], wait_s=10)
+    assert fake.closed
+    assert _answers(fake.writes) == [(400, _error("invalid_http", "Invalid HTTP request received."))]
+    assert RECEIVED == ["http.disconnect"]
+
+
 def test_nothing_is_read_while_a_refusal_waits() -> None:
     """Bytes that arrive after the refused ones, before the earlier answer is out, are neither parsed nor
     dispatched."""

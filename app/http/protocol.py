@@ -21,9 +21,9 @@ Limits, each answered in the service's error body, after which the connection cl
   body held its connection (a file descriptor, a task, a slot in the balancer's `maxconn`) for ever;
 - bytes the parser refuses (not HTTP/1.1, or a request-smuggling shape such as Content-Length with chunked):
   400 `invalid_http`, where uvicorn answered in plain text.
-A refusal that comes while requests read whole before it are still being answered (pipelined, or the rest of a
-body longer than its Content-Length) waits for their answers and follows them, so that every request the app
-saw is answered and the client reads each answer for its own request; nothing more is read meanwhile.
+A refusal that comes while requests read before it are still being answered (pipelined, or the rest of a body
+longer than its Content-Length) waits for their answers and follows them, so that every request the app saw is
+answered and the client reads each answer for its own request; nothing more is read meanwhile.
 """
 
 from __future__ import annotations
@@ -116,6 +116,7 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         self._read_deadline: float | None = None
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._refusal: ServiceError | None = None  # to send once the requests read before it are answered
+        self._owed = 0  # requests whose heads were read (running or queued behind one) and not yet answered
         self._start_read_deadline()  # the first request is due from the moment the connection opens
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -151,7 +152,10 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
             self._head_over = True  # refused by data_received once the parser returns; the app never sees it
             return
         self._head_bytes = None
+        before = self.cycle
         super().on_headers_complete()
+        if self.cycle is not before:  # a request to answer: run now, or queued behind the one running
+            self._owed += 1
 
     def on_body(self, body: bytes) -> None:
         if not self._head_over:
@@ -213,11 +217,19 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         """uvicorn's answer to bytes its parser refuses (it has logged them), in the service's error body."""
         self._refuse(InvalidHTTP(msg.strip()))
 
-    def _earlier_unanswered(self) -> bool:
-        """Whether a request read whole (its body included) still awaits its answer. `cycle` is the last request
-        whose head was read, and pipelined requests are answered in order, so it is the last to be answered."""
+    def _owed_before_refused(self) -> int:
+        """How many answers are owed for requests read before the refused bytes. When the bytes are in the body of
+        the last request, which is queued behind one still running (pipelining), that request is taken out of
+        the queue, never to run: the refusal is its answer."""
         cycle = self.cycle
-        return cycle is not None and not cycle.more_body and not cycle.response_complete
+        if cycle is None or not cycle.more_body or cycle.response_complete:
+            return self._owed  # the bytes come after every request read
+        queued = next((entry for entry in self.pipeline if entry[0] is cycle), None)
+        if queued is None:
+            return self._owed - 1  # it is the one running: it gets the refusal, and its app the disconnect
+        self.pipeline.remove(queued)
+        self._owed -= 1
+        return self._owed
 
     def _refuse(self, error: ServiceError) -> None:
         """Answer bytes the app never saw as a request with the service's error body, and close the connection.
@@ -229,15 +241,16 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = None
         self._head_over = False
         self._read_deadline = None
-        if self._earlier_unanswered():
+        if self._owed_before_refused() > 0:
             self._refusal = error
             self.transport.pause_reading()
             return
         self._send_refusal(error)
 
     def on_response_complete(self) -> None:
+        self._owed -= 1
         super().on_response_complete()
-        if self._refusal is not None and not self._earlier_unanswered() and not self.transport.is_closing():
+        if self._refusal is not None and self._owed == 0 and not self.transport.is_closing():
             error, self._refusal = self._refusal, None
             self._send_refusal(error)
 
