@@ -74,6 +74,7 @@ def test_a_model_directory_that_cannot_move_has_its_files_replaced(
     dest = tmp_path / "mounted"
     _model(dest, {"card.json": OLD_CARD, "model.onnx": b"old"})
     _model(dest, {"oos_stats.npz": b"old rule", "NOTES.txt": b"the team's"})
+    _model(dest / "notes", {"evaluation.txt": b"the team's"})
     renames: list[Path] = []
     rename = os.rename
 
@@ -87,7 +88,8 @@ def test_a_model_directory_that_cannot_move_has_its_files_replaced(
     with replaced_whole(dest) as building:
         new = _model(building, {"card.json": b'{"files": {"model.onnx": {}}}', "model.onnx": b"new"})
     assert renames == [dest]
-    assert _contents(dest) == {**new, "NOTES.txt": b"the team's"}
+    assert {p.name: p.read_bytes() for p in dest.iterdir() if p.is_file()} == {**new, "NOTES.txt": b"the team's"}
+    assert _contents(dest / "notes") == {"evaluation.txt": b"the team's"}
     assert [p.name for p in tmp_path.iterdir()] == ["mounted"]
 
 

@@ -151,12 +151,13 @@ def replaced_whole(dest: Path) -> Iterator[Path]:
         os.rename(building, dest)
         return
     shutil.copymode(dest, building)
+    built = sorted(p.name for p in building.iterdir())
     _carry_over(dest, building)
     previous = dest.parent / f".{dest.name}.previous-{secrets.token_hex(4)}"
     try:
         os.rename(dest, previous)
-    except OSError:  # it cannot move (a mount point, say): its files are replaced one by one instead
-        _replace_files(building, dest)
+    except OSError:  # it cannot move (a mount point, say): the built files replace its own one by one instead
+        _replace_files(building, built, dest)
         shutil.rmtree(building)
         return
     os.rename(building, dest)
@@ -184,17 +185,17 @@ def _carry_over(dest: Path, building: Path) -> None:
             shutil.copy2(path, building / path.name, follow_symlinks=False)
 
 
-def _replace_files(built: Path, dest: Path) -> None:
-    """Each file of `built` into `dest` by copy and rename, the card last, then the files the old card named and
-    the new one does not removed: each file is whole at every moment, and the old card names the old files until
-    the new card replaces it."""
+def _replace_files(building: Path, built: list[str], dest: Path) -> None:
+    """Each of the `built` files (what the build wrote, not what was carried over, which `dest` still has) into
+    `dest` by copy and rename, the card last, then the files the old card named and the new one does not
+    removed: each file is whole at every moment, and the old card names the old files until the new card
+    replaces it."""
     old_files = _card_files(dest)
-    new_files = sorted(p.name for p in built.iterdir())
-    for file in sorted(new_files, key=lambda f: f == CARD_FILE):
+    for file in sorted(built, key=lambda f: f == CARD_FILE):
         temporary = dest / f".{file}.{secrets.token_hex(4)}"
-        shutil.copyfile(built / file, temporary)
+        shutil.copyfile(building / file, temporary)
         os.replace(temporary, dest / file)
-    for file in old_files - set(new_files):
+    for file in old_files - set(built):
         if "/" not in file and (dest / file).is_file():
             (dest / file).unlink()
 
