@@ -198,6 +198,31 @@ def test_an_int8_form_that_does_not_load_or_run_is_not_served(
 
 
 @pytest.mark.parametrize("memfd", [True, False], ids=["memfd", "temporary-file"])
+def test_a_graph_file_that_cannot_be_written_leaves_nothing_open(memfd: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not memfd:
+        monkeypatch.delattr(onnx_module.os, "memfd_create")
+    opened: list[int] = []
+    fdopen = os.fdopen
+
+    def full_disk(fd: int, *args: object, **kwargs: object) -> object:
+        opened.append(fd)
+        file = fdopen(fd, *args, **kwargs)  # type: ignore[call-overload]
+
+        def no_space(data: bytes) -> int:
+            raise OSError(28, "No space left on device")
+
+        file.write = no_space
+        return file
+
+    monkeypatch.setattr(onnx_module.os, "fdopen", full_disk)
+    with pytest.raises(OSError, match="No space left on device"):
+        onnx_module.GraphFile(b"graph bytes")
+    (fd,) = opened
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        os.fstat(fd)
+
+
+@pytest.mark.parametrize("memfd", [True, False], ids=["memfd", "temporary-file"])
 def test_a_graph_file_holds_the_bytes_for_the_block_and_is_gone_after(
     memfd: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:

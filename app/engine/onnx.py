@@ -61,8 +61,12 @@ class GraphFile:
             self._directory = tempfile.TemporaryDirectory(prefix="intent-graph-")
             self.path = os.path.join(self._directory.name, "graph.onnx")
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(self._fd, "wb", closefd=False) as file:
-            file.write(graph)
+        try:
+            with os.fdopen(self._fd, "wb", closefd=False) as file:
+                file.write(graph)
+        except BaseException:  # no space, say: the caller serves the stored graph, and nothing of this may stay
+            self.__exit__(None, None, None)
+            raise
 
     def __enter__(self) -> str:
         return self.path
