@@ -3,6 +3,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -61,3 +63,15 @@ def linked_copy(dest: Path, version: str | None = None, skip: tuple[str, ...] = 
         card["version"] = version
     (dest / "card.json").write_text(json.dumps(card))
     return dest
+
+
+def run_cli(*args: str, cwd: Path = ROOT, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    """`python -m compression ARGS` in a child process, as a user runs it; its exit code and output to read."""
+    return subprocess.run(
+        [sys.executable, "-m", "compression", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=timeout,
+        check=False,
+    )

@@ -4,8 +4,6 @@ whole, so that a build that fails part-way leaves the model there as it was, and
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,7 @@ import compression.stages.artifact as artifact_stage
 from app.engine.artifact import read_card
 from compression.errors import FactoryError
 from compression.stages.artifact import replaced_whole, write_card
-from tests.conftest import MODEL_DIR, ROOT
+from tests.conftest import MODEL_DIR, run_cli
 
 
 def _model(directory: Path, files: dict[str, bytes]) -> dict[str, bytes]:
@@ -113,14 +111,7 @@ def test_a_model_directory_that_is_a_file_is_refused_before_any_stage_runs(tmp_p
     not_a_dir = tmp_path / "model"
     not_a_dir.write_text("a file")
     artifacts = tmp_path / "artifacts"
-    result = subprocess.run(
-        [sys.executable, "-m", "compression", "quick", "--model-dir", str(not_a_dir), "--artifacts", str(artifacts)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=120,
-        check=False,
-    )
+    result = run_cli("quick", "--model-dir", str(not_a_dir), "--artifacts", str(artifacts), timeout=120)
     assert result.returncode == 2
     message = f"error: {not_a_dir} is not a directory: the model directory (--model-dir, OUT) must be one"
     assert result.stderr.strip() == message

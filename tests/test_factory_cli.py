@@ -4,21 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from compression.errors import FactoryError
-from tests.conftest import ROOT, WIKI
-
-
-def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "compression", *args], capture_output=True, text=True, cwd=cwd, timeout=900, check=False
-    )
+from tests.conftest import WIKI, run_cli
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,6 @@ reader and through `python -m compression` (exit 2, one line, nothing written)."
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -15,8 +13,8 @@ import pytest
 from compression.data import OOS, label_order
 from compression.errors import FactoryError
 from compression.labelled import Columns, load_labelled, read_examples, stratified_split
+from tests.conftest import ROOT, run_cli
 
-ROOT = Path(__file__).resolve().parents[1]
 ROWS = [
     ("what is my balance", "balance"),
     ("how much money do I have", "balance"),
@@ -192,22 +190,16 @@ def test_bad_validation_and_out_of_scope_files(tmp_path: Path) -> None:
         load_labelled(train, val_share=1.0)
 
 
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "compression", *args], capture_output=True, text=True, cwd=cwd, timeout=120, check=False
-    )
-
-
 def test_the_cli_refuses_bad_data_in_one_line_and_writes_nothing(tmp_path: Path) -> None:
     data = bad(tmp_path, "two.csv", b"text,intent\nhello,greet\nhello,bye\n")
     artifacts, model = tmp_path / "artifacts", tmp_path / "model"
     flags = ["--artifacts", str(artifacts), "--model-dir", str(model)]
-    result = run_cli("all", "--data", str(data), *flags, cwd=ROOT)
+    result = run_cli("all", "--data", str(data), *flags, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: {data}, line 3: the text 'hello' is 'bye' here and 'greet' on line 2"
     assert not artifacts.exists()
     assert not model.exists()
-    clinc_with_val = run_cli("teacher", "--data", str(ROOT / "x.json"), "--val-data", str(data), *flags, cwd=ROOT)
+    clinc_with_val = run_cli("teacher", "--data", str(ROOT / "x.json"), "--val-data", str(data), *flags, timeout=120)
     assert clinc_with_val.returncode == 2
     assert (
         clinc_with_val.stderr.strip()
