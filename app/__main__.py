@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import re
+import resource
 import shutil
 import sys
 import tempfile
@@ -28,6 +30,25 @@ def prepare_metrics_dir(directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     for stale in directory.glob("*.db"):
         stale.unlink()
+
+
+def raise_open_files_limit() -> tuple[int, int] | None:
+    """Raise this process's soft limit on open files to its hard limit; the workers it starts inherit it. Returns
+    (before, after) when it changed it.
+
+    Every connection holds a descriptor. Under a soft limit of 1,024 (systemd's default for services, and
+    containerd 2's for containers) a worker with about a thousand connections open can take no more: new ones,
+    health checks included, are reset, and an orchestrator restarts a worker that is only busy. The hard limit is
+    the administrator's choice and stays; Go's runtime and nginx's `worker_rlimit_nofile` raise the soft one so."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20  # Linux caps descriptors at fs.nr_open anyway
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return None
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):  # a platform that refuses the value (macOS above OPEN_MAX): keep the soft limit
+        return None
+    return soft, target
 
 
 def check_in_child(settings: Settings) -> str | None:
@@ -58,6 +79,8 @@ def main() -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     configure_logging(settings.log_level)
+    if (raised := raise_open_files_limit()) is not None:
+        logging.getLogger("app").info("open files: soft limit raised", extra={"before": raised[0], "after": raised[1]})
     metrics_dir = None
     if given := os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         try:

@@ -8,7 +8,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -39,8 +39,12 @@ def post(url: str, payload: object, timeout: float = 5.0) -> tuple[int, dict]:
 
 @contextmanager
 def running_server(
-    python: Path = SERVE_PYTHON, env: dict[str, str] | None = None, startup_timeout: float = 60.0
+    python: Path = SERVE_PYTHON,
+    env: dict[str, str] | None = None,
+    startup_timeout: float = 60.0,
+    preexec: Callable[[], None] | None = None,
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """`preexec` runs in the child before `python -m app` starts (to lower a resource limit, say)."""
     port = free_port()
     # The caller's env may name a metrics directory; the test runner's own environment may not.
     inherited = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
@@ -53,7 +57,12 @@ def running_server(
         **(env or {}),
     }
     proc = subprocess.Popen(
-        [str(python), "-m", "app"], cwd=ROOT, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        [str(python), "-m", "app"],
+        cwd=ROOT,
+        env=full_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        preexec_fn=preexec,
     )
     base = f"http://127.0.0.1:{port}"
     try:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import resource
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -81,6 +83,33 @@ def test_sigterm_drains_without_losing_accepted_requests() -> None:
     assert answers["200"] > 100
     # uvicorn re-raises the captured SIGTERM after its graceful shutdown, so the exit reads as -15.
     assert proc.returncode in (0, -signal.SIGTERM)
+
+
+def test_a_worker_started_under_a_low_soft_limit_on_open_files_still_takes_connections() -> None:
+    """Started with a soft limit of 256 open files (systemd's and containerd 2's default is 1,024), `python -m app`
+    raises it to the hard limit, so a worker holding 400 idle connections still answers a health check and a
+    query. Under 256 the worker took no more connections: both were reset."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 1024 or soft < 512:
+        pytest.skip(f"this process may open only {soft} files (hard limit {hard})")
+
+    def lower() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+
+    with running_server(preexec=lower) as (base, proc):
+        limits = Path(f"/proc/{proc.pid}/limits").read_text().splitlines()
+        row = next(line for line in limits if line.startswith("Max open files")).split()
+        assert (row[3], row[4]) == (str(hard), str(hard))  # soft, hard
+        port = int(base.rsplit(":", 1)[1])
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(400)]
+        try:
+            assert get(base + "/health", timeout=5) == (200, b'{"status":"ok"}')
+            status, body = post(base + "/predict", {"text": "what is my account balance"}, timeout=10)
+            assert status == 200
+            assert body["intent"] == "balance"
+        finally:
+            for sock in idle:
+                sock.close()
 
 
 def test_overload_scaled_down() -> None:
