@@ -91,6 +91,34 @@ def test_a_model_directory_that_cannot_move_has_its_files_replaced(
     assert [p.name for p in tmp_path.iterdir()] == ["mounted"]
 
 
+def test_a_copy_that_fails_into_a_model_directory_that_cannot_move_leaves_nothing_beside_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No space for the card's copy: the error reaches the build, the old card stays, and neither the temporary
+    copy in the directory nor the build's own directory beside it is left behind."""
+    dest = tmp_path / "mounted"
+    _model(dest, {"card.json": OLD_CARD, "model.onnx": b"old"})
+    rename, copyfile = os.rename, artifact_stage.shutil.copyfile
+
+    def mount_point(source: Path, target: Path) -> None:
+        if Path(source) == dest:
+            raise OSError(16, "Device or resource busy")
+        rename(source, target)
+
+    def no_space_for_the_card(source: Path, target: Path) -> None:
+        if Path(source).name == "card.json":
+            Path(target).write_bytes(b"half a ca")
+            raise OSError(28, "No space left on device")
+        copyfile(source, target)
+
+    monkeypatch.setattr(artifact_stage.os, "rename", mount_point)
+    monkeypatch.setattr(artifact_stage.shutil, "copyfile", no_space_for_the_card)
+    with pytest.raises(OSError, match="No space left on device"), replaced_whole(dest) as building:
+        _model(building, {"card.json": b'{"files": {"model.onnx": {}}}', "model.onnx": b"new"})
+    assert _contents(dest) == {"card.json": OLD_CARD, "model.onnx": b"new"}
+    assert [p.name for p in tmp_path.iterdir()] == ["mounted"]
+
+
 def test_a_first_build_makes_the_directory_and_a_symlinked_one_is_built_where_it_points(tmp_path: Path) -> None:
     fresh = tmp_path / "a" / "b" / "model"
     with replaced_whole(fresh) as building:

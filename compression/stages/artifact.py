@@ -157,11 +157,25 @@ def replaced_whole(dest: Path) -> Iterator[Path]:
     try:
         os.rename(dest, previous)
     except OSError:  # it cannot move (a mount point, say): the built files replace its own one by one instead
-        _replace_files(building, built, dest)
-        shutil.rmtree(building)
+        try:
+            _replace_files(building, built, dest)
+        finally:
+            shutil.rmtree(building)
         return
     os.rename(building, dest)
     shutil.rmtree(previous)
+
+
+@contextlib.contextmanager
+def _written_whole(path: Path) -> Iterator[Path]:
+    """A temporary file beside `path` to write; when the block ends it replaces `path` by a rename, so that a reader
+    never finds half a file, and when the block fails it is removed and `path` is left as it was."""
+    temporary = path.parent / f".{path.name}.{secrets.token_hex(4)}"
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def _card_files(directory: Path) -> set[str]:
@@ -192,9 +206,8 @@ def _replace_files(building: Path, built: list[str], dest: Path) -> None:
     replaces it."""
     old_files = _card_files(dest)
     for file in sorted(built, key=lambda f: f == CARD_FILE):
-        temporary = dest / f".{file}.{secrets.token_hex(4)}"
-        shutil.copyfile(building / file, temporary)
-        os.replace(temporary, dest / file)
+        with _written_whole(dest / file) as temporary:
+            shutil.copyfile(building / file, temporary)
     for file in old_files - set(built):
         if "/" not in file and (dest / file).is_file():
             (dest / file).unlink()
@@ -258,12 +271,8 @@ def write(
 def write_card(directory: Path, card: Card) -> None:
     """card.json replaced whole (a temporary file, then a rename): a worker that reads it meanwhile, or a crash,
     never finds half a card."""
-    temporary = directory / f".{CARD_FILE}.{secrets.token_hex(4)}"
-    try:
+    with _written_whole(directory / CARD_FILE) as temporary:
         temporary.write_text(card.model_dump_json(indent=2, exclude_none=True) + "\n")
-        os.replace(temporary, directory / CARD_FILE)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def add_pool_report(model_dir: Path, data: Any, wiki: str, oos_run: dict[str, Any]) -> Card:
