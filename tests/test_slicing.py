@@ -1,5 +1,6 @@
-"""Attention-head slicing (compression.slicing): a sliced model computes what the whole one computes with the
-dropped heads silenced, its checkpoint reloads with its shapes, and its ONNX export fuses and matches PyTorch."""
+"""Attention-head and hidden-width slicing (compression.slicing): a model with heads sliced computes what the whole
+one computes with the dropped heads silenced; one with its hidden width sliced holds exactly the kept features'
+weights; both reload from a checkpoint with their shapes, and export, fuse and match PyTorch."""
 
 from __future__ import annotations
 
@@ -137,6 +138,8 @@ def test_shares_outside_zero_to_one_are_refused(share: float) -> None:
         prune.Config(heads_keep=share)
     with pytest.raises(FactoryError, match=rf"^--ffn-keep is a share, more than 0 and at most 1, got {share}$"):
         prune.Config(ffn_keep=share)
+    with pytest.raises(FactoryError, match=rf"^--hidden-keep is a share, more than 0 and at most 1, got {share}$"):
+        prune.Config(hidden_keep=share)
 
 
 def test_a_checkpoint_whose_weights_do_not_fit_its_head_count_is_a_one_line_error(
@@ -151,3 +154,123 @@ def test_a_checkpoint_whose_weights_do_not_fit_its_head_count_is_a_one_line_erro
     (tmp_path / "config.json").write_text(json.dumps({**config, slicing.HEADS_KEPT: 3}))
     with pytest.raises(FactoryError, match=rf"^could not load checkpoint {tmp_path}: Error\(s\) in loading state_dict"):
         checkpoint.load(tmp_path)
+
+
+# Hidden features 0-7 and 16-23 score highest: two heads' widths of the tiny model's four.
+WIDTH_SCORES = torch.tensor([1.0] * 8 + [0.1] * 8 + [0.9] * 8 + [0.2] * 8)
+KEPT_FEATURES = torch.tensor(list(range(8)) + list(range(16, 24)))
+
+
+def test_a_hidden_cut_keeps_the_chosen_features_of_every_weight_that_reads_or_writes_the_stream(
+    tiny: tuple[Any, Any],
+) -> None:
+    model, tok = tiny
+    geometry.add_head(model, 16)
+    whole = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    slicing.keep_heads(model, SCORES, 0.5)
+    slicing.keep_hidden(model, WIDTH_SCORES, 0.5)
+    assert (model.config.hidden_size, model.config.num_attention_heads) == (16, 2)
+    assert slicing.heads_per_layer(model.config) == 2
+    assert slicing.head_size(model.config) == SIZE
+    cut = model.state_dict()
+    k = KEPT_FEATURES
+    heads0 = torch.cat([torch.arange(8, 16), torch.arange(24, 32)])  # layer 0 keeps heads 1 and 3 (SCORES)
+    expected = {
+        "bert.embeddings.word_embeddings.weight": whole["bert.embeddings.word_embeddings.weight"][:, k],
+        "bert.embeddings.LayerNorm.weight": whole["bert.embeddings.LayerNorm.weight"][k],
+        "bert.encoder.layer.0.attention.self.query.weight": whole["bert.encoder.layer.0.attention.self.query.weight"][
+            heads0
+        ][:, k],
+        "bert.encoder.layer.0.attention.output.dense.weight": whole[
+            "bert.encoder.layer.0.attention.output.dense.weight"
+        ][k][:, heads0],
+        "bert.encoder.layer.1.output.dense.bias": whole["bert.encoder.layer.1.output.dense.bias"][k],
+        "bert.encoder.layer.1.intermediate.dense.weight": whole["bert.encoder.layer.1.intermediate.dense.weight"][:, k],
+        "bert.encoder.layer.1.output.LayerNorm.bias": whole["bert.encoder.layer.1.output.LayerNorm.bias"][k],
+        "bert.pooler.dense.weight": whole["bert.pooler.dense.weight"][k][:, k],
+        "classifier.weight": whole["classifier.weight"][:, k],
+        "classifier.bias": whole["classifier.bias"],
+        "geometry_head.weight": whole["geometry_head.weight"][:, k],
+    }
+    for name, tensor in expected.items():
+        torch.testing.assert_close(cut[name], tensor, rtol=0, atol=0, msg=name)
+    assert logits(model, batch(tok)).shape == (3, 3)
+    assert geometry.embed(model, torch.zeros(1, 4, 16), torch.ones(1, 4)).shape == (1, 16)
+
+
+@pytest.mark.parametrize(("share", "width"), [(0.01, SIZE), (0.3, SIZE), (0.6, 2 * SIZE), (0.9, 4 * SIZE)])
+def test_a_hidden_cut_keeps_whole_heads_widths_and_at_least_one(
+    tiny: tuple[Any, Any], share: float, width: int
+) -> None:
+    model, tok = tiny
+    slicing.keep_hidden(model, WIDTH_SCORES, share)  # 32 x share features, rounded to a multiple of 8, at least 8
+    assert model.config.hidden_size == width
+    assert slicing.head_size(model.config) == SIZE
+    assert slicing.heads_per_layer(model.config) == HEADS  # every head kept, each still reading the whole stream
+    assert model.bert.encoder.layer[0].attention.self.key.weight.shape == (HEADS * SIZE, width)
+    assert logits(model, batch(tok)).shape == (3, 3)
+
+
+def test_hidden_scores_sum_each_features_taylor_terms(tiny: tuple[Any, Any]) -> None:
+    model, tok = tiny
+    model.zero_grad()
+    model(**batch(tok), labels=torch.tensor([0, 1, 2])).loss.backward()
+    scores = slicing.hidden_scores(model)
+    assert scores.shape == (HEADS * SIZE,)
+    d = 5
+    with torch.no_grad():
+        expected = 0.0
+        emb = model.bert.embeddings
+        for table in (emb.word_embeddings, emb.position_embeddings, emb.token_type_embeddings):
+            expected += float((table.weight[:, d] * table.weight.grad[:, d]).abs().sum())
+        norms = [emb.LayerNorm]
+        for layer in model.bert.encoder.layer:
+            att = layer.attention
+            for proj in (att.self.query, att.self.key, att.self.value, layer.intermediate.dense):
+                expected += float((proj.weight[:, d] * proj.weight.grad[:, d]).abs().sum())
+            for proj in (att.output.dense, layer.output.dense):
+                expected += float((proj.weight[d] * proj.weight.grad[d]).abs().sum())
+                expected += float((proj.bias[d] * proj.bias.grad[d]).abs())
+            norms += [att.output.LayerNorm, layer.output.LayerNorm]
+        for norm in norms:
+            expected += float((norm.weight[d] * norm.weight.grad[d]).abs() + (norm.bias[d] * norm.bias.grad[d]).abs())
+        pooler = model.bert.pooler.dense
+        expected += float((pooler.weight[:, d] * pooler.weight.grad[:, d]).abs().sum())
+        expected += float((pooler.weight[d] * pooler.weight.grad[d]).abs().sum())
+        expected += float((pooler.bias[d] * pooler.bias.grad[d]).abs())
+        expected += float((model.classifier.weight[:, d] * model.classifier.weight.grad[:, d]).abs().sum())
+    assert float(scores[d]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_hidden_cut_checkpoint_reloads_and_exports_with_fused_attention_that_matches_pytorch(
+    tiny: tuple[Any, Any], tmp_path: Path
+) -> None:
+    from compression.onnx_stage import OnnxStage
+    from compression.stages.export import export_onnx, fuse
+
+    model, tok = tiny
+    geometry.add_head(model, 16)
+    slicing.keep_heads(model, SCORES, 0.5)
+    slicing.keep_hidden(model, WIDTH_SCORES, 0.5)
+    checkpoint.save(tmp_path / "ckpt", model, tok, ["a", "b", "c"])
+    loaded, _, _ = checkpoint.load(tmp_path / "ckpt")
+    inputs = batch(tok)
+    torch.testing.assert_close(logits(loaded, inputs), logits(model, inputs), rtol=0, atol=0)
+    assert geometry.has_head(loaded)
+    assert loaded.geometry_head.weight.shape == (16, 16)
+    export_onnx(loaded, tok, tmp_path / "raw.onnx")
+    fused = fuse(tmp_path / "raw.onnx", tmp_path / "fused.onnx", 2, 2 * SIZE)
+    assert fused["Attention"] == 2
+    assert fused["EmbedLayerNormalization"] == 1
+    tok.save_pretrained(tmp_path / "tok")
+    texts = ["book a flight to paris", "what's my balance", "how do i say hi in french " * 3]
+    ort = OnnxStage(tmp_path / "fused.onnx", tmp_path / "tok" / "tokenizer.json").logits(texts)
+    expected = np.stack([logits(model, dict(tok(t, return_tensors="pt")))[0].numpy() for t in texts])
+    assert np.abs(ort - expected).max() < 1e-4
+    # Counted at the kept width: hidden 16 in and out of every product, the heads' 16, the FFN's 64; then the
+    # pooler and classifier, and the geometry output (the masked mean's n x 16 additions and the mask's n, its head).
+    n, hidden, width = 11, 16, 16
+    per_layer = 3 * n * hidden * width + n * width * hidden + 2 * n * n * width + 2 * n * hidden * 64
+    geometry_output = n * hidden + n + hidden * 16
+    expected_macs = 2 * per_layer + hidden * hidden + hidden * 3 + geometry_output
+    assert macs_per_query(tmp_path / "fused.onnx", n) == expected_macs

@@ -1,5 +1,5 @@
-"""Stage 3: structured pruning of FFN neurons and attention heads, which shrinks the matrices and so speeds up
-dense CPU kernels.
+"""Stage 3: structured pruning of FFN neurons, attention heads and the hidden width, which shrinks the matrices and
+so speeds up dense CPU kernels.
 
 Unstructured or movement pruning (the chapter's choice) only zeroes weights, and dense int8 kernels
 run just as long on zeros, so it is not used here.
@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 class Config:
     ffn_keep: float = field(default=0.75, metadata={"help": "share of FFN neurons kept (1.0: no pruning)"})
     heads_keep: float = field(default=1.0, metadata={"help": "share of attention heads kept in every layer (1.0: all)"})
+    hidden_keep: float = field(
+        default=1.0,
+        metadata={"help": "share of the hidden width kept, in whole heads' widths (1.0: all; compression.slicing)"},
+    )
     recover_epochs: float = field(default=7.0, metadata={"help": "distillation epochs after pruning"})
     recover_lr: float = field(default=1.5e-4, metadata={"help": "learning rate of the recovery"})
     recover_copies: int = field(default=3, metadata={"help": "fresh perturbed copies per query for recovery"})
@@ -46,7 +50,8 @@ class Config:
     )
 
     def __post_init__(self) -> None:
-        for flag, share in (("--ffn-keep", self.ffn_keep), ("--heads-keep", self.heads_keep)):
+        shares = (("--ffn-keep", self.ffn_keep), ("--heads-keep", self.heads_keep), ("--hidden-keep", self.hidden_keep))
+        for flag, share in shares:
             if not 0.0 < share <= 1.0:
                 raise FactoryError(f"{flag} is a share, more than 0 and at most 1, got {share}")
         if self.recover_geometry_weight is not None and self.recover_geometry_weight < 0:
@@ -70,6 +75,7 @@ class PruneConfig:
     geometry_source: str | None = None
     transfer_wiki: int = 0
     heads_keep: float = 1.0  # share of attention heads kept in every layer
+    hidden_keep: float = 1.0  # share of the hidden width kept
 
 
 def backward(model: Any, data: Encoded, batches: int = 20) -> None:
@@ -174,9 +180,13 @@ def run(
         target_logits = torch.from_numpy(ensemble.mean_logits(targets_from, encoded, labels))
     before = model.num_parameters()
     backward(model, labelled)
+    # Every score before any cut: a cut replaces the weights it touches, and their gradients with them.
+    widths = slicing.hidden_scores(model) if cfg.hidden_keep < 1.0 else None
     prune_ffn(model, neuron_scores(model), cfg.ffn_keep)
     if cfg.heads_keep < 1.0:
         slicing.keep_heads(model, slicing.head_scores(model), cfg.heads_keep)
+    if widths is not None:
+        slicing.keep_hidden(model, widths, cfg.hidden_keep)
     model.zero_grad()
     history: list[dict[str, float]] = []
     if cfg.recover_epochs > 0:
@@ -217,7 +227,7 @@ def run_stage(ctx: Context, cfg: Config) -> None:
     out = ctx.dir("prune")
     if not (ctx.dir("distill") / "config.json").is_file():
         raise FactoryError(f"no checkpoint at {ctx.dir('distill')} (run the distill stage first)")
-    if cfg.ffn_keep >= 1.0 and cfg.heads_keep >= 1.0:
+    if cfg.ffn_keep >= 1.0 and cfg.heads_keep >= 1.0 and cfg.hidden_keep >= 1.0:
         # No pruning asked for: the stage passes the student through, so later stages have one input.
         shutil.rmtree(out, ignore_errors=True)
         shutil.copytree(ctx.dir("distill"), out)
@@ -248,4 +258,5 @@ def resolve(ctx: Context, cfg: Config) -> PruneConfig:
         geometry_source=kd.geometry_source,
         transfer_wiki=kd.transfer_wiki,
         heads_keep=cfg.heads_keep,
+        hidden_keep=cfg.hidden_keep,
     )
