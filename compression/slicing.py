@@ -26,7 +26,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from compression.errors import FactoryError
+
 HEADS_KEPT = "attention_heads_kept"  # the config key: heads per layer after slicing (absent: all)
+SLICEABLE = ("bert",)  # the model types whose module names the cuts below know
+
+
+def check_sliceable(config: Any) -> None:
+    """Raise FactoryError unless the cuts below know this model's layout (BERT's; all-MiniLM-L6-v2 is one)."""
+    if config.model_type not in SLICEABLE:
+        raise FactoryError(
+            f"--heads-keep and --hidden-keep cut BERT encoders only, not a {config.model_type!r} model "
+            "(--ffn-keep cuts any model whose layers have intermediate.dense and output.dense)"
+        )
 
 
 def slice_linear(layer: nn.Linear, keep: torch.Tensor, dim: int) -> nn.Linear:

@@ -274,3 +274,12 @@ def test_a_hidden_cut_checkpoint_reloads_and_exports_with_fused_attention_that_m
     geometry_output = n * hidden + n + hidden * 16
     expected_macs = 2 * per_layer + hidden * hidden + hidden * 3 + geometry_output
     assert macs_per_query(tmp_path / "fused.onnx", n) == expected_macs
+
+
+def test_cuts_of_heads_or_width_refuse_a_model_whose_layout_they_do_not_know() -> None:
+    from transformers import BertConfig, DistilBertConfig
+
+    slicing.check_sliceable(BertConfig())
+    refusal = r"^--heads-keep and --hidden-keep cut BERT encoders only, not a 'distilbert' model"
+    with pytest.raises(FactoryError, match=refusal):
+        slicing.check_sliceable(DistilBertConfig())

@@ -166,6 +166,8 @@ def run(
     seed_everything(train_cfg.seed)
     torch.set_num_threads(train_cfg.threads)
     model, tokenizer, labels = checkpoint.load(student_dir)
+    if cfg.heads_keep < 1.0 or cfg.hidden_keep < 1.0:
+        slicing.check_sliceable(model.config)  # before the transfer set and the teachers' logits are built
     split = training_split(data, cfg.wiki_path, cfg.wiki_oos, train_cfg.seed, cfg.train_subset)
     labelled = Encoded(tokenizer, split, labels, train_cfg.max_length)
     # The distillation's transfer set with fresh perturbed copies (another seed).
