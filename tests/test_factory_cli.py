@@ -303,6 +303,7 @@ def test_onnx_matches_pytorch_logits(tiny_pretrained: Path, tmp_path: Path) -> N
             "error: static_candidates above 1 needs static_threshold: candidates compare at one cost",
         ),
         (["prune", "--heads-keep", "0"], "error: --heads-keep is a share, more than 0 and at most 1, got 0.0"),
+        (["prune", "--hidden-keep", "1.5"], "error: --hidden-keep is a share, more than 0 and at most 1, got 1.5"),
         (["teacher", "--teachers", "0"], "error: --teachers must be at least 1, got 0"),
         (
             ["oos", "--artifacts", "/nonexistent/art", "--oos-in-scope-target", "1.2"],

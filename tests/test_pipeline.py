@@ -329,13 +329,14 @@ def test_the_recovery_takes_the_distillation_geometry_weight_unless_its_flag_set
     used, _ = distill.resolve(ctx, distill.Config(alpha=0.25, temperature=3.0, geometry_weight=3.0))
     ctx.dir("distill").mkdir()
     write_run(ctx.dir("distill"), "distill", {"distill": dataclasses.asdict(used)}, {})
-    recorded = prune.resolve(ctx, prune.Config(heads_keep=0.5))
-    assert (recorded.geometry_weight, recorded.alpha, recorded.temperature, recorded.heads_keep) == (
-        3.0,
-        0.25,
-        3.0,
-        0.5,
-    )
+    recorded = prune.resolve(ctx, prune.Config(heads_keep=0.5, hidden_keep=0.75))
+    assert (
+        recorded.geometry_weight,
+        recorded.alpha,
+        recorded.temperature,
+        recorded.heads_keep,
+        recorded.hidden_keep,
+    ) == (3.0, 0.25, 3.0, 0.5, 0.75)
     assert prune.resolve(ctx, prune.Config(recover_geometry_weight=6.0)).geometry_weight == 6.0
     assert prune.resolve(ctx, prune.Config(recover_geometry_weight=0.0)).geometry_weight == 0.0  # none, not "unset"
     with pytest.raises(FactoryError, match=r"^--recover-geometry-weight must be at least 0, got -1.0$"):
