@@ -48,6 +48,36 @@ def logits(model: Any, inputs: dict[str, Any]) -> Any:
         return model(**inputs).logits
 
 
+def saved_and_loaded(model: Any, tok: Any, directory: Path) -> tuple[Any, list[str]]:
+    """The model through checkpoint.save and checkpoint.load, as the stages pass it on."""
+    checkpoint.save(directory, model, tok, ["a", "b", "c"])
+    loaded, _, labels = checkpoint.load(directory)
+    return loaded, labels
+
+
+def exported_and_checked(model: Any, tok: Any, directory: Path, heads: int, width: int) -> tuple[dict[str, int], Path]:
+    """The model exported and fused over `heads` heads `width` wide, its fusions, and the fused graph, whose logits
+    are checked against PyTorch's on three texts (one long enough to reach every position the others do not)."""
+    from compression.onnx_stage import OnnxStage
+    from compression.stages.export import export_onnx, fuse
+
+    export_onnx(model, tok, directory / "raw.onnx")
+    fused = fuse(directory / "raw.onnx", directory / "fused.onnx", heads, width)
+    tok.save_pretrained(directory / "tok")
+    texts = ["book a flight to paris", "what's my balance", "how do i say hi in french " * 3]
+    ort = OnnxStage(directory / "fused.onnx", directory / "tok" / "tokenizer.json").logits(texts)
+    expected = np.stack([logits(model, dict(tok(t, return_tensors="pt")))[0].numpy() for t in texts])
+    assert np.abs(ort - expected).max() < 1e-4
+    return fused, directory / "fused.onnx"
+
+
+def encoder_macs(n: int, hidden: int, width: int, ffn: int = 64, layers: int = 2) -> int:
+    """The tiny encoder's multiply-adds for n tokens: Q, K and V, O, the scores and context, the FFN; then the pooler
+    and the 3-way classifier."""
+    per_layer = 3 * n * hidden * width + n * width * hidden + 2 * n * n * width + 2 * n * hidden * ffn
+    return layers * per_layer + hidden * hidden + hidden * 3
+
+
 # Layer 0 keeps heads 1 and 3, layer 1 heads 0 and 2: the scores rank them so.
 SCORES = [torch.tensor([0.1, 0.9, 0.2, 0.8]), torch.tensor([0.7, 0.1, 0.6, 0.2])]
 KEPT = [[1, 3], [0, 2]]
@@ -99,8 +129,7 @@ def test_a_sliced_checkpoint_reloads_with_its_shapes_weights_and_geometry_head(
     model, tok = tiny
     geometry.add_head(model, 16)
     slicing.keep_heads(model, SCORES, 0.5)
-    checkpoint.save(tmp_path, model, tok, ["a", "b", "c"])
-    loaded, _, labels = checkpoint.load(tmp_path)
+    loaded, labels = saved_and_loaded(model, tok, tmp_path)
     assert labels == ["a", "b", "c"]
     assert loaded.bert.encoder.layer[1].attention.self.value.weight.shape == (2 * SIZE, HEADS * SIZE)
     assert geometry.has_head(loaded)
@@ -113,23 +142,12 @@ def test_a_sliced_checkpoint_reloads_with_its_shapes_weights_and_geometry_head(
 def test_a_sliced_model_exports_with_fused_attention_that_matches_pytorch(
     tiny: tuple[Any, Any], tmp_path: Path
 ) -> None:
-    from compression.onnx_stage import OnnxStage
-    from compression.stages.export import export_onnx, fuse
-
     model, tok = tiny
     slicing.keep_heads(model, SCORES, 0.5)
-    export_onnx(model, tok, tmp_path / "raw.onnx")
-    fused = fuse(tmp_path / "raw.onnx", tmp_path / "fused.onnx", 2, 2 * SIZE)
+    fused, graph = exported_and_checked(model, tok, tmp_path, 2, 2 * SIZE)
     assert fused["Attention"] == 2  # one fused attention per layer, over the kept heads
-    tok.save_pretrained(tmp_path / "tok")
-    texts = ["book a flight to paris", "what's my balance", "how do i say hi in french " * 3]
-    ort = OnnxStage(tmp_path / "fused.onnx", tmp_path / "tok" / "tokenizer.json").logits(texts)
-    expected = np.stack([logits(model, dict(tok(t, return_tensors="pt")))[0].numpy() for t in texts])
-    assert np.abs(ort - expected).max() < 1e-4
     # The counted cost is the narrower width's: Q, K, V and O, scores and context over 2 heads of 8, not 4.
-    n, hidden, width = 11, HEADS * SIZE, 2 * SIZE
-    per_layer = 3 * n * hidden * width + n * width * hidden + 2 * n * n * width + 2 * n * hidden * 64
-    assert macs_per_query(tmp_path / "fused.onnx", n) == 2 * per_layer + hidden * hidden + hidden * 3
+    assert macs_per_query(graph, 11) == encoder_macs(11, HEADS * SIZE, 2 * SIZE)
 
 
 @pytest.mark.parametrize("share", [0.0, -0.5, 1.5])
@@ -245,35 +263,23 @@ def test_hidden_scores_sum_each_features_taylor_terms(tiny: tuple[Any, Any]) -> 
 def test_a_hidden_cut_checkpoint_reloads_and_exports_with_fused_attention_that_matches_pytorch(
     tiny: tuple[Any, Any], tmp_path: Path
 ) -> None:
-    from compression.onnx_stage import OnnxStage
-    from compression.stages.export import export_onnx, fuse
-
     model, tok = tiny
     geometry.add_head(model, 16)
     slicing.keep_heads(model, SCORES, 0.5)
     slicing.keep_hidden(model, WIDTH_SCORES, 0.5)
-    checkpoint.save(tmp_path / "ckpt", model, tok, ["a", "b", "c"])
-    loaded, _, _ = checkpoint.load(tmp_path / "ckpt")
+    loaded, _ = saved_and_loaded(model, tok, tmp_path / "ckpt")
     inputs = batch(tok)
     torch.testing.assert_close(logits(loaded, inputs), logits(model, inputs), rtol=0, atol=0)
     assert geometry.has_head(loaded)
     assert loaded.geometry_head.weight.shape == (16, 16)
-    export_onnx(loaded, tok, tmp_path / "raw.onnx")
-    fused = fuse(tmp_path / "raw.onnx", tmp_path / "fused.onnx", 2, 2 * SIZE)
+    fused, graph = exported_and_checked(loaded, tok, tmp_path, 2, 2 * SIZE)
     assert fused["Attention"] == 2
     assert fused["EmbedLayerNormalization"] == 1
-    tok.save_pretrained(tmp_path / "tok")
-    texts = ["book a flight to paris", "what's my balance", "how do i say hi in french " * 3]
-    ort = OnnxStage(tmp_path / "fused.onnx", tmp_path / "tok" / "tokenizer.json").logits(texts)
-    expected = np.stack([logits(model, dict(tok(t, return_tensors="pt")))[0].numpy() for t in texts])
-    assert np.abs(ort - expected).max() < 1e-4
     # Counted at the kept width: hidden 16 in and out of every product, the heads' 16, the FFN's 64; then the
     # pooler and classifier, and the geometry output (the masked mean's n x 16 additions and the mask's n, its head).
-    n, hidden, width = 11, 16, 16
-    per_layer = 3 * n * hidden * width + n * width * hidden + 2 * n * n * width + 2 * n * hidden * 64
+    n, hidden = 11, 16
     geometry_output = n * hidden + n + hidden * 16
-    expected_macs = 2 * per_layer + hidden * hidden + hidden * 3 + geometry_output
-    assert macs_per_query(tmp_path / "fused.onnx", n) == expected_macs
+    assert macs_per_query(graph, n) == encoder_macs(n, hidden, 16) + geometry_output
 
 
 def test_cuts_of_heads_or_width_refuse_a_model_whose_layout_they_do_not_know() -> None:
