@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -133,14 +132,16 @@ def test_the_served_path_does_no_discarded_work(engine: Engine, pools: dict, mon
     monkeypatch.setattr(EnergyKnn, "nearest_similarity", spy_scan)
     decisions = engine.run(texts)
     reached = [t for t, s in zip(texts, decisions.stage, strict=True) if s == len(engine.stage_names) - 1]
-    assert energies == [len(texts), len(reached)]  # the first stage's rows, then the transformer's: once each
+    # One text at a time (each its own batch): once for each text at the first stage, once more for each that
+    # reaches the transformer.
+    assert energies == [1] * (len(texts) + len(reached))
     energies.clear()
     monkeypatch.setattr(EnergyKnn, "nearest_similarity", real_scan)
     transformer = engine.outputs(reached)
     under = transformer.energy < gate.energy_floor
     assert 0 < under.sum() < len(reached)
-    assert len(scanned) == 1
-    assert np.array_equal(scanned[0], transformer.features[under])  # type: ignore[index]
+    assert [len(rows) for rows in scanned] == [1] * int(under.sum())
+    assert np.array_equal(np.concatenate(scanned), transformer.features[under])  # type: ignore[index]
     assert transformer.features is not None
     if engine.spec.transformer.features_output and _gates_an_encoder(MODEL_DIR / engine.spec.transformer.file):
         # A graph joined with a sentence encoder skips it above the same floor: its features there are one stand-in.
@@ -161,17 +162,17 @@ def test_warm_runs_every_stage_and_the_whole_rule(engine: Engine, monkeypatch: p
     assert engine.predict(text).stage == "first"  # so a warm-up through `predict` would leave the rest cold
     ran: list[str] = []
     scanned: list[int] = []
-    real_rows, real_scan = OnnxModel.rows, EnergyKnn.nearest_similarity
+    real_row, real_scan = OnnxModel.row, EnergyKnn.nearest_similarity
 
-    def spy_rows(self: OnnxModel, ids: Sequence[list[int]]) -> list[np.ndarray]:
+    def spy_row(self: OnnxModel, ids: list[int]) -> list[np.ndarray]:
         ran.append(self.name)
-        return real_rows(self, ids)
+        return real_row(self, ids)
 
     def spy_scan(self: EnergyKnn, features: np.ndarray) -> np.ndarray:
         scanned.append(len(features))
         return real_scan(self, features)
 
-    monkeypatch.setattr(OnnxModel, "rows", spy_rows)
+    monkeypatch.setattr(OnnxModel, "row", spy_row)
     monkeypatch.setattr(EnergyKnn, "nearest_similarity", spy_scan)
     engine.predict(text)
     assert (ran, scanned) == ([engine.models[0].name], [])

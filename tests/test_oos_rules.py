@@ -120,6 +120,35 @@ def test_the_gate_skips_the_scan_for_rows_above_the_energy_floor(monkeypatch: py
     assert [s.tolist() for s in scanned] == [KNN_FEATURES[[0, 2]].tolist()]  # row 1 (2.1269) skipped the scan
 
 
+def test_the_gate_decides_a_row_alone_as_in_any_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine asks about one text at a time, where every row is under the floor or none is: both take a
+    shorter path than a mixed batch, and must give its answers and confidences bit for bit."""
+    out = Outputs.of(KNN_LOGITS, KNN_FEATURES)
+    scanned: list[int] = []
+    real = EnergyKnn.nearest_similarity
+
+    def spy(self: EnergyKnn, features: np.ndarray) -> np.ndarray:
+        scanned.append(len(features))
+        return real(self, features)
+
+    monkeypatch.setattr(EnergyKnn, "nearest_similarity", spy)
+    # Floors under, between and over the energies (1.0986, 2.1269, 1.0986): none, rows 0 and 2, all tested.
+    for floor, tested, answers in ((1.0, [], [0, 0, 0]), (2.0, [2], [0, 0, OOS]), (3.0, [3], [0, 0, OOS])):
+        scanned.clear()
+        gated = KNN.with_gate(floor)
+        pred, confidence = gated.decide(out, OOS)
+        assert (pred.tolist(), scanned) == (answers, tested), floor
+        alone = [gated.decide(out.rows(np.array([i])), OOS) for i in range(3)]
+        assert np.array_equal(np.concatenate([p for p, _ in alone]), pred), floor
+        assert np.array_equal(np.concatenate([c for _, c in alone]), confidence), floor
+        assert confidence.dtype == np.float32
+    # Row 2 sent to oos: its confidence is the doubt about its best intent, max(p(oos), 1 - p(top)); the others
+    # keep their top probability.
+    probs = out.probs
+    assert confidence[2] == max(probs[2, OOS], np.float32(1.0) - probs[2].max())
+    assert confidence[:2].tolist() == probs[:2].max(axis=-1).tolist()
+
+
 def test_energy_knn_is_fitted_on_in_scope_queries(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     labels = np.repeat([0, 1], 30)

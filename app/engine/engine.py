@@ -1,10 +1,11 @@
 """The engine: one object, built from a serving spec, that runs texts through tokenize -> stages -> OOS rule.
 
-`run` is the served decision for a batch of texts, with per-stage timings; the service (`predict`, one text),
-`/admin/reload`, the factory's evaluation and every benchmark go through it. Each stage runs only on the rows
-the stages before it left undecided, and the rule only on the rows that reach the last stage, so a row does only
-the work that can change its answer. `outputs` gives one stage's raw outputs on every text: what the factory
-fits and tunes rules and thresholds on; it decides nothing.
+`run` is the served decision for a batch of texts, with per-stage timings, and `predict` for the one text the
+service asks about; both decide each text in `_answer`, which `/admin/reload`, the factory's evaluation and every
+benchmark reach through them. Each stage runs only on a text the stages before it left undecided, and the rule
+only on a text that reaches the last stage, so a text does only the work that can change its answer. `outputs`
+gives one stage's raw outputs on every text: what the factory fits and tunes rules and thresholds on; it decides
+nothing.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 from tokenizers import Encoding
@@ -90,24 +91,18 @@ def first_stage_answers(out: Outputs, threshold: float, oos_index: int) -> np.nd
     return answered
 
 
-def _assemble(
-    answers: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]],
-    n: int,
-    truncated: np.ndarray,
-    timings: dict[str, float],
-) -> Decisions:
-    """The stages' answers put back in the texts' order (one stage answering every row needs no copy)."""
-    if len(answers) == 1:
-        _, pred, confidence, probs, index = answers[0]
-        return Decisions(pred, confidence, probs, np.full(n, index, dtype=np.int8), truncated, timings)
-    width = answers[0][3].shape[1]
-    pred_all = np.empty(n, dtype=np.int64)
-    confidence_all = np.empty(n, dtype=np.float32)
-    probs_all = np.empty((n, width), dtype=np.float32)
-    stage_all = np.empty(n, dtype=np.int8)
-    for rows, pred, confidence, probs, index in answers:
-        pred_all[rows], confidence_all[rows], probs_all[rows], stage_all[rows] = pred, confidence, probs, index
-    return Decisions(pred_all, confidence_all, probs_all, stage_all, truncated, timings)
+class Answer(NamedTuple):
+    """One text's answer: its label index, its confidence, the softmax row of the stage that answered, and the
+    index of that stage."""
+
+    pred: int
+    confidence: float
+    probs: np.ndarray
+    stage: int
+
+
+def _timed(timings: dict[str, float], step: str, seconds: float) -> None:
+    timings[step] = timings.get(step, 0.0) + seconds
 
 
 class Engine:
@@ -158,61 +153,70 @@ class Engine:
             return [self.tokenizer.encode(texts[0])]
         return list(self.tokenizer.encode_batch(list(texts)))
 
+    def _answer(self, ids: list[int], timings: dict[str, float]) -> Answer:
+        """The served decision for one text's token ids: each stage in turn, until one answers, and the rule on
+        the last stage's outputs. Each text is its own batch (app.engine.onnx), so a batch runs one text at a
+        time too. At that size each array operation costs more than its arithmetic (microseconds, with the
+        caches cold after a graph has run), so nothing is indexed, copied or assembled that one row does not
+        need. Adds each step's seconds to `timings` (each stage by name, and `rule`)."""
+        oos = self.oos_index
+        last = len(self.models) - 1
+        for index, (stage, model) in enumerate(zip(self.spec.stages, self.models, strict=True)):
+            began = time.perf_counter()
+            out = Outputs.of(*model.row(ids))
+            if index < last:
+                assert isinstance(stage, StaticStage)
+                answered = bool(first_stage_answers(out, stage.threshold, oos)[0])
+                _timed(timings, stage.name, time.perf_counter() - began)
+                if answered:
+                    return Answer(int(out.pred[0]), float(out.top[0]), out.probs[0], index)
+                continue
+            ruled = time.perf_counter()
+            pred, confidence = self.rule.decide(out, oos)
+            _timed(timings, stage.name, ruled - began)
+            _timed(timings, "rule", time.perf_counter() - ruled)
+            return Answer(int(pred[0]), float(confidence[0]), out.probs[0], index)
+        raise AssertionError("the spec ends in a transformer stage, which always answers")
+
     def run(self, texts: Sequence[str]) -> Decisions:
         """The served decision for every text."""
         started = time.perf_counter()
         encodings = self.encode(texts)
         timings = {"tokenize": time.perf_counter() - started}
-        oos = self.oos_index
-        remaining = np.arange(len(encodings))
-        # Each stage's answers for the rows it decided: (rows, pred, confidence, probs, stage index).
-        answers: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]] = []
-        for index, (stage, model) in enumerate(zip(self.spec.stages, self.models, strict=True)):
-            began = time.perf_counter()
-            out = stage_outputs(model, encodings if not answers else [encodings[r] for r in remaining])
-            if isinstance(stage, StaticStage):
-                answered = first_stage_answers(out, stage.threshold, oos)
-                if answered.all():
-                    answers.append((remaining, out.pred, out.top, out.probs, index))
-                    remaining = remaining[:0]
-                elif answered.any():
-                    answers.append(
-                        (remaining[answered], out.pred[answered], out.top[answered], out.probs[answered], index)
-                    )
-                    remaining = remaining[~answered]
-                timings[stage.name] = time.perf_counter() - began
-                if not remaining.size:
-                    break
-                continue
-            ruled = time.perf_counter()
-            pred, confidence = self.rule.decide(out, oos)
-            answers.append((remaining, pred, confidence, out.probs, index))
-            timings[stage.name] = ruled - began
-            timings["rule"] = time.perf_counter() - ruled
-        truncated = np.array([bool(e.overflowing) for e in encodings], dtype=bool)
-        return _assemble(answers, len(encodings), truncated, timings)
+        answers = [self._answer(e.ids, timings) for e in encodings]
+        width = len(self.labels)
+        return Decisions(
+            pred=np.array([a.pred for a in answers], dtype=np.int64),
+            confidence=np.array([a.confidence for a in answers], dtype=np.float32),
+            probs=np.stack([a.probs for a in answers]) if answers else np.empty((0, width), dtype=np.float32),
+            stage=np.array([a.stage for a in answers], dtype=np.int8),
+            truncated=np.array([bool(e.overflowing) for e in encodings], dtype=bool),
+            timings=timings,
+        )
 
     def predict(self, text: str, top_k: int = 0) -> Prediction:
         """One text, as the service answers it."""
-        d = self.run([text])
+        started = time.perf_counter()
+        encoding = self.tokenizer.encode(text)
+        tokenized = time.perf_counter()
+        a = self._answer(encoding.ids, {})
+        inference = time.perf_counter() - tokenized
         ranked: list[tuple[str, float]] = []
         if top_k:
             # The most likely intents: `oos` is a decision, not an intent, so an out-of-scope answer still lists
             # what the query came nearest to, and an in-scope one lists intents only (its closed-set ranking).
-            row = d.probs[0]
             # k + 1 of the ranking hold the k best intents whether or not `oos` is among them.
-            best = np.argsort(-row, kind="stable")[: top_k + 1]
+            best = np.argsort(-a.probs, kind="stable")[: top_k + 1]
             order = [i for i in best if i != self.oos_index][:top_k]
-            ranked = [(self.labels[i], float(row[i])) for i in order]
-        tokenize = d.timings["tokenize"]
+            ranked = [(self.labels[i], float(a.probs[i])) for i in order]
         return Prediction(
-            intent=self.labels[int(d.pred[0])],
-            confidence=float(d.confidence[0]),
+            intent=self.labels[a.pred],
+            confidence=a.confidence,
             top_k=ranked,
-            tokenize_s=tokenize,
-            inference_s=sum(d.timings.values()) - tokenize,
-            truncated=bool(d.truncated[0]),
-            stage=self.stage_names[int(d.stage[0])],
+            tokenize_s=tokenized - started,
+            inference_s=inference,
+            truncated=bool(encoding.overflowing),
+            stage=self.stage_names[a.stage],
             model_version=self.version,
         )
 

@@ -161,10 +161,14 @@ class OnnxModel:
         """Each named output's row for one text."""
         return [out[0] for out in self.session.run(self.outputs, self.feed(ids))]
 
+    def row(self, ids: list[int]) -> list[np.ndarray]:
+        """Each named output for one text, as a batch of one: [1, ...]."""
+        outputs: list[np.ndarray] = self.session.run(self.outputs, self.feed(ids))
+        return outputs
+
     def rows(self, ids: Sequence[list[int]]) -> list[np.ndarray]:
         """Each named output for many texts, stacked: [n, ...], each text its own call."""
         if len(ids) == 1:
-            outputs: list[np.ndarray] = self.session.run(self.outputs, self.feed(ids[0]))
-            return outputs  # already [1, ...]
-        rows = [self.run(x) for x in ids]
-        return [np.stack([row[k] for row in rows]) for k in range(len(self.outputs))]
+            return self.row(ids[0])
+        rows = [self.row(x) for x in ids]
+        return [np.concatenate([row[k] for row in rows]) for k in range(len(self.outputs))]

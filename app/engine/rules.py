@@ -227,6 +227,8 @@ class Rule(ABC):
         """Each row's answer and confidence: the argmax, unless the rule fires; then `oos`, with the model's doubt
         about its best in-scope guess, max(p(oos), 1 - p(top)), as the confidence."""
         fired = self.fired(out)
+        if not fired.any():  # the usual case, and one text at a time each array operation costs microseconds
+            return out.pred, out.top
         pred = np.where(fired, oos_index, out.pred)
         confidence = np.where(fired, np.maximum(out.probs[:, oos_index], 1.0 - out.top), out.top)
         return pred, confidence
@@ -451,8 +453,12 @@ class EnergyKnn(Rule):
         gate = self.spec.gate
         if gate is None:
             return super().fired(out)
-        fired = np.zeros(len(out), dtype=bool)
         tested = out.energy < gate.energy_floor
+        if tested.all():  # one text at a time, the rows are all tested or none: no copies to make
+            assert out.features is not None
+            whole: np.ndarray = self._combine(out.energy, self.nearest_similarity(out.features)) < self.threshold
+            return whole
+        fired = np.zeros(len(out), dtype=bool)
         if tested.any():
             assert out.features is not None
             fired[tested] = self._combine(out.energy[tested], self.nearest_similarity(out.features[tested])) < (
