@@ -58,6 +58,21 @@ def test_every_decision_is_the_recorded_one(engine: Engine, pools: dict) -> None
         assert "".join("1" if s < last else "0" for s in decisions.stage) == expected["first_stage"], name
 
 
+def test_one_text_gets_the_answer_it_gets_in_a_batch(engine: Engine, pools: dict) -> None:
+    """The service's `predict` and a batch's `run` decide through one path: the same intent, confidence (bit for
+    bit), answering stage and ranking for every validation query, the top 3 recomputed from the batch's softmax."""
+    texts = pools["validation"][0]
+    decisions = engine.run(texts)
+    for i, text in enumerate(texts):
+        p = engine.predict(text, top_k=3)
+        row = decisions.probs[i]
+        best = [k for k in np.argsort(-row, kind="stable") if k != engine.oos_index][:3]
+        assert p.intent == engine.labels[decisions.pred[i]], text
+        assert np.float32(p.confidence) == decisions.confidence[i], text
+        assert p.stage == engine.stage_names[decisions.stage[i]], text
+        assert p.top_k == [(engine.labels[k], float(row[k])) for k in best], text
+
+
 def test_the_committed_report_is_that_of_the_recorded_decisions(card: dict, pools: dict) -> None:
     """The card's validation report (what GET /model and report.md show), recounted by hand from the golden
     validation decisions, which the old serving code wrote."""
