@@ -81,8 +81,7 @@ class Predictor(Protocol):
 
 
 def stage_outputs(model: OnnxModel, encodings: Sequence[Encoding]) -> Outputs:
-    rows = model.rows([e.ids for e in encodings])
-    return Outputs.of(rows[0], rows[1] if len(rows) > 1 else None)
+    return Outputs.of(*model.rows([e.ids for e in encodings]))
 
 
 def first_stage_answers(out: Outputs, threshold: float, oos_index: int) -> np.ndarray:

@@ -159,7 +159,7 @@ class OnnxModel:
 
     def run(self, ids: list[int]) -> list[np.ndarray]:
         """Each named output's row for one text."""
-        return [out[0] for out in self.session.run(self.outputs, self.feed(ids))]
+        return [out[0] for out in self.row(ids)]
 
     def row(self, ids: list[int]) -> list[np.ndarray]:
         """Each named output for one text, as a batch of one: [1, ...]."""
