@@ -22,6 +22,8 @@ from app.engine.engine import check
 from app.http.logs import configure_logging
 from app.http.protocol import CoalescingHttpToolsProtocol
 
+APP_FACTORY = "app.http.main:create_app_from_env"
+
 
 def prepare_metrics_dir(directory: Path) -> None:
     """The workers' shared metrics directory, made if missing (an emptyDir or tmpfs at /tmp starts empty),
@@ -62,6 +64,48 @@ def check_in_child(settings: Settings) -> str | None:
         return f"could not check the model: {type(exc).__name__}: {exc}"
 
 
+def run_workers(settings: Settings, factory: str) -> int:
+    """uvicorn on `settings`' host, port and workers, each worker building its app with `factory` (a
+    "module:function" path) on this service's HTTP protocol and event loop. The workers share a metrics directory
+    and, with /admin/reload on, a model pointer; both are made here when not given, and removed after. `python -m
+    app` serves the model with it, and `loadtest.floor` the same service around a model that does no work."""
+    metrics_dir = None
+    if given := os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        try:
+            prepare_metrics_dir(Path(given))
+        except OSError as exc:
+            print(f"error: PROMETHEUS_MULTIPROC_DIR={given}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+    elif settings.workers > 1:
+        metrics_dir = tempfile.mkdtemp(prefix="intent-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    pointer_dir = None
+    if settings.admin_key is not None and settings.model_pointer is None:
+        # The file through which the workers follow a reload (app.http.reload); it starts empty.
+        pointer_dir = tempfile.mkdtemp(prefix="intent-model-")
+        os.environ["INTENT_MODEL_POINTER"] = os.path.join(pointer_dir, "pointer.json")
+    try:
+        uvicorn.run(
+            factory,
+            factory=True,
+            host=settings.host,
+            port=settings.port,
+            workers=settings.workers,
+            loop="uvloop",
+            http=CoalescingHttpToolsProtocol,
+            ws="none",  # no WebSocket routes: an Upgrade header is ignored, and the websockets package never loads
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=settings.graceful_timeout_s,
+            backlog=2048,
+        )
+    finally:
+        for made in (metrics_dir, pointer_dir):
+            if made:
+                shutil.rmtree(made, ignore_errors=True)
+    return 0
+
+
 def main() -> int:
     try:
         settings = Settings()
@@ -81,41 +125,7 @@ def main() -> int:
     configure_logging(settings.log_level)
     if (raised := raise_open_files_limit()) is not None:
         logging.getLogger("app").info("open files: soft limit raised", extra={"before": raised[0], "after": raised[1]})
-    metrics_dir = None
-    if given := os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        try:
-            prepare_metrics_dir(Path(given))
-        except OSError as exc:
-            print(f"error: PROMETHEUS_MULTIPROC_DIR={given}: {exc.strerror or exc}", file=sys.stderr)
-            return 1
-    elif settings.workers > 1:
-        metrics_dir = tempfile.mkdtemp(prefix="intent-metrics-")
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-    pointer_dir = None
-    if settings.admin_key is not None and settings.model_pointer is None:
-        # The file through which the workers follow a reload (app.http.reload); it starts empty.
-        pointer_dir = tempfile.mkdtemp(prefix="intent-model-")
-        os.environ["INTENT_MODEL_POINTER"] = os.path.join(pointer_dir, "pointer.json")
-    try:
-        uvicorn.run(
-            "app.http.main:create_app_from_env",
-            factory=True,
-            host=settings.host,
-            port=settings.port,
-            workers=settings.workers,
-            loop="uvloop",
-            http=CoalescingHttpToolsProtocol,
-            ws="none",  # no WebSocket routes: an Upgrade header is ignored, and the websockets package never loads
-            log_config=None,
-            access_log=False,
-            timeout_graceful_shutdown=settings.graceful_timeout_s,
-            backlog=2048,
-        )
-    finally:
-        for made in (metrics_dir, pointer_dir):
-            if made:
-                shutil.rmtree(made, ignore_errors=True)
-    return 0
+    return run_workers(settings, APP_FACTORY)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """`make compare`: the same open-loop and saturation scenarios against our service and two baselines,
 each under the same CPU placement and worker count, in one run. Prints one table with the
 ratios ours/baseline and writes reports/compare/{compare.json,compare.md,latency_throughput.png}.
+A last row, the floor (loadtest.floor), is our service around a model that does no work: what the machine,
+the HTTP path and Locust cost at each load, which no model can read under.
 
 The baselines serve the fine-tuned teacher (artifacts/teacher) when it exists. On a fresh clone, without
 `make model`, they serve a stand-in of the same architecture built here: the pretrained all-MiniLM-L6-v2
@@ -27,7 +29,7 @@ from loadtest.run import (
     measure,
     scenario_from_args,
 )
-from loadtest.server import ROOT, our_server
+from loadtest.server import ROOT, floor_server, our_server
 
 OPTIMUM_VENV = ROOT / ".venv-optimum"
 LABELS = ROOT / "models" / "clinc150" / "labels.json"
@@ -35,6 +37,7 @@ FINE_TUNED = "fine-tuned teacher"
 STAND_IN = "pretrained encoder, untrained head (timing only)"
 STAND_IN_SUFFIX = " (untrained head: timing only)"
 STAND_IN_DONE = "stand-in.txt"  # written last: the stand-in under baseline-model/ is complete
+FLOOR = "floor (ours around a model that does no work)"
 
 
 @dataclass(frozen=True)
@@ -121,7 +124,7 @@ def _baseline(module: str, python: Path, model: Path) -> ServerFactory:
     return lambda port, workers: baseline_cmd(module, port, workers, python, model)
 
 
-def servers(include_optimum: bool, model: BaselineModel) -> list[tuple[str, ServerFactory]]:
+def servers(include_optimum: bool, model: BaselineModel, include_floor: bool = True) -> list[tuple[str, ServerFactory]]:
     out: list[tuple[str, ServerFactory]] = [
         ("ours (int8 ONNX, FastAPI)", our_server),
         (
@@ -136,6 +139,8 @@ def servers(include_optimum: bool, model: BaselineModel) -> list[tuple[str, Serv
                 _baseline("optimum_server", OPTIMUM_VENV / "bin" / "python", model.path),
             )
         )
+    if include_floor:
+        out.append((FLOOR, floor_server))
     return out
 
 
@@ -215,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     add_placement_args(p)
     add_keep_warm_arg(p)
     p.add_argument("--no-optimum", action="store_true", help="skip the Optimum baseline")
+    p.add_argument("--no-floor", action="store_true", help="skip the floor: ours around a model that does no work")
     p.add_argument("--out", type=Path, default=ROOT / "reports" / "compare")
     a = p.parse_args(argv)
     cpu = current().describe()
@@ -230,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     include_optimum = not a.no_optimum and (OPTIMUM_VENV / "bin" / "python").exists()
     scenario = scenario_from_args(a)
     results: dict[str, dict[str, Any]] = {}
-    for name, make in servers(include_optimum, model):
+    for name, make in servers(include_optimum, model, not a.no_floor):
         print(f"{name}:", flush=True)
         out = a.out / name.split(" ")[0].lower()
         results[name] = measure(
@@ -239,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             out,
             scenario,
             ready_timeout=300,
-            server_env=keep_warm_env(a.keep_warm_ms) if make is our_server else None,
+            server_env=keep_warm_env(a.keep_warm_ms) if make in (our_server, floor_server) else None,
         )
     setup = {
         "latency_phase": scenario.latency.describe(),

@@ -122,3 +122,9 @@ def our_server(port: int, workers: int, python: Path | None = None) -> tuple[lis
         "INTENT_SHUTDOWN_DELAY_S": "0",
     }
     return [str(py), "-m", "app"], env
+
+
+def floor_server(port: int, workers: int, python: Path | None = None) -> tuple[list[str], dict[str, str]]:
+    """Ours with a model that does no work (loadtest.floor): the same interpreter, settings and placement."""
+    cmd, env = our_server(port, workers, python)
+    return [cmd[0], "-m", "loadtest.floor"], env

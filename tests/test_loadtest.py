@@ -243,3 +243,63 @@ def test_the_baselines_app_answers_the_routes_the_load_test_calls() -> None:
         assert client.get("/ready").json() == {"status": "ready"}
         assert client.get("/model").json() == {"labels": ["greeting", "oos"]}
         assert client.get("/openapi.json").json()["info"]["title"] == "baseline: fake"
+
+
+def test_the_floor_is_the_service_around_a_model_that_does_no_work() -> None:
+    from fastapi.testclient import TestClient
+
+    from loadtest.floor import InstantModel, create_floor_app
+
+    labels = json.loads((Path("models/clinc150") / "labels.json").read_text())
+    with TestClient(create_floor_app()) as client:
+        assert client.get("/ready").status_code == 200
+        answer = client.post("/predict", json={"text": "what is my balance"})
+        assert answer.status_code == 200
+        assert answer.json() == {"intent": "oos", "confidence": 1.0, "model_version": "floor"}
+        assert answer.headers["server-timing"].endswith('desc="none"')
+        ranked = client.post("/predict", json={"text": "hi", "top_k": 3}).json()["top_k"]
+        assert ranked == [{"intent": label, "confidence": 0.0} for label in labels if label != "oos"][:3]
+        card = client.get("/model").json()
+        assert (card["version"], card["labels"], card["serving"]["weights"]) == ("floor", labels, "none")
+        # Everything around the model is the service's own: its errors, its limits, its metrics.
+        empty = client.post("/predict", json={"text": "   "})
+        assert (empty.status_code, empty.json()["error"]["type"]) == (422, "empty_text")
+        assert client.post("/predict", content=b"{", headers={"content-type": "application/json"}).status_code == 400
+        assert 'intent_requests_total{method="POST",route="/predict",status="200"} 2.0' in client.get("/metrics").text
+    with pytest.raises(ValueError, match="'oos'"):
+        InstantModel(["greeting"])
+
+
+def test_compare_runs_the_floor_last_on_our_interpreter_and_settings() -> None:
+    from loadtest.compare import FLOOR, STAND_IN, BaselineModel, servers
+    from loadtest.server import floor_server, our_server
+
+    model = BaselineModel(Path("baseline-model"), STAND_IN)
+    names = [name for name, _ in servers(False, model)]
+    assert len(names) == 3
+    assert names[0].startswith("ours")
+    assert names[-1] == FLOOR
+    assert [name for name, _ in servers(False, model, include_floor=False)] == names[:-1]
+    ours_cmd, ours_env = our_server(9000, 2)
+    cmd, env = floor_server(9000, 2)
+    assert cmd == [ours_cmd[0], "-m", "loadtest.floor"]
+    assert env == ours_env
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_the_floor_serves_with_the_services_workers_and_stops_on_sigterm(tmp_path: Path) -> None:
+    from loadtest.server import floor_server, free_port, serve
+    from tests.servers import get, post
+
+    port = free_port()
+    cmd, env = floor_server(port, 2)
+    with serve(cmd, env, port, None, log=tmp_path / "floor.log") as base:
+        assert post(base + "/predict", {"text": "book a flight"}) == (
+            200,
+            {"intent": "oos", "confidence": 1.0, "model_version": "floor"},
+        )
+        status, body = get(base + "/metrics")
+        assert status == 200
+        assert b"intent_requests_total" in body
+    assert "Traceback" not in (tmp_path / "floor.log").read_text()

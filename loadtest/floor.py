@@ -1,0 +1,75 @@
+"""The floor of a load test: the service exactly as it is served (`create_app`, its HTTP protocol, uvloop, the
+workers, the queue and the metrics) around a model that answers at once. No model served by this code can read
+faster than this on the same machine and placement, so `make compare` runs it beside ours: the difference between
+the two rows is what the model costs at each load, and the floor itself is what the machine and the load
+generator cost. Open-loop latencies at low rates differ several-fold between VMs (docs/one-small-model.md).
+
+`python -m loadtest.floor` serves it with the service's own settings (INTENT_HOST, INTENT_PORT, INTENT_WORKERS,
+...); only the model differs. The labels come from the served model's labels file, so /model and every answer
+look like the real service's to the load generator.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+from fastapi import FastAPI
+
+from app import cpu
+from app.__main__ import run_workers
+from app.config import Settings
+from app.engine.engine import Prediction
+from app.http.logs import configure_logging
+from app.http.main import create_app
+
+APP_FACTORY = "loadtest.floor:create_floor_app"
+VERSION = "floor"
+ANSWER = "oos"  # every text gets it: a real label, never a wrong type
+
+
+class InstantModel:
+    """A Predictor that does no work: every text is `oos` at confidence 1."""
+
+    def __init__(self, labels: list[str]) -> None:
+        if ANSWER not in labels:
+            raise ValueError(f"the labels have no {ANSWER!r}")
+        self.labels = labels
+        self.version = VERSION
+
+    def predict(self, text: str, top_k: int = 0) -> Prediction:
+        ranked = [(label, 0.0) for label in self.labels if label != ANSWER][:top_k]
+        return Prediction(intent=ANSWER, confidence=1.0, top_k=ranked, stage="none", model_version=VERSION)
+
+    def warm(self, text: str) -> None:
+        """Nothing to warm."""
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+def instant_model(settings: Settings) -> tuple[InstantModel, dict[str, Any]]:
+    """The model factory `create_app` takes: the served model's labels (its labels file alone, no graph is loaded),
+    and a card that names what runs."""
+    labels_file = Path(settings.model_dir) / "labels.json"
+    labels: list[str] = orjson.loads(labels_file.read_bytes())
+    model = InstantModel(labels)
+    card = {"name": "floor: no model", "version": VERSION, "labels": labels, "spec": {}}
+    return model, {**card, "serving": {"cpu": cpu.current().describe(), "weights": "none"}}
+
+
+def create_floor_app() -> FastAPI:
+    """Entry point for uvicorn's workers."""
+    return create_app(Settings(), instant_model)
+
+
+def main() -> int:
+    settings = Settings()
+    configure_logging(settings.log_level)
+    return run_workers(settings, APP_FACTORY)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
