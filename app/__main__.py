@@ -106,17 +106,23 @@ def run_workers(settings: Settings, factory: str) -> int:
     return 0
 
 
-def main() -> int:
+def settings_or_error() -> Settings | str:
+    """The settings from the environment, or the one line that says which setting is wrong and why."""
     try:
-        settings = Settings()
+        return Settings()
     except ValidationError as exc:
         first = exc.errors(include_url=False, include_input=False)[0]
-        print(f"error: invalid setting INTENT_{str(first['loc'][0]).upper()}: {first['msg']}", file=sys.stderr)
-        return 2
+        return f"invalid setting INTENT_{str(first['loc'][0]).upper()}: {first['msg']}"
     except SettingsError as exc:  # a list setting (INTENT_OPEN_PATHS, INTENT_CORS_ORIGINS) that is not JSON
         field = re.search(r'field "(\w+)"', str(exc))
         name = f"INTENT_{field.group(1).upper()}" if field else "a list setting"
-        print(f'error: invalid setting {name}: not JSON; write a list as ["a", "b"]', file=sys.stderr)
+        return f'invalid setting {name}: not JSON; write a list as ["a", "b"]'
+
+
+def main() -> int:
+    settings = settings_or_error()
+    if isinstance(settings, str):
+        print(f"error: {settings}", file=sys.stderr)
         return 2
     # Fail fast, before any port is bound, on a missing, tampered or inconsistent model.
     if (error := check_in_child(settings)) is not None:

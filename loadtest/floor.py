@@ -19,7 +19,7 @@ import orjson
 from fastapi import FastAPI
 
 from app import cpu
-from app.__main__ import run_workers
+from app.__main__ import run_workers, settings_or_error
 from app.config import Settings
 from app.engine.engine import Prediction
 from app.http.logs import configure_logging
@@ -53,8 +53,9 @@ class InstantModel:
 def instant_model(settings: Settings) -> tuple[InstantModel, dict[str, Any]]:
     """The model factory `create_app` takes: the served model's labels (its labels file alone, no graph is loaded),
     and a card that names what runs."""
-    labels_file = Path(settings.model_dir) / "labels.json"
-    labels: list[str] = orjson.loads(labels_file.read_bytes())
+    labels = orjson.loads((Path(settings.model_dir) / "labels.json").read_bytes())
+    if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
+        raise ValueError("labels.json is not a list of strings")
     model = InstantModel(labels)
     card = {"name": "floor: no model", "version": VERSION, "labels": labels, "spec": {}}
     return model, {**card, "serving": {"cpu": cpu.current().describe(), "weights": "none"}}
@@ -66,7 +67,15 @@ def create_floor_app() -> FastAPI:
 
 
 def main() -> int:
-    settings = Settings()
+    settings = settings_or_error()
+    if isinstance(settings, str):
+        print(f"error: {settings}", file=sys.stderr)
+        return 2
+    try:  # before any worker starts, as `python -m app` checks its model: one line, not a worker's traceback
+        instant_model(settings)
+    except (OSError, ValueError) as exc:
+        print(f"error: no labels for the floor in {settings.model_dir}: {exc}", file=sys.stderr)
+        return 1
     configure_logging(settings.log_level)
     return run_workers(settings, APP_FACTORY)
 

@@ -303,3 +303,54 @@ def test_the_floor_serves_with_the_services_workers_and_stops_on_sigterm(tmp_pat
         assert status == 200
         assert b"intent_requests_total" in body
     assert "Traceback" not in (tmp_path / "floor.log").read_text()
+
+
+@pytest.mark.parametrize(
+    ("setting", "labels", "code", "line"),
+    [
+        (
+            "INTENT_WORKERS",
+            None,
+            2,
+            "error: invalid setting INTENT_WORKERS: Input should be greater than or equal to 0",
+        ),
+        (
+            "INTENT_OPEN_PATHS",
+            None,
+            2,
+            'error: invalid setting INTENT_OPEN_PATHS: not JSON; write a list as ["a", "b"]',
+        ),
+        ("INTENT_MODEL_DIR", None, 1, "error: no labels for the floor in {dir}: [Errno 2] No such file or directory"),
+        ("INTENT_MODEL_DIR", b'{"oos": 1}', 1, "error: no labels for the floor in {dir}: labels.json is not a list"),
+        ("INTENT_MODEL_DIR", b'["greeting"]', 1, "error: no labels for the floor in {dir}: the labels have no 'oos'"),
+        ("INTENT_MODEL_DIR", b"[", 1, "error: no labels for the floor in {dir}: "),
+    ],
+)
+def test_the_floor_refuses_bad_settings_and_labels_in_one_line(
+    tmp_path: Path, setting: str, labels: bytes | None, code: int, line: str
+) -> None:
+    """As `python -m app` does: exit 2 for a setting, 1 for what it serves; one line, before any worker starts."""
+    import os
+    import subprocess
+
+    from tests.conftest import ROOT
+    from tests.servers import SERVE_PYTHON, free_port
+
+    value = {"INTENT_WORKERS": "-1", "INTENT_OPEN_PATHS": "/health"}.get(setting, str(tmp_path))
+    if labels is not None:
+        (tmp_path / "labels.json").write_bytes(labels)
+    # Were it to start anyway, it would serve until the timeout below, and the test would fail on it.
+    env = {**os.environ, setting: value, "INTENT_PORT": str(free_port())}
+    r = subprocess.run(
+        [str(SERVE_PYTHON), "-m", "loadtest.floor"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert r.returncode == code
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith(line.format(dir=tmp_path))
