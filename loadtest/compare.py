@@ -4,6 +4,10 @@ ratios ours/baseline and writes reports/compare/{compare.json,compare.md,latency
 A last row, the floor (loadtest.floor), is our service around a model that does no work: what the machine,
 the HTTP path and Locust cost at each load, which no model can read under.
 
+`--rounds N` measures every server N times, each round in a rotated order, and adds a table of each round's
+peaks and ratios with their medians: on a shared VM the host's load drifts over the minutes one round takes, and
+one round's ratio can land anywhere in that drift (docs/one-small-model.md).
+
 The baselines serve the fine-tuned teacher (artifacts/teacher) when it exists. On a fresh clone, without
 `make model`, they serve a stand-in of the same architecture built here: the pretrained all-MiniLM-L6-v2
 encoder under a randomly initialised 151-way head. Its predictions are meaningless, its timings are not,
@@ -16,9 +20,10 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from app.cpu import current, measurement_context
 from loadtest.run import (
@@ -38,6 +43,7 @@ STAND_IN = "pretrained encoder, untrained head (timing only)"
 STAND_IN_SUFFIX = " (untrained head: timing only)"
 STAND_IN_DONE = "stand-in.txt"  # written last: the stand-in under baseline-model/ is complete
 FLOOR = "floor (ours around a model that does no work)"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -155,12 +161,16 @@ def interval_cell(bounds: list[float] | None) -> str:
     return f" [{bounds[0]:.2f}, {bounds[1]:.2f}]" if bounds else ""
 
 
-def markdown(results: dict[str, dict[str, Any]], rates: list[float], cpu: str = "", baseline_model: str = "") -> str:
+def markdown(
+    results: dict[str, dict[str, Any]], rates: list[float], cpu: str = "", baseline_model: str = "", label: str = ""
+) -> str:
     names = list(results)
     ours = results[names[0]]
     title = f"# ours against the baselines on {cpu or current().describe()}"
     if baseline_model:
         title += f"; baselines serve the {baseline_model}"
+    if label:
+        title += f" ({label})"
     head = (
         "| server | "
         + " | ".join(f"p50 / p99 [95%] ms @ {r:.0f}/s" for r in rates)
@@ -186,20 +196,55 @@ def markdown(results: dict[str, dict[str, Any]], rates: list[float], cpu: str = 
     return "\n".join(lines) + "\n"
 
 
-def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
+def rotated(items: list[T], by: int) -> list[T]:
+    """`items` starting from index `by` (modulo their number): over the rounds each server takes each place in the
+    order, so that no server is always measured first, on the machine as it was when the run began."""
+    k = by % len(items)
+    return items[k:] + items[:k]
+
+
+def rounds_table(rounds: list[dict[str, dict[str, Any]]], rates: list[float]) -> str:
+    """Each server's peak, ratio ours / this and p99 at the first rate, in every round, with their medians. A round's
+    ratio compares servers measured minutes apart; the median is over rounds, never over servers."""
+    names = list(rounds[0])
+    ours = names[0]
+
+    def cells(values: list[float], fmt: str) -> str:
+        return ", ".join(format(v, fmt) for v in values) + f" | {format(statistics.median(values), fmt)}"
+
+    lines = [
+        f"# each of {len(rounds)} rounds, and the median",
+        "",
+        "| server | peak req/s, by round | median | ours / this, peak, by round | median "
+        f"| p99 ms @ {rates[0]:.0f}/s, by round | median |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in names:
+        peaks = [peak(r[name]) for r in rounds]
+        ratios = [peak(r[ours]) / peak(r[name]) if peak(r[name]) else float("nan") for r in rounds]
+        p99s = [r[name]["open_loop"][0]["latency_ms"]["p99"] for r in rounds]
+        lines.append(f"| {name} | {cells(peaks, '.0f')} | {cells(ratios, '.1f')} | {cells(p99s, '.2f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rounds: list[dict[str, dict[str, Any]]], path: Path) -> None:
+    """One curve per server and round; a server's rounds share its colour and label."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    for name, res in results.items():
-        points = sorted(
-            (s["throughput_rps"], s["latency_ms"]["p99"])
-            for s in res["open_loop"] + res["saturation_steps"]
-            if s["latency_ms"]["p99"] is not None
-        )
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+    for index, name in enumerate(rounds[0]):
+        for r, results in enumerate(rounds):
+            res = results[name]
+            points = sorted(
+                (s["throughput_rps"], s["latency_ms"]["p99"])
+                for s in res["open_loop"] + res["saturation_steps"]
+                if s["latency_ms"]["p99"] is not None
+            )
+            xs, ys = [p[0] for p in points], [p[1] for p in points]
+            ax.plot(xs, ys, marker="o", color=f"C{index}", label=name if r == 0 else None)
     ax.set_yscale("log")
     ax.axhline(50, color="grey", linestyle="--", linewidth=0.8)
     ax.set_xlabel("throughput, requests/s")
@@ -221,8 +266,13 @@ def main(argv: list[str] | None = None) -> int:
     add_keep_warm_arg(p)
     p.add_argument("--no-optimum", action="store_true", help="skip the Optimum baseline")
     p.add_argument("--no-floor", action="store_true", help="skip the floor: ours around a model that does no work")
+    p.add_argument(
+        "--rounds", type=int, default=1, help="measure every server this many times, in a rotated order (default 1)"
+    )
     p.add_argument("--out", type=Path, default=ROOT / "reports" / "compare")
     a = p.parse_args(argv)
+    if a.rounds < 1:
+        p.error("--rounds must be at least 1")
     cpu = current().describe()
     print(f"CPU: {cpu}", flush=True)
     model = choose_baseline_model(ROOT, a.out)
@@ -235,18 +285,22 @@ def main(argv: list[str] | None = None) -> int:
         build_stand_in(model.path)
     include_optimum = not a.no_optimum and (OPTIMUM_VENV / "bin" / "python").exists()
     scenario = scenario_from_args(a)
-    results: dict[str, dict[str, Any]] = {}
-    for name, make in servers(include_optimum, model, not a.no_floor):
-        print(f"{name}:", flush=True)
-        out = a.out / name.split(" ")[0].lower()
-        results[name] = measure(
-            make,
-            None,
-            out,
-            scenario,
-            ready_timeout=300,
-            server_env=keep_warm_env(a.keep_warm_ms) if make in (our_server, floor_server) else None,
-        )
+    order = servers(include_optimum, model, not a.no_floor)
+    rounds: list[dict[str, dict[str, Any]]] = []
+    for r in range(a.rounds):
+        measured: dict[str, dict[str, Any]] = {}
+        for name, make in rotated(order, r):
+            print(f"{name}:" + (f" (round {r + 1} of {a.rounds})" if a.rounds > 1 else ""), flush=True)
+            out = a.out / (f"round{r + 1}" if a.rounds > 1 else "") / name.split(" ")[0].lower()
+            measured[name] = measure(
+                make,
+                None,
+                out,
+                scenario,
+                ready_timeout=300,
+                server_env=keep_warm_env(a.keep_warm_ms) if make in (our_server, floor_server) else None,
+            )
+        rounds.append({name: measured[name] for name, _ in order})  # ours first again: the ratios divide by it
     setup = {
         "latency_phase": scenario.latency.describe(),
         "throughput_phase": scenario.throughput.describe(),
@@ -254,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads_per_worker": 1,
         "ours_keep_warm_ms": a.keep_warm_ms,
         "baseline_model_path": str(model.path),
+        "rounds": a.rounds,
     }
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "compare.json").write_text(
@@ -262,15 +317,22 @@ def main(argv: list[str] | None = None) -> int:
                 "context": measurement_context(),
                 "baseline_model": model.kind,
                 "setup": setup,
-                "results": results,
+                **({"results": rounds[0]} if a.rounds == 1 else {"rounds": rounds}),
             },
             indent=2,
         )
         + "\n"
     )
-    table = markdown(results, scenario.rates, cpu, model.kind)
+    if a.rounds == 1:
+        table = markdown(rounds[0], scenario.rates, cpu, model.kind)
+    else:
+        tables = [
+            markdown(results, scenario.rates, cpu, model.kind, f"round {r + 1} of {a.rounds}")
+            for r, results in enumerate(rounds)
+        ]
+        table = "\n".join([*tables, rounds_table(rounds, scenario.rates)])
     (a.out / "compare.md").write_text(table)
-    plot(results, a.out / "latency_throughput.png")
+    plot(rounds, a.out / "latency_throughput.png")
     print(f"\nsetup: {setup}\n")
     print(table)
     return 0

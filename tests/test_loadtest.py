@@ -354,3 +354,54 @@ def test_the_floor_refuses_bad_settings_and_labels_in_one_line(
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1
     assert lines[0].startswith(line.format(dir=tmp_path))
+
+
+def _load_result(peak_rps: float, p99_ms: float) -> dict[str, object]:
+    rate = {
+        "latency_ms": {"p50": 1.0, "p99": p99_ms},
+        "latency_p99_interval_ms": None,
+        "errors": 0,
+        "throughput_rps": 99.0,
+    }
+    return {
+        "open_loop": [rate],
+        "saturation_steps": [
+            {"throughput_rps": peak_rps / 2, "errors": 0, "latency_ms": {"p99": 10.0}},
+            {"throughput_rps": peak_rps, "errors": 0, "latency_ms": {"p99": 40.0}},
+            {"throughput_rps": peak_rps * 2, "errors": 3, "latency_ms": {"p99": 90.0}},  # errors: never a peak
+        ],
+        "saturation": {"throughput_rps": peak_rps},
+    }
+
+
+def test_compare_rounds_rotate_the_order_and_report_each_ratio_with_its_median(tmp_path: Path) -> None:
+    from loadtest.compare import markdown, plot, rotated, rounds_table
+
+    assert rotated(["ours", "a", "b"], 0) == ["ours", "a", "b"]
+    assert rotated(["ours", "a", "b"], 1) == ["a", "b", "ours"]
+    assert rotated(["ours", "a", "b"], 5) == ["b", "ours", "a"]
+    # Three rounds; the host drifts, so ours' peak moves more than the baseline's.
+    rounds = [
+        {"ours": _load_result(2000, 5.0), "theirs": _load_result(100, 80.0)},
+        {"ours": _load_result(1200, 7.0), "theirs": _load_result(120, 90.0)},
+        {"ours": _load_result(1800, 4.0), "theirs": _load_result(110, 70.0)},
+    ]
+    rows = rounds_table(rounds, [100.0]).splitlines()
+    assert rows[0] == "# each of 3 rounds, and the median"
+    # Ratios per round: 2000/100, 1200/120, 1800/110 = 20.0, 10.0, 16.4; their median, not the ratio of medians.
+    assert rows[4] == "| ours | 2000, 1200, 1800 | 1800 | 1.0, 1.0, 1.0 | 1.0 | 5.00, 7.00, 4.00 | 5.00 |"
+    assert rows[5] == "| theirs | 100, 120, 110 | 110 | 20.0, 10.0, 16.4 | 16.4 | 80.00, 90.00, 70.00 | 80.00 |"
+    assert markdown(rounds[1], [100.0], cpu="a CPU", label="round 2 of 3").splitlines()[0] == (
+        "# ours against the baselines on a CPU (round 2 of 3)"
+    )
+    plot(rounds, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 1000
+
+
+def test_compare_refuses_fewer_than_one_round(capsys: pytest.CaptureFixture[str]) -> None:
+    from loadtest.compare import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["--rounds", "0"])
+    assert stopped.value.code == 2
+    assert "--rounds must be at least 1" in capsys.readouterr().err
