@@ -5,8 +5,8 @@ the two rows is what the model costs at each load, and the floor itself is what 
 generator cost. Open-loop latencies at low rates differ several-fold between VMs (docs/one-small-model.md).
 
 `python -m loadtest.floor` serves it with the service's own settings (INTENT_HOST, INTENT_PORT, INTENT_WORKERS,
-...); only the model differs. The labels come from the served model's labels file, so /model and every answer
-look like the real service's to the load generator.
+...); only the model differs. The labels come from the served model's card and labels file, read and checked by the
+artifact loader the service uses, so /model and every answer look like the real service's to the load generator.
 """
 
 from __future__ import annotations
@@ -15,33 +15,35 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import orjson
 from fastapi import FastAPI
 
 from app import cpu
 from app.__main__ import run_workers, settings_or_error
 from app.config import Settings
+from app.engine.artifact import read_card, read_labels
 from app.engine.engine import Prediction
+from app.engine.errors import ModelLoadError
 from app.http.logs import configure_logging
 from app.http.main import create_app
 
 APP_FACTORY = "loadtest.floor:create_floor_app"
 VERSION = "floor"
-ANSWER = "oos"  # every text gets it: a real label, never a wrong type
 
 
 class InstantModel:
-    """A Predictor that does no work: every text is `oos` at confidence 1."""
+    """A Predictor that does no work: every text gets the model's OOS label (a real label, never a wrong type) at
+    confidence 1."""
 
-    def __init__(self, labels: list[str]) -> None:
-        if ANSWER not in labels:
-            raise ValueError(f"the labels have no {ANSWER!r}")
+    def __init__(self, labels: list[str], oos_label: str) -> None:
+        if oos_label not in labels:
+            raise ValueError(f"the labels have no {oos_label!r}")
         self.labels = labels
+        self.oos_label = oos_label
         self.version = VERSION
 
     def predict(self, text: str, top_k: int = 0) -> Prediction:
-        ranked = [(label, 0.0) for label in self.labels if label != ANSWER][:top_k]
-        return Prediction(intent=ANSWER, confidence=1.0, top_k=ranked, stage="none", model_version=VERSION)
+        ranked = [(label, 0.0) for label in self.labels if label != self.oos_label][:top_k]
+        return Prediction(intent=self.oos_label, confidence=1.0, top_k=ranked, stage="none", model_version=VERSION)
 
     def warm(self, text: str) -> None:
         """Nothing to warm."""
@@ -51,12 +53,12 @@ class InstantModel:
 
 
 def instant_model(settings: Settings) -> tuple[InstantModel, dict[str, Any]]:
-    """The model factory `create_app` takes: the served model's labels (its labels file alone, no graph is loaded),
-    and a card that names what runs."""
-    labels = orjson.loads((Path(settings.model_dir) / "labels.json").read_bytes())
-    if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
-        raise ValueError("labels.json is not a list of strings")
-    model = InstantModel(labels)
+    """The model factory `create_app` takes: the served model's labels, checked against its card as the service
+    checks them (no graph is loaded, no file hashed), and a card that names what runs."""
+    directory = Path(settings.model_dir)
+    spec = read_card(directory).spec.labels
+    labels = read_labels(directory / spec.file, spec.count, spec.oos_label)
+    model = InstantModel(labels, spec.oos_label)
     card = {"name": "floor: no model", "version": VERSION, "labels": labels, "spec": {}}
     return model, {**card, "serving": {"cpu": cpu.current().describe(), "weights": "none"}}
 
@@ -73,7 +75,7 @@ def main() -> int:
         return 2
     try:  # before any worker starts, as `python -m app` checks its model: one line, not a worker's traceback
         instant_model(settings)
-    except (OSError, ValueError) as exc:
+    except ModelLoadError as exc:
         print(f"error: no labels for the floor in {settings.model_dir}: {exc}", file=sys.stderr)
         return 1
     configure_logging(settings.log_level)

@@ -267,7 +267,10 @@ def test_the_floor_is_the_service_around_a_model_that_does_no_work() -> None:
         assert client.post("/predict", content=b"{", headers={"content-type": "application/json"}).status_code == 400
         assert 'intent_requests_total{method="POST",route="/predict",status="200"} 2.0' in client.get("/metrics").text
     with pytest.raises(ValueError, match="'oos'"):
-        InstantModel(["greeting"])
+        InstantModel(["greeting"], "oos")
+    # A team's model names its own OOS label in its card; the floor answers that one.
+    other = InstantModel(["greeting", "none", "bye"], "none").predict("hi", top_k=5)
+    assert (other.intent, other.top_k) == ("none", [("greeting", 0.0), ("bye", 0.0)])
 
 
 def test_compare_runs_the_floor_last_on_our_interpreter_and_settings() -> None:
@@ -320,10 +323,26 @@ def test_the_floor_serves_with_the_services_workers_and_stops_on_sigterm(tmp_pat
             2,
             'error: invalid setting INTENT_OPEN_PATHS: not JSON; write a list as ["a", "b"]',
         ),
-        ("INTENT_MODEL_DIR", None, 1, "error: no labels for the floor in {dir}: [Errno 2] No such file or directory"),
-        ("INTENT_MODEL_DIR", b'{"oos": 1}', 1, "error: no labels for the floor in {dir}: labels.json is not a list"),
-        ("INTENT_MODEL_DIR", b'["greeting"]', 1, "error: no labels for the floor in {dir}: the labels have no 'oos'"),
-        ("INTENT_MODEL_DIR", b"[", 1, "error: no labels for the floor in {dir}: "),
+        ("INTENT_MODEL_DIR", None, 1, "error: no labels for the floor in {dir}: missing {dir}/card.json"),
+        (
+            "INTENT_MODEL_DIR",
+            b'{"oos": 1}',
+            1,
+            "error: no labels for the floor in {dir}: labels.json must be a non-empty JSON list of strings",
+        ),
+        (
+            "INTENT_MODEL_DIR",
+            b'["greeting"]',
+            1,
+            "error: no labels for the floor in {dir}: the OOS label 'oos' is not in labels.json",
+        ),
+        (
+            "INTENT_MODEL_DIR",
+            b'["greeting", "oos"]',
+            1,
+            "error: no labels for the floor in {dir}: the spec says 151 labels but labels.json has 2",
+        ),
+        ("INTENT_MODEL_DIR", b"[", 1, "error: no labels for the floor in {dir}: unreadable labels.json: "),
     ],
 )
 def test_the_floor_refuses_bad_settings_and_labels_in_one_line(
@@ -331,13 +350,15 @@ def test_the_floor_refuses_bad_settings_and_labels_in_one_line(
 ) -> None:
     """As `python -m app` does: exit 2 for a setting, 1 for what it serves; one line, before any worker starts."""
     import os
+    import shutil
     import subprocess
 
     from tests.conftest import ROOT
     from tests.servers import SERVE_PYTHON, free_port
 
     value = {"INTENT_WORKERS": "-1", "INTENT_OPEN_PATHS": "/health"}.get(setting, str(tmp_path))
-    if labels is not None:
+    if labels is not None:  # beside the served model's card, which names 151 labels and 'oos'
+        shutil.copy(ROOT / "models/clinc150/card.json", tmp_path / "card.json")
         (tmp_path / "labels.json").write_bytes(labels)
     # Were it to start anyway, it would serve until the timeout below, and the test would fail on it.
     env = {**os.environ, setting: value, "INTENT_PORT": str(free_port())}
