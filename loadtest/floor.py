@@ -42,7 +42,8 @@ class InstantModel:
         self.version = VERSION
 
     def predict(self, text: str, top_k: int = 0) -> Prediction:
-        ranked = [(label, 0.0) for label in self.labels if label != self.oos_label][:top_k]
+        # Ranked only when asked: a walk over every label on each call was 5% of the floor's CPU (py-spy).
+        ranked = [(label, 0.0) for label in self.labels if label != self.oos_label][:top_k] if top_k else []
         return Prediction(intent=self.oos_label, confidence=1.0, top_k=ranked, stage="none", model_version=VERSION)
 
     def warm(self, text: str) -> None:
