@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -156,6 +157,11 @@ def peak(result: dict[str, Any]) -> float:
     return max(clean) if clean else 0.0
 
 
+def peak_ratio(ours: dict[str, Any], other: dict[str, Any]) -> float:
+    """The bar's ratio, ours / this by peak; NaN where this server had no step without errors."""
+    return peak(ours) / peak(other) if peak(other) else math.nan
+
+
 def interval_cell(bounds: list[float] | None) -> str:
     """A p99's 95% interval as the table shows it; nothing where the run had too few responses for one."""
     return f" [{bounds[0]:.2f}, {bounds[1]:.2f}]" if bounds else ""
@@ -186,12 +192,12 @@ def markdown(
             for s in res["open_loop"]
         ]
         sat = res["saturation"]["throughput_rps"]
-        ratio = peak(ours) / peak(res) if peak(res) else None
+        ratio = peak_ratio(ours, res)
         lines.append(
             f"| {name} | "
             + " | ".join(cells)
             + f" | {sat if sat is not None else 'none: p99 > 50 ms at every step'} | {peak(res):.0f}"
-            + f" | {'' if ratio is None else f'{ratio:.1f}x'} |"
+            + f" | {'' if math.isnan(ratio) else f'{ratio:.1f}x'} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -221,7 +227,7 @@ def rounds_table(rounds: list[dict[str, dict[str, Any]]], rates: list[float]) ->
     ]
     for name in names:
         peaks = [peak(r[name]) for r in rounds]
-        ratios = [peak(r[ours]) / peak(r[name]) if peak(r[name]) else float("nan") for r in rounds]
+        ratios = [peak_ratio(r[ours], r[name]) for r in rounds]
         p99s = [r[name]["open_loop"][0]["latency_ms"]["p99"] for r in rounds]
         lines.append(f"| {name} | {cells(peaks, '.0f')} | {cells(ratios, '.1f')} | {cells(p99s, '.2f')} |")
     return "\n".join(lines) + "\n"
