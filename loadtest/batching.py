@@ -1,55 +1,127 @@
-"""Does micro-batching pay on this CPU? Per-query time of N single calls against one padded batch of N,
-with the committed int8 model on one thread (`python -m loadtest.batching`)."""
+"""Does micro-batching pay on this CPU? For the served model's transformer, the time per text of N single calls
+against one padded batch of N, on the texts the first stage passes on, one thread (`python -m loadtest.batching`).
+
+Only a stage whose graph takes an attention mask can be padded without changing its answers, so the static first
+stage (mean-pooled embeddings with no mask) is not batched. Dynamic quantisation picks each activation's scale
+from the whole batch, so a padded batch can still move a text's logits: the table says by how much, and how many
+of the batched texts' top intents moved with them."""
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
-from app.runtime import OnnxClassifier
 
 from app.cpu import current
-from app.engine.artifact import load_artifact
+from app.engine.engine import Engine
+from app.engine.onnx import OnnxModel
 from loadtest.queries import load_queries
 from loadtest.server import ROOT
 
+SIZES = (1, 2, 4, 8, 16, 32)
 
-def per_query_us(clf: OnnxClassifier, texts: list[str], batch: int, rounds: int) -> tuple[float, float]:
-    session, out = clf.transformer.session, clf.transformer._output
-    encoded = [clf.tokenizer.encode(t).ids for t in texts]
-    singles, batched = [], []
+
+@dataclass(frozen=True)
+class BatchTiming:
+    size: int
+    single_us: float  # median over rounds of the seconds per text, each text its own call
+    batched_us: float  # median over rounds of the seconds per text, the N texts as one padded call
+    max_logit_diff: float  # the largest |batched - single| over every logit of every round
+    top_moved: int  # texts whose top logit moved to another label in the batched call, over every round
+    texts: int  # texts timed in all, per way
+
+
+def padded(ids: Sequence[list[int]]) -> dict[str, np.ndarray]:
+    width = max(len(x) for x in ids)
+    input_ids = np.zeros((len(ids), width), dtype=np.int64)
+    mask = np.zeros_like(input_ids)
+    for row, x in enumerate(ids):
+        input_ids[row, : len(x)] = x
+        mask[row, : len(x)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
+def one_by_one(model: OnnxModel, group: Sequence[list[int]]) -> tuple[np.ndarray, float]:
+    """The logits of each text in its own call, stacked, and the seconds the calls took."""
+    session, logits = model.session, model.outputs[0]
+    started = time.perf_counter()
+    rows = [session.run([logits], model.feed(ids))[0] for ids in group]
+    return np.concatenate(rows), time.perf_counter() - started
+
+
+def as_batch(model: OnnxModel, group: Sequence[list[int]]) -> tuple[np.ndarray, float]:
+    """The logits of the texts as one padded call, and the seconds it took (padding included)."""
+    started = time.perf_counter()
+    out: np.ndarray = model.session.run([model.outputs[0]], padded(group))[0]
+    return out, time.perf_counter() - started
+
+
+def time_batches(model: OnnxModel, encoded: Sequence[list[int]], size: int, rounds: int) -> BatchTiming:
+    """Round r times texts r*size .. r*size+size-1 (wrapping) both ways, alternating which way runs first."""
+    if not 1 <= size <= len(encoded):
+        raise ValueError(f"batch size {size} needs 1 to {len(encoded)} texts")
+    singles, batched, diff, moved = [], [], 0.0, 0
     for r in range(rounds):
-        group = encoded[(r * batch) % (len(encoded) - batch) :][:batch]
-        t0 = time.perf_counter()
-        for ids in group:
-            session.run(out, clf.transformer.feed(ids))
-        singles.append((time.perf_counter() - t0) / batch)
-        width = max(len(x) for x in group)
-        ids_arr = np.zeros((batch, width), dtype=np.int64)
-        mask = np.zeros_like(ids_arr)
-        for i, ids in enumerate(group):
-            ids_arr[i, : len(ids)] = ids
-            mask[i, : len(ids)] = 1
-        t0 = time.perf_counter()
-        session.run(out, {"input_ids": ids_arr, "attention_mask": mask})
-        batched.append((time.perf_counter() - t0) / batch)
-    return float(np.median(singles) * 1e6), float(np.median(batched) * 1e6)
+        start = (r * size) % len(encoded)
+        group = [encoded[(start + i) % len(encoded)] for i in range(size)]
+        if r % 2 == 0:
+            alone, t_alone = one_by_one(model, group)
+            together, t_together = as_batch(model, group)
+        else:
+            together, t_together = as_batch(model, group)
+            alone, t_alone = one_by_one(model, group)
+        singles.append(t_alone / size)
+        batched.append(t_together / size)
+        diff = max(diff, float(np.abs(together - alone).max()))
+        moved += int((together.argmax(axis=1) != alone.argmax(axis=1)).sum())
+    return BatchTiming(
+        size, float(np.median(singles) * 1e6), float(np.median(batched) * 1e6), diff, moved, rounds * size
+    )
 
 
-def main() -> int:
+def passed_on(engine: Engine, texts: Sequence[str]) -> list[list[int]]:
+    """The token ids of the texts the served cascade sends to its last stage."""
+    last = len(engine.models) - 1
+    stage = engine.run(texts).stage
+    return [e.ids for e, s in zip(engine.encode(texts), stage, strict=True) if s == last]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--rounds", type=int, default=30)
-    a = p.parse_args()
-    print(f"CPU: {current().describe()}", flush=True)
-    clf = OnnxClassifier(load_artifact(ROOT / "models" / "clinc150"), 1, 1)
-    texts = load_queries()
-    per_query_us(clf, texts, 8, 5)  # warm-up
-    print("| batch size | single calls, µs/query | one padded batch, µs/query | batch / single |")
-    print("|---|---|---|---|")
-    for batch in (1, 2, 4, 8, 16, 32):
-        single, batched = per_query_us(clf, texts, batch, a.rounds)
-        print(f"| {batch} | {single:.0f} | {batched:.0f} | {batched / single:.2f} |")
+    p.add_argument("--model-dir", type=Path, default=ROOT / "models" / "clinc150")
+    p.add_argument("--data", default=None, help="CLINC150 JSON (default: loadtest.queries' path)")
+    p.add_argument("--rounds", type=int, default=30, help="batches per size (default: %(default)s)")
+    p.add_argument("--sizes", default=",".join(map(str, SIZES)), help="batch sizes (default: %(default)s)")
+    a = p.parse_args(argv)
+    try:
+        sizes = [int(s) for s in a.sizes.split(",")]
+    except ValueError:
+        p.error(f"--sizes takes whole numbers separated by commas, not {a.sizes!r}")
+    if a.rounds < 1 or not sizes or min(sizes) < 1:
+        p.error("--rounds and every batch size must be at least 1")
+    engine = Engine.open(a.model_dir)
+    model = engine.models[-1]
+    if "attention_mask" not in {i.name for i in model.session.get_inputs()}:
+        p.error(f"{model.name} takes no attention mask: padding would change its answers")
+    encoded = passed_on(engine, load_queries(a.data))
+    if max(sizes) > len(encoded):
+        p.error(f"the largest batch ({max(sizes)}) exceeds the {len(encoded)} texts the last stage sees")
+    print(f"CPU: {current().describe()}; {model.name}, {len(encoded)} texts passed on by the first stage", flush=True)
+    time_batches(model, encoded, min(8, len(encoded)), 5)  # warm-up
+    print("| batch size | single calls, µs/text | one padded batch, µs/text | batch / single | largest logit move |")
+    print("|---|---|---|---|---|")
+    for size in sizes:
+        t = time_batches(model, encoded, size, a.rounds)
+        print(
+            f"| {t.size} | {t.single_us:.0f} | {t.batched_us:.0f} | {t.batched_us / t.single_us:.2f} "
+            f"| {t.max_logit_diff:.3f} (top intent moved for {t.top_moved} of {t.texts}) |",
+            flush=True,
+        )
+    engine.close()
     return 0
 
 
