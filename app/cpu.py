@@ -1,9 +1,10 @@
 """Which CPU this is: model and the instruction sets that decide int8 and fp32 speed. Stdlib only (it ships in
 the serving image).
 
-The same int8 model runs about 4x faster per matrix product on a CPU with a VNNI dot-product instruction
-(AVX-512 VNNI, AVX-VNNI or AMX) than on an AVX2-only one, so every speed figure is recorded with
-`measurement_context()`, and the service picks its cascade variant from `current().flags`.
+The same model's transformer rows took 0.72-0.87 ms on an AVX-512 VNNI EPYC and 1.4-1.5 ms on an AVX2-only one
+(docs/one-small-model.md), so every speed figure is recorded with `measurement_context()` and `GET /model` names
+the CPU. Nothing here decides how a model runs: which int8 kernel multiplies exactly is asked of ONNX Runtime
+itself (app.engine.signed_weights), never guessed from these flags.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from typing import Any
 CPUINFO = Path("/proc/cpuinfo")
 # In the order they matter for this model: AVX2/FMA for fp32, AVX-512 VNNI, AVX-VNNI and AMX for int8.
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8")
-INT8_DOT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 UNKNOWN = "unknown"
 
 
@@ -34,10 +34,6 @@ class CpuInfo:
     def isa(self) -> list[str]:
         """The instruction sets of ISA_FLAGS this CPU has, in that order."""
         return [f for f in ISA_FLAGS if f in self.flags]
-
-    def has_int8_dot(self) -> bool:
-        """A native int8 dot-product instruction (VNNI or AMX): int8 matrix products about 4x cheaper."""
-        return bool(self.flags & INT8_DOT_FLAGS)
 
     def describe(self) -> str:
         """One line for reports, e.g. 'AMD EPYC (family 25 model 17; avx2 fma avx512f avx512_vnni)'."""

@@ -56,7 +56,6 @@ def test_avx2_only_epyc(tmp_path: Path) -> None:
     )
     assert {"avx2", "fma", "sse4_1"} <= info.flags
     assert info.isa == ["avx2", "fma"]
-    assert not info.has_int8_dot()
     assert info.describe() == "AMD EPYC 7601 32-Core Processor (family 23 model 1; avx2 fma)"
 
 
@@ -64,7 +63,6 @@ def test_vnni_epyc(tmp_path: Path) -> None:
     info = from_text(tmp_path, EPYC_VNNI)
     assert (info.model_name, info.vendor, info.family, info.model) == ("AMD EPYC", "AuthenticAMD", 25, 17)
     assert info.isa == ["avx2", "fma", "avx512f", "avx512_vnni"]
-    assert info.has_int8_dot()
     assert info.describe() == "AMD EPYC (family 25 model 17; avx2 fma avx512f avx512_vnni)"
 
 
@@ -72,21 +70,14 @@ def test_sapphire_rapids_has_every_int8_path(tmp_path: Path) -> None:
     info = from_text(tmp_path, SAPPHIRE_RAPIDS)
     assert (info.vendor, info.family, info.model) == ("GenuineIntel", 6, 143)
     assert info.isa == ["avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8"]
-    assert info.has_int8_dot()
     assert "amx_bf16" in info.flags  # every flag is kept; `isa` lists only those that decide speed here
     assert info.describe().startswith("Intel(R) Xeon(R) Platinum 8480+ (family 6 model 143; avx2 fma")
-
-
-@pytest.mark.parametrize("flag", sorted(cpu.INT8_DOT_FLAGS))
-def test_any_one_int8_dot_flag_is_enough(flag: str) -> None:
-    assert cpu.CpuInfo("x", "y", 6, 1, frozenset({"avx2", flag})).has_int8_dot()
 
 
 def test_no_cpuinfo_means_unknown(tmp_path: Path) -> None:
     info = cpu.read(tmp_path / "missing")
     assert info == cpu.CpuInfo("unknown", "unknown", None, None, frozenset())
     assert info.isa == []
-    assert not info.has_int8_dot()
     assert info.describe() == "unknown (flags unknown)"
 
 
