@@ -14,8 +14,8 @@ one-hidden-layer head answer most of CLINC150 confidently and correctly (see doc
   hard labels where a row has one.
 - The cascade threshold: the lowest first-stage confidence at which the cascade keeps the transformer's own
   in-scope accuracy, and its OOS recall to within `static_oos_tolerance`, on in-scope validation plus the
-  held-out Wikipedia sentences (compression.measure.pools.tuning_split), using app.cascade (the rule the service
-  applies). It is reported on validation, and checked there by two-fold cross-fitting.
+  held-out Wikipedia sentences (compression.measure.pools.tuning_split), using the service's own first-stage rule
+  (app.engine.engine.first_stage_answers). It is reported on validation, and checked there by two-fold cross-fitting.
 - Output `static.onnx`: Gather -> Cast (-> Mul by the row's scale) -> ReduceMean -> (MatMul -> Add -> Gelu)
   -> MatMul -> Add, the table stored in int8 with a scale per row (or fp16), each MatMul's weights in int8 per
   output column with the activations quantised per query (or fp32). The threshold is tuned on the graph's own
