@@ -151,10 +151,27 @@ def servers(include_optimum: bool, model: BaselineModel, include_floor: bool = T
     return out
 
 
+def peak_step(result: dict[str, Any]) -> dict[str, Any] | None:
+    """The step with the highest throughput and zero errors, whatever its latency; None if every step had errors."""
+    clean = [s for s in result["saturation_steps"] if s["errors"] == 0]
+    return max(clean, key=lambda s: s["throughput_rps"]) if clean else None
+
+
 def peak(result: dict[str, Any]) -> float:
     """Highest throughput at any step with zero errors, whatever its latency."""
-    clean = [s["throughput_rps"] for s in result["saturation_steps"] if s["errors"] == 0]
-    return max(clean) if clean else 0.0
+    step = peak_step(result)
+    return float(step["throughput_rps"]) if step else 0.0
+
+
+def load_generator_cell(result: dict[str, Any]) -> str:
+    """What Locust itself used at the peak step, in cores and CPU per request. In the throughput phase it shares
+    the server's cores, so at a peak of thousands a second it takes CPU that the server would otherwise have had,
+    and at a baseline's hundred or so almost none: the ratio is read under that load."""
+    step = peak_step(result)
+    used = (step or {}).get("load_generator") or {}
+    if used.get("cores") is None or used.get("cpu_us_per_request") is None:
+        return ""
+    return f"{used['cores']:.2f}; {used['cpu_us_per_request']:.0f} µs"
 
 
 def peak_ratio(ours: dict[str, Any], other: dict[str, Any]) -> float:
@@ -180,9 +197,10 @@ def markdown(
     head = (
         "| server | "
         + " | ".join(f"p50 / p99 [95%] ms @ {r:.0f}/s" for r in rates)
-        + " | saturation req/s (p99 <= 50 ms, 0 errors) | peak req/s (0 errors) | ours / this, peak |"
+        + " | saturation req/s (p99 <= 50 ms, 0 errors) | peak req/s (0 errors) | ours / this, peak "
+        + "| Locust's own CPU at the peak: cores; per request |"
     )
-    lines = [title, "", head, "|" + "---|" * (len(rates) + 4)]
+    lines = [title, "", head, "|" + "---|" * (len(rates) + 5)]
     for name in names:
         res = results[name]
         cells = [
@@ -197,7 +215,7 @@ def markdown(
             f"| {name} | "
             + " | ".join(cells)
             + f" | {sat if sat is not None else 'none: p99 > 50 ms at every step'} | {peak(res):.0f}"
-            + f" | {'' if math.isnan(ratio) else f'{ratio:.1f}x'} |"
+            + f" | {'' if math.isnan(ratio) else f'{ratio:.1f}x'} | {load_generator_cell(res)} |"
         )
     return "\n".join(lines) + "\n"
 

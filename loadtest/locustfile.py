@@ -54,6 +54,7 @@ def _record(name: str, response_time: float, exception: BaseException | None, **
 @events.test_start.add_listener
 def _start(environment: Environment, **_: Any) -> None:
     _state["started"] = time.perf_counter()
+    _state["cpu_started"] = time.process_time()
     host = environment.host or ""
     try:
         _state["labels"] = set(json.loads(_get(host + "/model"))["labels"])
@@ -74,6 +75,7 @@ def _get(url: str) -> bytes:
 @events.test_stop.add_listener
 def _stop(environment: Environment, **_: Any) -> None:
     elapsed = time.perf_counter() - _state.get("started", time.perf_counter())
+    cpu_s = time.process_time() - _state.get("cpu_started", time.process_time())
     host = environment.host or ""
     server: dict[str, float | None] = {"p50": None, "p99": None}
     try:
@@ -84,21 +86,29 @@ def _stop(environment: Environment, **_: Any) -> None:
     except OSError:
         pass
     single = _times["/predict"]
+    requests = len(single) + len(_times["/predict/batch"])
     summary = {
         "cpu": current().describe(),
         "mode": MODE,
         "target_rate": RATE if MODE == "open" else None,
         "users": int(os.environ.get("LOADTEST_USERS", "0")),
         "duration_s": round(elapsed, 2),
-        "requests": len(single) + len(_times["/predict/batch"]),
+        "requests": requests,
         "errors": sum(_errors.values()),
         "error_kinds": _errors,
-        "throughput_rps": round((len(single) + len(_times["/predict/batch"])) / elapsed, 1) if elapsed else None,
+        "throughput_rps": round(requests / elapsed, 1) if elapsed else None,
         "latency_ms": percentiles_ms(single),
         "latency_p99_interval_ms": quantile_interval(single, 0.99),
         "latency_from_schedule_ms": percentiles_ms(_scheduled) if MODE == "open" else None,
         "batch_latency_ms": percentiles_ms(_times["/predict/batch"]),
         "server_latency_ms": server,
+        # What the load generator itself used while it measured (one process, so this is all of it). Where it
+        # shares the server's cores (the throughput phase), this is CPU the server did not get.
+        "load_generator": {
+            "cpu_s": round(cpu_s, 3),
+            "cores": round(cpu_s / elapsed, 3) if elapsed else None,
+            "cpu_us_per_request": round(cpu_s / requests * 1e6, 1) if requests else None,
+        },
     }
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -131,7 +131,7 @@ def saturation(
         results.append(s)
         print(
             f"  closed {users:>3} users: {s['throughput_rps']} req/s  p99 {s['latency_ms']['p99']} ms  "
-            f"errors {s['errors']}",
+            f"errors {s['errors']}  Locust {s['load_generator']['cores']} cores",
             flush=True,
         )
     ok = [s for s in results if s["errors"] == 0 and (s["latency_ms"]["p99"] or 1e9) <= P99_LIMIT_MS]
@@ -199,15 +199,15 @@ def measure(
 def table(name: str, result: dict[str, Any]) -> str:
     lines = [
         f"{name}",
-        "| load | req/s | p50 ms | p90 ms | p99 ms | p99.9 ms | server p50 | server p99 | errors |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| load | req/s | p50 ms | p90 ms | p99 ms | p99.9 ms | server p50 | server p99 | errors | Locust's cores |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in result["open_loop"] + result["saturation_steps"]:
         load = f"open {s['target_rate']:.0f}/s" if s["mode"] == "open" else f"closed, {s['users']} users"
         lat, srv = s["latency_ms"], s["server_latency_ms"]
         lines.append(
             f"| {load} | {s['throughput_rps']} | {lat['p50']} | {lat['p90']} | {lat['p99']} | {lat['p99_9']} "
-            f"| {srv['p50']} | {srv['p99']} | {s['errors']} |"
+            f"| {srv['p50']} | {srv['p99']} | {s['errors']} | {(s.get('load_generator') or {}).get('cores', '')} |"
         )
     sat = result["saturation"]
     lines.append(f"saturation: {sat['throughput_rps']} req/s at p99 {sat['p99_ms']} ms ({sat['rule']})")

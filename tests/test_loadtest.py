@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import socket
 from pathlib import Path
 
@@ -31,6 +32,13 @@ def test_locust_open_loop_and_closed_loop(tmp_path: Path, data_path: Path) -> No
         assert summary["latency_ms"]["p50"] <= summary["latency_ms"]["p99"]
         assert summary["server_latency_ms"]["p50"] is not None
         assert summary["throughput_rps"] > 0
+        # Locust's own CPU over the window it measured: one process, so at most every core of the machine.
+        used = summary["load_generator"]
+        assert used["cpu_s"] > 0
+        assert used["cores"] == pytest.approx(used["cpu_s"] / summary["duration_s"], rel=0.02, abs=0.002)
+        assert 0 < used["cores"] <= (os.cpu_count() or 1)
+        per_request = used["cpu_s"] / summary["requests"] * 1e6
+        assert used["cpu_us_per_request"] == pytest.approx(per_request, abs=0.0005 / summary["requests"] * 1e6 + 0.05)
     # The open loop holds its arrival rate (50/s over 4 users), judged over the time the locustfile measured (from
     # its test_start to its test_stop), which can be shorter than -t: a fresh-clone CI run measured 1.46 s of the 4,
     # at 47.9/s. A closed loop would run hundreds a second.
@@ -92,8 +100,30 @@ def test_compare_table_shows_the_p99_interval_where_there_is_one() -> None:
     table = markdown({"ours": result([2.25, 3.0]), "theirs": result(None)}, [100.0], cpu="a CPU")
     rows = table.splitlines()
     assert "p50 / p99 [95%] ms @ 100/s" in rows[2]
-    assert rows[4].startswith("| ours | 1.00 / 2.50 [2.25, 3.00] | 100.0 | 100 | 1.0x |")
-    assert rows[5].startswith("| theirs | 1.00 / 2.50 | 100.0 | 100 | 1.0x |")
+    assert rows[4] == "| ours | 1.00 / 2.50 [2.25, 3.00] | 100.0 | 100 | 1.0x |  |"  # no Locust CPU recorded
+    assert rows[5] == "| theirs | 1.00 / 2.50 | 100.0 | 100 | 1.0x |  |"
+
+
+def test_compare_table_gives_locusts_cpu_at_the_peak_step() -> None:
+    from loadtest.compare import markdown, peak_step
+
+    def step(rps: float, errors: int, cores: float, per_request: float) -> dict[str, object]:
+        used = {"cpu_s": cores * 5, "cores": cores, "cpu_us_per_request": per_request}
+        return {"throughput_rps": rps, "errors": errors, "load_generator": used}
+
+    rate = {"latency_ms": {"p50": 1.0, "p99": 2.0}, "latency_p99_interval_ms": None, "errors": 0}
+    # The fastest step had errors; the peak is the fastest clean one, whatever its latency.
+    ours_steps = [step(900.0, 0, 0.31, 344.4), step(1800.0, 0, 0.62, 344.4), step(1900.0, 3, 0.66, 347.0)]
+    ours = {"open_loop": [rate], "saturation_steps": ours_steps, "saturation": {"throughput_rps": 900.0}}
+    theirs_steps = [step(120.0, 0, 0.04, 333.3)]
+    theirs = {"open_loop": [rate], "saturation_steps": theirs_steps, "saturation": {"throughput_rps": 120.0}}
+    assert peak_step(ours) is ours_steps[1]
+    assert peak_step({"saturation_steps": [step(5.0, 1, 0.1, 1.0)]}) is None
+    rows = markdown({"ours": ours, "theirs": theirs}, [100.0], cpu="a CPU").splitlines()
+    assert rows[2].endswith("| ours / this, peak | Locust's own CPU at the peak: cores; per request |")
+    assert rows[3] == "|" + "---|" * 6
+    assert rows[4] == "| ours | 1.00 / 2.00 | 900.0 | 1800 | 1.0x | 0.62; 344 µs |"
+    assert rows[5] == "| theirs | 1.00 / 2.00 | 120.0 | 120 | 15.0x | 0.04; 333 µs |"
 
 
 @pytest.mark.integration
