@@ -151,6 +151,10 @@ def servers(include_optimum: bool, model: BaselineModel, include_floor: bool = T
     return out
 
 
+# Locust is one process, so it can use one core at most: a peak step where it used this much measured Locust.
+LOCUST_BOUND_CORES = 0.9
+
+
 def peak_step(result: dict[str, Any]) -> dict[str, Any] | None:
     """The step with the highest throughput and zero errors, whatever its latency; None if every step had errors."""
     clean = [s for s in result["saturation_steps"] if s["errors"] == 0]
@@ -171,7 +175,8 @@ def load_generator_cell(result: dict[str, Any]) -> str:
     used = (step or {}).get("load_generator") or {}
     if used.get("cores") is None or used.get("cpu_us_per_request") is None:
         return ""
-    return f"{used['cores']:.2f}; {used['cpu_us_per_request']:.0f} µs"
+    bound = " (Locust's limit, not the server's)" if used["cores"] >= LOCUST_BOUND_CORES else ""
+    return f"{used['cores']:.2f}; {used['cpu_us_per_request']:.0f} µs{bound}"
 
 
 def peak_ratio(ours: dict[str, Any], other: dict[str, Any]) -> float:

@@ -124,6 +124,10 @@ def test_compare_table_gives_locusts_cpu_at_the_peak_step() -> None:
     assert rows[3] == "|" + "---|" * 6
     assert rows[4] == "| ours | 1.00 / 2.00 | 900.0 | 1800 | 1.0x | 0.62; 344 µs |"
     assert rows[5] == "| theirs | 1.00 / 2.00 | 120.0 | 120 | 15.0x | 0.04; 333 µs |"
+    floor_steps = [step(4000.0, 0, 0.97, 240.0)]
+    floor = {"open_loop": [rate], "saturation_steps": floor_steps, "saturation": {"throughput_rps": 4000.0}}
+    rows = markdown({"ours": ours, "floor": floor}, [100.0], cpu="a CPU").splitlines()
+    assert rows[5] == "| floor | 1.00 / 2.00 | 4000.0 | 4000 | 0.5x | 0.97; 240 µs (Locust's limit, not the server's) |"
 
 
 @pytest.mark.integration
