@@ -179,6 +179,13 @@ def load_generator_cell(result: dict[str, Any]) -> str:
     return f"{used['cores']:.2f}; {used['cpu_us_per_request']:.0f} µs{bound}"
 
 
+def connections_cell(result: dict[str, Any]) -> str:
+    """How Locust's connections fell on the server's processes at the peak step, e.g. "4 / 4", or "8" where one of
+    two workers held them all; empty where they were not read."""
+    held = (peak_step(result) or {}).get("connections_by_process")
+    return " / ".join(str(n) for n in held) if held else ""
+
+
 def peak_ratio(ours: dict[str, Any], other: dict[str, Any]) -> float:
     """The bar's ratio, ours / this by peak; NaN where this server had no step without errors."""
     return peak(ours) / peak(other) if peak(other) else math.nan
@@ -203,9 +210,9 @@ def markdown(
         "| server | "
         + " | ".join(f"p50 / p99 [95%] ms @ {r:.0f}/s" for r in rates)
         + " | saturation req/s (p99 <= 50 ms, 0 errors) | peak req/s (0 errors) | ours / this, peak "
-        + "| Locust's own CPU at the peak: cores; per request |"
+        + "| Locust's own CPU at the peak: cores; per request | its connections by server process at the peak |"
     )
-    lines = [title, "", head, "|" + "---|" * (len(rates) + 5)]
+    lines = [title, "", head, "|" + "---|" * (len(rates) + 6)]
     for name in names:
         res = results[name]
         cells = [
@@ -220,7 +227,8 @@ def markdown(
             f"| {name} | "
             + " | ".join(cells)
             + f" | {sat if sat is not None else 'none: p99 > 50 ms at every step'} | {peak(res):.0f}"
-            + f" | {'' if math.isnan(ratio) else f'{ratio:.1f}x'} | {load_generator_cell(res)} |"
+            + f" | {'' if math.isnan(ratio) else f'{ratio:.1f}x'} | {load_generator_cell(res)} "
+            + f"| {connections_cell(res)} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -19,6 +19,7 @@ import json
 import os
 import random
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from locust import FastHttpUser, events, task
 from locust.env import Environment
 
 from app.cpu import current
+from loadtest import connections
 from loadtest.queries import load_queries
 from loadtest.stats import histogram_quantile, percentiles_ms, quantile_interval, scrape_buckets
 
@@ -40,6 +42,9 @@ _times: dict[str, list[float]] = {"/predict": [], "/predict/batch": []}
 _scheduled: list[float] = []
 _errors: dict[str, int] = {}
 _state: dict[str, Any] = {}
+# How long after the last user started to read how the connections fell on the server's processes: by then every
+# user has sent its first request, and so holds its keep-alive connection.
+SETTLE_S = 0.5
 
 
 @events.request.add_listener
@@ -56,12 +61,25 @@ def _start(environment: Environment, **_: Any) -> None:
     _state["started"] = time.perf_counter()
     _state["cpu_started"] = time.process_time()
     host = environment.host or ""
+    _state["port"] = urllib.parse.urlsplit(host).port
     try:
         _state["labels"] = set(json.loads(_get(host + "/model"))["labels"])
         _state["buckets"] = scrape_buckets(host)
     except OSError:
         _state["labels"] = None
         _state["buckets"] = {}
+
+
+@events.spawning_complete.add_listener
+def _spawned(**_: Any) -> None:
+    gevent.spawn_later(SETTLE_S, _read_connections)
+
+
+def _read_connections() -> None:
+    """Each server process holding any of the users' connections: how many, largest first (loadtest.connections).
+    Read on this machine: this suite targets loopback only."""
+    if _state.get("port"):
+        _state["connections"] = connections.split(_state["port"])
 
 
 def _get(url: str) -> bytes:
@@ -104,6 +122,7 @@ def _stop(environment: Environment, **_: Any) -> None:
         "server_latency_ms": server,
         # What the load generator itself used while it measured (one process, so this is all of it). Where it
         # shares the server's cores (the throughput phase), this is CPU the server did not get.
+        "connections_by_process": _state.get("connections"),
         "load_generator": {
             "cpu_s": round(cpu_s, 3),
             "cores": round(cpu_s / elapsed, 3) if elapsed else None,

@@ -131,7 +131,8 @@ def saturation(
         results.append(s)
         print(
             f"  closed {users:>3} users: {s['throughput_rps']} req/s  p99 {s['latency_ms']['p99']} ms  "
-            f"errors {s['errors']}  Locust {s['load_generator']['cores']} cores",
+            f"errors {s['errors']}  Locust {s['load_generator']['cores']} cores  "
+            f"connections by server process {s['connections_by_process']}",
             flush=True,
         )
     ok = [s for s in results if s["errors"] == 0 and (s["latency_ms"]["p99"] or 1e9) <= P99_LIMIT_MS]

@@ -32,6 +32,8 @@ def test_locust_open_loop_and_closed_loop(tmp_path: Path, data_path: Path) -> No
         assert summary["latency_ms"]["p50"] <= summary["latency_ms"]["p99"]
         assert summary["server_latency_ms"]["p50"] is not None
         assert summary["throughput_rps"] > 0
+        # 4 users, 4 keep-alive connections, halfway through the run; the test server has one worker.
+        assert summary["connections_by_process"] == [4]
         # Locust's own CPU over the window it measured: one process, so at most every core of the machine.
         used = summary["load_generator"]
         assert used["cpu_s"] > 0
@@ -100,34 +102,40 @@ def test_compare_table_shows_the_p99_interval_where_there_is_one() -> None:
     table = markdown({"ours": result([2.25, 3.0]), "theirs": result(None)}, [100.0], cpu="a CPU")
     rows = table.splitlines()
     assert "p50 / p99 [95%] ms @ 100/s" in rows[2]
-    assert rows[4] == "| ours | 1.00 / 2.50 [2.25, 3.00] | 100.0 | 100 | 1.0x |  |"  # no Locust CPU recorded
-    assert rows[5] == "| theirs | 1.00 / 2.50 | 100.0 | 100 | 1.0x |  |"
+    # Nothing recorded of Locust's CPU or connections: empty cells.
+    assert rows[4] == "| ours | 1.00 / 2.50 [2.25, 3.00] | 100.0 | 100 | 1.0x |  |  |"
+    assert rows[5] == "| theirs | 1.00 / 2.50 | 100.0 | 100 | 1.0x |  |  |"
 
 
 def test_compare_table_gives_locusts_cpu_at_the_peak_step() -> None:
     from loadtest.compare import markdown, peak_step
 
-    def step(rps: float, errors: int, cores: float, per_request: float) -> dict[str, object]:
+    def step(rps: float, errors: int, cores: float, per_request: float, held: list[int] | None = None) -> dict:
         used = {"cpu_s": cores * 5, "cores": cores, "cpu_us_per_request": per_request}
-        return {"throughput_rps": rps, "errors": errors, "load_generator": used}
+        return {"throughput_rps": rps, "errors": errors, "load_generator": used, "connections_by_process": held}
 
     rate = {"latency_ms": {"p50": 1.0, "p99": 2.0}, "latency_p99_interval_ms": None, "errors": 0}
     # The fastest step had errors; the peak is the fastest clean one, whatever its latency.
-    ours_steps = [step(900.0, 0, 0.31, 344.4), step(1800.0, 0, 0.62, 344.4), step(1900.0, 3, 0.66, 347.0)]
+    ours_steps = [step(900.0, 0, 0.31, 344.4, [8]), step(1800.0, 0, 0.62, 344.4, [9, 7]), step(1900.0, 3, 0.66, 347.0)]
     ours = {"open_loop": [rate], "saturation_steps": ours_steps, "saturation": {"throughput_rps": 900.0}}
     theirs_steps = [step(120.0, 0, 0.04, 333.3)]
     theirs = {"open_loop": [rate], "saturation_steps": theirs_steps, "saturation": {"throughput_rps": 120.0}}
     assert peak_step(ours) is ours_steps[1]
     assert peak_step({"saturation_steps": [step(5.0, 1, 0.1, 1.0)]}) is None
     rows = markdown({"ours": ours, "theirs": theirs}, [100.0], cpu="a CPU").splitlines()
-    assert rows[2].endswith("| ours / this, peak | Locust's own CPU at the peak: cores; per request |")
-    assert rows[3] == "|" + "---|" * 6
-    assert rows[4] == "| ours | 1.00 / 2.00 | 900.0 | 1800 | 1.0x | 0.62; 344 µs |"
-    assert rows[5] == "| theirs | 1.00 / 2.00 | 120.0 | 120 | 15.0x | 0.04; 333 µs |"
+    assert rows[2].endswith(
+        "| ours / this, peak | Locust's own CPU at the peak: cores; per request "
+        "| its connections by server process at the peak |"
+    )
+    assert rows[3] == "|" + "---|" * 7
+    assert rows[4] == "| ours | 1.00 / 2.00 | 900.0 | 1800 | 1.0x | 0.62; 344 µs | 9 / 7 |"
+    assert rows[5] == "| theirs | 1.00 / 2.00 | 120.0 | 120 | 15.0x | 0.04; 333 µs |  |"
     floor_steps = [step(4000.0, 0, 0.97, 240.0)]
     floor = {"open_loop": [rate], "saturation_steps": floor_steps, "saturation": {"throughput_rps": 4000.0}}
     rows = markdown({"ours": ours, "floor": floor}, [100.0], cpu="a CPU").splitlines()
-    assert rows[5] == "| floor | 1.00 / 2.00 | 4000.0 | 4000 | 0.5x | 0.97; 240 µs (Locust's limit, not the server's) |"
+    assert (
+        rows[5] == "| floor | 1.00 / 2.00 | 4000.0 | 4000 | 0.5x | 0.97; 240 µs (Locust's limit, not the server's) |  |"
+    )
 
 
 @pytest.mark.integration
