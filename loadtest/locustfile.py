@@ -120,9 +120,9 @@ def _stop(environment: Environment, **_: Any) -> None:
         "latency_from_schedule_ms": percentiles_ms(_scheduled) if MODE == "open" else None,
         "batch_latency_ms": percentiles_ms(_times["/predict/batch"]),
         "server_latency_ms": server,
+        "connections_by_process": _state.get("connections"),
         # What the load generator itself used while it measured (one process, so this is all of it). Where it
         # shares the server's cores (the throughput phase), this is CPU the server did not get.
-        "connections_by_process": _state.get("connections"),
         "load_generator": {
             "cpu_s": round(cpu_s, 3),
             "cores": round(cpu_s / elapsed, 3) if elapsed else None,

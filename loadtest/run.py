@@ -208,7 +208,7 @@ def table(name: str, result: dict[str, Any]) -> str:
         lat, srv = s["latency_ms"], s["server_latency_ms"]
         lines.append(
             f"| {load} | {s['throughput_rps']} | {lat['p50']} | {lat['p90']} | {lat['p99']} | {lat['p99_9']} "
-            f"| {srv['p50']} | {srv['p99']} | {s['errors']} | {(s.get('load_generator') or {}).get('cores', '')} |"
+            f"| {srv['p50']} | {srv['p99']} | {s['errors']} | {s['load_generator']['cores']} |"
         )
     sat = result["saturation"]
     lines.append(f"saturation: {sat['throughput_rps']} req/s at p99 {sat['p99_ms']} ms ({sat['rule']})")
