@@ -81,6 +81,8 @@ def _lifespan(factory: ModelFactory) -> Callable[[FastAPI], Any]:
             model_dir = settings.model_dir
         model, card = reload.load_warm(state, model_dir)
         reload.install(state, model, card)
+        version, serving = model.version, card.get("serving", {})  # the CPU, and the weights it runs on it
+        del model, card  # the slot holds the model alone, so the reload that replaces it frees it
         queue = InferenceQueue(
             state.slot,
             metrics,
@@ -98,8 +100,7 @@ def _lifespan(factory: ModelFactory) -> Callable[[FastAPI], Any]:
         metrics.ready.set(1)
         app.state.ready = True
         _install_drain_on_sigterm(app, settings.shutdown_delay_s)
-        serving = card.get("serving", {})  # the CPU, and the weights the engine runs on it (app.engine.signed_weights)
-        log.info("ready", extra={"model_version": model.version, "mode": settings.inference_mode, **serving})
+        log.info("ready", extra={"model_version": version, "mode": settings.inference_mode, **serving})
         try:
             # The lifespan state: uvicorn hands it to each connection's protocol, which applies these limits and
             # counts the requests it refuses before the app sees them (app.http.protocol) in the same metrics.

@@ -29,6 +29,7 @@ import orjson
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from app import heap
 from app.config import within_root
 from app.engine.engine import WARMUP_TEXTS, Predictor
 from app.engine.errors import ModelLoadError
@@ -72,14 +73,20 @@ def write_pointer(path: Path, pointer: Pointer) -> None:
 
 def install(state: State, model: Predictor, card: dict[str, Any]) -> str | None:
     """Make `model` the served one: the slot that requests, /model and the model_info metric read. Returns the
-    version it replaces (None at start-up)."""
+    version it replaces (None at start-up). The replaced model is freed when the last request that read it is
+    answered; the memory it held is then given back to the kernel (app.heap)."""
     served = Served.of(model, card)
-    previous = state.slot.install(served)
+    previous: Served | None = state.slot.install(served)
     metrics = state.metrics
     if previous is not None and previous.info != served.info:
         metrics.model_info.labels(*previous.info).set(0)
     metrics.model_info.labels(*served.info).set(1)
-    return previous.version if previous is not None else None
+    if previous is None:
+        heap.return_free_memory()  # what the start-up load left behind
+        return None
+    if previous.model is not model:  # a factory may hand back the model it serves (the tests' fakes do)
+        heap.when_freed(previous.model, asyncio.get_running_loop())
+    return previous.version
 
 
 def load_warm(state: State, model_dir: Path) -> tuple[Predictor, dict[str, Any]]:

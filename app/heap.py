@@ -1,0 +1,60 @@
+"""Give the C heap's free pages back to the kernel after a model is loaded, and after a replaced model is freed.
+
+ONNX Runtime, the tokenizer and numpy allocate through the C library's malloc, and glibc keeps what they free in
+its arenas for reuse instead of returning it. A load leaves its scratch there (the graph's bytes, the weights
+before ONNX Runtime packs them), and a hot reload leaves the whole replaced model. Measured on AMD EPYC (avx2),
+VmRSS of one process that loads the committed model and then reloads it: 130 MB after the load, then 154, 176
+and 187 MB after three reloads; across `python -m app`'s two workers, 164 MB more PSS after eight reloads. With
+glibc's `malloc_trim(0)`, which releases every free run of pages and not only the heap's top, the same process
+held 119 MB after the load and 121-124 MB after each reload. A call took 1-4.5 ms there, so the service makes it
+only at those two moments. Where the C library has no such call (musl, macOS) nothing is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import functools
+import weakref
+from collections.abc import Callable
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError, TypeError):  # TypeError: a platform whose CDLL needs a library name
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
+
+
+def return_free_memory() -> bool:
+    """Ask the C library to give its free heap pages back. False where it cannot be asked."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
+def when_freed(obj: object, loop: asyncio.AbstractEventLoop) -> bool:
+    """Return the free heap once `obj` is freed, on `loop`. False if `obj` cannot be weakly referenced.
+
+    Python calls a weak reference's callback when the object starts to be freed, before what it holds (a model's
+    ONNX Runtime sessions) is; the callback only schedules the call, which the loop makes after the code that
+    dropped the last reference has finished freeing it. A loop that has closed meanwhile (the worker stopped)
+    is skipped."""
+
+    def schedule() -> None:
+        with contextlib.suppress(RuntimeError):  # the loop has closed
+            loop.call_soon_threadsafe(return_free_memory)
+
+    try:
+        finalizer = weakref.finalize(obj, schedule)
+    except TypeError:
+        return False
+    finalizer.atexit = False  # at interpreter exit the memory goes back anyway
+    return True

@@ -1,0 +1,89 @@
+"""app.heap: the C heap's free pages go back to the kernel, and only once what held them is freed."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import gc
+import platform
+import weakref
+
+import pytest
+
+from app import heap
+
+BLOCK = 100_000  # under glibc's mmap threshold (128 KiB), so each block comes from the heap and stays there
+BLOCKS = 2_000  # 200 MB
+
+
+def resident_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
+def test_the_heap_that_glibc_kept_goes_back_to_the_kernel() -> None:
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    blocks = [libc.malloc(BLOCK) for _ in range(BLOCKS)]
+    assert all(blocks)
+    for b in blocks:
+        ctypes.memset(b, 1, BLOCK)  # resident, not only reserved
+    for b in blocks[:-1]:  # the last one stays, so glibc cannot give the rest back by shrinking the heap's top
+        libc.free(b)
+    kept = resident_mb()
+    assert heap.return_free_memory() is True
+    returned = kept - resident_mb()
+    libc.free(blocks[-1])
+    freed_mb = (BLOCKS - 1) * BLOCK / 2**20
+    assert returned > 0.9 * freed_mb, (kept, returned, freed_mb)
+
+
+def test_without_malloc_trim_nothing_is_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(heap, "_malloc_trim", lambda: None)
+    assert heap.return_free_memory() is False
+
+
+class Held:
+    """Stands for a model: what it holds is freed after the weak reference's callback has run."""
+
+
+def test_the_memory_is_returned_after_the_object_is_freed_not_before(monkeypatch: pytest.MonkeyPatch) -> None:
+    obj = Held()
+    alive = weakref.ref(obj)
+    seen: list[bool] = []
+    monkeypatch.setattr(heap, "return_free_memory", lambda: seen.append(alive() is None) or True)
+
+    async def main() -> None:
+        nonlocal obj
+        assert heap.when_freed(obj, asyncio.get_running_loop()) is True
+        await asyncio.sleep(0)
+        assert seen == []  # still referenced: nothing yet
+        del obj
+        assert seen == []  # scheduled, not run inside the code that freed it
+        await asyncio.sleep(0)
+        assert seen == [True]
+
+    asyncio.run(main())
+
+
+def test_an_object_freed_after_its_loop_closed_is_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[int] = []
+    monkeypatch.setattr(heap, "return_free_memory", lambda: seen.append(1) or True)
+    loop = asyncio.new_event_loop()
+    obj = Held()
+    assert heap.when_freed(obj, loop) is True
+    loop.close()
+    del obj  # no error, and nothing run: the worker has stopped
+    gc.collect()
+    assert seen == []
+
+
+def test_an_object_without_weak_references_is_refused() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        assert heap.when_freed(3, loop) is False
+    finally:
+        loop.close()
