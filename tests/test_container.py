@@ -13,7 +13,9 @@ import json
 import re
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -57,12 +59,12 @@ def _size_mb(ref: str) -> float:
     return int(podman("image", "inspect", ref, "--format", "{{.Size}}").stdout.strip()) / 1e6
 
 
-@pytest.fixture
-def container(image: str, tmp_path: Path) -> Iterator[tuple[str, str]]:
-    """The image run as the Deployment runs it, on a free loopback port; yields (base URL, name)."""
+@contextmanager
+def _running(image: str, tmp_path: Path, extra_env: dict[str, str] | None = None) -> Iterator[tuple[str, str]]:
+    """The image run as the Deployment runs it (plus `extra_env`), on a free loopback port: (base URL, name)."""
     name = f"intent-test-{tmp_path.name[-20:]}".lower().replace("_", "-")
     port = free_port()
-    env = {**deployment_env(), "INTENT_PORT": str(port)}
+    env = {**deployment_env(), "INTENT_PORT": str(port), **(extra_env or {})}
     run = ["run", "-d", "--name", name, "--network", "host", "--read-only", "--tmpfs", "/tmp:rw,size=64m"]
     run += ["--user", "10001", "--cpus", "2", "--no-healthcheck", *LIMITS]
     for key, value in env.items():
@@ -73,6 +75,12 @@ def container(image: str, tmp_path: Path) -> Iterator[tuple[str, str]]:
         yield base, name
     finally:
         podman("rm", "-f", "-t", "2", name, check=False)
+
+
+@pytest.fixture
+def container(image: str, tmp_path: Path) -> Iterator[tuple[str, str]]:
+    with _running(image, tmp_path) as running:
+        yield running
 
 
 def _wait_ready(base: str, name: str, timeout: float) -> float:
@@ -181,3 +189,43 @@ def test_sigterm_under_load_exits_0_and_loses_no_accepted_request(container: tup
     assert set(answers) == {"200"}
     assert answers["200"] > 100
     assert code == "0"
+
+
+def _reloads(base: str) -> float:
+    status, text = get(base + "/metrics")
+    assert status == 200
+    found = re.search(r'^intent_model_reloads_total\{result="ok"\} (\S+)$', text.decode(), re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_hot_reloads_give_the_replaced_models_memory_back(image: str, tmp_path: Path) -> None:
+    """Six rollouts, alternating the image's model with a copy under another version, each followed by both
+    workers: the container stays under the bar. Until 2026-12-06 each worker kept its start-up model for its
+    whole life and glibc kept what later reloads freed: `python -m app`'s two workers grew by 164 MB of PSS over
+    eight reloads (AMD EPYC, avx2), from about 265 MB of cgroup RSS at start."""
+    key = "container-admin-key"
+    with _running(image, tmp_path, {"INTENT_ADMIN_KEY": key}) as (base, name):
+        _wait_ready(base, name, 60)
+        served = "/srv/models/clinc150"
+        edit = "import json, pathlib; p = pathlib.Path('/tmp/m2/card.json'); c = json.loads(p.read_text()); "
+        edit += "c['version'] = 'rollout-copy'; p.write_text(json.dumps(c))"
+        podman("exec", name, "sh", "-c", f'cp -r {served} /tmp/m2 && /opt/venv/bin/python -c "{edit}"')
+        start = _memory_mb(name)
+        versions = {served: json.loads((ROOT / "models" / "clinc150" / "card.json").read_text())["version"]}
+        versions["/tmp/m2"] = "rollout-copy"
+        for done, target in enumerate(["/tmp/m2", served] * 3, start=1):
+            req = urllib.request.Request(
+                base + "/admin/reload",
+                json.dumps({"model_dir": target}).encode(),
+                {"content-type": "application/json", "authorization": f"Bearer {key}"},
+            )
+            with urllib.request.urlopen(req, timeout=120) as r:
+                assert (r.status, json.loads(r.read())["model_version"]) == (200, versions[target])
+            deadline = time.monotonic() + 120  # only catches a worker that never follows
+            while _reloads(base) < 2 * done:  # each worker counts its own, and /metrics sums the workers
+                assert time.monotonic() < deadline, "a worker did not follow the reload"
+                time.sleep(0.2)
+        time.sleep(1)  # a freed model's memory is given back on the worker's next loop turn
+        end = _memory_mb(name)
+        print(f"\ncontainer memory MB before six reloads {start}, after {end}")
+        assert end["cgroup_rss"] <= SERVING_MEMORY_MB
