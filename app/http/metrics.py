@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -68,17 +69,52 @@ def multiprocess_dir() -> str | None:
 
 
 class WorkerFilesCollector(multiprocess.MultiProcessCollector):
-    """prometheus_client's multiprocess collector, less the files that hold nothing yet.
+    """prometheus_client's multiprocess collector, less the files that hold nothing yet, and less the gauges of
+    workers that are gone.
 
     A worker creates each of its .db files empty and sizes it a moment later; a scrape that reads one in between
     fails whole (struct.error, prometheus/client_python#1199, open in 0.26), and a worker killed in that moment
     leaves the empty file, and the failure, for good. An empty file has recorded nothing, and a file never
-    shrinks, so skipping the empty ones loses no count."""
+    shrinks, so skipping the empty ones loses no count.
+
+    uvicorn replaces a worker that dies or hangs, and on SIGHUP replaces every worker. A gauge says what a worker
+    is doing now, so one that is gone must not count: its `live` gauge files are removed here, as
+    `multiprocess.mark_process_dead` would, because uvicorn's supervisor has no hook to call it. Without this,
+    intent_ready read 0 for good after a SIGHUP (the old workers' last value) while every worker served, and
+    intent_model_info kept a dead worker's version beside the one a later reload installed. Counters and
+    histograms keep a gone worker's counts, so totals never fall."""
 
     def collect(self) -> Iterable[Any]:
-        files = [f for f in glob.glob(os.path.join(self._path, "*.db")) if _holds_anything(f)]
+        files = []
+        for f in glob.glob(os.path.join(self._path, "*.db")):
+            pid = _live_gauge_owner(f)
+            if pid is not None and not _running(pid):
+                multiprocess.mark_process_dead(pid, self._path)  # type: ignore[no-untyped-call]
+            elif _holds_anything(f):
+                files.append(f)
         merged: Iterable[Any] = self.merge(files, accumulate=True)  # type: ignore[no-untyped-call]
         return merged
+
+
+_LIVE_GAUGE_FILE = re.compile(r"gauge_live[a-z]+_(\d+)\.db")
+
+
+def _live_gauge_owner(path: str) -> int | None:
+    """The worker's pid in a `live` gauge's file name (gauge_livesum_1234.db), else None."""
+    found = _LIVE_GAUGE_FILE.fullmatch(os.path.basename(path))
+    return int(found.group(1)) if found else None
+
+
+def _running(pid: int) -> bool:
+    """Whether a process `pid` exists. The workers share one PID namespace (a container's, or the host's); a dead
+    worker that its supervisor has not reaped yet still counts, for the moment until it is."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: it exists
+        return True
+    return True
 
 
 def _holds_anything(path: str) -> bool:
@@ -130,12 +166,12 @@ class Metrics:
             "The served model and its OOS rule",
             ["version", "name", "oos_rule"],
             registry=r,
-            multiprocess_mode="max",
+            multiprocess_mode="livemax",
         )
         self.reloads = Counter(
             "intent_model_reloads", "Model reloads in this worker, by result (ok, rejected)", ["result"], registry=r
         )
-        self.ready = Gauge("intent_ready", "1 when the worker serves traffic", registry=r, multiprocess_mode="min")
+        self.ready = Gauge("intent_ready", "1 when the worker serves traffic", registry=r, multiprocess_mode="livemin")
         self.tokenize = self.stage.labels("tokenize")
         self.queue = self.stage.labels("queue")
         self.inference = self.stage.labels("inference")
