@@ -109,3 +109,25 @@ def workers(supervisor: int) -> list[int]:
     """The supervisor's worker processes (multiprocessing's resource tracker is not one)."""
     kids = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
     return [int(k) for k in kids if "resource_tracker" not in Path(f"/proc/{k}/cmdline").read_text()]
+
+
+def test_a_gone_workers_gauge_removed_by_another_scrape_first_leaves_this_one_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two workers can scrape at once, and both find the same gone worker's file; the second removal fails."""
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    dead = gone_pid()
+    try:
+        worker = values.MultiProcessValue(lambda: dead)
+        worker("gauge", "intent_ready", "intent_ready", (), (), "", multiprocess_mode="livemin").set(0)
+        live = values.MultiProcessValue(lambda: os.getpid())
+        live("gauge", "intent_ready", "intent_ready", (), (), "", multiprocess_mode="livemin").set(1)
+
+        def already_gone(path: str) -> None:
+            raise FileNotFoundError(path)
+
+        monkeypatch.setattr("app.http.metrics.os.remove", already_gone)
+        text = Metrics().exposition().decode()
+    finally:
+        values.close_all_multiprocess_files()
+    assert [line for line in text.splitlines() if line.startswith("intent_ready")] == ["intent_ready 1.0"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import re
@@ -78,18 +79,20 @@ class WorkerFilesCollector(multiprocess.MultiProcessCollector):
     shrinks, so skipping the empty ones loses no count.
 
     uvicorn replaces a worker that dies or hangs, and on SIGHUP replaces every worker. A gauge says what a worker
-    is doing now, so one that is gone must not count: its `live` gauge files are removed here, as
-    `multiprocess.mark_process_dead` would, because uvicorn's supervisor has no hook to call it. Without this,
-    intent_ready read 0 for good after a SIGHUP (the old workers' last value) while every worker served, and
-    intent_model_info kept a dead worker's version beside the one a later reload installed. Counters and
-    histograms keep a gone worker's counts, so totals never fall."""
+    is doing now, so one that is gone must not count: its `live` gauge files are skipped and removed here, as
+    `multiprocess.mark_process_dead` would remove them, because uvicorn's supervisor has no hook to call it.
+    Without this, intent_ready read 0 for good after a SIGHUP (the old workers' last value) while every worker
+    served, and intent_model_info kept a dead worker's version beside the one a later reload installed. Counters
+    and histograms keep a gone worker's counts, so totals never fall."""
 
     def collect(self) -> Iterable[Any]:
         files = []
         for f in glob.glob(os.path.join(self._path, "*.db")):
             pid = _live_gauge_owner(f)
             if pid is not None and not _running(pid):
-                multiprocess.mark_process_dead(pid, self._path)  # type: ignore[no-untyped-call]
+                # Another worker's scrape may remove it first, and a file that stays is skipped all the same.
+                with contextlib.suppress(OSError):
+                    os.remove(f)
             elif _holds_anything(f):
                 files.append(f)
         merged: Iterable[Any] = self.merge(files, accumulate=True)  # type: ignore[no-untyped-call]
@@ -106,8 +109,8 @@ def _live_gauge_owner(path: str) -> int | None:
 
 
 def _running(pid: int) -> bool:
-    """Whether a process `pid` exists. The workers share one PID namespace (a container's, or the host's); a dead
-    worker that its supervisor has not reaped yet still counts, for the moment until it is."""
+    """Whether a process `pid` exists. The workers share one PID namespace (a container's, or the host's). A worker
+    that has died counts until its supervisor reaps it, a moment later."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
