@@ -9,8 +9,12 @@ import platform
 import weakref
 
 import pytest
+from fastapi.testclient import TestClient
 
 from app import heap
+from app.config import Settings
+from app.http.main import create_app
+from tests.fakes import FakeClassifier, fake_factory
 
 BLOCK = 100_000  # under glibc's mmap threshold (128 KiB), so each block comes from the heap and stays there
 BLOCKS = 2_000  # 200 MB
@@ -87,3 +91,30 @@ def test_an_object_without_weak_references_is_refused() -> None:
         assert heap.when_freed(3, loop) is False
     finally:
         loop.close()
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="M_ARENA_MAX is glibc's")
+def test_the_arena_limit_is_accepted() -> None:
+    assert heap.limit_arenas() is True
+
+
+def test_without_mallopt_the_arenas_are_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(heap, "_libc_function", lambda name, *argtypes: None)
+    assert heap.limit_arenas() is False
+    assert heap.return_free_memory() is False
+
+
+def test_a_worker_limits_its_arenas_before_it_loads_a_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The limit holds for threads that allocate after it: the thread a reload loads in is one of them."""
+    order: list[str] = []
+    monkeypatch.setattr(heap, "limit_arenas", lambda: order.append("limit") or True)
+    clf = FakeClassifier()
+    load = fake_factory(clf)
+
+    def factory(settings: Settings) -> tuple[FakeClassifier, dict[str, object]]:
+        order.append("load")
+        return load(settings)  # type: ignore[no-any-return]
+
+    with TestClient(create_app(Settings(warmup_queries=0), factory)):
+        pass
+    assert order == ["limit", "load"]

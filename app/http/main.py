@@ -19,6 +19,7 @@ from fastapi.routing import iter_route_contexts
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import __doc__ as description
+from app import heap
 from app.config import Settings, within_root
 from app.engine.engine import WARMUP_TEXTS
 from app.http import reload
@@ -79,6 +80,7 @@ def _lifespan(factory: ModelFactory) -> Callable[[FastAPI], Any]:
         if not inside:  # a pointer file no reload of ours wrote
             log.warning("the model pointer names a directory outside INTENT_MODEL_ROOT; serving INTENT_MODEL_DIR")
             model_dir = settings.model_dir
+        heap.limit_arenas()  # before the first thread that a reload loads a model in
         model, card = reload.load_warm(state, model_dir)
         reload.install(state, model, card)
         version, serving = model.version, card.get("serving", {})  # the CPU, and the weights it runs on it
