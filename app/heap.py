@@ -42,12 +42,12 @@ def _malloc_trim() -> Callable[..., int] | None:
 
 
 def limit_arenas(arenas: int = ARENAS) -> bool:
-    """Let the threads that allocate from now on share `arenas` malloc arenas. glibc gives each new thread its own
-    arena, up to eight per core; the thread a reload loads in built the new model in one of them, and what a
-    model left there could not be given back while anything else lived on the same pages. Over 16 reloads, two
-    workers' PSS rose by 30 MB with the default and by 10 MB with 1 or 2 arenas (AMD EPYC, avx2). The event loop
-    is the only thread that allocates on the request path, so sharing costs nothing there. False where the C
-    library has no `mallopt`."""
+    """Let the threads that first allocate from now on share `arenas` malloc arenas. glibc gives each new thread
+    its own arena, up to eight per core; the thread a reload loads in built the new model in one of them, and what
+    a model left there could not be given back while anything else lived on the same pages. Over 16 reloads, two
+    workers' PSS rose by 27-38 MB with the default and by about 10 MB with one or two arenas (three runs each, AMD
+    EPYC, avx2). The event loop is the only thread that allocates on the request path, so sharing costs nothing
+    there. False where the C library has no `mallopt`."""
     mallopt = _libc_function("mallopt", ctypes.c_int, ctypes.c_int)
     if mallopt is None:
         return False
