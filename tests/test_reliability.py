@@ -85,6 +85,50 @@ def test_sigterm_drains_without_losing_accepted_requests() -> None:
     assert proc.returncode in (0, -signal.SIGTERM)
 
 
+def _ask(sock: socket.socket, text: str) -> bytes:
+    """One POST /predict on an open connection; returns the response head, lower-cased, once the body is read."""
+    body = json.dumps({"text": text}).encode()
+    head = b"POST /predict HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
+    sock.sendall(head % len(body) + body)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    response_head, rest = data.split(b"\r\n\r\n", 1)
+    length = int(
+        next(h for h in response_head.split(b"\r\n") if h.lower().startswith(b"content-length")).split(b":")[1]
+    )
+    while len(rest) < length:
+        rest += sock.recv(65536)
+    return response_head.lower()
+
+
+def test_while_draining_each_answer_closes_its_kept_alive_connection() -> None:
+    """A client that keeps sending on a kept-alive connection through the drain lost the request it sent as the
+    worker closed that connection idle (with SIGHUP, 4 in each of three runs of 4 connections). From the SIGTERM
+    on, each answer says Connection: close and ends its connection, so the next request goes out on a new one."""
+    env = {"INTENT_SHUTDOWN_DELAY_S": "5", "INTENT_WORKERS": "1"}
+    with running_server(env=env) as (base, proc):
+        port = int(base.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            head = _ask(sock, "what is my account balance")
+            assert head.startswith(b"http/1.1 200")
+            assert b"connection: close" not in head
+            proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 4  # /ready turns 503 at once; this only catches one that never does
+            while get(base + "/ready", 1.0)[0] != 503:
+                assert time.monotonic() < deadline, "/ready did not turn 503"
+                time.sleep(0.05)
+            head = _ask(sock, "what is my account balance")  # the same connection, still served
+            assert head.startswith(b"http/1.1 200")
+            assert b"\r\nconnection: close" in head
+            sock.settimeout(5)
+            assert sock.recv(1) == b""  # and then closed by the server
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as fresh:  # a new one is served, and closed
+            head = _ask(fresh, "book a flight to paris")
+            assert head.startswith(b"http/1.1 200")
+            assert b"\r\nconnection: close" in head
+
+
 def test_a_worker_started_under_a_low_soft_limit_on_open_files_still_takes_connections() -> None:
     """Started with a soft limit of 256 open files (systemd's and containerd 2's default is 1,024), `python -m app`
     raises it to the hard limit, so a worker holding 400 idle connections still answers a health check and a

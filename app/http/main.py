@@ -26,7 +26,7 @@ from app.http import reload
 from app.http.errors import MethodNotAllowed, NotFound, ServiceError, ValidationFailed, render
 from app.http.metrics import Metrics
 from app.http.middleware import ServiceMiddleware
-from app.http.protocol import PROTOCOL_LIMITS, PROTOCOL_METRICS, HttpLimits
+from app.http.protocol import PROTOCOL_DRAIN, PROTOCOL_LIMITS, PROTOCOL_METRICS, HttpLimits
 from app.http.queue import InferenceQueue
 from app.http.routes import predict_one, router
 from app.http.serving import ModelFactory, Slot, load_engine
@@ -34,9 +34,10 @@ from app.http.serving import ModelFactory, Slot, load_engine
 log = logging.getLogger("app")
 
 
-def _install_drain_on_sigterm(app: FastAPI, delay: float) -> None:
+def _install_drain_on_sigterm(app: FastAPI, delay: float, drain: asyncio.Event) -> None:
     """On SIGTERM: /ready answers 503 at once, traffic is still served for `delay` seconds so that
-    load balancers can stop routing here, then uvicorn's own handler closes listeners and drains."""
+    load balancers can stop routing here, then uvicorn's own handler closes listeners and drains. From the
+    SIGTERM on, `drain` is set: each answer closes its connection (app.http.protocol)."""
     if threading.current_thread() is not threading.main_thread():
         return  # only the main thread may set signal handlers (TestClient runs the lifespan elsewhere)
     previous = signal.getsignal(signal.SIGTERM)
@@ -45,6 +46,7 @@ def _install_drain_on_sigterm(app: FastAPI, delay: float) -> None:
     loop = asyncio.get_running_loop()
 
     def begin_drain(signum: int, frame: FrameType | None) -> None:
+        drain.set()
         app.state.metrics.ready.set(0)
         log.info("SIGTERM: not ready; closing listeners in %.1f s", delay)
         loop.call_later(delay, previous, signum, frame)
@@ -101,12 +103,13 @@ def _lifespan(factory: ModelFactory) -> Callable[[FastAPI], Any]:
             follower = asyncio.create_task(reload.follow_pointer(state, settings.model_pointer, settings.reload_poll_s))
         metrics.ready.set(1)
         app.state.ready = True
-        _install_drain_on_sigterm(app, settings.shutdown_delay_s)
+        drain = asyncio.Event()
+        _install_drain_on_sigterm(app, settings.shutdown_delay_s, drain)
         log.info("ready", extra={"model_version": version, "mode": settings.inference_mode, **serving})
         try:
             # The lifespan state: uvicorn hands it to each connection's protocol, which applies these limits and
             # counts the requests it refuses before the app sees them (app.http.protocol) in the same metrics.
-            yield {PROTOCOL_METRICS: metrics, PROTOCOL_LIMITS: HttpLimits.of(settings)}
+            yield {PROTOCOL_METRICS: metrics, PROTOCOL_LIMITS: HttpLimits.of(settings), PROTOCOL_DRAIN: drain}
         finally:
             app.state.ready = False
             metrics.ready.set(0)

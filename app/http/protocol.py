@@ -10,6 +10,11 @@ response reaches the balancer whole or not at all, and a small response costs on
 is held only until the next write or the end of the event loop's current iteration, whichever comes first, so a
 streamed response's head is never delayed behind a slow body, and the order of bytes never changes.
 
+Draining: once the worker drains (SIGTERM; uvicorn's SIGHUP stops old workers the same way), every answer says
+`Connection: close` and its connection closes after it. Otherwise a client that kept sending on a kept-alive
+connection lost the request it sent as the worker closed that connection idle at the end of the drain: with
+SIGHUP under 4 keep-alive connections, 4 requests in each of three runs.
+
 Limits, each answered in the service's error body, after which the connection closes:
 - a request's head (request line and headers) over INTENT_MAX_HEAD_BYTES (64 KiB): 431, as nginx, HAProxy and
   Node refuse at 8-64 KiB. httptools sets no limit and grows a header value by copying it at every read, so
@@ -60,6 +65,7 @@ DEFAULT_LIMITS = HttpLimits(
 # limits are the defaults.
 PROTOCOL_METRICS = "intent_metrics"
 PROTOCOL_LIMITS = "intent_http_limits"
+PROTOCOL_DRAIN = "intent_drain"  # an asyncio.Event, set once the worker drains (SIGTERM, or uvicorn's SIGHUP)
 
 
 class CoalescingTransport:
@@ -108,6 +114,7 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
         self._limits: HttpLimits = self.app_state.get(PROTOCOL_LIMITS, DEFAULT_LIMITS)
+        self._drain: asyncio.Event | None = self.app_state.get(PROTOCOL_DRAIN)
         self._head_bytes: int | None = None  # of the request head being read; None between heads
         self._head_fields = 0  # bytes of the head's URL and header lines, as the parser hands them over
         self._head_over = False  # the head just parsed is over the cap: nothing more is parsed or dispatched
@@ -156,6 +163,10 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         if self.cycle is not before:  # a request to answer: run now, or queued behind the one running
             self._owed += 1
+            if self._drain is not None and self._drain.is_set():
+                # Answered with Connection: close, then closed: the client opens its next connection elsewhere
+                # instead of sending on this one as the worker closes it idle, which loses that request.
+                self.cycle.keep_alive = False
 
     def on_body(self, body: bytes) -> None:
         if not self._head_over:
