@@ -37,10 +37,6 @@ def _libc_function(name: str, *argtypes: Any) -> Callable[..., int] | None:
     return function  # type: ignore[no-any-return]
 
 
-def _malloc_trim() -> Callable[..., int] | None:
-    return _libc_function("malloc_trim", ctypes.c_size_t)
-
-
 def limit_arenas(arenas: int = ARENAS) -> bool:
     """Let the threads that first allocate from now on share `arenas` malloc arenas. glibc gives each new thread
     its own arena, up to eight per core; the thread a reload loads in built the new model in one of them, and what
@@ -56,7 +52,7 @@ def limit_arenas(arenas: int = ARENAS) -> bool:
 
 def return_free_memory() -> bool:
     """Ask the C library to give its free heap pages back. False where it cannot be asked."""
-    trim = _malloc_trim()
+    trim = _libc_function("malloc_trim", ctypes.c_size_t)
     if trim is None:
         return False
     trim(0)

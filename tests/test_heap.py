@@ -45,11 +45,6 @@ def test_the_heap_that_glibc_kept_goes_back_to_the_kernel() -> None:
     assert returned > 0.9 * freed_mb, (kept, returned, freed_mb)
 
 
-def test_without_malloc_trim_nothing_is_asked(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(heap, "_malloc_trim", lambda: None)
-    assert heap.return_free_memory() is False
-
-
 class Held:
     """Stands for a model: what it holds is freed after the weak reference's callback has run."""
 
@@ -98,7 +93,7 @@ def test_the_arena_limit_is_accepted() -> None:
     assert heap.limit_arenas() is True
 
 
-def test_without_mallopt_the_arenas_are_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_the_c_library_calls_nothing_is_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(heap, "_libc_function", lambda name, *argtypes: None)
     assert heap.limit_arenas() is False
     assert heap.return_free_memory() is False

@@ -3,8 +3,6 @@ activation scales per call, so a text gets the same answer alone as in any batch
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import logging
 import os
 import tempfile
@@ -15,6 +13,7 @@ from types import TracebackType
 import numpy as np
 import onnxruntime as ort
 
+from app import heap
 from app.engine.errors import ModelLoadError
 from app.engine.signed_weights import signed_graph, signed_products_exact
 
@@ -35,14 +34,6 @@ def session_options(intra: int, inter: int) -> ort.SessionOptions:
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
     return opts
-
-
-def release_freed_heap() -> None:
-    """Hand the heap pages freed since start back to the kernel. After a session has been loaded, released and
-    another loaded, glibc kept up to 35 MB of the first's freed pages resident in some runs, and none in others
-    (docs/one-small-model.md); a worker's memory should not depend on that. No-op without glibc's malloc_trim."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).malloc_trim(0)
 
 
 class GraphFile:
@@ -145,7 +136,8 @@ class OnnxModel:
         else:
             del flipped  # before the stored graph loads again, so that one set of weights is in memory at a time
             self.session = load(str(path))
-        release_freed_heap()
+        # glibc kept up to 35 MB of the released session's pages resident in some runs, and none in others.
+        heap.return_free_memory()
         return same
 
     def feed(self, ids: list[int]) -> dict[str, np.ndarray]:

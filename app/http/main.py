@@ -87,6 +87,7 @@ def _lifespan(factory: ModelFactory) -> Callable[[FastAPI], Any]:
         reload.install(state, model, card)
         version, serving = model.version, card.get("serving", {})  # the CPU, and the weights it runs on it
         del model, card  # the slot holds the model alone, so the reload that replaces it frees it
+        heap.return_free_memory()  # what the load and the warm-up left behind
         queue = InferenceQueue(
             state.slot,
             metrics,

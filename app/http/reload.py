@@ -82,7 +82,6 @@ def install(state: State, model: Predictor, card: dict[str, Any]) -> str | None:
         metrics.model_info.labels(*previous.info).set(0)
     metrics.model_info.labels(*served.info).set(1)
     if previous is None:
-        heap.return_free_memory()  # what the start-up load left behind
         return None
     if previous.model is not model:  # a factory may hand back the model it serves (the tests' fakes do)
         heap.when_freed(previous.model, asyncio.get_running_loop())
