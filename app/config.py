@@ -58,6 +58,12 @@ class Settings(BaseSettings):
         description="a request, head and body, must arrive whole within this long of the connection opening or of "
         "its first byte; else 408 (HAProxy suggests 10 s for its head)",
     )
+    keepalive_requests: int = Field(
+        1000,
+        ge=0,
+        description="the answer to a connection's Nth request says Connection: close (nginx's keepalive_requests), "
+        "so a client's reconnection can land on a less busy worker (app.http.protocol); 0: no limit",
+    )
     max_queue: int = Field(64, ge=1, description="requests admitted per worker; beyond this, 429 at once")
     retry_after_s: int = Field(1, ge=1)
 

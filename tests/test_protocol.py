@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -224,7 +225,7 @@ def test_a_request_head_over_the_cap_gets_431_and_the_connection_closes() -> Non
 
 def test_the_head_cap_is_the_one_the_app_hands_over() -> None:
     """INTENT_MAX_HEAD_BYTES=2048, as the lifespan hands it to each connection."""
-    small = {PROTOCOL_LIMITS: HttpLimits(2048, DEFAULT_LIMITS.read_timeout_s)}
+    small = {PROTOCOL_LIMITS: replace(DEFAULT_LIMITS, max_head_bytes=2048)}
     fake = _connect(_chunks(4096, 1024), state=small)
     assert fake.closed
     assert _head_refused(fake.writes) == {
@@ -246,7 +247,7 @@ def _head_fields_bytes(raw: bytes) -> int:
 def test_a_head_that_arrives_in_one_read_is_held_to_the_cap_to_the_byte(over: int) -> None:
     """INTENT_MAX_HEAD_BYTES=2048 and a head of 8,000 bytes or exactly 2,048 (+1) in one read: the counting of
     later reads never sees it, the count of its parsed lines does."""
-    small = {PROTOCOL_LIMITS: HttpLimits(2048, DEFAULT_LIMITS.read_timeout_s)}
+    small = {PROTOCOL_LIMITS: replace(DEFAULT_LIMITS, max_head_bytes=2048)}
     big = b"".join(_chunks(8000))
     fake = _connect([big], state=small)
     assert fake.closed
@@ -268,7 +269,7 @@ def test_a_head_that_arrives_in_one_read_is_held_to_the_cap_to_the_byte(over: in
 
 def test_a_request_pipelined_behind_a_refused_head_is_never_dispatched() -> None:
     """A head over the cap, its body and a request behind it, all in one read: one 431, and the app sees nothing."""
-    small = {PROTOCOL_LIMITS: HttpLimits(2048, DEFAULT_LIMITS.read_timeout_s)}
+    small = {PROTOCOL_LIMITS: replace(DEFAULT_LIMITS, max_head_bytes=2048)}
     fake = _connect([b"".join(_chunks(4096)) + POST], state=small)
     assert fake.closed
     assert _head_refused(fake.writes) is not None
@@ -277,15 +278,47 @@ def test_a_request_pipelined_behind_a_refused_head_is_never_dispatched() -> None
 
 def test_the_lifespan_hands_each_connection_the_limits_of_its_settings() -> None:
     app = create_app(
-        Settings(warmup_queries=0, max_head_bytes=4096, read_timeout_s=2.5), fake_factory(FakeClassifier())
+        Settings(warmup_queries=0, max_head_bytes=4096, read_timeout_s=2.5, keepalive_requests=7),
+        fake_factory(FakeClassifier()),
     )
 
     async def state() -> dict[str, Any]:
         async with app.router.lifespan_context(app) as yielded:
             return dict(yielded or {})
 
-    assert asyncio.run(state())[PROTOCOL_LIMITS] == HttpLimits(4096, 2.5)
+    assert asyncio.run(state())[PROTOCOL_LIMITS] == HttpLimits(4096, 2.5, 7)
     assert HttpLimits.of(Settings()) == DEFAULT_LIMITS
+
+
+def _closes(write: bytes) -> bool:
+    """Whether an answer's head says Connection: close."""
+    return b"connection: close" in write.partition(b"\r\n\r\n")[0].lower().split(b"\r\n")
+
+
+def test_the_answer_to_a_connections_last_allowed_request_closes_it() -> None:
+    """INTENT_KEEPALIVE_REQUESTS=3: the third answer says Connection: close and the connection closes after it, so
+    a fourth request sent on it is never read; the first two keep it open."""
+    fake = _connect([POST] * 4, state={PROTOCOL_LIMITS: replace(DEFAULT_LIMITS, keepalive_requests=3)}, wait_s=5)
+    assert [_closes(write) for write in fake.writes] == [False, False, True]
+    assert all(write.partition(b"\r\n\r\n")[2] == b'{"ok":true}' for write in fake.writes)
+    assert fake.closed
+    assert RECEIVED.count("http.request") == 3
+
+
+def test_pipelined_requests_past_the_last_allowed_one_are_not_answered_on_that_connection() -> None:
+    """Two requests in one read with INTENT_KEEPALIVE_REQUESTS=1: the first is answered with Connection: close and
+    the connection closes, as uvicorn closes a pipelined connection after an answer that says so (RFC 9112: the
+    client sends the unanswered request again on a new connection)."""
+    fake = _connect([POST * 2], state={PROTOCOL_LIMITS: replace(DEFAULT_LIMITS, keepalive_requests=1)}, wait_s=5)
+    assert [_closes(write) for write in fake.writes] == [True]
+    assert fake.closed
+
+
+def test_no_limit_keeps_a_connection_open_for_every_request() -> None:
+    fake = _connect([POST] * 5, state={PROTOCOL_LIMITS: replace(DEFAULT_LIMITS, keepalive_requests=0)})
+    assert [_closes(write) for write in fake.writes] == [False] * 5
+    assert not fake.closed
+    assert DEFAULT_LIMITS.keepalive_requests == Settings().keepalive_requests == 1000
 
 
 @pytest.mark.parametrize("read", [1024, 16 * 1024, 256 * 1024])
@@ -319,7 +352,7 @@ def _status(write: bytes) -> int:
 
 TIMEOUT_MESSAGE = "the request did not arrive whole within 0.05 s"
 # As the lifespan hands the limits to each connection (INTENT_READ_TIMEOUT_S=0.05).
-SHORT_TIMEOUT: dict[str, Any] = {PROTOCOL_LIMITS: HttpLimits(DEFAULT_LIMITS.max_head_bytes, 0.05)}
+SHORT_TIMEOUT: dict[str, Any] = {PROTOCOL_LIMITS: replace(DEFAULT_LIMITS, read_timeout_s=0.05)}
 
 
 @pytest.mark.parametrize(

@@ -129,6 +129,21 @@ def test_while_draining_each_answer_closes_its_kept_alive_connection() -> None:
             assert b"\r\nconnection: close" in head
 
 
+def test_a_kept_alive_connections_last_allowed_answer_closes_it() -> None:
+    """`python -m app` with INTENT_KEEPALIVE_REQUESTS=3: the third answer on a connection says Connection: close and
+    the server closes it, so that a client's connections are placed on the workers again now and then (a pool
+    opened at once all lands on one worker more often than not); the client's next connection is served."""
+    env = {"INTENT_KEEPALIVE_REQUESTS": "3", "INTENT_WORKERS": "2"}
+    with running_server(env=env) as (base, _):
+        port = int(base.rsplit(":", 1)[1])
+        for _ in range(2):  # a reopened connection gets its own count
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                heads = [_ask(sock, "what is my account balance") for _ in range(3)]
+                assert [head.startswith(b"http/1.1 200") for head in heads] == [True] * 3
+                assert [b"\r\nconnection: close" in head for head in heads] == [False, False, True]
+                assert sock.recv(1) == b""  # closed by the server
+
+
 def test_a_worker_started_under_a_low_soft_limit_on_open_files_still_takes_connections() -> None:
     """Started with a soft limit of 256 open files (systemd's and containerd 2's default is 1,024), `python -m app`
     raises it to the hard limit, so a worker holding 400 idle connections still answers a health check and a

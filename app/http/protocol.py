@@ -15,6 +15,13 @@ Draining: once the worker drains (SIGTERM; uvicorn's SIGHUP stops old workers th
 connection lost the request it sent as the worker closed that connection idle at the end of the drain: with
 SIGHUP under 4 keep-alive connections, 4 requests in each of three runs.
 
+A connection's last request: the answer to its INTENT_KEEPALIVE_REQUESTS-th request (1,000, nginx's default) says
+`Connection: close` too. The workers share one listening socket, and a connection stays with the worker that
+accepted it; when a client opens its pool at once, the worker that happens to be awake accepts all of it (8 of 8
+in 15 of 24 trials), and keeps it for good. Reopened connections go to whichever worker accepts first, which under
+load is more often the less busy one, so a placement that overloads one worker does not last
+(docs/architecture.md#connections-and-workers). A reconnection costs one TCP handshake per 1,000 answers.
+
 Limits, each answered in the service's error body, after which the connection closes:
 - a request's head (request line and headers) over INTENT_MAX_HEAD_BYTES (64 KiB): 431, as nginx, HAProxy and
   Node refuse at 8-64 KiB. httptools sets no limit and grows a header value by copying it at every read, so
@@ -47,18 +54,20 @@ from app.http.metrics import Metrics
 
 @dataclass(frozen=True)
 class HttpLimits:
-    """What a connection is allowed (INTENT_MAX_HEAD_BYTES, INTENT_READ_TIMEOUT_S; their defaults are Settings')."""
+    """What a connection is allowed (INTENT_MAX_HEAD_BYTES, INTENT_READ_TIMEOUT_S, INTENT_KEEPALIVE_REQUESTS; their
+    defaults are Settings')."""
 
     max_head_bytes: int
     read_timeout_s: float
+    keepalive_requests: int  # 0: no limit
 
     @classmethod
     def of(cls, settings: Settings) -> HttpLimits:
-        return cls(settings.max_head_bytes, settings.read_timeout_s)
+        return cls(settings.max_head_bytes, settings.read_timeout_s, settings.keepalive_requests)
 
 
 DEFAULT_LIMITS = HttpLimits(
-    Settings.model_fields["max_head_bytes"].default, Settings.model_fields["read_timeout_s"].default
+    *(Settings.model_fields[name].default for name in ("max_head_bytes", "read_timeout_s", "keepalive_requests"))
 )
 # The keys under which the app's lifespan state holds its Metrics, so that refusals are counted with the app's
 # own (`intent_rejected_total{reason=...}`), and its HttpLimits; before start-up nothing is counted and the
@@ -124,6 +133,7 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._refusal: ServiceError | None = None  # to send once the requests read before it are answered
         self._owed = 0  # requests whose heads were read (running or queued behind one) and not yet answered
+        self._requests = 0  # whose heads were read on this connection
         self._start_read_deadline()  # the first request is due from the moment the connection opens
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -163,9 +173,13 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         if self.cycle is not before:  # a request to answer: run now, or queued behind the one running
             self._owed += 1
+            self._requests += 1
             if self._drain is not None and self._drain.is_set():
                 # Answered with Connection: close, then closed: the client opens its next connection elsewhere
                 # instead of sending on this one as the worker closes it idle, which loses that request.
+                self.cycle.keep_alive = False
+            elif self._requests == self._limits.keepalive_requests:
+                # The same, to let the client's connections spread again over the workers (see the module's doc).
                 self.cycle.keep_alive = False
 
     def on_body(self, body: bytes) -> None:
