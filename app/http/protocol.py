@@ -18,9 +18,9 @@ SIGHUP under 4 keep-alive connections, 4 requests in each of three runs.
 A connection's last request: the answer to its INTENT_KEEPALIVE_REQUESTS-th request (1,000, nginx's default) says
 `Connection: close` too. The workers share one listening socket, and a connection stays with the worker that
 accepted it; when a client opens its pool at once, the worker that happens to be awake accepts all of it (8 of 8
-in 15 of 24 trials), and keeps it for good. Reopened connections go to whichever worker accepts first, which under
-load is more often the less busy one, so a placement that overloads one worker does not last
-(docs/architecture.md#connections-and-workers). A reconnection costs one TCP handshake per 1,000 answers.
+in 15 of 24 trials), and keeps it for good. A reopened connection goes to whichever worker accepts it first, so
+the placement is dealt again, about as evenly as coin flips would deal it (docs/architecture.md#connections-and-
+workers), and one that leaves a worker all the load does not last. It costs one TCP handshake per 1,000 answers.
 
 Limits, each answered in the service's error body, after which the connection closes:
 - a request's head (request line and headers) over INTENT_MAX_HEAD_BYTES (64 KiB): 431, as nginx, HAProxy and
