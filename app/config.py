@@ -62,7 +62,7 @@ class Settings(BaseSettings):
         1000,
         ge=0,
         description="the answer to a connection's Nth request says Connection: close (nginx's keepalive_requests), "
-        "so a client's reconnection can land on a less busy worker (app.http.protocol); 0: no limit",
+        "so that a client's connections are placed on the workers again (app.http.protocol); 0: no limit",
     )
     max_queue: int = Field(64, ge=1, description="requests admitted per worker; beyond this, 429 at once")
     retry_after_s: int = Field(1, ge=1)
