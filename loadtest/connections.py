@@ -1,7 +1,8 @@
 """Which process holds each established connection to a local port: how a load generator's keep-alive connections
 fell on a server's workers. The workers share one listening socket, and whichever wakes first accepts every
-connection waiting, so a step of 8 users can land all 8 on one worker (docs/one-small-model.md). Read from /proc
-(Linux); elsewhere there is nothing to report."""
+connection waiting, so a step of 8 users can land all 8 on one worker, until each connection's
+INTENT_KEEPALIVE_REQUESTS-th answer closes it and the client's next one is placed again
+(docs/architecture.md#connections-and-workers). Read from /proc (Linux); elsewhere there is nothing to report."""
 
 from __future__ import annotations
 
