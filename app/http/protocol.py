@@ -174,12 +174,11 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         if self.cycle is not before:  # a request to answer: run now, or queued behind the one running
             self._owed += 1
             self._requests += 1
-            if self._drain is not None and self._drain.is_set():
-                # Answered with Connection: close, then closed: the client opens its next connection elsewhere
-                # instead of sending on this one as the worker closes it idle, which loses that request.
-                self.cycle.keep_alive = False
-            elif self._requests == self._limits.keepalive_requests:
-                # The same, to let the client's connections spread again over the workers (see the module's doc).
+            draining = self._drain is not None and self._drain.is_set()
+            if draining or self._requests == self._limits.keepalive_requests:
+                # Answered with Connection: close, then closed, so the client's next request goes out on a new
+                # connection: while draining, instead of on this one as the worker closes it idle (which loses that
+                # request); at the connection's last request, to place it on the workers again (the module's doc).
                 self.cycle.keep_alive = False
 
     def on_body(self, body: bytes) -> None:
