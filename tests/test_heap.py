@@ -113,3 +113,23 @@ def test_a_worker_limits_its_arenas_before_it_loads_a_model(monkeypatch: pytest.
     with TestClient(create_app(Settings(warmup_queries=0), factory)):
         pass
     assert order == ["limit", "load"]
+
+
+def test_a_graph_load_that_tries_the_int8_swap_gives_the_released_session_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """app.engine.onnx: a load that tries the swap releases one session and trims once, whether the swap is kept (a
+    CPU that multiplies int8 exactly) or refused (one whose int8 kernel saturates). Forced on, so that every CPU
+    runs the path; a graph with nothing to flip tries no swap and trims nothing."""
+    from app.engine import onnx
+    from app.engine.engine import Engine
+    from app.engine.signed_weights import signed_graph
+    from tests.conftest import MODEL_DIR
+
+    calls: list[int] = []
+    monkeypatch.setattr(heap, "return_free_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(onnx, "signed_products_exact", lambda: True)
+    engine = Engine.open(MODEL_DIR)
+    files = [MODEL_DIR / stage.file for stage in engine.spec.stages]
+    assert len(calls) == sum(signed_graph(path) is not None for path in files) > 0
+    engine.close()
