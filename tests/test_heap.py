@@ -13,7 +13,11 @@ from fastapi.testclient import TestClient
 
 from app import heap
 from app.config import Settings
+from app.engine import onnx
+from app.engine.engine import Engine
+from app.engine.signed_weights import signed_graph
 from app.http.main import create_app
+from tests.conftest import MODEL_DIR
 from tests.fakes import FakeClassifier, fake_factory
 
 BLOCK = 100_000  # under glibc's mmap threshold (128 KiB), so each block comes from the heap and stays there
@@ -121,11 +125,6 @@ def test_a_graph_load_that_tries_the_int8_swap_gives_the_released_session_back(
     """app.engine.onnx: a load that tries the swap releases one session and trims once, whether the swap is kept (a
     CPU that multiplies int8 exactly) or refused (one whose int8 kernel saturates). Forced on, so that every CPU
     runs the path; a graph with nothing to flip tries no swap and trims nothing."""
-    from app.engine import onnx
-    from app.engine.engine import Engine
-    from app.engine.signed_weights import signed_graph
-    from tests.conftest import MODEL_DIR
-
     calls: list[int] = []
     monkeypatch.setattr(heap, "return_free_memory", lambda: calls.append(1) or True)
     monkeypatch.setattr(onnx, "signed_products_exact", lambda: True)
