@@ -1,8 +1,12 @@
-"""`make soak`'s bookkeeping on made-up samples: per-minute rows, the bar, the windows of a short run, the plot."""
+"""`make soak`'s bookkeeping on made-up samples: per-minute rows, the bar, the windows of a short run, the plot,
+and the driver's own loop lag."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -11,13 +15,20 @@ from loadtest import soak
 from loadtest.soak import Tick
 
 
-def ticks(duration_s: float, every_s: float, rss=lambda t: 300.0, p99=lambda t: 10.0, errors=lambda t: 0) -> list[Tick]:
+def ticks(
+    duration_s: float,
+    every_s: float,
+    rss=lambda t: 300.0,
+    p99=lambda t: 10.0,
+    errors=lambda t: 0,
+    lag=lambda t: 0.5,
+) -> list[Tick]:
     """One tick every `every_s`: 100 answers, 98 at 1 ms and 2 at the given p99 level, so the tick's p99 is that."""
     out = []
     for i in range(1, int(duration_s / every_s) + 1):
         t = i * every_s
         lat = np.array([1.0] * 98 + [p99(t)] * 2, dtype=np.float32)
-        out.append(Tick(t, rss(t), 100 + errors(t), errors(t), lat))
+        out.append(Tick(t, rss(t), 100 + errors(t), errors(t), lat, lag(t)))
     return out
 
 
@@ -35,6 +46,53 @@ def test_rows_per_minute() -> None:
     assert [r["errors"] for r in rows] == [0, 1, 0]
     assert [r["rss_mb"] for r in rows] == [360.0, 420.0, 450.0]  # at each minute's end
     assert rows[0]["p50_ms"] == 1.0
+
+
+def test_each_minute_is_summarised_once_when_it_has_ended() -> None:
+    """What the soak prints as it runs: at each tick, only the minutes that ended since the last print. The
+    rows are the ones the whole run gives, and no tick is read twice (a tick that is read again would be one
+    whose minute is summarised again, which is what held the driver's loop longer as the hour went on)."""
+    run = ticks(150, 5, rss=lambda t: 300 + t, lag=lambda t: t / 10)
+    printed: list[dict[str, Any]] = []
+    read: list[int] = []
+    start = 0
+    for seen in range(1, len(run) + 1):
+        rows, end = soak.finished_minutes(run[:seen], start)
+        read.extend(range(start, end))
+        printed.extend(rows)
+        start = end
+    assert start == 24  # minutes 1 and 2 ended (24 ticks); minute 3's 6 ticks wait for the run's end
+    assert read == list(range(24))
+    assert printed == soak.minute_rows(run)[:2]
+    assert [r["driver_lag_max_ms"] for r in printed] == [6.0, 12.0]  # the worst tick of each minute
+    assert soak.finished_minutes([], 0) == ([], 0)
+
+
+def test_the_windows_report_the_drivers_loop_lag_without_checking_it() -> None:
+    verdict = soak.evaluate(ticks(3600, 5, lag=lambda t: 100.0 if t > 3000 else 2.0), 3600)
+    assert (verdict["driver_lag_max_first_ms"], verdict["driver_lag_max_last_ms"]) == (2.0, 100.0)
+    assert verdict["passed"]  # the lag is there to read a rise by, not a bar
+
+
+def test_loop_lag_sees_the_loop_held() -> None:
+    """A coroutine that holds the loop for 50 ms without awaiting: the sleeper wakes at least that late, and
+    `take_ms` starts the next interval from nothing."""
+
+    async def hold_the_loop() -> tuple[float, float]:
+        lag = soak.LoopLag(period_s=0.001)
+        watcher = asyncio.create_task(lag.run())
+        await asyncio.sleep(0.005)  # let it start sleeping
+        held_until = time.perf_counter() + 0.05
+        while time.perf_counter() < held_until:
+            pass
+        await asyncio.sleep(0.005)  # let it wake and record
+        first = lag.take_ms()
+        watcher.cancel()
+        return first, lag.worst_s
+
+    first, after_take = asyncio.run(hold_the_loop())
+    assert first >= 50 - 1  # held 50 ms; the sleeper asked for 1 ms of it
+    assert after_take == 0.0
 
 
 def test_a_steady_hour_passes() -> None:
