@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from app import heap
 from app.config import Settings
 from app.engine import onnx
+from app.engine.artifact import load_artifact
 from app.engine.engine import Engine
 from app.engine.signed_weights import signed_graph
 from app.http.main import create_app
@@ -124,7 +125,8 @@ def test_a_graph_load_that_tries_the_int8_swap_gives_the_released_session_back(
 ) -> None:
     """app.engine.onnx: a load that tries the swap releases one session and trims once, whether the swap is kept (a
     CPU that multiplies int8 exactly) or refused (one whose int8 kernel saturates). Forced on, so that every CPU
-    runs the path; a graph with nothing to flip tries no swap and trims nothing."""
+    runs the path; a graph with nothing to flip tries no swap and trims nothing. The service's load
+    (`give_back=False`) leaves it to the one trim after its whole load (tests/test_reload.py counts those)."""
     calls: list[int] = []
     monkeypatch.setattr(heap, "return_free_memory", lambda: calls.append(1) or True)
     monkeypatch.setattr(onnx, "signed_products_exact", lambda: True)
@@ -132,3 +134,6 @@ def test_a_graph_load_that_tries_the_int8_swap_gives_the_released_session_back(
     files = [MODEL_DIR / stage.file for stage in engine.spec.stages]
     assert len(calls) == sum(signed_graph(path) is not None for path in files) > 0
     engine.close()
+    calls.clear()
+    Engine.from_artifact(load_artifact(MODEL_DIR), give_back=False).close()  # as app.http.serving loads
+    assert calls == []

@@ -115,9 +115,9 @@ def test_a_replaced_model_is_freed_and_its_memory_given_back(tmp_path: Path, mon
     refs: list[weakref.ref[object]] = []
     calls: list[list[bool]] = []  # at each call: which of the models in `refs` were already freed
     monkeypatch.setattr(heap, "return_free_memory", lambda: calls.append([r() is None for r in refs]) or True)
-    # A graph load that tries the int8 swap trims too (tests/test_heap.py counts those), and it tries only where the
-    # CPU multiplies int8 exactly: off here, so that this test counts the lifespan's and the reload's on every CPU.
-    monkeypatch.setattr(onnx, "signed_products_exact", lambda: False)
+    # The service's loads leave the int8 swap's released session to these trims (app.http.serving), where a load
+    # outside it trims after each swap (tests/test_heap.py). Forced on, so that every CPU tries the swap here.
+    monkeypatch.setattr(onnx, "signed_products_exact", lambda: True)
     with TestClient(create_app(settings(tmp_path))) as client:
         assert calls == [[]]  # after the start-up load
         refs.append(weakref.ref(client.app.state.slot.served.model))

@@ -106,7 +106,14 @@ def _timed(timings: dict[str, float], step: str, seconds: float) -> None:
 
 class Engine:
     def __init__(
-        self, spec: ServingSpec, directory: Path, labels: list[str], version: str, intra: int = 1, inter: int = 1
+        self,
+        spec: ServingSpec,
+        directory: Path,
+        labels: list[str],
+        version: str,
+        intra: int = 1,
+        inter: int = 1,
+        give_back: bool = True,
     ) -> None:
         self.spec = spec
         self.labels = labels
@@ -120,7 +127,7 @@ class Engine:
                 disabled = stage.ort_disabled_optimizers
             else:
                 names, disabled = ["logits"], []
-            self.models.append(OnnxModel(directory / stage.file, names, intra, inter, disabled))
+            self.models.append(OnnxModel(directory / stage.file, names, intra, inter, disabled, give_back))
         self.stage_names = [s.name for s in spec.stages]
         # Which weights run: what /model and the benchmark rows report beside the CPU (app.engine.signed_weights).
         self.weights = WEIGHTS_SIGNED if any(m.signed_at_load for m in self.models) else WEIGHTS_STORED
@@ -128,9 +135,10 @@ class Engine:
         self._check_outputs()
 
     @classmethod
-    def from_artifact(cls, artifact: Artifact, intra: int = 1, inter: int = 1) -> Engine:
+    def from_artifact(cls, artifact: Artifact, intra: int = 1, inter: int = 1, give_back: bool = True) -> Engine:
+        """`give_back`: as OnnxModel's; the service passes False and returns the free heap itself."""
         card = artifact.card
-        return cls(card.spec, artifact.directory, artifact.labels, card.version, intra, inter)
+        return cls(card.spec, artifact.directory, artifact.labels, card.version, intra, inter, give_back)
 
     @classmethod
     def open(cls, directory: Path, verify: bool = True, intra: int = 1, inter: int = 1) -> Engine:

@@ -71,10 +71,21 @@ class GraphFile:
 
 
 class OnnxModel:
-    """Token ids of one text -> the named output rows, in the order asked (None names the graph's first output)."""
+    """Token ids of one text -> the named output rows, in the order asked (None names the graph's first output).
+
+    `give_back`: whether a load that swaps sessions (the int8 form below) returns the released session's pages to
+    the kernel at once. The service passes False: its lifespan returns the free heap once after the whole load
+    and warm-up, and a reload once the model it replaces is freed (app.heap), so a trim per graph was the same
+    work done again at start-up. Whatever loads outside the service (the factory, `check()`) keeps it."""
 
     def __init__(
-        self, path: Path, outputs: Sequence[str | None], intra: int = 1, inter: int = 1, disabled: Sequence[str] = ()
+        self,
+        path: Path,
+        outputs: Sequence[str | None],
+        intra: int = 1,
+        inter: int = 1,
+        disabled: Sequence[str] = (),
+        give_back: bool = True,
     ) -> None:
         def load(source: str) -> ort.InferenceSession:
             return ort.InferenceSession(
@@ -101,9 +112,9 @@ class OnnxModel:
         self.outputs = names
         self._mask = "attention_mask" in inputs
         self._types = "token_type_ids" in inputs
-        self.signed_at_load = signed_products_exact() and self._load_signed(path, load)
+        self.signed_at_load = signed_products_exact() and self._load_signed(path, load, give_back)
 
-    def _load_signed(self, path: Path, load: Callable[[str], ort.InferenceSession]) -> bool:
+    def _load_signed(self, path: Path, load: Callable[[str], ort.InferenceSession], give_back: bool) -> bool:
         """Swap the stored graph for its int8 form (app.engine.signed_weights) if that gives the stored graph's
         every output bit for bit on VERIFY_IDS, on this CPU: the probe asked the kernel one product, and this asks
         the graph's own kernels. The stored session is released first, so that one set of weights is in memory
@@ -136,8 +147,8 @@ class OnnxModel:
         else:
             del flipped  # before the stored graph loads again, so that one set of weights is in memory at a time
             self.session = load(str(path))
-        # glibc kept up to 35 MB of the released session's pages resident in some runs, and none in others.
-        heap.return_free_memory()
+        if give_back:  # glibc kept up to 35 MB of the released session's pages resident in some runs, none in others
+            heap.return_free_memory()
         return same
 
     def feed(self, ids: list[int]) -> dict[str, np.ndarray]:

@@ -24,7 +24,8 @@ def load_engine(settings: Settings) -> tuple[Predictor, dict[str, Any]]:
     """The engine of settings.model_dir, and /model's body: its card, labels, and the CPU it serves on with the
     weights it runs."""
     artifact = load_artifact(settings.model_dir, settings.verify_sha256)
-    engine = Engine.from_artifact(artifact, settings.ort_intra_threads, settings.ort_inter_threads)
+    # The lifespan and a reload return the free heap after the whole load (app.heap), not after each graph.
+    engine = Engine.from_artifact(artifact, settings.ort_intra_threads, settings.ort_inter_threads, give_back=False)
     card = artifact.card.model_dump(mode="json", exclude_none=True)
     serving = {"cpu": cpu.current().describe(), "weights": engine.weights}
     return engine, {**card, "labels": artifact.labels, "serving": serving}
