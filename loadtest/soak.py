@@ -209,9 +209,10 @@ def measure_capacity(base: str, texts: list[str], seconds: float) -> float:
 
 async def drive(
     base: str, rate: float, duration_s: float, texts: list[str], pid: int, tick_s: float, minute_s: float
-) -> list[Tick]:
+) -> tuple[list[Tick], list[dict[str, Any]]]:
     """Open loop at `rate` for `duration_s`; every `tick_s`, what came back since the last tick (then dropped,
-    so that an hour of results does not pile up in memory) and the service's RSS. Prints each finished minute."""
+    so that an hour of results does not pile up in memory) and the service's RSS. Prints each finished minute,
+    and returns the ticks and the minutes' rows it printed."""
     report = Report()
     lag = LoopLag()
     watcher = asyncio.create_task(lag.run())
@@ -219,6 +220,7 @@ async def drive(
     ticks: list[Tick] = []
     seen_lost = seen_refused = 0
     start = time.perf_counter()
+    rows: list[dict[str, Any]] = []
     summarised = 0  # ticks already printed as part of a minute's row
 
     def take() -> None:
@@ -235,10 +237,11 @@ async def drive(
     def print_minutes(final: bool) -> None:
         nonlocal summarised
         if final:
-            rows, summarised = minute_rows(ticks[summarised:], minute_s), len(ticks)
+            new, summarised = minute_rows(ticks[summarised:], minute_s), len(ticks)
         else:
-            rows, summarised = finished_minutes(ticks, summarised, minute_s)
-        for row in rows:
+            new, summarised = finished_minutes(ticks, summarised, minute_s)
+        rows.extend(new)
+        for row in new:
             print(
                 f"  minute {row['minute']:>3}: RSS {row['rss_mb']:7.1f} MB  {row['requests']:>6} requests  "
                 f"p50 {row['p50_ms']} ms  p99 {row['p99_ms']} ms  errors {row['errors']}  "
@@ -256,7 +259,7 @@ async def drive(
         watcher.cancel()
         await asyncio.wait({watcher})  # ended before the loop closes; a cancel of drive itself still goes through
     print_minutes(final=True)
-    return ticks
+    return ticks, rows
 
 
 def run(
@@ -285,10 +288,9 @@ def run(
             capacity = measure_capacity(base, texts, capacity_s)
             rate = share * capacity
         print(f"soak: {duration / 60:g} min at {rate:.1f} req/s (capacity {capacity} req/s)", flush=True)
-        ticks = asyncio.run(drive(base, rate, duration, texts, proc.pid, tick_s, minute_s))
+        ticks, rows = asyncio.run(drive(base, rate, duration, texts, proc.pid, tick_s, minute_s))
     finally:
         stop(proc)
-    rows = minute_rows(ticks, minute_s)
     verdict = evaluate(ticks, duration, warmup_s, compare_s)
     result = {
         "minutes": minutes,
