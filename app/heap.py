@@ -7,9 +7,9 @@ VmRSS of one process that loads the committed model and then reloads it: 130 MB 
 and 187 MB after three reloads; across `python -m app`'s two workers, 164 MB more PSS after eight reloads. With
 glibc's `malloc_trim(0)`, which releases every free run of pages and not only the heap's top, the same process
 held 119 MB after the load and 121-124 MB after each reload. A call took 1-4.5 ms there, so the service makes it
-only at those two moments. A worker also limits its malloc arenas (`limit_arenas`), so that a reload's loading
-thread does not leave a model's scraps in an arena of its own. Where the C library has neither call (musl,
-macOS) nothing is done.
+only at those moments, and after a refused reload, whose sessions may have been built before the refusal. A
+worker also limits its malloc arenas (`limit_arenas`), so that a reload's loading thread does not leave a model's
+scraps in an arena of its own. Where the C library has neither call (musl, macOS) nothing is done.
 """
 
 from __future__ import annotations

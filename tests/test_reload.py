@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from app import heap
 from app.config import Settings
 from app.engine import onnx
+from app.engine.artifact import sha256_file
 from app.http.main import create_app
 from app.http.reload import Pointer, read_pointer, write_pointer
 from loadtest.driver import closed_loop
@@ -179,6 +180,50 @@ def test_a_model_still_answering_a_request_is_freed_after_that_answer(
         assert batch["model_version"] == "fake-1"
         assert client.post("/predict", json={"text": "book a flight"}).json()["model_version"] == "fake-2"
         assert calls == [False, True]
+
+
+def one_label_short(tmp_path: Path) -> Path:
+    """The committed model with one intent dropped from its labels, the card's count and sha256 to match: every
+    file checks out, so the sessions are built, and only their 151 logits against 150 labels refuse it."""
+    dest = tmp_path / "one-label-short"
+    shutil.copytree(MODEL_DIR, dest)
+    labels = json.loads((dest / "labels.json").read_text())
+    labels.remove(next(label for label in labels if label != "oos"))
+    (dest / "labels.json").write_text(json.dumps(labels))
+    card = json.loads((dest / "card.json").read_text())
+    card["spec"]["labels"]["count"] = len(labels)
+    written = dest / "labels.json"
+    card["files"]["labels.json"] = {"sha256": sha256_file(written), "bytes": written.stat().st_size}
+    (dest / "card.json").write_text(json.dumps(card))
+    return dest
+
+
+def test_a_model_refused_after_loading_is_freed_and_its_memory_given_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model refused once its sessions are built used to leave them in glibc's free lists until the next trim
+    (a later reload, or never): as much as a replaced model (app.heap). The refusal now trims, after they are freed."""
+    target = one_label_short(tmp_path)
+    sessions: list[weakref.ref[onnx.OnnxModel]] = []
+    built = onnx.OnnxModel.__init__
+
+    def track(self: onnx.OnnxModel, *args: object, **kwargs: object) -> None:
+        built(self, *args, **kwargs)  # type: ignore[arg-type]
+        sessions.append(weakref.ref(self))
+
+    calls: list[list[bool]] = []  # at each trim: which of the sessions built so far were already freed
+    monkeypatch.setattr(heap, "return_free_memory", lambda: calls.append([r() is None for r in sessions]) or True)
+    monkeypatch.setattr(onnx.OnnxModel, "__init__", track)
+    with TestClient(create_app(settings(tmp_path))) as client:
+        old = version_of(client)
+        assert calls == [[False, False]]  # after the start-up load: the served model's two stages
+        r = client.post("/admin/reload", json={"model_dir": str(target)}, headers=AUTH)
+        assert r.status_code == 422
+        assert r.json()["error"]["type"] == "model_rejected"
+        assert "static.onnx outputs 151 logits but there are 150 labels" in r.json()["error"]["message"]
+        # The refused model's two sessions were built, and both were freed before the one trim; the served ones live.
+        assert calls == [[False, False], [False, False, True, True]]
+        assert version_of(client) == old
 
 
 @pytest.mark.parametrize("kind", ["tampered", "missing", "not a model"])

@@ -4,7 +4,8 @@
 loads a model directory through the same factory as start-up (files, sha256, tokenizer, labels against
 both stages' logits), warms it up off the event loop, and swaps it in: new requests go to the new model,
 and requests already in the queue finish on the one they started on (the queue reads the model slot once
-per request). A model that does not load is refused with 422 `model_rejected`; the old one keeps serving.
+per request). A model that does not load is refused with 422 `model_rejected`; the old one keeps serving, and
+what the refused load built is given back to the kernel.
 With `INTENT_MODEL_ROOT` set, a directory outside it (after resolving symlinks) is refused with 403
 `forbidden` before anything is read from it, here and in the workers that follow the pointer.
 
@@ -117,11 +118,18 @@ async def reload(state: State, model_dir: Path, publish: bool) -> tuple[str, str
     Returns (new version, previous version). Reloads in one worker run one at a time."""
     check_root(state, model_dir)
     async with state.reload_lock:
+        refusal: str | None = None
         try:
             model, card = await asyncio.to_thread(load_warm, state, model_dir)
         except (ModelLoadError, OSError) as exc:  # OSError: a directory this process may not read
             state.metrics.reloads.labels("rejected").inc()
-            raise ModelRejected(f"{model_dir}: {exc}") from None
+            refusal = f"{model_dir}: {exc}"
+        if refusal is not None:
+            # A model refused after its sessions were built (its outputs checked against the labels, or a warm-up
+            # that failed) is freed with the exception's traceback, here: give its pages back, as a replaced
+            # model's are, so that a refused reload leaves the worker as large as it was (app.heap).
+            await asyncio.to_thread(heap.return_free_memory)
+            raise ModelRejected(refusal)
         previous = install(state, model, card)
         state.metrics.reloads.labels("ok").inc()
         pointer_path: Path | None = state.settings.model_pointer
