@@ -46,6 +46,7 @@ class Tick:
     errors: int
     latencies_ms: np.ndarray = field(repr=False)  # of the requests answered 200
     driver_lag_ms: float  # the longest the driver's event loop woke late in the interval: its own stalls
+    steal: float | None = None  # the share of the machine's CPU time the hypervisor took in the interval
 
 
 class LoopLag:
@@ -69,6 +70,35 @@ class LoopLag:
         return worst * 1000
 
 
+class Steal:
+    """The share of all the vCPUs' time that the hypervisor gave to others since the last call (the `steal` column
+    of /proc/stat), None where the kernel does not report it. A p99 that rises while this does is the host's; one
+    that rises while it stays at zero is this machine's (an hour on the VNNI EPYC had a five-minute episode that
+    nothing recorded could place: docs/failover.md)."""
+
+    def __init__(self, path: Path = Path("/proc/stat")) -> None:
+        self.path = path
+        self._last = self._read()
+
+    def _read(self) -> tuple[float, float] | None:
+        """(steal, all) jiffies summed over the CPUs, or None."""
+        try:
+            fields = self.path.read_text().split("\n", 1)[0].split()
+        except OSError:
+            return None
+        if len(fields) < 9 or fields[0] != "cpu":
+            return None
+        jiffies = [float(x) for x in fields[1:9]]  # user nice system idle iowait irq softirq steal
+        return jiffies[7], sum(jiffies)
+
+    def take(self) -> float | None:
+        now, last = self._read(), self._last
+        self._last = now
+        if now is None or last is None or now[1] <= last[1]:
+            return None
+        return (now[0] - last[0]) / (now[1] - last[1])
+
+
 def percentile(latencies: list[np.ndarray], q: float) -> float | None:
     joined = np.concatenate(latencies) if latencies else np.empty(0)
     return round(float(np.percentile(joined, q)), 3) if joined.size else None
@@ -89,9 +119,15 @@ def minute_of(tick: Tick, minute_s: float = 60.0) -> int:
     return max(0, int(np.ceil(tick.t_s / minute_s)) - 1)
 
 
+def steal_share(ticks: list[Tick]) -> float | None:
+    """The ticks' mean steal share (they are of equal length), None where no tick has one."""
+    shares = [t.steal for t in ticks if t.steal is not None]
+    return round(float(np.mean(shares)), 4) if shares else None
+
+
 def minute_rows(ticks: list[Tick], minute_s: float = 60.0) -> list[dict[str, Any]]:
-    """One row per minute (the last one may be partial): RSS at its end, requests, p50, p99, errors, and the
-    driver's worst loop lag."""
+    """One row per minute (the last one may be partial): RSS at its end, requests, p50, p99, errors, the
+    driver's worst loop lag, and the share of CPU time the hypervisor took."""
     by_minute: dict[int, list[Tick]] = {}
     for tick in ticks:
         by_minute.setdefault(minute_of(tick, minute_s), []).append(tick)
@@ -105,6 +141,7 @@ def minute_rows(ticks: list[Tick], minute_s: float = 60.0) -> list[dict[str, Any
             "p99_ms": percentile([t.latencies_ms for t in group], 99),
             "errors": sum(t.errors for t in group),
             "driver_lag_max_ms": round(max(t.driver_lag_ms for t in group), 3),
+            "steal": steal_share(group),
         }
         for index, group in sorted(by_minute.items())
     ]
@@ -207,6 +244,10 @@ def measure_capacity(base: str, texts: list[str], seconds: float) -> float:
     return sum(1 for r in report.results if r.status == 200) / seconds
 
 
+def _share(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
 async def drive(
     base: str, rate: float, duration_s: float, texts: list[str], pid: int, tick_s: float, minute_s: float
 ) -> tuple[list[Tick], list[dict[str, Any]]]:
@@ -215,6 +256,7 @@ async def drive(
     and returns the ticks and the minutes' rows it printed."""
     report = Report()
     lag = LoopLag()
+    steal = Steal()
     watcher = asyncio.create_task(lag.run())
     load = asyncio.create_task(open_loop(base, rate, duration_s, texts, connections=16, report=report))
     ticks: list[Tick] = []
@@ -232,7 +274,8 @@ async def drive(
         ok = np.array([r.latency_s * 1000 for r in results if r.status == 200], dtype=np.float32)
         errors = sum(1 for r in results if r.status != 200) + lost + refused
         t = time.perf_counter() - start
-        ticks.append(Tick(round(t, 2), rss_mb(pid), len(results) + lost + refused, errors, ok, lag.take_ms()))
+        requests = len(results) + lost + refused
+        ticks.append(Tick(round(t, 2), rss_mb(pid), requests, errors, ok, lag.take_ms(), steal.take()))
 
     def print_minutes(final: bool) -> None:
         nonlocal summarised
@@ -245,7 +288,7 @@ async def drive(
             print(
                 f"  minute {row['minute']:>3}: RSS {row['rss_mb']:7.1f} MB  {row['requests']:>6} requests  "
                 f"p50 {row['p50_ms']} ms  p99 {row['p99_ms']} ms  errors {row['errors']}  "
-                f"driver lag {row['driver_lag_max_ms']} ms",
+                f"driver lag {row['driver_lag_max_ms']} ms  steal {_share(row['steal'])}",
                 flush=True,
             )
 

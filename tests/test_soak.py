@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from loadtest import soak
-from loadtest.soak import Tick
+from loadtest.soak import Steal, Tick
 
 
 def ticks(
@@ -137,3 +137,30 @@ def test_plot_writes_a_png(tmp_path: Path) -> None:
     out = tmp_path / "soak.png"
     soak.plot(samples, soak.minute_rows(samples), verdict, out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_steal_is_the_hypervisors_share_of_all_cpu_time_since_the_last_reading(tmp_path: Path) -> None:
+    stat = tmp_path / "stat"
+
+    def write(user: int, idle: int, steal: int) -> None:
+        # user nice system idle iowait irq softirq steal guest guest_nice, then a CPU's own line
+        stat.write_text(f"cpu  {user} 0 10 {idle} 0 0 0 {steal} 0 0\ncpu0 1 0 0 0 0 0 0 0 0 0\n")
+
+    write(100, 1000, 5)
+    steal = Steal(stat)
+    write(150, 1120, 35)  # 50 + 120 + 30 = 200 jiffies passed, 30 of them stolen
+    assert steal.take() == 30 / 200
+    assert steal.take() is None  # no time passed since
+    write(250, 1220, 35)
+    assert steal.take() == 0.0
+    stat.unlink()
+    assert steal.take() is None  # a kernel without /proc/stat
+    assert Steal(tmp_path / "nowhere").take() is None
+
+
+def test_each_minute_reports_its_mean_steal_and_none_without_readings() -> None:
+    run = ticks(120, 30)
+    for tick, share in zip(run, [0.0, 0.1, 0.2, None], strict=True):
+        tick.steal = share
+    assert [r["steal"] for r in soak.minute_rows(run)] == [0.05, 0.2]  # minute 2's second tick has no reading
+    assert soak.minute_rows(ticks(60, 30))[0]["steal"] is None
