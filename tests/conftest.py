@@ -65,6 +65,24 @@ def linked_copy(dest: Path, version: str | None = None, skip: tuple[str, ...] = 
     return dest
 
 
+def one_label_short(dest: Path) -> Path:
+    """The committed model at `dest` with one intent dropped from its labels, the card's count and sha256 to
+    match: every file checks out, so a load builds the sessions, and only their 151 logits against 150 labels
+    refuse it."""
+    from app.engine.artifact import sha256_file
+
+    shutil.copytree(MODEL_DIR, dest)
+    written = dest / "labels.json"
+    labels = json.loads(written.read_text())
+    labels.remove(next(label for label in labels if label != "oos"))
+    written.write_text(json.dumps(labels))
+    card = json.loads((dest / "card.json").read_text())
+    card["spec"]["labels"]["count"] = len(labels)
+    card["files"]["labels.json"] = {"sha256": sha256_file(written), "bytes": written.stat().st_size}
+    (dest / "card.json").write_text(json.dumps(card))
+    return dest
+
+
 def run_cli(*args: str, cwd: Path = ROOT, timeout: float = 900) -> subprocess.CompletedProcess[str]:
     """`python -m compression ARGS` in a child process, as a user runs it; its exit code and output to read."""
     return subprocess.run(

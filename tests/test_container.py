@@ -24,7 +24,7 @@ import pytest
 from loadtest import debian, procs
 from loadtest.driver import closed_loop
 from loadtest.queries import BUILTIN
-from tests.conftest import ROOT
+from tests.conftest import ROOT, one_label_short
 from tests.servers import free_port, get, post
 from tests.test_manifest_env import deployment_env
 
@@ -241,16 +241,7 @@ def test_refused_reloads_give_their_memory_back(image: str, tmp_path: Path) -> N
     key = "container-admin-key"
     with _running(image, tmp_path, {"INTENT_ADMIN_KEY": key}) as (base, name):
         _wait_ready(base, name, 60)
-        short = (
-            "import json, pathlib, hashlib, shutil; shutil.copytree('/srv/models/clinc150', '/tmp/short'); "
-            "d = pathlib.Path('/tmp/short'); labels = json.loads((d / 'labels.json').read_text()); "
-            "labels.remove(next(x for x in labels if x != 'oos')); raw = json.dumps(labels).encode(); "
-            "(d / 'labels.json').write_bytes(raw); c = json.loads((d / 'card.json').read_text()); "
-            "c['spec']['labels']['count'] = len(labels); "
-            "c['files']['labels.json'] = {'sha256': hashlib.sha256(raw).hexdigest(), 'bytes': len(raw)}; "
-            "(d / 'card.json').write_text(json.dumps(c))"
-        )
-        podman("exec", name, "/opt/venv/bin/python", "-c", short)
+        podman("cp", str(one_label_short(tmp_path / "short")), f"{name}:/tmp/short")
         start = _memory_mb(name)
         for _ in range(6):
             req = urllib.request.Request(

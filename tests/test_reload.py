@@ -23,12 +23,11 @@ from pydantic import ValidationError
 from app import heap
 from app.config import Settings
 from app.engine import onnx
-from app.engine.artifact import sha256_file
 from app.http.main import create_app
 from app.http.reload import Pointer, read_pointer, write_pointer
 from loadtest.driver import closed_loop
 from loadtest.queries import BUILTIN
-from tests.conftest import MODEL_DIR, ROOT, linked_copy
+from tests.conftest import MODEL_DIR, ROOT, linked_copy, one_label_short
 from tests.fakes import FakeClassifier, fake_factory
 from tests.servers import get, post, running_server
 
@@ -182,28 +181,12 @@ def test_a_model_still_answering_a_request_is_freed_after_that_answer(
         assert calls == [False, True]
 
 
-def one_label_short(tmp_path: Path) -> Path:
-    """The committed model with one intent dropped from its labels, the card's count and sha256 to match: every
-    file checks out, so the sessions are built, and only their 151 logits against 150 labels refuse it."""
-    dest = tmp_path / "one-label-short"
-    shutil.copytree(MODEL_DIR, dest)
-    labels = json.loads((dest / "labels.json").read_text())
-    labels.remove(next(label for label in labels if label != "oos"))
-    (dest / "labels.json").write_text(json.dumps(labels))
-    card = json.loads((dest / "card.json").read_text())
-    card["spec"]["labels"]["count"] = len(labels)
-    written = dest / "labels.json"
-    card["files"]["labels.json"] = {"sha256": sha256_file(written), "bytes": written.stat().st_size}
-    (dest / "card.json").write_text(json.dumps(card))
-    return dest
-
-
 def test_a_model_refused_after_loading_is_freed_and_its_memory_given_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A model refused once its sessions are built used to leave them in glibc's free lists until the next trim
     (a later reload, or never): as much as a replaced model (app.heap). The refusal now trims, after they are freed."""
-    target = one_label_short(tmp_path)
+    target = one_label_short(tmp_path / "one-label-short")
     sessions: list[weakref.ref[onnx.OnnxModel]] = []
     built = onnx.OnnxModel.__init__
 
