@@ -26,6 +26,17 @@ class Result:
     latency_s: float
     retry_after: bool
     body: bytes
+    server_ms: float | None = None  # the service's own time for it (its server-timing), where it says
+
+
+def server_time_ms(header: str | None) -> float | None:
+    """The sum of a server-timing header's durations (ours: tokenize and inference, the model path), or None
+    where there is no header, no duration, or one that is not a number."""
+    durations = [p.strip()[4:] for p in (header or "").replace(",", ";").split(";") if p.strip().startswith("dur=")]
+    try:
+        return sum(float(d) for d in durations) if durations else None
+    except ValueError:
+        return None
 
 
 @dataclass
@@ -110,7 +121,9 @@ async def exchange(conn: Connection, raw: bytes, since: float, report: Report) -
         report.lost += 1
         conn.close()
         return Connection(conn.host, conn.port)
-    report.results.append(Result(status, time.perf_counter() - since, "retry-after" in headers, body))
+    latency = time.perf_counter() - since
+    timing = server_time_ms(headers.get("server-timing"))
+    report.results.append(Result(status, latency, "retry-after" in headers, body, timing))
     return conn
 
 

@@ -1,7 +1,9 @@
 """`make soak`: an hour (`--minutes`) of open-loop load at a fixed share (`--share`, half) of the capacity
 measured first (a few seconds closed-loop), with the service's memory and latency written every minute:
 RSS summed over its processes (the supervisor and its workers), p50, p99 and errors, and how late the load
-driver's own event loop ran (a request due while it is held reads the stall as latency).
+driver's own event loop ran (a request due while it is held reads the stall as latency). To place a slow
+minute, each also gives the hypervisor's steal, the p99 of the service's own model path (the server-timing
+header) and the service's CPU per request.
 
 The bar, checked at the end: no request fails; after a warm-up of 5 minutes, RSS grows by at most 5%;
 the p99 of the last 10 minutes is at most 20% above the p99 of the first 10 after the warm-up. A run
@@ -26,7 +28,7 @@ import numpy as np
 
 from app.cpu import current, measurement_context
 from loadtest.driver import Report, closed_loop, open_loop
-from loadtest.procs import rss_mb
+from loadtest.procs import cpu_seconds, rss_mb
 from loadtest.queries import load_queries
 from loadtest.server import ROOT, free_port, our_server, stop, wait_ready
 
@@ -47,6 +49,11 @@ class Tick:
     latencies_ms: np.ndarray = field(repr=False)  # of the requests answered 200
     driver_lag_ms: float  # the longest the driver's event loop woke late in the interval: its own stalls
     steal: float | None = None  # the share of the machine's CPU time the hypervisor took in the interval
+    # The service's own model path (its server-timing: tokenize and inference) for each answer that gave one,
+    # and the CPU seconds its processes used in the interval: a slow minute with a slow model path is slow work,
+    # one without is time outside the model (HTTP, queueing, a vCPU not running).
+    model_ms: np.ndarray | None = field(default=None, repr=False)
+    server_cpu_s: float | None = None
 
 
 class LoopLag:
@@ -99,6 +106,20 @@ class Steal:
         return (now[0] - last[0]) / (now[1] - last[1])
 
 
+class ServerCpu:
+    """The CPU seconds a process tree used since the last call. Counted per process, so that a worker that exits
+    takes only its own time out, and one that starts counts from zero."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._last = cpu_seconds(pid)
+
+    def take(self) -> float:
+        now, last = cpu_seconds(self.pid), self._last
+        self._last = now
+        return sum(max(0.0, used - last.get(p, 0.0)) for p, used in now.items())
+
+
 def percentile(latencies: list[np.ndarray], q: float) -> float | None:
     joined = np.concatenate(latencies) if latencies else np.empty(0)
     return round(float(np.percentile(joined, q)), 3) if joined.size else None
@@ -125,9 +146,22 @@ def steal_share(ticks: list[Tick]) -> float | None:
     return round(float(np.mean(shares)), 4) if shares else None
 
 
+def model_p99(ticks: list[Tick]) -> float | None:
+    """The p99 of the service's own model path over the ticks' answers, None where none reported it."""
+    return percentile([t.model_ms for t in ticks if t.model_ms is not None], 99)
+
+
+def cpu_ms_per_request(ticks: list[Tick]) -> float | None:
+    """The service's CPU milliseconds per request sent, None where the CPU was not read or nothing was sent."""
+    used = [t.server_cpu_s for t in ticks if t.server_cpu_s is not None]
+    requests = sum(t.requests for t in ticks if t.server_cpu_s is not None)
+    return round(sum(used) * 1000 / requests, 3) if used and requests else None
+
+
 def minute_rows(ticks: list[Tick], minute_s: float = 60.0) -> list[dict[str, Any]]:
     """One row per minute (the last one may be partial): RSS at its end, requests, p50, p99, errors, the
-    driver's worst loop lag, and the share of CPU time the hypervisor took."""
+    driver's worst loop lag, the share of CPU time the hypervisor took, the p99 of the service's own model
+    path and its CPU per request."""
     by_minute: dict[int, list[Tick]] = {}
     for tick in ticks:
         by_minute.setdefault(minute_of(tick, minute_s), []).append(tick)
@@ -142,6 +176,8 @@ def minute_rows(ticks: list[Tick], minute_s: float = 60.0) -> list[dict[str, Any
             "errors": sum(t.errors for t in group),
             "driver_lag_max_ms": round(max(t.driver_lag_ms for t in group), 3),
             "steal": steal_share(group),
+            "model_p99_ms": model_p99(group),
+            "server_cpu_ms_per_request": cpu_ms_per_request(group),
         }
         for index, group in sorted(by_minute.items())
     ]
@@ -199,6 +235,11 @@ def evaluate(
         # Not a check: whether a rise is the load driver's own (its event loop held) or the service's.
         "driver_lag_max_first_ms": None if lag_first is None else round(lag_first, 3),
         "driver_lag_max_last_ms": None if lag_last is None else round(lag_last, 3),
+        # Nor these: whether a rise is in the service's model path, and in its CPU per request.
+        "model_p99_first_ms": model_p99(first),
+        "model_p99_last_ms": model_p99(last),
+        "server_cpu_ms_per_request_first": cpu_ms_per_request(first),
+        "server_cpu_ms_per_request_last": cpu_ms_per_request(last),
         "checks": checks,
         "passed": all(checks.values()),
     }
@@ -220,6 +261,7 @@ def plot(ticks: list[Tick], rows: list[dict[str, Any]], verdict: dict[str, Any],
     row_t = [r["t_s"] / 60 for r in rows]
     ax_lat.plot(row_t, [r["p50_ms"] for r in rows], marker=".", label="p50")
     ax_lat.plot(row_t, [r["p99_ms"] for r in rows], marker=".", label="p99")
+    ax_lat.plot(row_t, [r["model_p99_ms"] for r in rows], marker=".", label="p99, the service's model path")
     ax_lat.plot(row_t, [r["driver_lag_max_ms"] for r in rows], linestyle=":", label="driver's loop lag, max")
     duration_min = ticks[-1].t_s / 60 if ticks else 0.0
     warm, comp = verdict["warmup_s"] / 60, verdict["compare_s"] / 60
@@ -257,6 +299,7 @@ async def drive(
     report = Report()
     lag = LoopLag()
     steal = Steal()
+    cpu = ServerCpu(pid)
     watcher = asyncio.create_task(lag.run())
     load = asyncio.create_task(open_loop(base, rate, duration_s, texts, connections=16, report=report))
     ticks: list[Tick] = []
@@ -272,10 +315,13 @@ async def drive(
         lost, refused = report.lost - seen_lost, report.connect_errors - seen_refused
         seen_lost, seen_refused = report.lost, report.connect_errors
         ok = np.array([r.latency_s * 1000 for r in results if r.status == 200], dtype=np.float32)
+        model = np.array([r.server_ms for r in results if r.status == 200 and r.server_ms is not None], np.float32)
         errors = sum(1 for r in results if r.status != 200) + lost + refused
         t = time.perf_counter() - start
         requests = len(results) + lost + refused
-        ticks.append(Tick(round(t, 2), rss_mb(pid), requests, errors, ok, lag.take_ms(), steal.take()))
+        ticks.append(
+            Tick(round(t, 2), rss_mb(pid), requests, errors, ok, lag.take_ms(), steal.take(), model, cpu.take())
+        )
 
     def print_minutes(final: bool) -> None:
         nonlocal summarised
@@ -288,7 +334,8 @@ async def drive(
             print(
                 f"  minute {row['minute']:>3}: RSS {row['rss_mb']:7.1f} MB  {row['requests']:>6} requests  "
                 f"p50 {row['p50_ms']} ms  p99 {row['p99_ms']} ms  errors {row['errors']}  "
-                f"driver lag {row['driver_lag_max_ms']} ms  steal {_share(row['steal'])}",
+                f"driver lag {row['driver_lag_max_ms']} ms  steal {_share(row['steal'])}  "
+                f"model p99 {row['model_p99_ms']} ms  server CPU {row['server_cpu_ms_per_request']} ms/request",
                 flush=True,
             )
 

@@ -201,6 +201,12 @@ def test_short_soak(tmp_path: Path) -> None:
     assert result["errors"] == 0
     assert result["requests"] == pytest.approx(result["rate_rps"] * 30, abs=3)  # every scheduled request came back
     assert [row["minute"] for row in result["per_minute"]] == [1]
-    assert result["per_minute"][0]["errors"] == 0
+    minute = result["per_minute"][0]
+    assert minute["errors"] == 0
+    # Every answer's model path is part of its latency, so its p99 cannot be the larger; and the service
+    # spent CPU on the requests it answered.
+    assert 0 < minute["model_p99_ms"] <= minute["p99_ms"]
+    assert minute["server_cpu_ms_per_request"] > 0
+    assert 0 < result["model_p99_first_ms"] <= result["p99_first_ms"]
     assert result["rss_growth"] <= 0.10
     assert set(result["checks"]) == {"no_errors", "rss_flat", "p99_steady"}

@@ -4,6 +4,9 @@ and the driver's own loop lag."""
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -12,7 +15,9 @@ import numpy as np
 import pytest
 
 from loadtest import soak
-from loadtest.soak import Steal, Tick
+from loadtest.driver import server_time_ms
+from loadtest.procs import cpu_seconds
+from loadtest.soak import ServerCpu, Steal, Tick
 
 
 def ticks(
@@ -164,3 +169,56 @@ def test_each_minute_reports_its_mean_steal_and_none_without_readings() -> None:
         tick.steal = share
     assert [r["steal"] for r in soak.minute_rows(run)] == [0.05, 0.2]  # minute 2's second tick has no reading
     assert soak.minute_rows(ticks(60, 30))[0]["steal"] is None
+
+
+def test_the_server_timing_header_gives_the_model_paths_milliseconds() -> None:
+    assert server_time_ms('tokenize;dur=0.041, inference;dur=0.250;desc="first"') == pytest.approx(0.291)
+    assert server_time_ms("inference;dur=2") == 2.0
+    for unusable in (None, "", "inference", 'inference;desc="first"', "inference;dur=fast"):
+        assert server_time_ms(unusable) is None
+
+
+def test_each_minute_reports_the_model_paths_p99_and_the_services_cpu_per_request() -> None:
+    run = ticks(120, 30)  # 100 requests a tick
+    for i, tick in enumerate(run):
+        tick.model_ms = np.array([0.2] * 98 + [0.5 + i] * 2, dtype=np.float32)
+        tick.server_cpu_s = [0.05, 0.07, 0.1, None][i]
+    rows = soak.minute_rows(run)
+    assert [r["model_p99_ms"] for r in rows] == [
+        round(float(np.percentile(np.concatenate([run[0].model_ms, run[1].model_ms]), 99)), 3),
+        round(float(np.percentile(np.concatenate([run[2].model_ms, run[3].model_ms]), 99)), 3),
+    ]
+    # 120 ms over 200 requests; then 100 ms over the 100 requests of the one tick whose CPU was read
+    assert [r["server_cpu_ms_per_request"] for r in rows] == [0.6, 1.0]
+    plain = soak.minute_rows(ticks(60, 30))[0]  # a server that sends no timing, and no CPU read
+    assert (plain["model_p99_ms"], plain["server_cpu_ms_per_request"]) == (None, None)
+    verdict = soak.evaluate(run, 120)
+    assert verdict["model_p99_first_ms"] == rows[0]["model_p99_ms"]  # the first window, 24-72 s: minute 1's ticks
+    assert verdict["passed"]  # reported, not checked
+
+
+BURN = """
+import sys, time
+started = time.process_time()
+while time.process_time() - started < 0.3:
+    pass
+print("burnt", flush=True)
+sys.stdin.read()  # stay alive, so that its time is still in the tree when it is read
+"""
+
+
+def test_server_cpu_counts_the_trees_cpu_seconds_since_the_last_reading() -> None:
+    """A child that burns 0.3 s of CPU and waits: the tree's reading includes all of it (it started after the
+    first reading, so it counts from zero), and the next reading, once it has exited, does not."""
+    cpu = ServerCpu(os.getpid())
+    child = subprocess.Popen([sys.executable, "-c", BURN], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline() == "burnt\n"
+        assert child.pid in cpu_seconds(os.getpid())
+        burnt = cpu.take()
+        assert burnt >= 0.3 - 0.02  # the kernel counts in 10 ms ticks
+        assert cpu_seconds(os.getpid())[child.pid] >= 0.3 - 0.02
+    finally:
+        child.communicate("")
+    assert cpu.take() < burnt  # the child is gone: its time is not counted again, nor taken away
