@@ -3,7 +3,8 @@ measured first (a few seconds closed-loop), with the service's memory and latenc
 RSS summed over its processes (the supervisor and its workers), p50, p99 and errors, and how late the load
 driver's own event loop ran (a request due while it is held reads the stall as latency). To place a slow
 minute, each also gives the hypervisor's steal, the p99 of the service's own model path (the server-timing
-header) and the service's CPU per request.
+header), the service's CPU per request, and the CPU time of a fixed piece of work in the driver (the machine's
+own speed: loadtest.host).
 
 The bar, checked at the end: no request fails; after a warm-up of 5 minutes, RSS grows by at most 5%;
 the p99 of the last 10 minutes is at most 20% above the p99 of the first 10 after the warm-up. A run
@@ -28,7 +29,8 @@ import numpy as np
 
 from app.cpu import current, measurement_context
 from loadtest.driver import Report, closed_loop, open_loop
-from loadtest.procs import cpu_seconds, rss_mb
+from loadtest.host import Canary, ServerCpu, Steal
+from loadtest.procs import rss_mb
 from loadtest.queries import load_queries
 from loadtest.server import ROOT, free_port, our_server, stop, wait_ready
 
@@ -54,6 +56,7 @@ class Tick:
     # one without is time outside the model (HTTP, queueing, a vCPU not running).
     model_ms: np.ndarray | None = field(default=None, repr=False)
     server_cpu_s: float | None = None
+    canary_ms: float | None = None  # the CPU time of a fixed piece of work at the tick's end (loadtest.host.Canary)
 
 
 class LoopLag:
@@ -75,49 +78,6 @@ class LoopLag:
         """The worst lag since the last call, in ms, and start again."""
         worst, self.worst_s = self.worst_s, 0.0
         return worst * 1000
-
-
-class Steal:
-    """The share of all the vCPUs' time that the hypervisor gave to others since the last call (the `steal` column
-    of /proc/stat), None where the kernel does not report it. A p99 that rises while this does is the host's; one
-    that rises while it stays at zero is this machine's (an hour on the VNNI EPYC had a five-minute episode that
-    nothing recorded could place: docs/failover.md)."""
-
-    def __init__(self, path: Path = Path("/proc/stat")) -> None:
-        self.path = path
-        self._last = self._read()
-
-    def _read(self) -> tuple[float, float] | None:
-        """(steal, all) jiffies summed over the CPUs, or None."""
-        try:
-            fields = self.path.read_text().split("\n", 1)[0].split()
-        except OSError:
-            return None
-        if len(fields) < 9 or fields[0] != "cpu":
-            return None
-        jiffies = [float(x) for x in fields[1:9]]  # user nice system idle iowait irq softirq steal
-        return jiffies[7], sum(jiffies)
-
-    def take(self) -> float | None:
-        now, last = self._read(), self._last
-        self._last = now
-        if now is None or last is None or now[1] <= last[1]:
-            return None
-        return (now[0] - last[0]) / (now[1] - last[1])
-
-
-class ServerCpu:
-    """The CPU seconds a process tree used since the last call. Counted per process, so that a worker that exits
-    takes only its own time out, and one that starts counts from zero."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self._last = cpu_seconds(pid)
-
-    def take(self) -> float:
-        now, last = cpu_seconds(self.pid), self._last
-        self._last = now
-        return sum(max(0.0, used - last.get(p, 0.0)) for p, used in now.items())
 
 
 def percentile(latencies: list[np.ndarray], q: float) -> float | None:
@@ -158,10 +118,16 @@ def cpu_ms_per_request(ticks: list[Tick]) -> float | None:
     return round(sum(used) * 1000 / requests, 3) if used and requests else None
 
 
+def canary_ms(ticks: list[Tick]) -> float | None:
+    """The median of the ticks' canary readings, None where there are none."""
+    readings = [t.canary_ms for t in ticks if t.canary_ms is not None]
+    return round(float(np.median(readings)), 3) if readings else None
+
+
 def minute_rows(ticks: list[Tick], minute_s: float = 60.0) -> list[dict[str, Any]]:
     """One row per minute (the last one may be partial): RSS at its end, requests, p50, p99, errors, the
     driver's worst loop lag, the share of CPU time the hypervisor took, the p99 of the service's own model
-    path and its CPU per request."""
+    path, its CPU per request, and the canary's CPU time (the machine's own speed)."""
     by_minute: dict[int, list[Tick]] = {}
     for tick in ticks:
         by_minute.setdefault(minute_of(tick, minute_s), []).append(tick)
@@ -178,6 +144,7 @@ def minute_rows(ticks: list[Tick], minute_s: float = 60.0) -> list[dict[str, Any
             "steal": steal_share(group),
             "model_p99_ms": model_p99(group),
             "server_cpu_ms_per_request": cpu_ms_per_request(group),
+            "canary_ms": canary_ms(group),
         }
         for index, group in sorted(by_minute.items())
     ]
@@ -235,11 +202,13 @@ def evaluate(
         # Not a check: whether a rise is the load driver's own (its event loop held) or the service's.
         "driver_lag_max_first_ms": None if lag_first is None else round(lag_first, 3),
         "driver_lag_max_last_ms": None if lag_last is None else round(lag_last, 3),
-        # Nor these: whether a rise is in the service's model path, and in its CPU per request.
+        # Nor these: whether a rise is in the service's model path, in its CPU per request, and in the machine.
         "model_p99_first_ms": model_p99(first),
         "model_p99_last_ms": model_p99(last),
         "server_cpu_ms_per_request_first": cpu_ms_per_request(first),
         "server_cpu_ms_per_request_last": cpu_ms_per_request(last),
+        "canary_first_ms": canary_ms(first),
+        "canary_last_ms": canary_ms(last),
         "checks": checks,
         "passed": all(checks.values()),
     }
@@ -300,6 +269,7 @@ async def drive(
     lag = LoopLag()
     steal = Steal()
     cpu = ServerCpu(pid)
+    canary = Canary()
     watcher = asyncio.create_task(lag.run())
     load = asyncio.create_task(open_loop(base, rate, duration_s, texts, connections=16, report=report))
     ticks: list[Tick] = []
@@ -320,7 +290,18 @@ async def drive(
         t = time.perf_counter() - start
         requests = len(results) + lost + refused
         ticks.append(
-            Tick(round(t, 2), rss_mb(pid), requests, errors, ok, lag.take_ms(), steal.take(), model, cpu.take())
+            Tick(
+                round(t, 2),
+                rss_mb(pid),
+                requests,
+                errors,
+                ok,
+                lag.take_ms(),
+                steal.take(),
+                model,
+                cpu.take(),
+                canary.take_ms(),
+            )
         )
 
     def print_minutes(final: bool) -> None:
@@ -335,7 +316,8 @@ async def drive(
                 f"  minute {row['minute']:>3}: RSS {row['rss_mb']:7.1f} MB  {row['requests']:>6} requests  "
                 f"p50 {row['p50_ms']} ms  p99 {row['p99_ms']} ms  errors {row['errors']}  "
                 f"driver lag {row['driver_lag_max_ms']} ms  steal {_share(row['steal'])}  "
-                f"model p99 {row['model_p99_ms']} ms  server CPU {row['server_cpu_ms_per_request']} ms/request",
+                f"model p99 {row['model_p99_ms']} ms  server CPU {row['server_cpu_ms_per_request']} ms/request  "
+                f"canary {row['canary_ms']} ms",
                 flush=True,
             )
 

@@ -1,5 +1,5 @@
 """`make soak`'s bookkeeping on made-up samples: per-minute rows, the bar, the windows of a short run, the plot,
-and the driver's own loop lag."""
+and the driver's own loop lag; and the readings of the machine beside them (loadtest.host)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ import pytest
 
 from loadtest import soak
 from loadtest.driver import server_time_ms
+from loadtest.host import Canary, ServerCpu, Steal
 from loadtest.procs import cpu_seconds
-from loadtest.soak import ServerCpu, Steal, Tick
+from loadtest.soak import Tick
 
 
 def ticks(
@@ -222,3 +223,19 @@ def test_server_cpu_counts_the_trees_cpu_seconds_since_the_last_reading() -> Non
     finally:
         child.communicate("")
     assert cpu.take() < burnt  # the child is gone: its time is not counted again, nor taken away
+
+
+def test_each_minute_reports_the_canarys_median_and_the_windows_report_theirs() -> None:
+    run = ticks(120, 30)
+    for tick, reading in zip(run, [2.0, 2.2, 3.0, None], strict=True):
+        tick.canary_ms = reading
+    assert [r["canary_ms"] for r in soak.minute_rows(run)] == [2.1, 3.0]
+    assert soak.minute_rows(ticks(60, 30))[0]["canary_ms"] is None
+    verdict = soak.evaluate(run, 120)  # windows of 48 s after 24 s of warm-up: 30 and 60 s, then 90 and 120
+    assert (verdict["canary_first_ms"], verdict["canary_last_ms"]) == (2.1, 3.0)
+    assert verdict["passed"]  # reported, not checked
+
+
+def test_the_canary_reads_a_cpu_time_that_grows_with_its_work() -> None:
+    small, large = Canary(megabytes=1, steps=0), Canary(megabytes=1, steps=2_000_000)
+    assert 0 < small.take_ms() < large.take_ms()  # two million interpreter steps: tens of ms, on any machine
