@@ -297,10 +297,10 @@ async def drive(
                 errors,
                 ok,
                 lag.take_ms(),
-                steal.take(),
-                model,
-                cpu.take(),
-                canary.take_ms(),
+                steal=steal.take(),
+                model_ms=model,
+                server_cpu_s=cpu.take(),
+                canary_ms=canary.take_ms(),
             )
         )
 
