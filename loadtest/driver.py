@@ -8,6 +8,7 @@ is measured from the scheduled time, so a server that falls behind cannot hide i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import time
@@ -26,17 +27,31 @@ class Result:
     latency_s: float
     retry_after: bool
     body: bytes
-    server_ms: float | None = None  # the service's own time for it (its server-timing), where it says
+    server_ms: float | None = None  # the service's model path for it (its server-timing), where it says
+    service_ms: float | None = None  # the service's whole time for it (`service` in its server-timing)
 
 
-def server_time_ms(header: str | None) -> float | None:
-    """The sum of a server-timing header's durations (ours: tokenize and inference, the model path), or None
-    where there is no header, no duration, or one that is not a number."""
-    durations = [p.strip()[4:] for p in (header or "").replace(",", ";").split(";") if p.strip().startswith("dur=")]
-    try:
-        return sum(float(d) for d in durations) if durations else None
-    except ValueError:
-        return None
+def server_timings(header: str | None) -> dict[str, float]:
+    """A server-timing header's durations by name (ours: `tokenize` and `inference`, the model path, and
+    `service`, the service's whole time for the request), skipping any entry without a number."""
+    out: dict[str, float] = {}
+    for entry in (header or "").split(","):
+        name, *params = (part.strip() for part in entry.split(";"))
+        for param in params:
+            if param.startswith("dur="):
+                with contextlib.suppress(ValueError):
+                    out[name] = out.get(name, 0.0) + float(param[4:])
+    return out
+
+
+MODEL_PATH = ("tokenize", "inference")
+
+
+def model_path_ms(timings: dict[str, float]) -> float | None:
+    """The service's model path (tokenize and inference) from a header's durations, or None where it gives
+    neither."""
+    spent = [timings[name] for name in MODEL_PATH if name in timings]
+    return sum(spent) if spent else None
 
 
 @dataclass
@@ -122,8 +137,9 @@ async def exchange(conn: Connection, raw: bytes, since: float, report: Report) -
         conn.close()
         return Connection(conn.host, conn.port)
     latency = time.perf_counter() - since
-    timing = server_time_ms(headers.get("server-timing"))
-    report.results.append(Result(status, latency, "retry-after" in headers, body, timing))
+    timings = server_timings(headers.get("server-timing"))
+    model, service = model_path_ms(timings), timings.get("service")
+    report.results.append(Result(status, latency, "retry-after" in headers, body, model, service))
     return conn
 
 

@@ -2,9 +2,9 @@
 measured first (a few seconds closed-loop), with the service's memory and latency written every minute:
 RSS summed over its processes (the supervisor and its workers), p50, p99 and errors, and how late the load
 driver's own event loop ran (a request due while it is held reads the stall as latency). To place a slow
-minute, each also gives the hypervisor's steal, the p99 of the service's own model path (the server-timing
-header), the service's CPU per request, and the CPU time of a fixed piece of work in the driver (the machine's
-own speed: loadtest.host).
+minute, each also gives the hypervisor's steal; the p99 of the service's whole time, of its model path (both
+from the server-timing header) and of the time outside the service; the service's CPU per request; and the CPU
+time of a fixed piece of work in the driver (the machine's own speed: loadtest.host).
 
 The bar, checked at the end: no request fails; after a warm-up of 5 minutes, RSS grows by at most 5%;
 the p99 of the last 10 minutes is at most 20% above the p99 of the first 10 after the warm-up. A run
@@ -57,6 +57,12 @@ class Tick:
     model_ms: np.ndarray | None = field(default=None, repr=False)
     server_cpu_s: float | None = None
     canary_ms: float | None = None  # the CPU time of a fixed piece of work at the tick's end (loadtest.host.Canary)
+    # The service's whole time (`service` in its server-timing: from its first look at the request to its
+    # response), and each such answer's latency less it: the time outside the service (the loopback, the kernel,
+    # the wait for a worker's event loop, the driver). The two split a slow minute that the model path does not
+    # explain between the service's own queue and HTTP handling, and everything around it.
+    service_ms: np.ndarray | None = field(default=None, repr=False)
+    outside_ms: np.ndarray | None = field(default=None, repr=False)
 
 
 class LoopLag:
@@ -111,6 +117,16 @@ def model_p99(ticks: list[Tick]) -> float | None:
     return percentile([t.model_ms for t in ticks if t.model_ms is not None], 99)
 
 
+def service_p99(ticks: list[Tick]) -> float | None:
+    """The p99 of the service's whole time over the ticks' answers, None where none reported it."""
+    return percentile([t.service_ms for t in ticks if t.service_ms is not None], 99)
+
+
+def outside_p99(ticks: list[Tick]) -> float | None:
+    """The p99 of the answers' time outside the service, None where none reported the service's time."""
+    return percentile([t.outside_ms for t in ticks if t.outside_ms is not None], 99)
+
+
 def cpu_ms_per_request(ticks: list[Tick]) -> float | None:
     """The service's CPU milliseconds per request sent, None where the CPU was not read or nothing was sent."""
     used = [t.server_cpu_s for t in ticks if t.server_cpu_s is not None]
@@ -126,8 +142,9 @@ def canary_ms(ticks: list[Tick]) -> float | None:
 
 def minute_rows(ticks: list[Tick], minute_s: float = 60.0) -> list[dict[str, Any]]:
     """One row per minute (the last one may be partial): RSS at its end, requests, p50, p99, errors, the
-    driver's worst loop lag, the share of CPU time the hypervisor took, the p99 of the service's own model
-    path, its CPU per request, and the canary's CPU time (the machine's own speed)."""
+    driver's worst loop lag, the share of CPU time the hypervisor took, the p99 of the service's whole time, of
+    the time outside it and of its model path, its CPU per request, and the canary's CPU time (the machine's
+    own speed)."""
     by_minute: dict[int, list[Tick]] = {}
     for tick in ticks:
         by_minute.setdefault(minute_of(tick, minute_s), []).append(tick)
@@ -143,6 +160,8 @@ def minute_rows(ticks: list[Tick], minute_s: float = 60.0) -> list[dict[str, Any
             "driver_lag_max_ms": round(max(t.driver_lag_ms for t in group), 3),
             "steal": steal_share(group),
             "model_p99_ms": model_p99(group),
+            "service_p99_ms": service_p99(group),
+            "outside_p99_ms": outside_p99(group),
             "server_cpu_ms_per_request": cpu_ms_per_request(group),
             "canary_ms": canary_ms(group),
         }
@@ -205,6 +224,10 @@ def evaluate(
         # Nor these: whether a rise is in the service's model path, in its CPU per request, and in the machine.
         "model_p99_first_ms": model_p99(first),
         "model_p99_last_ms": model_p99(last),
+        "service_p99_first_ms": service_p99(first),
+        "service_p99_last_ms": service_p99(last),
+        "outside_p99_first_ms": outside_p99(first),
+        "outside_p99_last_ms": outside_p99(last),
         "server_cpu_ms_per_request_first": cpu_ms_per_request(first),
         "server_cpu_ms_per_request_last": cpu_ms_per_request(last),
         "canary_first_ms": canary_ms(first),
@@ -230,6 +253,7 @@ def plot(ticks: list[Tick], rows: list[dict[str, Any]], verdict: dict[str, Any],
     row_t = [r["t_s"] / 60 for r in rows]
     ax_lat.plot(row_t, [r["p50_ms"] for r in rows], marker=".", label="p50")
     ax_lat.plot(row_t, [r["p99_ms"] for r in rows], marker=".", label="p99")
+    ax_lat.plot(row_t, [r["service_p99_ms"] for r in rows], marker=".", label="p99, the service's whole time")
     ax_lat.plot(row_t, [r["model_p99_ms"] for r in rows], marker=".", label="p99, the service's model path")
     ax_lat.plot(row_t, [r["driver_lag_max_ms"] for r in rows], linestyle=":", label="driver's loop lag, max")
     duration_min = ticks[-1].t_s / 60 if ticks else 0.0
@@ -286,6 +310,9 @@ async def drive(
         seen_lost, seen_refused = report.lost, report.connect_errors
         ok = np.array([r.latency_s * 1000 for r in results if r.status == 200], dtype=np.float32)
         model = np.array([r.server_ms for r in results if r.status == 200 and r.server_ms is not None], np.float32)
+        timed = [(r.latency_s * 1000, r.service_ms) for r in results if r.status == 200 and r.service_ms is not None]
+        service = np.array([spent for _, spent in timed], dtype=np.float32)
+        outside = np.array([latency - spent for latency, spent in timed], dtype=np.float32)
         errors = sum(1 for r in results if r.status != 200) + lost + refused
         t = time.perf_counter() - start
         requests = len(results) + lost + refused
@@ -299,6 +326,8 @@ async def drive(
                 lag.take_ms(),
                 steal=steal.take(),
                 model_ms=model,
+                service_ms=service,
+                outside_ms=outside,
                 server_cpu_s=cpu.take(),
                 canary_ms=canary.take_ms(),
             )
@@ -316,6 +345,7 @@ async def drive(
                 f"  minute {row['minute']:>3}: RSS {row['rss_mb']:7.1f} MB  {row['requests']:>6} requests  "
                 f"p50 {row['p50_ms']} ms  p99 {row['p99_ms']} ms  errors {row['errors']}  "
                 f"driver lag {row['driver_lag_max_ms']} ms  steal {_share(row['steal'])}  "
+                f"service p99 {row['service_p99_ms']} ms  outside p99 {row['outside_p99_ms']} ms  "
                 f"model p99 {row['model_p99_ms']} ms  server CPU {row['server_cpu_ms_per_request']} ms/request  "
                 f"canary {row['canary_ms']} ms",
                 flush=True,

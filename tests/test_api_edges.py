@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from app.config import Settings
 from app.engine.engine import WARMUP_TEXTS
 from app.http.main import create_app
+from loadtest.driver import server_timings
 from tests.fakes import FakeClassifier, fake_factory
 
 
@@ -177,10 +178,28 @@ def test_request_id_is_echoed_or_generated(client: TestClient) -> None:
     assert r.headers["x-request-id"] != "bad id\twith tab"
 
 
-def test_server_timing_header(client: TestClient) -> None:
+def test_server_timing_header() -> None:
+    """The model path's durations on a prediction, and on every response the service's whole time for it,
+    which encloses them: measured on the committed model, as the fakes report made-up durations."""
+    with TestClient(create_app(Settings(warmup_queries=0))) as client:
+        check_server_timing(client)
+
+
+def check_server_timing(client: TestClient) -> None:
     r = client.post("/predict", json={"text": "flight to rome"})
     assert r.status_code == 200
-    assert "inference;dur=" in r.headers["server-timing"]
+    timing = server_timings(r.headers["server-timing"])
+    assert list(timing) == ["tokenize", "inference", "service"]
+    assert 0 < timing["tokenize"] + timing["inference"] <= timing["service"]
+    batch = client.post("/predict/batch", json={"texts": ["flight to rome", "hi"]})
+    assert list(server_timings(batch.headers["server-timing"])) == ["tokenize", "inference", "service"]
+    for answer, status in (
+        (client.post("/predict", content=b"{", headers={"content-type": "application/json"}), 400),
+        (client.get("/health"), 200),
+    ):
+        assert answer.status_code == status
+        assert list(server_timings(answer.headers["server-timing"])) == ["service"]
+        assert len(answer.headers.get_list("server-timing")) == 1
 
 
 def test_classifier_fault_is_a_json_500_without_details() -> None:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from loadtest import soak
-from loadtest.driver import server_time_ms
+from loadtest.driver import model_path_ms, server_timings
 from loadtest.host import Canary, ServerCpu, Steal
 from loadtest.procs import cpu_seconds
 from loadtest.soak import Tick
@@ -172,11 +172,39 @@ def test_each_minute_reports_its_mean_steal_and_none_without_readings() -> None:
     assert soak.minute_rows(ticks(60, 30))[0]["steal"] is None
 
 
-def test_the_server_timing_header_gives_the_model_paths_milliseconds() -> None:
-    assert server_time_ms('tokenize;dur=0.041, inference;dur=0.250;desc="first"') == pytest.approx(0.291)
-    assert server_time_ms("inference;dur=2") == 2.0
+def test_the_server_timing_header_gives_each_duration_by_name_and_the_model_path() -> None:
+    ours = 'tokenize;dur=0.041, inference;dur=0.250;desc="first", service;dur=0.412'
+    assert server_timings(ours) == pytest.approx({"tokenize": 0.041, "inference": 0.25, "service": 0.412})
+    assert model_path_ms(server_timings(ours)) == pytest.approx(0.291)  # the service's own time is not in it
+    assert model_path_ms(server_timings("inference;dur=2")) == 2.0
+    assert server_timings("service;dur=0.3") == {"service": 0.3}
+    assert model_path_ms(server_timings("service;dur=0.3")) is None
     for unusable in (None, "", "inference", 'inference;desc="first"', "inference;dur=fast"):
-        assert server_time_ms(unusable) is None
+        assert server_timings(unusable) == {}
+        assert model_path_ms(server_timings(unusable)) is None
+    # An entry without a number is skipped, not the header.
+    assert server_timings("tokenize;dur=x, inference;dur=0.5") == {"inference": 0.5}
+
+
+def test_each_minute_splits_its_p99_into_the_services_time_and_the_time_outside_it() -> None:
+    run = ticks(120, 30)
+    for i, tick in enumerate(run):
+        tick.service_ms = np.array([0.3] * 98 + [1.0 + i] * 2, dtype=np.float32)
+        tick.outside_ms = tick.latencies_ms - tick.service_ms
+    rows = soak.minute_rows(run)
+    for row, pair in zip(rows, (run[:2], run[2:]), strict=True):
+        service = np.concatenate([t.service_ms for t in pair if t.service_ms is not None])
+        outside = np.concatenate([t.outside_ms for t in pair if t.outside_ms is not None])
+        assert row["service_p99_ms"] == round(float(np.percentile(service, 99)), 3)
+        assert row["outside_p99_ms"] == round(float(np.percentile(outside, 99)), 3)
+    assert rows[1]["service_p99_ms"] > rows[0]["service_p99_ms"]
+    plain = soak.minute_rows(ticks(60, 30))[0]  # a server that sends no service time
+    assert (plain["service_p99_ms"], plain["outside_p99_ms"]) == (None, None)
+    verdict = soak.evaluate(run, 120)  # the windows of a 2-minute run: 24-72 s and 72-120 s
+    first = [t for t in run if 24 < t.t_s <= 72]
+    assert verdict["service_p99_first_ms"] == soak.service_p99(first)
+    assert verdict["outside_p99_last_ms"] == soak.outside_p99([t for t in run if t.t_s > 72])
+    assert verdict["passed"]  # reported, not checked
 
 
 def test_each_minute_reports_the_model_paths_p99_and_the_services_cpu_per_request() -> None:

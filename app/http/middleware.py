@@ -36,6 +36,20 @@ def _request_id(raw: bytes | None) -> str:
     return uuid.uuid4().hex
 
 
+def _with_service_time(headers: list[tuple[bytes, bytes]], start: float) -> list[tuple[bytes, bytes]]:
+    """The response's headers with `service;dur=` (ms from this middleware's first look at the request to its
+    response's start) added to its server-timing, or as one. A client that subtracts it from what it measured
+    learns how long the request spent outside the service (the network, the kernel, a busy event loop, itself);
+    the other durations in the header split the service's own time further."""
+    entry = f"service;dur={(time.perf_counter() - start) * 1000:.3f}".encode()
+    out, added = [], False
+    for name, value in headers:
+        if not added and name.lower() == b"server-timing":
+            value, added = value + b", " + entry, True
+        out.append((name, value))
+    return out if added else [*out, (b"server-timing", entry)]
+
+
 class ServiceMiddleware:
     def __init__(
         self,
@@ -94,7 +108,7 @@ class ServiceMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", []), rid_header]
+                message["headers"] = [*_with_service_time(message.get("headers", []), start), rid_header]
             elif message["type"] == "http.response.body" and not message.get("more_body", False) and not recorded:
                 # Count the request before its last byte goes out: a client that reads /metrics right
                 # after this response (from any worker) must see it.
