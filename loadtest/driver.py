@@ -29,6 +29,9 @@ class Result:
     body: bytes
     server_ms: float | None = None  # the service's model path for it (its server-timing), where it says
     service_ms: float | None = None  # the service's whole time for it (`service` in its server-timing)
+    # From the time it was due to the driver's writing it: the driver's own lateness (its event loop held or its
+    # process not running), or a wait for a free connection while all of them were busy.
+    send_wait_s: float = 0.0
 
 
 def server_timings(header: str | None) -> dict[str, float]:
@@ -125,6 +128,7 @@ def loopback_target(base_url: str) -> tuple[str, int]:
 
 async def exchange(conn: Connection, raw: bytes, since: float, report: Report) -> Connection:
     """Send one request and record the outcome; returns the connection to use next."""
+    sending = time.perf_counter()
     try:
         status, headers, body = await conn.request(raw)
     except Refused:
@@ -139,7 +143,7 @@ async def exchange(conn: Connection, raw: bytes, since: float, report: Report) -
     latency = time.perf_counter() - since
     timings = server_timings(headers.get("server-timing"))
     model, service = model_path_ms(timings), timings.get("service")
-    report.results.append(Result(status, latency, "retry-after" in headers, body, model, service))
+    report.results.append(Result(status, latency, "retry-after" in headers, body, model, service, sending - since))
     return conn
 
 

@@ -3,8 +3,9 @@ measured first (a few seconds closed-loop), with the service's memory and latenc
 RSS summed over its processes (the supervisor and its workers), p50, p99 and errors, and how late the load
 driver's own event loop ran (a request due while it is held reads the stall as latency). To place a slow
 minute, each also gives the hypervisor's steal; the p99 of the service's whole time, of its model path (both
-from the server-timing header) and of the time outside the service; the service's CPU per request; and the CPU
-time of a fixed piece of work in the driver (the machine's own speed: loadtest.host).
+from the server-timing header), of the time outside the service and of the part of it before the driver wrote
+the request; the service's CPU per request; and the CPU time of a fixed piece of work in the driver (the
+machine's own speed: loadtest.host).
 
 The bar, checked at the end: no request fails; after a warm-up of 5 minutes, RSS grows by at most 5%;
 the p99 of the last 10 minutes is at most 20% above the p99 of the first 10 after the warm-up. A run
@@ -63,6 +64,9 @@ class Tick:
     # explain between the service's own queue and HTTP handling, and everything around it.
     service_ms: np.ndarray | None = field(default=None, repr=False)
     outside_ms: np.ndarray | None = field(default=None, repr=False)
+    # Of the time outside the service, how long each answer's request waited in the driver before it was written
+    # (loadtest.driver.Result.send_wait_s): the part of a tail that is the instrument's own or its connections'.
+    send_wait_ms: np.ndarray | None = field(default=None, repr=False)
 
 
 class LoopLag:
@@ -127,6 +131,11 @@ def outside_p99(ticks: list[Tick]) -> float | None:
     return percentile([t.outside_ms for t in ticks if t.outside_ms is not None], 99)
 
 
+def send_wait_p99(ticks: list[Tick]) -> float | None:
+    """The p99 of the answers' wait in the driver before their requests were written, None where none was read."""
+    return percentile([t.send_wait_ms for t in ticks if t.send_wait_ms is not None], 99)
+
+
 def cpu_ms_per_request(ticks: list[Tick]) -> float | None:
     """The service's CPU milliseconds per request sent, None where the CPU was not read or nothing was sent."""
     used = [t.server_cpu_s for t in ticks if t.server_cpu_s is not None]
@@ -143,8 +152,8 @@ def canary_ms(ticks: list[Tick]) -> float | None:
 def minute_rows(ticks: list[Tick], minute_s: float = 60.0) -> list[dict[str, Any]]:
     """One row per minute (the last one may be partial): RSS at its end, requests, p50, p99, errors, the
     driver's worst loop lag, the share of CPU time the hypervisor took, the p99 of the service's whole time, of
-    the time outside it and of its model path, its CPU per request, and the canary's CPU time (the machine's
-    own speed)."""
+    the time outside it, of the driver's wait before writing and of the model path, its CPU per request, and the
+    canary's CPU time (the machine's own speed)."""
     by_minute: dict[int, list[Tick]] = {}
     for tick in ticks:
         by_minute.setdefault(minute_of(tick, minute_s), []).append(tick)
@@ -162,6 +171,7 @@ def minute_rows(ticks: list[Tick], minute_s: float = 60.0) -> list[dict[str, Any
             "model_p99_ms": model_p99(group),
             "service_p99_ms": service_p99(group),
             "outside_p99_ms": outside_p99(group),
+            "send_wait_p99_ms": send_wait_p99(group),
             "server_cpu_ms_per_request": cpu_ms_per_request(group),
             "canary_ms": canary_ms(group),
         }
@@ -228,6 +238,8 @@ def evaluate(
         "service_p99_last_ms": service_p99(last),
         "outside_p99_first_ms": outside_p99(first),
         "outside_p99_last_ms": outside_p99(last),
+        "send_wait_p99_first_ms": send_wait_p99(first),
+        "send_wait_p99_last_ms": send_wait_p99(last),
         "server_cpu_ms_per_request_first": cpu_ms_per_request(first),
         "server_cpu_ms_per_request_last": cpu_ms_per_request(last),
         "canary_first_ms": canary_ms(first),
@@ -313,6 +325,7 @@ async def drive(
         timed = [(r.latency_s * 1000, r.service_ms) for r in results if r.status == 200 and r.service_ms is not None]
         service = np.array([spent for _, spent in timed], dtype=np.float32)
         outside = np.array([latency - spent for latency, spent in timed], dtype=np.float32)
+        send_wait = np.array([r.send_wait_s * 1000 for r in results if r.status == 200], dtype=np.float32)
         errors = sum(1 for r in results if r.status != 200) + lost + refused
         t = time.perf_counter() - start
         requests = len(results) + lost + refused
@@ -328,6 +341,7 @@ async def drive(
                 model_ms=model,
                 service_ms=service,
                 outside_ms=outside,
+                send_wait_ms=send_wait,
                 server_cpu_s=cpu.take(),
                 canary_ms=canary.take_ms(),
             )
@@ -346,6 +360,7 @@ async def drive(
                 f"p50 {row['p50_ms']} ms  p99 {row['p99_ms']} ms  errors {row['errors']}  "
                 f"driver lag {row['driver_lag_max_ms']} ms  steal {_share(row['steal'])}  "
                 f"service p99 {row['service_p99_ms']} ms  outside p99 {row['outside_p99_ms']} ms  "
+                f"send wait p99 {row['send_wait_p99_ms']} ms  "
                 f"model p99 {row['model_p99_ms']} ms  server CPU {row['server_cpu_ms_per_request']} ms/request  "
                 f"canary {row['canary_ms']} ms",
                 flush=True,

@@ -208,6 +208,7 @@ def test_short_soak(tmp_path: Path) -> None:
     assert 0 < minute["model_p99_ms"] <= minute["service_p99_ms"] + 0.002
     assert minute["service_p99_ms"] <= minute["p99_ms"]
     assert 0 < minute["outside_p99_ms"] <= minute["p99_ms"]
+    assert 0 <= minute["send_wait_p99_ms"] <= minute["p99_ms"]  # the wait before writing is part of the latency
     assert minute["server_cpu_ms_per_request"] > 0
     assert 0 < result["model_p99_first_ms"] <= result["p99_first_ms"]
     assert result["rss_growth"] <= 0.10

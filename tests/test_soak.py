@@ -191,19 +191,24 @@ def test_each_minute_splits_its_p99_into_the_services_time_and_the_time_outside_
     for i, tick in enumerate(run):
         tick.service_ms = np.array([0.3] * 98 + [1.0 + i] * 2, dtype=np.float32)
         tick.outside_ms = tick.latencies_ms - tick.service_ms
+        tick.send_wait_ms = np.array([0.01] * 99 + [0.2 * i], dtype=np.float32)
     rows = soak.minute_rows(run)
     for row, pair in zip(rows, (run[:2], run[2:]), strict=True):
-        service = np.concatenate([t.service_ms for t in pair if t.service_ms is not None])
-        outside = np.concatenate([t.outside_ms for t in pair if t.outside_ms is not None])
-        assert row["service_p99_ms"] == round(float(np.percentile(service, 99)), 3)
-        assert row["outside_p99_ms"] == round(float(np.percentile(outside, 99)), 3)
+        for column, arrays in (
+            ("service_p99_ms", [t.service_ms for t in pair]),
+            ("outside_p99_ms", [t.outside_ms for t in pair]),
+            ("send_wait_p99_ms", [t.send_wait_ms for t in pair]),
+        ):
+            joined = np.concatenate([a for a in arrays if a is not None])
+            assert row[column] == round(float(np.percentile(joined, 99)), 3)
     assert rows[1]["service_p99_ms"] > rows[0]["service_p99_ms"]
-    plain = soak.minute_rows(ticks(60, 30))[0]  # a server that sends no service time
-    assert (plain["service_p99_ms"], plain["outside_p99_ms"]) == (None, None)
+    plain = soak.minute_rows(ticks(60, 30))[0]  # a server that sends no service time, and no wait was read
+    assert (plain["service_p99_ms"], plain["outside_p99_ms"], plain["send_wait_p99_ms"]) == (None, None, None)
     verdict = soak.evaluate(run, 120)  # the windows of a 2-minute run: 24-72 s and 72-120 s
     first = [t for t in run if 24 < t.t_s <= 72]
     assert verdict["service_p99_first_ms"] == soak.service_p99(first)
     assert verdict["outside_p99_last_ms"] == soak.outside_p99([t for t in run if t.t_s > 72])
+    assert verdict["send_wait_p99_last_ms"] == soak.send_wait_p99([t for t in run if t.t_s > 72])
     assert verdict["passed"]  # reported, not checked
 
 
