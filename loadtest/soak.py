@@ -116,24 +116,20 @@ def steal_share(ticks: list[Tick]) -> float | None:
     return round(float(np.mean(shares)), 4) if shares else None
 
 
-def model_p99(ticks: list[Tick]) -> float | None:
-    """The p99 of the service's own model path over the ticks' answers, None where none reported it."""
-    return percentile([t.model_ms for t in ticks if t.model_ms is not None], 99)
+# The per-answer columns of a tick whose p99 each minute and both windows report: (its Tick field, its key's stem).
+TAIL_COLUMNS = (
+    ("model_ms", "model"),
+    ("service_ms", "service"),
+    ("outside_ms", "outside"),
+    ("send_wait_ms", "send_wait"),
+)
 
 
-def service_p99(ticks: list[Tick]) -> float | None:
-    """The p99 of the service's whole time over the ticks' answers, None where none reported it."""
-    return percentile([t.service_ms for t in ticks if t.service_ms is not None], 99)
-
-
-def outside_p99(ticks: list[Tick]) -> float | None:
-    """The p99 of the answers' time outside the service, None where none reported the service's time."""
-    return percentile([t.outside_ms for t in ticks if t.outside_ms is not None], 99)
-
-
-def send_wait_p99(ticks: list[Tick]) -> float | None:
-    """The p99 of the answers' wait in the driver before their requests were written, None where none was read."""
-    return percentile([t.send_wait_ms for t in ticks if t.send_wait_ms is not None], 99)
+def tail_p99(ticks: list[Tick], column: str) -> float | None:
+    """The p99 of one per-answer column (a Tick field: the model path, the service's time, the time outside it,
+    the driver's wait before writing) over the ticks' answers, None where no tick has it."""
+    arrays = [getattr(t, column) for t in ticks]
+    return percentile([a for a in arrays if a is not None], 99)
 
 
 def cpu_ms_per_request(ticks: list[Tick]) -> float | None:
@@ -168,10 +164,7 @@ def minute_rows(ticks: list[Tick], minute_s: float = 60.0) -> list[dict[str, Any
             "errors": sum(t.errors for t in group),
             "driver_lag_max_ms": round(max(t.driver_lag_ms for t in group), 3),
             "steal": steal_share(group),
-            "model_p99_ms": model_p99(group),
-            "service_p99_ms": service_p99(group),
-            "outside_p99_ms": outside_p99(group),
-            "send_wait_p99_ms": send_wait_p99(group),
+            **{f"{stem}_p99_ms": tail_p99(group, column) for column, stem in TAIL_COLUMNS},
             "server_cpu_ms_per_request": cpu_ms_per_request(group),
             "canary_ms": canary_ms(group),
         }
@@ -232,14 +225,11 @@ def evaluate(
         "driver_lag_max_first_ms": None if lag_first is None else round(lag_first, 3),
         "driver_lag_max_last_ms": None if lag_last is None else round(lag_last, 3),
         # Nor these: whether a rise is in the service's model path, in its CPU per request, and in the machine.
-        "model_p99_first_ms": model_p99(first),
-        "model_p99_last_ms": model_p99(last),
-        "service_p99_first_ms": service_p99(first),
-        "service_p99_last_ms": service_p99(last),
-        "outside_p99_first_ms": outside_p99(first),
-        "outside_p99_last_ms": outside_p99(last),
-        "send_wait_p99_first_ms": send_wait_p99(first),
-        "send_wait_p99_last_ms": send_wait_p99(last),
+        **{
+            f"{stem}_p99_{window}_ms": tail_p99(window_ticks, column)
+            for column, stem in TAIL_COLUMNS
+            for window, window_ticks in (("first", first), ("last", last))
+        },
         "server_cpu_ms_per_request_first": cpu_ms_per_request(first),
         "server_cpu_ms_per_request_last": cpu_ms_per_request(last),
         "canary_first_ms": canary_ms(first),
