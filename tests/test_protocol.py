@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -552,3 +553,47 @@ def test_a_running_server_answers_a_body_longer_than_its_content_length_then_ref
         answers.append((_status(head), json.loads(rest[:length])["error"]["type"]))
         received = rest[length:]
     assert answers == [(400, "invalid_json"), (400, "invalid_http")]
+
+
+def _fields(write: bytes) -> dict[bytes, bytes]:
+    head = write.partition(b"\r\n\r\n")[0]
+    return dict(line.split(b": ", 1) for line in head.split(b"\r\n")[1:])
+
+
+def _service_ms(write: bytes) -> float:
+    (entry,) = _fields(write)[b"server-timing"].split(b", ")
+    name, _, duration = entry.partition(b";dur=")
+    assert name == b"service"
+    return float(duration)
+
+
+def test_each_kind_of_refusal_carries_a_fresh_request_id_and_the_services_time() -> None:
+    """A 400, 431 and 408 carry what the app's answers carry: `x-request-id` (new, even where the refused bytes held
+    one) and `server-timing: service;dur=`, from the request's first byte to the refusal."""
+    part = b"POST /predict HTTP/1.1\r\nx-request-id: mine\r\n"  # after a whole request on the same connection
+    began = time.perf_counter()
+    refusals = [
+        _connect([b"GARBAGE\r\nx-request-id: mine\r\n\r\n"]).writes[-1],
+        _connect(_chunks(10 * DEFAULT_LIMITS.max_head_bytes)).writes[-1],
+        _connect([], wait_s=10, state=SHORT_TIMEOUT).writes[-1],
+        _connect([POST, part], wait_s=10, state=SHORT_TIMEOUT).writes[-1],
+    ]
+    took_ms = (time.perf_counter() - began) * 1000
+    assert [_status(w) for w in refusals] == [400, 431, 408, 408]
+    ids = [_fields(w)[b"x-request-id"].decode() for w in refusals]
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    assert len(set(ids)) == 4
+    times = [_service_ms(w) for w in refusals]
+    assert all(0 <= t <= took_ms for t in times)
+    # INTENT_READ_TIMEOUT_S=0.05, counted from the request's first byte
+    assert min(times[2:]) >= 50
+
+
+def test_a_refusals_warning_in_the_log_carries_the_request_id_the_client_was_sent(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level("WARNING"):
+        fake = _connect([], wait_s=10, state=SHORT_TIMEOUT)
+    (record,) = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert record.getMessage() == "closed a connection whose request did not arrive whole in 0.05 s"
+    assert record.__dict__["request_id"] == _fields(fake.writes[-1])[b"x-request-id"].decode()

@@ -36,11 +36,17 @@ Limits, each answered in the service's error body, after which the connection cl
 A refusal that comes while requests read before it are still being answered (pipelined, or the rest of a body
 longer than its Content-Length) waits for their answers and follows them, so that every request the app saw is
 answered and the client reads each answer for its own request; nothing more is read meanwhile.
+
+A refusal carries what the app's answers carry: a fresh `x-request-id`, also on its warning in the log (refused
+bytes may not hold a whole head, so the client's own id is not trusted from them), and `server-timing:
+service;dur=`, the ms from the refused request's first byte (a connection's first request: from its opening) to
+the refusal.
 """
 
 from __future__ import annotations
 
 import asyncio
+import uuid
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -131,7 +137,9 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         # per connection that re-arms itself, so a request costs no timer of its own.
         self._read_deadline: float | None = None
         self._deadline_timer: asyncio.TimerHandle | None = None
-        self._refusal: ServiceError | None = None  # to send once the requests read before it are answered
+        # To send once the requests read before it are answered: the refusal, its request id and its request's start.
+        self._refusal: tuple[ServiceError, str, float] | None = None
+        self._read_began = 0.0  # loop time of the first byte of the request being read, or of the connection's opening
         self._owed = 0  # requests whose heads were read (running or queued behind one) and not yet answered
         self._requests = 0  # whose heads were read on this connection
         self._start_read_deadline()  # the first request is due from the moment the connection opens
@@ -193,7 +201,8 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
 
     def _start_read_deadline(self) -> None:
         timeout = self._limits.read_timeout_s
-        self._read_deadline = self.loop.time() + timeout
+        self._read_began = self.loop.time()
+        self._read_deadline = self._read_began + timeout
         if self._deadline_timer is None:
             self._deadline_timer = self.loop.call_later(timeout, self._check_read_deadline)
 
@@ -209,8 +218,10 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
             self.transport.close()
         else:
             timeout = self._limits.read_timeout_s
-            self.logger.warning("closed a connection whose request did not arrive whole in %g s", timeout)
-            self._refuse(RequestTimeout(f"the request did not arrive whole within {timeout:g} s"))
+            self._refuse(
+                RequestTimeout(f"the request did not arrive whole within {timeout:g} s"),
+                f"closed a connection whose request did not arrive whole in {timeout:g} s",
+            )
 
     def data_received(self, data: bytes) -> None:
         if self._refusal is not None:
@@ -228,8 +239,10 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
             self._head_bytes += len(data)
         cap = self._limits.max_head_bytes
         if self._head_over or self._head_bytes > cap:
-            self.logger.warning("refused a request whose head is over %d bytes", cap)
-            self._refuse(HeadersTooLarge(f"the request line and headers are over {cap} bytes"))
+            self._refuse(
+                HeadersTooLarge(f"the request line and headers are over {cap} bytes"),
+                f"refused a request whose head is over {cap} bytes",
+            )
 
     def _unsupported_upgrade_warning(self) -> None:
         # uvicorn would warn that no WebSocket library is installed and suggest one. The service has no WebSocket
@@ -239,7 +252,7 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to bytes its parser refuses (it has logged them), in the service's error body."""
-        self._refuse(InvalidHTTP(msg.strip()))
+        self._refuse(InvalidHTTP(msg.strip()), None)
 
     def _owed_before_refused(self) -> int:
         """How many answers are owed for requests read before the refused bytes. When the bytes are in the body of
@@ -255,33 +268,46 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         self._owed -= 1
         return self._owed
 
-    def _refuse(self, error: ServiceError) -> None:
-        """Answer bytes the app never saw as a request with the service's error body, and close the connection.
-        If requests read before them are still being answered, an answer now would be taken for the first of
-        theirs: it is sent after theirs (`on_response_complete`), and nothing more is read meanwhile."""
+    def _refuse(self, error: ServiceError, warning: str | None) -> None:
+        """Answer bytes the app never saw as a request with the service's error body, and close the connection;
+        `warning`, if any, is logged with the refusal's request id. If requests read before them are still being
+        answered, an answer now would be taken for the first of theirs: it is sent after theirs
+        (`on_response_complete`), and nothing more is read meanwhile."""
         metrics: Metrics | None = self.app_state.get(PROTOCOL_METRICS)
         if metrics is not None:
             metrics.rejected.labels(error.kind).inc()
+        # Between requests (bytes that begin no request) the refused bytes are the request, and they just came.
+        began = self._read_began if self._read_deadline is not None else self.loop.time()
+        refusal = (error, uuid.uuid4().hex, began)
+        if warning is not None:
+            self.logger.warning(warning, extra={"request_id": refusal[1]})
         self._head_bytes = None
         self._head_over = False
         self._read_deadline = None
         if self._owed_before_refused() > 0:
-            self._refusal = error
+            self._refusal = refusal
             self.transport.pause_reading()
             return
-        self._send_refusal(error)
+        self._send_refusal(*refusal)
 
     def on_response_complete(self) -> None:
         self._owed -= 1
         super().on_response_complete()
         if self._refusal is not None and self._owed == 0 and not self.transport.is_closing():
-            error, self._refusal = self._refusal, None
-            self._send_refusal(error)
+            refusal, self._refusal = self._refusal, None
+            self._send_refusal(*refusal)
 
-    def _send_refusal(self, error: ServiceError) -> None:
+    def _send_refusal(self, error: ServiceError, request_id: str, began: float) -> None:
         status, headers, body = render(error)
         lines = [b"HTTP/1.1 %d %s\r\n" % (status, HTTPStatus(status).phrase.encode())]
-        headers = [*self.server_state.default_headers, *headers, (b"connection", b"close")]
+        service_ms = (self.loop.time() - began) * 1000
+        headers = [
+            *self.server_state.default_headers,
+            *headers,
+            (b"x-request-id", request_id.encode()),
+            (b"server-timing", b"service;dur=%.3f" % service_ms),
+            (b"connection", b"close"),
+        ]
         lines += [name + b": " + value + b"\r\n" for name, value in headers]
         self.transport.write(b"".join(lines) + b"\r\n" + body)
         self.transport.close()
