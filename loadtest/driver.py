@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import random
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -34,11 +35,18 @@ class Result:
     send_wait_s: float = 0.0
 
 
+# A quoted string (RFC 9110's, with backslash escapes; an unterminated one runs to the end) may hold commas and
+# semicolons, which separate entries and parameters only outside one: `desc="a, b; c"` is one parameter.
+_QUOTED = re.compile(r'"(?:\\.|[^"\\])*"?')
+
+
 def server_timings(header: str | None) -> dict[str, float]:
     """A server-timing header's durations by name (ours: `tokenize` and `inference`, the model path, and
     `service`, the service's whole time for the request), skipping any entry without a number."""
     out: dict[str, float] = {}
-    for entry in (header or "").split(","):
+    # A quoted duration is not read: the grammar has none.
+    text = _QUOTED.sub('""', header) if header and '"' in header else header or ""
+    for entry in text.split(","):
         name, *params = (part.strip() for part in entry.split(";"))
         for param in params:
             if param.startswith("dur="):

@@ -272,3 +272,10 @@ def test_each_minute_reports_the_canarys_median_and_the_windows_report_theirs() 
 def test_the_canary_reads_a_cpu_time_that_grows_with_its_work() -> None:
     small, large = Canary(megabytes=1, steps=0), Canary(megabytes=1, steps=2_000_000)
     assert 0 < small.take_ms() < large.take_ms()  # two million interpreter steps: tens of ms, on any machine
+
+
+def test_commas_and_semicolons_inside_a_quoted_description_do_not_split_the_header() -> None:
+    header = r'db;dur=1.5;desc="a, b; c", cache;desc="say \"hi\", then;";dur=2, edge;dur=3'
+    assert server_timings(header) == {"db": 1.5, "cache": 2.0, "edge": 3.0}
+    # An unterminated quoted string runs to the header's end: nothing in it is read as an entry.
+    assert server_timings('app;dur=1;desc="open, x;dur=9') == {"app": 1.0}
