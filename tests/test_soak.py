@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from loadtest import soak
-from loadtest.driver import model_path_ms, server_timings
+from loadtest.driver import Report, model_path_ms, server_timings
 from loadtest.host import Canary, ServerCpu, Steal
 from loadtest.procs import cpu_seconds
 from loadtest.soak import Tick
@@ -279,3 +279,34 @@ def test_commas_and_semicolons_inside_a_quoted_description_do_not_split_the_head
     assert server_timings(header) == {"db": 1.5, "cache": 2.0, "edge": 3.0}
     # An unterminated quoted string runs to the header's end: nothing in it is read as an entry.
     assert server_timings('app;dur=1;desc="open, x;dur=9') == {"app": 1.0}
+
+
+def test_a_fixed_rate_starts_on_a_service_warmed_as_the_capacity_phase_warms_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With `--rate` there is no capacity phase; the open loop still starts after the same closed-loop warm-up."""
+    calls: list[tuple[str, float]] = []
+
+    class Proc:
+        pid = 4242
+
+    async def closed_loop(base: str, seconds: float, *args: object, **kwargs: object) -> Report:
+        calls.append(("closed_loop", seconds))
+        return Report()  # nothing answered: a capacity of 0
+
+    async def drive(base: str, rate: float, *args: object) -> tuple[list[Tick], list[dict[str, Any]]]:
+        calls.append(("drive", rate))
+        return [], []
+
+    monkeypatch.setattr(subprocess, "Popen", lambda *args, **kwargs: Proc())
+    monkeypatch.setattr(soak, "wait_ready", lambda *args: None)
+    monkeypatch.setattr(soak, "stop", lambda proc: calls.append(("stop", 0.0)))
+    monkeypatch.setattr(soak, "load_queries", lambda: ["hi"])
+    monkeypatch.setattr(soak, "closed_loop", closed_loop)
+    monkeypatch.setattr(soak, "drive", drive)
+    monkeypatch.setattr(soak, "evaluate", lambda *args: {"passed": True})
+    soak.run(1, 0.5, 2, 250.0, 5.0)
+    assert calls == [("closed_loop", 2.0), ("drive", 250.0), ("stop", 0.0)]
+    calls.clear()
+    soak.run(1, 0.5, 2, None, 5.0)  # the capacity phase: the warm-up, its 5 s, then half of what it read
+    assert calls == [("closed_loop", 2.0), ("closed_loop", 5.0), ("drive", 0.0), ("stop", 0.0)]
