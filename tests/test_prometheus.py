@@ -59,7 +59,21 @@ def test_alert_rules_are_valid(prom_bin: Path) -> None:
         timeout=60,
     )
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "SUCCESS: 4 rules found" in r.stdout
+    assert "SUCCESS: 5 rules found" in r.stdout
+
+
+def test_the_memory_alert_fires_for_a_leak_and_not_for_a_hot_reload(prom_bin: Path) -> None:
+    """promtool's own rule tests (deploy/prometheus/alerts_test.yml): a worker growing 30 MB an hour, beside a
+    steady one, fires IntentWorkerMemoryGrowing after its hour pending; a one-time step up does not."""
+    r = subprocess.run(
+        [str(prom_bin / "promtool"), "test", "rules", str(ROOT / "deploy/prometheus/alerts_test.yml")],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "SUCCESS" in r.stdout
 
 
 def test_prometheus_scrapes_and_queries(prom_bin: Path, tmp_path: Path) -> None:
@@ -119,6 +133,11 @@ def test_prometheus_scrapes_and_queries(prom_bin: Path, tmp_path: Path) -> None:
             assert 0 < seconds <= REQUEST_BUCKETS[-1]
             stage = query(url, stage_expr)
             assert {r["metric"]["stage"] for r in stage} == {"tokenize", "queue", "inference"}
+            # The worker's own memory and CPU, which the IntentWorkerMemoryGrowing alert reads.
+            (resident,) = query(url, "intent_worker_resident_bytes")
+            assert float(resident["value"][1]) > 50e6  # a worker with the served model loaded
+            (cpu,) = query(url, "sum(intent_worker_cpu_seconds_total)")
+            assert float(cpu["value"][1]) > 0
         finally:
             prom.terminate()
             prom.wait(20)

@@ -4,15 +4,20 @@ workers are gone."""
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
 from prometheus_client import values
 
+from app.config import Settings
+from app.http.main import create_app
 from app.http.metrics import Metrics
+from tests.fakes import FakeClassifier, fake_factory
 from tests.servers import get, running_server
 
 
@@ -131,3 +136,73 @@ def test_a_gone_workers_gauge_removed_by_another_scrape_first_leaves_this_one_wh
     finally:
         values.close_all_multiprocess_files()
     assert [line for line in text.splitlines() if line.startswith("intent_ready")] == ["intent_ready 1.0"]
+
+
+def _samples(text: str, name: str) -> dict[str, float]:
+    """`name`'s samples in an exposition, by their label set as written (`{pid="12"}`, or "" for none)."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            series, _, value = line.rpartition(" ")
+            out[series[len(name) :]] = float(value)
+    return out
+
+
+def _statm_bytes(pid: int | str) -> int:
+    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def test_a_sample_writes_this_workers_resident_memory_and_the_cpu_time_it_used() -> None:
+    metrics = Metrics()
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    metrics.sample_worker()
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    rss = _statm_bytes("self")
+    text = metrics.exposition().decode()
+    (resident,) = _samples(text, "intent_worker_resident_bytes").values()
+    assert 0.8 * rss <= resident <= 1.25 * rss  # the same process a moment apart
+    (cpu,) = _samples(text, "intent_worker_cpu_seconds_total").values()
+    assert before.ru_utime + before.ru_stime <= cpu <= after.ru_utime + after.ru_stime
+    sum(i * i for i in range(200_000))  # some CPU time between two samples
+    metrics.sample_worker()
+    (later,) = _samples(metrics.exposition().decode(), "intent_worker_cpu_seconds_total").values()
+    now = resource.getrusage(resource.RUSAGE_SELF)
+    assert cpu < later <= now.ru_utime + now.ru_stime  # counted once, never twice
+
+
+def test_a_service_reports_its_resident_memory_and_cpu_from_the_lifespan() -> None:
+    with TestClient(create_app(Settings(warmup_queries=0), fake_factory(FakeClassifier()))) as client:
+        text = client.get("/metrics").text
+    assert set(_samples(text, "intent_worker_resident_bytes")) == {""}  # one process: no pid label
+    assert _samples(text, "intent_worker_cpu_seconds_total")[""] > 0
+
+
+@pytest.mark.integration
+def test_each_worker_of_a_running_service_reports_its_own_resident_memory() -> None:
+    """Each worker's series is its own process's memory, as /proc reads it. /ready answers once one worker serves;
+    the other may still be loading the model, and shows the memory it sampled before the load until its lifespan
+    samples again. So the scrape is read again until every series is near its worker's memory now, or a minute
+    passes (a busy machine only makes it slower)."""
+    with running_server(env={"INTENT_WORKERS": "2"}) as (base, proc):
+        pids = workers(proc.pid)
+        deadline = time.monotonic() + 60
+        while True:
+            status, body = get(base + "/metrics")
+            assert status == 200
+            resident = _samples(body.decode(), "intent_worker_resident_bytes")
+            cpu = _samples(body.decode(), "intent_worker_cpu_seconds_total")[""]
+            now = {f'{{pid="{pid}"}}': _statm_bytes(pid) for pid in pids}
+            used = sum(_cpu_s(pid) for pid in pids)  # after the scrape, whose counter was written before it
+            near = set(resident) == set(now) and all(0.8 * now[s] <= resident[s] <= 1.25 * now[s] for s in now)
+            if near or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+    assert set(resident) == set(now)
+    for series, rss in now.items():
+        assert 0.8 * rss <= resident[series] <= 1.25 * rss, (series, resident, now)
+    assert 0 < cpu <= used + 0.05  # /proc counts in clock ticks of 10 ms

@@ -99,6 +99,7 @@ def _lifespan(factory: ModelFactory) -> Callable[[FastAPI], Any]:
         )
         queue.start()
         state.queue = queue
+        sampler = asyncio.create_task(metrics.sample_worker_every(), name="worker-sampler")
         follower = None
         if settings.admin_key is not None and settings.model_pointer is not None:
             follower = asyncio.create_task(reload.follow_pointer(state, settings.model_pointer, settings.reload_poll_s))
@@ -116,6 +117,7 @@ def _lifespan(factory: ModelFactory) -> Callable[[FastAPI], Any]:
             metrics.ready.set(0)
             if follower is not None:
                 follower.cancel()
+            sampler.cancel()
             drained = await queue.drain(settings.graceful_timeout_s)
             await queue.stop()
             state.slot.served.model.close()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import glob
 import os
 import re
+import resource
 from collections.abc import Iterable
 from typing import Any
 
@@ -63,6 +65,10 @@ REQUEST_BUCKETS = (
     2.5,
 )
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# How often each worker writes its resident memory and CPU time into its metrics: a scrape reads values at most
+# this old. In multiprocess mode prometheus_client has no process collector (each scrape is one worker's), so
+# without these /metrics said nothing of a worker's memory, which a leak alert and `make soak --host` read.
+WORKER_SAMPLE_S = 5.0
 
 
 def multiprocess_dir() -> str | None:
@@ -127,6 +133,15 @@ def _holds_anything(path: str) -> bool:
         return False
 
 
+def resident_bytes() -> int | None:
+    """This process's resident memory (Linux's /proc/self/statm), or None where it cannot be read."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -175,6 +190,17 @@ class Metrics:
             "intent_model_reloads", "Model reloads in this worker, by result (ok, rejected)", ["result"], registry=r
         )
         self.ready = Gauge("intent_ready", "1 when the worker serves traffic", registry=r, multiprocess_mode="livemin")
+        # One series per live worker (a `pid` label) with several workers: a worker that grows shows as itself.
+        self.resident = Gauge(
+            "intent_worker_resident_bytes",
+            f"Resident memory of each worker process, sampled every {WORKER_SAMPLE_S:g} s",
+            registry=r,
+            multiprocess_mode="liveall",
+        )
+        # Summed over the workers, gone ones included, as every counter is: rate() is the service's CPU in cores.
+        self.cpu = Counter("intent_worker_cpu_seconds", "CPU time (user and system) the workers have used", registry=r)
+        self._cpu_counted = 0.0  # of this process's CPU time, what the counter holds
+        self.sample_worker()  # at once: a gauge reads 0 until set, and the model's load comes before the sampler
         self.tokenize = self.stage.labels("tokenize")
         self.queue = self.stage.labels("queue")
         self.inference = self.stage.labels("inference")
@@ -202,6 +228,22 @@ class Metrics:
         if by is None:
             by = self._stage_children[stage] = self.answered_by.labels(stage)
         by.inc()
+
+    def sample_worker(self) -> None:
+        """Write this worker's resident memory and the CPU time it has used since the last sample."""
+        usage = resource.getrusage(resource.RUSAGE_SELF)  # every thread of the process
+        used = usage.ru_utime + usage.ru_stime
+        self.cpu.inc(max(0.0, used - self._cpu_counted))
+        self._cpu_counted = max(used, self._cpu_counted)
+        rss = resident_bytes()
+        if rss is not None:
+            self.resident.set(rss)
+
+    async def sample_worker_every(self, seconds: float = WORKER_SAMPLE_S) -> None:
+        """`sample_worker` now and every `seconds` until cancelled: the lifespan runs it in each worker."""
+        while True:
+            self.sample_worker()
+            await asyncio.sleep(seconds)
 
     def exposition(self) -> bytes:
         directory = multiprocess_dir()
