@@ -90,7 +90,7 @@ compare: $(VENV)/.installed $(SERVE_VENV)/.installed .venv-optimum/.installed
 stress: $(SERVE_VENV)/.installed $(VENV)/.installed  ## 3x saturation for 30 s, then recovery
 	$(VENV)/bin/python -m loadtest.stress $(STRESS_ARGS)
 
-soak: $(SERVE_VENV)/.installed $(VENV)/.installed  ## 1 hour at half the measured capacity (SOAK_ARGS="--minutes N"): RSS, p50, p99, errors, the load driver's own loop lag, the hypervisor's steal, the p99 of the service's time, of the time outside it, of the driver's wait before writing and of the model path, CPU per request and a fixed-work canary, per minute; fails on any error, RSS +5% after 5 min, or p99 +20% (last 10 min vs first 10); reports/soak.{json,png}
+soak: $(SERVE_VENV)/.installed $(VENV)/.installed  ## 1 hour at half the measured capacity (SOAK_ARGS="--minutes N", "--host URL" for a service already running): RSS, p50, p99, errors, the load driver's own loop lag, the hypervisor's steal, the p99 of the service's time, of the time outside it, of the driver's wait before writing and of the model path, CPU per request and a fixed-work canary, per minute; fails on any error, RSS +5% after 5 min, or p99 +20% (last 10 min vs first 10); reports/soak.{json,png}
 	$(VENV)/bin/python -m loadtest.soak $(SOAK_ARGS)
 
 scaleout: $(SERVE_VENV)/.installed $(VENV)/.installed  ## 3 replicas behind HAProxy at half their measured capacity: 5 kills, then restart each; fails if any request fails

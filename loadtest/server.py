@@ -63,10 +63,11 @@ def pinned(cmd: list[str], cpus: str | None) -> list[str]:
     return ["taskset", "-c", cpus, *cmd] if cpus and shutil.which("taskset") else cmd
 
 
-def wait_ready(base: str, proc: subprocess.Popen[bytes], path: str, timeout: float) -> None:
+def wait_ready(base: str, proc: subprocess.Popen[bytes] | None, path: str, timeout: float) -> None:
+    """Until `base + path` answers 200; `proc`, the server's process where this machine started it."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
+        if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}")
         try:
             with urllib.request.urlopen(base + path, timeout=1) as r:  # noqa: S310 - loopback

@@ -7,6 +7,10 @@ from the server-timing header), of the time outside the service and of the part 
 the request; the service's CPU per request; and the CPU time of a fixed piece of work in the driver (the
 machine's own speed: loadtest.host).
 
+`--host URL` drives a service already running elsewhere instead, so that the driver does not share the service's
+cores: its RSS (the workers', without the supervisor) and CPU come from its /metrics
+(loadtest.service_readings), and steal and the canary are the driver's machine's.
+
 The bar, checked at the end: no request fails; after a warm-up of 5 minutes, RSS grows by at most 5%;
 the p99 of the last 10 minutes is at most 20% above the p99 of the first 10 after the warm-up. A run
 shorter than 25 minutes scales the warm-up and both windows down in proportion (a 1-minute run: 12 s of
@@ -30,10 +34,10 @@ import numpy as np
 
 from app.cpu import current, measurement_context
 from loadtest.driver import Report, closed_loop, open_loop
-from loadtest.host import Canary, ServerCpu, Steal
-from loadtest.procs import rss_mb
+from loadtest.host import Canary, Steal
 from loadtest.queries import load_queries
 from loadtest.server import ROOT, free_port, our_server, stop, wait_ready
+from loadtest.service_readings import ProcessTree, Reading, ScrapedService, ServiceReader
 
 WARMUP_S = 300.0
 COMPARE_S = 600.0
@@ -250,7 +254,7 @@ def plot(ticks: list[Tick], rows: list[dict[str, Any]], verdict: dict[str, Any],
     t_min = [t.t_s / 60 for t in ticks]
     ax_rss.plot(t_min, [t.rss_mb for t in ticks], color="tab:blue")
     ax_rss.axvspan(0, verdict["warmup_s"] / 60, color="grey", alpha=0.2, label="warm-up")
-    ax_rss.set_ylabel("RSS, MB (all processes)")
+    ax_rss.set_ylabel("RSS, MB")
     ax_rss.legend(loc="lower right")
     row_t = [r["t_s"] / 60 for r in rows]
     ax_lat.plot(row_t, [r["p50_ms"] for r in rows], marker=".", label="p50")
@@ -292,16 +296,24 @@ def _share(value: float | None) -> str:
 
 
 async def drive(
-    base: str, rate: float, duration_s: float, texts: list[str], pid: int, tick_s: float, minute_s: float
+    base: str,
+    rate: float,
+    duration_s: float,
+    texts: list[str],
+    service: ServiceReader,
+    tick_s: float,
+    minute_s: float,
 ) -> tuple[list[Tick], list[dict[str, Any]]]:
     """Open loop at `rate` for `duration_s`; every `tick_s`, what came back since the last tick (then dropped,
-    so that an hour of results does not pile up in memory) and the service's RSS. Prints each finished minute,
+    so that an hour of results does not pile up in memory) and the service's RSS and CPU (read off the event
+    loop, so that a slow read does not hold the requests due meanwhile). A reading that fails (a remote service's
+    /metrics not answering) counts as an error, and its tick repeats the last RSS. Prints each finished minute,
     and returns the ticks and the minutes' rows it printed."""
     report = Report()
     lag = LoopLag()
     steal = Steal()
-    cpu = ServerCpu(pid)
     canary = Canary()
+    last_rss = 0.0
     watcher = asyncio.create_task(lag.run())
     load = asyncio.create_task(open_loop(base, rate, duration_s, texts, connections=16, report=report))
     ticks: list[Tick] = []
@@ -310,8 +322,8 @@ async def drive(
     rows: list[dict[str, Any]] = []
     summarised = 0  # ticks already printed as part of a minute's row
 
-    def take() -> None:
-        nonlocal seen_lost, seen_refused
+    def take(reading: Reading) -> None:
+        nonlocal seen_lost, seen_refused, last_rss
         results = report.results[:]
         report.results.clear()  # nothing awaits between these two lines: no result is lost
         lost, refused = report.lost - seen_lost, report.connect_errors - seen_refused
@@ -322,13 +334,14 @@ async def drive(
         service = np.array([spent for _, spent in timed], dtype=np.float32)
         outside = np.array([latency - spent for latency, spent in timed], dtype=np.float32)
         send_wait = np.array([r.send_wait_s * 1000 for r in results if r.status == 200], dtype=np.float32)
-        errors = sum(1 for r in results if r.status != 200) + lost + refused
+        errors = sum(1 for r in results if r.status != 200) + lost + refused + (reading.rss_mb is None)
+        last_rss = last_rss if reading.rss_mb is None else reading.rss_mb
         t = time.perf_counter() - start
         requests = len(results) + lost + refused
         ticks.append(
             Tick(
                 round(t, 2),
-                rss_mb(pid),
+                last_rss,
                 requests,
                 errors,
                 ok,
@@ -338,7 +351,7 @@ async def drive(
                 service_ms=service,
                 outside_ms=outside,
                 send_wait_ms=send_wait,
-                server_cpu_s=cpu.take(),
+                server_cpu_s=reading.cpu_s,
                 canary_ms=canary.take_ms(),
             )
         )
@@ -365,7 +378,7 @@ async def drive(
     try:
         while not load.done():
             await asyncio.wait({load}, timeout=tick_s)
-            take()
+            take(await asyncio.to_thread(service.take))
             print_minutes(final=False)
         await load
     finally:
@@ -384,15 +397,22 @@ def run(
     warmup_s: float = WARMUP_S,
     compare_s: float = COMPARE_S,
     minute_s: float = 60.0,
+    host: str | None = None,
 ) -> tuple[dict[str, Any], list[Tick]]:
+    """Starts the service with `workers` and stops it after; or, with `host` (its base URL), drives one already
+    running, which it reads through /metrics."""
     duration = minutes * 60
     tick_s = max(0.5, min(5.0, duration / 12))
-    port = free_port()
-    cmd, env = our_server(port, workers)
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    base = f"http://127.0.0.1:{port}"
+    proc = None
+    if host is None:
+        port = free_port()
+        cmd, env = our_server(port, workers)
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        base = f"http://127.0.0.1:{port}"
+    else:
+        base = host.rstrip("/")
     texts = load_queries()
     capacity = None
     try:
@@ -402,14 +422,18 @@ def run(
             rate = share * capacity
         else:
             warm_up(base, texts, capacity_s)
-        print(f"soak: {duration / 60:g} min at {rate:.1f} req/s (capacity {capacity} req/s)", flush=True)
-        ticks, rows = asyncio.run(drive(base, rate, duration, texts, proc.pid, tick_s, minute_s))
+        reader: ServiceReader = ProcessTree(proc.pid) if proc is not None else ScrapedService(base)
+        print(f"soak: {duration / 60:g} min at {rate:.1f} req/s (capacity {capacity} req/s) on {base}", flush=True)
+        ticks, rows = asyncio.run(drive(base, rate, duration, texts, reader, tick_s, minute_s))
     finally:
-        stop(proc)
+        if proc is not None:
+            stop(proc)
     verdict = evaluate(ticks, duration, warmup_s, compare_s)
     result = {
         "minutes": minutes,
-        "workers": workers,
+        "host": host,
+        "workers": workers if host is None else None,
+        "rss_of": reader.where,
         "capacity_rps": None if capacity is None else round(capacity, 1),
         "share": share if capacity is not None else None,
         "rate_rps": round(rate, 1),
@@ -426,7 +450,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, default=60.0, help="length of the run (default: an hour)")
     p.add_argument("--share", type=float, default=0.5, help="share of the measured capacity to offer")
     p.add_argument("--rate", type=float, default=None, help="a fixed rate (requests/s) instead of --share")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2, help="workers of the service it starts (not with --host)")
+    p.add_argument(
+        "--host",
+        default=None,
+        help="drive a service already running at this URL (on another machine, say) instead of starting one; "
+        "its RSS and CPU come from its /metrics",
+    )
     p.add_argument("--capacity-seconds", type=float, default=5.0, help="length of the capacity measurement")
     p.add_argument("--out-dir", type=Path, default=ROOT / "reports", help="where soak.json and soak.png go")
     a = p.parse_args(argv)
@@ -435,7 +465,9 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < a.share <= 1:
         p.error("--share must be in (0, 1]")
     print(f"CPU: {current().describe()}", flush=True)
-    result, ticks = run(a.minutes, a.share, a.workers, a.rate, a.capacity_seconds)
+    if a.host is not None and not a.host.startswith(("http://", "https://")):
+        p.error("--host must be a URL, such as http://10.0.0.5:8000")
+    result, ticks = run(a.minutes, a.share, a.workers, a.rate, a.capacity_seconds, host=a.host)
     a.out_dir.mkdir(parents=True, exist_ok=True)
     (a.out_dir / "soak.json").write_text(json.dumps({**result, "context": measurement_context()}, indent=2) + "\n")
     plot(ticks, result["per_minute"], result, a.out_dir / "soak.png")

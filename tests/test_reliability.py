@@ -213,3 +213,51 @@ def test_short_soak(tmp_path: Path) -> None:
     assert 0 < result["model_p99_first_ms"] <= result["p99_first_ms"]
     assert result["rss_growth"] <= 0.10
     assert set(result["checks"]) == {"no_errors", "rss_flat", "p99_steady"}
+
+
+def test_a_service_read_through_its_metrics_matches_its_process_tree() -> None:
+    """ScrapedService (what `make soak --host` reads) against ProcessTree (what it reads for a service it starts),
+    on one running service: the workers' RSS is the tree's less the supervisor's, and the CPU they used over a
+    burst of requests is the tree's, give or take the second the workers' samples may lag."""
+    from loadtest.procs import children, rss_mb
+    from loadtest.service_readings import ProcessTree, ScrapedService
+
+    with running_server(env={"INTENT_WORKERS": "2"}) as (base, proc):
+        time.sleep(1.5)  # both workers loaded and sampled
+        tree, scraped = ProcessTree(proc.pid), ScrapedService(base)
+        asyncio.run(closed_loop(base, 3, list(BUILTIN), connections=4))
+        time.sleep(1.5)  # every worker has sampled since the burst
+        by_tree, by_metrics = tree.take(), scraped.take()
+        workers_rss = sum(rss_mb(pid) for pid in children(proc.pid))  # the resource tracker too: a few MB
+    assert by_tree.rss_mb is not None
+    assert by_metrics.rss_mb is not None
+    assert by_metrics.rss_mb < by_tree.rss_mb  # the supervisor is not in /metrics
+    assert 0.85 * workers_rss <= by_metrics.rss_mb <= 1.15 * workers_rss
+    assert by_tree.cpu_s is not None
+    assert by_metrics.cpu_s is not None
+    assert 0.5 * by_tree.cpu_s <= by_metrics.cpu_s <= by_tree.cpu_s + 0.05
+
+
+def test_a_short_soak_of_a_service_it_did_not_start(tmp_path: Path) -> None:
+    """`make soak SOAK_ARGS="--host URL"`: the service runs apart (here on this machine, started by the test), and
+    the soak reads its memory and CPU through /metrics."""
+    with running_server(env={"INTENT_WORKERS": "2"}) as (base, proc):
+        args = ["--minutes", "0.25", "--rate", "150", "--capacity-seconds", "1", "--out-dir", str(tmp_path)]
+        assert soak.main([*args, "--host", base]) in (0, 1)  # 1 only says the bar was missed
+        assert proc.poll() is None  # the soak leaves a service it did not start running
+    result = json.loads((tmp_path / "soak.json").read_text())
+    assert result["host"] == base
+    assert result["workers"] is None
+    assert "/metrics" in result["rss_of"]
+    assert result["errors"] == 0
+    assert result["requests"] == pytest.approx(150 * 15, abs=3)
+    (minute,) = result["per_minute"]
+    assert minute["rss_mb"] > 50  # two workers with the served model
+    assert minute["server_cpu_ms_per_request"] > 0
+
+
+def test_a_soak_of_an_address_that_is_not_a_url_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        soak.main(["--host", "10.0.0.5:8000"])
+    assert exit_.value.code == 2
+    assert "--host must be a URL, such as http://10.0.0.5:8000" in capsys.readouterr().err

@@ -310,3 +310,29 @@ def test_a_fixed_rate_starts_on_a_service_warmed_as_the_capacity_phase_warms_it(
     calls.clear()
     soak.run(1, 0.5, 2, None, 5.0)  # the capacity phase: the warm-up, its 5 s, then half of what it read
     assert calls == [("closed_loop", 2.0), ("closed_loop", 5.0), ("drive", 0.0), ("stop", 0.0)]
+
+
+def test_a_metrics_sum_adds_every_label_set_of_one_metric_and_no_other() -> None:
+    from loadtest.service_readings import metric_sum
+
+    text = (
+        "# HELP intent_worker_resident_bytes Resident memory\n"
+        "# TYPE intent_worker_resident_bytes gauge\n"
+        'intent_worker_resident_bytes{pid="11"} 1.5e+08\n'
+        'intent_worker_resident_bytes{pid="12"} 5.0e+07\n'
+        "intent_worker_resident_bytes_other 9\n"
+        "intent_worker_cpu_seconds_total 12.5\n"
+        "intent_worker_cpu_seconds_created 1.7e+09\n"
+    )
+    assert metric_sum(text, "intent_worker_resident_bytes") == 2.0e8
+    assert metric_sum(text, "intent_worker_cpu_seconds_total") == 12.5
+    assert metric_sum(text, "intent_ready") is None
+    assert metric_sum("intent_ready NaNx\n", "intent_ready") is None  # unreadable: as if absent
+
+
+def test_a_service_whose_metrics_do_not_answer_reads_as_nothing() -> None:
+    from loadtest.server import free_port
+    from loadtest.service_readings import Reading, ScrapedService
+
+    reader = ScrapedService(f"http://127.0.0.1:{free_port()}", timeout_s=1.0)  # nothing listens there
+    assert reader.take() == Reading(None, None)

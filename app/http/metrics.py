@@ -68,7 +68,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # How often each worker writes its resident memory and CPU time into its metrics: a scrape reads values at most
 # this old. In multiprocess mode prometheus_client has no process collector (each scrape is one worker's), so
 # without these /metrics said nothing of a worker's memory, which a leak alert and `make soak --host` read.
-WORKER_SAMPLE_S = 5.0
+WORKER_SAMPLE_S = 1.0
 
 
 def multiprocess_dir() -> str | None:

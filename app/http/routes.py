@@ -198,4 +198,6 @@ async def model(request: Request) -> Response:
 async def metrics(request: Request) -> Response:
     from prometheus_client import CONTENT_TYPE_LATEST
 
-    return Response(request.app.state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+    metrics = request.app.state.metrics
+    metrics.sample_worker()  # the scraped worker's own memory and CPU as of now; the others' are at most 1 s old
+    return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
