@@ -37,8 +37,9 @@ A refusal that comes while requests read before it are still being answered (pip
 longer than its Content-Length) waits for their answers and follows them, so that every request the app saw is
 answered and the client reads each answer for its own request; nothing more is read meanwhile.
 
-A refusal carries what the app's answers carry: a fresh `x-request-id`, also on its warning in the log (refused
-bytes may not hold a whole head, so the client's own id is not trusted from them), and `server-timing:
+A refusal carries what the app's answers carry: a fresh `x-request-id`, also on the 408's and 431's warnings in
+the log (the 400's is uvicorn's own, logged before it calls here; refused bytes may not hold a whole head, so the
+client's own id is not trusted from them), and `server-timing:
 service;dur=`, the ms from the refused request's first byte (a connection's first request: from its opening) to
 the refusal.
 """
