@@ -56,8 +56,9 @@ def metric_sum(text: str, name: str) -> float | None:
 
 
 class ScrapedService:
-    """A service read through its /metrics: the RSS summed over its live workers (the supervisor, a few tens of MB
-    that do not change, is not in it) and the CPU seconds they used since the last reading."""
+    """A service read through its /metrics: the RSS summed over its live workers and the CPU seconds they used since
+    the last reading. The supervisor and multiprocessing's resource tracker are not in it: 79 and 13 MB of a
+    2-worker service's 384 on this project's AMD EPYC, neither of them growing."""
 
     where = "the workers, from /metrics (intent_worker_resident_bytes)"
 

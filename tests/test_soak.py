@@ -336,3 +336,13 @@ def test_a_service_whose_metrics_do_not_answer_reads_as_nothing() -> None:
 
     reader = ScrapedService(f"http://127.0.0.1:{free_port()}", timeout_s=1.0)  # nothing listens there
     assert reader.take() == Reading(None, None)
+
+
+def test_ticks_keep_to_a_fixed_grid_however_long_each_takes() -> None:
+    assert soak.next_tick(5.0, 5.0, now=5.04) == 10.0  # 40 ms spent reading the service: the next is still at 10 s
+    due, times = 5.0, []
+    for _ in range(24):  # two minutes of ticks, each 30 ms late
+        times.append(due)
+        due = soak.next_tick(due, 5.0, now=due + 0.03)
+    assert times == [5.0 * k for k in range(1, 25)]
+    assert soak.next_tick(5.0, 5.0, now=12.0) == 17.0  # a reading that outlasted a tick: the grid restarts from now
