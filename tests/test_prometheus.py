@@ -50,30 +50,21 @@ def query(prom: str, expr: str) -> list[dict]:
     return data["data"]["result"]
 
 
-def test_alert_rules_are_valid(prom_bin: Path) -> None:
-    r = subprocess.run(
-        [str(prom_bin / "promtool"), "check", "rules", str(ROOT / "deploy/prometheus/alerts.yml")],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
+def promtool(prom_bin: Path, *args: str) -> str:
+    """promtool's output; it must exit 0."""
+    r = subprocess.run([str(prom_bin / "promtool"), *args], capture_output=True, text=True, check=False, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "SUCCESS: 5 rules found" in r.stdout
+    return r.stdout
+
+
+def test_alert_rules_are_valid(prom_bin: Path) -> None:
+    assert "SUCCESS: 5 rules found" in promtool(prom_bin, "check", "rules", str(ROOT / "deploy/prometheus/alerts.yml"))
 
 
 def test_the_memory_alert_fires_for_a_leak_and_not_for_a_hot_reload(prom_bin: Path) -> None:
     """promtool's own rule tests (deploy/prometheus/alerts_test.yml): a worker growing 30 MB an hour, beside a
     steady one, fires IntentWorkerMemoryGrowing after its hour pending; a one-time step up does not."""
-    r = subprocess.run(
-        [str(prom_bin / "promtool"), "test", "rules", str(ROOT / "deploy/prometheus/alerts_test.yml")],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "SUCCESS" in r.stdout
+    assert "SUCCESS" in promtool(prom_bin, "test", "rules", str(ROOT / "deploy/prometheus/alerts_test.yml"))
 
 
 def test_prometheus_scrapes_and_queries(prom_bin: Path, tmp_path: Path) -> None:
