@@ -47,6 +47,7 @@ the refusal.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -140,7 +141,9 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         self._deadline_timer: asyncio.TimerHandle | None = None
         # To send once the requests read before it are answered: the refusal, its request id and its request's start.
         self._refusal: tuple[ServiceError, str, float] | None = None
-        self._read_began = 0.0  # loop time of the first byte of the request being read, or of the connection's opening
+        # perf_counter at the first byte of the request being read, or at the connection's opening. Not the loop's
+        # clock: uvloop's is read once per iteration, in ms, and a refusal in the same iteration read 0.000.
+        self._read_began = 0.0
         self._owed = 0  # requests whose heads were read (running or queued behind one) and not yet answered
         self._requests = 0  # whose heads were read on this connection
         self._start_read_deadline()  # the first request is due from the moment the connection opens
@@ -202,8 +205,8 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
 
     def _start_read_deadline(self) -> None:
         timeout = self._limits.read_timeout_s
-        self._read_began = self.loop.time()
-        self._read_deadline = self._read_began + timeout
+        self._read_began = time.perf_counter()
+        self._read_deadline = self.loop.time() + timeout
         if self._deadline_timer is None:
             self._deadline_timer = self.loop.call_later(timeout, self._check_read_deadline)
 
@@ -278,7 +281,7 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         if metrics is not None:
             metrics.rejected.labels(error.kind).inc()
         # Between requests (bytes that begin no request) the refused bytes are the request, and they just came.
-        began = self._read_began if self._read_deadline is not None else self.loop.time()
+        began = self._read_began if self._read_deadline is not None else time.perf_counter()
         refusal = (error, uuid.uuid4().hex, began)
         if warning is not None:
             self.logger.warning(warning, extra={"request_id": refusal[1]})
@@ -301,7 +304,7 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
     def _send_refusal(self, error: ServiceError, request_id: str, began: float) -> None:
         status, headers, body = render(error)
         lines = [b"HTTP/1.1 %d %s\r\n" % (status, HTTPStatus(status).phrase.encode())]
-        service_ms = (self.loop.time() - began) * 1000
+        service_ms = (time.perf_counter() - began) * 1000
         headers = [
             *self.server_state.default_headers,
             *headers,
