@@ -36,12 +36,17 @@ def _request_id(raw: bytes | None) -> str:
     return uuid.uuid4().hex
 
 
+def service_time(start: float) -> bytes:
+    """The server-timing entry of the service's time: ms from `start` (a perf_counter reading) to now."""
+    return f"service;dur={(time.perf_counter() - start) * 1000:.3f}".encode()
+
+
 def _with_service_time(headers: list[tuple[bytes, bytes]], start: float) -> list[tuple[bytes, bytes]]:
     """The response's headers with `service;dur=` (ms from this middleware's first look at the request to its
     response's start) added to its server-timing, or as one. A client that subtracts it from what it measured
     learns how long the request spent outside the service (the network, the kernel, a busy event loop, itself);
     the other durations in the header split the service's own time further."""
-    entry = f"service;dur={(time.perf_counter() - start) * 1000:.3f}".encode()
+    entry = service_time(start)
     out, added = [], False
     for name, value in headers:
         if not added and name.lower() == b"server-timing":

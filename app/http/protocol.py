@@ -58,6 +58,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from app.config import Settings
 from app.http.errors import HeadersTooLarge, InvalidHTTP, RequestTimeout, ServiceError, render
 from app.http.metrics import Metrics
+from app.http.middleware import service_time
 
 
 @dataclass(frozen=True)
@@ -304,12 +305,11 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
     def _send_refusal(self, error: ServiceError, request_id: str, began: float) -> None:
         status, headers, body = render(error)
         lines = [b"HTTP/1.1 %d %s\r\n" % (status, HTTPStatus(status).phrase.encode())]
-        service_ms = (time.perf_counter() - began) * 1000
         headers = [
             *self.server_state.default_headers,
             *headers,
             (b"x-request-id", request_id.encode()),
-            (b"server-timing", b"service;dur=%.3f" % service_ms),
+            (b"server-timing", service_time(began)),
             (b"connection", b"close"),
         ]
         lines += [name + b": " + value + b"\r\n" for name, value in headers]
