@@ -17,6 +17,7 @@ from prometheus_client import values
 from app.config import Settings
 from app.http.main import create_app
 from app.http.metrics import Metrics
+from loadtest.procs import cpu_seconds, rss_mb
 from tests.fakes import FakeClassifier, fake_factory
 from tests.servers import get, running_server
 
@@ -148,21 +149,13 @@ def _samples(text: str, name: str) -> dict[str, float]:
     return out
 
 
-def _statm_bytes(pid: int | str) -> int:
-    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
-
-
 def test_a_sample_writes_this_workers_resident_memory_and_the_cpu_time_it_used() -> None:
     metrics = Metrics()
     before = resource.getrusage(resource.RUSAGE_SELF)
     metrics.sample_worker()
     after = resource.getrusage(resource.RUSAGE_SELF)
-    rss = _statm_bytes("self")
+    # This process alone (rss_mb would add the test runner's children, if any).
+    rss = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     text = metrics.exposition().decode()
     (resident,) = _samples(text, "intent_worker_resident_bytes").values()
     assert 0.8 * rss <= resident <= 1.25 * rss  # the same process a moment apart
@@ -196,8 +189,8 @@ def test_each_worker_of_a_running_service_reports_its_own_resident_memory() -> N
             assert status == 200
             resident = _samples(body.decode(), "intent_worker_resident_bytes")
             cpu = _samples(body.decode(), "intent_worker_cpu_seconds_total")[""]
-            now = {f'{{pid="{pid}"}}': _statm_bytes(pid) for pid in pids}
-            used = sum(_cpu_s(pid) for pid in pids)  # after the scrape, whose counter was written before it
+            now = {f'{{pid="{pid}"}}': rss_mb(pid) * 2**20 for pid in pids}
+            used = sum(sum(cpu_seconds(pid).values()) for pid in pids)  # after the scrape, which read it before
             near = set(resident) == set(now) and all(0.8 * now[s] <= resident[s] <= 1.25 * now[s] for s in now)
             if near or time.monotonic() > deadline:
                 break
