@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -599,3 +600,54 @@ def test_a_refusals_warning_in_the_log_carries_the_request_id_the_client_was_sen
     (record,) = [r for r in caplog.records if r.levelname == "WARNING"]
     assert record.getMessage() == "closed a connection whose request did not arrive whole in 0.05 s"
     assert record.__dict__["request_id"] == _fields(fake.writes[-1])[b"x-request-id"].decode()
+
+
+def _service_app(**settings: Any) -> Any:
+    """The service's own app, with a fake model; its lifespan is not run (no route here reaches the model)."""
+    return create_app(Settings(warmup_queries=0, **settings), fake_factory(FakeClassifier()))
+
+
+@pytest.mark.parametrize(
+    ("settings", "head", "status"),
+    [
+        ({}, b"POST /predict HTTP/1.1\r\nhost: x\r\ncontent-length: 999999\r\nexpect: 100-continue\r\n\r\n", 413),
+        ({}, b"POST /predict/batch HTTP/1.1\r\nhost: x\r\ncontent-length: 999999\r\n\r\n", 413),
+        ({}, b"POST /predict HTTP/1.1\r\nhost: x\r\ncontent-length: 9\r\ncontent-encoding: gzip\r\n\r\n", 415),
+        ({"api_key": "k"}, b"POST /predict HTTP/1.1\r\nhost: x\r\ncontent-length: 9\r\n\r\n", 401),
+    ],
+    ids=["413-expect-100", "413-batch", "415", "401"],
+)
+def test_an_error_answered_before_the_body_came_closes_the_connection(
+    settings: dict[str, Any], head: bytes, status: int
+) -> None:
+    """Kept open, the request a client sends next on the connection (having sent no body after the refusal, as
+    Expect: 100-continue lets it) would be read as the rest of this one's body, and never answered."""
+    fake = _connect([head, b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n"], _service_app(**settings), wait_s=10)
+    assert fake.closed
+    (write,) = fake.writes
+    assert (_status(write), _closes(write)) == (status, True)
+
+
+def test_an_error_answered_after_the_whole_body_keeps_the_connection() -> None:
+    fake = _connect([b"POST /predict HTTP/1.1\r\nhost: x\r\ncontent-length: 7\r\n\r\n{not js"], _service_app())
+    (write,) = fake.writes
+    assert (_status(write), _closes(write), fake.closed) == (400, False, False)
+
+
+@pytest.mark.parametrize("route", ["/predict", "/predict/batch"])
+def test_a_body_that_never_arrives_whole_is_counted_499_not_as_the_services_failure(
+    route: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The client gets its 408 from the protocol; the app's count says the request never arrived (499, not timed),
+    and nothing is logged as an error: a slow client is not a fault of the service (the 5xx alert)."""
+    app = _service_app()
+    head = b"POST %s HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n" % route.encode()
+    with caplog.at_level(logging.INFO):
+        fake = _connect([head + b'{"te'], app, wait_s=10, state=SHORT_TIMEOUT)
+    assert [_status(w) for w in fake.writes] == [408]
+    registry = app.state.metrics.registry
+    labels = {"route": route, "method": "POST"}
+    assert registry.get_sample_value("intent_requests_total", {**labels, "status": "499"}) == 1.0
+    assert registry.get_sample_value("intent_requests_total", {**labels, "status": "500"}) is None
+    assert registry.get_sample_value("intent_request_duration_seconds_count", {"route": route, "status": "499"}) is None
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []

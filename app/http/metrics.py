@@ -219,6 +219,10 @@ class Metrics:
         children[0].inc()
         children[1].observe(seconds)
 
+    def count_request(self, route: str, method: str, status: str) -> None:
+        """A request counted and not timed: one that nothing answered (the client left before its body was whole)."""
+        self.requests.labels(route, method, status).inc()
+
     def count_prediction(self, intent: str, stage: str = "transformer") -> None:
         child = self._intent_children.get(intent)
         if child is None:

@@ -27,6 +27,10 @@ DirectHandler = Callable[[bytes], Awaitable[tuple[bytes, str]]]
 
 log = logging.getLogger("app.access")
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+# The status counted for a request whose body never arrived whole: the client left, or the connection was refused
+# mid-body (408, 400 invalid_http; app.http.protocol). nginx's "client closed request". Nothing answered it, so it
+# is counted and not timed, and it is not a 5xx: a slow or vanished client is not the service's failure.
+CLIENT_CLOSED = 499
 
 
 def _request_id(raw: bytes | None) -> str:
@@ -96,7 +100,10 @@ class ServiceMiddleware:
             nonlocal recorded
             recorded = True
             elapsed = time.perf_counter() - start
-            self.metrics.observe_request(route, method, str(status), elapsed)
+            if status == CLIENT_CLOSED:
+                self.metrics.count_request(route, method, str(status))
+            else:
+                self.metrics.observe_request(route, method, str(status), elapsed)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug(
                     "request",
@@ -120,6 +127,11 @@ class ServiceMiddleware:
                 record()
             await send(message)
 
+        # Whether the request's body is still to come when an error is answered: then the connection closes after
+        # the answer (RFC 9110 10.1.1). Kept open, a client that sent no body after the refusal (Expect:
+        # 100-continue) would have its next request read as the rest of this one's body, and get no answer.
+        body_pending = b"content-length" in headers and headers[b"content-length"] != b"0"
+        body_pending = body_pending or b"transfer-encoding" in headers
         try:
             if self.api_key is not None and path not in self.open_paths:
                 given = headers.get(b"authorization", b"")
@@ -127,24 +139,26 @@ class ServiceMiddleware:
                     self.metrics.rejected.labels("unauthorized").inc()
                     raise Unauthorized("missing or wrong API key", {"WWW-Authenticate": "Bearer"})
             direct = self.direct_posts.get(path) if method == "POST" else None
-            if direct is not None:
-                await self._answer_directly(direct, headers, receive, send_with_id, rid)
-            else:
-                if method in _BODY_METHODS:
-                    receive = await self._bounded_body(headers, receive)
-                await self.app(scope, receive, send_with_id)
+            if direct is not None or method in _BODY_METHODS:
+                body = await self._read_body(headers, receive)
+                body_pending = False
+                if body is None:
+                    status = CLIENT_CLOSED  # nothing to answer, and no one to answer it to
+                    return
+                if direct is not None:
+                    await self._answer_directly(direct, body, send_with_id, rid)
+                    return
+                receive = _replay(body, receive)
+            await self.app(scope, receive, send_with_id)
         except ServiceError as exc:
+            if body_pending:
+                exc.headers["Connection"] = "close"
             await _send_error(send_with_id, exc)
         finally:
             if not recorded:  # no final body went out: the client disconnected, or the app failed
                 record()
 
-    async def _answer_directly(
-        self, handler: DirectHandler, headers: dict[bytes, bytes], receive: Receive, send: Send, request_id: str
-    ) -> None:
-        body = await self._read_body(headers, receive)
-        if body is None:
-            return  # the client went away before sending its body
+    async def _answer_directly(self, handler: DirectHandler, body: bytes, send: Send, request_id: str) -> None:
         try:
             content, timing = await handler(body)
         except ServiceError:
@@ -159,22 +173,6 @@ class ServiceMiddleware:
         ]
         await send({"type": "http.response.start", "status": 200, "headers": response_headers})
         await send({"type": "http.response.body", "body": content})
-
-    async def _bounded_body(self, headers: dict[bytes, bytes], receive: Receive) -> Receive:
-        """Read the whole body, refusing it as soon as it passes the limit, and replay it to the app."""
-        body = await self._read_body(headers, receive)
-        if body is None:
-            return _replay_disconnect
-        sent = False
-
-        async def replay() -> Message:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        return replay
 
     async def _read_body(self, headers: dict[bytes, bytes], receive: Receive) -> bytes | None:
         """The whole body, refused as soon as it passes the limit; None if the client disconnected."""
@@ -208,8 +206,18 @@ class ServiceMiddleware:
         return b"".join(chunks)
 
 
-async def _replay_disconnect() -> Message:
-    return {"type": "http.disconnect"}
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """`receive` for the app: the body already read, whole, then the connection's own messages."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
 
 
 async def _send_error(send: Send, exc: ServiceError) -> None:
