@@ -106,6 +106,17 @@ class Settings(BaseSettings):
         return root
 
     @model_validator(mode="after")
+    def _batch_fits_queue(self) -> Settings:
+        # Each text of a batch takes a place in the queue, so a batch over INTENT_MAX_QUEUE would get 429 and a
+        # Retry-After for ever, on an idle worker too.
+        if self.max_batch > self.max_queue:
+            raise ValueError(
+                f"INTENT_MAX_BATCH {self.max_batch} is over INTENT_MAX_QUEUE {self.max_queue}: a batch that large "
+                "could never be admitted; lower the one or raise the other"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _cores(self) -> Settings:
         if self.workers == 0:
             self.workers = max(1, effective_cpus() // self.ort_intra_threads)

@@ -30,7 +30,8 @@ def run(
     can offer more work than the server can do; saturation and overload are measured the same way."""
     port = free_port()
     cmd, env = our_server(port, workers)
-    env = {**env, "INTENT_MAX_QUEUE": str(max_queue)}
+    # A batch may not be larger than the queue (app.config); the service's own batch limit does not matter here.
+    env = {**env, "INTENT_MAX_QUEUE": str(max_queue), "INTENT_MAX_BATCH": str(min(batch, max_queue))}
     proc = subprocess.Popen(
         pinned(cmd, cpus), cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )

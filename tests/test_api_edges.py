@@ -261,7 +261,8 @@ def test_readiness_lifecycle() -> None:
 def test_overload_is_refused_at_once_with_retry_after() -> None:
     """A queue of one and a slow classifier: extra requests get 429 without waiting for inference."""
     app = create_app(
-        Settings(warmup_queries=0, max_queue=1, inference_mode="thread"), fake_factory(FakeClassifier(delay_s=0.3))
+        Settings(warmup_queries=0, max_queue=1, max_batch=1, inference_mode="thread"),
+        fake_factory(FakeClassifier(delay_s=0.3)),
     )
 
     async def scenario() -> list[httpx.Response]:
@@ -427,3 +428,46 @@ def test_the_readme_error_table_lists_every_error_kind_with_its_status() -> None
             statuses *= len(kinds)
         documented.update({kind: int(status) for status, kind in zip(statuses, kinds, strict=True)})
     assert documented == {error.kind: status for error, status in STATUS.items()}
+
+
+def test_a_405_names_the_methods_the_route_allows(client: TestClient) -> None:
+    r = client.get("/predict/batch")
+    assert (r.status_code, error_of(r), r.headers["allow"]) == (405, "method_not_allowed", "POST")
+
+
+@pytest.mark.parametrize("path", ["/predict/", "/predict/batch/", "/health/", "/model/"])
+def test_a_trailing_slash_is_an_unknown_route_not_a_redirect_built_from_the_host_header(
+    client: TestClient, path: str
+) -> None:
+    r = client.request(
+        "POST" if path.startswith("/predict") else "GET",
+        path,
+        json={"text": "hi"},
+        headers={"host": "evil.example"},
+        follow_redirects=False,
+    )
+    assert (r.status_code, error_of(r), r.json()["error"]["message"]) == (404, "not_found", f"no route {path}")
+    assert "location" not in r.headers
+
+
+def test_a_long_unknown_path_is_not_sent_back_whole(client: TestClient) -> None:
+    r = client.get("/" + "a" * 5000)
+    assert (r.status_code, r.json()["error"]["message"]) == (404, "no route /" + "a" * 99 + "...")
+
+
+@pytest.mark.parametrize(("route", "fields"), [("/predict", "text, top_k"), ("/predict/batch", "texts, top_k")])
+def test_an_unknown_fields_name_is_not_sent_back(client: TestClient, route: str, fields: str) -> None:
+    """The name is the client's, and may hold anything (a password, a user's words)."""
+    known = {"text": "hi"} if route == "/predict" else {"texts": ["hi"]}
+    r = client.post(route, json={**known, "my password is hunter2": 1})
+    assert (r.status_code, r.json()) == (
+        422,
+        {"error": {"type": "validation_error", "message": f"unknown field: the fields are {fields}"}},
+    )
+
+
+def test_a_batch_limit_over_the_queue_stops_start_up() -> None:
+    """Each text of a batch takes a place in the queue: a full batch could never be admitted (a 429 for ever)."""
+    with pytest.raises(ValueError, match="INTENT_MAX_BATCH 100 is over INTENT_MAX_QUEUE 10: a batch that large"):
+        Settings(max_batch=100, max_queue=10)
+    assert Settings(max_batch=10, max_queue=10).max_batch == 10

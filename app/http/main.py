@@ -138,14 +138,21 @@ async def _service_error(request: Request, exc: Exception) -> Response:
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     mapped: ServiceError
+    path = _shown(request.url.path)
     if exc.status_code == 404:
-        mapped = NotFound(f"no route {request.url.path}")
+        mapped = NotFound(f"no route {path}")
     elif exc.status_code == 405:
-        mapped = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}")
+        # Starlette's exception carries the route's `Allow`, which RFC 9110 requires on a 405.
+        mapped = MethodNotAllowed(f"{request.method} is not allowed on {path}", dict(exc.headers or {}))
     else:
         mapped = ServiceError(str(exc.detail))
         mapped.status = exc.status_code
     return await _service_error(request, mapped)
+
+
+def _shown(path: str, limit: int = 100) -> str:
+    """A path as an error message quotes it: cut, so that a client's 60 KB URL is not sent back whole."""
+    return path if len(path) <= limit else path[:limit] + "..."
 
 
 async def _validation_error(request: Request, exc: Exception) -> Response:
@@ -167,6 +174,8 @@ def create_app(settings: Settings | None = None, model_factory: ModelFactory | N
         version="1.0.0",
         description=description or "",
         lifespan=_lifespan(model_factory or load_engine),
+        # `/predict/` is an unknown route (404), not a 307 to a URL built from the client's Host header.
+        redirect_slashes=False,
         telemetry=None if settings.opentelemetry else {"tracing": False, "metrics": False, "logs": False},
     )
     app.state.settings = settings

@@ -54,6 +54,8 @@ def parse(body: bytes, model: type[M]) -> M:
             except UnicodeDecodeError:
                 raise InvalidEncoding("request body is not valid UTF-8") from None
             raise InvalidJSON("request body is not valid JSON") from None
+        if first["type"] == "extra_forbidden":  # its name is the client's, and may be anything: not sent back
+            raise ValidationFailed(f"unknown field: the fields are {', '.join(model.model_fields)}") from None
         where = ".".join(str(p) for p in first["loc"]) or "body"
         raise ValidationFailed(f"{where}: {first['msg']}") from None
 
