@@ -130,6 +130,7 @@ def _rehash(directory: Path) -> None:
     card = json.loads((directory / "card.json").read_text())
     for name in card["files"]:
         card["files"][name]["sha256"] = sha256_file(directory / name)
+        card["files"][name]["bytes"] = (directory / name).stat().st_size
     (directory / "card.json").write_text(json.dumps(card))
 
 

@@ -148,6 +148,21 @@ def test_card_sha256_covers_every_file_the_spec_names(tmp_path: Path) -> None:
         load_artifact(directory, verify=False)
 
 
+def test_a_card_that_misstates_a_files_size_is_refused(tmp_path: Path) -> None:
+    """The right file (its sha256 matches) under a card whose `bytes` for it is wrong: the card is not to be
+    trusted, and a card that says "sha256 and size" checks both."""
+    directory = tiny_artifact.make(tmp_path, LABELS, TRANSFORMER, FIRST, {"kind": "energy", "threshold": 2.0}, 0.8)
+    raw = json.loads((directory / "card.json").read_text())
+    size = raw["files"]["model.onnx"]["bytes"]
+    raw["files"]["model.onnx"]["bytes"] = 1
+    (directory / "card.json").write_text(json.dumps(raw))
+    with pytest.raises(
+        ModelLoadError, match=rf"size mismatch for .*model\.onnx: the card says 1 bytes, the file has {size}$"
+    ):
+        load_artifact(directory)
+    assert load_artifact(directory, verify=False).card.files["model.onnx"].bytes == 1  # as INTENT_VERIFY_SHA256=false
+
+
 # Where an unknown field can hide: every block of the card, and every nested model of the spec.
 UNKNOWN_FIELD_AT = [
     ((), ""),

@@ -251,19 +251,19 @@ def test_a_feature_rule_needs_its_files_intact(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match=r"sha256 mismatch for .*stats\.npz"):
         load_artifact(directory)
     # Matching sha256, but not an npz of the right arrays: one clear line, not a crash.
-    card["files"]["stats.npz"]["sha256"] = sha256_file(stats)
+    card["files"]["stats.npz"] = {"sha256": sha256_file(stats), "bytes": stats.stat().st_size}
     _rewrite(directory, card)
     with pytest.raises(ModelLoadError, match="unreadable stats.npz"):
         Engine.open(directory)
     # Statistics of another width than the model's features.
     write_npz(stats, {"whiten": np.eye(3, dtype=np.float32), "centers": np.zeros((2, 3), dtype=np.float32)})
-    card["files"]["stats.npz"]["sha256"] = sha256_file(stats)
+    card["files"]["stats.npz"] = {"sha256": sha256_file(stats), "bytes": stats.stat().st_size}
     _rewrite(directory, card)
     with pytest.raises(ModelLoadError, match="is for 3 features, the model gives 2"):
         Engine.open(directory)
     # References with a non-finite value.
     write_npz(stats, {"whiten": np.eye(2, dtype=np.float32), "centers": np.array([[np.nan, 0.0]], np.float32)})
-    card["files"]["stats.npz"]["sha256"] = sha256_file(stats)
+    card["files"]["stats.npz"] = {"sha256": sha256_file(stats), "bytes": stats.stat().st_size}
     _rewrite(directory, card)
     with pytest.raises(ModelLoadError, match="stats.npz: non-finite values"):
         Engine.open(directory)

@@ -78,6 +78,7 @@ def _rehash(model) -> None:
     card = json.loads((model / "card.json").read_text())
     for name in card["files"]:
         card["files"][name]["sha256"] = sha256_file(model / name)
+        card["files"][name]["bytes"] = (model / name).stat().st_size
     (model / "card.json").write_text(json.dumps(card))
 
 

@@ -89,6 +89,7 @@ def test_a_signed_served_model_is_rewritten_into_the_committed_files(tmp_path: P
     card = json.loads((model / "card.json").read_text())
     for name in ("model.onnx", "static.onnx"):
         card["files"][name]["sha256"] = sha256_file(model / name)
+        card["files"][name]["bytes"] = (model / name).stat().st_size
     old_version = card["version"] = "2026.01.01-signed00"
     (model / "card.json").write_text(json.dumps(card))
 

@@ -84,6 +84,9 @@ def load_artifact(directory: Path, verify: bool = True) -> Artifact:
             got = sha256_file(path)
             if got != expected:
                 raise ModelLoadError(f"sha256 mismatch for {path}: expected {expected[:12]}..., got {got[:12]}...")
+            size, stated = path.stat().st_size, card.files[name].bytes
+            if size != stated:  # the right file, and a card that misstates it: not a card to trust
+                raise ModelLoadError(f"size mismatch for {path}: the card says {stated} bytes, the file has {size}")
     spec = card.spec.labels
     labels = read_labels(directory / spec.file, spec.count, spec.oos_label)
     return Artifact(directory=directory, card=card, labels=labels)
