@@ -97,6 +97,8 @@ def test_cors_headers_on_predict_when_configured() -> None:
         r = c.post("/predict", json={"text": "flight to rome"}, headers={"origin": "https://x.example"})
         assert r.status_code == 200
         assert r.headers["access-control-allow-origin"] == "https://x.example"
+        # A page's script may read the request id and the timings (a browser hides other headers from it).
+        assert r.headers["access-control-expose-headers"] == "server-timing, x-request-id"
 
 
 def test_text_over_char_limit(client: TestClient) -> None:
@@ -159,6 +161,26 @@ def test_a_compressed_body_is_refused_with_415_and_what_is_accepted(client: Test
         headers={"content-encoding": "identity"},
     )
     assert identity.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("lines", "refused"),
+    [
+        (["gzip", "identity"], "gzip"),  # the last line alone had read as plain
+        (["identity", "br"], "br"),
+        (["identity, gzip"], "gzip"),
+        (["identity", "identity"], None),
+        ([""], None),
+    ],
+)
+def test_every_content_encoding_line_counts(client: TestClient, lines: list[str], refused: str | None) -> None:
+    headers = [("content-type", "application/json"), *(("content-encoding", line) for line in lines)]
+    r = client.post("/predict", content=b'{"text": "flight"}', headers=headers)
+    if refused is None:
+        assert r.status_code == 200
+    else:
+        assert (r.status_code, error_of(r)) == (415, "unsupported_content_encoding")
+        assert r.json()["error"]["message"] == f"Content-Encoding {refused} is not accepted: send the body uncompressed"
 
 
 def test_unknown_route_and_method(client: TestClient) -> None:

@@ -216,6 +216,7 @@ def create_app(settings: Settings | None = None, model_factory: ModelFactory | N
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST"],
             allow_headers=["authorization", "content-type", "x-request-id"],
+            expose_headers=["server-timing", "x-request-id"],
         )
     return app
 

@@ -140,7 +140,7 @@ class ServiceMiddleware:
                     raise Unauthorized("missing or wrong API key", {"WWW-Authenticate": "Bearer"})
             direct = self.direct_posts.get(path) if method == "POST" else None
             if direct is not None or method in _BODY_METHODS:
-                body = await self._read_body(headers, receive)
+                body = await self._read_body(headers, receive, scope["headers"])
                 body_pending = False
                 if body is None:
                     status = CLIENT_CLOSED  # nothing to answer, and no one to answer it to
@@ -174,10 +174,12 @@ class ServiceMiddleware:
         await send({"type": "http.response.start", "status": 200, "headers": response_headers})
         await send({"type": "http.response.body", "body": content})
 
-    async def _read_body(self, headers: dict[bytes, bytes], receive: Receive) -> bytes | None:
+    async def _read_body(
+        self, headers: dict[bytes, bytes], receive: Receive, raw_headers: list[tuple[bytes, bytes]]
+    ) -> bytes | None:
         """The whole body, refused as soon as it passes the limit; None if the client disconnected."""
-        coding = headers.get(b"content-encoding", b"identity").strip().lower()
-        if coding != b"identity":
+        coding = _content_coding(raw_headers) if b"content-encoding" in headers else b""
+        if coding:
             self.metrics.rejected.labels("unsupported_content_encoding").inc()
             # Refused rather than decompressed: a few hundred bytes of JSON gain nothing from compression, and a
             # decompressed body would need its own limit (a small gzip can inflate to gigabytes).
@@ -204,6 +206,16 @@ class ServiceMiddleware:
             chunks.append(chunk)
             more = message.get("more_body", False)
         return b"".join(chunks)
+
+
+def _content_coding(raw_headers: list[tuple[bytes, bytes]]) -> bytes:
+    """The codings a body was sent with, other than `identity`, from every Content-Encoding line: a header given
+    twice is one list (RFC 9110 5.3), so `gzip` then `identity` is still gzip, where the last line alone read
+    as plain."""
+    codings = (
+        c.strip().lower() for name, value in raw_headers if name == b"content-encoding" for c in value.split(b",")
+    )
+    return b", ".join(c for c in codings if c not in (b"", b"identity"))
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:
