@@ -651,3 +651,42 @@ def test_a_body_that_never_arrives_whole_is_counted_499_not_as_the_services_fail
     assert registry.get_sample_value("intent_requests_total", {**labels, "status": "500"}) is None
     assert registry.get_sample_value("intent_request_duration_seconds_count", {"route": route, "status": "499"}) is None
     assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+@pytest.mark.parametrize(
+    ("head", "message"),
+    [
+        (b"GET /health HTTP/1.1\r\n\r\n", "an HTTP/1.1 request needs one Host header"),
+        (b"GET /health HTTP/1.1\r\nhost: a\r\nhost: b\r\n\r\n", "an HTTP/1.1 request needs one Host header"),
+        (b"GET /health HTTP/1.0\r\nhost: a\r\nhost: b\r\n\r\n", "an HTTP/1.1 request needs one Host header"),
+        (b"GET /health HTTP/1.1\r\nhost: a b/c\r\n\r\n", "the Host header is not a host"),
+        (b"GET /health HTTP/1.1\r\nhost: user@evil.example\r\n\r\n", "the Host header is not a host"),
+        (b"GET /health HTTP/2.0\r\nhost: x\r\n\r\n", "HTTP/2.0 is not served: send HTTP/1.1"),
+        (b"GET /health\r\n\r\n", "HTTP/0.9 is not served: send HTTP/1.1"),
+    ],
+    ids=["no-host", "two-hosts", "two-hosts-1.0", "host-with-space", "host-with-userinfo", "http-2.0", "no-version"],
+)
+def test_a_head_rfc_9112_says_to_refuse_gets_400_and_never_reaches_the_app(head: bytes, message: str) -> None:
+    fake = _connect([head + b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n"])  # and a good request behind it
+    assert fake.closed
+    (write,) = fake.writes
+    assert (_status(write), json.loads(write.partition(b"\r\n\r\n")[2])) == (
+        400,
+        {"error": {"type": "invalid_http", "message": message}},
+    )
+    assert RECEIVED == []
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET /health HTTP/1.0\r\n\r\n",  # HTTP/1.0 needs no Host (HAProxy's health check sends none)
+        b"GET /health HTTP/1.1\r\nhost: \r\n\r\n",
+        b"GET /health HTTP/1.1\r\nhost: example.com:8000\r\n\r\n",
+        b"GET /health HTTP/1.1\r\nhost: [::1]:8000\r\n\r\n",
+        b"GET /health HTTP/1.1\r\nHost: 10.0.0.7\r\n\r\n",
+    ],
+)
+def test_a_head_with_a_good_host_or_none_in_http_1_0_is_answered(head: bytes) -> None:
+    fake = _connect([head], wait_s=0.2)
+    assert [_status(w) for w in fake.writes] == [200]

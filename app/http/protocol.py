@@ -32,7 +32,9 @@ Limits, each answered in the service's error body, after which the connection cl
   uvicorn times out only idle keep-alive connections, so a client that sent nothing, part of a head or part of a
   body held its connection (a file descriptor, a task, a slot in the balancer's `maxconn`) for ever;
 - bytes the parser refuses (not HTTP/1.1, or a request-smuggling shape such as Content-Length with chunked):
-  400 `invalid_http`, where uvicorn answered in plain text.
+  400 `invalid_http`, where uvicorn answered in plain text; so too a head the parser takes that RFC 9112 says a
+  server must refuse (3.2: an HTTP/1.1 request with no Host or with two, or a Host that is not a host), and a
+  version other than HTTP/1.0 and 1.1 (a request line with none reads as HTTP/0.9), which uvicorn answered.
 A refusal that comes while requests read before it are still being answered (pipelined, or the rest of a body
 longer than its Content-Length) waits for their answers and follows them, so that every request the app saw is
 answered and the client reads each answer for its own request; nothing more is read meanwhile.
@@ -47,6 +49,7 @@ the refusal.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -84,6 +87,22 @@ DEFAULT_LIMITS = HttpLimits(
 PROTOCOL_METRICS = "intent_metrics"
 PROTOCOL_LIMITS = "intent_http_limits"
 PROTOCOL_DRAIN = "intent_drain"  # an asyncio.Event, set once the worker drains (SIGTERM, or uvicorn's SIGHUP)
+# A Host value: a name, an IPv4 or a bracketed IPv6 address, and a port (RFC 3986's reg-name characters); empty is
+# allowed (RFC 9112 3.2). No space, slash, `@` or `?`.
+_HOST = re.compile(rb"[A-Za-z0-9\-._~!$&'()*+,;=%:\[\]]*")
+
+
+def head_fault(version: str, headers: list[tuple[bytes, bytes]]) -> str | None:
+    """Why a head the parser took must still be refused with 400, or None. `headers` as uvicorn keeps them (names
+    in lower case)."""
+    if version not in ("1.1", "1.0"):
+        return f"HTTP/{version} is not served: send HTTP/1.1"
+    hosts = [value for name, value in headers if name == b"host"]
+    if len(hosts) > 1 or (version == "1.1" and not hosts):
+        return "an HTTP/1.1 request needs one Host header"
+    if hosts and not _HOST.fullmatch(hosts[0]):
+        return "the Host header is not a host"
+    return None
 
 
 class CoalescingTransport:
@@ -135,7 +154,8 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         self._drain: asyncio.Event | None = self.app_state.get(PROTOCOL_DRAIN)
         self._head_bytes: int | None = None  # of the request head being read; None between heads
         self._head_fields = 0  # bytes of the head's URL and header lines, as the parser hands them over
-        self._head_over = False  # the head just parsed is over the cap: nothing more is parsed or dispatched
+        self._head_over = False  # the head just parsed is refused: nothing more is parsed or dispatched
+        self._head_fault: str | None = None  # why, when not for its size (head_fault)
         # When the request being read must be whole (head and body); None between requests. Checked by one timer
         # per connection that re-arms itself, so a request costs no timer of its own.
         self._read_deadline: float | None = None
@@ -178,8 +198,13 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         if self._head_over:
             return
+        # Either is refused by data_received once the parser returns; the app never sees it.
         if self._head_fields > self._limits.max_head_bytes:
-            self._head_over = True  # refused by data_received once the parser returns; the app never sees it
+            self._head_over = True
+            return
+        self._head_fault = head_fault(self.parser.get_http_version(), self.headers)
+        if self._head_fault is not None:
+            self._head_over = True
             return
         self._head_bytes = None
         before = self.cycle
@@ -243,7 +268,9 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         if counting:
             self._head_bytes += len(data)
         cap = self._limits.max_head_bytes
-        if self._head_over or self._head_bytes > cap:
+        if self._head_fault is not None:
+            self._refuse(InvalidHTTP(self._head_fault), None)
+        elif self._head_over or self._head_bytes > cap:
             self._refuse(
                 HeadersTooLarge(f"the request line and headers are over {cap} bytes"),
                 f"refused a request whose head is over {cap} bytes",
@@ -288,6 +315,7 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
             self.logger.warning(warning, extra={"request_id": refusal[1]})
         self._head_bytes = None
         self._head_over = False
+        self._head_fault = None
         self._read_deadline = None
         if self._owed_before_refused() > 0:
             self._refusal = refusal
