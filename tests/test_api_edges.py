@@ -276,6 +276,10 @@ def test_readiness_lifecycle() -> None:
         for path, body in (("/ready", b'{"status":"ready"}'), ("/health", b'{"status":"ok"}')):
             head = c.head(path)
             assert (head.status_code, head.content, head.headers["content-length"]) == (200, b"", str(len(body)))
+        for path in ("/model", "/metrics"):  # every GET route takes HEAD
+            get, head = c.get(path), c.head(path)
+            assert (head.status_code, head.content) == (200, b"")
+            assert head.headers["content-type"] == get.headers["content-type"]
     assert app.state.ready is False
     assert clf.closed
 

@@ -156,9 +156,9 @@ async def predict_batch(request: Request) -> Response:
     return _json(content, preds)
 
 
-# HEAD as well on the probes: monitors and balancers that check with HEAD (RFC 9110 asks every general-purpose
-# server to support it) get the GET answer's status and headers; out of the OpenAPI schema, which would otherwise
-# list each probe twice under one operation id.
+# HEAD as well on every GET route: monitors and balancers that check with HEAD (RFC 9110 asks every
+# general-purpose server to support it) get the GET answer's status and headers; out of the OpenAPI schema, which
+# would otherwise list each route twice under one operation id.
 @router.get("/health", summary="Liveness: the process is up", response_model=schemas.Status)
 @router.head("/health", include_in_schema=False)
 async def health() -> Response:
@@ -184,6 +184,7 @@ async def ready(request: Request) -> Response:
     response_model=schemas.ModelCardResponse,
     responses=_errors(503),
 )
+@router.head("/model", include_in_schema=False)
 async def model(request: Request) -> Response:
     served = request.app.state.slot.served
     if served is None:
@@ -197,6 +198,7 @@ async def model(request: Request) -> Response:
     response_class=Response,
     responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
 )
+@router.head("/metrics", include_in_schema=False)
 async def metrics(request: Request) -> Response:
     from prometheus_client import CONTENT_TYPE_LATEST
 
