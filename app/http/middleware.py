@@ -33,11 +33,16 @@ _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 CLIENT_CLOSED = 499
 
 
+def new_request_id() -> str:
+    """A fresh request id: for a request that brought none fit to keep, and for the protocol's refusals."""
+    return uuid.uuid4().hex
+
+
 def _request_id(raw: bytes | None) -> str:
     """The client's id if it is short and printable ASCII, otherwise a fresh one."""
     if raw and len(raw) <= 128 and all(33 <= b < 127 for b in raw):
         return raw.decode("ascii")
-    return uuid.uuid4().hex
+    return new_request_id()
 
 
 def service_time(start: float) -> bytes:

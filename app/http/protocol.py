@@ -51,7 +51,6 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-import uuid
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -61,7 +60,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from app.config import Settings
 from app.http.errors import HeadersTooLarge, InvalidHTTP, RequestTimeout, ServiceError, render
 from app.http.metrics import Metrics
-from app.http.middleware import service_time
+from app.http.middleware import new_request_id, service_time
 
 
 @dataclass(frozen=True)
@@ -310,7 +309,7 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
             metrics.rejected.labels(error.kind).inc()
         # Between requests (bytes that begin no request) the refused bytes are the request, and they just came.
         began = self._read_began if self._read_deadline is not None else time.perf_counter()
-        refusal = (error, uuid.uuid4().hex, began)
+        refusal = (error, new_request_id(), began)
         if warning is not None:
             self.logger.warning(warning, extra={"request_id": refusal[1]})
         self._head_bytes = None
