@@ -4,7 +4,8 @@
 `oos_val`, which no stage trains on and which `val` also holds, labelled `oos`, as in CLINC150.
 
 Bad data is refused with one FactoryError naming the file and the line, before any stage writes anything:
-an empty file, text that is not UTF-8, an empty text or intent, a missing column, one text with two intents,
+an empty file, text that is not UTF-8 (or, in JSONL, half a surrogate pair), an empty text or intent, a missing
+or doubled column or key, a stray or unclosed quote in a CSV, one text with two intents,
 an intent named like the out-of-scope label, an intent with too few examples to hold one out, a validation
 intent that training lacks, and a validation text that training already has.
 """
@@ -61,31 +62,68 @@ def _decoded(path: Path) -> str:
     return text
 
 
+# Only a comma separates CSV columns; a header of one column holding one of these was saved with another.
+OTHER_SEPARATORS = (";", "\t", "|")
+
+
+def _csv_records(path: Path, text: str) -> Iterator[tuple[int, list[str]]]:
+    """Each non-blank row's fields, with its last line: its only one, unless a quoted text spans lines."""
+    # strict=True: without it, a stray quote that opens a field silently swallows every line up to the next quote
+    # (or the end of the file) into one text.
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    while True:
+        start = reader.line_num + 1
+        try:
+            row = next(reader, None)
+        except csv.Error as exc:
+            end, reason = reader.line_num, str(exc)
+            hint = 'inside a quoted text, write a quote as ""'
+            if reason.startswith("unexpected end of data"):
+                reason = f"a quote opens a field here that is never closed (a stray quote? {hint})"
+            elif "expected after" in reason and end > start:
+                reason = f"a quoted text runs on to line {end}, where a quote ends it mid-field (a stray quote? {hint})"
+            elif "expected after" in reason:
+                reason = f"text after a closing quote ({hint})"
+            elif end > start:  # the field size limit, say
+                reason = f"a quoted text runs on to line {end}: {reason}"
+            raise FactoryError(f"{path}, line {start}: {reason}") from None
+        if row is None:
+            return
+        if row:
+            yield reader.line_num, row
+
+
 def _csv_rows(path: Path, text: str, columns: Columns, need_intent: bool) -> Iterator[tuple[int, str, str]]:
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    header = reader.fieldnames or []
+    records = _csv_records(path, text)
+    line, header = next(records, (1, []))
     wanted = [columns.text, columns.intent] if need_intent else [columns.text]
+    twice = [c for c in wanted if header.count(c) > 1]
+    if twice:
+        raise FactoryError(f"{path}, line {line}: the column {twice[0]!r} is in the header twice; rename or remove one")
     missing = [c for c in wanted if c not in header]
     if missing:
+        hint = "name the columns with --text-column and --intent-column"
+        other = [s for s in OTHER_SEPARATORS if len(header) == 1 and s in header[0]]
+        if other:
+            hint = f"only a comma separates columns, not {other[0]!r}"
         raise FactoryError(
-            f"{path}, line 1: no column {', '.join(repr(c) for c in missing)} in the header "
-            f"({', '.join(repr(h) for h in header)}); name the columns with --text-column and --intent-column"
+            f"{path}, line {line}: no column {', '.join(repr(c) for c in missing)} in the header "
+            f"({', '.join(repr(h) for h in header)}); {hint}"
         )
-    try:
-        for row in reader:
-            # The row's last line: its only one, unless a quoted text spans lines.
-            if any(v is None for v in row.values()) or None in row:
-                raise FactoryError(
-                    f"{path}, line {reader.line_num}: {len(header)} fields expected (quote a text that holds a comma)"
-                )
-            yield reader.line_num, row[columns.text], row.get(columns.intent, "") or ""
-    except csv.Error as exc:
-        raise FactoryError(f"{path}, line {reader.line_num}: {exc}") from None
+    text_at = header.index(columns.text)
+    intent_at = header.index(columns.intent) if columns.intent in header else None
+    for number, row in records:
+        if len(row) != len(header):
+            raise FactoryError(
+                f"{path}, line {number}: {len(header)} fields expected (quote a text that holds a comma)"
+            )
+        yield number, row[text_at], "" if intent_at is None else row[intent_at]
 
 
 def _jsonl_rows(path: Path, text: str, columns: Columns, need_intent: bool) -> Iterator[tuple[int, str, str]]:
     wanted = [columns.text, columns.intent] if need_intent else [columns.text]
-    for number, line in enumerate(text.splitlines(), 1):
+    # "\n" only: str.splitlines() also splits at U+2028, U+0085 and others, which a JSON string may hold as they are.
+    for number, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -95,8 +133,20 @@ def _jsonl_rows(path: Path, text: str, columns: Columns, need_intent: bool) -> I
         if not isinstance(row, dict):
             raise FactoryError(f"{path}, line {number}: expected an object with {', '.join(map(repr, wanted))}")
         for key in wanted:
-            if not isinstance(row.get(key), str):
+            if key not in row:
+                keys = ", ".join(map(repr, row)) or "none"
+                raise FactoryError(f"{path}, line {number}: no key {key!r} (its keys: {keys})")
+            if not isinstance(row[key], str):
                 raise FactoryError(f"{path}, line {number}: {key!r} must be a string")
+            # A JSON escape can spell half a surrogate pair ("\ud800"), which no UTF-8 text holds: the tokenizer
+            # fails on it in the middle of the build.
+            try:
+                row[key].encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise FactoryError(
+                    f"{path}, line {number}: {key!r} holds {row[key][exc.start]!r}, half of a UTF-16 surrogate pair "
+                    "and not a character"
+                ) from None
         yield number, row[columns.text], row.get(columns.intent, "") if need_intent else ""
 
 

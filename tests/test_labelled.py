@@ -102,6 +102,38 @@ def test_custom_columns_a_byte_order_mark_and_exact_repeats(tmp_path: Path) -> N
     assert [(e.text, e.intent, e.line) for e in examples] == [("hi there", "greet", 2), ("hi, again", "greet", 3)]
 
 
+def test_quoted_texts_with_commas_quotes_and_lines(tmp_path: Path) -> None:
+    path = tmp_path / "q.csv"
+    path.write_text('text,intent\n"hi, there",greet\n"say ""hello""",greet\r\n"two\nlines",greet\nbook it,book\n')
+    examples = read_examples(path)
+    # A text over several lines counts as its last one.
+    assert [(e.text, e.line) for e in examples] == [
+        ("hi, there", 2),
+        ('say "hello"', 3),
+        ("two\nlines", 5),
+        ("book it", 6),
+    ]
+
+
+def test_jsonl_lines_end_at_newlines_only(tmp_path: Path) -> None:
+    """U+2028, U+2029, U+0085 and the like are valid inside a JSON string: they do not end a line."""
+    path = tmp_path / "s.jsonl"
+    texts = ["one\u2028two", "three\u2029four\u0085five", "plain"]
+    rows = "".join(json.dumps({"text": t, "intent": "i"}, ensure_ascii=False) + "\r\n" for t in texts)
+    path.write_text(rows + '{"text": \n', encoding="utf-8", newline="")
+    with pytest.raises(FactoryError) as refused:
+        read_examples(path)
+    assert str(refused.value) == f"{path}, line 4: not JSON (Expecting value)"
+    path.write_text(rows, encoding="utf-8", newline="")
+    assert [(e.text, e.line) for e in read_examples(path)] == [(t, n) for n, t in enumerate(texts, 1)]
+
+
+def rows_with(bad_lines: dict[int, str], count: int) -> bytes:
+    """A CSV of `count` lines, the header first, good examples on each line but those in `bad_lines`."""
+    lines = [bad_lines.get(n, f"example {n} of it,{'odd' if n % 2 else 'even'}") for n in range(2, count + 1)]
+    return "\n".join(["text,intent", *lines]).encode() + b"\n"
+
+
 def bad(tmp_path: Path, name: str, content: bytes) -> Path:
     path = tmp_path / name
     path.write_bytes(content)
@@ -141,7 +173,48 @@ BAD = [
         b"text,intent\nhello,greet\nhi, there,greet\n",
         "{path}, line 3: 2 fields expected (quote a text that holds a comma)",
     ),
+    (
+        "stray_quote.csv",
+        rows_with({11: '"what is my, balance,accept_reservations', 32: 'my card "got" blocked,account_blocked'}, 41),
+        "{path}, line 11: a quoted text runs on to line 32, where a quote ends it mid-field (a stray quote? inside a "
+        'quoted text, write a quote as "")',
+    ),
+    (
+        "unclosed_quote.csv",
+        rows_with({11: '"unterminated quote,accept_reservations'}, 42),
+        "{path}, line 11: a quote opens a field here that is never closed (a stray quote? inside a quoted text, "
+        'write a quote as "")',
+    ),
+    (
+        "after_quote.csv",
+        b'text,intent\nhello,greet\n"hello" there,greet\n',
+        '{path}, line 3: text after a closing quote (inside a quoted text, write a quote as "")',
+    ),
+    (
+        "twice.csv",
+        b"text,intent,text\nhello,greet,hi\nhey,greet,yo\nbook it,book,go\nbook now,book,ok\n",
+        "{path}, line 1: the column 'text' is in the header twice; rename or remove one",
+    ),
+    (
+        "semicolons.csv",
+        b"text;intent\nhello;greet\n",
+        "{path}, line 1: no column 'text', 'intent' in the header ('text;intent'); only a comma separates columns, "
+        "not ';'",
+    ),
+    (
+        "tabs.csv",
+        b"text\tintent\nhello\tgreet\n",
+        "{path}, line 1: no column 'text', 'intent' in the header ('text\\tintent'); only a comma separates columns, "
+        "not '\\t'",
+    ),
     ("notjson.jsonl", b'{"text": "a", "intent": "b"}\n{"text": \n', "{path}, line 2: not JSON (Expecting value)"),
+    (
+        "surrogate.jsonl",
+        b'{"text": "hello", "intent": "greet"}\n{"text": "bad \\ud800 surrogate", "intent": "greet"}\n'
+        b'{"text": "book it", "intent": "book"}\n{"text": "book now", "intent": "book"}\n',
+        "{path}, line 2: 'text' holds '\\ud800', half of a UTF-16 surrogate pair and not a character",
+    ),
+    ("no_key.jsonl", b'{"text": "a"}\n', "{path}, line 1: no key 'intent' (its keys: 'text')"),
     ("list.jsonl", b'["a", "b"]\n', "{path}, line 1: expected an object with 'text', 'intent'"),
     ("number.jsonl", b'{"text": "a", "intent": 3}\n', "{path}, line 1: 'intent' must be a string"),
     ("data.tsv", b"text\tintent\n", "{path}: unknown format '.tsv'; give a .csv, .jsonl or CLINC150 .json file"),
