@@ -62,6 +62,15 @@ RECIPES := served two-encoder chapter8 quick student pruned
 # DATA=intents.csv (or .jsonl: text and intent) OUT=models/my-intents builds a team's own model; its stage
 # outputs go to artifacts/<name of OUT>, so the CLINC150 stages are kept.
 OUT_ARGS = $(if $(OUT),--model-dir $(OUT) --artifacts artifacts/$(notdir $(patsubst %/,%,$(OUT))))
+# Without OUT the defaults apply, so a team's file (anything but CLINC150's .json) would replace models/clinc150:
+# refused while the Makefile is read, before the virtual environment or anything else runs.
+ifneq ($(filter model,$(MAKECMDGOALS)),)
+ifeq ($(OUT),)
+ifneq ($(filter-out %.json,$(DATA)),)
+$(error DATA=$(DATA) needs OUT=dir: without it the build replaces models/clinc150)
+endif
+endif
+endif
 
 model: $(VENV)/.installed  ## rebuild models/clinc150 from scratch (RECIPE=served|two-encoder|chapter8|quick|student|pruned; DATA=file.csv OUT=dir)
 	@[ -n "$(filter $(RECIPE),$(RECIPES))" ] || { echo "error: RECIPE must be one of: $(RECIPES)"; exit 2; }

@@ -343,6 +343,35 @@ def test_cli_bad_data_is_one_line(tmp_path: Path, content: dict, message: str) -
     assert result.stderr.startswith(message)
 
 
+@pytest.mark.parametrize("place", ["under_a_file", "read_only"])
+def test_a_model_directory_that_cannot_be_written_is_refused_before_any_stage_runs(tmp_path: Path, place: str) -> None:
+    """In one line, before the data is trained on, where it had been a traceback at the artifact stage."""
+    data = tmp_path / "intents.csv"
+    data.write_text("text,intent\nhello,greet\nhi there,greet\nbook it,book\nbook a table,book\n")
+    artifacts = tmp_path / "artifacts"
+    if place == "under_a_file":
+        (tmp_path / "file").write_text("a file")
+        model = tmp_path / "file" / "model"
+    else:
+        model = Path("/sys/x")  # refused to root too, where a chmod'ed directory is not
+    result = run_cli(
+        "quick", "--data", str(data), "--model-dir", str(model), "--artifacts", str(artifacts), timeout=120
+    )
+    assert result.returncode == 2
+    [line] = result.stderr.splitlines()
+    if place == "under_a_file":
+        assert line == f"error: {model} cannot be written: {tmp_path / 'file'} is a file (--model-dir, OUT)"
+    else:
+        assert line.startswith(f"error: {model} cannot be written: ")  # its reason is the system's
+        assert line.endswith(" in /sys (--model-dir, OUT)")
+    assert not artifacts.exists()
+    # Nothing left of the trial directory either.
+    assert sorted(p.name for p in tmp_path.iterdir()) == (
+        ["file", "intents.csv"] if place == "under_a_file" else ["intents.csv"]
+    )
+    assert not model.exists()
+
+
 def test_quantisation_keeps_the_most_faithful_of_the_equally_fast() -> None:
     from compression.stages.quantize import choose
 

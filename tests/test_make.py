@@ -35,3 +35,36 @@ def test_ci_fails_when_pytest_collects_nothing() -> None:
     )
     assert result.returncode != 0
     assert "Error 5" in result.stderr
+
+
+def make_model_dry_run(*variables: str) -> subprocess.CompletedProcess[str]:
+    """`make -n model ...`: the commands it would run, printed, none run."""
+    return subprocess.run(
+        ["make", "-n", "--no-print-directory", "model", "RECIPE=quick", *variables],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_make_model_refuses_a_teams_data_without_out(tmp_path) -> None:
+    """Without OUT, a team's file would be built over the committed models/clinc150."""
+    result = make_model_dry_run(f"DATA={tmp_path}/team.csv")
+    assert result.returncode == 2
+    assert result.stdout == ""
+    [line] = result.stderr.strip().splitlines()
+    assert line.endswith(
+        f"*** DATA={tmp_path}/team.csv needs OUT=dir: without it the build replaces models/clinc150.  Stop."
+    )
+    given = make_model_dry_run(f"DATA={tmp_path}/team.csv", f"OUT={tmp_path}/mine")
+    assert given.returncode == 0
+    assert f"--data {tmp_path}/team.csv --wiki" in given.stdout
+    assert f"--model-dir {tmp_path}/mine --artifacts artifacts/mine" in given.stdout
+    # Neither, or CLINC150's own JSON (what `make data` says to run), rebuilds models/clinc150 as before.
+    for variables in ([], [f"DATA={tmp_path}/data_oos_plus.json"]):
+        clinc = make_model_dry_run(*variables)
+        assert clinc.returncode == 0
+        assert ".venv/bin/python -m compression quick --data " in clinc.stdout
+        assert "--model-dir" not in clinc.stdout

@@ -15,6 +15,7 @@ import secrets
 import shlex
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -128,6 +129,17 @@ def card_name(model_dir: Path) -> str:
 def check_model_dir(model_dir: Path) -> None:
     if model_dir.exists() and not model_dir.is_dir():
         raise FactoryError(f"{model_dir} is not a directory: the model directory (--model-dir, OUT) must be one")
+    # The artifact is built in a new directory beside it (replaced_whole): try making one there now, not after the
+    # whole build. A trial, not os.access: root passes os.access where the kernel refuses (/sys, say).
+    place = model_dir.resolve().parent
+    while not place.exists():
+        place = place.parent
+    if not place.is_dir():
+        raise FactoryError(f"{model_dir} cannot be written: {place} is a file (--model-dir, OUT)")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{model_dir.resolve().name}.check-", dir=place))
+    except OSError as exc:
+        raise FactoryError(f"{model_dir} cannot be written: {exc.strerror} in {place} (--model-dir, OUT)") from None
 
 
 @contextlib.contextmanager
