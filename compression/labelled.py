@@ -16,6 +16,8 @@ import csv
 import io
 import json
 import random
+import re
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,10 +43,18 @@ class Example:
     line: int  # its line in its file, 1-based, for error messages (a CSV text over several: the last)
 
 
+# A run of letters and digits, or one punctuation mark or symbol: the pieces BERT's pre-tokenizer splits a text
+# into (it splits at whitespace and around each punctuation mark; `_` is punctuation to it).
+_PIECES = re.compile(r"[^\W_]+|[^\w\s]|_")
+
+
 def text_key(text: str) -> str:
-    """Texts that the served model cannot tell apart (it is uncased, and the tokenizer splits on whitespace)
-    count as one text."""
-    return " ".join(text.split()).casefold()
+    """Texts that the served model cannot tell apart count as one text: its tokenizer (BERT's, uncased) folds
+    case and strips accents, and splits at whitespace and around punctuation, so `Résumé` is `resume` and
+    `what's` is `what ' s`."""
+    folded = unicodedata.normalize("NFD", text.casefold())
+    folded = "".join(c for c in folded if unicodedata.category(c) != "Mn")
+    return " ".join(_PIECES.findall(folded))
 
 
 def _decoded(path: Path) -> str:

@@ -157,6 +157,16 @@ BAD = [
         "{path}, line 4: the text 'hello  THERE' is 'farewell' here and 'greet' on line 2",
     ),
     (
+        "accents.csv",
+        "text,intent\nRésumé help,greet\nbook it,book\nresume help,farewell\n".encode(),
+        "{path}, line 4: the text 'resume help' is 'farewell' here and 'greet' on line 2",
+    ),
+    (
+        "punctuation_spacing.jsonl",
+        b'{"text": "what\'s my balance", "intent": "balance"}\n{"text": "what \' s my balance", "intent": "bill"}\n',
+        "{path}, line 2: the text \"what ' s my balance\" is 'bill' here and 'balance' on line 1",
+    ),
+    (
         "oos_label.csv",
         b"text,intent\nhello,greet\nwhat is love,OOS\n",
         "{path}, line 3: the intent 'OOS' is the out-of-scope label; rename it, or put out-of-scope examples in "
@@ -278,3 +288,27 @@ def test_the_cli_refuses_bad_data_in_one_line_and_writes_nothing(tmp_path: Path)
         clinc_with_val.stderr.strip()
         == f"error: --val-data: only with CSV or JSONL data; {ROOT / 'x.json'} has its own"
     )
+
+
+def test_texts_share_a_key_exactly_when_the_served_tokenizer_gives_them_the_same_ids(data_path: Path) -> None:
+    """`text_key` stands in for the tokenizer, which the data check runs before: on every CLINC150 train and val
+    text and their variants (case, accents, spacing around punctuation), one key is one sequence of token ids,
+    and one sequence of ids is one key."""
+    from tokenizers import Tokenizer
+
+    from compression.labelled import text_key
+
+    tokenizer = Tokenizer.from_file(str(Path(__file__).resolve().parents[1] / "models" / "clinc150" / "tokenizer.json"))
+    raw = json.loads(data_path.read_text())
+    texts = [text for split in ("train", "val", "oos_train", "oos_val") for text, _ in raw[split]]
+    texts += [t.upper() for t in texts[:2000]] + [t.replace("'", " ' ") for t in texts if "'" in t]
+    texts += ["Résumé help", "resume help", "naïve  café", "naive cafe", "what's up?", "what ' s up ?", "a_b", "a _ b"]
+    by_key: dict[str, tuple[int, ...]] = {}
+    by_ids: dict[tuple[int, ...], str] = {}
+    for text in texts:
+        ids = tuple(tokenizer.encode(text, add_special_tokens=False).ids)
+        key = text_key(text)
+        assert by_key.setdefault(key, ids) == ids, text
+        assert by_ids.setdefault(ids, key) == key, text
+    assert text_key("Résumé help") == text_key("resume help")
+    assert text_key("what's up?") == text_key("what ' s up ?")
