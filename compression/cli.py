@@ -10,9 +10,13 @@ chosen stages' modules are imported, and those import the training libraries onl
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 
 from compression import data as data_mod
 from compression import pipeline, progress
@@ -76,6 +80,22 @@ def run_stage(a: argparse.Namespace) -> None:
     pipeline.run(names, a, log)
 
 
+@contextlib.contextmanager
+def sigterm_as_exit() -> Iterator[None]:
+    """SIGTERM (what `timeout`, CI runners and `docker stop` send) raises SystemExit(143) for the block, so that a
+    build stopped part-way cleans up as a failed one does: by default the process died where it stood, and left
+    its half-built model directory beside OUT for good."""
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser(argv).parse_args(argv)
@@ -84,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(
             level=logging.DEBUG if args.verbose else logging.INFO, format=progress.FORMAT, handlers=[handler]
         )
-        run_stage(args)
+        with sigterm_as_exit():
+            run_stage(args)
     except FactoryError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -168,3 +168,44 @@ def test_a_card_is_written_whole_or_not_at_all(tmp_path: Path, monkeypatch: pyte
     write_card(directory, updated)
     assert read_card(directory) == updated
     assert [p.name for p in directory.iterdir()] == ["card.json"]
+
+
+@pytest.mark.parametrize("out", [".", "..", "/"])
+def test_a_model_directory_that_holds_the_current_directory_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, out: str
+) -> None:
+    """Replaced whole, it would carry the whole tree into a new directory and delete the old one from under the
+    shell in it."""
+    work = tmp_path / "work"
+    _model(work, {"intents.csv": b"text,intent\n"})
+    monkeypatch.chdir(work)
+    with pytest.raises(FactoryError, match=rf"^{out} holds the current directory: the model directory"):
+        artifact_stage.check_model_dir(Path(out))
+    artifact_stage.check_model_dir(Path("models/my-intents"))  # one of its own, below it, is fine
+    assert sorted(p.name for p in work.iterdir()) == ["intents.csv"]
+
+
+def test_a_build_stopped_by_sigterm_leaves_nothing_beside_the_model(tmp_path: Path) -> None:
+    """What `timeout`, CI runners and `docker stop` send: the half-built directory goes, as a failed build's does
+    (by default the process died where it stood, and left it beside the model for good)."""
+    import signal
+    import time
+
+    from compression.cli import sigterm_as_exit
+
+    before = signal.getsignal(signal.SIGTERM)
+    dest = tmp_path / "mine"
+    old = _model(dest, {"card.json": b"old card", "model.onnx": b"old"})
+
+    def stopped_build() -> None:
+        with sigterm_as_exit(), replaced_whole(dest) as building:
+            _model(building, {"model.onnx": b"half of a new model"})
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)  # the signal's handler raises before this ends
+
+    with pytest.raises(SystemExit) as stopped:
+        stopped_build()
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert _contents(dest) == old
+    assert [p.name for p in tmp_path.iterdir()] == ["mine"]
+    assert signal.getsignal(signal.SIGTERM) == before  # the block's handler goes with it

@@ -129,6 +129,14 @@ def card_name(model_dir: Path) -> str:
 def check_model_dir(model_dir: Path) -> None:
     if model_dir.exists() and not model_dir.is_dir():
         raise FactoryError(f"{model_dir} is not a directory: the model directory (--model-dir, OUT) must be one")
+    if Path.cwd().resolve().is_relative_to(model_dir.resolve()):
+        # A build replaces its directory whole and carries over what is not the model: OUT=. would copy the whole
+        # tree (a repository, its virtual environments) into a new directory and delete the old one from under
+        # the shell that is in it.
+        raise FactoryError(
+            f"{model_dir} holds the current directory: the model directory (--model-dir, OUT) must be one of its own, "
+            "models/my-intents say"
+        )
     # The artifact is built in a new directory beside it (replaced_whole): try making one there now, not after the
     # whole build. A trial, not os.access: root passes os.access where the kernel refuses (/sys, say).
     place = model_dir.resolve().parent
