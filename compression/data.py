@@ -150,7 +150,7 @@ def _wiki_parts(path: Path | str) -> tuple[list[str], list[str]]:
     """The Wikipedia sentences stages may train on, and the held-out pool (see WIKI_POOL_SIZE)."""
     path = Path(path)
     if not path.is_file():
-        raise FactoryError(f"wiki sentences file not found: {path} (set --wiki, or --wiki-oos 0)")
+        raise FactoryError(f"wiki sentences file not found: {path} (set --wiki; `make data` downloads it)")
     lines = sorted({line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()})
     random.Random(_WIKI_POOL_SEED).shuffle(lines)
     cut = len(lines) - min(WIKI_POOL_SIZE, len(lines) // 5)  # a small file (tests) keeps most for training

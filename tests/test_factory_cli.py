@@ -712,3 +712,20 @@ def test_the_quick_recipe_builds_a_teams_model_that_the_service_serves(
         assert answer.status_code == 200
         assert answer.json()["model_version"] == card["version"]
         assert client.get("/model").json()["metrics"]["validation_report"] == report
+
+
+def test_a_missing_wiki_file_is_refused_before_any_stage_runs(tmp_path: Path) -> None:
+    """Where it had been found after the embedder stage had written, with a hint (--wiki-oos 0) that failed too."""
+    data = tmp_path / "intents.csv"
+    data.write_text("text,intent\nhello,greet\nhi there,greet\nbook it,book\nbook a table,book\n")
+    artifacts, missing = tmp_path / "artifacts", tmp_path / "no-wiki.txt"
+    result = run_cli(
+        "quick", "--data", str(data), "--wiki", str(missing), "--model-dir", str(tmp_path / "model"),
+        "--artifacts", str(artifacts), timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"error: wiki sentences file not found: {missing} (set --wiki; `make data` downloads it)"
+    ]
+    assert not artifacts.exists()
+    assert not (tmp_path / "model").exists()
