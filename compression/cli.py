@@ -75,9 +75,11 @@ def run_stage(a: argparse.Namespace) -> None:
         print(f"use them with: make model DATA={data_file} MODEL_ARGS='--wiki {wiki_file}'")
         return
     names = [a.stage] if a.stage in pipeline.STAGES else list(_recipe(a.stage).stages)
+    earlier: list[str] = []
     if getattr(a, "from_stage", None):
-        names = pipeline.resume(names, a.from_stage, Path(a.artifacts))
-    pipeline.run(names, a, log)
+        remaining = pipeline.resume(names, a.from_stage, Path(a.artifacts))
+        earlier, names = names[: len(names) - len(remaining)], remaining
+    pipeline.run(names, a, log, resumed=earlier)
 
 
 @contextlib.contextmanager

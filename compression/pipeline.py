@@ -18,10 +18,12 @@ import argparse
 import dataclasses
 import functools
 import importlib
+import json
 import logging
 import time
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -395,8 +397,9 @@ def resume(names: list[str], start: str, artifacts: Path) -> list[str]:
     return names[names.index(start) :]
 
 
-def run(names: list[str], args: argparse.Namespace, log: logging.Logger) -> None:
-    """Run the named stages in the order given, each with its Config built from the parsed flags."""
+def run(names: list[str], args: argparse.Namespace, log: logging.Logger, resumed: Sequence[str] = ()) -> None:
+    """Run the named stages in the order given, each with its Config built from the parsed flags; `resumed`: the
+    recipe's stages before them (`--from`), whose outputs they read."""
     ctx = Context(build(Common, args), args)
     ctx.dataset  # noqa: B018 - read and check the data before any stage starts: a bad file fails in one line
     if not set(names) <= WIKI_FREE and not Path(ctx.wiki).is_file():  # not after an hour's teacher, say
@@ -409,9 +412,30 @@ def run(names: list[str], args: argparse.Namespace, log: logging.Logger) -> None
         check = getattr(module, "check", None)  # a stage's own checks of its destination, where it has some
         if check is not None:
             check(ctx, config)
+    source = ctx.data_source
+    _check_resumed_data(resumed, ctx, source)
     for number, (name, module, config) in enumerate(zip(names, modules, configs, strict=True), 1):
         started = time.perf_counter()
         with progress.stage(name, number, len(names)):
             log.info("stage %s: start (inputs: %s)", name, ", ".join(STAGES[name].inputs) or "none")
             module.run_stage(ctx, config)
+            if ctx.dir(name).is_dir():
+                (ctx.dir(name) / DATA_RECORD).write_text(json.dumps(source, indent=2, sort_keys=True) + "\n")
             log.info("stage %s: done in %.0f s", name, time.perf_counter() - started)
+
+
+# Beside each stage's output: the data it was built from (Context.data_source: a team's files by sha256).
+DATA_RECORD = "data.json"
+
+
+def _check_resumed_data(resumed: Sequence[str], ctx: Context, source: dict[str, Any]) -> None:
+    """A recipe resumed (`--from`) reads its earlier stages' outputs: each was built from this run's data. On
+    another file, the stages had made a model of the old file's intents under a card naming the new one. An
+    output from before these records has none, and is read as it is."""
+    for earlier in resumed:
+        record = ctx.dir(earlier) / DATA_RECORD
+        if record.is_file() and json.loads(record.read_text()) != source:
+            raise FactoryError(
+                f"--from: {ctx.dir(earlier)} was built from other data than {ctx.data}; run from the first stage, or "
+                "give this data --artifacts of its own"
+            )

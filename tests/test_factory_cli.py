@@ -535,14 +535,14 @@ def test_a_teams_csv_builds_a_model_that_the_service_serves(
 
     data = team_csv(data_path, tmp_path)
     art, model_dir, reports = tmp_path / "art", tmp_path / "model", tmp_path / "reports"
-    result = run_cli(
-        "two-encoder",
-        *("--data", str(data), "--text-column", "utterance", "--intent-column", "label", "--val-share", "0.2"),
+    args = (
+        *("--text-column", "utterance", "--intent-column", "label", "--val-share", "0.2"),
         *("--wiki", str(WIKI), "--pretrained", str(tiny_pretrained), "--artifacts", str(art)),
         *("--model-dir", str(model_dir), "--reports", str(reports), "--wiki-oos", "50", "--threads", "1"),
         *("--teacher-epochs", "1", "--latency-queries", "10", "--static-epochs", "1", "--static-copies", "0"),
         *("--static-wiki-oos", "50", "--static-dim", "16", "--oos-reject-rate", "0.05"),
     )
+    result = run_cli("two-encoder", "--data", str(data), *args)
     # The factory's log, so that a failure of any check below shows the run it checks (captured stdout).
     print(result.stderr[-2500:])
     assert result.returncode == 0, result.stderr[-3000:]
@@ -583,6 +583,18 @@ def test_a_teams_csv_builds_a_model_that_the_service_serves(
         model = client.get("/model").json()
         assert model["version"] == card["version"]
         assert model["metrics"]["validation_report"] == report
+    # Each stage's output records the data it was built from; resumed on another file, the earlier stages' outputs
+    # (the old file's intents) are refused, not served under a card that names the new file.
+    assert json.loads((art / "teacher" / "data.json").read_text()) == source
+    other = tmp_path / "other.csv"
+    other.write_text(data.read_text() + "what is my balance right now,balance\n")
+    resumed = run_cli("two-encoder", "--data", str(other), *args, "--from", "artifact")
+    assert resumed.returncode == 2
+    assert resumed.stderr.splitlines()[-1] == (
+        f"error: --from: {art / 'teacher'} was built from other data than {other}; run from the first stage, or give "
+        "this data --artifacts of its own"
+    )
+    assert json.loads((model_dir / "card.json").read_text()) == card
 
 
 @pytest.mark.slow
