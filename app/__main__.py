@@ -112,7 +112,10 @@ def settings_or_error() -> Settings | str:
         return Settings()
     except ValidationError as exc:
         first = exc.errors(include_url=False, include_input=False)[0]
-        return f"invalid setting INTENT_{str(first['loc'][0]).upper()}: {first['msg']}"
+        message = first["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's own message
+        if not first["loc"]:  # a check of several settings together: its message names them
+            return f"invalid settings: {message}"
+        return f"invalid setting INTENT_{str(first['loc'][0]).upper()}: {message}"
     except SettingsError as exc:  # a list setting (INTENT_OPEN_PATHS, INTENT_CORS_ORIGINS) that is not JSON
         field = re.search(r'field "(\w+)"', str(exc))
         name = f"INTENT_{field.group(1).upper()}" if field else "a list setting"

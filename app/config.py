@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+_SERVICE_LINK = re.compile(r"INTENT_(SERVICE_HOST|SERVICE_PORT\w*|PORT_\d+_(TCP|UDP|SCTP)\w*)")
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "clinc150"
 
 
@@ -25,7 +28,8 @@ class Settings(BaseSettings):
     )
     verify_sha256: bool = Field(True, description="check every artifact file against card.json at start-up")
 
-    host: str = "127.0.0.1"
+    # Not empty: uvicorn reads "" as every interface, which an unset template variable would open up.
+    host: str = Field("127.0.0.1", min_length=1)
     port: int = Field(8000, ge=1, le=65535)
     workers: int = Field(0, ge=0, description="uvicorn worker processes; 0 means one per CPU core")
     ort_intra_threads: int = Field(1, ge=1, description="ONNX Runtime intra-op threads per worker")
@@ -37,6 +41,7 @@ class Settings(BaseSettings):
     keep_warm_ms: float = Field(
         0.0,
         ge=0,
+        le=60_000,
         description="inline mode: after this long idle, run throw-away queries through every stage in an "
         "idle-priority thread, to keep caches warm (0: off)",
     )
@@ -65,7 +70,7 @@ class Settings(BaseSettings):
         "so that a client's connections are placed on the workers again (app.http.protocol); 0: no limit",
     )
     max_queue: int = Field(64, ge=1, description="requests admitted per worker; beyond this, 429 at once")
-    retry_after_s: int = Field(1, ge=1)
+    retry_after_s: int = Field(1, ge=1, le=3600)
 
     api_key: SecretStr | None = Field(None, description="if set, require 'Authorization: Bearer <key>'")
     open_paths: list[str] = Field(default_factory=lambda: ["/health", "/ready", "/metrics"])
@@ -82,10 +87,14 @@ class Settings(BaseSettings):
         False, description="FastAPI's native OpenTelemetry spans and metrics; off skips its per-request provider check"
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    warmup_queries: int = Field(20, ge=0)
-    graceful_timeout_s: int = Field(20, ge=0, description="longest wait for in-flight requests at shutdown")
+    warmup_queries: int = Field(20, ge=0, le=10_000)
+    graceful_timeout_s: int = Field(20, ge=0, le=3600, description="longest wait for in-flight requests at shutdown")
+    # Bounded: at `inf` (accepted before) a SIGTERM never ended the service.
     shutdown_delay_s: float = Field(
-        2.0, ge=0, description="after SIGTERM, answer /ready 503 and keep serving this long before closing listeners"
+        2.0,
+        ge=0,
+        le=300,
+        description="after SIGTERM, answer /ready 503 and keep serving this long before closing listeners",
     )
 
     @field_validator("api_key", "admin_key")
@@ -104,6 +113,19 @@ class Settings(BaseSettings):
         if root is not None and model_dir is not None and not within_root(model_dir, root):
             raise ValueError(f"INTENT_MODEL_DIR {model_dir} is outside INTENT_MODEL_ROOT {root}")
         return root
+
+    @model_validator(mode="after")
+    def _no_unknown_variables(self) -> Settings:
+        # A mistyped setting (INTENT_MAX_QUEU) was ignored, and its default served in silence. Kubernetes' service
+        # links for a Service named "intent" (INTENT_SERVICE_HOST, INTENT_PORT_8000_TCP...) are not settings.
+        known = {f"INTENT_{name.upper()}" for name in type(self).model_fields}
+        for variable in sorted(os.environ):
+            name = variable.upper()
+            if name.startswith("INTENT_") and name not in known and not _SERVICE_LINK.fullmatch(name):
+                near = difflib.get_close_matches(name, sorted(known), n=1)
+                hint = f" (did you mean {near[0]}?)" if near else ""
+                raise ValueError(f"{variable} is not a setting{hint}; unset it, or see the README's Configuration")
+        return self
 
     @model_validator(mode="after")
     def _batch_fits_queue(self) -> Settings:

@@ -497,3 +497,55 @@ def test_a_batch_limit_over_the_queue_stops_start_up() -> None:
     with pytest.raises(ValueError, match="INTENT_MAX_BATCH 100 is over INTENT_MAX_QUEUE 10: a batch that large"):
         Settings(max_batch=100, max_queue=10)
     assert Settings(max_batch=10, max_queue=10).max_batch == 10
+
+
+def test_a_check_of_several_settings_is_one_line_at_start_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`python -m app`'s line for a check that no one setting fails (it had been an IndexError's traceback)."""
+    from app.__main__ import settings_or_error
+
+    monkeypatch.setenv("INTENT_MAX_QUEUE", "10")
+    assert settings_or_error() == (
+        "invalid settings: INTENT_MAX_BATCH 64 is over INTENT_MAX_QUEUE 10: a batch that large could never be "
+        "admitted; lower the one or raise the other"
+    )
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "line"),
+    [
+        (
+            "INTENT_MAX_QUEU",
+            "5",
+            "invalid settings: INTENT_MAX_QUEU is not a setting (did you mean INTENT_MAX_QUEUE?); unset it, or see "
+            "the README's Configuration",
+        ),
+        ("INTENT_HOST", "", "invalid setting INTENT_HOST: String should have at least 1 character"),
+        (
+            "INTENT_SHUTDOWN_DELAY_S",
+            "inf",
+            "invalid setting INTENT_SHUTDOWN_DELAY_S: Input should be less than or equal to 300",
+        ),
+        (
+            "INTENT_KEEP_WARM_MS",
+            "inf",
+            "invalid setting INTENT_KEEP_WARM_MS: Input should be less than or equal to 60000",
+        ),
+    ],
+    ids=["typo", "empty-host", "endless-drain", "endless-keep-warm"],
+)
+def test_a_setting_that_cannot_be_meant_stops_start_up(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, line: str
+) -> None:
+    """A typo had been ignored (its default served in silence), an empty host had opened every interface, and a
+    SIGTERM with an endless drain delay never ended the service."""
+    from app.__main__ import settings_or_error
+
+    monkeypatch.setenv(variable, value)
+    assert settings_or_error() == line
+
+
+def test_kubernetes_service_links_are_not_taken_for_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What Kubernetes sets for a Service named `intent` in the same namespace."""
+    for name in ("INTENT_SERVICE_HOST", "INTENT_SERVICE_PORT", "INTENT_SERVICE_PORT_HTTP", "INTENT_PORT_8000_TCP_ADDR"):
+        monkeypatch.setenv(name, "10.0.0.7")
+    assert Settings().port == 8000

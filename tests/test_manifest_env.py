@@ -55,3 +55,14 @@ def test_deployment_env_serves_and_counts_every_worker(tmp_path: Path) -> None:
         assert total == sent
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=40) == 0
+
+
+def test_the_pods_environment_holds_only_settings_and_no_service_links() -> None:
+    """The service refuses an INTENT_* variable that is not a setting (app.config): every one the Deployment sets
+    is one, and Kubernetes adds none of its own (a Service named `intent` would set INTENT_PORT=tcp://...)."""
+    from app.config import Settings
+
+    spec = yaml.safe_load(DEPLOYMENT.read_text())["spec"]["template"]["spec"]
+    assert spec["enableServiceLinks"] is False
+    known = {f"INTENT_{name.upper()}" for name in Settings.model_fields}
+    assert [name for name in deployment_env() if name.startswith("INTENT_") and name not in known] == []

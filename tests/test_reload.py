@@ -429,7 +429,7 @@ def test_start_up_refuses_a_model_dir_outside_the_root(tmp_path: Path) -> None:
     )
     assert run.returncode == 2
     assert run.stderr.strip().splitlines() == [
-        f"error: invalid setting INTENT_MODEL_ROOT: Value error, INTENT_MODEL_DIR {MODEL_DIR} is outside "
+        f"error: invalid setting INTENT_MODEL_ROOT: INTENT_MODEL_DIR {MODEL_DIR} is outside "
         f"INTENT_MODEL_ROOT {tmp_path}"
     ]
 
