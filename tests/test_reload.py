@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import shutil
@@ -57,8 +58,8 @@ def tampered(tmp_path: Path) -> Path:
 
 
 def settings(tmp_path: Path, **kw: object) -> Settings:
-    kw = {"model_dir": MODEL_DIR, **kw}
-    return Settings(warmup_queries=2, admin_key=KEY, model_pointer=tmp_path / "ptr.json", **kw)  # type: ignore[arg-type]
+    kw = {"model_dir": MODEL_DIR, "model_pointer": tmp_path / "ptr.json", **kw}
+    return Settings(warmup_queries=2, admin_key=KEY, **kw)  # type: ignore[arg-type]
 
 
 def version_of(client: TestClient) -> str:
@@ -454,3 +455,67 @@ def test_a_worker_does_not_follow_a_pointer_outside_the_root(tmp_path: Path) -> 
     write_pointer(tmp_path / "ptr.json", Pointer(str(outside), "9999.outside"))
     with TestClient(create_app(rooted(tmp_path))) as client:
         assert version_of(client) == old
+
+
+def test_a_worker_ends_on_the_pointers_model_when_two_reloads_pass_between_its_polls(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """This worker reloads B and publishes it, and another worker's reload of A lands before this one next looks:
+    the pointer reads A, as it did when this worker started. Compared with the pointer it saw last, the worker had
+    stayed on B for good while every other served A."""
+    import app.http.reload as reload_module
+
+    first = version_of_dir(MODEL_DIR)
+    write_pointer(tmp_path / "ptr.json", Pointer(str(MODEL_DIR), first))
+    target = new_version(tmp_path)
+    published = reload_module.write_pointer
+
+    def and_then_another_workers(path: Path, pointer: Pointer) -> None:
+        published(path, pointer)
+        published(path, Pointer(str(MODEL_DIR), first))
+
+    monkeypatch.setattr(reload_module, "write_pointer", and_then_another_workers)
+    with TestClient(create_app(settings(tmp_path, reload_poll_s=0.05))) as client:
+        r = client.post("/admin/reload", json={"model_dir": str(target)}, headers=AUTH)
+        assert (r.status_code, r.json()["model_version"]) == (200, "2026.12.01-rollout")
+        deadline = time.monotonic() + 60  # only catches a hang: a loaded machine loads slowly
+        while version_of(client) != first:
+            assert time.monotonic() < deadline, "the worker stayed on the model the pointer no longer names"
+            time.sleep(0.05)
+
+
+def version_of_dir(directory: Path) -> str:
+    return str(json.loads((directory / "card.json").read_text())["version"])
+
+
+def test_a_reload_that_cannot_tell_the_other_workers_changes_nothing(tmp_path: Path) -> None:
+    """The pointer's directory is gone (a /tmp cleaner, say): the reload had swapped this worker's model and then
+    answered 500, leaving it on a model no other worker served."""
+    target = new_version(tmp_path)
+    pointer = tmp_path / "gone" / "ptr.json"
+    with TestClient(create_app(settings(tmp_path, model_pointer=pointer))) as client:
+        old = version_of(client)
+        r = client.post("/admin/reload", json={"model_dir": str(target)}, headers=AUTH)
+        assert (r.status_code, r.json()["error"]) == (
+            500,
+            {
+                "type": "reload_not_published",
+                "message": "the other workers cannot be told of it (No such file or directory): nothing changed",
+            },
+        )
+        assert version_of(client) == old
+        assert 'intent_model_reloads_total{result="rejected"} 1.0' in client.get("/metrics").text
+    assert not (tmp_path / "gone").exists()
+
+
+def test_a_worker_that_starts_after_its_pointers_directory_went_serves_intent_model_dir(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reload's directory removed, then a worker restarted (killed, say): it had failed to start, and uvicorn
+    then stopped every worker, the healthy ones too."""
+    target = new_version(tmp_path)
+    write_pointer(tmp_path / "ptr.json", Pointer(str(target), "2026.12.01-rollout"))
+    shutil.rmtree(target)
+    with caplog.at_level(logging.WARNING), TestClient(create_app(settings(tmp_path))) as client:
+        assert version_of(client) == version_of_dir(MODEL_DIR)
+    assert "the model pointer names a directory that does not load; serving INTENT_MODEL_DIR" in caplog.messages

@@ -99,6 +99,12 @@ class ModelRejected(ServiceError):
     kind = "model_rejected"
 
 
+class PointerNotWritten(ServiceError):
+    """/admin/reload loaded the model but could not write the pointer the other workers follow; nothing changed."""
+
+    kind = "reload_not_published"
+
+
 class Forbidden(ServiceError):
     """A model directory outside INTENT_MODEL_ROOT given to /admin/reload; nothing is read from it."""
 
@@ -123,6 +129,7 @@ STATUS: dict[type[ServiceError], int] = {
     ModelRejected: 422,
     Overloaded: 429,
     HeadersTooLarge: 431,
+    PointerNotWritten: 500,
     NotReady: 503,
     ServiceError: 500,
 }

@@ -22,6 +22,7 @@ from app import __doc__ as description
 from app import heap
 from app.config import Settings, within_root
 from app.engine.engine import WARMUP_TEXTS
+from app.engine.errors import ModelLoadError
 from app.http import reload
 from app.http.errors import MethodNotAllowed, NotFound, ServiceError, ValidationFailed, render
 from app.http.metrics import Metrics
@@ -83,7 +84,18 @@ def _lifespan(factory: ModelFactory) -> Callable[[FastAPI], Any]:
             log.warning("the model pointer names a directory outside INTENT_MODEL_ROOT; serving INTENT_MODEL_DIR")
             model_dir = settings.model_dir
         heap.limit_arenas()  # before the first thread that a reload loads a model in
-        model, card = reload.load_warm(state, model_dir)
+        try:
+            model, card = reload.load_warm(state, model_dir)
+        except (ModelLoadError, OSError) as exc:
+            if model_dir == settings.model_dir:
+                raise
+            # Its directory was removed or changed since the reload: a worker that restarts (one killed, say)
+            # serves INTENT_MODEL_DIR rather than fail, which uvicorn answers by stopping every worker.
+            log.warning(
+                "the model pointer names a directory that does not load; serving INTENT_MODEL_DIR",
+                extra={"error": str(exc)[:300]},
+            )
+            model, card = reload.load_warm(state, settings.model_dir)
         reload.install(state, model, card)
         version, serving = model.version, card.get("serving", {})  # the CPU, and the weights it runs on it
         del model, card  # the slot holds the model alone, so the reload that replaces it frees it

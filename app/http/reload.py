@@ -34,7 +34,7 @@ from app import heap
 from app.config import within_root
 from app.engine.engine import WARMUP_TEXTS, Predictor
 from app.engine.errors import ModelLoadError
-from app.http.errors import Forbidden, ModelRejected, NotReady, Unauthorized
+from app.http.errors import Forbidden, ModelRejected, NotReady, PointerNotWritten, Unauthorized
 from app.http.routes import parse
 from app.http.serving import Served
 
@@ -66,10 +66,14 @@ def read_pointer(path: Path | None) -> Pointer | None:
 
 
 def write_pointer(path: Path, pointer: Pointer) -> None:
-    """Atomically: a worker polling the file sees the old pointer or the new one, never half of one."""
+    """Atomically: a worker polling the file sees the old pointer or the new one, never half of one. OSError if
+    it cannot be written, with nothing left behind."""
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"model_dir": pointer.model_dir, "version": pointer.version}))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps({"model_dir": pointer.model_dir, "version": pointer.version}))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def install(state: State, model: Predictor, card: dict[str, Any]) -> str | None:
@@ -130,29 +134,45 @@ async def reload(state: State, model_dir: Path, publish: bool) -> tuple[str, str
             # model's are, so that a refused reload leaves the worker as large as it was (app.heap).
             await asyncio.to_thread(heap.return_free_memory)
             raise ModelRejected(refusal)
-        previous = install(state, model, card)
-        state.metrics.reloads.labels("ok").inc()
         pointer_path: Path | None = state.settings.model_pointer
         if publish and pointer_path is not None:
-            write_pointer(pointer_path, Pointer(str(model_dir), model.version))
+            # Before the swap: a pointer that cannot be written leaves this worker as it was, with the others,
+            # rather than on a model they never hear of.
+            try:
+                write_pointer(pointer_path, Pointer(str(model_dir), model.version))
+            except OSError as exc:
+                state.metrics.reloads.labels("rejected").inc()
+                del model
+                await asyncio.to_thread(heap.return_free_memory)
+                raise PointerNotWritten(
+                    f"the other workers cannot be told of it ({exc.strerror}): nothing changed"
+                ) from None
+        previous = install(state, model, card)
+        state.metrics.reloads.labels("ok").inc()
         log.info("model reloaded", extra={"model_version": model.version, "previous": previous})
         return model.version, previous
 
 
 async def follow_pointer(state: State, path: Path, interval_s: float) -> None:
-    """Poll the pointer file; when it names a version this worker does not serve, load that directory."""
-    seen: Pointer | None = read_pointer(path)
+    """Poll the pointer file; when it names a version this worker does not serve, load that directory. Compared
+    with what this worker serves, not with the pointer it saw last: two reloads in other workers between two polls
+    (A, then B, then A again) had left a worker on B for good. A pointer that failed to load is not tried again
+    until it changes."""
+    failed: Pointer | None = None
     while True:
         await asyncio.sleep(interval_s)
         pointer = read_pointer(path)
-        if pointer is None or pointer == seen:
+        if pointer is None or pointer == failed:
             continue
-        seen = pointer
+        # (No local name for the served model: held across the sleep, it would keep a replaced model alive.)
         if state.slot.served is not None and pointer.version == state.slot.served.version:
             continue
+        if state.reload_lock.locked():
+            continue  # this worker is reloading: look again once it has, and has published or not
         try:
             await reload(state, Path(pointer.model_dir), publish=False)
         except (ModelRejected, Forbidden) as exc:
+            failed = pointer
             log.warning("could not follow a reload", extra={"error": exc.message[:300]})
 
 
