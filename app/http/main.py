@@ -25,6 +25,7 @@ from app.engine.engine import WARMUP_TEXTS
 from app.engine.errors import ModelLoadError
 from app.http import reload
 from app.http.errors import MethodNotAllowed, NotFound, ServiceError, ValidationFailed, render
+from app.http.logs import configure_logging
 from app.http.metrics import Metrics
 from app.http.middleware import ServiceMiddleware
 from app.http.protocol import PROTOCOL_DRAIN, PROTOCOL_LIMITS, PROTOCOL_METRICS, HttpLimits
@@ -234,5 +235,9 @@ def create_app(settings: Settings | None = None, model_factory: ModelFactory | N
 
 
 def create_app_from_env() -> FastAPI:
-    """Entry point for `uvicorn --factory app.http.main:create_app_from_env`."""
-    return create_app(Settings())
+    """Entry point for `uvicorn --factory app.http.main:create_app_from_env`: each worker process's, so each
+    configures its own logging (with several workers, uvicorn spawns processes that `python -m app`'s set-up never
+    reached: their records came out as bare text, below WARNING not at all)."""
+    settings = Settings()
+    configure_logging(settings.log_level)
+    return create_app(settings)
