@@ -8,10 +8,12 @@ import os
 import re
 import resource
 import shutil
+import signal
 import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from types import FrameType
 
 import uvicorn
 from pydantic import ValidationError
@@ -84,6 +86,12 @@ def run_workers(settings: Settings, factory: str) -> int:
         # The file through which the workers follow a reload (app.http.reload); it starts empty.
         pointer_dir = tempfile.mkdtemp(prefix="intent-model-")
         os.environ["INTENT_MODEL_POINTER"] = os.path.join(pointer_dir, "pointer.json")
+    # After a drained shutdown one uvicorn server (one worker) restores the signal handlers it found and raises the
+    # signal again: the default SIGTERM handler then ended the process where it stood (exit -15), before the
+    # `finally` below, leaving its temporary directories behind on every stop. Found here, the signal ends it as
+    # the supervisor of several workers does: after the clean-up, with status 0.
+    for stop_signal in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop_signal, _stop)
     try:
         uvicorn.run(
             factory,
@@ -106,6 +114,10 @@ def run_workers(settings: Settings, factory: str) -> int:
     return 0
 
 
+def _stop(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
+
+
 def settings_or_error() -> Settings | str:
     """The settings from the environment, or the one line that says which setting is wrong and why."""
     try:
@@ -123,6 +135,10 @@ def settings_or_error() -> Settings | str:
 
 
 def main() -> int:
+    # Also while the model is checked in a child process: a SIGTERM then had ended this process alone, and left the
+    # child (about 100 MB) running without a parent.
+    for stop_signal in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop_signal, _stop)
     settings = settings_or_error()
     if isinstance(settings, str):
         print(f"error: {settings}", file=sys.stderr)

@@ -81,8 +81,7 @@ def test_sigterm_drains_without_losing_accepted_requests() -> None:
     assert report.lost == 0
     assert set(answers) == {"200"}
     assert answers["200"] > 100
-    # uvicorn re-raises the captured SIGTERM after its graceful shutdown, so the exit reads as -15.
-    assert proc.returncode in (0, -signal.SIGTERM)
+    assert proc.returncode == 0  # a drained stop, as the supervisor of several workers reports it
 
 
 def _ask(sock: socket.socket, text: str) -> bytes:
