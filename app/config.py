@@ -97,6 +97,14 @@ class Settings(BaseSettings):
         description="after SIGTERM, answer /ready 503 and keep serving this long before closing listeners",
     )
 
+    @field_validator("model_dir", "model_root", "model_pointer", mode="before")
+    @classmethod
+    def _path_not_empty(cls, value: object) -> object:
+        # An empty variable (an unset template value) read as the current directory.
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("is empty: unset it for the default, or name a path")
+        return value
+
     @field_validator("api_key", "admin_key")
     @classmethod
     def _key_not_empty(cls, key: SecretStr | None) -> SecretStr | None:

@@ -521,6 +521,16 @@ def test_a_check_of_several_settings_is_one_line_at_start_up(monkeypatch: pytest
         ),
         ("INTENT_HOST", "", "invalid setting INTENT_HOST: String should have at least 1 character"),
         (
+            "INTENT_MODEL_DIR",
+            "",
+            "invalid setting INTENT_MODEL_DIR: is empty: unset it for the default, or name a path",
+        ),
+        (
+            "INTENT_MODEL_POINTER",
+            " ",
+            "invalid setting INTENT_MODEL_POINTER: is empty: unset it for the default, or name a path",
+        ),
+        (
             "INTENT_SHUTDOWN_DELAY_S",
             "inf",
             "invalid setting INTENT_SHUTDOWN_DELAY_S: Input should be less than or equal to 300",
@@ -531,7 +541,7 @@ def test_a_check_of_several_settings_is_one_line_at_start_up(monkeypatch: pytest
             "invalid setting INTENT_KEEP_WARM_MS: Input should be less than or equal to 60000",
         ),
     ],
-    ids=["typo", "empty-host", "endless-drain", "endless-keep-warm"],
+    ids=["typo", "empty-host", "empty-model-dir", "empty-pointer", "endless-drain", "endless-keep-warm"],
 )
 def test_a_setting_that_cannot_be_meant_stops_start_up(
     monkeypatch: pytest.MonkeyPatch, variable: str, value: str, line: str
