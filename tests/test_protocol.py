@@ -269,6 +269,23 @@ def test_a_head_that_arrives_in_one_read_is_held_to_the_cap_to_the_byte(over: in
         assert fake.writes[0].partition(b"\r\n\r\n")[2] == b'{"ok":true}'
 
 
+@pytest.mark.parametrize("over", [0, 1])
+def test_a_head_in_many_reads_is_held_to_the_cap_to_the_byte(over: int) -> None:
+    """The same head as above, its first byte, then all but its last, then the last: the bytes of the reads count
+    the request line's method and version too, and had refused a head the cap allows (found by an audit)."""
+    small = {PROTOCOL_LIMITS: replace(DEFAULT_LIMITS, max_head_bytes=2048)}
+    raw = b"".join(_chunks(2048 - _head_fields_bytes(b"".join(_chunks(0))) + over))
+    head_end = raw.index(b"\r\n\r\n") + 4
+    fake = _connect([raw[:1], raw[1 : head_end - 1], raw[head_end - 1 :]], state=small)
+    if over:
+        assert _head_refused(fake.writes) == {
+            "error": {"type": "headers_too_large", "message": "the request line and headers are over 2048 bytes"}
+        }
+    else:
+        assert _head_refused(fake.writes) is None
+        assert fake.writes[0].partition(b"\r\n\r\n")[2] == b'{"ok":true}'
+
+
 def test_a_request_pipelined_behind_a_refused_head_is_never_dispatched() -> None:
     """A head over the cap, its body and a request behind it, all in one read: one 431, and the app sees nothing."""
     small = {PROTOCOL_LIMITS: replace(DEFAULT_LIMITS, max_head_bytes=2048)}

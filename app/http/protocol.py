@@ -85,6 +85,9 @@ DEFAULT_LIMITS = HttpLimits(
 # limits are the defaults.
 PROTOCOL_METRICS = "intent_metrics"
 PROTOCOL_LIMITS = "intent_http_limits"
+# What a head holds beyond what the cap counts (its URL and header lines): the request line's method (11 bytes at
+# most), two spaces and version, and the CRLF of each line and of the blank one, with room to spare.
+HEAD_SLACK = 64
 PROTOCOL_DRAIN = "intent_drain"  # an asyncio.Event, set once the worker drains (SIGTERM, or uvicorn's SIGHUP)
 # A Host value: a name, an IPv4 or a bracketed IPv6 address, and a port (RFC 3986's reg-name characters); empty is
 # allowed (RFC 9112 3.2). No space, slash, `@` or `?`.
@@ -255,11 +258,12 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._refusal is not None:
             return  # the connection ends with that refusal: nothing after the refused bytes is a request
-        # A head is over the cap by either of two counts, each never more than its true size, so a head under the
-        # cap is never refused. (1) The reads that find a head already begun and leave it unfinished: every byte
-        # of those is the head's. This one stops a head that never ends, which the parser would grow for ever.
-        # (2) Once the head is parsed, its URL and header lines (request line's method and version and the blank
-        # line aside): this one catches a head that arrived whole in one read, which (1) does not count.
+        # A head is over the cap by either of two counts. (1) The reads that find a head already begun and leave it
+        # unfinished: every byte of those is the head's, its request line's method and version and its line ends
+        # too, which the cap does not count, so (1) refuses only past the cap by HEAD_SLACK: a head under the cap
+        # is not refused however its bytes arrive (unless its lines are padded with whitespace). This one stops a
+        # head that never ends, which the parser would grow for ever. (2) Once the head is parsed, its URL and
+        # header lines, as the cap counts them: this one holds a head to the cap to the byte.
         counting = self._head_bytes is not None
         super().data_received(data)
         if self._head_bytes is None or self.transport.is_closing():
@@ -269,7 +273,7 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         cap = self._limits.max_head_bytes
         if self._head_fault is not None:
             self._refuse(InvalidHTTP(self._head_fault), None)
-        elif self._head_over or self._head_bytes > cap:
+        elif self._head_over or self._head_bytes > cap + HEAD_SLACK:
             self._refuse(
                 HeadersTooLarge(f"the request line and headers are over {cap} bytes"),
                 f"refused a request whose head is over {cap} bytes",
