@@ -140,6 +140,8 @@ def _jsonl_rows(path: Path, text: str, columns: Columns, need_intent: bool) -> I
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise FactoryError(f"{path}, line {number}: not JSON ({exc.msg})") from None
+        except (ValueError, RecursionError) as exc:  # JSON that Python will not hold: 5,000-digit numbers, deep nests
+            raise FactoryError(f"{path}, line {number}: not JSON this reader takes ({type(exc).__name__})") from None
         if not isinstance(row, dict):
             raise FactoryError(f"{path}, line {number}: expected an object with {', '.join(map(repr, wanted))}")
         for key in wanted:

@@ -157,6 +157,16 @@ BAD = [
         "{path}, line 4: the text 'hello  THERE' is 'farewell' here and 'greet' on line 2",
     ),
     (
+        "deep.jsonl",
+        b'{"text": "hi", "intent": "greet", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n",
+        "{path}, line 1: not JSON this reader takes (RecursionError)",
+    ),
+    (
+        "huge_number.jsonl",
+        b'{"text": "hi", "intent": "greet", "x": ' + b"9" * 5000 + b"}\n",
+        "{path}, line 1: not JSON this reader takes (ValueError)",
+    ),
+    (
         "accents.csv",
         "text,intent\nRésumé help,greet\nbook it,book\nresume help,farewell\n".encode(),
         "{path}, line 4: the text 'resume help' is 'farewell' here and 'greet' on line 2",
