@@ -72,6 +72,17 @@ def describe_policy(policy: Mapping[str, float] | None) -> str:
     return f"keep in-scope validation accuracy at {policy['in_scope_accuracy']}"
 
 
+def _over_the_rate(point: Mapping[str, Any], policy: Mapping[str, float] | None) -> str:
+    """Why a rejection rate above the one the threshold was set to is no contradiction, where it is above it."""
+    rate, rejected = (policy or {}).get("in_scope_rejection"), point.get("in_scope_rejected")
+    if rate is None or rejected is None or rejected <= rate + 1e-12:
+        return ""
+    return (
+        f" More than {rate:.1%}: the classifier itself answers `oos` to these, which no threshold changes, and the "
+        "rule rejects none beyond them."
+    )
+
+
 def _share(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -90,7 +101,7 @@ def markdown(report: dict[str, Any], name: str, version: str, policy: Mapping[st
         "",
         f"- The OOS rule's threshold is set to {describe_policy(policy)}.",
         f"- In-scope validation queries rejected as out of scope: {_share(point['in_scope_rejected'], 4)} "
-        f"of {point['in_scope_n']}.",
+        f"of {point['in_scope_n']}.{_over_the_rate(point, policy)}",
         f"- Out-of-scope validation queries caught: {_share(point['oos_recall'], 4)} of {point['oos_n']}"
         + (" (no out-of-scope examples were given)." if not point["oos_n"] else "."),
         "",
