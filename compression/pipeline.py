@@ -51,8 +51,9 @@ class Stage:
 
 # In order: `python -m compression all` runs them so. `inputs` are the stages whose output directories a stage
 # reads (artifact and bench also read the earlier stages' run records, for the card and the stage table).
-# The stages that never read the Wikipedia sentences (every other one trains, tunes or reports on them).
-WIKI_FREE = frozenset({"embedder", "export", "bench"})
+# The stages that read neither the validation split nor the Wikipedia sentences (every other one trains, tunes or
+# reports on them).
+READ_NO_DATA = frozenset({"embedder", "export", "bench"})
 
 STAGES: dict[str, Stage] = {
     s.name: s
@@ -402,8 +403,10 @@ def run(names: list[str], args: argparse.Namespace, log: logging.Logger, resumed
     recipe's stages before them (`--from`), whose outputs they read."""
     ctx = Context(build(Common, args), args)
     ctx.dataset  # noqa: B018 - read and check the data before any stage starts: a bad file fails in one line
-    if not set(names) <= WIKI_FREE and not Path(ctx.wiki).is_file():  # not after an hour's teacher, say
-        raise FactoryError(f"wiki sentences file not found: {ctx.wiki} (set --wiki; `make data` downloads it)")
+    if not set(names) <= READ_NO_DATA:  # what they read, checked now, not after an hour's teacher, say
+        ctx.dataset.split("val")  # a CLINC150-format file without one
+        if not Path(ctx.wiki).is_file():
+            raise FactoryError(f"wiki sentences file not found: {ctx.wiki} (set --wiki; `make data` downloads it)")
     # Every stage's settings are checked before the first stage runs, so a bad flag of a late stage fails in one
     # line at once, not after the teacher has trained for an hour.
     modules = [load(STAGES[name]) for name in names]

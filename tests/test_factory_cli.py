@@ -726,6 +726,22 @@ def test_the_quick_recipe_builds_a_teams_model_that_the_service_serves(
         assert client.get("/model").json()["metrics"]["validation_report"] == report
 
 
+def test_a_clinc_format_file_without_val_is_refused_before_any_stage_runs(tmp_path: Path) -> None:
+    """Where it had been found after the embedder stage had written."""
+    data = tmp_path / "mine.json"
+    data.write_text(
+        json.dumps({"train": [["hello", "greet"], ["hi", "greet"], ["book it", "book"], ["a table", "book"]]})
+    )
+    artifacts = tmp_path / "artifacts"
+    result = run_cli(
+        "quick", "--data", str(data), "--wiki", str(WIKI), "--model-dir", str(tmp_path / "model"),
+        "--artifacts", str(artifacts), timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == ["error: the data file has no 'val' split (it has: train)"]
+    assert not artifacts.exists()
+
+
 def test_a_missing_wiki_file_is_refused_before_any_stage_runs(tmp_path: Path) -> None:
     """Where it had been found after the embedder stage had written, with a hint (--wiki-oos 0) that failed too."""
     data = tmp_path / "intents.csv"
