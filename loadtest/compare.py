@@ -27,10 +27,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from app.cpu import current, measurement_context
+from loadtest.cli_args import require_writable_dir
 from loadtest.run import (
     ServerFactory,
     add_keep_warm_arg,
     add_placement_args,
+    add_scenario_args,
     keep_warm_env,
     measure,
     scenario_from_args,
@@ -294,11 +296,8 @@ def plot(rounds: list[dict[str, dict[str, Any]]], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--rates", default="100,400")
-    p.add_argument("--steps", default="8,16,32")
-    p.add_argument("--seconds", type=int, default=10)
-    p.add_argument("--step-seconds", type=int, default=8)
+    p = argparse.ArgumentParser(prog="python -m loadtest.compare", description=__doc__)
+    add_scenario_args(p, rates="100,400", steps="8,16,32", seconds=10, step_seconds=8)
     add_placement_args(p)
     add_keep_warm_arg(p)
     p.add_argument("--no-optimum", action="store_true", help="skip the Optimum baseline")
@@ -310,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.rounds < 1:
         p.error("--rounds must be at least 1")
+    require_writable_dir(p, "--out", a.out)  # before the stand-in is built and the first server is measured
     cpu = current().describe()
     print(f"CPU: {cpu}", flush=True)
     model = choose_baseline_model(ROOT, a.out)

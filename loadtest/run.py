@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from app.cpu import current, measurement_context
+from loadtest.cli_args import positive_floats, positive_int, positive_ints, require_url, require_writable_dir
 from loadtest.server import LOOPBACK, ROOT, free_port, our_server, pinned, serve
 
 P99_LIMIT_MS = 50.0
@@ -217,10 +218,10 @@ def table(name: str, result: dict[str, Any]) -> str:
 
 def add_placement_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("CPU placement (taskset lists; empty: no pinning)")
-    g.add_argument("--latency-workers", type=int, default=LATENCY.workers)
+    g.add_argument("--latency-workers", type=positive_int, default=LATENCY.workers)
     g.add_argument("--latency-server-cpus", default=LATENCY.server_cpus)
     g.add_argument("--latency-locust-cpus", default=LATENCY.locust_cpus)
-    g.add_argument("--workers", type=int, default=THROUGHPUT.workers, help="server workers, throughput phase")
+    g.add_argument("--workers", type=positive_int, default=THROUGHPUT.workers, help="server workers, throughput phase")
     g.add_argument("--server-cpus", default=THROUGHPUT.server_cpus)
     g.add_argument("--locust-cpus", default=THROUGHPUT.locust_cpus)
 
@@ -238,10 +239,18 @@ def keep_warm_env(ms: float) -> dict[str, str]:
     return {"INTENT_KEEP_WARM_MS": str(ms)}
 
 
+def add_scenario_args(p: argparse.ArgumentParser, rates: str, steps: str, seconds: int, step_seconds: int) -> None:
+    """The load's options, each checked as it is parsed: rates and steps are comma lists (empty: none)."""
+    p.add_argument("--rates", type=positive_floats, default=rates, help=f"open-loop rates, req/s (default: {rates})")
+    p.add_argument("--steps", type=positive_ints, default=steps, help=f"saturation steps, users (default: {steps})")
+    p.add_argument("--seconds", type=positive_int, default=seconds, help="per open-loop rate")
+    p.add_argument("--step-seconds", type=positive_int, default=step_seconds, help="per saturation step")
+
+
 def scenario_from_args(a: argparse.Namespace) -> Scenario:
     return Scenario(
-        rates=[float(x) for x in a.rates.split(",") if x],
-        steps=[int(x) for x in a.steps.split(",") if x],
+        rates=list(a.rates),
+        steps=list(a.steps),
         seconds=a.seconds,
         step_seconds=a.step_seconds,
         latency=Placement(a.latency_workers, a.latency_server_cpus or None, a.latency_locust_cpus or None),
@@ -250,18 +259,18 @@ def scenario_from_args(a: argparse.Namespace) -> Scenario:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m loadtest.run", description=__doc__)
     p.add_argument("--host", default=os.environ.get("HOST_URL"), help="target a running server (loopback only)")
-    p.add_argument("--rates", default="100,400,800")
-    p.add_argument("--steps", default="8,16,32,64")
-    p.add_argument("--seconds", type=int, default=12, help="per open-loop rate")
-    p.add_argument("--step-seconds", type=int, default=10, help="per saturation step")
+    add_scenario_args(p, rates="100,400,800", steps="8,16,32,64", seconds=12, step_seconds=10)
     add_placement_args(p)
     p.add_argument("--inference-mode", choices=["inline", "thread"], default="inline")
     add_keep_warm_arg(p)
     p.add_argument("--data", default=None, help="CLINC150 JSON whose validation texts are sent")
     p.add_argument("--out", type=Path, default=ROOT / "reports" / "loadtest")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    require_url(p, "--host", a.host, "http://127.0.0.1:8000")
+    require_writable_dir(p, "--out", a.out)
+    return a
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from app.cpu import current, measurement_context
+from loadtest.cli_args import positive_float, positive_int, require_url, require_writable_dir
 from loadtest.driver import Report, closed_loop, open_loop
 from loadtest.host import Canary, Steal
 from loadtest.queries import load_queries
@@ -456,27 +457,25 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--minutes", type=float, default=60.0, help="length of the run (default: an hour)")
+    p = argparse.ArgumentParser(prog="python -m loadtest.soak", description=__doc__.split("\n\n")[0])
+    p.add_argument("--minutes", type=positive_float, default=60.0, help="length of the run (default: an hour)")
     p.add_argument("--share", type=float, default=0.5, help="share of the measured capacity to offer")
-    p.add_argument("--rate", type=float, default=None, help="a fixed rate (requests/s) instead of --share")
-    p.add_argument("--workers", type=int, default=2, help="workers of the service it starts (not with --host)")
+    p.add_argument("--rate", type=positive_float, default=None, help="a fixed rate (requests/s) instead of --share")
+    p.add_argument("--workers", type=positive_int, default=2, help="workers of the service it starts (not with --host)")
     p.add_argument(
         "--host",
         default=None,
         help="drive a service already running at this URL (on another machine, say) instead of starting one; "
         "its RSS and CPU come from its /metrics",
     )
-    p.add_argument("--capacity-seconds", type=float, default=5.0, help="length of the capacity measurement")
+    p.add_argument("--capacity-seconds", type=positive_float, default=5.0, help="length of the capacity measurement")
     p.add_argument("--out-dir", type=Path, default=ROOT / "reports", help="where soak.json and soak.png go")
     a = p.parse_args(argv)
-    if a.minutes <= 0:
-        p.error("--minutes must be positive")
     if not 0 < a.share <= 1:
         p.error("--share must be in (0, 1]")
+    require_url(p, "--host", a.host, "http://10.0.0.5:8000")
+    require_writable_dir(p, "--out-dir", a.out_dir)  # now, not after the hour
     print(f"CPU: {current().describe()}", flush=True)
-    if a.host is not None and not a.host.startswith(("http://", "https://")):
-        p.error("--host must be a URL, such as http://10.0.0.5:8000")
     result, ticks = run(a.minutes, a.share, a.workers, a.rate, a.capacity_seconds, host=a.host)
     a.out_dir.mkdir(parents=True, exist_ok=True)
     (a.out_dir / "soak.json").write_text(json.dumps({**result, "context": measurement_context()}, indent=2) + "\n")

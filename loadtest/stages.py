@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 from app.cpu import current
+from loadtest.cli_args import positive_float, positive_floats
 from loadtest.driver import open_loop
 from loadtest.queries import load_queries
 from loadtest.server import free_port, our_server, pinned, serve
@@ -41,8 +42,8 @@ def mean_ms(before: dict[tuple[str, str], float], after: dict[tuple[str, str], f
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rates", default="100,800,100")
-    p.add_argument("--seconds", type=float, default=8.0)
+    p.add_argument("--rates", type=positive_floats, default="100,800,100")
+    p.add_argument("--seconds", type=positive_float, default=8.0)
     p.add_argument("--server-cpus", default="0")
     p.add_argument("--data", default=None, help="CLINC150 JSON whose validation texts are sent")
     p.add_argument("--log", type=Path, default=None)
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| rate /s | tokenize ms | queue ms | inference ms | whole request ms |")
     print("|---|---|---|---|---|")
     with serve(cmd, env, port, a.server_cpus or None, log=a.log) as base:
-        for rate in (float(x) for x in a.rates.split(",") if x):
+        for rate in a.rates:
             before = totals(base)
             asyncio.run(open_loop(base, rate, a.seconds, texts, connections=8))
             after = totals(base)

@@ -468,3 +468,120 @@ def test_compare_refuses_fewer_than_one_round(capsys: pytest.CaptureFixture[str]
         main(["--rounds", "0"])
     assert stopped.value.code == 2
     assert "--rounds must be at least 1" in capsys.readouterr().err
+
+
+# `python -m loadtest.run` and `python -m loadtest.compare`: each bad argument is argparse's usage error (status 2,
+# one line) before a server, Locust or (compare) the baselines' stand-in model starts.
+
+BAD_SCENARIOS = [
+    (["--seconds", "0"], "argument --seconds: must be a whole number of at least 1, got '0'"),
+    (["--seconds", "-3"], "argument --seconds: must be a whole number of at least 1, got '-3'"),
+    (["--step-seconds", "0"], "argument --step-seconds: must be a whole number of at least 1, got '0'"),
+    (["--rates", "100,0"], "argument --rates: must be comma-separated positive, finite numbers, got '0' in '100,0'"),
+    (["--rates=-5"], "argument --rates: must be comma-separated positive, finite numbers, got '-5' in '-5'"),
+    (["--rates", "abc"], "argument --rates: must be comma-separated positive, finite numbers, got 'abc' in 'abc'"),
+    (["--steps", "8,x"], "argument --steps: must be comma-separated whole numbers of at least 1, got 'x' in '8,x'"),
+    (["--steps", "8,0"], "argument --steps: must be comma-separated whole numbers of at least 1, got '0' in '8,0'"),
+    (["--workers", "-1"], "argument --workers: must be a whole number of at least 1, got '-1'"),
+    (["--latency-workers", "0"], "argument --latency-workers: must be a whole number of at least 1, got '0'"),
+]
+
+
+@pytest.fixture
+def nothing_started(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fails the test if a server or Locust would start, or compare would build its stand-in model."""
+    from loadtest import compare, run
+
+    def fail(*args: object, **kwargs: object) -> None:
+        pytest.fail("a measurement started")
+
+    for module, name in [(run, "measure"), (run, "run_locust"), (compare, "measure"), (compare, "build_stand_in")]:
+        monkeypatch.setattr(module, name, fail)
+
+
+def usage_error(capsys: pytest.CaptureFixture[str], prog: str) -> str:
+    """The one error line of an argparse usage error, after checking nothing was printed before it."""
+    out, err = capsys.readouterr()
+    assert out == ""  # not even the CPU line
+    assert err.startswith(f"usage: {prog} ")
+    last = err.splitlines()[-1]
+    assert last.startswith(f"{prog}: error: ")
+    return last.removeprefix(f"{prog}: error: ")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        *BAD_SCENARIOS,
+        (["--host", "localhost:8748"], "--host must be a URL, such as http://127.0.0.1:8000, got 'localhost:8748'"),
+        (["--host", "not-a-url"], "--host must be a URL, such as http://127.0.0.1:8000, got 'not-a-url'"),
+        (["--host", "http://"], "--host must be a URL, such as http://127.0.0.1:8000, got 'http://'"),
+    ],
+)
+@pytest.mark.usefixtures("nothing_started")
+def test_loadtest_refuses_bad_arguments_before_any_server_starts(
+    args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from loadtest.run import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main([*args, "--out", str(tmp_path / "out")])
+    assert stopped.value.code == 2
+    assert usage_error(capsys, "python -m loadtest.run") == message
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("args", "message"), [BAD_SCENARIOS[i] for i in (0, 3, 5, 6, 8)])
+@pytest.mark.usefixtures("nothing_started")
+def test_compare_refuses_bad_arguments_before_it_builds_its_stand_in(
+    args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from loadtest.compare import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main([*args, "--out", str(tmp_path / "out")])
+    assert stopped.value.code == 2
+    assert usage_error(capsys, "python -m loadtest.compare") == message
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("tool", ["run", "compare"])
+@pytest.mark.usefixtures("nothing_started")
+def test_loadtest_and_compare_refuse_an_out_they_cannot_write_before_they_start(
+    tool: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import importlib
+
+    main = importlib.import_module(f"loadtest.{tool}").main
+    (tmp_path / "file").write_text("x")
+    for out, reason in [
+        (Path("/proc/nope/x"), "No such file or directory"),
+        (tmp_path / "file" / "x", "Not a directory"),
+    ]:
+        with pytest.raises(SystemExit) as stopped:
+            main(["--out", str(out)])
+        assert stopped.value.code == 2
+        assert usage_error(capsys, f"python -m loadtest.{tool}") == f"--out {out} cannot be written: {reason}"
+
+
+def test_loadtest_passes_its_parsed_scenario_on_unchanged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Valid arguments read as before: rates as floats, steps as ints, an empty list as none."""
+    from loadtest import run
+
+    seen: list[run.Scenario] = []
+
+    def measure(make: object, host: object, out: Path, scenario: run.Scenario, **kwargs: object) -> None:
+        seen.append(scenario)
+        raise RuntimeError("stopped here")
+
+    monkeypatch.setattr(run, "measure", measure)
+    with pytest.raises(RuntimeError, match="stopped here"):
+        run.main(["--rates", "40,0.5", "--steps", "", "--seconds", "3", "--workers", "1", "--out", str(tmp_path)])
+    (scenario,) = seen
+    assert scenario.rates == [40.0, 0.5]
+    assert scenario.steps == []
+    assert scenario.seconds == 3
+    assert scenario.step_seconds == 10
+    assert scenario.throughput == run.Placement(1, "0,1", "0,1")
+    assert run.scenario_from_args(run.parse_args(["--out", str(tmp_path)])).rates == [100.0, 400.0, 800.0]
+    assert run.scenario_from_args(run.parse_args(["--out", str(tmp_path)])).steps == [8, 16, 32, 64]

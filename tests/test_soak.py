@@ -346,3 +346,77 @@ def test_ticks_keep_to_a_fixed_grid_however_long_each_takes() -> None:
         due = soak.next_tick(due, 5.0, now=due + 0.03)
     assert times == [5.0 * k for k in range(1, 25)]
     assert soak.next_tick(5.0, 5.0, now=12.0) == 17.0  # a reading that outlasted a tick: the grid restarts from now
+
+
+# `python -m loadtest.soak`'s arguments: each bad one is argparse's usage error (status 2, one line) before the
+# service starts or the capacity is measured; a nan had started both and ended in a traceback.
+
+SOAK_USAGE_ERROR = "python -m loadtest.soak: error: "
+
+
+@pytest.fixture
+def no_soak(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(*args: object, **kwargs: object) -> None:
+        pytest.fail("the soak started")
+
+    monkeypatch.setattr(soak, "run", fail)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--rate", "0"], "argument --rate: must be a positive, finite number, got '0'"),
+        (["--rate", "-5"], "argument --rate: must be a positive, finite number, got '-5'"),
+        (["--rate", "nan"], "argument --rate: must be a positive, finite number, got 'nan'"),
+        (["--capacity-seconds", "0"], "argument --capacity-seconds: must be a positive, finite number, got '0'"),
+        (["--capacity-seconds", "-1"], "argument --capacity-seconds: must be a positive, finite number, got '-1'"),
+        (["--workers", "0"], "argument --workers: must be a whole number of at least 1, got '0'"),
+        (["--workers", "-2"], "argument --workers: must be a whole number of at least 1, got '-2'"),
+        (["--minutes", "0"], "argument --minutes: must be a positive, finite number, got '0'"),
+        (["--minutes", "inf"], "argument --minutes: must be a positive, finite number, got 'inf'"),
+        (["--minutes", "nan"], "argument --minutes: must be a positive, finite number, got 'nan'"),
+        (["--share", "nan"], "--share must be in (0, 1]"),
+        (["--host", "http://"], "--host must be a URL, such as http://10.0.0.5:8000, got 'http://'"),
+        (["--host", "10.0.0.5:8000"], "--host must be a URL, such as http://10.0.0.5:8000, got '10.0.0.5:8000'"),
+    ],
+)
+@pytest.mark.usefixtures("no_soak")
+def test_a_soak_refuses_bad_arguments_before_it_starts(
+    args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        soak.main([*args, "--out-dir", str(tmp_path / "out")])
+    assert stopped.value.code == 2
+    out, err = capsys.readouterr()
+    assert err.splitlines()[-1] == SOAK_USAGE_ERROR + message
+    assert err.startswith("usage: python -m loadtest.soak ")
+    assert out == ""  # not even the CPU line
+
+
+@pytest.mark.parametrize("place", ["proc", "under_a_file"])
+@pytest.mark.usefixtures("no_soak")
+def test_a_soak_refuses_an_out_dir_it_cannot_write_before_the_hour(
+    place: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "file").write_text("x")
+    out_dir, reason = {
+        "proc": (Path("/proc/nope/x"), "No such file or directory"),
+        "under_a_file": (tmp_path / "file" / "soak", "Not a directory"),
+    }[place]
+    with pytest.raises(SystemExit) as stopped:
+        soak.main(["--minutes", "1", "--out-dir", str(out_dir)])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == f"{SOAK_USAGE_ERROR}--out-dir {out_dir} cannot be written: {reason}"
+
+
+def test_a_soak_makes_its_out_dir_before_it_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out_dir = tmp_path / "new" / "reports"
+
+    def run(*args: object, **kwargs: object) -> None:
+        assert out_dir.is_dir()
+        raise RuntimeError("stopped here")  # what the run would do is not this test's
+
+    monkeypatch.setattr(soak, "run", run)
+    with pytest.raises(RuntimeError, match="stopped here"):
+        soak.main(["--minutes", "0.5", "--rate", "10", "--out-dir", str(out_dir)])

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from compression.data import Dataset
+from compression.errors import FactoryError
 from compression.measure.evaluate import validation_report
 from compression.measure.latency import latencies_ms
 from compression.onnx_stage import OnnxStage
@@ -301,6 +304,26 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 class Config:
     latency_queries: int = field(default=300, metadata={"help": "validation queries timed per stage"})
     baseline: bool = field(default=True, metadata={"help": "time the BERT-base pipeline baseline"})
+
+    def __post_init__(self) -> None:
+        # Refused here, before any stage runs: -1 was a traceback from the sampler, 0 one after every stage was timed.
+        if self.latency_queries < 1:
+            raise FactoryError(f"--latency-queries must be at least 1, got {self.latency_queries}")
+
+
+def check(ctx: Any, cfg: Config) -> None:
+    """Before any stage of the run: that --reports can be written (made if missing), not only when the benchmark
+    has run. A trial file, not os.access, which passes root where the kernel refuses (/proc, /sys)."""
+    reports = Path(ctx.reports)
+    if reports.exists() and not reports.is_dir():
+        raise FactoryError(f"--reports {reports} cannot be written: it is not a directory")
+    try:
+        reports.mkdir(parents=True, exist_ok=True)
+        handle, trial = tempfile.mkstemp(prefix=".write-check-", dir=reports)
+        os.close(handle)
+        os.unlink(trial)
+    except OSError as exc:
+        raise FactoryError(f"--reports {reports} cannot be written: {exc.strerror or exc}") from None
 
 
 def run_stage(ctx: Any, cfg: Config) -> None:
