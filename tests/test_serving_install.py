@@ -168,12 +168,12 @@ EMPTY_KEY = "unset it to run without a key, or give a key"
         (
             "INTENT_API_KEY",
             "",
-            "error: invalid setting INTENT_API_KEY: Value error, is empty: " + EMPTY_KEY,
+            "error: invalid setting INTENT_API_KEY: is empty: " + EMPTY_KEY,
         ),
         (
             "INTENT_ADMIN_KEY",
             " ",
-            "error: invalid setting INTENT_ADMIN_KEY: Value error, is empty: " + EMPTY_KEY,
+            "error: invalid setting INTENT_ADMIN_KEY: is empty: " + EMPTY_KEY,
         ),
     ],
 )
