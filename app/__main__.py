@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import multiprocessing
 import os
@@ -16,6 +17,7 @@ from pathlib import Path
 from types import FrameType
 
 import uvicorn
+from dotenv.parser import parse_stream
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
@@ -118,8 +120,27 @@ def _stop(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(0)
 
 
+def env_file_problem(path: Path) -> str | None:
+    """What is wrong with the settings file (`.env`), if anything. python-dotenv skips a line it cannot parse with a
+    warning, so the setting on it fell back to its default (an unclosed quote on INTENT_PORT served on 8000), and
+    it raised a UnicodeDecodeError traceback on bytes that are not UTF-8."""
+    if not path.is_file():
+        return None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        return f"{path} is not UTF-8 text"
+    except OSError as exc:
+        return f"{path} cannot be read: {exc.strerror}"
+    bad = next((binding.original.line for binding in parse_stream(io.StringIO(text)) if binding.error), None)
+    return None if bad is None else f"{path}, line {bad}: not a NAME=value line (an unclosed quote?)"
+
+
 def settings_or_error() -> Settings | str:
     """The settings from the environment, or the one line that says which setting is wrong and why."""
+    env_file = Settings.model_config.get("env_file")
+    if isinstance(env_file, str) and (problem := env_file_problem(Path(env_file))) is not None:
+        return f"invalid settings file: {problem}"
     try:
         return Settings()
     except ValidationError as exc:

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import secrets
+from pathlib import Path
 
 import httpx
 import pytest
@@ -559,3 +560,33 @@ def test_kubernetes_service_links_are_not_taken_for_settings(monkeypatch: pytest
     for name in ("INTENT_SERVICE_HOST", "INTENT_SERVICE_PORT", "INTENT_SERVICE_PORT_HTTP", "INTENT_PORT_8000_TCP_ADDR"):
         monkeypatch.setenv(name, "10.0.0.7")
     assert Settings().port == 8000
+
+
+@pytest.mark.parametrize(
+    ("content", "line"),
+    [
+        (b'INTENT_PORT="8745\n', "invalid settings file: .env, line 1: not a NAME=value line (an unclosed quote?)"),
+        (b"# ours\nINTENT_MAX_QUEUE=32\nINTENT_PORT=80\xff\n", "invalid settings file: .env is not UTF-8 text"),
+    ],
+    ids=["unclosed-quote", "not-utf8"],
+)
+def test_a_settings_file_that_cannot_be_read_whole_stops_start_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, content: bytes, line: str
+) -> None:
+    """python-dotenv skipped a line it could not parse (its setting fell back to the default: port 8000), and
+    raised a traceback on bytes that are not UTF-8."""
+    from app.__main__ import settings_or_error
+
+    (tmp_path / ".env").write_bytes(content)
+    monkeypatch.chdir(tmp_path)
+    assert settings_or_error() == line
+
+
+def test_a_settings_file_read_whole_is_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.__main__ import settings_or_error
+
+    (tmp_path / ".env").write_text('# ours\n\nINTENT_PORT=8745\nINTENT_LOG_LEVEL="debug"\n')
+    monkeypatch.chdir(tmp_path)
+    settings = settings_or_error()
+    assert isinstance(settings, Settings)
+    assert (settings.port, settings.log_level) == (8745, "debug")
