@@ -83,6 +83,15 @@ def test_reload_needs_the_admin_key(tmp_path: Path) -> None:
             assert r.json()["error"]["type"] == "unauthorized"
         # The user key still guards /predict; the admin route takes only its own key.
         assert client.post("/predict", json={"text": "hi"}).status_code == 401
+        # Checked before the body is read: without the key a client is told so, not about its body (it had got 415
+        # or 413 first, and could make the service read up to INTENT_MAX_BODY_BYTES).
+        for extra in ({"content-encoding": "gzip"}, {"content-length": str(10**9)}):
+            r = client.post("/admin/reload", content=b"{}", headers={"content-type": "application/json", **extra})
+            assert (r.status_code, r.json()["error"]) == (
+                401,
+                {"type": "unauthorized", "message": "admin routes need 'Authorization: Bearer <INTENT_ADMIN_KEY>'"},
+            )
+            assert r.headers["www-authenticate"] == "Bearer"
 
 
 def test_reload_swaps_in_a_new_version_and_points_the_other_workers_at_it(tmp_path: Path) -> None:

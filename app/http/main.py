@@ -197,10 +197,12 @@ def create_app(settings: Settings | None = None, model_factory: ModelFactory | N
     app.state.queue = None
     app.state.slot = Slot()
     app.include_router(router)
-    open_paths = list(settings.open_paths)
+    path_keys: dict[str, tuple[str, str]] = {}
     if settings.admin_key is not None:
         app.include_router(reload.router)
-        open_paths.append(reload.ADMIN_RELOAD)  # it checks its own key, not INTENT_API_KEY
+        # Its own key, not INTENT_API_KEY, checked before its body is read (a client without it had been answered
+        # 413 or 415 first, and could make the service read a body).
+        path_keys[reload.ADMIN_RELOAD] = (settings.admin_key.get_secret_value(), reload.ADMIN_KEY_NEEDED)
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
@@ -215,7 +217,8 @@ def create_app(settings: Settings | None = None, model_factory: ModelFactory | N
         metrics=app.state.metrics,
         max_body=settings.max_body_bytes,
         api_key=key,
-        open_paths=open_paths,
+        open_paths=list(settings.open_paths),
+        path_keys=path_keys,
         route_labels=route_labels,
         direct_posts={"/predict": partial(predict_one, app.state)},
     )

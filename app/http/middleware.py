@@ -74,15 +74,19 @@ class ServiceMiddleware:
         open_paths: list[str],
         route_labels: frozenset[str],
         direct_posts: Mapping[str, DirectHandler] | None = None,
+        path_keys: Mapping[str, tuple[str, str]] | None = None,
     ) -> None:
         """`route_labels`: the app's route paths, taken from its router when the app is built; any other
         path is labelled `other` in the metrics, so that scanners cannot blow up their cardinality. Paths
-        match exactly: a route with a path parameter (`/x/{id}`) would be counted as `other`."""
+        match exactly: a route with a path parameter (`/x/{id}`) would be counted as `other`. `path_keys`: paths
+        with a key of their own instead of `api_key` (path -> (key, the 401's message)), checked as it is, before
+        the body is read."""
         self.app = app
         self.metrics = metrics
         self.max_body = max_body
         self.api_key = f"Bearer {api_key}".encode() if api_key else None
         self.open_paths = frozenset(open_paths)
+        self.path_keys = {path: (f"Bearer {key}".encode(), why) for path, (key, why) in (path_keys or {}).items()}
         self.direct_posts = dict(direct_posts or {})
         self.route_labels = frozenset(route_labels)
 
@@ -138,11 +142,12 @@ class ServiceMiddleware:
         body_pending = b"content-length" in headers and headers[b"content-length"] != b"0"
         body_pending = body_pending or b"transfer-encoding" in headers
         try:
-            if self.api_key is not None and path not in self.open_paths:
-                given = headers.get(b"authorization", b"")
-                if not hmac.compare_digest(given, self.api_key):
-                    self.metrics.rejected.labels("unauthorized").inc()
-                    raise Unauthorized("missing or wrong API key", {"WWW-Authenticate": "Bearer"})
+            required = self.path_keys.get(path)
+            if required is None and self.api_key is not None and path not in self.open_paths:
+                required = (self.api_key, "missing or wrong API key")
+            if required is not None and not hmac.compare_digest(headers.get(b"authorization", b""), required[0]):
+                self.metrics.rejected.labels("unauthorized").inc()
+                raise Unauthorized(required[1], {"WWW-Authenticate": "Bearer"})
             direct = self.direct_posts.get(path) if method == "POST" else None
             if direct is not None or method in _BODY_METHODS:
                 body = await self._read_body(headers, receive, scope["headers"])
