@@ -10,6 +10,7 @@ import re
 import resource
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
@@ -116,6 +117,23 @@ def run_workers(settings: Settings, factory: str) -> int:
     return 0
 
 
+def address_problem(host: str, port: int) -> str | None:
+    """Why the service could not listen on `host`:`port`, found before the model's check and the workers: uvicorn
+    said "[Errno -2] Name or service not known" or "address already in use" without naming either setting, and with
+    one worker only after the model had loaded and logged `ready`."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        return f"invalid setting INTENT_HOST: {host!r} does not resolve ({exc})"
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            return f"cannot listen on INTENT_HOST {host} INTENT_PORT {port}: {exc.strerror}"
+    return None
+
+
 def _stop(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(0)
 
@@ -163,6 +181,9 @@ def main() -> int:
     settings = settings_or_error()
     if isinstance(settings, str):
         print(f"error: {settings}", file=sys.stderr)
+        return 2
+    if (problem := address_problem(settings.host, settings.port)) is not None:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     # Fail fast, before any port is bound, on a missing, tampered or inconsistent model.
     if (error := check_in_child(settings)) is not None:

@@ -184,3 +184,35 @@ def test_a_bad_setting_fails_fast_with_one_line(setting: str, value: str, line: 
     )
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [line]
+
+
+def test_an_address_the_service_cannot_listen_on_fails_fast_with_one_line() -> None:
+    """Before the model's check: uvicorn had said "address already in use" or "Name or service not known" without
+    naming the setting, and with one worker only after the model had loaded and logged `ready`."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cases = [
+            ({"INTENT_PORT": str(port)}, f"error: cannot listen on INTENT_HOST 127.0.0.1 INTENT_PORT {port}: "),
+            (
+                {"INTENT_HOST": "nohost.invalid"},
+                "error: invalid setting INTENT_HOST: 'nohost.invalid' does not resolve (",
+            ),
+        ]
+        for settings, start in cases:
+            r = subprocess.run(
+                [str(SERVE_PYTHON), "-m", "app"],
+                cwd=ROOT,
+                env={**os.environ, "INTENT_WORKERS": "1", **settings},
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            assert r.returncode == 2
+            [line] = r.stderr.strip().splitlines()
+            assert line.startswith(start), line
+            assert '"ready"' not in r.stderr  # no worker started
