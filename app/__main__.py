@@ -174,10 +174,18 @@ def settings_or_error() -> Settings | str:
 
 
 def main() -> int:
-    # Also while the model is checked in a child process: a SIGTERM then had ended this process alone, and left the
-    # child (about 100 MB) running without a parent.
+    # A SIGTERM or SIGINT before the workers start waits for the model's check to end (a second one does not), and
+    # then nothing starts. By default it had ended this process alone, and left the check's child (about 100 MB)
+    # running without a parent; ended at once, mid-spawn, the child failed with tracebacks of its own.
+    asked: list[int] = []
+
+    def after_the_check(signum: int, frame: FrameType | None) -> None:
+        if asked:
+            raise SystemExit(0)
+        asked.append(signum)
+
     for stop_signal in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(stop_signal, _stop)
+        signal.signal(stop_signal, after_the_check)
     settings = settings_or_error()
     if isinstance(settings, str):
         print(f"error: {settings}", file=sys.stderr)
@@ -186,7 +194,10 @@ def main() -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     # Fail fast, before any port is bound, on a missing, tampered or inconsistent model.
-    if (error := check_in_child(settings)) is not None:
+    error = None if asked else check_in_child(settings)
+    if asked:
+        return 0
+    if error is not None:
         print(f"error: {error}", file=sys.stderr)
         return 1
     configure_logging(settings.log_level)
