@@ -12,8 +12,12 @@ import argparse
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlsplit
+
+T = TypeVar("T")
 
 
 def positive_float(text: str) -> float:
@@ -38,32 +42,27 @@ def positive_int(text: str) -> int:
     return value
 
 
-def positive_floats(text: str) -> list[float]:
-    """A comma-separated list of positive, finite numbers ("100,400,800"); empty items are skipped, so "" is none."""
-    items = [x.strip() for x in text.split(",") if x.strip()]
+def _comma_list(text: str, parse: Callable[[str], T], what: str) -> list[T]:
+    """Each comma-separated item of `text` through `parse`; empty items are skipped, so "" is none."""
     values = []
-    for item in items:
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
         try:
-            values.append(positive_float(item))
+            values.append(parse(item))
         except argparse.ArgumentTypeError:
-            raise argparse.ArgumentTypeError(
-                f"must be comma-separated positive, finite numbers, got {item!r} in {text!r}"
-            ) from None
+            raise argparse.ArgumentTypeError(f"must be comma-separated {what}, got {item!r} in {text!r}") from None
     return values
+
+
+def positive_floats(text: str) -> list[float]:
+    """A comma-separated list of positive, finite numbers ("100,400,800")."""
+    return _comma_list(text, positive_float, "positive, finite numbers")
 
 
 def positive_ints(text: str) -> list[int]:
-    """A comma-separated list of whole numbers of at least 1 ("8,16,32"); empty items are skipped, so "" is none."""
-    items = [x.strip() for x in text.split(",") if x.strip()]
-    values = []
-    for item in items:
-        try:
-            values.append(positive_int(item))
-        except argparse.ArgumentTypeError:
-            raise argparse.ArgumentTypeError(
-                f"must be comma-separated whole numbers of at least 1, got {item!r} in {text!r}"
-            ) from None
-    return values
+    """A comma-separated list of whole numbers of at least 1 ("8,16,32")."""
+    return _comma_list(text, positive_int, "whole numbers of at least 1")
 
 
 def is_http_url(text: str) -> bool:
