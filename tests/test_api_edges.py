@@ -587,6 +587,8 @@ def test_a_settings_file_read_whole_is_used(tmp_path: Path, monkeypatch: pytest.
 
     (tmp_path / ".env").write_text('# ours\n\nINTENT_PORT=8745\nINTENT_LOG_LEVEL="debug"\n')
     monkeypatch.chdir(tmp_path)
+    for name in ("INTENT_PORT", "INTENT_LOG_LEVEL"):  # the environment comes before the file (`make test` sets PORT)
+        monkeypatch.delenv(name, raising=False)
     settings = settings_or_error()
     assert isinstance(settings, Settings)
     assert (settings.port, settings.log_level) == (8745, "debug")
