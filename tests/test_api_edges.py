@@ -559,7 +559,8 @@ def test_kubernetes_service_links_are_not_taken_for_settings(monkeypatch: pytest
     """What Kubernetes sets for a Service named `intent` in the same namespace."""
     for name in ("INTENT_SERVICE_HOST", "INTENT_SERVICE_PORT", "INTENT_SERVICE_PORT_HTTP", "INTENT_PORT_8000_TCP_ADDR"):
         monkeypatch.setenv(name, "10.0.0.7")
-    assert Settings().port == 8000
+    monkeypatch.setenv("INTENT_PORT", "8123")
+    assert Settings().port == 8123
 
 
 @pytest.mark.parametrize(

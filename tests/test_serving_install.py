@@ -196,7 +196,10 @@ def test_an_address_the_service_cannot_listen_on_fails_fast_with_one_line() -> N
         taken.listen()
         port = taken.getsockname()[1]
         cases = [
-            ({"INTENT_PORT": str(port)}, f"error: cannot listen on INTENT_HOST 127.0.0.1 INTENT_PORT {port}: "),
+            (
+                {"INTENT_HOST": "127.0.0.1", "INTENT_PORT": str(port)},
+                f"error: cannot listen on INTENT_HOST 127.0.0.1 INTENT_PORT {port}: ",
+            ),
             (
                 {"INTENT_HOST": "nohost.invalid"},
                 "error: invalid setting INTENT_HOST: 'nohost.invalid' does not resolve (",
