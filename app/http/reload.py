@@ -33,7 +33,7 @@ from app import heap
 from app.config import within_root
 from app.engine.engine import WARMUP_TEXTS, Predictor
 from app.engine.errors import ModelLoadError
-from app.http.errors import Forbidden, ModelRejected, NotReady, PointerNotWritten
+from app.http.errors import Forbidden, ModelRejected, NotReady, PointerNotWritten, ServiceError
 from app.http.routes import parse
 from app.http.serving import Served
 
@@ -122,31 +122,31 @@ async def reload(state: State, model_dir: Path, publish: bool) -> tuple[str, str
     Returns (new version, previous version). Reloads in one worker run one at a time."""
     check_root(state, model_dir)
     async with state.reload_lock:
-        refusal: str | None = None
+        refusal: ServiceError | None = None
         try:
             model, card = await asyncio.to_thread(load_warm, state, model_dir)
         except (ModelLoadError, OSError) as exc:  # OSError: a directory this process may not read
-            state.metrics.reloads.labels("rejected").inc()
-            refusal = f"{model_dir}: {exc}"
+            refusal = ModelRejected(f"{model_dir}: {exc}")
+        else:
+            pointer_path: Path | None = state.settings.model_pointer
+            if publish and pointer_path is not None:
+                # Before the swap: a pointer that cannot be written leaves this worker as it was, with the others,
+                # rather than on a model they never hear of.
+                try:
+                    write_pointer(pointer_path, Pointer(str(model_dir), model.version))
+                except OSError as exc:
+                    refusal = PointerNotWritten(
+                        f"the other workers cannot be told of it ({exc.strerror}): nothing changed"
+                    )
+                    del model
         if refusal is not None:
-            # A model refused after its sessions were built (its outputs checked against the labels, or a warm-up
-            # that failed) is freed with the exception's traceback, here: give its pages back, as a replaced
-            # model's are, so that a refused reload leaves the worker as large as it was (app.heap).
+            # Raised here, outside the handler, so that the model refused (built before its outputs were checked
+            # against the labels, or a warm-up failed, or not published) is freed with the exception's traceback:
+            # give its pages back, as a replaced model's are, so that a refused reload leaves the worker as large as
+            # it was (app.heap).
+            state.metrics.reloads.labels("rejected").inc()
             await asyncio.to_thread(heap.return_free_memory)
-            raise ModelRejected(refusal)
-        pointer_path: Path | None = state.settings.model_pointer
-        if publish and pointer_path is not None:
-            # Before the swap: a pointer that cannot be written leaves this worker as it was, with the others,
-            # rather than on a model they never hear of.
-            try:
-                write_pointer(pointer_path, Pointer(str(model_dir), model.version))
-            except OSError as exc:
-                state.metrics.reloads.labels("rejected").inc()
-                del model
-                await asyncio.to_thread(heap.return_free_memory)
-                raise PointerNotWritten(
-                    f"the other workers cannot be told of it ({exc.strerror}): nothing changed"
-                ) from None
+            raise refusal
         previous = install(state, model, card)
         state.metrics.reloads.labels("ok").inc()
         log.info("model reloaded", extra={"model_version": model.version, "previous": previous})
