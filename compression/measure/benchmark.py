@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ from compression.errors import FactoryError
 from compression.measure.evaluate import validation_report
 from compression.measure.latency import latencies_ms
 from compression.onnx_stage import OnnxStage
+from compression.writable import write_problem
 
 log = logging.getLogger(__name__)
 BASELINE = "BERT-base fp32 pipeline (seed baseline)"
@@ -313,17 +312,16 @@ class Config:
 
 def check(ctx: Any, cfg: Config) -> None:
     """Before any stage of the run: that --reports can be written (made if missing), not only when the benchmark
-    has run. A trial file, not os.access, which passes root where the kernel refuses (/proc, /sys)."""
+    has run."""
     reports = Path(ctx.reports)
     if reports.exists() and not reports.is_dir():
         raise FactoryError(f"--reports {reports} cannot be written: it is not a directory")
     try:
         reports.mkdir(parents=True, exist_ok=True)
-        handle, trial = tempfile.mkstemp(prefix=".write-check-", dir=reports)
-        os.close(handle)
-        os.unlink(trial)
     except OSError as exc:
         raise FactoryError(f"--reports {reports} cannot be written: {exc.strerror or exc}") from None
+    if (problem := write_problem(reports)) is not None:
+        raise FactoryError(f"--reports {reports} cannot be written: {problem}")
 
 
 def run_stage(ctx: Any, cfg: Config) -> None:

@@ -15,7 +15,6 @@ import secrets
 import shlex
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from compression.onnx_stage import DISABLED_OPTIMIZERS
 from compression.records import git_commit, read_run, versions
 from compression.stages.oos import MODEL_FILE, RULE_FILE, read_rule
 from compression.stages.static import MODEL_FILE as STATIC_FILE
+from compression.writable import write_problem
 
 PRETRAINED_LICENSE = {
     "name": "sentence-transformers/all-MiniLM-L6-v2",
@@ -137,17 +137,15 @@ def check_model_dir(model_dir: Path) -> None:
             f"{model_dir} holds the current directory: the model directory (--model-dir, OUT) must be one of its own, "
             "models/my-intents say"
         )
-    # The artifact is built in a new directory beside it (replaced_whole): try making one there now, not after the
-    # whole build. A trial, not os.access: root passes os.access where the kernel refuses (/sys, say).
+    # The artifact is built in a new directory beside it (replaced_whole): try writing there now, not after the
+    # whole build.
     place = model_dir.resolve().parent
     while not place.exists():
         place = place.parent
     if not place.is_dir():
         raise FactoryError(f"{model_dir} cannot be written: {place} is a file (--model-dir, OUT)")
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=f".{model_dir.resolve().name}.check-", dir=place))
-    except OSError as exc:
-        raise FactoryError(f"{model_dir} cannot be written: {exc.strerror} in {place} (--model-dir, OUT)") from None
+    if (problem := write_problem(place)) is not None:
+        raise FactoryError(f"{model_dir} cannot be written: {problem} in {place} (--model-dir, OUT)")
 
 
 @contextlib.contextmanager
