@@ -66,6 +66,19 @@ class UnsupportedEncoding(ServiceError):
     kind = "unsupported_content_encoding"
 
 
+class UnsupportedMediaType(ServiceError):
+    """A body sent as something other than JSON (text/plain, a form): refused before it is read, not parsed as
+    JSON whatever it says it is."""
+
+    kind = "unsupported_media_type"
+
+
+class CORSRefused(ServiceError):
+    """A CORS preflight that the configured origins, methods or headers do not allow (INTENT_CORS_ORIGINS)."""
+
+    kind = "cors_refused"
+
+
 class HeadersTooLarge(ServiceError):
     """A request line and headers over INTENT_MAX_HEAD_BYTES (app.http.protocol); refused by the protocol, before
     the app."""
@@ -115,6 +128,7 @@ STATUS: dict[type[ServiceError], int] = {
     InvalidHTTP: 400,
     InvalidJSON: 400,
     InvalidEncoding: 400,
+    CORSRefused: 400,
     Unauthorized: 401,
     Forbidden: 403,
     NotFound: 404,
@@ -122,6 +136,7 @@ STATUS: dict[type[ServiceError], int] = {
     RequestTimeout: 408,
     BodyTooLarge: 413,
     UnsupportedEncoding: 415,
+    UnsupportedMediaType: 415,
     ValidationFailed: 422,
     EmptyText: 422,
     TextTooLong: 422,

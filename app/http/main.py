@@ -16,7 +16,9 @@ from typing import Any
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import iter_route_contexts
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 
 from app import __doc__ as description
 from app import heap
@@ -24,7 +26,7 @@ from app.config import Settings, within_root
 from app.engine.engine import WARMUP_TEXTS
 from app.engine.errors import ModelLoadError
 from app.http import reload
-from app.http.errors import MethodNotAllowed, NotFound, ServiceError, ValidationFailed, render
+from app.http.errors import CORSRefused, MethodNotAllowed, NotFound, ServiceError, ValidationFailed, render
 from app.http.logs import configure_logging
 from app.http.metrics import Metrics
 from app.http.middleware import ServiceMiddleware
@@ -180,6 +182,22 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
     return await _service_error(request, ServiceError("internal error"))
 
 
+class _CORSMiddleware(CORSMiddleware):
+    """Starlette's, but a preflight it refuses gets the service's JSON error body, as every other error does, not
+    its plain text; with the CORS headers Starlette gives it."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code != 400:
+            return response
+        reason = bytes(response.body).decode().removeprefix("Disallowed CORS ")  # e.g. `origin, method`
+        kept = {k: v for k, v in response.headers.items() if k not in ("content-type", "content-length")}
+        status, headers, body = render(CORSRefused(f"CORS preflight refused: {reason} not allowed", kept))
+        refused = Response(body, status_code=status)
+        refused.raw_headers = headers
+        return refused
+
+
 def create_app(settings: Settings | None = None, model_factory: ModelFactory | None = None) -> FastAPI:
     settings = settings or Settings()
     app = FastAPI(
@@ -210,7 +228,9 @@ def create_app(settings: Settings | None = None, model_factory: ModelFactory | N
     key = settings.api_key.get_secret_value() if settings.api_key else None
     # Metrics label routes by the paths the router declares (computed after the routers are included).
     # (FastAPI keeps included routers as one entry each; iter_route_contexts flattens them with their prefixes.)
-    route_labels = frozenset(ctx.path for ctx in iter_route_contexts(app.routes) if ctx.path is not None)
+    routes = [(ctx.path, ctx.methods or set()) for ctx in iter_route_contexts(app.routes) if ctx.path is not None]
+    route_labels = frozenset(path for path, _ in routes)
+    json_posts = frozenset(path for path, methods in routes if "POST" in methods)  # every POST route takes JSON
     # The service middleware answers POST /predict itself in every configuration.
     app.add_middleware(
         ServiceMiddleware,
@@ -221,14 +241,13 @@ def create_app(settings: Settings | None = None, model_factory: ModelFactory | N
         path_keys=path_keys,
         route_labels=route_labels,
         direct_posts={"/predict": partial(predict_one, app.state)},
+        json_posts=json_posts,
     )
     if settings.cors_origins:
-        from fastapi.middleware.cors import CORSMiddleware
-
         # Added last, so it is the outermost middleware: its headers reach the directly answered
         # /predict and error responses too, and preflights are answered before auth.
         app.add_middleware(
-            CORSMiddleware,
+            _CORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST"],
             allow_headers=["authorization", "content-type", "x-request-id"],

@@ -1,5 +1,5 @@
 """One pure-ASGI middleware (cheaper than a stack of BaseHTTPMiddleware): request id, auth,
-body-size limit before parsing, per-request metrics and the DEBUG access line.
+body-size limit and media type before parsing, per-request metrics and the DEBUG access line.
 
 It also answers the hot route, POST /predict, itself: FastAPI's routing, request object and
 exception middleware cost more per call than parsing and answering the request (measured in
@@ -9,12 +9,20 @@ from __future__ import annotations
 
 import hmac
 import logging
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
-from app.http.errors import BodyTooLarge, ServiceError, Unauthorized, UnsupportedEncoding, render
+from app.http.errors import (
+    BodyTooLarge,
+    ServiceError,
+    Unauthorized,
+    UnsupportedEncoding,
+    UnsupportedMediaType,
+    render,
+)
 from app.http.metrics import Metrics
 
 Scope = MutableMapping[str, Any]
@@ -31,6 +39,8 @@ _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 # mid-body (408, 400 invalid_http; app.http.protocol). nginx's "client closed request". Nothing answered it, so it
 # is counted and not timed, and it is not a 5xx: a slow or vanished client is not the service's failure.
 CLIENT_CLOSED = 499
+# application/json, or a JSON-based type (application/problem+json; RFC 6839), lower-cased, parameters cut off.
+_JSON_MEDIA_TYPE = re.compile(rb"application/(?:[a-z0-9!#$&^_.+-]+\+)?json")
 
 
 def new_request_id() -> str:
@@ -75,12 +85,14 @@ class ServiceMiddleware:
         route_labels: frozenset[str],
         direct_posts: Mapping[str, DirectHandler] | None = None,
         path_keys: Mapping[str, tuple[str, str]] | None = None,
+        json_posts: frozenset[str] = frozenset(),
     ) -> None:
         """`route_labels`: the app's route paths, taken from its router when the app is built; any other
         path is labelled `other` in the metrics, so that scanners cannot blow up their cardinality. Paths
         match exactly: a route with a path parameter (`/x/{id}`) would be counted as `other`. `path_keys`: paths
         with a key of their own instead of `api_key` (path -> (key, the 401's message)), checked as it is, before
-        the body is read."""
+        the body is read. `json_posts`: paths whose POST body is JSON; one sent as another media type is refused
+        before it is read."""
         self.app = app
         self.metrics = metrics
         self.max_body = max_body
@@ -89,6 +101,7 @@ class ServiceMiddleware:
         self.path_keys = {path: (f"Bearer {key}".encode(), why) for path, (key, why) in (path_keys or {}).items()}
         self.direct_posts = dict(direct_posts or {})
         self.route_labels = frozenset(route_labels)
+        self.json_posts = frozenset(json_posts)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -96,6 +109,8 @@ class ServiceMiddleware:
             return
         start = time.perf_counter()
         headers = dict(scope["headers"])
+        if len(headers) < len(scope["headers"]):  # a name on several lines: rare, so only then looked at
+            _join_repeated(headers, scope["headers"])
         rid = _request_id(headers.get(b"x-request-id"))
         scope.setdefault("state", {})["request_id"] = rid
         rid_header = (b"x-request-id", rid.encode())
@@ -147,9 +162,18 @@ class ServiceMiddleware:
                 required = (self.api_key, "missing or wrong API key")
             if required is not None and not hmac.compare_digest(headers.get(b"authorization", b""), required[0]):
                 self.metrics.rejected.labels("unauthorized").inc()
-                raise Unauthorized(required[1], {"WWW-Authenticate": "Bearer"})
+                why = (
+                    "more than one Authorization header"
+                    if _repeated(b"authorization", scope["headers"])
+                    else required[1]
+                )
+                raise Unauthorized(why, {"WWW-Authenticate": "Bearer"})
             direct = self.direct_posts.get(path) if method == "POST" else None
             if direct is not None or method in _BODY_METHODS:
+                media = headers.get(b"content-type")
+                # None: a client that names no type (curl -X POST, the load tests' raw requests) sends JSON.
+                if media is not None and media != b"application/json" and method == "POST" and path in self.json_posts:
+                    self._check_media_type(media)
                 body = await self._read_body(headers, receive, scope["headers"])
                 body_pending = False
                 if body is None:
@@ -184,6 +208,22 @@ class ServiceMiddleware:
         await send({"type": "http.response.start", "status": 200, "headers": response_headers})
         await send({"type": "http.response.body", "body": content})
 
+    def _check_media_type(self, media: bytes) -> None:
+        """Refuse a Content-Type other than JSON, UTF-8 if a charset is named (RFC 8259 8.1): a form or text/plain
+        (what `curl -d` and an HTML form send) is not read as JSON, whatever it holds."""
+        kind, *params = media.lower().split(b";")
+        charsets = [
+            value.strip().strip(b'"')
+            for name, _, value in (p.partition(b"=") for p in params)
+            if name.strip() == b"charset"
+        ]
+        if _JSON_MEDIA_TYPE.fullmatch(kind.strip()) and all(c == b"utf-8" for c in charsets):
+            return
+        self.metrics.rejected.labels("unsupported_media_type").inc()
+        raise UnsupportedMediaType(
+            f"Content-Type {media.decode('latin-1')[:60]} is not accepted: send application/json"
+        )
+
     async def _read_body(
         self, headers: dict[bytes, bytes], receive: Receive, raw_headers: list[tuple[bytes, bytes]]
     ) -> bytes | None:
@@ -216,6 +256,22 @@ class ServiceMiddleware:
             chunks.append(chunk)
             more = message.get("more_body", False)
         return b"".join(chunks)
+
+
+def _join_repeated(headers: dict[bytes, bytes], raw_headers: list[tuple[bytes, bytes]]) -> None:
+    """In `headers`, which kept a repeated name's last line, each repeated name's lines joined as one list (RFC
+    9110 5.3), which no singleton field matches: two Authorization lines are refused even if one is right, two
+    Content-Types are no JSON, and two x-request-ids (`a, b`, with a space) give way to a fresh one. The last line
+    had won silently."""
+    seen: set[bytes] = set()
+    for name, _ in raw_headers:
+        if name in seen:
+            headers[name] = b", ".join(value for n, value in raw_headers if n == name)
+        seen.add(name)
+
+
+def _repeated(name: bytes, raw_headers: list[tuple[bytes, bytes]]) -> bool:
+    return sum(n == name for n, _ in raw_headers) > 1
 
 
 def _content_coding(raw_headers: list[tuple[bytes, bytes]]) -> bytes:

@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 import orjson
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ValidationError
+from pydantic_core import from_json
 from starlette.datastructures import State
 
 from app.config import Settings
@@ -38,7 +39,7 @@ def _body_doc(model: type[BaseModel]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {JSON: {"schema": model.model_json_schema()}}}}
 
 
-PREDICT_ERRORS = _errors(400, 401, 413, 422, 429, 503)
+PREDICT_ERRORS = _errors(400, 401, 413, 415, 422, 429, 503)
 
 
 def parse(body: bytes, model: type[M]) -> M:
@@ -54,18 +55,36 @@ def parse(body: bytes, model: type[M]) -> M:
             except UnicodeDecodeError:
                 raise InvalidEncoding("request body is not valid UTF-8") from None
             raise InvalidJSON("request body is not valid JSON") from None
+        _refuse_constants(body)
         if first["type"] == "extra_forbidden":  # its name is the client's, and may be anything: not sent back
             raise ValidationFailed(f"unknown field: the fields are {', '.join(model.model_fields)}") from None
         where = ".".join(str(p) for p in first["loc"]) or "body"
         raise ValidationFailed(f"{where}: {first['msg']}") from None
 
 
+def _refuse_constants(body: bytes) -> None:
+    """pydantic's parser reads NaN, Infinity and -Infinity as numbers, which JSON has not (RFC 8259 6), and no field
+    takes a number that is not an integer: a body with one fails validation, and is then told invalid JSON, not a
+    422. (Only one whose constant a repeated key overrode still passes: scanning every body for one would cost about
+    as much as validating it.)"""
+    if b"NaN" in body or b"Infinity" in body:
+        try:
+            from_json(body, allow_inf_nan=False)
+        except ValueError:
+            raise InvalidJSON("request body is not valid JSON") from None
+
+
 def clean_text(text: str, settings: Settings, where: str = "text") -> str:
-    if len(text) > settings.max_text_chars:
-        raise TextTooLong(f"{where} is {len(text)} characters; the limit is {settings.max_text_chars}")
+    limit = settings.max_text_chars
+    # Checked before NFC too, which bounds its work: it lengthens a text by 3 times at most.
+    if len(text) > limit:
+        raise TextTooLong(f"{where} is {len(text)} characters; the limit is {limit}")
     cleaned = normalize_text(text)
     if not cleaned:
         raise EmptyText(f"{where} is empty or whitespace only")
+    # The limit holds for what the tokenizer gets: NFC can lengthen a text (U+FB2C is 3 code points after it).
+    if len(cleaned) > limit:
+        raise TextTooLong(f"{where} is {len(cleaned)} characters after Unicode normalisation; the limit is {limit}")
     return cleaned
 
 
