@@ -201,6 +201,8 @@ def main() -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     configure_logging(settings.log_level)
+    if (oversubscribed := settings.oversubscription()) is not None:
+        logging.getLogger("app").warning(oversubscribed)  # once, here in the supervisor: not refused, but seen
     if (raised := raise_open_files_limit()) is not None:
         logging.getLogger("app").info("open files: soft limit raised", extra={"before": raised[0], "after": raised[1]})
     return run_workers(settings, APP_FACTORY)

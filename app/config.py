@@ -12,6 +12,7 @@ from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_va
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _SERVICE_LINK = re.compile(r"INTENT_(SERVICE_HOST|SERVICE_PORT\w*|PORT_\d+_(TCP|UDP|SCTP)\w*)")
+KEEP_WARM_MS_MAX = 60_000  # a minute; the load tests' --keep-warm-ms takes the same range
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "clinc150"
 
 
@@ -41,7 +42,7 @@ class Settings(BaseSettings):
     keep_warm_ms: float = Field(
         0.0,
         ge=0,
-        le=60_000,
+        le=KEEP_WARM_MS_MAX,
         description="inline mode: after this long idle, run throw-away queries through every stage in an "
         "idle-priority thread, to keep caches warm (0: off)",
     )
@@ -97,6 +98,13 @@ class Settings(BaseSettings):
         description="after SIGTERM, answer /ready 503 and keep serving this long before closing listeners",
     )
 
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _log_level_any_case(cls, value: object) -> object:
+        # Python's logging and uvicorn spell levels in upper case, and INFO had stopped start-up. Only the case
+        # folds: " info" is still refused.
+        return value.lower() if isinstance(value, str) else value
+
     @field_validator("model_dir", "model_root", "model_pointer", mode="before")
     @classmethod
     def _path_not_empty(cls, value: object) -> object:
@@ -151,6 +159,20 @@ class Settings(BaseSettings):
         if self.workers == 0:
             self.workers = max(1, effective_cpus() // self.ort_intra_threads)
         return self
+
+    def oversubscription(self) -> str | None:
+        """The one-line warning for start-up's log when the workers' intra-op threads outnumber the CPUs this
+        process may use (each thread then waits for a core, and latency collapses), else None. Not refused: an
+        operator may oversubscribe on purpose."""
+        cpus = effective_cpus()
+        threads = self.workers * self.ort_intra_threads
+        if threads <= cpus:
+            return None
+        return (
+            f"INTENT_WORKERS {self.workers} x INTENT_ORT_INTRA_THREADS {self.ort_intra_threads} is {threads} threads "
+            f"on {cpus} CPUs: each waits for a core and latency rises; lower either, or unset INTENT_WORKERS for one "
+            "worker per core"
+        )
 
 
 def within_root(path: Path, root: Path | None) -> bool:

@@ -9,6 +9,8 @@ The `type=` functions raise argparse.ArgumentTypeError, which argparse reports a
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import math
 import os
 import tempfile
@@ -17,7 +19,14 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
 
-T = TypeVar("T")
+N = TypeVar("N", int, float)
+
+# Bounds far beyond any real run: a huge value (`--minutes 1e308`) overflowed, or made a file name too long, where it
+# became a count of requests, a timeout or a directory, after the server had started.
+MAX_RATE = 100_000  # requests/s
+MAX_USERS = 10_000
+MAX_SECONDS = 86_400  # a day, for one phase
+MAX_MINUTES = 10_080  # a week
 
 
 def positive_float(text: str) -> float:
@@ -42,27 +51,52 @@ def positive_int(text: str) -> int:
     return value
 
 
-def _comma_list(text: str, parse: Callable[[str], T], what: str) -> list[T]:
-    """Each comma-separated item of `text` through `parse`; empty items are skipped, so "" is none."""
+def at_most(parse: Callable[[str], N], most: float) -> Callable[[str], N]:
+    """`parse`, refusing a value over `most`."""
+
+    def parse_at_most(text: str) -> N:
+        value = parse(text)
+        if value > most:
+            raise argparse.ArgumentTypeError(f"must be at most {most:g}, got {text!r}")
+        return value
+
+    return parse_at_most
+
+
+def _comma_list(text: str, parse: Callable[[str], N], what: str, most: float, empty: bool = False) -> list[N]:
+    """Each comma-separated item of `text` through `parse`, none over `most`; empty items are skipped. A list with
+    no item is refused unless `empty`: `--rates ""` had failed only at the end of the run, after all its measuring."""
     values = []
     for item in (x.strip() for x in text.split(",")):
         if not item:
             continue
         try:
-            values.append(parse(item))
+            value = parse(item)
         except argparse.ArgumentTypeError:
             raise argparse.ArgumentTypeError(f"must be comma-separated {what}, got {item!r} in {text!r}") from None
+        if value > most:
+            raise argparse.ArgumentTypeError(
+                f"must be comma-separated {what}, each at most {most:g}, got {item!r} in {text!r}"
+            )
+        values.append(value)
+    if not values and not empty:
+        raise argparse.ArgumentTypeError(f"must be comma-separated {what}, got none in {text!r}")
     return values
 
 
 def positive_floats(text: str) -> list[float]:
-    """A comma-separated list of positive, finite numbers ("100,400,800")."""
-    return _comma_list(text, positive_float, "positive, finite numbers")
+    """A comma-separated list of positive, finite numbers ("100,400,800"), at least one, none over MAX_RATE."""
+    return _comma_list(text, positive_float, "positive, finite numbers", MAX_RATE)
 
 
 def positive_ints(text: str) -> list[int]:
-    """A comma-separated list of whole numbers of at least 1 ("8,16,32")."""
-    return _comma_list(text, positive_int, "whole numbers of at least 1")
+    """A comma-separated list of whole numbers of at least 1 ("8,16,32"), at least one, none over MAX_USERS."""
+    return _comma_list(text, positive_int, "whole numbers of at least 1", MAX_USERS)
+
+
+def positive_ints_or_none(text: str) -> list[int]:
+    """positive_ints, where "" is none (loadtest.run's `--steps ""`: no saturation phase)."""
+    return _comma_list(text, positive_int, "whole numbers of at least 1", MAX_USERS, empty=True)
 
 
 def is_http_url(text: str) -> bool:
@@ -83,23 +117,31 @@ def require_url(parser: argparse.ArgumentParser, option: str, value: str | None,
 
 
 def writable_dir_problem(directory: Path) -> str | None:
-    """Why `directory` cannot be written (None if it can): made (with its parents) if missing, then a file created in
-    it and removed. A trial, not os.access, which passes root where the kernel refuses (/proc, /sys)."""
-    if directory.exists() and not directory.is_dir():
-        return "it is not a directory"
+    """Why `directory` cannot be written (None if it can): made (with its parents) if missing, a file created in it
+    and removed, then the directories it made removed again, so that a run refused or failed later (its server not
+    starting) leaves no empty directory behind; the run makes them when it writes. A trial, not os.access, which
+    passes root where the kernel refuses (/proc, /sys)."""
+    made: list[Path] = []  # deepest first
     try:
+        if directory.exists() and not directory.is_dir():
+            return "it is not a directory"
+        made = list(itertools.takewhile(lambda d: not d.exists(), (directory, *directory.parents)))
         directory.mkdir(parents=True, exist_ok=True)
         handle, trial = tempfile.mkstemp(prefix=".write-check-", dir=directory)
         os.close(handle)
         os.unlink(trial)
     except OSError as exc:
         return exc.strerror or str(exc)
+    finally:
+        for path in made:
+            with contextlib.suppress(OSError):  # something else wrote there meanwhile: not ours to remove
+                path.rmdir()
     return None
 
 
 def require_writable_dir(parser: argparse.ArgumentParser, option: str, directory: Path) -> None:
-    """The parser's usage error unless `directory` can be written: checked (and made) before the run, not when the
-    run's results are written at its end."""
+    """The parser's usage error unless `directory` can be written: checked before the run, not when the run's
+    results are written at its end."""
     problem = writable_dir_problem(directory)
     if problem is not None:
         parser.error(f"{option} {directory} cannot be written: {problem}")

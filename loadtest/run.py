@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -17,8 +18,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from app.config import KEEP_WARM_MS_MAX
 from app.cpu import current, measurement_context
-from loadtest.cli_args import positive_floats, positive_int, positive_ints, require_url, require_writable_dir
+from loadtest.cli_args import (
+    MAX_SECONDS,
+    at_most,
+    positive_floats,
+    positive_int,
+    positive_ints,
+    positive_ints_or_none,
+    require_url,
+    require_writable_dir,
+)
 from loadtest.server import LOOPBACK, ROOT, free_port, our_server, pinned, serve
 
 P99_LIMIT_MS = 50.0
@@ -226,10 +237,22 @@ def add_placement_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--locust-cpus", default=THROUGHPUT.locust_cpus)
 
 
+def keep_warm_ms(text: str) -> float:
+    """A value the service takes for INTENT_KEEP_WARM_MS: one it refuses had stopped the run with a traceback when
+    its server would not start (compare's: after building the baselines' stand-in model)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= KEEP_WARM_MS_MAX:  # nan too
+        raise argparse.ArgumentTypeError(f"must be a number from 0 to {KEEP_WARM_MS_MAX}, got {text!r}")
+    return value
+
+
 def add_keep_warm_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--keep-warm-ms",
-        type=float,
+        type=keep_warm_ms,
         default=0.0,
         help="our server's INTENT_KEEP_WARM_MS (0, the service's default: off); recorded with the results",
     )
@@ -239,12 +262,18 @@ def keep_warm_env(ms: float) -> dict[str, str]:
     return {"INTENT_KEEP_WARM_MS": str(ms)}
 
 
-def add_scenario_args(p: argparse.ArgumentParser, rates: str, steps: str, seconds: int, step_seconds: int) -> None:
-    """The load's options, each checked as it is parsed: rates and steps are comma lists (empty: none)."""
+def add_scenario_args(
+    p: argparse.ArgumentParser, rates: str, steps: str, seconds: int, step_seconds: int, no_steps: bool = False
+) -> None:
+    """The load's options, each checked as it is parsed: rates and steps are comma lists, neither empty unless
+    `no_steps` lets `--steps ""` skip the saturation phase."""
+    steps_type = positive_ints_or_none if no_steps else positive_ints
     p.add_argument("--rates", type=positive_floats, default=rates, help=f"open-loop rates, req/s (default: {rates})")
-    p.add_argument("--steps", type=positive_ints, default=steps, help=f"saturation steps, users (default: {steps})")
-    p.add_argument("--seconds", type=positive_int, default=seconds, help="per open-loop rate")
-    p.add_argument("--step-seconds", type=positive_int, default=step_seconds, help="per saturation step")
+    p.add_argument("--steps", type=steps_type, default=steps, help=f"saturation steps, users (default: {steps})")
+    p.add_argument("--seconds", type=at_most(positive_int, MAX_SECONDS), default=seconds, help="per open-loop rate")
+    p.add_argument(
+        "--step-seconds", type=at_most(positive_int, MAX_SECONDS), default=step_seconds, help="per saturation step"
+    )
 
 
 def scenario_from_args(a: argparse.Namespace) -> Scenario:
@@ -261,7 +290,7 @@ def scenario_from_args(a: argparse.Namespace) -> Scenario:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m loadtest.run", description=__doc__)
     p.add_argument("--host", default=os.environ.get("HOST_URL"), help="target a running server (loopback only)")
-    add_scenario_args(p, rates="100,400,800", steps="8,16,32,64", seconds=12, step_seconds=10)
+    add_scenario_args(p, rates="100,400,800", steps="8,16,32,64", seconds=12, step_seconds=10, no_steps=True)
     add_placement_args(p)
     p.add_argument("--inference-mode", choices=["inline", "thread"], default="inline")
     add_keep_warm_arg(p)

@@ -33,7 +33,16 @@ from typing import Any
 import numpy as np
 
 from app.cpu import current, measurement_context
-from loadtest.cli_args import positive_float, positive_int, require_url, require_writable_dir
+from loadtest.cli_args import (
+    MAX_MINUTES,
+    MAX_RATE,
+    MAX_SECONDS,
+    at_most,
+    positive_float,
+    positive_int,
+    require_url,
+    require_writable_dir,
+)
 from loadtest.driver import Report, closed_loop, open_loop
 from loadtest.host import Canary, Steal
 from loadtest.queries import load_queries
@@ -458,9 +467,19 @@ def run(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m loadtest.soak", description=__doc__.split("\n\n")[0])
-    p.add_argument("--minutes", type=positive_float, default=60.0, help="length of the run (default: an hour)")
+    p.add_argument(
+        "--minutes",
+        type=at_most(positive_float, MAX_MINUTES),
+        default=60.0,
+        help="length of the run (default: an hour)",
+    )
     p.add_argument("--share", type=float, default=0.5, help="share of the measured capacity to offer")
-    p.add_argument("--rate", type=positive_float, default=None, help="a fixed rate (requests/s) instead of --share")
+    p.add_argument(
+        "--rate",
+        type=at_most(positive_float, MAX_RATE),
+        default=None,
+        help="a fixed rate (requests/s) instead of --share",
+    )
     p.add_argument("--workers", type=positive_int, default=2, help="workers of the service it starts (not with --host)")
     p.add_argument(
         "--host",
@@ -468,7 +487,12 @@ def main(argv: list[str] | None = None) -> int:
         help="drive a service already running at this URL (on another machine, say) instead of starting one; "
         "its RSS and CPU come from its /metrics",
     )
-    p.add_argument("--capacity-seconds", type=positive_float, default=5.0, help="length of the capacity measurement")
+    p.add_argument(
+        "--capacity-seconds",
+        type=at_most(positive_float, MAX_SECONDS),
+        default=5.0,
+        help="length of the capacity measurement",
+    )
     p.add_argument("--out-dir", type=Path, default=ROOT / "reports", help="where soak.json and soak.png go")
     a = p.parse_args(argv)
     if not 0 < a.share <= 1:

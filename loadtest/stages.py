@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 
 from app.cpu import current
-from loadtest.cli_args import positive_float, positive_floats
+from loadtest.cli_args import MAX_SECONDS, at_most, positive_float, positive_floats
 from loadtest.driver import open_loop
 from loadtest.queries import load_queries
 from loadtest.server import free_port, our_server, pinned, serve
@@ -43,7 +43,7 @@ def mean_ms(before: dict[tuple[str, str], float], after: dict[tuple[str, str], f
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rates", type=positive_floats, default="100,800,100")
-    p.add_argument("--seconds", type=positive_float, default=8.0)
+    p.add_argument("--seconds", type=at_most(positive_float, MAX_SECONDS), default=8.0)
     p.add_argument("--server-cpus", default="0")
     p.add_argument("--data", default=None, help="CLINC150 JSON whose validation texts are sent")
     p.add_argument("--log", type=Path, default=None)

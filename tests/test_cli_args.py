@@ -4,6 +4,8 @@ value is refused in one line before anything is measured."""
 from __future__ import annotations
 
 import argparse
+import importlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +14,14 @@ import pytest
 from compression import cli
 from compression.measure import benchmark
 from loadtest.cli_args import (
+    MAX_SECONDS,
+    at_most,
     is_http_url,
     positive_float,
     positive_floats,
     positive_int,
     positive_ints,
+    positive_ints_or_none,
     writable_dir_problem,
 )
 
@@ -41,12 +46,80 @@ def test_a_positive_int_refuses_what_is_not_a_whole_number_of_at_least_1(text: s
     assert positive_int("3") == 3
 
 
-def test_comma_lists_skip_empty_items_so_that_an_empty_list_is_none() -> None:
+def test_comma_lists_skip_empty_items() -> None:
     assert positive_floats("100,400,800") == [100.0, 400.0, 800.0]
     assert positive_floats("0.5") == [0.5]
+    assert positive_floats("100000") == [100000.0]
     assert positive_ints("8,,16,") == [8, 16]
-    assert positive_ints("") == []  # `--steps ""`: no saturation phase
-    assert positive_floats("") == []
+    assert positive_ints("10000") == [10000]
+    assert positive_ints_or_none("") == []  # loadtest.run's `--steps ""`: no saturation phase
+    assert positive_ints_or_none("8, 16") == [8, 16]
+
+
+@pytest.mark.parametrize(
+    ("parse", "text", "message"),
+    [
+        (positive_floats, "", "must be comma-separated positive, finite numbers, got none in ''"),
+        (positive_floats, " , ", "must be comma-separated positive, finite numbers, got none in ' , '"),
+        (positive_ints, "", "must be comma-separated whole numbers of at least 1, got none in ''"),
+        (positive_ints, ",", "must be comma-separated whole numbers of at least 1, got none in ','"),
+    ],
+)
+def test_a_comma_list_of_nothing_is_refused(parse: Any, text: str, message: str) -> None:
+    """`compare --rates ""` had failed only at its end, after all its measuring."""
+    with pytest.raises(argparse.ArgumentTypeError) as refused:
+        parse(text)
+    assert str(refused.value) == message
+
+
+@pytest.mark.parametrize(
+    ("parse", "text", "message"),
+    [
+        (
+            positive_floats,
+            "100,1e308",
+            "must be comma-separated positive, finite numbers, each at most 100000, got '1e308' in '100,1e308'",
+        ),
+        (
+            positive_floats,
+            "100000.5",
+            "must be comma-separated positive, finite numbers, each at most 100000, got '100000.5' in '100000.5'",
+        ),
+        (
+            positive_ints,
+            "8," + "9" * 300,
+            f"must be comma-separated whole numbers of at least 1, each at most 10000, got {'9' * 300!r} in "
+            f"{'8,' + '9' * 300!r}",
+        ),
+        (
+            positive_ints_or_none,
+            "10001",
+            "must be comma-separated whole numbers of at least 1, each at most 10000, got '10001' in '10001'",
+        ),
+    ],
+)
+def test_comma_lists_refuse_a_huge_item(parse: Any, text: str, message: str) -> None:
+    """A rate or a step of users became a file name (open_1000...0) too long to make, after the server started."""
+    with pytest.raises(argparse.ArgumentTypeError) as refused:
+        parse(text)
+    assert str(refused.value) == message
+
+
+def test_a_bounded_number_refuses_what_is_over_its_bound_and_checks_the_rest_as_before() -> None:
+    seconds = at_most(positive_int, MAX_SECONDS)
+    assert seconds("86400") == 86400
+    for text in ("86401", "1" + "0" * 30):
+        with pytest.raises(argparse.ArgumentTypeError) as refused:
+            seconds(text)
+        assert str(refused.value) == f"must be at most 86400, got {text!r}"
+    with pytest.raises(argparse.ArgumentTypeError) as refused:
+        seconds("0")
+    assert str(refused.value) == "must be a whole number of at least 1, got '0'"
+    minutes = at_most(positive_float, 10_080)
+    assert minutes("10080") == 10080.0
+    with pytest.raises(argparse.ArgumentTypeError) as refused:
+        minutes("1e308")
+    assert str(refused.value) == "must be at most 10080, got '1e308'"
 
 
 @pytest.mark.parametrize(
@@ -84,14 +157,159 @@ def test_a_url_is_http_or_https_with_a_host(text: str, ok: bool) -> None:
     assert is_http_url(text) is ok
 
 
-def test_a_directory_to_write_is_made_and_tried(tmp_path: Path) -> None:
+def test_a_directory_to_write_is_tried_and_left_as_it_was(tmp_path: Path) -> None:
+    """A run refused after the check (or whose server then failed to start) had left an empty directory behind."""
     assert writable_dir_problem(tmp_path / "a" / "b") is None
-    assert (tmp_path / "a" / "b").is_dir()
-    assert list((tmp_path / "a" / "b").iterdir()) == []  # the trial file is gone
+    assert list(tmp_path.iterdir()) == []  # neither the directories it made nor the trial file are left
+    (tmp_path / "kept").mkdir()
+    assert writable_dir_problem(tmp_path / "kept") is None
+    assert writable_dir_problem(tmp_path / "kept" / "new") is None
+    assert list(tmp_path.iterdir()) == [tmp_path / "kept"]
+    assert list((tmp_path / "kept").iterdir()) == []
     (tmp_path / "file").write_text("x")
     assert writable_dir_problem(tmp_path / "file") == "it is not a directory"
     assert writable_dir_problem(tmp_path / "file" / "x") == "Not a directory"
     assert writable_dir_problem(Path("/proc/nope/x")) == "No such file or directory"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "kept"]
+
+
+# Each of the four load-test CLIs refuses a huge number or an empty list as argparse's usage error (status 2, one
+# line), before anything starts: `soak --minutes 1e308` had overflowed after the capacity measurement, and
+# `compare --rounds 2 --rates ""` had failed only at its end.
+
+
+@pytest.fixture
+def nothing_started(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fails the test if a server, a measurement or (compare) the baselines' stand-in model would start."""
+
+    def fail(*args: object, **kwargs: object) -> None:
+        pytest.fail("a measurement started")
+
+    for module, name in [
+        ("run", "measure"),
+        ("run", "run_locust"),
+        ("compare", "measure"),
+        ("compare", "build_stand_in"),
+        ("soak", "run"),
+        ("stages", "serve"),
+    ]:
+        monkeypatch.setattr(importlib.import_module(f"loadtest.{module}"), name, fail)
+
+
+def refused(main: Callable[[list[str]], int], args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """The one error of an argparse usage error, after checking that nothing was printed before it."""
+    with pytest.raises(SystemExit) as stopped:
+        main(args)
+    assert stopped.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == ""  # not even the CPU line
+    return err.splitlines()[-1].split(": error: ", 1)[1]
+
+
+HUGE = "1" + "0" * 30
+BAD_NUMBERS_AND_LISTS = [
+    ("soak", ["--minutes", "1e308"], "argument --minutes: must be at most 10080, got '1e308'"),
+    ("soak", ["--minutes", "10081"], "argument --minutes: must be at most 10080, got '10081'"),
+    ("soak", ["--rate", "1e308"], "argument --rate: must be at most 100000, got '1e308'"),
+    ("soak", ["--capacity-seconds", "1e308"], "argument --capacity-seconds: must be at most 86400, got '1e308'"),
+    ("stages", ["--seconds", "1e308"], "argument --seconds: must be at most 86400, got '1e308'"),
+    ("stages", ["--rates", ""], "argument --rates: must be comma-separated positive, finite numbers, got none in ''"),
+    (
+        "stages",
+        ["--rates", "1e308"],
+        "argument --rates: must be comma-separated positive, finite numbers, each at most 100000, got '1e308' in "
+        "'1e308'",
+    ),
+    ("run", ["--seconds", HUGE], f"argument --seconds: must be at most 86400, got '{HUGE}'"),
+    ("run", ["--step-seconds", "86401"], "argument --step-seconds: must be at most 86400, got '86401'"),
+    ("run", ["--rates", ""], "argument --rates: must be comma-separated positive, finite numbers, got none in ''"),
+    (
+        "run",
+        ["--steps", "8,20000"],
+        "argument --steps: must be comma-separated whole numbers of at least 1, each at most 10000, got '20000' in "
+        "'8,20000'",
+    ),
+    ("run", ["--keep-warm-ms", "1e308"], "argument --keep-warm-ms: must be a number from 0 to 60000, got '1e308'"),
+    ("run", ["--keep-warm-ms", "nan"], "argument --keep-warm-ms: must be a number from 0 to 60000, got 'nan'"),
+    ("run", ["--keep-warm-ms", "-1"], "argument --keep-warm-ms: must be a number from 0 to 60000, got '-1'"),
+    ("run", ["--keep-warm-ms", "x"], "argument --keep-warm-ms: must be a number from 0 to 60000, got 'x'"),
+    (
+        "compare",
+        ["--rounds", "2", "--rates", ""],
+        "argument --rates: must be comma-separated positive, finite numbers, got none in ''",
+    ),
+    (
+        "compare",
+        ["--steps", " , "],
+        "argument --steps: must be comma-separated whole numbers of at least 1, got none in ' , '",
+    ),
+    ("compare", ["--seconds", HUGE], f"argument --seconds: must be at most 86400, got '{HUGE}'"),
+    ("compare", ["--keep-warm-ms", "inf"], "argument --keep-warm-ms: must be a number from 0 to 60000, got 'inf'"),
+]
+
+
+@pytest.mark.parametrize(("tool", "args", "message"), BAD_NUMBERS_AND_LISTS)
+@pytest.mark.usefixtures("nothing_started")
+def test_the_load_test_clis_refuse_huge_numbers_and_empty_lists_before_anything_starts(
+    tool: str, args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = {"soak": ["--out-dir", str(tmp_path / "out")], "stages": []}.get(tool, ["--out", str(tmp_path / "out")])
+    assert refused(importlib.import_module(f"loadtest.{tool}").main, [*args, *out], capsys) == message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_load_test_clis_take_their_largest_values(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from loadtest import run, soak
+
+    assert run.keep_warm_ms("60000") == 60000.0
+    assert run.keep_warm_ms("0") == 0.0
+    a = run.parse_args(
+        [
+            "--rates",
+            "100000",
+            "--steps",
+            "10000",
+            "--seconds",
+            "86400",
+            "--step-seconds",
+            "86400",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert (a.rates, a.steps, a.seconds, a.step_seconds) == ([100000.0], [10000], 86400, 86400)
+    asked: list[tuple[Any, ...]] = []
+
+    def stop(*args: Any, **kwargs: Any) -> None:
+        asked.append(args)
+        raise RuntimeError("stopped here")
+
+    monkeypatch.setattr(soak, "run", stop)
+    with pytest.raises(RuntimeError, match="stopped here"):
+        soak.main(["--minutes", "10080", "--rate", "100000", "--capacity-seconds", "86400", "--out-dir", str(tmp_path)])
+    assert asked == [(10080.0, 0.5, 2, 100000.0, 86400.0)]
+
+
+@pytest.mark.parametrize("tool", ["run", "compare"])
+def test_a_run_that_stops_after_the_check_of_its_out_leaves_no_directory(
+    tool: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """run's --out and compare's were made at parse time: a later refusal (a --host not on loopback) or a failure
+    (its server not starting) left an empty directory behind."""
+    from loadtest import compare, run
+
+    def no_server(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("server exited with 2")
+
+    for module, name in [(run, "measure"), (compare, "measure"), (compare, "build_stand_in")]:
+        monkeypatch.setattr(module, name, no_server)
+    out = tmp_path / "reports" / "new"
+    if tool == "run":
+        assert run.main(["--host", "http://10.0.0.5:8000", "--out", str(out)]) == 2
+    else:
+        with pytest.raises(RuntimeError, match="server exited with 2"):
+            compare.main(["--out", str(out)])
+    assert list(tmp_path.iterdir()) == []
 
 
 # `python -m compression bench`: the pipeline's one-line errors (compression.errors.FactoryError), exit status 2.

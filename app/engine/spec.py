@@ -121,7 +121,9 @@ class Provenance(Strict):
 class Card(Strict):
     format: Literal[3] = 3
     name: str = Field(min_length=1, max_length=100)
-    version: str = Field(min_length=1, max_length=100)
+    # It goes into every answer (model_version), a metrics label and log lines: no spaces, newlines or control
+    # characters. The factory writes 2026.12.05-8e82d3c5.
+    version: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
     spec: ServingSpec
     files: dict[str, FileEntry]
     provenance: Provenance
