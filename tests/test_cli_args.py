@@ -63,18 +63,6 @@ def test_comma_lists_skip_empty_items() -> None:
         (positive_floats, " , ", "must be comma-separated positive, finite numbers, got none in ' , '"),
         (positive_ints, "", "must be comma-separated whole numbers of at least 1, got none in ''"),
         (positive_ints, ",", "must be comma-separated whole numbers of at least 1, got none in ','"),
-    ],
-)
-def test_a_comma_list_of_nothing_is_refused(parse: Any, text: str, message: str) -> None:
-    """`compare --rates ""` had failed only at its end, after all its measuring."""
-    with pytest.raises(argparse.ArgumentTypeError) as refused:
-        parse(text)
-    assert str(refused.value) == message
-
-
-@pytest.mark.parametrize(
-    ("parse", "text", "message"),
-    [
         (
             positive_floats,
             "100,1e308",
@@ -96,10 +84,16 @@ def test_a_comma_list_of_nothing_is_refused(parse: Any, text: str, message: str)
             "10001",
             "must be comma-separated whole numbers of at least 1, each at most 10000, got '10001' in '10001'",
         ),
+        (positive_floats, "abc", "must be comma-separated positive, finite numbers, got 'abc' in 'abc'"),
+        (positive_floats, "100,0", "must be comma-separated positive, finite numbers, got '0' in '100,0'"),
+        (positive_floats, "100,nan", "must be comma-separated positive, finite numbers, got 'nan' in '100,nan'"),
+        (positive_ints, "8,x", "must be comma-separated whole numbers of at least 1, got 'x' in '8,x'"),
+        (positive_ints, "8,-4", "must be comma-separated whole numbers of at least 1, got '-4' in '8,-4'"),
     ],
 )
-def test_comma_lists_refuse_a_huge_item(parse: Any, text: str, message: str) -> None:
-    """A rate or a step of users became a file name (open_1000...0) too long to make, after the server started."""
+def test_comma_lists_refuse_nothing_a_huge_item_and_a_bad_one_by_name(parse: Any, text: str, message: str) -> None:
+    """`compare --rates ""` had failed only at its end, after all its measuring; a huge rate or step of users became
+    a file name (open_1000...0) too long to make, after the server had started."""
     with pytest.raises(argparse.ArgumentTypeError) as refused:
         parse(text)
     assert str(refused.value) == message
@@ -120,22 +114,6 @@ def test_a_bounded_number_refuses_what_is_over_its_bound_and_checks_the_rest_as_
     with pytest.raises(argparse.ArgumentTypeError) as refused:
         minutes("1e308")
     assert str(refused.value) == "must be at most 10080, got '1e308'"
-
-
-@pytest.mark.parametrize(
-    ("parse", "text", "message"),
-    [
-        (positive_floats, "abc", "must be comma-separated positive, finite numbers, got 'abc' in 'abc'"),
-        (positive_floats, "100,0", "must be comma-separated positive, finite numbers, got '0' in '100,0'"),
-        (positive_floats, "100,nan", "must be comma-separated positive, finite numbers, got 'nan' in '100,nan'"),
-        (positive_ints, "8,x", "must be comma-separated whole numbers of at least 1, got 'x' in '8,x'"),
-        (positive_ints, "8,-4", "must be comma-separated whole numbers of at least 1, got '-4' in '8,-4'"),
-    ],
-)
-def test_comma_lists_name_the_bad_item(parse: Any, text: str, message: str) -> None:
-    with pytest.raises(argparse.ArgumentTypeError) as refused:
-        parse(text)
-    assert str(refused.value) == message
 
 
 @pytest.mark.parametrize(
