@@ -60,8 +60,16 @@ RECIPE ?= served
 RECIPES := served two-encoder chapter8 quick student pruned
 
 # DATA=intents.csv (or .jsonl: text and intent) OUT=models/my-intents builds a team's own model; its stage
-# outputs go to artifacts/<name of OUT>, so the CLINC150 stages are kept.
+# outputs go to artifacts/<name of OUT>, so the CLINC150 stages are kept (the first OUT built there owns them:
+# compression.pipeline refuses another with the same name).
 OUT_ARGS = $(if $(OUT),--model-dir $(OUT) --artifacts artifacts/$(notdir $(patsubst %/,%,$(OUT))))
+# make splits every value at whitespace: OUT="models/my intents" would reach the build as two paths.
+ifneq ($(word 2,$(OUT)),)
+$(error OUT="$(OUT)" holds a space, which make splits paths at: name it without spaces)
+endif
+ifneq ($(word 2,$(DATA)),)
+$(error DATA="$(DATA)" holds a space, which make splits paths at: rename the file without spaces)
+endif
 # Without OUT the defaults apply, so a team's file (anything but CLINC150's .json) would replace models/clinc150:
 # refused while the Makefile is read, before the virtual environment or anything else runs.
 ifneq ($(filter model,$(MAKECMDGOALS)),)

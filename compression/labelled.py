@@ -17,12 +17,11 @@ import io
 import json
 import random
 import re
-import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from compression.data import OOS, OOS_TUNE, Dataset, Split, label_order
+from compression.data import OOS, OOS_TUNE, Dataset, Split, label_order, text_key
 from compression.errors import FactoryError
 
 SUFFIXES = (".csv", ".jsonl")
@@ -40,21 +39,7 @@ class Columns:
 class Example:
     text: str
     intent: str
-    line: int  # its line in its file, 1-based, for error messages (a CSV text over several: the last)
-
-
-# A run of letters and digits, or one punctuation mark or symbol: the pieces BERT's pre-tokenizer splits a text
-# into (it splits at whitespace and around each punctuation mark; `_` is punctuation to it).
-_PIECES = re.compile(r"[^\W_]+|[^\w\s]|_")
-
-
-def text_key(text: str) -> str:
-    """Texts that the served model cannot tell apart count as one text: its tokenizer (BERT's, uncased) folds
-    case and strips accents, and splits at whitespace and around punctuation, so `Résumé` is `resume` and
-    `what's` is `what ' s`."""
-    folded = unicodedata.normalize("NFD", text.casefold())
-    folded = "".join(c for c in folded if unicodedata.category(c) != "Mn")
-    return " ".join(_PIECES.findall(folded))
+    line: int  # its line in its file, 1-based, for error messages (a CSV row over several: its last)
 
 
 def _decoded(path: Path) -> str:
@@ -76,8 +61,13 @@ def _decoded(path: Path) -> str:
 OTHER_SEPARATORS = (";", "\t", "|")
 
 
-def _csv_records(path: Path, text: str) -> Iterator[tuple[int, list[str]]]:
-    """Each non-blank row's fields, with its last line: its only one, unless a quoted text spans lines."""
+_QUOTE_HINT = 'inside a quoted text, write a quote as ""'
+# What csv counts as the end of a line (io.StringIO with newline=""), so that line numbers agree with its own.
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
+def _csv_records(path: Path, text: str) -> Iterator[tuple[int, int, list[str]]]:
+    """Each non-blank row's fields, with its first and last line: one line, unless a quoted field spans lines."""
     # strict=True: without it, a stray quote that opens a field silently swallows every line up to the next quote
     # (or the end of the file) into one text.
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
@@ -87,7 +77,7 @@ def _csv_records(path: Path, text: str) -> Iterator[tuple[int, list[str]]]:
             row = next(reader, None)
         except csv.Error as exc:
             end, reason = reader.line_num, str(exc)
-            hint = 'inside a quoted text, write a quote as ""'
+            hint = _QUOTE_HINT
             if reason.startswith("unexpected end of data"):
                 reason = f"a quote opens a field here that is never closed (a stray quote? {hint})"
             elif "expected after" in reason and end > start:
@@ -100,12 +90,12 @@ def _csv_records(path: Path, text: str) -> Iterator[tuple[int, list[str]]]:
         if row is None:
             return
         if row:
-            yield reader.line_num, row
+            yield start, reader.line_num, row
 
 
 def _csv_rows(path: Path, text: str, columns: Columns, need_intent: bool) -> Iterator[tuple[int, str, str]]:
     records = _csv_records(path, text)
-    line, header = next(records, (1, []))
+    _, line, header = next(records, (1, 1, []))
     wanted = [columns.text, columns.intent] if need_intent else [columns.text]
     twice = [c for c in wanted if header.count(c) > 1]
     if twice:
@@ -122,7 +112,18 @@ def _csv_rows(path: Path, text: str, columns: Columns, need_intent: bool) -> Ite
         )
     text_at = header.index(columns.text)
     intent_at = header.index(columns.intent) if columns.intent in header else None
-    for number, row in records:
+    read = [(name, header.index(column)) for name, column in zip(("text", "intent"), wanted, strict=False)]
+    for start, number, row in records:
+        for name, at in read:
+            if at < len(row) and _LINE_BREAK.search(row[at]):
+                # Valid CSV, but an example is one message: the text of a stray quote that a later quote closes
+                # at the end of a field, the rows between merged into it.
+                begins = start + sum(len(_LINE_BREAK.findall(field)) for field in row[:at])
+                ends = begins + len(_LINE_BREAK.findall(row[at]))
+                raise FactoryError(
+                    f"{path}, line {begins}: a quoted {name} runs on to line {ends}, where a quote closes it; an "
+                    f"example is one line (a stray quote? {_QUOTE_HINT})"
+                )
         if len(row) != len(header):
             raise FactoryError(
                 f"{path}, line {number}: {len(header)} fields expected (quote a text that holds a comma)"

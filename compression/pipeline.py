@@ -417,6 +417,8 @@ def run(names: list[str], args: argparse.Namespace, log: logging.Logger, resumed
             check(ctx, config)
     source = ctx.data_source
     _check_resumed_data(resumed, ctx, source)
+    if "artifact" in [*resumed, *names]:
+        _claim_artifacts(ctx)
     for number, (name, module, config) in enumerate(zip(names, modules, configs, strict=True), 1):
         started = time.perf_counter()
         with progress.stage(name, number, len(names)):
@@ -442,3 +444,23 @@ def _check_resumed_data(resumed: Sequence[str], ctx: Context, source: dict[str, 
                 f"--from: {ctx.dir(earlier)} was built from other data than {ctx.data}; run from the first stage, or "
                 "give this data --artifacts of its own"
             )
+
+
+# In --artifacts: the model directory whose build its stage outputs are (`make model` names the directory after
+# OUT's last part, so OUT=a/x and OUT=b/x would otherwise share artifacts/x, each building on the other's stages).
+MODEL_RECORD = "model_dir.txt"
+
+
+def _claim_artifacts(ctx: Context) -> None:
+    """--artifacts belongs to the first model built from it: refused for another, else recorded."""
+    record, model_dir = Path(ctx.artifacts) / MODEL_RECORD, Path(ctx.model_dir).resolve()
+    if record.is_file() and (owner := record.read_text().strip()) != str(model_dir):
+        raise FactoryError(
+            f"{ctx.artifacts} holds the stages built for {owner}, not {model_dir}: remove {ctx.artifacts}, or give "
+            "OUT another last name (or --artifacts another directory)"
+        )
+    try:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(f"{model_dir}\n")
+    except OSError as exc:
+        raise FactoryError(f"{ctx.artifacts} cannot be written: {exc.strerror or exc} (--artifacts)") from None

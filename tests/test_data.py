@@ -63,8 +63,15 @@ def test_unknown_intent_in_val(tmp_path: Path) -> None:
 
 
 def test_optional_test_split(tmp_path: Path) -> None:
+    # Two intents in train: one is refused (tests/test_team_data.py).
     p = write(
-        tmp_path, {"train": [["a", "x"]], "oos_train": [["b", "oos"]], "test": [["c", "x"]], "oos_test": [["d", "oos"]]}
+        tmp_path,
+        {
+            "train": [["a", "x"], ["e", "y"]],
+            "oos_train": [["b", "oos"]],
+            "test": [["c", "x"]],
+            "oos_test": [["d", "oos"]],
+        },
     )
     data = load_clinc(p)
     assert data.split("test").intents == ["x", "oos"]

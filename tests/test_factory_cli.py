@@ -551,7 +551,15 @@ def test_a_teams_csv_builds_a_model_that_the_service_serves(
     assert "[bench 8/8] compression stage bench: done in" in result.stderr
     assert any(" left" in line and line.split("] ")[0].endswith("1/8") for line in result.stderr.splitlines())
     # Only what feeds the served model ran: the teacher is exported, so no search, distillation or pruning.
-    assert sorted(p.name for p in art.iterdir()) == ["embedder", "export", "oos", "quantize", "static", "teacher"]
+    assert sorted(p.name for p in art.iterdir()) == [
+        "embedder",
+        "export",
+        "model_dir.txt",
+        "oos",
+        "quantize",
+        "static",
+        "teacher",
+    ]
     labels = json.loads((model_dir / "labels.json").read_text())
     assert labels == sorted([*TEAM_INTENTS, "oos"])
     teacher = json.loads((art / "teacher" / "run.json").read_text())["training_data"]
@@ -625,6 +633,7 @@ def test_the_served_recipe_keeps_every_teacher_layer_and_prunes_their_ffns_and_h
     assert sorted(p.name for p in art.iterdir()) == [
         "distill",
         "export",
+        "model_dir.txt",
         "oos",
         "prune",
         "quantize",
@@ -693,7 +702,7 @@ def test_the_quick_recipe_builds_a_teams_model_that_the_service_serves(
     assert result.returncode == 0, result.stderr[-3000:]
     assert "[embedder 1/4] compression stage embedder: start" in result.stderr
     assert "[artifact 4/4] compression stage artifact: done in" in result.stderr
-    assert sorted(p.name for p in art.iterdir()) == ["embedder", "head", "oos"]
+    assert sorted(p.name for p in art.iterdir()) == ["embedder", "head", "model_dir.txt", "oos"]
     head = json.loads((art / "head" / "run.json").read_text())
     assert head["training_data"] == {"examples": 5 * 24 + 50, "clinc_oos_queries": 0}
     assert head["metrics"]["l2"] in head["config"]["head_l2"]
@@ -757,3 +766,53 @@ def test_a_missing_wiki_file_is_refused_before_any_stage_runs(tmp_path: Path) ->
     ]
     assert not artifacts.exists()
     assert not (tmp_path / "model").exists()
+
+
+# A stand-in for the artifact stage that writes nothing: what a run decides before its first stage is under test.
+NO_ARTIFACT_STAGE = """
+from dataclasses import dataclass
+
+
+@dataclass
+class Config:
+    pass
+
+
+def run_stage(ctx, cfg):
+    pass
+"""
+
+
+def test_artifacts_belong_to_the_first_model_built_from_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`make model OUT=a/x`, then `OUT=b/x`: both are given artifacts/x. The second is refused before any stage,
+    where it had built on (with `--from`, served) the first one's stages."""
+    from compression import cli, pipeline
+
+    tmp_path = tmp_path.resolve()  # as the record names a model directory
+    (tmp_path / "no_artifact_stage.py").write_text(NO_ARTIFACT_STAGE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    stand_in = pipeline.Stage("artifact", (), "no_artifact_stage", "the artifact stage, writing nothing")
+    monkeypatch.setitem(pipeline.STAGES, "artifact", stand_in)
+    data = tmp_path / "intents.csv"
+    data.write_text("text,intent\nhello,greet\nhi there,greet\nbook it,book\nbook a table,book\n")
+    art = tmp_path / "artifacts" / "x"
+
+    def build(out: Path) -> int:
+        return cli.main(
+            ["artifact", "--data", str(data), "--wiki", str(WIKI), "--artifacts", str(art), "--model-dir", str(out)]
+        )
+
+    first = tmp_path / "a" / "x"
+    assert build(first) == 0
+    assert (art / pipeline.MODEL_RECORD).read_text() == f"{first}\n"
+    assert build(tmp_path / "b" / ".." / "a" / "x") == 0  # the same directory, however it is spelt
+    capsys.readouterr()
+    assert build(tmp_path / "b" / "x") == 2
+    assert capsys.readouterr().err == (
+        f"error: {art} holds the stages built for {first}, not {tmp_path / 'b' / 'x'}: remove {art}, or give OUT "
+        "another last name (or --artifacts another directory)\n"
+    )
+    assert (art / pipeline.MODEL_RECORD).read_text() == f"{first}\n"
+    assert sorted(p.name for p in art.iterdir()) == [pipeline.MODEL_RECORD]

@@ -104,26 +104,29 @@ def test_custom_columns_a_byte_order_mark_and_exact_repeats(tmp_path: Path) -> N
 
 def test_quoted_texts_with_commas_quotes_and_lines(tmp_path: Path) -> None:
     path = tmp_path / "q.csv"
-    path.write_text('text,intent\n"hi, there",greet\n"say ""hello""",greet\r\n"two\nlines",greet\nbook it,book\n')
+    path.write_text(
+        'text,intent,note\n"hi, there",greet,\n"say ""hello""",greet,\r\nbook it,book,"two\nlines"\nbook now,book,\n'
+    )
     examples = read_examples(path)
-    # A text over several lines counts as its last one.
+    # Only a column that is not read may run over several lines; its row counts as its last line.
     assert [(e.text, e.line) for e in examples] == [
         ("hi, there", 2),
         ('say "hello"', 3),
-        ("two\nlines", 5),
-        ("book it", 6),
+        ("book it", 5),
+        ("book now", 6),
     ]
 
 
 def test_jsonl_lines_end_at_newlines_only(tmp_path: Path) -> None:
-    """U+2028, U+2029, U+0085 and the like are valid inside a JSON string: they do not end a line."""
+    """U+2028, U+2029, U+0085 and the like are valid inside a JSON string: they do not end a line. Nor does a
+    "\\n" escape, which no stray quote writes: it is kept, where a CSV text over several lines is refused."""
     path = tmp_path / "s.jsonl"
-    texts = ["one\u2028two", "three\u2029four\u0085five", "plain"]
+    texts = ["one\u2028two", "three\u2029four\u0085five", "plain", "a line\nbreak"]
     rows = "".join(json.dumps({"text": t, "intent": "i"}, ensure_ascii=False) + "\r\n" for t in texts)
     path.write_text(rows + '{"text": \n', encoding="utf-8", newline="")
     with pytest.raises(FactoryError) as refused:
         read_examples(path)
-    assert str(refused.value) == f"{path}, line 4: not JSON (Expecting value)"
+    assert str(refused.value) == f"{path}, line 5: not JSON (Expecting value)"
     path.write_text(rows, encoding="utf-8", newline="")
     assert [(e.text, e.line) for e in read_examples(path)] == [(t, n) for n, t in enumerate(texts, 1)]
 
@@ -198,6 +201,18 @@ BAD = [
         rows_with({11: '"what is my, balance,accept_reservations', 32: 'my card "got" blocked,account_blocked'}, 41),
         "{path}, line 11: a quoted text runs on to line 32, where a quote ends it mid-field (a stray quote? inside a "
         'quoted text, write a quote as "")',
+    ),
+    (
+        "merged_rows.csv",
+        rows_with({11: '"what is my, balance,accept_reservations', 20: 'my card got blocked",account_blocked'}, 41),
+        "{path}, line 11: a quoted text runs on to line 20, where a quote closes it; an example is one line (a stray "
+        'quote? inside a quoted text, write a quote as "")',
+    ),
+    (
+        "merged_intent.csv",
+        b'note,text,intent\r\n"a\r\nnote",hello,"greet\r\nhi there,x,greet\r\nbook it,x,book"\r\nbook now,x,book\r\n',
+        "{path}, line 3: a quoted intent runs on to line 5, where a quote closes it; an example is one line (a stray "
+        'quote? inside a quoted text, write a quote as "")',
     ),
     (
         "unclosed_quote.csv",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 
+import pytest
+
 from tests.conftest import ROOT
 
 
@@ -68,3 +70,16 @@ def test_make_model_refuses_a_teams_data_without_out(tmp_path) -> None:
         assert clinc.returncode == 0
         assert ".venv/bin/python -m compression quick --data " in clinc.stdout
         assert "--model-dir" not in clinc.stdout
+
+
+@pytest.mark.parametrize("name", ["OUT", "DATA"])
+def test_make_refuses_a_path_with_a_space_while_it_reads_the_makefile(tmp_path, name: str) -> None:
+    """make splits values at whitespace: `OUT="models/my intents"` had reached the build as two arguments."""
+    given = {"OUT": f"{tmp_path}/mine", "DATA": f"{tmp_path}/team.csv"}
+    given[name] = f"{tmp_path}/my intents"
+    result = make_model_dry_run(*(f"{k}={v}" for k, v in given.items()))
+    assert result.returncode == 2
+    assert result.stdout == ""
+    [line] = result.stderr.strip().splitlines()
+    fix = "name it without spaces" if name == "OUT" else "rename the file without spaces"
+    assert line.endswith(f'*** {name}="{tmp_path}/my intents" holds a space, which make splits paths at: {fix}.  Stop.')
