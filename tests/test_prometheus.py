@@ -58,13 +58,20 @@ def promtool(prom_bin: Path, *args: str) -> str:
 
 
 def test_alert_rules_are_valid(prom_bin: Path) -> None:
-    assert "SUCCESS: 5 rules found" in promtool(prom_bin, "check", "rules", str(ROOT / "deploy/prometheus/alerts.yml"))
+    assert "SUCCESS: 6 rules found" in promtool(prom_bin, "check", "rules", str(ROOT / "deploy/prometheus/alerts.yml"))
 
 
 def test_the_memory_alert_fires_for_a_leak_and_not_for_a_hot_reload(prom_bin: Path) -> None:
     """promtool's own rule tests (deploy/prometheus/alerts_test.yml): a worker growing 30 MB an hour, beside a
     steady one, fires IntentWorkerMemoryGrowing after its hour pending; a one-time step up does not."""
     assert "SUCCESS" in promtool(prom_bin, "test", "rules", str(ROOT / "deploy/prometheus/alerts_test.yml"))
+
+
+def test_the_service_alerts_count_clients_requests_and_a_service_that_is_down(prom_bin: Path) -> None:
+    """deploy/prometheus/alerts_errors_test.yml: IntentErrorRatio stays quiet through a rolling update of a quiet
+    service (its draining pods answer /ready 503) and fires for 3% of predictions failing beside frequent health
+    checks; IntentDown fires when no replica serves /metrics at all."""
+    assert "SUCCESS" in promtool(prom_bin, "test", "rules", str(ROOT / "deploy/prometheus/alerts_errors_test.yml"))
 
 
 def test_prometheus_scrapes_and_queries(prom_bin: Path, tmp_path: Path) -> None:
