@@ -81,14 +81,26 @@ def run_workers(settings: Settings, factory: str) -> int:
         except OSError as exc:
             print(f"error: PROMETHEUS_MULTIPROC_DIR={given}: {exc.strerror or exc}", file=sys.stderr)
             return 1
-    elif settings.workers > 1:
-        metrics_dir = tempfile.mkdtemp(prefix="intent-metrics-")
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     pointer_dir = None
-    if settings.admin_key is not None and settings.model_pointer is None:
-        # The file through which the workers follow a reload (app.http.reload); it starts empty.
-        pointer_dir = tempfile.mkdtemp(prefix="intent-model-")
-        os.environ["INTENT_MODEL_POINTER"] = os.path.join(pointer_dir, "pointer.json")
+    # A read-only root with no writable temporary directory (`docker run --read-only` without a tmpfs) had been a
+    # traceback: one line instead, naming what to mount.
+    try:
+        if not given and settings.workers > 1:
+            metrics_dir = tempfile.mkdtemp(prefix="intent-metrics-")
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        if settings.admin_key is not None and settings.model_pointer is None:
+            # The file through which the workers follow a reload (app.http.reload); it starts empty.
+            pointer_dir = tempfile.mkdtemp(prefix="intent-model-")
+            os.environ["INTENT_MODEL_POINTER"] = os.path.join(pointer_dir, "pointer.json")
+    except OSError as exc:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+        print(
+            f"error: no writable temporary directory ({tempfile.gettempdir()}: {exc.strerror or exc}); the workers "
+            "share their metrics and reloads through one: mount a writable /tmp (an emptyDir, a tmpfs) or set TMPDIR",
+            file=sys.stderr,
+        )
+        return 1
     # After a drained shutdown one uvicorn server (one worker) restores the signal handlers it found and raises the
     # signal again: the default SIGTERM handler then ended the process where it stood (exit -15), before the
     # `finally` below, leaving its temporary directories behind on every stop. Found here, the signal ends it as

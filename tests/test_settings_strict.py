@@ -3,9 +3,11 @@ more intra-op threads than cores, and a card version that can go into answers, m
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import signal
+import tempfile
 import time
 from pathlib import Path
 
@@ -117,6 +119,28 @@ def test_start_up_logs_the_oversubscription_once_and_goes_on(
         "INTENT_WORKERS 2 x INTENT_ORT_INTRA_THREADS 1 is 2 threads on 1 CPUs: each waits for a core and latency "
         "rises; lower either, or unset INTENT_WORKERS for one worker per core"
     ]
+
+
+@pytest.mark.parametrize("admin_key", [None, "k"])
+def test_no_writable_temporary_directory_is_one_line_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], admin_key: str | None
+) -> None:
+    """Two workers share a metrics directory, and with /admin/reload a pointer file, both made in the temporary
+    directory: a read-only root without a tmpfs had ended start-up with a traceback."""
+
+    def read_only(*args: object, **kwargs: object) -> str:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    monkeypatch.delenv("INTENT_MODEL_POINTER", raising=False)
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    monkeypatch.setattr(entry.uvicorn, "run", lambda *args, **kwargs: pytest.fail("started"))
+    settings = Settings(workers=2 if admin_key is None else 1, admin_key=admin_key)
+    assert entry.run_workers(settings, entry.APP_FACTORY) == 1
+    assert capsys.readouterr().err == (
+        f"error: no writable temporary directory ({tempfile.gettempdir()}: Read-only file system); the workers share "
+        "their metrics and reloads through one: mount a writable /tmp (an emptyDir, a tmpfs) or set TMPDIR\n"
+    )
 
 
 def card_with_version(directory: Path, version: str) -> Path:
