@@ -321,6 +321,19 @@ def nginx_next_upstream(body: list[tuple[list[str], list]]) -> list[str] | None:
     return found[0] if found else None
 
 
+def test_nginx_drops_an_idle_replica_connection_before_the_replica_does() -> None:
+    """A replica closes a connection idle for uvicorn's keep-alive timeout (the service sets none of its own); nginx
+    kept its idle upstream connections 60 s, so a request could be sent down one the replica was closing, and a
+    POST that is not retried (/admin/reload) got a 502."""
+    import uvicorn
+
+    conf = nginx_parse(NGINX_CONF.read_text())
+    (upstream,) = [body for words, body in conf if words[:2] == ["upstream", "intent_replicas"]]
+    (timeout,) = [words[1] for words, _ in upstream if words[0] == "keepalive_timeout"]
+    assert timeout.endswith("s")
+    assert int(timeout.removesuffix("s")) < uvicorn.Config("app.http.main:create_app_from_env").timeout_keep_alive
+
+
 def test_nginx_retries_only_the_predict_routes() -> None:
     conf = nginx_parse(NGINX_CONF.read_text())
     (upstream,) = [body for words, body in conf if words[:2] == ["upstream", "intent_replicas"]]
