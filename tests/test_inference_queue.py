@@ -223,3 +223,70 @@ def test_keep_warm_stops_quietly_on_a_faulty_classifier() -> None:
     assert clf.warmed == ["what is my account balance"]  # tried once, then keep-warm turned itself off
     assert clf.calls == 0
     assert _keep_warm_count(metrics) == 0.0
+
+
+class GatedClassifier(FakeClassifier):
+    """Blocks every text until `gate` is set; `entered` says that one is being classified."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    def predict(self, text: str, top_k: int = 0) -> Prediction:
+        self.entered.set()
+        assert self.gate.wait(30), "never released"
+        return super().predict(text, top_k)
+
+
+def _in_flight(metrics: Metrics) -> float:
+    return float(metrics.registry.get_sample_value("intent_in_flight_requests") or 0.0)
+
+
+def test_requests_cancelled_mid_inference_and_in_the_queue_leave_the_counts_at_zero() -> None:
+    """A request cancelled while its text runs, and one cancelled while it waits: the in-flight gauge drops at once,
+    the queue drains once the model is free, and the next request is answered."""
+    clf = GatedClassifier()
+    metrics = Metrics()
+
+    async def scenario() -> None:
+        queue = InferenceQueue(slot_of(clf), metrics, max_pending=3, retry_after_s=1, mode="thread")
+        queue.start()
+        running = asyncio.create_task(queue.submit(["a", "b"], 0))
+        await _until(clf.entered.is_set)
+        waiting = asyncio.create_task(queue.submit(["c"], 0))
+        await asyncio.sleep(0)
+        assert (queue.pending, _in_flight(metrics)) == (3, 2.0)
+        for task in (running, waiting):
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        assert _in_flight(metrics) == 0.0
+        clf.gate.set()
+        assert await queue.drain(30)
+        assert queue.pending == 0
+        assert [p.intent for p in await queue.submit(["flight"], 0)] == ["book_flight"]
+        await queue.stop()
+
+    asyncio.run(scenario())
+    assert _in_flight(metrics) == 0.0
+
+
+@pytest.mark.parametrize("mode", ["inline", "thread"])
+def test_a_model_fault_goes_to_its_request_and_leaves_the_counts_at_zero(mode: str) -> None:
+    clf = FakeClassifier(fail=True)
+    metrics = Metrics()
+
+    async def scenario() -> None:
+        queue = InferenceQueue(slot_of(clf), metrics, max_pending=4, retry_after_s=1, mode=mode)
+        queue.start()
+        for texts in (["flight"], ["flight", "balance"]):
+            with pytest.raises(RuntimeError, match="classifier broke"):
+                await queue.submit(texts, 0)
+            assert (queue.pending, _in_flight(metrics)) == (0, 0.0)
+        assert await queue.drain(30)
+        clf.fail = False
+        assert len(await queue.submit(["flight", "balance"], 0)) == 2
+        await queue.stop()
+
+    asyncio.run(scenario())

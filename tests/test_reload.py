@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -15,7 +16,9 @@ import time
 import urllib.error
 import urllib.request
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -191,11 +194,24 @@ def test_a_model_still_answering_a_request_is_freed_after_that_answer(
         assert calls == [False, True]
 
 
+@pytest.fixture
+def no_garbage_collector() -> Iterator[None]:
+    """Only reference counts free objects: what a reference cycle holds stays, as it may until the collector runs."""
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+@pytest.mark.usefixtures("no_garbage_collector")
 def test_a_model_refused_after_loading_is_freed_and_its_memory_given_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A model refused once its sessions are built used to leave them in glibc's free lists until the next trim
-    (a later reload, or never): as much as a replaced model (app.heap). The refusal now trims, after they are freed."""
+    (a later reload, or never): as much as a replaced model (app.heap). The refusal now trims, after they are freed.
+    Freed by reference counts: the load error's traceback and the future that carried it formed a cycle, and the
+    model went only when the garbage collector next ran (after the trim, in about half the runs of this file)."""
     target = one_label_short(tmp_path / "one-label-short")
     sessions: list[weakref.ref[onnx.OnnxModel]] = []
     built = onnx.OnnxModel.__init__
@@ -528,3 +544,79 @@ def test_a_worker_that_starts_after_its_pointers_directory_went_serves_intent_mo
     with caplog.at_level(logging.WARNING), TestClient(create_app(settings(tmp_path))) as client:
         assert version_of(client) == version_of_dir(MODEL_DIR)
     assert "the model pointer names a directory that does not load; serving INTENT_MODEL_DIR" in caplog.messages
+
+
+def by_directory(loads: list[str], broken: str = "broken", unloadable: str = "unloadable") -> Any:
+    """A factory whose model's version is its directory's name; `broken`'s warm-up fails (ONNX Runtime's untyped
+    run-time errors), and `unloadable`'s load fails with an error the factory does not map to ModelLoadError."""
+
+    def factory(s: Settings) -> tuple[FakeClassifier, dict[str, Any]]:
+        loads.append(s.model_dir.name)
+        if s.model_dir.name == unloadable:
+            raise RuntimeError("the factory broke")
+        clf = FakeClassifier(fail=s.model_dir.name == broken)
+        clf.version = s.model_dir.name
+        return clf, {"version": clf.version, "labels": clf.labels}
+
+    return factory
+
+
+def test_a_pointer_whose_directory_holds_another_version_is_loaded_once_not_at_every_poll(tmp_path: Path) -> None:
+    """The directory was rewritten in place after the pointer named it: the worker reloaded it at every poll, for
+    ever (a full load each time, and intent_model_reloads_total{result="ok"} counting up)."""
+    loads: list[str] = []
+    app = create_app(settings(tmp_path, reload_poll_s=0.05), by_directory(loads))
+    with TestClient(app) as client:
+        write_pointer(tmp_path / "ptr.json", Pointer(str(tmp_path / "v2"), "v2-as-it-was"))
+        deadline = time.monotonic() + 60  # only catches a hang
+        while version_of(client) != "v2":
+            assert time.monotonic() < deadline, "the worker did not follow the pointer"
+            time.sleep(0.05)
+        time.sleep(0.3)  # six polls, each of which had loaded v2 again
+        write_pointer(tmp_path / "ptr.json", Pointer(str(tmp_path / "v3"), "v3"))
+        while version_of(client) != "v3":  # then a pointer that changes is followed
+            assert time.monotonic() < deadline, "the worker did not follow the next pointer"
+            time.sleep(0.05)
+        assert 'intent_model_reloads_total{result="ok"} 2.0' in client.get("/metrics").text
+    assert loads == [MODEL_DIR.name, "v2", "v3"]
+
+
+def test_a_model_whose_warm_up_fails_is_refused_and_the_worker_keeps_following(tmp_path: Path) -> None:
+    """A warm-up that raised (ONNX Runtime out of memory, say) had answered /admin/reload 500, counted no reload,
+    and ended the task that follows the pointer: that worker stayed on its old model for good."""
+    loads: list[str] = []
+    app = create_app(settings(tmp_path, reload_poll_s=0.05), by_directory(loads))
+    with TestClient(app) as client:
+        r = client.post("/admin/reload", json={"model_dir": str(tmp_path / "broken")}, headers=AUTH)
+        assert (r.status_code, r.json()["error"]) == (
+            422,
+            {"type": "model_rejected", "message": f"{tmp_path / 'broken'}: the warm-up failed: classifier broke"},
+        )
+        assert version_of(client) == MODEL_DIR.name
+        assert client.get("/model").json()["version"] == MODEL_DIR.name
+        for name in ("broken", "unloadable", "v2"):  # each after the last was refused
+            tried = len(loads)
+            write_pointer(tmp_path / "ptr.json", Pointer(str(tmp_path / name), name))
+            deadline = time.monotonic() + 60  # only catches a hang
+            while len(loads) == tried:
+                assert time.monotonic() < deadline, f"the worker did not look at the pointer to {name}"
+                time.sleep(0.05)
+        while version_of(client) != "v2":
+            assert time.monotonic() < deadline, "the worker stopped following the pointer"
+            time.sleep(0.05)
+        metrics = client.get("/metrics").text
+        assert 'intent_model_reloads_total{result="rejected"} 3.0' in metrics
+        assert 'intent_model_reloads_total{result="ok"} 1.0' in metrics
+    assert loads == [MODEL_DIR.name, "broken", "broken", "unloadable", "v2"]
+
+
+def test_a_worker_that_starts_on_a_pointer_whose_model_fails_its_warm_up_serves_intent_model_dir(
+    tmp_path: Path,
+) -> None:
+    """A warm-up that raised was not a load error to the lifespan: the worker failed to start, and uvicorn then
+    stopped every worker."""
+    loads: list[str] = []
+    write_pointer(tmp_path / "ptr.json", Pointer(str(tmp_path / "broken"), "broken"))
+    with TestClient(create_app(settings(tmp_path), by_directory(loads))) as client:
+        assert version_of(client) == MODEL_DIR.name
+    assert loads == ["broken", MODEL_DIR.name]

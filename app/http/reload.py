@@ -97,10 +97,16 @@ def load_warm(state: State, model_dir: Path) -> tuple[Predictor, dict[str, Any]]
     """Load `model_dir` with the service's factory and warm it up (blocking: run it in a thread)."""
     settings: Settings = state.settings
     model, card = state.model_factory(settings.model_copy(update={"model_dir": model_dir}))
-    for i in range(settings.warmup_queries):
-        text = WARMUP_TEXTS[i % len(WARMUP_TEXTS)]
-        model.warm(text)  # every stage, which the texts' own answers may not reach
-        model.predict(text, top_k=3)  # and the answering path, ranking included
+    try:
+        for i in range(settings.warmup_queries):
+            text = WARMUP_TEXTS[i % len(WARMUP_TEXTS)]
+            model.warm(text)  # every stage, which the texts' own answers may not reach
+            model.predict(text, top_k=3)  # and the answering path, ranking included
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own untyped errors at run time (an allocation, say)
+        # A model that cannot answer is refused like one that does not load: a reload had answered 500 and killed
+        # the pointer follower, and a worker restarting on the pointer had failed to start.
+        why = str(exc).partition("\n")[0][:200] or type(exc).__name__
+        raise ModelLoadError(f"the warm-up failed: {why}") from None
     return model, card
 
 
@@ -127,6 +133,9 @@ async def reload(state: State, model_dir: Path, publish: bool) -> tuple[str, str
             model, card = await asyncio.to_thread(load_warm, state, model_dir)
         except (ModelLoadError, OSError) as exc:  # OSError: a directory this process may not read
             refusal = ModelRejected(f"{model_dir}: {exc}")
+            # Its traceback holds the frames that built the refused model, and a cycle through the future that
+            # carried it from the thread: left to the garbage collector, the model outlived the trim below.
+            exc.__traceback__ = None
         else:
             pointer_path: Path | None = state.settings.model_pointer
             if publish and pointer_path is not None:
@@ -157,7 +166,7 @@ async def follow_pointer(state: State, path: Path, interval_s: float) -> None:
     """Poll the pointer file; when it names a version this worker does not serve, load that directory. Compared
     with what this worker serves, not with the pointer it saw last: two reloads in other workers between two polls
     (A, then B, then A again) had left a worker on B for good. A pointer that failed to load is not tried again
-    until it changes."""
+    until it changes, nor one whose directory holds another version than it names (rewritten in place since)."""
     failed: Pointer | None = None
     while True:
         await asyncio.sleep(interval_s)
@@ -170,10 +179,21 @@ async def follow_pointer(state: State, path: Path, interval_s: float) -> None:
         if state.reload_lock.locked():
             continue  # this worker is reloading: look again once it has, and has published or not
         try:
-            await reload(state, Path(pointer.model_dir), publish=False)
+            version, _ = await reload(state, Path(pointer.model_dir), publish=False)
         except (ModelRejected, Forbidden) as exc:
             failed = pointer
             log.warning("could not follow a reload", extra={"error": exc.message[:300]})
+        except Exception as exc:  # noqa: BLE001 - a factory's fault: ending this task had left the worker behind for good
+            failed = pointer
+            state.metrics.reloads.labels("rejected").inc()
+            log.error("could not follow a reload", extra={"error_type": type(exc).__name__})
+        else:
+            if version != pointer.version:  # loaded again at every poll, it had never matched
+                failed = pointer
+                log.warning(
+                    "the model pointer's version is not its directory's",
+                    extra={"pointer_version": pointer.version, "model_version": version},
+                )
 
 
 class ReloadRequest(BaseModel):
