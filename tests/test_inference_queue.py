@@ -12,7 +12,7 @@ import pytest
 
 from app.engine.engine import Prediction
 from app.http import keep_warm
-from app.http.errors import Overloaded
+from app.http.errors import NotReady, Overloaded
 from app.http.metrics import Metrics
 from app.http.queue import InferenceQueue
 from app.http.serving import Served, Slot
@@ -288,5 +288,35 @@ def test_a_model_fault_goes_to_its_request_and_leaves_the_counts_at_zero(mode: s
         clf.fail = False
         assert len(await queue.submit(["flight", "balance"], 0)) == 2
         await queue.stop()
+
+    asyncio.run(scenario())
+
+
+def test_stopping_answers_the_running_and_the_queued_requests_with_503() -> None:
+    """stop() while a job runs and another waits: each request gets NotReady (503, Retry-After), where both had
+    awaited futures that nothing would resolve."""
+    clf = GatedClassifier()
+    metrics = Metrics()
+
+    async def scenario() -> None:
+        queue = InferenceQueue(slot_of(clf), metrics, max_pending=4, retry_after_s=2, mode="thread")
+        queue.start()
+        running = asyncio.create_task(queue.submit(["a", "b"], 0))
+        await _until(clf.entered.is_set)
+        waiting = asyncio.create_task(queue.submit(["c"], 0))
+        await asyncio.sleep(0)
+        threading.Timer(0.2, clf.gate.set).start()  # the executor's shutdown waits for the text it runs
+        await queue.stop()
+        for task in (running, waiting):
+            done, _ = await asyncio.wait({task}, timeout=30)
+            assert done, "never answered"
+            refused = task.exception()
+            assert isinstance(refused, NotReady)
+            assert (refused.status, refused.message, refused.headers) == (
+                503,
+                "the service is stopping",
+                {"Retry-After": "2"},
+            )
+        assert (queue.pending, _in_flight(metrics)) == (0, 0.0)
 
     asyncio.run(scenario())

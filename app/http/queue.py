@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from app.engine.engine import Prediction, Predictor
-from app.http.errors import Overloaded
+from app.http.errors import NotReady, Overloaded
 from app.http.keep_warm import KeepWarm
 from app.http.metrics import Metrics
 from app.http.serving import Slot
@@ -133,6 +133,9 @@ class InferenceQueue:
                 m.queue.observe(time.perf_counter() - job.enqueued)
                 try:
                     results = await self._run(job, loop)
+                except asyncio.CancelledError:  # stop(): this job's request gets its answer, not a wait for ever
+                    self._refuse(job)
+                    raise
                 except Exception as exc:  # noqa: BLE001 - a model fault goes to its request, not the consumer
                     if not job.future.done():
                         job.future.set_exception(exc)
@@ -162,6 +165,10 @@ class InferenceQueue:
             self.pending -= remaining
         return results
 
+    def _refuse(self, job: _Job) -> None:
+        if not job.future.done():
+            job.future.set_exception(NotReady("the service is stopping", {"Retry-After": self.retry_after}))
+
     async def drain(self, timeout: float) -> bool:
         """Wait until every admitted text is answered; True if the queue emptied in time."""
         try:
@@ -177,5 +184,11 @@ class InferenceQueue:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        # Whatever is still queued is answered 503 with Retry-After: its request's handler had awaited a future that
+        # nothing would resolve. (uvicorn stops the app after its requests end, so this is a guard, not a path.)
+        while self._jobs:
+            job = self._jobs.popleft()
+            self.pending -= len(job.texts)
+            self._refuse(job)
         if self._executor is not None:
             self._executor.shutdown(wait=True)
