@@ -243,6 +243,18 @@ def _in_flight(metrics: Metrics) -> float:
     return float(metrics.registry.get_sample_value("intent_in_flight_requests") or 0.0)
 
 
+async def one_running_one_waiting(
+    queue: InferenceQueue, clf: GatedClassifier
+) -> tuple[asyncio.Task[list[Prediction]], asyncio.Task[list[Prediction]]]:
+    """Two texts held in the gated model, and one queued behind them."""
+    queue.start()
+    running = asyncio.create_task(queue.submit(["a", "b"], 0))
+    await _until(clf.entered.is_set)
+    waiting = asyncio.create_task(queue.submit(["c"], 0))
+    await asyncio.sleep(0)
+    return running, waiting
+
+
 def test_requests_cancelled_mid_inference_and_in_the_queue_leave_the_counts_at_zero() -> None:
     """A request cancelled while its text runs, and one cancelled while it waits: the in-flight gauge drops at once,
     the queue drains once the model is free, and the next request is answered."""
@@ -251,11 +263,7 @@ def test_requests_cancelled_mid_inference_and_in_the_queue_leave_the_counts_at_z
 
     async def scenario() -> None:
         queue = InferenceQueue(slot_of(clf), metrics, max_pending=3, retry_after_s=1, mode="thread")
-        queue.start()
-        running = asyncio.create_task(queue.submit(["a", "b"], 0))
-        await _until(clf.entered.is_set)
-        waiting = asyncio.create_task(queue.submit(["c"], 0))
-        await asyncio.sleep(0)
+        running, waiting = await one_running_one_waiting(queue, clf)
         assert (queue.pending, _in_flight(metrics)) == (3, 2.0)
         for task in (running, waiting):
             task.cancel()
@@ -300,11 +308,7 @@ def test_stopping_answers_the_running_and_the_queued_requests_with_503() -> None
 
     async def scenario() -> None:
         queue = InferenceQueue(slot_of(clf), metrics, max_pending=4, retry_after_s=2, mode="thread")
-        queue.start()
-        running = asyncio.create_task(queue.submit(["a", "b"], 0))
-        await _until(clf.entered.is_set)
-        waiting = asyncio.create_task(queue.submit(["c"], 0))
-        await asyncio.sleep(0)
+        running, waiting = await one_running_one_waiting(queue, clf)
         threading.Timer(0.2, clf.gate.set).start()  # the executor's shutdown waits for the text it runs
         await queue.stop()
         for task in (running, waiting):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -510,38 +511,29 @@ def usage_error(capsys: pytest.CaptureFixture[str], prog: str) -> str:
 
 
 @pytest.mark.parametrize(
-    ("args", "message"),
+    ("tool", "args", "message"),
     [
-        *BAD_SCENARIOS,
-        (["--host", "localhost:8748"], "--host must be a URL, such as http://127.0.0.1:8000, got 'localhost:8748'"),
-        (["--host", "not-a-url"], "--host must be a URL, such as http://127.0.0.1:8000, got 'not-a-url'"),
-        (["--host", "http://"], "--host must be a URL, such as http://127.0.0.1:8000, got 'http://'"),
+        *(("run", args, message) for args, message in BAD_SCENARIOS),
+        (
+            "run",
+            ["--host", "localhost:8748"],
+            "--host must be a URL, such as http://127.0.0.1:8000, got 'localhost:8748'",
+        ),
+        ("run", ["--host", "not-a-url"], "--host must be a URL, such as http://127.0.0.1:8000, got 'not-a-url'"),
+        ("run", ["--host", "http://"], "--host must be a URL, such as http://127.0.0.1:8000, got 'http://'"),
+        # compare: before it builds its stand-in model
+        *(("compare", *BAD_SCENARIOS[i]) for i in (0, 3, 5, 6, 8)),
     ],
 )
 @pytest.mark.usefixtures("nothing_started")
-def test_loadtest_refuses_bad_arguments_before_any_server_starts(
-    args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+def test_loadtest_and_compare_refuse_bad_arguments_before_anything_starts(
+    tool: str, args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from loadtest.run import main
-
+    main = importlib.import_module(f"loadtest.{tool}").main
     with pytest.raises(SystemExit) as stopped:
         main([*args, "--out", str(tmp_path / "out")])
     assert stopped.value.code == 2
-    assert usage_error(capsys, "python -m loadtest.run") == message
-    assert not (tmp_path / "out").exists()
-
-
-@pytest.mark.parametrize(("args", "message"), [BAD_SCENARIOS[i] for i in (0, 3, 5, 6, 8)])
-@pytest.mark.usefixtures("nothing_started")
-def test_compare_refuses_bad_arguments_before_it_builds_its_stand_in(
-    args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    from loadtest.compare import main
-
-    with pytest.raises(SystemExit) as stopped:
-        main([*args, "--out", str(tmp_path / "out")])
-    assert stopped.value.code == 2
-    assert usage_error(capsys, "python -m loadtest.compare") == message
+    assert usage_error(capsys, f"python -m loadtest.{tool}") == message
     assert not (tmp_path / "out").exists()
 
 

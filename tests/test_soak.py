@@ -19,6 +19,7 @@ from loadtest.driver import Report, model_path_ms, server_timings
 from loadtest.host import Canary, ServerCpu, Steal
 from loadtest.procs import cpu_seconds
 from loadtest.soak import Tick
+from tests.test_loadtest import usage_error
 
 
 def ticks(
@@ -387,10 +388,7 @@ def test_a_soak_refuses_bad_arguments_before_it_starts(
     with pytest.raises(SystemExit) as stopped:
         soak.main([*args, "--out-dir", str(tmp_path / "out")])
     assert stopped.value.code == 2
-    out, err = capsys.readouterr()
-    assert err.splitlines()[-1] == SOAK_USAGE_ERROR + message
-    assert err.startswith("usage: python -m loadtest.soak ")
-    assert out == ""  # not even the CPU line
+    assert usage_error(capsys, "python -m loadtest.soak") == message  # and not even the CPU line on stdout
 
 
 @pytest.mark.parametrize("place", ["proc", "under_a_file"])
