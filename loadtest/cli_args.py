@@ -9,15 +9,13 @@ The `type=` functions raise argparse.ArgumentTypeError, which argparse reports a
 from __future__ import annotations
 
 import argparse
-import contextlib
-import itertools
 import math
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
+
+from compression.writable import dir_write_problem
 
 N = TypeVar("N", int, float)
 
@@ -116,32 +114,9 @@ def require_url(parser: argparse.ArgumentParser, option: str, value: str | None,
         parser.error(f"{option} must be a URL, such as {example}, got {value!r}")
 
 
-def writable_dir_problem(directory: Path) -> str | None:
-    """Why `directory` cannot be written (None if it can): made (with its parents) if missing, a file created in it
-    and removed, then the directories it made removed again, so that a run refused or failed later (its server not
-    starting) leaves no empty directory behind; the run makes them when it writes. A trial, not os.access, which
-    passes root where the kernel refuses (/proc, /sys)."""
-    made: list[Path] = []  # deepest first
-    try:
-        if directory.exists() and not directory.is_dir():
-            return "it is not a directory"
-        made = list(itertools.takewhile(lambda d: not d.exists(), (directory, *directory.parents)))
-        directory.mkdir(parents=True, exist_ok=True)
-        handle, trial = tempfile.mkstemp(prefix=".write-check-", dir=directory)
-        os.close(handle)
-        os.unlink(trial)
-    except OSError as exc:
-        return exc.strerror or str(exc)
-    finally:
-        for path in made:
-            with contextlib.suppress(OSError):  # something else wrote there meanwhile: not ours to remove
-                path.rmdir()
-    return None
-
-
 def require_writable_dir(parser: argparse.ArgumentParser, option: str, directory: Path) -> None:
     """The parser's usage error unless `directory` can be written: checked before the run, not when the run's
     results are written at its end."""
-    problem = writable_dir_problem(directory)
+    problem = dir_write_problem(directory)
     if problem is not None:
         parser.error(f"{option} {directory} cannot be written: {problem}")

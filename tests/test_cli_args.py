@@ -13,6 +13,7 @@ import pytest
 
 from compression import cli
 from compression.measure import benchmark
+from compression.writable import dir_write_problem
 from loadtest.cli_args import (
     MAX_SECONDS,
     at_most,
@@ -22,7 +23,6 @@ from loadtest.cli_args import (
     positive_int,
     positive_ints,
     positive_ints_or_none,
-    writable_dir_problem,
 )
 
 
@@ -137,17 +137,17 @@ def test_a_url_is_http_or_https_with_a_host(text: str, ok: bool) -> None:
 
 def test_a_directory_to_write_is_tried_and_left_as_it_was(tmp_path: Path) -> None:
     """A run refused after the check (or whose server then failed to start) had left an empty directory behind."""
-    assert writable_dir_problem(tmp_path / "a" / "b") is None
+    assert dir_write_problem(tmp_path / "a" / "b") is None
     assert list(tmp_path.iterdir()) == []  # neither the directories it made nor the trial file are left
     (tmp_path / "kept").mkdir()
-    assert writable_dir_problem(tmp_path / "kept") is None
-    assert writable_dir_problem(tmp_path / "kept" / "new") is None
+    assert dir_write_problem(tmp_path / "kept") is None
+    assert dir_write_problem(tmp_path / "kept" / "new") is None
     assert list(tmp_path.iterdir()) == [tmp_path / "kept"]
     assert list((tmp_path / "kept").iterdir()) == []
     (tmp_path / "file").write_text("x")
-    assert writable_dir_problem(tmp_path / "file") == "it is not a directory"
-    assert writable_dir_problem(tmp_path / "file" / "x") == "Not a directory"
-    assert writable_dir_problem(Path("/proc/nope/x")) == "No such file or directory"
+    assert dir_write_problem(tmp_path / "file") == "it is not a directory"
+    assert dir_write_problem(tmp_path / "file" / "x") == "Not a directory"
+    assert dir_write_problem(Path("/proc/nope/x")) == "No such file or directory"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "kept"]
 
 

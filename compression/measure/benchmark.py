@@ -20,7 +20,7 @@ from compression.errors import FactoryError
 from compression.measure.evaluate import validation_report
 from compression.measure.latency import latencies_ms
 from compression.onnx_stage import OnnxStage
-from compression.writable import write_problem
+from compression.writable import dir_write_problem
 
 log = logging.getLogger(__name__)
 BASELINE = "BERT-base fp32 pipeline (seed baseline)"
@@ -314,14 +314,9 @@ def check(ctx: Any, cfg: Config) -> None:
     """Before any stage of the run: that --reports can be written (made if missing), not only when the benchmark
     has run."""
     reports = Path(ctx.reports)
-    if reports.exists() and not reports.is_dir():
-        raise FactoryError(f"--reports {reports} cannot be written: it is not a directory")
-    try:
-        reports.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise FactoryError(f"--reports {reports} cannot be written: {exc.strerror or exc}") from None
-    if (problem := write_problem(reports)) is not None:
+    if (problem := dir_write_problem(reports)) is not None:
         raise FactoryError(f"--reports {reports} cannot be written: {problem}")
+    reports.mkdir(parents=True, exist_ok=True)
 
 
 def run_stage(ctx: Any, cfg: Config) -> None:
