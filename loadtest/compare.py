@@ -210,7 +210,7 @@ def markdown(
         title += f" ({label})"
     head = (
         "| server | "
-        + " | ".join(f"p50 / p99 [95%] ms @ {r:.0f}/s" for r in rates)
+        + " | ".join(f"p50 / mean / p99 [95%] ms @ {r:.0f}/s" for r in rates)
         + " | saturation req/s (p99 <= 50 ms, 0 errors) | peak req/s (0 errors) | ours / this, peak "
         + "| Locust's own CPU at the peak: cores; per request | its connections by server process at the peak |"
     )
@@ -218,7 +218,7 @@ def markdown(
     for name in names:
         res = results[name]
         cells = [
-            f"{s['latency_ms']['p50']:.2f} / {s['latency_ms']['p99']:.2f}"
+            f"{s['latency_ms']['p50']:.2f} / {s['latency_ms']['mean']:.2f} / {s['latency_ms']['p99']:.2f}"
             + interval_cell(s.get("latency_p99_interval_ms"))
             + (f" ({s['errors']} err)" if s["errors"] else "")
             for s in res["open_loop"]

@@ -83,9 +83,10 @@ class Report:
     def latency_ms(self, status: int | None = 200) -> dict[str, float | None]:
         lat = [r.latency_s * 1000 for r in self.results if status is None or r.status == status]
         if not lat:
-            return {"p50": None, "p99": None, "max": None}
+            return {"mean": None, "p50": None, "p99": None, "max": None}
         arr = np.asarray(lat)
         return {
+            "mean": round(float(arr.mean()), 3),
             "p50": round(float(np.percentile(arr, 50)), 3),
             "p99": round(float(np.percentile(arr, 99)), 3),
             "max": round(float(arr.max()), 3),

@@ -1,6 +1,6 @@
 """`make soak`: an hour (`--minutes`) of open-loop load at a fixed share (`--share`, half) of the capacity
 measured first (a few seconds closed-loop), with the service's memory and latency written every minute:
-RSS summed over its processes (the supervisor and its workers), p50, p99 and errors, and how late the load
+RSS summed over its processes (the supervisor and its workers), p50, mean, p99 and errors, and how late the load
 driver's own event loop ran (a request due while it is held reads the stall as latency). To place a slow
 minute, each also gives the hypervisor's steal; the p99 of the service's whole time, of its model path (both
 from the server-timing header), of the time outside the service and of the part of it before the driver wrote
@@ -109,6 +109,11 @@ def percentile(latencies: list[np.ndarray], q: float) -> float | None:
     return round(float(np.percentile(joined, q)), 3) if joined.size else None
 
 
+def mean(latencies: list[np.ndarray]) -> float | None:
+    joined = np.concatenate(latencies) if latencies else np.empty(0)
+    return round(float(joined.mean(dtype=np.float64)), 3) if joined.size else None
+
+
 def phases(duration_s: float, warmup_s: float = WARMUP_S, compare_s: float = COMPARE_S) -> tuple[float, float]:
     """(warm-up, comparison window), scaled down in proportion when the run is shorter than both windows
     after the warm-up."""
@@ -160,7 +165,7 @@ def canary_ms(ticks: list[Tick]) -> float | None:
 
 
 def minute_rows(ticks: list[Tick], minute_s: float = 60.0) -> list[dict[str, Any]]:
-    """One row per minute (the last one may be partial): RSS at its end, requests, p50, p99, errors, the
+    """One row per minute (the last one may be partial): RSS at its end, requests, p50, mean, p99, errors, the
     driver's worst loop lag, the share of CPU time the hypervisor took, the p99 of the service's whole time, of
     the time outside it, of the driver's wait before writing and of the model path, its CPU per request, and the
     canary's CPU time (the machine's own speed)."""
@@ -174,6 +179,7 @@ def minute_rows(ticks: list[Tick], minute_s: float = 60.0) -> list[dict[str, Any
             "rss_mb": round(group[-1].rss_mb, 1),
             "requests": sum(t.requests for t in group),
             "p50_ms": percentile([t.latencies_ms for t in group], 50),
+            "mean_ms": mean([t.latencies_ms for t in group]),
             "p99_ms": percentile([t.latencies_ms for t in group], 99),
             "errors": sum(t.errors for t in group),
             "driver_lag_max_ms": round(max(t.driver_lag_ms for t in group), 3),
@@ -384,7 +390,7 @@ async def drive(
         for row in new:
             print(
                 f"  minute {row['minute']:>3}: RSS {row['rss_mb']:7.1f} MB  {row['requests']:>6} requests  "
-                f"p50 {row['p50_ms']} ms  p99 {row['p99_ms']} ms  errors {row['errors']}  "
+                f"p50 {row['p50_ms']} ms  mean {row['mean_ms']} ms  p99 {row['p99_ms']} ms  errors {row['errors']}  "
                 f"driver lag {row['driver_lag_max_ms']} ms  steal {_share(row['steal'])}  "
                 f"service p99 {row['service_p99_ms']} ms  outside p99 {row['outside_p99_ms']} ms  "
                 f"send wait p99 {row['send_wait_p99_ms']} ms  "

@@ -15,10 +15,14 @@ MIN_RANK_SD = 2.0
 
 
 def percentiles_ms(times_ms: list[float]) -> dict[str, float | None]:
-    if not times_ms:
-        return {k: None for k in PERCENTILES}
-    arr = np.asarray(times_ms)
-    return {k: round(float(np.percentile(arr, q)), 4) for k, q in PERCENTILES.items()}
+    """The mean and exact percentiles of every recorded time. The mean is given beside the median because a cascade's
+    median can hide it: where an early stage answers most rows, the p50 is that stage's time alone."""
+    summary: dict[str, float | None] = dict.fromkeys(["mean", *PERCENTILES])
+    if times_ms:
+        arr = np.asarray(times_ms)
+        summary["mean"] = round(float(arr.mean()), 4)
+        summary.update({k: round(float(np.percentile(arr, q)), 4) for k, q in PERCENTILES.items()})
+    return summary
 
 
 def quantile_interval(times_ms: list[float], q: float, z: float = 1.96) -> list[float] | None:

@@ -28,7 +28,7 @@ def test_locust_open_loop_and_closed_loop(tmp_path: Path, data_path: Path) -> No
     for summary in (open_loop, closed):
         assert summary["errors"] == 0, summary["error_kinds"]
         assert summary["requests"] > 50
-        for key in ("p50", "p90", "p99", "p99_9"):
+        for key in ("mean", "p50", "p90", "p99", "p99_9"):
             assert isinstance(summary["latency_ms"][key], float)
         assert summary["latency_ms"]["p50"] <= summary["latency_ms"]["p99"]
         assert summary["server_latency_ms"]["p50"] is not None
@@ -89,11 +89,24 @@ def test_p99_interval_covers_the_true_p99_about_95_times_in_100() -> None:
     assert 0.92 <= covered / trials <= 0.99
 
 
+def test_the_latency_summary_gives_the_mean_beside_the_percentiles() -> None:
+    """A cascade's median is its early stage's time: 98 fast rows and 2 slow ones have a p50 of 0.2 ms and a mean
+    of 0.796 ms, which only the mean shows."""
+    from loadtest.stats import percentiles_ms
+
+    times = [0.2] * 98 + [50.0, 10.0]
+    summary = percentiles_ms(times)
+    assert summary["mean"] == round(sum(times) / len(times), 4) == 0.796
+    assert summary["p50"] == 0.2
+    assert summary["p99"] == round(10.0 + 0.01 * (50.0 - 10.0), 4)  # numpy's linear interpolation between ranks
+    assert percentiles_ms([]) == {"mean": None, "p50": None, "p90": None, "p99": None, "p99_9": None}
+
+
 def test_compare_table_shows_the_p99_interval_where_there_is_one() -> None:
     from loadtest.compare import markdown
 
     def result(interval: list[float] | None) -> dict[str, object]:
-        rate = {"latency_ms": {"p50": 1.0, "p99": 2.5}, "latency_p99_interval_ms": interval, "errors": 0}
+        rate = {"latency_ms": {"p50": 1.0, "mean": 1.25, "p99": 2.5}, "latency_p99_interval_ms": interval, "errors": 0}
         return {
             "open_loop": [rate],
             "saturation_steps": [{"throughput_rps": 100.0, "errors": 0}],
@@ -102,10 +115,10 @@ def test_compare_table_shows_the_p99_interval_where_there_is_one() -> None:
 
     table = markdown({"ours": result([2.25, 3.0]), "theirs": result(None)}, [100.0], cpu="a CPU")
     rows = table.splitlines()
-    assert "p50 / p99 [95%] ms @ 100/s" in rows[2]
+    assert "p50 / mean / p99 [95%] ms @ 100/s" in rows[2]
     # Nothing recorded of Locust's CPU or connections: empty cells.
-    assert rows[4] == "| ours | 1.00 / 2.50 [2.25, 3.00] | 100.0 | 100 | 1.0x |  |  |"
-    assert rows[5] == "| theirs | 1.00 / 2.50 | 100.0 | 100 | 1.0x |  |  |"
+    assert rows[4] == "| ours | 1.00 / 1.25 / 2.50 [2.25, 3.00] | 100.0 | 100 | 1.0x |  |  |"
+    assert rows[5] == "| theirs | 1.00 / 1.25 / 2.50 | 100.0 | 100 | 1.0x |  |  |"
 
 
 def test_compare_table_gives_locusts_cpu_at_the_peak_step() -> None:
@@ -115,7 +128,7 @@ def test_compare_table_gives_locusts_cpu_at_the_peak_step() -> None:
         used = {"cpu_s": cores * 5, "cores": cores, "cpu_us_per_request": per_request}
         return {"throughput_rps": rps, "errors": errors, "load_generator": used, "connections_by_process": held}
 
-    rate = {"latency_ms": {"p50": 1.0, "p99": 2.0}, "latency_p99_interval_ms": None, "errors": 0}
+    rate = {"latency_ms": {"p50": 1.0, "mean": 1.5, "p99": 2.0}, "latency_p99_interval_ms": None, "errors": 0}
     # The fastest step had errors; the peak is the fastest clean one, whatever its latency.
     ours_steps = [step(900.0, 0, 0.31, 344.4, [8]), step(1800.0, 0, 0.62, 344.4, [9, 7]), step(1900.0, 3, 0.66, 347.0)]
     ours = {"open_loop": [rate], "saturation_steps": ours_steps, "saturation": {"throughput_rps": 900.0}}
@@ -129,13 +142,14 @@ def test_compare_table_gives_locusts_cpu_at_the_peak_step() -> None:
         "| its connections by server process at the peak |"
     )
     assert rows[3] == "|" + "---|" * 7
-    assert rows[4] == "| ours | 1.00 / 2.00 | 900.0 | 1800 | 1.0x | 0.62; 344 µs | 9 / 7 |"
-    assert rows[5] == "| theirs | 1.00 / 2.00 | 120.0 | 120 | 15.0x | 0.04; 333 µs |  |"
+    assert rows[4] == "| ours | 1.00 / 1.50 / 2.00 | 900.0 | 1800 | 1.0x | 0.62; 344 µs | 9 / 7 |"
+    assert rows[5] == "| theirs | 1.00 / 1.50 / 2.00 | 120.0 | 120 | 15.0x | 0.04; 333 µs |  |"
     floor_steps = [step(4000.0, 0, 0.97, 240.0)]
     floor = {"open_loop": [rate], "saturation_steps": floor_steps, "saturation": {"throughput_rps": 4000.0}}
     rows = markdown({"ours": ours, "floor": floor}, [100.0], cpu="a CPU").splitlines()
     assert (
-        rows[5] == "| floor | 1.00 / 2.00 | 4000.0 | 4000 | 0.5x | 0.97; 240 µs (Locust's limit, not the server's) |  |"
+        rows[5]
+        == "| floor | 1.00 / 1.50 / 2.00 | 4000.0 | 4000 | 0.5x | 0.97; 240 µs (Locust's limit, not the server's) |  |"
     )
 
 
@@ -422,7 +436,7 @@ def test_the_floor_refuses_bad_settings_and_labels_in_one_line(
 
 def _load_result(peak_rps: float, p99_ms: float) -> dict[str, object]:
     rate = {
-        "latency_ms": {"p50": 1.0, "p99": p99_ms},
+        "latency_ms": {"p50": 1.0, "mean": 1.5, "p99": p99_ms},
         "latency_p99_interval_ms": None,
         "errors": 0,
         "throughput_rps": 99.0,

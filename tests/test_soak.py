@@ -53,6 +53,7 @@ def test_rows_per_minute() -> None:
     assert [r["errors"] for r in rows] == [0, 1, 0]
     assert [r["rss_mb"] for r in rows] == [360.0, 420.0, 450.0]  # at each minute's end
     assert rows[0]["p50_ms"] == 1.0
+    assert rows[0]["mean_ms"] == round((98 * 1.0 + 2 * 10.0) / 100, 3)  # every tick of the minute alike: 1.18
 
 
 def test_each_minute_is_summarised_once_when_it_has_ended() -> None:
