@@ -43,10 +43,10 @@ PREDICT_ERRORS = _errors(400, 401, 413, 415, 422, 429, 503)
 
 
 def parse(body: bytes, model: type[M]) -> M:
-    """One pass of pydantic's JSON parser over the bytes; only a body it refuses is looked at again, to tell
-    a bad encoding from bad JSON."""
+    """One pass of pydantic's JSON parser over the bytes; only a body it refuses, or one that may hold NaN or
+    Infinity, is looked at again, to tell a bad encoding from bad JSON."""
     try:
-        return model.model_validate_json(body)
+        parsed = model.model_validate_json(body)
     except ValidationError as exc:
         first = exc.errors(include_url=False, include_input=False)[0]
         if first["type"] == "json_invalid":
@@ -60,14 +60,18 @@ def parse(body: bytes, model: type[M]) -> M:
             raise ValidationFailed(f"unknown field: the fields are {', '.join(model.model_fields)}") from None
         where = ".".join(str(p) for p in first["loc"]) or "body"
         raise ValidationFailed(f"{where}: {first['msg']}") from None
+    _refuse_constants(body)  # a repeated key can override a constant: {"top_k": NaN, "top_k": 1} validates
+    return parsed
 
 
 def _refuse_constants(body: bytes) -> None:
-    """pydantic's parser reads NaN, Infinity and -Infinity as numbers, which JSON has not (RFC 8259 6), and no field
-    takes a number that is not an integer: a body with one fails validation, and is then told invalid JSON, not a
-    422. (Only one whose constant a repeated key overrode still passes: scanning every body for one would cost about
-    as much as validating it.)"""
-    if b"NaN" in body or b"Infinity" in body:
+    """pydantic's parser reads NaN, Infinity and -Infinity as numbers, which JSON has not (RFC 8259 6): a body
+    with one is invalid JSON, whether it failed validation (no field takes a number that is not an integer) or
+    passed, a repeated key having overridden the constant. The search costs about 0.3 us on a 60-byte body and 2 us
+    on a text of 1,000 characters, against about 500 us of model path (Python 3.11, AMD EPYC avx2; `find`, as `in`
+    on bytes first tries its operand as an int, raising and clearing a TypeError, which doubled that on a small
+    body); only a body that holds either word (in a text, say) is parsed again, strictly."""
+    if body.find(b"NaN") >= 0 or body.find(b"Infinity") >= 0:
         try:
             from_json(body, allow_inf_nan=False)
         except ValueError:
@@ -222,5 +226,5 @@ async def metrics(request: Request) -> Response:
     from prometheus_client import CONTENT_TYPE_LATEST
 
     metrics = request.app.state.metrics
-    metrics.sample_worker()  # the scraped worker's own memory and CPU as of now; the others' are at most 1 s old
+    metrics.sample_worker()  # the scraped worker's own queue, memory and CPU as of now; the others' are at most 1 s old
     return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
