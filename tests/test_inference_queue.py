@@ -226,14 +226,16 @@ def test_keep_warm_stops_quietly_on_a_faulty_classifier() -> None:
 
 
 class GatedClassifier(FakeClassifier):
-    """Blocks every text until `gate` is set; `entered` says that one is being classified."""
+    """Blocks every text until `gate` is set; `entered` says that one is being classified, `texts` which were."""
 
     def __init__(self) -> None:
         super().__init__()
         self.gate = threading.Event()
         self.entered = threading.Event()
+        self.texts: list[str] = []
 
     def predict(self, text: str, top_k: int = 0) -> Prediction:
+        self.texts.append(text)
         self.entered.set()
         assert self.gate.wait(30), "never released"
         return super().predict(text, top_k)
@@ -278,6 +280,51 @@ def test_requests_cancelled_mid_inference_and_in_the_queue_leave_the_counts_at_z
 
     asyncio.run(scenario())
     assert _in_flight(metrics) == 0.0
+
+
+def test_a_request_cancelled_while_it_waits_is_not_classified() -> None:
+    """Its client went away while the model was busy: the consumer ran its texts anyway, for an answer nobody
+    read, delaying every request behind it."""
+    clf = GatedClassifier()
+    metrics = Metrics()
+
+    async def scenario() -> None:
+        queue = InferenceQueue(slot_of(clf), metrics, max_pending=3, retry_after_s=1, mode="thread")
+        running, waiting = await one_running_one_waiting(queue, clf)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        clf.gate.set()
+        assert len(await running) == 2
+        assert await queue.drain(30)
+        assert (queue.pending, _in_flight(metrics)) == (0, 0.0)
+        await queue.stop()
+
+    asyncio.run(scenario())
+    assert clf.texts == ["a", "b"]
+    assert _stage_count(metrics, "queue") == 1.0  # the skipped job never reached the model
+
+
+def _queue_depth(metrics: Metrics) -> float | None:
+    return metrics.registry.get_sample_value("intent_queue_depth")
+
+
+def test_the_queue_depth_gauge_reads_the_texts_queued_or_running_when_sampled() -> None:
+    clf = GatedClassifier()
+    metrics = Metrics()
+
+    async def scenario() -> None:
+        queue = InferenceQueue(slot_of(clf), metrics, max_pending=3, retry_after_s=1, mode="thread")
+        running, waiting = await one_running_one_waiting(queue, clf)
+        metrics.sample_worker()  # as a scrape does, and every worker each second
+        assert (queue.pending, _queue_depth(metrics)) == (3, 3.0)
+        clf.gate.set()
+        await asyncio.gather(running, waiting)
+        metrics.sample_worker()
+        assert (queue.pending, _queue_depth(metrics)) == (0, 0.0)
+        await queue.stop()
+
+    asyncio.run(scenario())
 
 
 @pytest.mark.parametrize("mode", ["inline", "thread"])

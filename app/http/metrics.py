@@ -8,7 +8,7 @@ import glob
 import os
 import re
 import resource
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
@@ -202,6 +202,15 @@ class Metrics:
             registry=r,
             multiprocess_mode="liveall",
         )
+        # Set when the worker is sampled, not as texts come and go: in multiprocess mode each set writes the worker's
+        # file (about 2 us), which a queued request would have paid twice or more.
+        self.queue_depth = Gauge(
+            "intent_queue_depth",
+            f"Texts queued or being classified, summed over the workers, sampled every {WORKER_SAMPLE_S:g} s",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.queue_pending: Callable[[], int] = lambda: 0  # the inference queue puts its count here
         # Summed over the workers, gone ones included, as every counter is: rate() is the service's CPU in cores.
         self.cpu = Counter("intent_worker_cpu_seconds", "CPU time (user and system) the workers have used", registry=r)
         self._cpu_counted = 0.0  # of this process's CPU time, what the counter holds
@@ -239,7 +248,8 @@ class Metrics:
         by.inc()
 
     def sample_worker(self) -> None:
-        """Write this worker's resident memory and the CPU time it has used since the last sample."""
+        """Write this worker's queue depth, resident memory, and the CPU time it has used since the last sample."""
+        self.queue_depth.set(self.queue_pending())
         usage = resource.getrusage(resource.RUSAGE_SELF)  # every thread of the process
         used = usage.ru_utime + usage.ru_stime
         self.cpu.inc(max(0.0, used - self._cpu_counted))

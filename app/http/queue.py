@@ -47,6 +47,7 @@ class InferenceQueue:
         self.max_pending = max_pending
         self.retry_after = str(retry_after_s)
         self.pending = 0  # texts queued or being classified
+        metrics.queue_pending = lambda: self.pending  # read when the worker is sampled, off the request path
         self._jobs: collections.deque[_Job] = collections.deque()
         self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="ort") if mode == "thread" else None
@@ -130,6 +131,9 @@ class InferenceQueue:
             self._wake.clear()
             while self._jobs:
                 job = self._jobs.popleft()
+                if job.future.done():  # its request was cancelled (the client went away) while it waited
+                    self.pending -= len(job.texts)
+                    continue
                 m.queue.observe(time.perf_counter() - job.enqueued)
                 try:
                     results = await self._run(job, loop)
