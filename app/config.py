@@ -82,6 +82,13 @@ class Settings(BaseSettings):
         None, description="file through which workers follow a reload (python -m app sets it for its workers)"
     )
     reload_poll_s: float = Field(0.5, gt=0, le=10, description="how often workers look at model_pointer")
+    reload_retry_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="a worker tries a pointer that failed to load again after this long, twice as long after each "
+        "further failure, up to 8 times as long",
+    )
     cors_origins: list[str] = Field(default_factory=list, description="CORS off unless origins are listed")
 
     opentelemetry: bool = Field(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 import json
 import logging
 import os
@@ -563,9 +564,10 @@ def by_directory(loads: list[str], broken: str = "broken", unloadable: str = "un
 
 def test_a_pointer_whose_directory_holds_another_version_is_loaded_once_not_at_every_poll(tmp_path: Path) -> None:
     """The directory was rewritten in place after the pointer named it: the worker reloaded it at every poll, for
-    ever (a full load each time, and intent_model_reloads_total{result="ok"} counting up)."""
+    ever (a full load each time, and intent_model_reloads_total{result="ok"} counting up). Not a failure that may
+    pass, either: not tried again after INTENT_RELOAD_RETRY_S."""
     loads: list[str] = []
-    app = create_app(settings(tmp_path, reload_poll_s=0.05), by_directory(loads))
+    app = create_app(settings(tmp_path, reload_poll_s=0.05, reload_retry_s=0.05), by_directory(loads))
     with TestClient(app) as client:
         write_pointer(tmp_path / "ptr.json", Pointer(str(tmp_path / "v2"), "v2-as-it-was"))
         deadline = time.monotonic() + 60  # only catches a hang
@@ -620,3 +622,40 @@ def test_a_worker_that_starts_on_a_pointer_whose_model_fails_its_warm_up_serves_
     with TestClient(create_app(settings(tmp_path), by_directory(loads))) as client:
         assert version_of(client) == MODEL_DIR.name
     assert loads == ["broken", MODEL_DIR.name]
+
+
+def test_a_pointer_that_failed_to_load_is_tried_again_after_a_back_off(tmp_path: Path) -> None:
+    """A full disk while the worker loaded, say: it did not try the pointer again until it changed, and stayed on
+    its old model until it restarted. It tries again after INTENT_RELOAD_RETRY_S, twice as long after each further
+    failure."""
+    loads: list[str] = []
+    healthy = by_directory(loads)
+    failed_at: list[float] = []
+    disk_full = threading.Event()
+    disk_full.set()
+
+    def factory(s: Settings) -> tuple[FakeClassifier, dict[str, Any]]:
+        if s.model_dir.name == "v2" and disk_full.is_set():
+            failed_at.append(time.monotonic())
+            raise OSError(28, "No space left on device")
+        return healthy(s)
+
+    app = create_app(settings(tmp_path, reload_poll_s=0.05, reload_retry_s=0.05), factory)
+    with TestClient(app) as client:
+        write_pointer(tmp_path / "ptr.json", Pointer(str(tmp_path / "v2"), "v2"))
+        deadline = time.monotonic() + 60  # only catches a hang
+        while len(failed_at) < 4:
+            assert time.monotonic() < deadline, "the worker did not try the pointer again"
+            time.sleep(0.05)
+        assert version_of(client) == MODEL_DIR.name
+        disk_full.clear()
+        while version_of(client) != "v2":
+            assert time.monotonic() < deadline, "the worker did not follow the pointer once it loaded"
+            time.sleep(0.05)
+        metrics = client.get("/metrics").text
+    # Never sooner than the back-off: 0.05 s, then 0.1 and 0.2.
+    gaps = [later - earlier for earlier, later in itertools.pairwise(failed_at)]
+    assert all(gap >= 0.05 * 2**i for i, gap in enumerate(gaps[:3])), gaps
+    assert f'intent_model_reloads_total{{result="rejected"}} {len(failed_at)}.0' in metrics
+    assert 'intent_model_reloads_total{result="ok"} 1.0' in metrics
+    assert loads == [MODEL_DIR.name, "v2"]

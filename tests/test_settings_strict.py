@@ -28,7 +28,7 @@ LEVEL_REFUSED = "invalid setting INTENT_LOG_LEVEL: Input should be 'debug', 'inf
 def no_env_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Away from any .env, with none of the variables these tests set already set (`make test` exports some)."""
     monkeypatch.chdir(tmp_path)
-    for name in ("INTENT_LOG_LEVEL", "INTENT_WORKERS", "INTENT_ORT_INTRA_THREADS"):
+    for name in ("INTENT_LOG_LEVEL", "INTENT_WORKERS", "INTENT_ORT_INTRA_THREADS", "INTENT_RELOAD_RETRY_S"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -119,6 +119,33 @@ def test_start_up_logs_the_oversubscription_once_and_goes_on(
         "INTENT_WORKERS 2 x INTENT_ORT_INTRA_THREADS 1 is 2 threads on 1 CPUs: each waits for a core and latency "
         "rises; lower either, or unset INTENT_WORKERS for one worker per core"
     ]
+
+
+@pytest.mark.parametrize(("value", "read"), [(None, 30.0), ("0.05", 0.05), ("3600", 3600.0)])
+def test_the_reload_retry_is_read_within_its_bounds(
+    monkeypatch: pytest.MonkeyPatch, value: str | None, read: float
+) -> None:
+    if value is not None:
+        monkeypatch.setenv("INTENT_RELOAD_RETRY_S", value)
+    settings = settings_or_error()
+    assert isinstance(settings, Settings)
+    assert settings.reload_retry_s == read
+
+
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [
+        ("0", "Input should be greater than 0"),
+        ("-1", "Input should be greater than 0"),
+        ("3601", "Input should be less than or equal to 3600"),
+        ("inf", "Input should be less than or equal to 3600"),
+        ("nan", "Input should be less than or equal to 3600"),
+        ("soon", "Input should be a valid number, unable to parse string as a number"),
+    ],
+)
+def test_a_reload_retry_out_of_bounds_is_refused(monkeypatch: pytest.MonkeyPatch, value: str, why: str) -> None:
+    monkeypatch.setenv("INTENT_RELOAD_RETRY_S", value)
+    assert settings_or_error() == f"invalid setting INTENT_RELOAD_RETRY_S: {why}"
 
 
 @pytest.mark.parametrize("admin_key", [None, "k"])

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,13 +166,20 @@ async def reload(state: State, model_dir: Path, publish: bool) -> tuple[str, str
 async def follow_pointer(state: State, path: Path, interval_s: float) -> None:
     """Poll the pointer file; when it names a version this worker does not serve, load that directory. Compared
     with what this worker serves, not with the pointer it saw last: two reloads in other workers between two polls
-    (A, then B, then A again) had left a worker on B for good. A pointer that failed to load is not tried again
-    until it changes, nor one whose directory holds another version than it names (rewritten in place since)."""
-    failed: Pointer | None = None
+    (A, then B, then A again) had left a worker on B for good. A pointer that failed to load is tried again after
+    INTENT_RELOAD_RETRY_S, twice as long after each further failure, up to 8 times as long: a failure may pass (a
+    full disk), and it had left the worker behind until it restarted. One outside INTENT_MODEL_ROOT, or whose
+    directory holds another version than it names (rewritten in place since), is not tried again until it changes."""
+    loop = asyncio.get_running_loop()
+    retry_s: float = state.settings.reload_retry_s
+    failed: Pointer | None = None  # the pointer as last seen, if it failed
+    delay = retry_at = 0.0  # the back-off, and when it ends (loop time)
     while True:
         await asyncio.sleep(interval_s)
         pointer = read_pointer(path)
-        if pointer is None or pointer == failed:
+        if pointer != failed:
+            failed = None  # the pointer changed: its back-off starts over, even if it names the failed one again
+        if pointer is None or (failed is not None and loop.time() < retry_at):
             continue
         # (No local name for the served model: held across the sleep, it would keep a replaced model alive.)
         if state.slot.served is not None and pointer.version == state.slot.served.version:
@@ -181,19 +189,24 @@ async def follow_pointer(state: State, path: Path, interval_s: float) -> None:
         try:
             version, _ = await reload(state, Path(pointer.model_dir), publish=False)
         except (ModelRejected, Forbidden) as exc:
-            failed = pointer
+            again = not isinstance(exc, Forbidden)  # INTENT_MODEL_ROOT does not change while the worker runs
             log.warning("could not follow a reload", extra={"error": exc.message[:300]})
         except Exception as exc:  # noqa: BLE001 - a factory's fault: ending this task had left the worker behind for good
-            failed = pointer
+            again = True
             state.metrics.reloads.labels("rejected").inc()
             log.error("could not follow a reload", extra={"error_type": type(exc).__name__})
         else:
-            if version != pointer.version:  # loaded again at every poll, it had never matched
-                failed = pointer
-                log.warning(
-                    "the model pointer's version is not its directory's",
-                    extra={"pointer_version": pointer.version, "model_version": version},
-                )
+            if version == pointer.version:
+                failed = None
+                continue
+            again = False  # loaded again at every poll, it had never matched
+            log.warning(
+                "the model pointer's version is not its directory's",
+                extra={"pointer_version": pointer.version, "model_version": version},
+            )
+        delay = retry_s if failed is None else min(2 * delay, 8 * retry_s)
+        failed = pointer
+        retry_at = loop.time() + delay if again else math.inf
 
 
 class ReloadRequest(BaseModel):
