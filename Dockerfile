@@ -22,14 +22,16 @@ ENV PYTHONUNBUFFERED=1 \
     INTENT_WORKERS=0 \
     INTENT_ORT_INTRA_THREADS=1
 # INTENT_WORKERS=0 sizes the workers to the container's CPU quota (cgroup cpu.max), one ORT thread each.
-RUN useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin intent
+RUN groupadd --gid 10001 intent \
+    && useradd --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin intent
 COPY --from=deps /opt/venv /opt/venv
 WORKDIR /srv
 COPY app/ app/
 COPY models/ models/
-USER 10001
+USER 10001:10001
 EXPOSE 8000
+# The port the service listens on: INTENT_PORT, which `docker run -e` may change.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
-    CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=2).status != 200)"]
+    CMD ["python", "-c", "import os, sys, urllib.request; port = os.environ.get('INTENT_PORT') or '8000'; sys.exit(urllib.request.urlopen(f'http://127.0.0.1:{port}/health', timeout=2).status != 200)"]
 STOPSIGNAL SIGTERM
 CMD ["python", "-m", "app"]

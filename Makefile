@@ -116,8 +116,10 @@ scaleout: $(SERVE_VENV)/.installed $(VENV)/.installed  ## 3 replicas behind HAPr
 docker-build:
 	docker build -t clinc-intent:latest .
 
+# A stop waits out the image's worst-case drain, INTENT_SHUTDOWN_DELAY_S (2) + 2 x INTENT_GRACEFUL_TIMEOUT_S (20: open
+# connections, then the queue) = 42 s, with a margin: docker's default of 10 s killed it mid-drain.
 docker-run:
-	docker run --rm -p $(PORT):8000 clinc-intent:latest
+	docker run --rm --stop-timeout 50 -p $(PORT):8000 clinc-intent:latest
 
 clean:
 	rm -rf $(VENV) $(SERVE_VENV) artifacts reports .pytest_cache .mypy_cache .ruff_cache .hypothesis

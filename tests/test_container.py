@@ -20,13 +20,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import yaml
 
 from loadtest import debian, procs
 from loadtest.driver import closed_loop
 from loadtest.queries import BUILTIN
 from tests.conftest import ROOT, one_label_short
 from tests.servers import free_port, get, post
-from tests.test_manifest_env import deployment_env
+from tests.test_manifest_env import DEPLOYMENT, deployment_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 BASE = "localhost/clinc-intent-base:bookworm"
@@ -68,7 +69,9 @@ def _running(image: str, tmp_path: Path, extra_env: dict[str, str] | None = None
     port = free_port()
     env = {**deployment_env(), "INTENT_PORT": str(port), **(extra_env or {})}
     run = ["run", "-d", "--name", name, "--network", "host", "--read-only", "--tmpfs", "/tmp:rw,size=64m"]
-    run += ["--user", "10001", "--cpus", "2", "--no-healthcheck", *LIMITS]
+    pod = yaml.safe_load(DEPLOYMENT.read_text())["spec"]["template"]["spec"]
+    run += ["--user", "10001:10001", "--cpus", "2", "--no-healthcheck", *LIMITS]
+    run += ["--stop-timeout", str(pod["terminationGracePeriodSeconds"])]
     for key, value in env.items():
         run += ["-e", f"{key}={value}"]
     podman(*run, image)
@@ -147,13 +150,19 @@ def test_image_as_the_deployment_runs_it(container: tuple[str, str], image: str)
     )
     assert counted == sent
     user = podman("exec", name, "id", "-u").stdout.strip()
+    group = podman("exec", name, "id", "-g").stdout.strip()
+    config = json.loads(podman("image", "inspect", image, "--format", "{{json .Config}}").stdout)
     memory = _memory_mb(name)
     over_base = _size_mb(image) - _size_mb(BASE)
     print(
         f"\ncontainer: ready after {ready_after:.1f} s, uid {user}, image {over_base:.0f} MB over the base, "
         f"memory MB {memory}"
     )
-    assert user == "10001"
+    assert (user, group, config["User"]) == ("10001", "10001", "10001:10001")
+    # The image's own health check, in the container, which listens on INTENT_PORT (not 8000).
+    test = json.loads(podman("image", "inspect", image, "--format", "{{json .HealthCheck}}").stdout)["Test"]
+    assert test[0] == "CMD"
+    assert podman("exec", name, *test[1:], check=False).returncode == 0
     assert over_base <= IMAGE_OVER_BASE_MB
     assert memory["processes"] >= 3  # the supervisor and two workers (and multiprocessing's tracker)
     assert memory["cgroup_rss"] <= SERVING_MEMORY_MB

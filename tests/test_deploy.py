@@ -74,9 +74,78 @@ def test_deployment_contract(rendered: list[dict]) -> None:
     assert int(env["INTENT_WORKERS"]) * int(env["INTENT_ORT_INTRA_THREADS"]) <= int(
         container["resources"]["limits"]["cpu"]
     )
-    assert pod["terminationGracePeriodSeconds"] > float(env["INTENT_SHUTDOWN_DELAY_S"]) + int(
-        env["INTENT_GRACEFUL_TIMEOUT_S"]
-    )
+
+
+STOP_MARGIN_S = 5  # beyond the worst case: the supervisor's and the workers' own exit
+
+
+def worst_case_stop_s(env: dict[str, str]) -> float:
+    """How long the service may take from SIGTERM to exit with `env` (the settings' defaults for what it leaves
+    out): the drain delay, then uvicorn's wait for open connections and, after it, the queue's drain
+    (app.http.main's lifespan), each up to the graceful timeout."""
+    from app.config import Settings
+
+    fields = Settings.model_fields
+    delay = float(env.get("INTENT_SHUTDOWN_DELAY_S", fields["shutdown_delay_s"].default))
+    graceful = int(env.get("INTENT_GRACEFUL_TIMEOUT_S", fields["graceful_timeout_s"].default))
+    return delay + 2 * graceful
+
+
+def test_pod_grace_period_covers_the_worst_case_stop(rendered: list[dict]) -> None:
+    """The manifest's 5 + 15 + 15 = 35 s had Kubernetes' 30 s default as its grace period: a SIGKILL mid-drain."""
+    dep = next(d for d in rendered if d["kind"] == "Deployment")
+    pod = dep["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
+    assert pod["terminationGracePeriodSeconds"] >= pre_stop + worst_case_stop_s(env) + STOP_MARGIN_S
+
+
+def test_make_docker_run_waits_out_the_images_worst_case_stop() -> None:
+    """`docker stop` sends SIGKILL after 10 s unless told otherwise; the image's defaults drain for up to 42 s."""
+    makefile = (ROOT / "Makefile").read_text()
+    (line,) = [line.split() for line in makefile.splitlines() if line.strip().startswith("docker run ")]
+    env = dict(line[i + 1].split("=", 1) for i, word in enumerate(line) if word in ("-e", "--env"))
+    assert "--stop-timeout" in line, line
+    assert int(line[line.index("--stop-timeout") + 1]) >= worst_case_stop_s(env) + STOP_MARGIN_S
+
+
+def test_pods_spread_over_nodes_without_blocking_a_scale_up(rendered: list[dict]) -> None:
+    dep = next(d for d in rendered if d["kind"] == "Deployment")
+    pod = dep["spec"]["template"]["spec"]
+    spreads = pod["topologySpreadConstraints"]
+    (by_node,) = [s for s in spreads if s["topologyKey"] == "kubernetes.io/hostname"]
+    assert by_node["whenUnsatisfiable"] == "ScheduleAnyway"
+    # It counts this Deployment's pods, all of them: the pod template's labels, the Deployment's selector's.
+    selector = by_node["labelSelector"]["matchLabels"]
+    assert selector.items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+    assert selector == dep["spec"]["selector"]["matchLabels"]
+
+
+def test_image_pull_policy_follows_the_tag(rendered: list[dict]) -> None:
+    """IfNotPresent with `latest` kept the first `latest` a node pulled for good."""
+    dep = next(d for d in rendered if d["kind"] == "Deployment")
+    (container,) = dep["spec"]["template"]["spec"]["containers"]
+    image = container["image"]
+    last = image.rsplit("/", 1)[-1]
+    tag = last.rsplit(":", 1)[1] if ":" in last else "latest"  # no tag is `latest`
+    # What Kubernetes sets when the manifest names no policy.
+    policy = container.get("imagePullPolicy", "Always" if tag == "latest" else "IfNotPresent")
+    assert tag != "latest" or policy == "Always", (image, policy)
+
+
+def test_one_late_readiness_probe_keeps_the_pod_in_the_service(rendered: list[dict]) -> None:
+    dep = next(d for d in rendered if d["kind"] == "Deployment")
+    (container,) = dep["spec"]["template"]["spec"]["containers"]
+    ready, live = container["readinessProbe"], container["livenessProbe"]
+    assert ready.get("failureThreshold", 3) >= 2
+    # A pod that stops answering leaves the Service before the liveness probe restarts it.
+    assert ready.get("failureThreshold", 3) * ready["periodSeconds"] < live["failureThreshold"] * live["periodSeconds"]
+
+
+def test_service_monitor_carries_the_label_kube_prometheus_stack_selects(rendered: list[dict]) -> None:
+    mon = next(d for d in rendered if d["kind"] == "ServiceMonitor")
+    assert mon["metadata"]["labels"]["release"]
 
 
 def test_service_monitor_targets_the_service(rendered: list[dict]) -> None:
@@ -205,6 +274,52 @@ def test_dockerfile_serves_without_training_stack() -> None:
     assert [line for line in text.splitlines() if line.startswith("FROM ")] == ["FROM ${BASE} AS deps", "FROM ${BASE}"]
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {"compression", "artifacts", ".venv"} <= set(ignored)
+
+
+def dockerfile_instructions(text: str) -> list[str]:
+    """Each instruction on one line: continuation lines joined, comments dropped."""
+    joined = re.sub(r"\\\n", " ", "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#")))
+    return [line.strip() for line in joined.splitlines() if line.strip()]
+
+
+class Health(BaseHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self.send_response(200 if self.path == "/health" else 404)
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+
+def test_dockerfile_healthcheck_asks_the_port_the_service_listens_on() -> None:
+    """The check asked port 8000 whatever INTENT_PORT said: a service moved to another port was unhealthy."""
+    (line,) = [i for i in dockerfile_instructions((ROOT / "Dockerfile").read_text()) if i.startswith("HEALTHCHECK ")]
+    command = json.loads(line[line.index(" CMD ") + 5 :])
+    assert command[0] == "python"
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        listening = str(server.server_address[1])
+        for port, code in ((listening, 0), (str(free_port()), 1)):
+            env = {"PATH": str(BIN), "INTENT_PORT": port}
+            r = subprocess.run([sys.executable, *command[1:]], env=env, capture_output=True, timeout=30, check=False)
+            assert r.returncode == code, (port, r.stderr[-500:])
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_dockerfile_runs_as_a_user_and_group_it_creates() -> None:
+    """`USER 10001` named no group: the process ran with the base image's group 0 (root)."""
+    steps = dockerfile_instructions((ROOT / "Dockerfile").read_text())
+    serving = steps[max(i for i, s in enumerate(steps) if s.startswith("FROM ")) :]
+    assert [s for s in serving if s.startswith("USER ")] == ["USER 10001:10001"]
+    (made,) = [s for s in serving if s.startswith("RUN ") and "useradd" in s]
+    assert "groupadd --gid 10001 " in made
+    assert "--uid 10001 --gid 10001 " in made
+    pod = yaml.safe_load((ROOT / "deploy" / "k8s" / "deployment.yaml").read_text())["spec"]["template"]["spec"]
+    assert (pod["securityContext"]["runAsUser"], pod["securityContext"]["runAsGroup"]) == (10001, 10001)
 
 
 # Balancers: retries only where a request is safe to send twice (POST /predict and /predict/batch are pure
@@ -358,6 +473,41 @@ def test_nginx_retries_only_the_predict_routes() -> None:
         if words[0] == "location" and "non_idempotent" in (nginx_next_upstream(body) or [])
     ]
     assert locations_with_non_idempotent == [["location", "=", "/predict"], ["location", "=", "/predict/batch"]]
+
+
+def nginx_seconds(value: str) -> float:
+    number, unit = re.fullmatch(r"(\d+)(ms|s|m)?", value).groups()  # type: ignore[union-attr]
+    return int(number) * {"ms": 0.001, "s": 1, "m": 60, None: 1}[unit]
+
+
+def nginx_setting(blocks: list[list[tuple[list[str], list]]], name: str) -> str | None:
+    """A directive's value where the innermost of `blocks` (outer first) that sets it sets it, as nginx inherits."""
+    for body in reversed(blocks):
+        found = [words[1] for words, _ in body if words[0] == name]
+        if found:
+            return found[-1]
+    return None
+
+
+def test_nginx_bounds_the_retries_of_a_request() -> None:
+    """proxy_next_upstream_timeout was unset (no limit): a request could go on from one replica's
+    proxy_read_timeout to the next's, each retry another 30 s."""
+    conf = nginx_parse(NGINX_CONF.read_text())
+    (server,) = [body for words, body in conf if words == ["server"]]
+    for path in ["/predict", "/predict/batch", "/admin/reload"]:
+        _, location = nginx_location(server, path)
+        blocks = [server, location]
+        tries = int(nginx_setting(blocks, "proxy_next_upstream_tries") or 0)
+        window = nginx_seconds(nginx_setting(blocks, "proxy_next_upstream_timeout") or "0")
+        connect = nginx_seconds(nginx_setting(blocks, "proxy_connect_timeout") or "60s")
+        read = nginx_seconds(nginx_setting(blocks, "proxy_read_timeout") or "60s")
+        assert tries > 0, path  # 0 is nginx's "no limit"
+        assert window > 0, path
+        # Every retry after replicas that do not accept a connection fits the window...
+        assert (tries - 1) * connect < window, path
+        # ...and none follows a replica that held the request for the whole read timeout: the longest a client
+        # waits is the window plus one read timeout.
+        assert window < read, path
 
 
 class FakeReplica:
