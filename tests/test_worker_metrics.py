@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from prometheus_client import values
 
 from app.config import Settings
-from app.http.main import create_app
+from app.http.main import create_app, create_app_from_env
 from app.http.metrics import Metrics
 from loadtest.procs import cpu_seconds, rss_mb
 from tests.fakes import FakeClassifier, fake_factory
@@ -88,6 +88,32 @@ def test_a_gone_workers_gauges_do_not_count_and_its_counts_do(tmp_path: Path, mo
     assert 'intent_requests_total{method="POST",route="/predict",status="200"} 7.0' in text.splitlines()
     # The gone worker's gauge files are removed, as prometheus_client's mark_process_dead does; its counter stays.
     assert sorted(p.name for p in tmp_path.glob(f"*_{dead}.db")) == [f"counter_{dead}.db"]
+
+
+def test_a_worker_under_a_dead_workers_pid_starts_its_gauges_from_zero(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel reuses pids: a worker started under a dead one's opened its gauge files, and counted its
+    requests in flight up and down from the dead worker's 3, which /metrics then reported with none in flight."""
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    monkeypatch.setenv("INTENT_WORKERS", "2")
+    # As in a worker, whose prometheus_client is imported with PROMETHEUS_MULTIPROC_DIR set: values go to files.
+    monkeypatch.setattr(values, "ValueClass", values.MultiProcessValue())
+    try:
+        dead = values.MultiProcessValue(lambda: os.getpid())  # the dead worker, as its files say
+        dead(
+            "gauge", "intent_in_flight_requests", "intent_in_flight_requests", (), (), "", multiprocess_mode="livesum"
+        ).set(3)
+        names = ("route", "method", "status"), ("/predict", "POST", "200")
+        dead("counter", "intent_requests", "intent_requests_total", *names, "").inc(5)
+        values.close_all_multiprocess_files()
+        app = create_app_from_env()
+        text = app.state.metrics.exposition().decode()
+    finally:
+        values.close_all_multiprocess_files()
+    assert "intent_in_flight_requests 0.0" in text.splitlines()
+    # Its counts stay: totals never fall.
+    assert 'intent_requests_total{method="POST",route="/predict",status="200"} 5.0' in text.splitlines()
 
 
 @pytest.mark.integration

@@ -28,7 +28,7 @@ from app.engine.errors import ModelLoadError
 from app.http import reload
 from app.http.errors import CORSRefused, MethodNotAllowed, NotFound, ServiceError, ValidationFailed, render
 from app.http.logs import configure_logging
-from app.http.metrics import Metrics
+from app.http.metrics import Metrics, drop_gauges_of_a_reused_pid
 from app.http.middleware import ServiceMiddleware
 from app.http.protocol import PROTOCOL_DRAIN, PROTOCOL_LIMITS, PROTOCOL_METRICS, HttpLimits
 from app.http.queue import InferenceQueue
@@ -262,4 +262,5 @@ def create_app_from_env() -> FastAPI:
     reached: their records came out as bare text, below WARNING not at all)."""
     settings = Settings()
     configure_logging(settings.log_level)
+    drop_gauges_of_a_reused_pid()
     return create_app(settings)

@@ -80,6 +80,18 @@ def multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
 
+def drop_gauges_of_a_reused_pid() -> None:
+    """Remove the `live` gauge files named with this process's pid: a worker that died under the same pid (the
+    kernel reuses them) left them, and a new worker opening them had started from its values. A gauge counted up and
+    down (intent_in_flight_requests) then kept the dead worker's count as an offset for good. Called once, as a
+    worker starts, before it creates any metric."""
+    if (directory := multiprocess_dir()) is None:
+        return
+    for path in glob.glob(os.path.join(directory, f"gauge_live*_{os.getpid()}.db")):
+        with contextlib.suppress(OSError):  # a scrape removed it first, as the owner is gone
+            os.remove(path)
+
+
 class WorkerFilesCollector(multiprocess.MultiProcessCollector):
     """prometheus_client's multiprocess collector, less the files that hold nothing yet, and less the gauges of
     workers that are gone.
