@@ -97,8 +97,6 @@ def test_a_worker_under_a_dead_workers_pid_starts_its_gauges_from_zero(
     requests in flight up and down from the dead worker's 3, which /metrics then reported with none in flight."""
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
     monkeypatch.setenv("INTENT_WORKERS", "2")
-    # As in a worker, whose prometheus_client is imported with PROMETHEUS_MULTIPROC_DIR set: values go to files.
-    monkeypatch.setattr(values, "ValueClass", values.MultiProcessValue())
     try:
         dead = values.MultiProcessValue(lambda: os.getpid())  # the dead worker, as its files say
         dead(
@@ -106,7 +104,9 @@ def test_a_worker_under_a_dead_workers_pid_starts_its_gauges_from_zero(
         ).set(3)
         names = ("route", "method", "status"), ("/predict", "POST", "200")
         dead("counter", "intent_requests", "intent_requests_total", *names, "").inc(5)
-        values.close_all_multiprocess_files()
+        values.close_all_multiprocess_files()  # which also forgets every value class made so far: make it after
+        # As in a worker, whose prometheus_client is imported with PROMETHEUS_MULTIPROC_DIR set: values go to files.
+        monkeypatch.setattr(values, "ValueClass", values.MultiProcessValue())
         app = create_app_from_env()
         text = app.state.metrics.exposition().decode()
     finally:
