@@ -659,3 +659,35 @@ def test_a_pointer_that_failed_to_load_is_tried_again_after_a_back_off(tmp_path:
     assert f'intent_model_reloads_total{{result="rejected"}} {len(failed_at)}.0' in metrics
     assert 'intent_model_reloads_total{result="ok"} 1.0' in metrics
     assert loads == [MODEL_DIR.name, "v2"]
+
+
+def test_a_removed_pointer_sends_every_worker_back_to_intent_model_dir(tmp_path: Path) -> None:
+    """A worker that starts with no pointer file serves INTENT_MODEL_DIR; those already running had kept the
+    reloaded model when the file was removed, so a replica answered with two versions after a worker restarted. A
+    file that cannot be parsed (a hand edit under way) is passed over, and no pointer ever written loads nothing."""
+    loads: list[str] = []
+    pointer = tmp_path / "ptr.json"
+    app = create_app(settings(tmp_path, reload_poll_s=0.05), by_directory(loads))
+    with TestClient(app) as client:
+        time.sleep(0.3)  # six polls with no pointer file: nothing to load
+        assert loads == [MODEL_DIR.name]
+        write_pointer(pointer, Pointer(str(tmp_path / "v2"), "v2"))
+        deadline = time.monotonic() + 60  # only catches a hang
+        while version_of(client) != "v2":
+            assert time.monotonic() < deadline, "the worker did not follow the pointer"
+            time.sleep(0.05)
+        pointer.write_text('{"model_dir": ')
+        time.sleep(0.3)
+        assert version_of(client) == "v2"
+        pointer.unlink()
+        while version_of(client) != MODEL_DIR.name:
+            assert time.monotonic() < deadline, "the worker did not go back to INTENT_MODEL_DIR"
+            time.sleep(0.05)
+        assert client.get("/model").json()["version"] == MODEL_DIR.name
+        time.sleep(0.3)  # and stays there, loaded once
+        metrics = client.get("/metrics").text
+    assert loads == [MODEL_DIR.name, "v2", MODEL_DIR.name]
+    assert 'intent_model_reloads_total{result="ok"} 2.0' in metrics
+    # A worker that starts now begins where the running one went back to.
+    with TestClient(create_app(settings(tmp_path), by_directory(loads))) as client:
+        assert version_of(client) == MODEL_DIR.name

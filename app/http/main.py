@@ -98,8 +98,9 @@ def _lifespan(factory: ModelFactory) -> Callable[[FastAPI], Any]:
                 "the model pointer names a directory that does not load; serving INTENT_MODEL_DIR",
                 extra={"error": str(exc)[:300]},
             )
-            model, card = reload.load_warm(state, settings.model_dir)
-        reload.install(state, model, card)
+            model_dir = settings.model_dir
+            model, card = reload.load_warm(state, model_dir)
+        reload.install(state, model, card, model_dir)
         version, serving = model.version, card.get("serving", {})  # the CPU, and the weights it runs on it
         del model, card  # the slot holds the model alone, so the reload that replaces it frees it
         heap.return_free_memory()  # what the load and the warm-up left behind

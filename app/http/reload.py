@@ -12,7 +12,8 @@ With `INTENT_MODEL_ROOT` set, a directory outside it (after resolving symlinks) 
 The worker that answers the call then writes a pointer file (`INTENT_MODEL_POINTER`, which `python -m
 app` creates for its workers) naming the directory and version. Every other worker polls that file and
 loads the same directory, so all of them serve the new version within a poll interval plus a load (about
-a second); a worker that restarts later starts from the pointer too, not from `INTENT_MODEL_DIR`.
+a second); a worker that restarts later starts from the pointer too, not from `INTENT_MODEL_DIR`. A pointer
+file removed sends every worker back to `INTENT_MODEL_DIR`, where a worker that starts then begins.
 """
 
 from __future__ import annotations
@@ -50,10 +51,18 @@ ADMIN_KEY_NEEDED = "admin routes need 'Authorization: Bearer <INTENT_ADMIN_KEY>'
 
 @dataclass(frozen=True)
 class Pointer:
-    """Which model every worker should serve, written by the worker that reloaded."""
+    """Which model every worker should serve, written by the worker that reloaded. An empty version stands for
+    whatever `model_dir` holds: the follower's own pointer back to INTENT_MODEL_DIR once the file is removed."""
 
     model_dir: str
     version: str
+
+    def served_by(self, served: Served | None) -> bool:
+        if served is None:
+            return False
+        if self.version:
+            return served.version == self.version
+        return served.model_dir == Path(self.model_dir)
 
 
 def read_pointer(path: Path | None) -> Pointer | None:
@@ -77,11 +86,11 @@ def write_pointer(path: Path, pointer: Pointer) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def install(state: State, model: Predictor, card: dict[str, Any]) -> str | None:
-    """Make `model` the served one: the slot that requests, /model and the model_info metric read. Returns the
-    version it replaces (None at start-up). The replaced model is freed when the last request that read it is
-    answered; the memory it held is then given back to the kernel (app.heap)."""
-    served = Served.of(model, card)
+def install(state: State, model: Predictor, card: dict[str, Any], model_dir: Path) -> str | None:
+    """Make `model`, loaded from `model_dir`, the served one: the slot that requests, /model and the model_info
+    metric read. Returns the version it replaces (None at start-up). The replaced model is freed when the last
+    request that read it is answered; the memory it held is then given back to the kernel (app.heap)."""
+    served = Served.of(model, card, model_dir)
     previous: Served | None = state.slot.install(served)
     metrics = state.metrics
     if previous is not None and previous.info != served.info:
@@ -157,7 +166,7 @@ async def reload(state: State, model_dir: Path, publish: bool) -> tuple[str, str
             state.metrics.reloads.labels("rejected").inc()
             await asyncio.to_thread(heap.return_free_memory)
             raise refusal
-        previous = install(state, model, card)
+        previous = install(state, model, card, model_dir)
         state.metrics.reloads.labels("ok").inc()
         log.info("model reloaded", extra={"model_version": model.version, "previous": previous})
         return model.version, previous
@@ -169,20 +178,28 @@ async def follow_pointer(state: State, path: Path, interval_s: float) -> None:
     (A, then B, then A again) had left a worker on B for good. A pointer that failed to load is tried again after
     INTENT_RELOAD_RETRY_S, twice as long after each further failure, up to 8 times as long: a failure may pass (a
     full disk), and it had left the worker behind until it restarted. One outside INTENT_MODEL_ROOT, or whose
-    directory holds another version than it names (rewritten in place since), is not tried again until it changes."""
+    directory holds another version than it names (rewritten in place since), is not tried again until it changes.
+
+    A pointer file removed (by hand: the workers never remove it) stands for INTENT_MODEL_DIR. A worker that
+    started then began there, while those already running had kept the reloaded model, so that one replica
+    answered with two versions after a worker restart. A file that is there but cannot be read or parsed (a
+    hand edit under way) is still passed over: the workers keep what they serve."""
     loop = asyncio.get_running_loop()
     retry_s: float = state.settings.reload_retry_s
+    configured = Pointer(str(state.settings.model_dir), "")
     failed: Pointer | None = None  # the pointer as last seen, if it failed
     delay = retry_at = 0.0  # the back-off, and when it ends (loop time)
     while True:
         await asyncio.sleep(interval_s)
         pointer = read_pointer(path)
+        if pointer is None and not os.path.lexists(path):
+            pointer = configured
         if pointer != failed:
             failed = None  # the pointer changed: its back-off starts over, even if it names the failed one again
         if pointer is None or (failed is not None and loop.time() < retry_at):
             continue
         # (No local name for the served model: held across the sleep, it would keep a replaced model alive.)
-        if state.slot.served is not None and pointer.version == state.slot.served.version:
+        if pointer.served_by(state.slot.served):
             continue
         if state.reload_lock.locked():
             continue  # this worker is reloading: look again once it has, and has published or not
@@ -196,7 +213,7 @@ async def follow_pointer(state: State, path: Path, interval_s: float) -> None:
             state.metrics.reloads.labels("rejected").inc()
             log.error("could not follow a reload", extra={"error_type": type(exc).__name__})
         else:
-            if version == pointer.version:
+            if version == pointer.version or not pointer.version:
                 failed = None
                 continue
             again = False  # loaded again at every poll, it had never matched

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -36,11 +37,12 @@ class Served:
     model: Predictor
     card_json: bytes
     info: tuple[str, str, str]  # the model_info metric's labels: version, name, OOS rule
+    model_dir: Path | None = None  # where it was loaded from (a follower compares it with INTENT_MODEL_DIR)
 
     @classmethod
-    def of(cls, model: Predictor, card: dict[str, Any]) -> Served:
+    def of(cls, model: Predictor, card: dict[str, Any], model_dir: Path | None = None) -> Served:
         rule = str(card.get("spec", {}).get("rule", {}).get("kind", ""))
-        return cls(model, orjson.dumps(card), (model.version, str(card.get("name", "")), rule))
+        return cls(model, orjson.dumps(card), (model.version, str(card.get("name", "")), rule), model_dir)
 
     @property
     def version(self) -> str:
