@@ -113,8 +113,14 @@ soak: $(SERVE_VENV)/.installed $(VENV)/.installed  ## 1 hour at half the measure
 scaleout: $(SERVE_VENV)/.installed $(VENV)/.installed  ## 3 replicas behind HAProxy at half their measured capacity: 5 kills, then restart each; fails if any request fails
 	$(VENV)/bin/python -m loadtest.scaleout $(SCALEOUT_ARGS)
 
+# Besides `latest`, a tag that names what the image holds, the served model's version and the commit (`-dirty` with
+# uncommitted changes): under `latest` a node kept the first image it pulled, and a local cluster (kind) needs a
+# fixed tag to use an image loaded into it. Set IMAGE_TAG to choose another.
+IMAGE_TAG ?= $(shell $(PYTHON) -c 'import json; print(json.load(open("models/clinc150/card.json"))["version"])' \
+  2>/dev/null || echo model)-$(shell git describe --always --dirty 2>/dev/null || echo local)
+
 docker-build:
-	docker build -t clinc-intent:latest .
+	docker build -t clinc-intent:latest -t clinc-intent:$(IMAGE_TAG) .
 
 # A stop waits out the image's worst-case drain, INTENT_SHUTDOWN_DELAY_S (2) + 2 x INTENT_GRACEFUL_TIMEOUT_S (20: open
 # connections, then the queue) = 42 s, with a margin: docker's default of 10 s killed it mid-drain.

@@ -110,6 +110,31 @@ def test_make_docker_run_waits_out_the_images_worst_case_stop() -> None:
     assert int(line[line.index("--stop-timeout") + 1]) >= worst_case_stop_s(env) + STOP_MARGIN_S
 
 
+def docker_build_tags(*make_args: str) -> list[str]:
+    dry = subprocess.run(
+        ["make", "--no-print-directory", "-n", "docker-build", *make_args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    (line,) = [line.split() for line in dry.stdout.splitlines() if line.startswith("docker build ")]
+    return [line[i + 1] for i, word in enumerate(line) if word == "-t"]
+
+
+def test_make_docker_build_tags_the_model_version_and_the_commit_besides_latest() -> None:
+    """Under `latest` alone a node kept the first image it pulled, and kind could not use a loaded image."""
+    version = json.loads((ROOT / "models/clinc150/card.json").read_text())["version"]
+    commit = subprocess.run(
+        ["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    tags = docker_build_tags()
+    assert tags == ["clinc-intent:latest", f"clinc-intent:{version}-{commit}"]
+    assert re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}", tags[1].split(":", 1)[1])  # docker's tag grammar
+    assert docker_build_tags("IMAGE_TAG=rc1") == ["clinc-intent:latest", "clinc-intent:rc1"]
+
+
 def test_pods_spread_over_nodes_without_blocking_a_scale_up(rendered: list[dict]) -> None:
     dep = next(d for d in rendered if d["kind"] == "Deployment")
     pod = dep["spec"]["template"]["spec"]
