@@ -43,6 +43,40 @@ def test_a_worker_file_not_yet_sized_leaves_the_scrape_whole(tmp_path: Path, mon
     }
 
 
+def test_the_model_info_shows_the_versions_live_workers_serve_and_no_other(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reload sets the replaced version's series to 0; in multiprocess mode the series cannot be removed, so every
+    version a worker had served read 0 beside the one it serves. During a rollout both versions read 1."""
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    old, new = ("2026.01.01-old", "m", "energy_knn"), ("2026.02.02-new", "m", "energy_knn")
+    labels = ("version", "name", "oos_rule")
+    series = {}
+    try:
+        for pid in (os.getpid(), os.getppid()):  # two live workers
+            worker = values.MultiProcessValue(lambda pid=pid: pid)
+            for served in (old, new):
+                series[pid, served] = worker(
+                    "gauge", "intent_model_info", "intent_model_info", labels, served, "", multiprocess_mode="livemax"
+                )
+        series[os.getpid(), new].set(1)  # this one has reloaded, the other not yet
+        series[os.getppid(), old].set(1)
+        during = Metrics().exposition().decode()
+        series[os.getppid(), old].set(0)
+        series[os.getppid(), new].set(1)
+        after = Metrics().exposition().decode()
+    finally:
+        values.close_all_multiprocess_files()
+
+    def info(text: str) -> set[str]:
+        return {line for line in text.splitlines() if line.startswith("intent_model_info")}
+
+    line = 'intent_model_info{{name="m",oos_rule="energy_knn",version="{}"}} 1.0'
+    assert info(during) == {line.format("2026.01.01-old"), line.format("2026.02.02-new")}
+    assert info(after) == {line.format("2026.02.02-new")}
+    assert "# TYPE intent_model_info gauge" in after
+
+
 def gone_pid() -> int:
     """The pid of a process that has exited and been reaped."""
     child = subprocess.Popen(["true"])

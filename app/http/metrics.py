@@ -8,10 +8,12 @@ import glob
 import os
 import re
 import resource
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 # From 10 us up: a query spends well under a millisecond in each stage, and tokenizing one takes 20-50 us, which
 # a lowest bucket of 50 us held whole (any quantile of it was interpolation, 25 us at the median whatever it was).
@@ -74,6 +76,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # this old. In multiprocess mode prometheus_client has no process collector (each scrape is one worker's), so
 # without these /metrics said nothing of a worker's memory, which a leak alert and `make soak --host` read.
 WORKER_SAMPLE_S = 1.0
+MODEL_INFO = "intent_model_info"
 
 
 def multiprocess_dir() -> str | None:
@@ -150,6 +153,24 @@ def _holds_anything(path: str) -> bool:
         return False
 
 
+class ServedVersionsOnly(Collector):
+    """`source`'s metrics, less the intent_model_info series at 0: the versions a reload replaced.
+
+    A reload sets the replaced version's series to 0 and the new one's to 1. An info metric's series should go
+    instead, but a multiprocess gauge cannot remove one (prometheus_client 0.26's `Gauge.remove` warns and leaves
+    it in the worker's file), so every version a worker had served read 0 beside the one it serves, one more
+    series per reload. A version some live worker still serves (during a rollout) reads 1 and stays."""
+
+    def __init__(self, source: Collector) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self._source.collect():  # each scrape builds its metrics anew: filtering them changes no state
+            if metric.name == MODEL_INFO:
+                metric.samples = [sample for sample in metric.samples if sample.value != 0]
+            yield metric
+
+
 def resident_bytes() -> int | None:
     """This process's resident memory (Linux's /proc/self/statm), or None where it cannot be read."""
     try:
@@ -197,7 +218,7 @@ class Metrics:
         )
         self.truncated = Counter("intent_truncated_texts", "Texts cut to the model's token window", registry=r)
         self.model_info = Gauge(
-            "intent_model_info",
+            MODEL_INFO,
             "The served model and its OOS rule",
             ["version", "name", "oos_rule"],
             registry=r,
@@ -281,5 +302,5 @@ class Metrics:
         if directory:
             merged = CollectorRegistry()
             WorkerFilesCollector(merged, path=directory)  # type: ignore[no-untyped-call]
-            return generate_latest(merged)
-        return generate_latest(self.registry)
+            return generate_latest(ServedVersionsOnly(merged))
+        return generate_latest(ServedVersionsOnly(self.registry))
