@@ -43,8 +43,37 @@ def rendered() -> list[dict]:
 
 def test_kustomization_renders_every_resource(rendered: list[dict]) -> None:
     kinds = sorted(d["kind"] for d in rendered)
-    assert kinds == ["Deployment", "HorizontalPodAutoscaler", "PodDisruptionBudget", "Service", "ServiceMonitor"]
-    assert {d["metadata"]["namespace"] for d in rendered} == {"intent"}
+    assert kinds == [
+        "Deployment",
+        "HorizontalPodAutoscaler",
+        "Namespace",
+        "PodDisruptionBudget",
+        "Service",
+        "ServiceMonitor",
+    ]
+    namespaced = [d for d in rendered if d["kind"] != "Namespace"]
+    assert {d["metadata"]["namespace"] for d in namespaced} == {"intent"}
+    # Created with them: `kubectl apply -k` on a fresh cluster had failed on the namespace it names.
+    (namespace,) = [d for d in rendered if d["kind"] == "Namespace"]
+    assert namespace["metadata"]["name"] == "intent"
+
+
+def test_the_pod_meets_the_restricted_pod_security_profile_its_namespace_enforces(rendered: list[dict]) -> None:
+    """The checks of Kubernetes' `restricted` profile that a pod spec can fail (Pod Security Standards)."""
+    (namespace,) = [d for d in rendered if d["kind"] == "Namespace"]
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    pod = next(d for d in rendered if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    assert not any(pod.get(host) for host in ("hostNetwork", "hostPID", "hostIPC"))
+    assert all("hostPath" not in volume for volume in pod.get("volumes", []))
+    assert pod["securityContext"]["seccompProfile"]["type"] in ("RuntimeDefault", "Localhost")
+    for container in pod["containers"] + pod.get("initContainers", []):
+        context = {**pod["securityContext"], **container.get("securityContext", {})}
+        assert context["runAsNonRoot"] is True and context.get("runAsUser", 1) != 0
+        assert context["allowPrivilegeEscalation"] is False
+        assert not context.get("privileged", False)
+        assert context["capabilities"]["drop"] == ["ALL"]
+        assert set(context["capabilities"].get("add", [])) <= {"NET_BIND_SERVICE"}
+        assert all("hostPort" not in port for port in container.get("ports", []))
 
 
 def test_core_manifests_validate_against_kubernetes_schemas(rendered: list[dict]) -> None:
