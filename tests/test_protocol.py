@@ -20,6 +20,7 @@ from app.config import Settings
 from app.http.main import create_app
 from app.http.protocol import (
     DEFAULT_LIMITS,
+    PIPELINE_DEPTH,
     PROTOCOL_LIMITS,
     PROTOCOL_METRICS,
     CoalescingHttpToolsProtocol,
@@ -39,6 +40,7 @@ class FakeTransport:
         self.writes: list[bytes] = []
         self.closed = False
         self.eof = False
+        self.paused = False  # reading, as the protocol last set it
         self.on_close: Callable[[], object] | None = None
 
     def write(self, data: bytes) -> None:
@@ -59,9 +61,11 @@ class FakeTransport:
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return {"peername": ("127.0.0.1", 5000), "sockname": ("127.0.0.1", 8000)}.get(name, default)
 
-    def pause_reading(self) -> None: ...
+    def pause_reading(self) -> None:
+        self.paused = True
 
-    def resume_reading(self) -> None: ...
+    def resume_reading(self) -> None:
+        self.paused = False
 
 
 def test_a_head_goes_out_with_the_body_that_follows_it() -> None:
@@ -331,6 +335,74 @@ def test_pipelined_requests_past_the_last_allowed_one_are_not_answered_on_that_c
     fake = _connect([POST * 2], state={PROTOCOL_LIMITS: replace(DEFAULT_LIMITS, keepalive_requests=1)}, wait_s=5)
     assert [_closes(write) for write in fake.writes] == [True]
     assert fake.closed
+
+
+def test_a_pipeline_deeper_than_allowed_is_answered_to_its_limit_and_the_rest_is_never_read() -> None:
+    """200 requests in one read, no answer read: uvicorn parsed and queued every one (262,607 took a worker from 142
+    to 460 MB). The PIPELINE_DEPTH-th answer says Connection: close and the connection closes; the client sends the
+    rest again on a new connection (RFC 9112 9.3.2)."""
+    fake = _connect([POST * 200], wait_s=10)
+    assert fake.closed
+    assert len(fake.writes) == PIPELINE_DEPTH == 64
+    assert [_closes(write) for write in fake.writes] == [False] * (PIPELINE_DEPTH - 1) + [True]
+    assert RECEIVED.count("http.request") == PIPELINE_DEPTH
+
+
+def test_after_the_request_whose_answer_closes_the_connection_nothing_is_read() -> None:
+    """Bytes pipelined behind a `Connection: close` request are neither dispatched nor refused, and reading stops."""
+    close = POST.replace(b"host: x\r\n", b"host: x\r\nconnection: close\r\n")
+    fake = _connect([close + POST + b"GARBAGE\r\n\r\n"], wait_s=5)
+    assert fake.closed
+    assert [(_status(write), _closes(write)) for write in fake.writes] == [(200, True)]
+    assert RECEIVED.count("http.request") == 1
+    assert fake.paused
+
+
+def test_small_pipelined_requests_in_reads_over_the_head_cap_are_not_refused() -> None:
+    """Reads of 70 KB, each beginning inside one head and ending inside another, of requests with 20 KB heads: each
+    read had been counted whole as the head it left unfinished, so the first such read was refused 431."""
+    raw = b"POST /predict HTTP/1.1\r\nhost: x\r\nx-pad: " + b"a" * 20_000 + b"\r\ncontent-length: 2\r\n\r\n{}"
+    stream = raw * 10
+    reads = [stream[:10_000]] + [stream[i : i + 70_000] for i in range(10_000, len(stream), 70_000)]
+    assert max(len(read) for read in reads) > DEFAULT_LIMITS.max_head_bytes + 64
+    fake = _connect(reads, wait_s=0.5)
+    assert [_status(write) for write in fake.writes] == [200] * 10
+    assert not fake.closed
+
+
+def test_a_pipelined_request_sent_whole_in_time_is_not_timed_out_while_the_server_stops_reading() -> None:
+    """A slow request, and behind it a request whose head came at once and whose body the server read only after
+    the slow one's answer (it stops reading while a pipelined request waits): the deadline ran meanwhile, and the
+    second request, sent whole within 50 ms of its head, was refused 408."""
+    body_of_second = b'{"t":1}'
+    second = b"POST /predict HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n" % len(body_of_second)
+
+    async def slow_first(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and not RECEIVED:
+            await asyncio.sleep(0.3)  # six read timeouts
+        await _app(scope, receive, send)
+
+    async def scenario() -> FakeTransport:
+        RECEIVED.clear()
+        config = Config(app=slow_first, http=CoalescingHttpToolsProtocol, ws="none", lifespan="off", log_config=None)
+        config.load()
+        loop = asyncio.get_running_loop()
+        protocol = CoalescingHttpToolsProtocol(config, ServerState(), SHORT_TIMEOUT, loop)
+        fake = FakeTransport()
+        fake.on_close = lambda: loop.call_soon(protocol.connection_lost, None)
+        protocol.connection_made(fake)  # type: ignore[arg-type]
+        protocol.data_received(POST + second)
+        deadline = loop.time() + 10  # only catches a hang
+        while (fake.paused or not fake.writes) and loop.time() < deadline:  # the body stays in the socket
+            await asyncio.sleep(0.005)
+        protocol.data_received(body_of_second)
+        while len(fake.writes) < 2 and not fake.closed and loop.time() < deadline:
+            await asyncio.sleep(0.005)
+        return fake
+
+    fake = asyncio.run(scenario())
+    assert [_status(write) for write in fake.writes] == [200, 200]
+    assert not fake.closed
 
 
 def test_no_limit_keeps_a_connection_open_for_every_request() -> None:

@@ -37,7 +37,15 @@ Limits, each answered in the service's error body, after which the connection cl
   version other than HTTP/1.0 and 1.1 (a request line with none reads as HTTP/0.9), which uvicorn answered.
 A refusal that comes while requests read before it are still being answered (pipelined, or the rest of a body
 longer than its Content-Length) waits for their answers and follows them, so that every request the app saw is
-answered and the client reads each answer for its own request; nothing more is read meanwhile.
+answered and the client reads each answer for its own request; nothing more is read meanwhile. The read deadline
+does not run while the server itself has stopped reading (a pipelined request waits for the one ahead of it, or a
+body the app has not taken yet): a request sent whole and on time had been refused 408 behind a slow one.
+
+Pipelining: at most PIPELINE_DEPTH requests of a connection are read and not yet answered. The one that reaches it
+is answered with `Connection: close`, and nothing after it is read, as after any answer that closes its connection
+(RFC 9112 9.3.2: the client sends its unanswered requests again on a new connection). uvicorn parses every request
+in a read at once and reads again after each answer, so a client that pipelined requests without reading the
+answers had a worker queue all of them: 262,607 requests (8 MB) took a worker from 142 to 460 MB.
 
 A refusal carries what the app's answers carry: a fresh `x-request-id`, also on the 408's and 431's warnings in
 the log (the 400's is uvicorn's own, logged before it calls here; refused bytes may not hold a whole head, so the
@@ -51,10 +59,12 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
+from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from app.config import Settings
@@ -88,6 +98,9 @@ PROTOCOL_LIMITS = "intent_http_limits"
 # What a head holds beyond what the cap counts (its URL and header lines): the request line's method (11 bytes at
 # most), two spaces and version, and the CRLF of each line and of the blank one, with room to spare.
 HEAD_SLACK = 64
+# Requests of one connection read and not yet answered, the one running included (see the module's doc). Clients that
+# pipeline send a few ahead; each queued request holds about 1.2 KB.
+PIPELINE_DEPTH = 64
 PROTOCOL_DRAIN = "intent_drain"  # an asyncio.Event, set once the worker drains (SIGTERM, or uvicorn's SIGHUP)
 # A Host value: a name, an IPv4 or a bracketed IPv6 address, and a port (RFC 3986's reg-name characters); empty is
 # allowed (RFC 9112 3.2). No space, slash, `@` or `?`.
@@ -146,17 +159,40 @@ class CoalescingTransport:
         return getattr(self._transport, name)
 
 
+class ReadPauses(FlowControl):
+    """uvicorn's flow control, telling the connection when the server stops reading and starts again, so that its
+    read deadline does not run meanwhile."""
+
+    def __init__(self, transport: asyncio.Transport, on_change: Callable[[bool], None]) -> None:
+        super().__init__(transport)
+        self._on_change = on_change
+
+    def pause_reading(self) -> None:
+        if not self.read_paused:
+            self._on_change(True)
+        super().pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.read_paused:
+            self._on_change(False)
+        super().resume_reading()
+
+
 class CoalescingHttpToolsProtocol(HttpToolsProtocol):
     """The service's HTTP protocol for uvicorn (`http=`): httptools over a CoalescingTransport, with the limits
     above."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
+        self.flow = ReadPauses(self.transport, self._reading_paused)  # before any request: each cycle takes this one
+        self._paused_at: float | None = None  # the loop's time when the server stopped reading, while it has
         self._limits: HttpLimits = self.app_state.get(PROTOCOL_LIMITS, DEFAULT_LIMITS)
         self._drain: asyncio.Event | None = self.app_state.get(PROTOCOL_DRAIN)
         self._head_bytes: int | None = None  # of the request head being read; None between heads
         self._head_fields = 0  # bytes of the head's URL and header lines, as the parser hands them over
         self._head_over = False  # the head just parsed is refused: nothing more is parsed or dispatched
+        self._read_all = False  # the request whose answer closes the connection is read: nothing more is
+        self._began_in_read = False  # a request began in the read being parsed
         self._head_fault: str | None = None  # why, when not for its size (head_fault)
         # When the request being read must be whole (head and body); None between requests. Checked by one timer
         # per connection that re-arms itself, so a request costs no timer of its own.
@@ -180,25 +216,26 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
     # The parser's callbacks. Once a head is found over the cap, every later callback of the same read (its body,
     # a pipelined request behind it) is dropped: uvicorn's own would act on a request that has no cycle.
     def on_message_begin(self) -> None:
-        if self._head_over:
+        if self._head_over or self._read_all:
             return
+        self._began_in_read = True
         super().on_message_begin()
         self._head_bytes, self._head_fields = 0, 0
         if self._read_deadline is None:  # a later request on a kept-alive connection is due from its first byte
             self._start_read_deadline()
 
     def on_url(self, url: bytes) -> None:
-        if not self._head_over:
+        if not (self._head_over or self._read_all):
             super().on_url(url)
             self._head_fields += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if not self._head_over:
+        if not (self._head_over or self._read_all):
             super().on_header(name, value)
             self._head_fields += len(name) + len(value) + 4  # ": " and CRLF
 
     def on_headers_complete(self) -> None:
-        if self._head_over:
+        if self._head_over or self._read_all:
             return
         # Either is refused by data_received once the parser returns; the app never sees it.
         if self._head_fields > self._limits.max_head_bytes:
@@ -215,21 +252,28 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
             self._owed += 1
             self._requests += 1
             draining = self._drain is not None and self._drain.is_set()
-            if draining or self._requests == self._limits.keepalive_requests:
+            last = self._requests == self._limits.keepalive_requests or self._owed >= PIPELINE_DEPTH
+            if draining or last:
                 # Answered with Connection: close, then closed, so the client's next request goes out on a new
                 # connection: while draining, instead of on this one as the worker closes it idle (which loses that
-                # request); at the connection's last request, to place it on the workers again (the module's doc).
+                # request); at the connection's last request, to place it on the workers again; and at the
+                # deepest pipeline allowed (the module's doc).
                 self.cycle.keep_alive = False
 
     def on_body(self, body: bytes) -> None:
-        if not self._head_over:
+        if not (self._head_over or self._read_all):
             super().on_body(body)
 
     def on_message_complete(self) -> None:
-        if self._head_over:
+        if self._head_over or self._read_all:
             return
         self._read_deadline = None
         super().on_message_complete()
+        if self.cycle is not None and not self.cycle.keep_alive:
+            # Its answer closes the connection (said so by either side, or HTTP/1.0): what follows in this read is
+            # dropped, and nothing more is read, rather than parsed into requests that will never be answered.
+            self._read_all = True
+            self.transport.pause_reading()
 
     def _start_read_deadline(self) -> None:
         timeout = self._limits.read_timeout_s
@@ -238,10 +282,23 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         if self._deadline_timer is None:
             self._deadline_timer = self.loop.call_later(timeout, self._check_read_deadline)
 
+    def _reading_paused(self, paused: bool) -> None:
+        """The server stopped reading (`paused`) or started again: the read deadline moves on by the pause."""
+        now = self.loop.time()
+        if paused:
+            self._paused_at = now
+        elif self._paused_at is not None:
+            if self._read_deadline is not None:
+                self._read_deadline += now - self._paused_at
+            self._paused_at = None
+
     def _check_read_deadline(self) -> None:
         self._deadline_timer = None
         if self._read_deadline is None or self.transport.is_closing():
             return  # between requests: uvicorn's keep-alive timeout closes an idle connection
+        if self._paused_at is not None:  # the server is not reading: look again after a whole timeout
+            self._deadline_timer = self.loop.call_later(self._limits.read_timeout_s, self._check_read_deadline)
+            return
         left = self._read_deadline - self.loop.time()
         if left > 0:
             self._deadline_timer = self.loop.call_later(left, self._check_read_deadline)
@@ -256,19 +313,23 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
             )
 
     def data_received(self, data: bytes) -> None:
-        if self._refusal is not None:
-            return  # the connection ends with that refusal: nothing after the refused bytes is a request
+        if self._refusal is not None or self._read_all:
+            return  # the connection ends with that refusal, or that answer: nothing after either is a request
         # A head is over the cap by either of two counts. (1) The reads that find a head already begun and leave it
         # unfinished: every byte of those is the head's, its request line's method and version and its line ends
         # too, which the cap does not count, so (1) refuses only past the cap by HEAD_SLACK: a head under the cap
         # is not refused however its bytes arrive (unless its lines are padded with whitespace). This one stops a
         # head that never ends, which the parser would grow for ever. (2) Once the head is parsed, its URL and
         # header lines, as the cap counts them: this one holds a head to the cap to the byte.
+        # (1) counts a read only when the head it ends unfinished is the one it began with: a read in which the head
+        # being read ended and another began (pipelined requests) is not all the new head's, and counted whole it had
+        # refused small pipelined requests with 431.
         counting = self._head_bytes is not None
+        self._began_in_read = False
         super().data_received(data)
         if self._head_bytes is None or self.transport.is_closing():
             return
-        if counting:
+        if counting and not self._began_in_read:
             self._head_bytes += len(data)
         cap = self._limits.max_head_bytes
         if self._head_fault is not None:
@@ -286,8 +347,10 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         self.logger.debug("ignored an Upgrade header: the service answers HTTP/1.1")
 
     def send_400_response(self, msg: str) -> None:
-        """uvicorn's answer to bytes its parser refuses (it has logged them), in the service's error body."""
-        self._refuse(InvalidHTTP(msg.strip()), None)
+        """uvicorn's answer to bytes its parser refuses (it has logged them), in the service's error body; none for
+        bytes after the connection's last request, which are not read as requests."""
+        if not self._read_all:
+            self._refuse(InvalidHTTP(msg.strip()), None)
 
     def _owed_before_refused(self) -> int:
         """How many answers are owed for requests read before the refused bytes. When the bytes are in the body of
