@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import unicodedata
 
+import pytest
+from fastapi.testclient import TestClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
+from app.config import Settings
+from app.http.main import create_app
 from app.http.normalize import normalize_text
 from tests.conftest import MODEL_DIR
+from tests.fakes import FakeClassifier, fake_factory
 
 ZERO_WIDTH = "\u200b\u200c\u200d\u2060\ufeff"
 RTL = "\u202e\u202b\u200f"
@@ -66,3 +71,24 @@ def test_tokenizer_output_is_bounded_and_well_formed(text: str) -> None:
 def test_one_very_long_token_is_truncated(n: int) -> None:
     enc = TOKENIZER.encode("a" * n)
     assert len(enc.ids) <= WINDOW
+
+
+@pytest.mark.parametrize("text", ["\u0301", "\ufe0f", "\u064b", "\u302a", "\u093e", "\ufffd", " \u0301 \ufffd\u20dd "])
+def test_marks_or_replacement_characters_alone_are_empty(text: str) -> None:
+    """With no letter to sit on, the tokenizer reads nothing of them, or [UNK]; the model answered an intent."""
+    assert normalize_text(text) == ""
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"), [("e\u0301", "\u00e9"), ("\u0301abc", "\u0301abc"), ("a \ufffd", "a \ufffd")]
+)
+def test_marks_with_something_to_read_stay(text: str, expected: str) -> None:
+    assert normalize_text(text) == expected
+
+
+def test_the_api_refuses_a_text_of_marks_alone_as_empty() -> None:
+    with TestClient(create_app(Settings(warmup_queries=0), fake_factory(FakeClassifier()))) as client:
+        for body in ({"text": "\u0301"}, {"texts": ["book a flight", "\ufe0f\ufe0f"]}):
+            path = "/predict" if "text" in body else "/predict/batch"
+            r = client.post(path, json=body)
+            assert (r.status_code, r.json()["error"]["type"]) == (422, "empty_text"), r.text
