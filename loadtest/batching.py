@@ -19,7 +19,8 @@ import numpy as np
 from app.cpu import current
 from app.engine.engine import Engine
 from app.engine.onnx import OnnxModel
-from loadtest.queries import load_queries
+from loadtest.cli_args import path_arg
+from loadtest.queries import QueryError, load_queries
 from loadtest.server import ROOT
 
 SIZES = (1, 2, 4, 8, 16, 32)
@@ -93,7 +94,7 @@ def passed_on(engine: Engine, texts: Sequence[str]) -> list[list[int]]:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model-dir", type=Path, default=ROOT / "models" / "clinc150")
-    p.add_argument("--data", default=None, help="CLINC150 JSON (default: loadtest.queries' path)")
+    p.add_argument("--data", type=path_arg, default=None, help="CLINC150 JSON (default: loadtest.queries' path)")
     p.add_argument("--rounds", type=int, default=30, help="batches per size (default: %(default)s)")
     p.add_argument("--sizes", default=",".join(map(str, SIZES)), help="batch sizes (default: %(default)s)")
     a = p.parse_args(argv)
@@ -103,11 +104,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(f"--sizes takes whole numbers separated by commas, not {a.sizes!r}")
     if a.rounds < 1 or not sizes or min(sizes) < 1:
         p.error("--rounds and every batch size must be at least 1")
+    try:
+        texts = load_queries(a.data)
+    except QueryError as exc:
+        p.error(str(exc))
     engine = Engine.open(a.model_dir)
     model = engine.models[-1]
     if "attention_mask" not in {i.name for i in model.session.get_inputs()}:
         p.error(f"{model.name} takes no attention mask: padding would change its answers")
-    encoded = passed_on(engine, load_queries(a.data))
+    encoded = passed_on(engine, texts)
     if max(sizes) > len(encoded):
         p.error(f"the largest batch ({max(sizes)}) exceeds the {len(encoded)} texts the last stage sees")
     print(f"CPU: {current().describe()}; {model.name}, {len(encoded)} texts passed on by the first stage", flush=True)

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from compression.writable import dir_write_problem
 
@@ -25,6 +26,7 @@ MAX_RATE = 100_000  # requests/s
 MAX_USERS = 10_000
 MAX_SECONDS = 86_400  # a day, for one phase
 MAX_MINUTES = 10_080  # a week
+MAX_WORKERS = 64
 
 
 def positive_float(text: str) -> float:
@@ -108,10 +110,59 @@ def is_http_url(text: str) -> bool:
     return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
-def require_url(parser: argparse.ArgumentParser, option: str, value: str | None, example: str) -> None:
-    """The parser's usage error unless `value` (None: not given) is an http(s) URL with a host."""
-    if value is not None and not is_http_url(value):
+def require_url(parser: argparse.ArgumentParser, option: str, value: str | None, example: str) -> str | None:
+    """`value` (None: not given) as a base URL without trailing slashes, or the parser's usage error unless it is an
+    http(s) URL with a host and nothing after it: "http://127.0.0.1:8000/" had made every request "//predict", which
+    the service answers 404 and Locust counted as none."""
+    if value is None:
+        return None
+    if not is_http_url(value):
         parser.error(f"{option} must be a URL, such as {example}, got {value!r}")
+    parts = urlsplit(value)
+    if parts.path.strip("/") or parts.query or parts.fragment:
+        parser.error(f"{option} must be a URL with no path, query or fragment, such as {example}, got {value!r}")
+    return urlunsplit((parts.scheme, parts.netloc, "", "", ""))
+
+
+def path_arg(text: str) -> Path:
+    """A path made absolute now: Locust runs from the repository's root, so a relative --out or --data had meant one
+    place to it and another to the run; and "" had meant the current directory."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must be a path, got ''")
+    return Path(text).expanduser().absolute()
+
+
+def cpu_list(text: str) -> str:
+    """A taskset CPU list ("0", "0-3", "0,2", "0-6:2") of CPUs this process may run on, or "" for no pinning: any
+    other had ended in taskset's error and a traceback after the run had started."""
+    if not text.strip():
+        return ""
+    allowed = os.sched_getaffinity(0)
+    for item in (x.strip() for x in text.split(",")):
+        try:
+            span, colon, stride = item.partition(":")
+            first, dash, last = span.partition("-")
+            cpus = range(int(first), int(last if dash else first) + 1, int(stride) if colon else 1)
+        except ValueError:
+            cpus = range(0)
+        if not cpus or cpus.start < 0:
+            raise argparse.ArgumentTypeError(f"must be a CPU list such as 0, 0-1 or 0,2, got {text!r}")
+        if not set(cpus) <= allowed:
+            raise argparse.ArgumentTypeError(
+                f"must list only CPUs this process may use ({compact(allowed)}), got {text!r}"
+            )
+    return text.strip()
+
+
+def compact(cpus: set[int]) -> str:
+    """A CPU set as a taskset list: {0, 1, 2, 5} -> "0-2,5"."""
+    runs: list[list[int]] = []
+    for cpu in sorted(cpus):
+        if runs and cpu == runs[-1][1] + 1:
+            runs[-1][1] = cpu
+        else:
+            runs.append([cpu, cpu])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def require_writable_dir(parser: argparse.ArgumentParser, option: str, directory: Path) -> None:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from app.cpu import current, measurement_context
-from loadtest.cli_args import require_writable_dir
+from loadtest.cli_args import path_arg, require_writable_dir
 from loadtest.run import (
     ServerFactory,
     add_keep_warm_arg,
@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--rounds", type=int, default=1, help="measure every server this many times, in a rotated order (default 1)"
     )
-    p.add_argument("--out", type=Path, default=ROOT / "reports" / "compare")
+    p.add_argument("--out", type=path_arg, default=ROOT / "reports" / "compare")
     a = p.parse_args(argv)
     if a.rounds < 1:
         p.error("--rounds must be at least 1")

@@ -1,5 +1,7 @@
 """A small, fast HTTP/1.1 keep-alive load driver on raw asyncio streams, for overload, shutdown and
-soak runs that must be scripted tightly. Loopback targets only.
+soak runs that must be scripted tightly. Plain HTTP, to any host: a soak drives a service on another machine
+(`--host`); what reads a service's processes on this machine (loadtest.service_readings.ProcessTree) is used only for
+one the run started itself.
 
 Open loop: requests are scheduled at a fixed rate and handed to a pool of connections; latency
 is measured from the scheduled time, so a server that falls behind cannot hide it.
@@ -18,8 +20,6 @@ from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
 import numpy as np
-
-LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
 @dataclass
@@ -127,11 +127,12 @@ class Connection:
             self.writer.close()
 
 
-def loopback_target(base_url: str) -> tuple[str, int]:
-    """(host, port) of the target, refusing anything but a loopback address."""
+def http_target(base_url: str) -> tuple[str, int]:
+    """(host, port) of the target, refusing a URL that is not plain http: the driver writes HTTP/1.1 on a bare
+    socket, with no TLS."""
     url = urlparse(base_url)
-    if url.hostname not in LOOPBACK:
-        raise ValueError("the load driver targets loopback addresses only")
+    if url.scheme != "http" or not url.hostname:
+        raise ValueError(f"the load driver speaks plain HTTP only, got {base_url!r}")
     return url.hostname, url.port or 80
 
 
@@ -190,7 +191,7 @@ async def open_loop(
 ) -> Report:
     """Offer `rate` requests/s for `seconds`, on at most `connections` keep-alive connections. Results go
     into `report` if given, as they come in (a long run can read and clear them as it goes)."""
-    host, port = loopback_target(base_url)
+    host, port = http_target(base_url)
     rng = random.Random(seed)
     report = report if report is not None else Report()
     queue: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue()
@@ -230,7 +231,7 @@ async def closed_loop(
     batch: int = 1,
 ) -> Report:
     """As fast as `connections` concurrent clients can go: measures saturation throughput."""
-    host, port = loopback_target(base_url)
+    host, port = http_target(base_url)
     report = Report()
     deadline = time.perf_counter() + seconds
 

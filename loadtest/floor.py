@@ -11,6 +11,7 @@ artifact loader the service uses, so /model and every answer look like the real 
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from app import cpu
-from app.__main__ import run_workers, settings_or_error
+from app.__main__ import address_problem, run_workers, settings_or_error
 from app.config import Settings
 from app.engine.artifact import read_card, read_labels
 from app.engine.engine import Prediction
@@ -69,10 +70,18 @@ def create_floor_app() -> FastAPI:
     return create_app(Settings(), instant_model)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    # No options: the settings are the service's environment. A parser still, so that --help (or a stray argument)
+    # does not start a server on INTENT_PORT.
+    argparse.ArgumentParser(
+        prog="python -m loadtest.floor", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    ).parse_args(argv)
     settings = settings_or_error()
     if isinstance(settings, str):
         print(f"error: {settings}", file=sys.stderr)
+        return 2
+    if (problem := address_problem(settings.host, settings.port)) is not None:
+        print(f"error: {problem}", file=sys.stderr)  # as `python -m app`: before `ready`, not errno 98 after it
         return 2
     try:  # before any worker starts, as `python -m app` checks its model: one line, not a worker's traceback
         instant_model(settings)

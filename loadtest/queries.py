@@ -23,11 +23,29 @@ BUILTIN = [
 ]
 
 
-def load_queries(path: str | None = None) -> list[str]:
-    source = Path(path or os.environ.get("LOADTEST_DATA", "") or DEFAULT_DATA)
+class QueryError(ValueError):
+    """An explicitly given query file that cannot be read or holds no CLINC150 validation texts."""
+
+
+def read_queries(path: str | os.PathLike[str] | None = None) -> tuple[list[str], str]:
+    """The texts to send and where they came from (a path, or "built-in"). A path given (`path`, LOADTEST_DATA) that
+    cannot be read or parsed is an error: a typo had silently sent the 12 built-in sentences. Only the default path,
+    where ../shared is absent, falls back to them."""
+    given = path or os.environ.get("LOADTEST_DATA", "")
+    source = Path(given or DEFAULT_DATA)
+    if not given and not source.exists():
+        return list(BUILTIN), "built-in"
     try:
         raw = json.loads(source.read_text(encoding="utf-8"))
         texts = [row[0] for row in raw["val"] + raw["oos_val"]]
-    except (OSError, KeyError, ValueError, TypeError, IndexError):
-        return list(BUILTIN)
-    return texts or list(BUILTIN)
+    except OSError as exc:
+        raise QueryError(f"cannot read queries from {source}: {exc.strerror or exc}") from None
+    except (KeyError, ValueError, TypeError, IndexError):
+        raise QueryError(f"cannot read queries from {source}: not CLINC150 JSON with val and oos_val") from None
+    if not texts or not all(isinstance(text, str) for text in texts):
+        raise QueryError(f"cannot read queries from {source}: no validation texts")
+    return texts, str(source)
+
+
+def load_queries(path: str | os.PathLike[str] | None = None) -> list[str]:
+    return read_queries(path)[0]

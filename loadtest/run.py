@@ -22,7 +22,10 @@ from app.config import KEEP_WARM_MS_MAX
 from app.cpu import current, measurement_context
 from loadtest.cli_args import (
     MAX_SECONDS,
+    MAX_WORKERS,
     at_most,
+    cpu_list,
+    path_arg,
     positive_floats,
     positive_int,
     positive_ints,
@@ -30,7 +33,8 @@ from loadtest.cli_args import (
     require_url,
     require_writable_dir,
 )
-from loadtest.server import LOOPBACK, ROOT, free_port, our_server, pinned, serve
+from loadtest.queries import QueryError, read_queries
+from loadtest.server import LOOPBACK, ROOT, free_port, our_server, pinned, ready_problem, serve
 
 P99_LIMIT_MS = 50.0
 
@@ -210,6 +214,17 @@ def measure(
     }
 
 
+def load_name(s: dict[str, Any]) -> str:
+    """A phase's load in words: "open 100/s" or "closed, 8 users"."""
+    return f"open {s['target_rate']:.0f}/s" if s["mode"] == "open" else f"closed, {s['users']} users"
+
+
+def empty_phases(result: dict[str, Any]) -> list[str]:
+    """The phases in which no request succeeded (Locust's `requests` counts the successful ones): a target that
+    answers nothing right had read as a clean table and exit status 0."""
+    return [load_name(s) for s in result["open_loop"] + result["saturation_steps"] if not s["requests"]]
+
+
 def table(name: str, result: dict[str, Any]) -> str:
     lines = [
         f"{name}",
@@ -218,7 +233,7 @@ def table(name: str, result: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in result["open_loop"] + result["saturation_steps"]:
-        load = f"open {s['target_rate']:.0f}/s" if s["mode"] == "open" else f"closed, {s['users']} users"
+        load = load_name(s)
         lat, srv = s["latency_ms"], s["server_latency_ms"]
         lines.append(
             f"| {load} | {s['throughput_rps']} | {lat['p50']} | {lat['mean']} | {lat['p90']} | {lat['p99']} "
@@ -232,12 +247,13 @@ def table(name: str, result: dict[str, Any]) -> str:
 
 def add_placement_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("CPU placement (taskset lists; empty: no pinning)")
-    g.add_argument("--latency-workers", type=positive_int, default=LATENCY.workers)
-    g.add_argument("--latency-server-cpus", default=LATENCY.server_cpus)
-    g.add_argument("--latency-locust-cpus", default=LATENCY.locust_cpus)
-    g.add_argument("--workers", type=positive_int, default=THROUGHPUT.workers, help="server workers, throughput phase")
-    g.add_argument("--server-cpus", default=THROUGHPUT.server_cpus)
-    g.add_argument("--locust-cpus", default=THROUGHPUT.locust_cpus)
+    workers = at_most(positive_int, MAX_WORKERS)
+    g.add_argument("--latency-workers", type=workers, default=LATENCY.workers)
+    g.add_argument("--latency-server-cpus", type=cpu_list, default=LATENCY.server_cpus)
+    g.add_argument("--latency-locust-cpus", type=cpu_list, default=LATENCY.locust_cpus)
+    g.add_argument("--workers", type=workers, default=THROUGHPUT.workers, help="server workers, throughput phase")
+    g.add_argument("--server-cpus", type=cpu_list, default=THROUGHPUT.server_cpus)
+    g.add_argument("--locust-cpus", type=cpu_list, default=THROUGHPUT.locust_cpus)
 
 
 def keep_warm_ms(text: str) -> float:
@@ -297,11 +313,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_placement_args(p)
     p.add_argument("--inference-mode", choices=["inline", "thread"], default="inline")
     add_keep_warm_arg(p)
-    p.add_argument("--data", default=None, help="CLINC150 JSON whose validation texts are sent")
-    p.add_argument("--out", type=Path, default=ROOT / "reports" / "loadtest")
+    p.add_argument("--data", type=path_arg, default=None, help="CLINC150 JSON whose validation texts are sent")
+    p.add_argument("--out", type=path_arg, default=ROOT / "reports" / "loadtest")
     a = p.parse_args(argv)
-    require_url(p, "--host", a.host, "http://127.0.0.1:8000")
+    a.host = require_url(p, "--host", a.host, "http://127.0.0.1:8000")
     require_writable_dir(p, "--out", a.out)
+    try:  # the texts Locust will send, read here so that a bad --data is one line, not a Locust failure per phase
+        texts, a.queries = read_queries(a.data)
+    except QueryError as exc:
+        p.error(str(exc))
+    a.query_count = len(texts)
     return a
 
 
@@ -316,12 +337,15 @@ def main(argv: list[str] | None = None) -> int:
         if urlparse(a.host).hostname not in LOOPBACK:
             print("error: load tests target loopback addresses only", file=sys.stderr)
             return 2
+        if (problem := ready_problem(a.host)) is not None:
+            print(f"error: {a.host} is not ready: {problem}", file=sys.stderr)
+            return 2
     result = measure(
         None if a.host else our_server,
         a.host,
         a.out,
         scenario,
-        data=a.data,
+        data=None if a.data is None else str(a.data),
         server_env={"INTENT_INFERENCE_MODE": a.inference_mode, **keep_warm_env(a.keep_warm_ms)},
     )
     result["setup"] = {
@@ -329,11 +353,15 @@ def main(argv: list[str] | None = None) -> int:
         "keep_warm_ms": a.keep_warm_ms,
         "cores": os.cpu_count(),
         "host": a.host,
+        "queries": {"source": a.queries, "count": a.query_count},
     }
     result["context"] = measurement_context()
     (a.out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
     latency, throughput = scenario.latency.describe(), scenario.throughput.describe()
     print(table(f"intent service on {cpu} (latency: {latency}; throughput: {throughput})", result))
+    if empty := empty_phases(result):
+        print(f"error: no request succeeded in {', '.join(empty)}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -27,6 +27,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -37,9 +38,19 @@ from typing import Any
 
 from app.config import effective_cpus
 from loadtest import debian
+from loadtest.cli_args import (
+    MAX_RATE,
+    MAX_SECONDS,
+    MAX_WORKERS,
+    at_most,
+    path_arg,
+    positive_float,
+    positive_int,
+    require_writable_dir,
+)
 from loadtest.driver import Report, closed_loop, open_loop
 from loadtest.queries import BUILTIN
-from loadtest.server import ROOT, free_port, our_server, wait_ready
+from loadtest.server import ROOT, ServerExited, free_port, log_tail, our_server, wait_ready
 
 CONFIG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
 # Long enough for HAProxy's /ready check (every 200 ms, one failure) to take a stopping replica out of
@@ -49,6 +60,7 @@ SHUTDOWN_DELAY_S = 1.0
 # few ms, so the victim has requests in flight).
 BATCH = 16
 BATCH_SHARE = 0.1
+MAX_KILLS = 1000
 
 
 def render(template: str, frontend_port: int, replica_ports: list[int], stats_socket: Path) -> str:
@@ -145,7 +157,7 @@ class Replica:
         out = self.log.open("ab")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env}, stdout=out, stderr=out)
         out.close()
-        wait_ready(f"http://127.0.0.1:{self.port}", self.proc, "/ready", 120)
+        wait_ready(f"http://127.0.0.1:{self.port}", self.proc, "/ready", 120, self.log)
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None
@@ -198,7 +210,8 @@ def balancer(
     try:
         for i in range(len(replica_ports)):
             if proc.poll() is not None:
-                raise RuntimeError(f"HAProxy exited with {proc.returncode}")
+                tail = log_tail(log)
+                raise RuntimeError(f"HAProxy exited with {proc.returncode}" + (f": {tail}" if tail else ""))
             wait_status(stats_socket, f"replica{i + 1}", want)
         yield f"http://127.0.0.1:{frontend}", stats_socket
     finally:
@@ -399,17 +412,29 @@ def peaks(capacity: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m loadtest.scaleout", description=__doc__.split("\n\n")[0])
-    p.add_argument("--replicas", type=int, default=3)
-    p.add_argument("--kills", type=int, default=5, help="kill phases, each SIGKILLs one replica (in turn)")
-    p.add_argument("--kill-seconds", type=float, default=6.0, help="length of each kill phase")
+    p.add_argument("--replicas", type=at_most(positive_int, MAX_WORKERS), default=3)
+    p.add_argument(
+        "--kills", type=at_most(int, MAX_KILLS), default=5, help="kill phases, each SIGKILLs one replica (in turn)"
+    )
+    p.add_argument(
+        "--kill-seconds", type=at_most(positive_float, MAX_SECONDS), default=6.0, help="length of each kill phase"
+    )
     p.add_argument(
         "--load-share", type=float, default=0.5, help="share of the replicas' measured capacity the load uses"
     )
     p.add_argument(
-        "--rate", type=float, default=None, help="fixed single-text requests/s instead of sizing from capacity"
+        "--rate",
+        type=at_most(positive_float, MAX_RATE),
+        default=None,
+        help="fixed single-text requests/s instead of sizing from capacity",
     )
-    p.add_argument("--capacity-seconds", type=float, default=3.0, help="length of each capacity measurement")
-    p.add_argument("--out", type=Path, default=ROOT / "reports" / "scaleout.json")
+    p.add_argument(
+        "--capacity-seconds",
+        type=at_most(positive_float, MAX_SECONDS),
+        default=3.0,
+        help="length of each capacity measurement",
+    )
+    p.add_argument("--out", type=path_arg, default=ROOT / "reports" / "scaleout.json")
     a = p.parse_args(argv)
     if a.replicas < 2:
         p.error("--replicas must be at least 2: one is killed while the others serve")
@@ -417,7 +442,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--kills must be 0 or more")
     if not 0 < a.load_share <= 1:
         p.error("--load-share must be in (0, 1]")
-    result = run(a.replicas, a.kills, a.kill_seconds, a.load_share, a.rate, a.capacity_seconds, a.out)
+    require_writable_dir(p, "--out", a.out.parent)  # now, not after the run
+    try:
+        result = run(a.replicas, a.kills, a.kill_seconds, a.load_share, a.rate, a.capacity_seconds, a.out)
+    except ServerExited as exc:
+        print(f"error: a replica did not start: {exc}", file=sys.stderr)
+        return 1
     kill, rolling = result["kill"], result["rolling"]
     print(
         f"{result['replicas']} replicas behind {result['balancer']} on {result['context']['cpu']}: "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import os
 import random
 import shutil
@@ -63,12 +64,30 @@ def pinned(cmd: list[str], cpus: str | None) -> list[str]:
     return ["taskset", "-c", cpus, *cmd] if cpus and shutil.which("taskset") else cmd
 
 
-def wait_ready(base: str, proc: subprocess.Popen[bytes] | None, path: str, timeout: float) -> None:
-    """Until `base + path` answers 200; `proc`, the server's process where this machine started it."""
+class ServerExited(RuntimeError):
+    """The server this machine started exited before it was ready."""
+
+
+def log_tail(log: Path | None, lines: int = 3) -> str:
+    """The last `lines` non-empty lines of a server's log, joined by " | ", or "" where there is none."""
+    try:
+        text = log.read_text(encoding="utf-8", errors="replace") if log is not None else ""
+    except OSError:
+        return ""
+    return " | ".join([line.strip() for line in text.splitlines() if line.strip()][-lines:])
+
+
+def wait_ready(
+    base: str, proc: subprocess.Popen[bytes] | None, path: str, timeout: float, log: Path | None = None
+) -> None:
+    """Until `base + path` answers 200; `proc`, the server's process where this machine started it, and `log`, where
+    its stderr goes: a server that exits says why (a setting it refuses) in the error, which had said only "server
+    exited with 2"."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
+            tail = log_tail(log)
+            raise ServerExited(f"server exited with {proc.returncode}" + (f": {tail}" if tail else ""))
         try:
             with urllib.request.urlopen(base + path, timeout=1) as r:  # noqa: S310 - loopback
                 if r.status == 200:
@@ -77,6 +96,29 @@ def wait_ready(base: str, proc: subprocess.Popen[bytes] | None, path: str, timeo
             pass
         time.sleep(0.2)
     raise RuntimeError(f"server at {base} not ready after {timeout:.0f}s")
+
+
+def ready_problem(base: str, within_s: float = 3.0, timeout_s: float = 1.0) -> str | None:
+    """Why the service at `base` does not answer GET /ready with 200 (tried for about `within_s`), or None: a target
+    that was down had been measured as errors alone, a run with rc 0, or waited for two minutes."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            with urllib.request.urlopen(base + "/ready", timeout=timeout_s) as r:  # noqa: S310 - the URL the user gave
+                if r.status == 200:
+                    return None
+                problem = f"/ready answered {r.status}"
+        except urllib.error.HTTPError as exc:
+            problem = f"/ready answered {exc.code}"
+        except urllib.error.URLError as exc:
+            problem = str(exc.reason)
+        except http.client.HTTPException as exc:  # something that does not speak HTTP
+            problem = f"not an HTTP answer ({type(exc).__name__}: {str(exc).strip()})"
+        except (OSError, ValueError) as exc:
+            problem = str(exc) or type(exc).__name__
+        if time.monotonic() + 0.2 >= deadline:
+            return problem
+        time.sleep(0.2)
 
 
 def stop(proc: subprocess.Popen[bytes], grace_s: float = 30) -> None:
@@ -104,7 +146,7 @@ def serve(
     out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
     proc = subprocess.Popen(pinned(cmd, cpus), cwd=ROOT, env={**os.environ, **env}, stdout=out, stderr=out)
     try:
-        wait_ready(base, proc, ready_path, timeout)
+        wait_ready(base, proc, ready_path, timeout, log)
         yield base
     finally:
         stop(proc)

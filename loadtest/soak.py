@@ -25,6 +25,7 @@ import asyncio
 import json
 import os
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +38,9 @@ from loadtest.cli_args import (
     MAX_MINUTES,
     MAX_RATE,
     MAX_SECONDS,
+    MAX_WORKERS,
     at_most,
+    path_arg,
     positive_float,
     positive_int,
     require_url,
@@ -46,7 +49,7 @@ from loadtest.cli_args import (
 from loadtest.driver import Report, closed_loop, open_loop
 from loadtest.host import Canary, Steal
 from loadtest.queries import load_queries
-from loadtest.server import ROOT, free_port, our_server, stop, wait_ready
+from loadtest.server import ROOT, free_port, our_server, ready_problem, stop, wait_ready
 from loadtest.service_readings import ProcessTree, Reading, ScrapedService, ServiceReader
 
 WARMUP_S = 300.0
@@ -300,17 +303,30 @@ def plot(ticks: list[Tick], rows: list[dict[str, Any]], verdict: dict[str, Any],
     plt.close(fig)
 
 
-def warm_up(base: str, texts: list[str], seconds: float) -> None:
+class NothingAnswered(Exception):
+    """No request got a 200 before the soak: a service that refuses every one (401 with INTENT_API_KEY set, say)
+    had been measured at a capacity of 0 and then offered nothing for the whole run."""
+
+
+def warm_up(base: str, texts: list[str], seconds: float) -> dict[str, int]:
     """A few seconds closed-loop on the driver's 16 connections, so that the run starts on a warm service with its
-    connections open (an open loop started cold read 130 ms in its first minute, most of it before the writes)."""
-    asyncio.run(closed_loop(base, min(2.0, seconds), texts, connections=16))
+    connections open (an open loop started cold read 130 ms in its first minute, most of it before the writes).
+    Returns its answers by status."""
+    return asyncio.run(closed_loop(base, min(2.0, seconds), texts, connections=16)).classes()
 
 
-def measure_capacity(base: str, texts: list[str], seconds: float) -> float:
-    """Closed-loop peak (requests/s answered 200), after the warm-up."""
+def measure_capacity(base: str, texts: list[str], seconds: float) -> tuple[float, dict[str, int]]:
+    """Closed-loop peak (requests/s answered 200), after the warm-up, and the measurement's answers by status."""
     warm_up(base, texts, seconds)
     report = asyncio.run(closed_loop(base, seconds, texts, connections=16))
-    return sum(1 for r in report.results if r.status == 200) / seconds
+    return sum(1 for r in report.results if r.status == 200) / seconds, report.classes()
+
+
+def require_answers(base: str, answers: dict[str, int]) -> None:
+    """Raises NothingAnswered unless some request was answered 200."""
+    if not answers.get("200"):
+        seen = ", ".join(f"{status}: {n}" for status, n in answers.items()) or "none"
+        raise NothingAnswered(f"{base} answered no request with 200 before the soak (answers: {seen})")
 
 
 def next_tick(previous: float, tick_s: float, now: float) -> float:
@@ -450,10 +466,11 @@ def run(
     try:
         wait_ready(base, proc, "/ready", 120)
         if rate is None:
-            capacity = measure_capacity(base, texts, capacity_s)
+            capacity, answers = measure_capacity(base, texts, capacity_s)
             rate = share * capacity
         else:
-            warm_up(base, texts, capacity_s)
+            answers = warm_up(base, texts, capacity_s)
+        require_answers(base, answers)
         reader: ServiceReader = ProcessTree(proc.pid) if proc is not None else ScrapedService(base)
         print(f"soak: {duration / 60:g} min at {rate:.1f} req/s (capacity {capacity} req/s) on {base}", flush=True)
         ticks, rows = asyncio.run(drive(base, rate, duration, texts, reader, tick_s, minute_s))
@@ -492,7 +509,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="a fixed rate (requests/s) instead of --share",
     )
-    p.add_argument("--workers", type=positive_int, default=2, help="workers of the service it starts (not with --host)")
+    p.add_argument(
+        "--workers",
+        type=at_most(positive_int, MAX_WORKERS),
+        default=2,
+        help="workers of the service it starts (not with --host)",
+    )
     p.add_argument(
         "--host",
         default=None,
@@ -505,14 +527,23 @@ def main(argv: list[str] | None = None) -> int:
         default=5.0,
         help="length of the capacity measurement",
     )
-    p.add_argument("--out-dir", type=Path, default=ROOT / "reports", help="where soak.json and soak.png go")
+    p.add_argument("--out-dir", type=path_arg, default=ROOT / "reports", help="where soak.json and soak.png go")
     a = p.parse_args(argv)
     if not 0 < a.share <= 1:
         p.error("--share must be in (0, 1]")
-    require_url(p, "--host", a.host, "http://10.0.0.5:8000")
+    a.host = require_url(p, "--host", a.host, "http://10.0.0.5:8000")
+    if a.host is not None and not a.host.startswith("http://"):
+        p.error(f"--host must be an http:// URL: the load driver speaks plain HTTP, got {a.host!r}")
     require_writable_dir(p, "--out-dir", a.out_dir)  # now, not after the hour
+    if a.host is not None and (problem := ready_problem(a.host)) is not None:
+        print(f"error: {a.host} is not ready: {problem}", file=sys.stderr)
+        return 2
     print(f"CPU: {current().describe()}", flush=True)
-    result, ticks = run(a.minutes, a.share, a.workers, a.rate, a.capacity_seconds, host=a.host)
+    try:
+        result, ticks = run(a.minutes, a.share, a.workers, a.rate, a.capacity_seconds, host=a.host)
+    except NothingAnswered as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     a.out_dir.mkdir(parents=True, exist_ok=True)
     (a.out_dir / "soak.json").write_text(json.dumps({**result, "context": measurement_context()}, indent=2) + "\n")
     plot(ticks, result["per_minute"], result, a.out_dir / "soak.png")

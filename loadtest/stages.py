@@ -12,12 +12,11 @@ import argparse
 import asyncio
 import re
 import urllib.request
-from pathlib import Path
 
 from app.cpu import current
-from loadtest.cli_args import MAX_SECONDS, at_most, positive_float, positive_floats
+from loadtest.cli_args import MAX_SECONDS, at_most, cpu_list, path_arg, positive_float, positive_floats
 from loadtest.driver import open_loop
-from loadtest.queries import load_queries
+from loadtest.queries import QueryError, load_queries
 from loadtest.server import free_port, our_server, pinned, serve
 
 _STAGE = re.compile(r'^intent_stage_duration_seconds_(sum|count)\{stage="(\w+)"\} (\S+)$', re.M)
@@ -44,12 +43,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rates", type=positive_floats, default="100,800,100")
     p.add_argument("--seconds", type=at_most(positive_float, MAX_SECONDS), default=8.0)
-    p.add_argument("--server-cpus", default="0")
-    p.add_argument("--data", default=None, help="CLINC150 JSON whose validation texts are sent")
-    p.add_argument("--log", type=Path, default=None)
+    p.add_argument("--server-cpus", type=cpu_list, default="0")
+    p.add_argument("--data", type=path_arg, default=None, help="CLINC150 JSON whose validation texts are sent")
+    p.add_argument("--log", type=path_arg, default=None)
     a = p.parse_args(argv)
+    try:
+        texts = load_queries(a.data)
+    except QueryError as exc:
+        p.error(str(exc))
     print(f"CPU: {current().describe()}", flush=True)
-    texts = load_queries(a.data)
     port = free_port()
     cmd, env = our_server(port, workers=1)
     print(f"server: 1 worker, {' '.join(pinned([], a.server_cpus)) or 'unpinned'}")

@@ -12,33 +12,56 @@ import asyncio
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from app.cpu import current, measurement_context
+from loadtest.cli_args import (
+    MAX_SECONDS,
+    MAX_USERS,
+    MAX_WORKERS,
+    at_most,
+    cpu_list,
+    path_arg,
+    positive_float,
+    positive_int,
+    require_writable_dir,
+)
 from loadtest.driver import closed_loop, open_loop
 from loadtest.procs import rss_mb
 from loadtest.queries import load_queries
-from loadtest.server import ROOT, free_port, our_server, pinned, wait_ready
+from loadtest.server import ROOT, ServerExited, free_port, our_server, pinned, wait_ready
+
+MAX_FACTOR = 100  # times the saturation rate: far past any overload worth measuring
 
 
 def run(
-    seconds: float, factor: float, workers: int, max_queue: int, cpus: str | None, batch: int = 8
+    seconds: float,
+    factor: float,
+    workers: int,
+    max_queue: int,
+    cpus: str | None,
+    batch: int = 8,
+    log: Path | None = None,
 ) -> dict[str, Any]:
     """Requests are /predict/batch of `batch` texts, so that one Python load generator sharing the cores
-    can offer more work than the server can do; saturation and overload are measured the same way."""
+    can offer more work than the server can do; saturation and overload are measured the same way. The server's
+    output goes to `log`, whose last lines say why where it does not start."""
     port = free_port()
     cmd, env = our_server(port, workers)
     # A batch may not be larger than the queue (app.config); the service's own batch limit does not matter here.
     env = {**env, "INTENT_MAX_QUEUE": str(max_queue), "INTENT_MAX_BATCH": str(min(batch, max_queue))}
-    proc = subprocess.Popen(
-        pinned(cmd, cpus), cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    out = log.open("wb") if log is not None else None
+    sink = out if out is not None else subprocess.DEVNULL
+    proc = subprocess.Popen(pinned(cmd, cpus), cwd=ROOT, env={**os.environ, **env}, stdout=sink, stderr=sink)
+    if out is not None:
+        out.close()
     base = f"http://127.0.0.1:{port}"
     texts = load_queries()
     try:
-        wait_ready(base, proc, "/ready", 60)
+        wait_ready(base, proc, "/ready", 60, log)
         asyncio.run(closed_loop(base, 2, texts, connections=8, batch=batch))  # warm-up
         before = asyncio.run(open_loop(base, 50, 3, texts, connections=4))
         # As many clients as the queue admits: more would only measure how fast 429s come back.
@@ -92,17 +115,23 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--seconds", type=float, default=30)
-    p.add_argument("--factor", type=float, default=3.0)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--max-queue", type=int, default=64)
-    p.add_argument("--batch", type=int, default=8, help="texts per request")
-    p.add_argument("--cpus", default=None)
-    p.add_argument("--out", type=Path, default=ROOT / "reports" / "stress.json")
+    p = argparse.ArgumentParser(prog="python -m loadtest.stress", description=__doc__)
+    p.add_argument("--seconds", type=at_most(positive_float, MAX_SECONDS), default=30.0)
+    p.add_argument("--factor", type=at_most(positive_float, MAX_FACTOR), default=3.0, help="times the saturation rate")
+    p.add_argument("--workers", type=at_most(positive_int, MAX_WORKERS), default=2)
+    p.add_argument("--max-queue", type=at_most(positive_int, MAX_USERS), default=64)
+    p.add_argument("--batch", type=at_most(positive_int, MAX_USERS), default=8, help="texts per request")
+    p.add_argument("--cpus", type=cpu_list, default=None)
+    p.add_argument("--out", type=path_arg, default=ROOT / "reports" / "stress.json")
     a = p.parse_args(argv)
+    require_writable_dir(p, "--out", a.out.parent)  # now, not after the run
     print(f"CPU: {current().describe()}", flush=True)
-    result = run(a.seconds, a.factor, a.workers, a.max_queue, a.cpus, a.batch)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        result = run(a.seconds, a.factor, a.workers, a.max_queue, a.cpus or None, a.batch, a.out.with_suffix(".log"))
+    except ServerExited as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({**result, "context": measurement_context()}, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,12 +18,15 @@ from compression.writable import dir_write_problem
 from loadtest.cli_args import (
     MAX_SECONDS,
     at_most,
+    cpu_list,
     is_http_url,
+    path_arg,
     positive_float,
     positive_floats,
     positive_int,
     positive_ints,
     positive_ints_or_none,
+    require_url,
 )
 
 
@@ -170,6 +174,8 @@ def nothing_started(monkeypatch: pytest.MonkeyPatch) -> None:
         ("compare", "build_stand_in"),
         ("soak", "run"),
         ("stages", "serve"),
+        ("stress", "run"),
+        ("scaleout", "run"),
     ]:
         monkeypatch.setattr(importlib.import_module(f"loadtest.{module}"), name, fail)
 
@@ -345,3 +351,163 @@ def test_bench_makes_its_reports_directory_before_it_runs(
     reports = tmp_path / "new" / "reports"
     assert cli.main(bench(data_path, tmp_path, "--reports", str(reports), "--latency-queries", "5")) == 0
     assert made == [True]
+
+
+# Base URLs, paths and CPU lists: normalised or refused in one line at parse time, for every load-test CLI.
+
+
+def url_or_error(value: str) -> str | None:
+    """require_url's value, or its usage error's message."""
+    parser = argparse.ArgumentParser()
+
+    def error(message: str) -> None:
+        raise ValueError(message)
+
+    parser.error = error  # type: ignore[method-assign,assignment]
+    try:
+        return require_url(parser, "--host", value, "http://127.0.0.1:8000")
+    except ValueError as exc:
+        return str(exc)
+
+
+@pytest.mark.parametrize(
+    ("value", "result"),
+    [
+        ("http://127.0.0.1:8000", "http://127.0.0.1:8000"),
+        ("http://127.0.0.1:8000/", "http://127.0.0.1:8000"),  # had made every request '//predict'
+        ("http://127.0.0.1:8000//", "http://127.0.0.1:8000"),
+        ("https://[::1]:443/", "https://[::1]:443"),
+        ("http://10.0.0.5:8000/api", "--host must be a URL with no path, query or fragment"),
+        ("http://10.0.0.5:8000/?x=1", "--host must be a URL with no path, query or fragment"),
+        ("http://10.0.0.5:8000#top", "--host must be a URL with no path, query or fragment"),
+    ],
+)
+def test_a_host_is_a_base_url_without_trailing_slashes_path_query_or_fragment(value: str, result: str) -> None:
+    got = url_or_error(value)
+    if result.startswith("--host"):
+        assert got == f"{result}, such as http://127.0.0.1:8000, got {value!r}"
+    else:
+        assert got == result
+
+
+def test_a_path_is_made_absolute_and_an_empty_one_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert path_arg("reports/x") == tmp_path / "reports" / "x"
+    assert path_arg(str(tmp_path / "y")) == tmp_path / "y"
+    for text in ("", "  "):
+        with pytest.raises(argparse.ArgumentTypeError) as refused:
+            path_arg(text)
+        assert str(refused.value) == "must be a path, got ''"
+
+
+@pytest.mark.parametrize(("text", "value"), [("0", "0"), ("0-1", "0-1"), ("0,1", "0,1"), (" 1 ", "1"), ("", "")])
+def test_a_cpu_list_takes_tasksets_syntax_for_cpus_it_may_use(
+    text: str, value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert cpu_list(text) == value
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("5", "must list only CPUs this process may use (0-1,3), got '5'"),
+        ("0-2", "must list only CPUs this process may use (0-1,3), got '0-2'"),
+        ("0-x", "must be a CPU list such as 0, 0-1 or 0,2, got '0-x'"),
+        ("1-0", "must be a CPU list such as 0, 0-1 or 0,2, got '1-0'"),
+        ("-1", "must be a CPU list such as 0, 0-1 or 0,2, got '-1'"),
+        ("0,,1", "must be a CPU list such as 0, 0-1 or 0,2, got '0,,1'"),
+    ],
+)
+def test_a_cpu_list_refuses_cpus_it_may_not_use_and_what_taskset_cannot_read(
+    text: str, message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 3})
+    with pytest.raises(argparse.ArgumentTypeError) as refused:
+        cpu_list(text)
+    assert str(refused.value) == message
+
+
+PATHS_CPUS_AND_WORKERS = [
+    ("run", ["--out", ""], "argument --out: must be a path, got ''"),
+    ("run", ["--data", ""], "argument --data: must be a path, got ''"),
+    ("compare", ["--out", ""], "argument --out: must be a path, got ''"),
+    ("soak", ["--out-dir", ""], "argument --out-dir: must be a path, got ''"),
+    ("stress", ["--out", ""], "argument --out: must be a path, got ''"),
+    ("scaleout", ["--out", ""], "argument --out: must be a path, got ''"),
+    (
+        "run",
+        ["--latency-locust-cpus", "5"],
+        "argument --latency-locust-cpus: must list only CPUs this process may use (0-1), got '5'",
+    ),
+    (
+        "run",
+        ["--latency-server-cpus", "0-x"],
+        "argument --latency-server-cpus: must be a CPU list such as 0, 0-1 or 0,2, got '0-x'",
+    ),
+    (
+        "compare",
+        ["--server-cpus", "2"],
+        "argument --server-cpus: must list only CPUs this process may use (0-1), got '2'",
+    ),
+    ("stress", ["--cpus", "9"], "argument --cpus: must list only CPUs this process may use (0-1), got '9'"),
+    ("run", ["--workers", "65"], "argument --workers: must be at most 64, got '65'"),
+    ("run", ["--latency-workers", "1000"], "argument --latency-workers: must be at most 64, got '1000'"),
+    ("soak", ["--workers", "65"], "argument --workers: must be at most 64, got '65'"),
+    # stress and scaleout took any number: nan, inf, 0 and negatives had reached the run.
+    ("stress", ["--seconds", "nan"], "argument --seconds: must be a positive, finite number, got 'nan'"),
+    ("stress", ["--factor", "0"], "argument --factor: must be a positive, finite number, got '0'"),
+    ("stress", ["--workers", "-4"], "argument --workers: must be a whole number of at least 1, got '-4'"),
+    ("stress", ["--max-queue", "0"], "argument --max-queue: must be a whole number of at least 1, got '0'"),
+    ("stress", ["--batch", "0"], "argument --batch: must be a whole number of at least 1, got '0'"),
+    ("scaleout", ["--replicas", "500"], "argument --replicas: must be at most 64, got '500'"),
+    ("scaleout", ["--rate", "nan"], "argument --rate: must be a positive, finite number, got 'nan'"),
+    ("scaleout", ["--kill-seconds", "-3"], "argument --kill-seconds: must be a positive, finite number, got '-3'"),
+    (
+        "scaleout",
+        ["--capacity-seconds", "inf"],
+        "argument --capacity-seconds: must be a positive, finite number, got 'inf'",
+    ),
+]
+
+
+@pytest.mark.parametrize(("tool", "args", "message"), PATHS_CPUS_AND_WORKERS)
+@pytest.mark.usefixtures("nothing_started")
+def test_the_load_test_clis_refuse_empty_paths_cpus_they_may_not_use_and_too_many_workers(
+    tool: str,
+    args: list[str],
+    message: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.chdir(tmp_path)  # an empty path had meant here
+    out = {"soak": ["--out-dir", str(tmp_path / "out")]}.get(tool, ["--out", str(tmp_path / "out" / "r.json")])
+    assert refused(importlib.import_module(f"loadtest.{tool}").main, [*out, *args], capsys) == message
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("tool", ["stress", "scaleout"])
+@pytest.mark.usefixtures("nothing_started")
+def test_stress_and_scaleout_refuse_an_out_they_cannot_write_before_they_start(
+    tool: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / "r.json"
+    message = refused(importlib.import_module(f"loadtest.{tool}").main, ["--out", str(out)], capsys)
+    assert message == f"--out {out.parent} cannot be written: it is not a directory"
+
+
+def test_a_relative_out_and_data_are_resolved_against_the_callers_directory(
+    tmp_path: Path, data_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Locust runs from the repository's root: a relative --out had put its reports there, and the run then did not
+    find them where it looked."""
+    from loadtest import run
+
+    (tmp_path / "data.json").write_bytes(data_path.read_bytes())
+    monkeypatch.chdir(tmp_path)
+    a = run.parse_args(["--out", "reports", "--data", "data.json"])
+    assert (a.out, a.data) == (tmp_path / "reports", tmp_path / "data.json")
+    assert (a.queries, a.query_count) == (str(tmp_path / "data.json"), 3100)

@@ -8,6 +8,7 @@ import math
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -591,3 +592,217 @@ def test_loadtest_passes_its_parsed_scenario_on_unchanged(tmp_path: Path, monkey
     assert scenario.throughput == run.Placement(1, "0,1", "0,1")
     assert run.scenario_from_args(run.parse_args(["--out", str(tmp_path)])).rates == [100.0, 400.0, 800.0]
     assert run.scenario_from_args(run.parse_args(["--out", str(tmp_path)])).steps == [8, 16, 32, 64]
+
+
+def _phase(mode: str, requests: int, errors: int = 0) -> dict[str, Any]:
+    """A Locust phase's summary (loadtest.locustfile), with what the table reads."""
+    lat = {"p50": 1.0, "mean": 1.0, "p90": 1.0, "p99": 2.0, "p99_9": 3.0}
+    return {
+        "mode": mode,
+        "target_rate": 10.0 if mode == "open" else None,
+        "users": 8,
+        "requests": requests,
+        "errors": errors,
+        "throughput_rps": requests / 2,
+        "latency_ms": lat if requests else dict.fromkeys(lat),
+        "server_latency_ms": {"p50": 1.0, "p99": 2.0},
+        "load_generator": {"cores": 0.1},
+    }
+
+
+def _measured(open_requests: int, closed_requests: int, errors: int = 0) -> Any:
+    def measure(*args: object, **kwargs: object) -> dict[str, Any]:
+        return {
+            "open_loop": [_phase("open", open_requests, errors)],
+            "saturation_steps": [_phase("closed", closed_requests, errors)],
+            "saturation": {"throughput_rps": None, "p99_ms": None, "rule": "r"},
+        }
+
+    return measure
+
+
+@pytest.mark.parametrize(
+    ("open_requests", "closed_requests", "errors", "code", "line"),
+    [
+        (20, 40, 0, 0, None),
+        (0, 40, 0, 1, "error: no request succeeded in open 10/s"),  # '//predict': no request, no error
+        (0, 0, 20, 1, "error: no request succeeded in open 10/s, closed, 8 users"),  # every one failed
+    ],
+)
+def test_loadtest_fails_naming_each_phase_in_which_no_request_succeeded(
+    open_requests: int,
+    closed_requests: int,
+    errors: int,
+    code: int,
+    line: str | None,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from loadtest import run
+    from loadtest.queries import read_queries
+
+    monkeypatch.setattr(run, "measure", _measured(open_requests, closed_requests, errors))
+    assert run.main(["--out", str(tmp_path)]) == code
+    err = capsys.readouterr().err.strip()
+    assert err == (line or "")
+    summary = json.loads((tmp_path / "summary.json").read_text())  # written either way
+    texts, source = read_queries()
+    assert summary["setup"]["queries"] == {"source": source, "count": len(texts)}
+
+
+class _Ready:
+    """A server on loopback answering GET /ready with `status`."""
+
+    def __init__(self, status: int) -> None:
+        import http.server
+        import threading
+
+        answer = status
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(answer)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_target_is_ready_only_when_its_ready_answers_200() -> None:
+    import contextlib
+    import threading
+
+    from loadtest.server import free_port, ready_problem
+
+    for status, problem in [(200, None), (503, "/ready answered 503")]:
+        server = _Ready(status)
+        try:
+            assert ready_problem(server.url, within_s=0.3) == problem
+        finally:
+            server.close()
+    assert ready_problem(f"http://127.0.0.1:{free_port()}", within_s=0.3) == "[Errno 111] Connection refused"
+    with socket.socket() as other:  # listening, but not speaking HTTP
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+
+        def garbage() -> None:
+            with contextlib.suppress(OSError):  # the socket closed at the test's end
+                while True:
+                    conn, _ = other.accept()
+                    conn.recv(1024)
+                    conn.sendall(b"garbage\r\n\r\n")
+                    conn.close()
+
+        threading.Thread(target=garbage, daemon=True).start()
+        url = f"http://127.0.0.1:{other.getsockname()[1]}"
+        assert ready_problem(url, within_s=0.3) == "not an HTTP answer (BadStatusLine: garbage)"
+    assert ready_problem("http://no-such-host.invalid:8000", within_s=0.3) is not None  # a name that does not resolve
+
+
+@pytest.mark.usefixtures("nothing_started")
+def test_loadtest_refuses_a_host_that_is_down_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It had measured errors alone, and exited 0."""
+    import functools
+
+    from loadtest import run
+    from loadtest.server import free_port, ready_problem
+
+    monkeypatch.setattr(run, "ready_problem", functools.partial(ready_problem, within_s=0.3))
+    host = f"http://127.0.0.1:{free_port()}"
+    assert run.main(["--host", host + "/", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"error: {host} is not ready: [Errno 111] Connection refused\n"
+
+
+def test_a_server_that_exits_at_start_says_why(tmp_path: Path) -> None:
+    """stress had sent its server's output to /dev/null: `--max-queue 0` ended in "server exited with 2" alone."""
+    import subprocess
+    import sys
+
+    from loadtest.server import ServerExited, wait_ready
+
+    log = tmp_path / "server.log"
+    with log.open("wb") as out:
+        script = "import sys; print('starting'); sys.exit('error: invalid setting INTENT_MAX_QUEUE')"
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=out, stderr=out)
+    proc.wait(30)
+    with pytest.raises(ServerExited) as exited:
+        wait_ready("http://127.0.0.1:9", proc, "/ready", 30, log)
+    assert str(exited.value) == "server exited with 1: starting | error: invalid setting INTENT_MAX_QUEUE"
+
+
+# Queries: a --data (or LOADTEST_DATA) given that cannot be read is an error; only the default path, where ../shared
+# is absent, falls back to the built-in sentences.
+
+
+def test_an_explicit_query_file_that_cannot_be_read_is_an_error(
+    tmp_path: Path, data_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from loadtest import queries
+
+    monkeypatch.delenv("LOADTEST_DATA", raising=False)
+    (tmp_path / "bad.json").write_text('{"val": 1}')
+    (tmp_path / "empty.json").write_text('{"val": [], "oos_val": []}')
+    for path, reason in [
+        (tmp_path / "typo.json", "No such file or directory"),
+        (tmp_path / "bad.json", "not CLINC150 JSON with val and oos_val"),
+        (tmp_path / "empty.json", "no validation texts"),
+        (tmp_path, "Is a directory"),
+    ]:
+        with pytest.raises(queries.QueryError) as refused:
+            queries.load_queries(path)
+        assert str(refused.value) == f"cannot read queries from {path}: {reason}"
+    monkeypatch.setenv("LOADTEST_DATA", str(tmp_path / "typo.json"))  # how run.py hands --data to Locust
+    with pytest.raises(queries.QueryError):
+        queries.load_queries()
+    monkeypatch.delenv("LOADTEST_DATA")
+    assert queries.read_queries(data_path) == (queries.load_queries(data_path), str(data_path))
+    monkeypatch.setattr(queries, "DEFAULT_DATA", tmp_path / "no-shared" / "clinc150.json")
+    assert queries.read_queries() == (queries.BUILTIN, "built-in")
+
+
+@pytest.mark.usefixtures("nothing_started")
+def test_loadtest_refuses_a_data_file_it_cannot_read(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from loadtest import run
+
+    with pytest.raises(SystemExit) as stopped:
+        run.main(["--data", str(tmp_path / "typo.json"), "--out", str(tmp_path / "out")])
+    assert stopped.value.code == 2
+    message = f"cannot read queries from {tmp_path / 'typo.json'}: No such file or directory"
+    assert usage_error(capsys, "python -m loadtest.run") == message
+
+
+def test_the_floor_parses_its_arguments_and_refuses_a_busy_port_before_it_serves(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--help had started a server on port 8000; a busy port had logged `ready`, then errno 98."""
+    from loadtest import floor
+
+    def fail(*args: object) -> int:
+        pytest.fail("the floor served")
+
+    monkeypatch.setattr(floor, "run_workers", fail)
+    with pytest.raises(SystemExit) as done:
+        floor.main(["--help"])
+    assert done.value.code == 0
+    assert "usage: python -m loadtest.floor" in capsys.readouterr().out
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        monkeypatch.setenv("INTENT_HOST", "127.0.0.1")
+        monkeypatch.setenv("INTENT_PORT", str(port))
+        assert floor.main([]) == 2
+    line = f"error: cannot listen on INTENT_HOST 127.0.0.1 INTENT_PORT {port}: Address already in use\n"
+    assert capsys.readouterr().err == line

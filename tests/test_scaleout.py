@@ -182,3 +182,29 @@ def test_the_balancer_log_counts_retries_and_keeps_unusual_endings(tmp_path: Pat
         "    log global",
         "    option httplog",
     ]
+
+
+@pytest.mark.parametrize("tool", ["scaleout", "stress"])
+def test_a_server_that_does_not_start_is_one_line_with_its_reason(
+    tool: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Their servers' output had gone to /dev/null (stress) or been left unread: "server exited with 2", and a
+    traceback."""
+    import importlib
+
+    from loadtest.server import ServerExited
+
+    module = importlib.import_module(f"loadtest.{tool}")
+    logs: list[object] = []
+
+    def run(*args: object) -> None:
+        logs.append(args[-1])
+        raise ServerExited("server exited with 2: error: invalid setting INTENT_MAX_QUEUE: too big")
+
+    monkeypatch.setattr(module, "run", run)
+    assert module.main(["--out", str(tmp_path / "r.json")]) == 1
+    prefix = "a replica did not start: " if tool == "scaleout" else ""
+    line = f"error: {prefix}server exited with 2: error: invalid setting INTENT_MAX_QUEUE: too big\n"
+    assert capsys.readouterr().err == line
+    if tool == "stress":
+        assert logs == [tmp_path / "r.log"]  # where its server's output goes

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from loadtest import soak
-from loadtest.driver import Report, model_path_ms, server_timings
+from loadtest.driver import Report, Result, closed_loop, http_target, model_path_ms, server_timings
 from loadtest.host import Canary, ServerCpu, Steal
 from loadtest.procs import cpu_seconds
 from loadtest.soak import Tick
@@ -294,7 +294,7 @@ def test_a_fixed_rate_starts_on_a_service_warmed_as_the_capacity_phase_warms_it(
 
     async def closed_loop(base: str, seconds: float, *args: object, **kwargs: object) -> Report:
         calls.append(("closed_loop", seconds))
-        return Report()  # nothing answered: a capacity of 0
+        return Report(results=[Result(200, 0.001, False, b"{}")] * int(40 * seconds))  # 40 answers a second
 
     async def drive(base: str, rate: float, *args: object) -> tuple[list[Tick], list[dict[str, Any]]]:
         calls.append(("drive", rate))
@@ -311,7 +311,7 @@ def test_a_fixed_rate_starts_on_a_service_warmed_as_the_capacity_phase_warms_it(
     assert calls == [("closed_loop", 2.0), ("drive", 250.0), ("stop", 0.0)]
     calls.clear()
     soak.run(1, 0.5, 2, None, 5.0)  # the capacity phase: the warm-up, its 5 s, then half of what it read
-    assert calls == [("closed_loop", 2.0), ("closed_loop", 5.0), ("drive", 0.0), ("stop", 0.0)]
+    assert calls == [("closed_loop", 2.0), ("closed_loop", 5.0), ("drive", 20.0), ("stop", 0.0)]
 
 
 def test_a_metrics_sum_adds_every_label_set_of_one_metric_and_no_other() -> None:
@@ -421,3 +421,113 @@ def test_a_soak_leaves_no_out_dir_behind_before_its_results(tmp_path: Path, monk
     monkeypatch.setattr(soak, "run", run)
     with pytest.raises(RuntimeError, match="stopped here"):
         soak.main(["--minutes", "0.5", "--rate", "10", "--out-dir", str(out_dir)])
+
+
+@pytest.mark.parametrize("rate", [None, 250.0])
+def test_a_soak_of_a_service_that_answers_no_request_stops_before_it_starts(
+    rate: float | None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A service that refuses every request (401 with INTENT_API_KEY set) had read as a capacity of 0, and the soak
+    then offered 0 requests/s for its whole length."""
+    stopped: list[bool] = []
+
+    class Proc:
+        pid = 4242
+
+    async def closed_loop(*args: object, **kwargs: object) -> Report:
+        return Report(results=[Result(401, 0.001, False, b"{}")] * 30, connect_errors=2)
+
+    async def drive(*args: object) -> None:
+        pytest.fail("the soak ran")
+
+    monkeypatch.setattr(subprocess, "Popen", lambda *args, **kwargs: Proc())
+    monkeypatch.setattr(soak, "wait_ready", lambda *args: None)
+    monkeypatch.setattr(soak, "stop", lambda proc: stopped.append(True))
+    monkeypatch.setattr(soak, "load_queries", lambda: ["hi"])
+    monkeypatch.setattr(soak, "free_port", lambda: 18200)
+    monkeypatch.setattr(soak, "closed_loop", closed_loop)
+    monkeypatch.setattr(soak, "drive", drive)
+    args = ["--minutes", "1", "--capacity-seconds", "1", "--out-dir", str(tmp_path)]
+    assert soak.main([*args, *(["--rate", str(rate)] if rate else [])]) == 1
+    assert stopped == [True]  # the service it started is stopped
+    line = "error: http://127.0.0.1:18200 answered no request with 200 before the soak (answers: 401: 30, refused: 2)"
+    assert capsys.readouterr().err == line + "\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_driver_drives_a_host_that_is_not_loopback() -> None:
+    """`soak --host` on another machine had failed in the driver: "the load driver targets loopback addresses only".
+    127.0.0.2 is not one of the names it took, and answers here."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(int(x.split(b":")[1]) for x in head.split(b"\r\n") if x.lower().startswith(b"content-l"))
+                await reader.readexactly(length)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    async def drive() -> Report:
+        server = await asyncio.start_server(answer, "127.0.0.2", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            return await closed_loop(f"http://127.0.0.2:{port}", 0.2, ["hi"], connections=2)
+
+    report = asyncio.run(drive())
+    assert report.classes()["200"] > 0
+    assert set(report.classes()) == {"200"}
+    assert http_target("http://intent.example:8000") == ("intent.example", 8000)
+    assert http_target("http://10.0.0.5") == ("10.0.0.5", 80)
+    with pytest.raises(ValueError, match="the load driver speaks plain HTTP only, got 'https://10.0.0.5'"):
+        http_target("https://10.0.0.5")
+
+
+@pytest.mark.usefixtures("no_soak")
+def test_a_soak_refuses_a_host_it_cannot_drive_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    for host, message in [
+        (
+            "https://10.0.0.5:8443",
+            "--host must be an http:// URL: the load driver speaks plain HTTP, got 'https://10.0.0.5:8443'",
+        ),
+        (
+            "http://10.0.0.5:8000/v1",
+            "--host must be a URL with no path, query or fragment, such as http://10.0.0.5:8000, got 'http://10.0.0.5:8000/v1'",
+        ),
+    ]:
+        with pytest.raises(SystemExit) as stopped:
+            soak.main(["--host", host])
+        assert stopped.value.code == 2
+        assert usage_error(capsys, "python -m loadtest.soak") == message
+
+
+def test_a_soak_drives_a_remote_host_given_with_a_trailing_slash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asked: list[str] = []
+
+    def run(*args: object, host: str) -> None:
+        asked.append(host)
+        raise RuntimeError("stopped here")
+
+    monkeypatch.setattr(soak, "ready_problem", lambda base: asked.append(base))
+    monkeypatch.setattr(soak, "run", run)
+    with pytest.raises(RuntimeError, match="stopped here"):
+        soak.main(["--host", "http://10.0.0.5:8000/", "--minutes", "1", "--out-dir", str(tmp_path)])
+    assert asked == ["http://10.0.0.5:8000", "http://10.0.0.5:8000"]
+
+
+@pytest.mark.usefixtures("no_soak")
+def test_a_soak_of_a_host_that_is_down_is_refused_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It had waited two minutes, then ended in a traceback."""
+    import functools
+
+    from loadtest.server import free_port, ready_problem
+
+    monkeypatch.setattr(soak, "ready_problem", functools.partial(ready_problem, within_s=0.3))
+    host = f"http://127.0.0.1:{free_port()}"
+    assert soak.main(["--host", host, "--minutes", "1", "--out-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"error: {host} is not ready: [Errno 111] Connection refused\n"
