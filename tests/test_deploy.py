@@ -68,7 +68,8 @@ def test_the_pod_meets_the_restricted_pod_security_profile_its_namespace_enforce
     assert pod["securityContext"]["seccompProfile"]["type"] in ("RuntimeDefault", "Localhost")
     for container in pod["containers"] + pod.get("initContainers", []):
         context = {**pod["securityContext"], **container.get("securityContext", {})}
-        assert context["runAsNonRoot"] is True and context.get("runAsUser", 1) != 0
+        assert context["runAsNonRoot"] is True
+        assert context.get("runAsUser", 1) != 0
         assert context["allowPrivilegeEscalation"] is False
         assert not context.get("privileged", False)
         assert context["capabilities"]["drop"] == ["ALL"]
