@@ -150,6 +150,10 @@ def _stop(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(0)
 
 
+def _hang_up(signum: int, frame: FrameType | None) -> None:
+    signal.raise_signal(signal.SIGTERM)
+
+
 def env_file_problem(path: Path) -> str | None:
     """What is wrong with the settings file (`.env`), if anything. python-dotenv skips a line it cannot parse with a
     warning, so the setting on it fell back to its default (an unclosed quote on INTENT_PORT served on 8000), and
@@ -198,6 +202,11 @@ def main() -> int:
 
     for stop_signal in (signal.SIGTERM, signal.SIGINT):
         signal.signal(stop_signal, after_the_check)
+    # SIGHUP had ended a single worker at once (no drain, no log line, its temporary directories left behind), where
+    # the supervisor of several workers, which replaces this handler, restarts them gracefully. Here it is a SIGTERM:
+    # a drained stop, with exit 0, that a process manager restarts, as a hang-up (the terminal or session gone) also
+    # means, rather than ignored, which would leave a service running that no one may be watching.
+    signal.signal(signal.SIGHUP, _hang_up)
     settings = settings_or_error()
     if isinstance(settings, str):
         print(f"error: {settings}", file=sys.stderr)

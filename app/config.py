@@ -8,12 +8,23 @@ import re
 from pathlib import Path
 from typing import Literal
 
+from dotenv import dotenv_values
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _SERVICE_LINK = re.compile(r"INTENT_(SERVICE_HOST|SERVICE_PORT\w*|PORT_\d+_(TCP|UDP|SCTP)\w*)")
 KEEP_WARM_MS_MAX = 60_000  # a minute; the load tests' --keep-warm-ms takes the same range
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "clinc150"
+# What a key may hold: visible ASCII, as an Authorization header carries it (RFC 9110 5.5, 11.4).
+_KEY = re.compile(r"[!-~]+")
+
+
+def batch_body_bytes(max_batch: int, max_text_chars: int) -> int:
+    """The body of the largest batch INTENT_MAX_BATCH and INTENT_MAX_TEXT_CHARS allow, as json.dumps writes it by
+    default (Python's requests sends so): each character a \\uXXXX escape (6 bytes; a character outside the BMP
+    takes two), each text in quotes and followed by ", ", and 64 bytes for the rest (`{"texts": [...],
+    "top_k": 10}`)."""
+    return max_batch * (6 * max_text_chars + 4) + 64
 
 
 class Settings(BaseSettings):
@@ -50,7 +61,9 @@ class Settings(BaseSettings):
     max_text_chars: int = Field(1000, ge=1)
     max_batch: int = Field(64, ge=1)
     max_top_k: int = Field(10, ge=1)
-    max_body_bytes: int = Field(256 * 1024, ge=1024)
+    # Holds the largest batch the other defaults allow, escaped (batch_body_bytes: 384,320 bytes): at 256 KiB, 64
+    # texts of 1,000 CJK characters sent by Python's requests had been refused 413.
+    max_body_bytes: int = Field(512 * 1024, ge=1024)
     max_head_bytes: int = Field(
         64 * 1024,
         ge=1024,
@@ -125,8 +138,17 @@ class Settings(BaseSettings):
     def _key_not_empty(cls, key: SecretStr | None) -> SecretStr | None:
         # An empty API key read as "no key" (authentication off), and an empty admin key turned /admin/reload on
         # with a key no client can send: refused, so that a key variable set from a missing secret stops start-up.
-        if key is not None and not key.get_secret_value().strip():
+        if key is None:
+            return None
+        value = key.get_secret_value()
+        if not value.strip():
             raise ValueError("is empty: unset it to run without a key, or give a key")
+        # Taken as it is, a key read from a secret file with its final newline never matched what a client sends:
+        # every request 401. The key is not echoed.
+        if value != value.strip():
+            raise ValueError("has leading or trailing whitespace (a file's final newline?): remove it")
+        if not _KEY.fullmatch(value):
+            raise ValueError("holds a character that is not visible ASCII, which no Authorization header carries")
         return key
 
     @field_validator("model_root")
@@ -141,13 +163,21 @@ class Settings(BaseSettings):
     def _no_unknown_variables(self) -> Settings:
         # A mistyped setting (INTENT_MAX_QUEU) was ignored, and its default served in silence. Kubernetes' service
         # links for a Service named "intent" (INTENT_SERVICE_HOST, INTENT_PORT_8000_TCP...) are not settings.
+        # The settings file's names too: a typo there had been ignored as well.
         known = {f"INTENT_{name.upper()}" for name in type(self).model_fields}
-        for variable in sorted(os.environ):
-            name = variable.upper()
-            if name.startswith("INTENT_") and name not in known and not _SERVICE_LINK.fullmatch(name):
-                near = difflib.get_close_matches(name, sorted(known), n=1)
-                hint = f" (did you mean {near[0]}?)" if near else ""
-                raise ValueError(f"{variable} is not a setting{hint}; unset it, or see the README's Configuration")
+        env_file = self.model_config.get("env_file")
+        files = [env_file] if isinstance(env_file, str | Path) else list(env_file or ())
+        sources = [(sorted(os.environ), "", "unset it")]
+        sources += [(list(dotenv_values(f)), f" in {f}", "remove it") for f in files if Path(f).is_file()]
+        for variables, where, fix in sources:
+            for variable in variables:
+                name = variable.upper()
+                if name.startswith("INTENT_") and name not in known and not _SERVICE_LINK.fullmatch(name):
+                    near = difflib.get_close_matches(name, sorted(known), n=1)
+                    hint = f" (did you mean {near[0]}?)" if near else ""
+                    raise ValueError(
+                        f"{variable}{where} is not a setting{hint}; {fix}, or see the README's Configuration"
+                    )
         return self
 
     @model_validator(mode="after")
@@ -158,6 +188,18 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"INTENT_MAX_BATCH {self.max_batch} is over INTENT_MAX_QUEUE {self.max_queue}: a batch that large "
                 "could never be admitted; lower the one or raise the other"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _batch_fits_body(self) -> Settings:
+        # A batch within INTENT_MAX_BATCH and INTENT_MAX_TEXT_CHARS, sent as JSON with escapes, had been refused 413.
+        need = batch_body_bytes(self.max_batch, self.max_text_chars)
+        if self.max_body_bytes < need:
+            raise ValueError(
+                f"INTENT_MAX_BODY_BYTES {self.max_body_bytes} is under the {need} bytes of the largest batch "
+                f"(INTENT_MAX_BATCH {self.max_batch} x INTENT_MAX_TEXT_CHARS {self.max_text_chars}, as JSON "
+                "escapes): raise it, or lower either"
             )
         return self
 

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from app.config import Settings, batch_body_bytes
 from app.cpu import current, measurement_context
 from loadtest.cli_args import (
     MAX_SECONDS,
@@ -34,7 +35,18 @@ from loadtest.procs import rss_mb
 from loadtest.queries import load_queries
 from loadtest.server import ROOT, ServerExited, free_port, our_server, pinned, wait_ready
 
+MAX_TEXT_CHARS = Settings.model_fields["max_text_chars"].default  # the service's, as the server starts
+
 MAX_FACTOR = 100  # times the saturation rate: far past any overload worth measuring
+
+
+def limits_env(max_queue: int, batch: int) -> dict[str, str]:
+    """The service's limits for `batch` texts a request. A batch may not be larger than the queue (app.config); the
+    service's own batch limit does not matter here, and its body limit must hold the largest batch it allows
+    (app.config refuses to start otherwise)."""
+    max_batch = min(batch, max_queue)
+    body = max(Settings.model_fields["max_body_bytes"].default, batch_body_bytes(max_batch, MAX_TEXT_CHARS))
+    return {"INTENT_MAX_QUEUE": str(max_queue), "INTENT_MAX_BATCH": str(max_batch), "INTENT_MAX_BODY_BYTES": str(body)}
 
 
 def run(
@@ -51,8 +63,7 @@ def run(
     output goes to `log`, whose last lines say why where it does not start."""
     port = free_port()
     cmd, env = our_server(port, workers)
-    # A batch may not be larger than the queue (app.config); the service's own batch limit does not matter here.
-    env = {**env, "INTENT_MAX_QUEUE": str(max_queue), "INTENT_MAX_BATCH": str(min(batch, max_queue))}
+    env = {**env, **limits_env(max_queue, batch)}
     out = log.open("wb") if log is not None else None
     sink = out if out is not None else subprocess.DEVNULL
     proc = subprocess.Popen(pinned(cmd, cpus), cwd=ROOT, env={**os.environ, **env}, stdout=sink, stderr=sink)

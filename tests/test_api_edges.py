@@ -127,7 +127,7 @@ def test_bad_batches(client: TestClient, payload: dict, kind: str) -> None:
 
 
 def test_body_over_byte_limit_is_refused_before_parsing() -> None:
-    with make_client(max_body_bytes=2048) as c:
+    with make_client(max_body_bytes=2048, max_batch=1, max_text_chars=300) as c:  # 2048 holds a batch of that
         r = c.post(
             "/predict", content=b'{"text": "' + b"a" * 4000 + b'"}', headers={"content-type": "application/json"}
         )
@@ -455,6 +455,17 @@ def test_the_readme_error_table_lists_every_error_kind_with_its_status() -> None
             statuses *= len(kinds)
         documented.update({kind: int(status) for status, kind in zip(statuses, kinds, strict=True)})
     assert documented == {error.kind: status for error, status in STATUS.items()}
+
+
+@pytest.mark.parametrize("ensure_ascii", [True, False])
+def test_the_largest_batch_the_defaults_allow_is_not_refused_for_its_bytes(
+    client: TestClient, ensure_ascii: bool
+) -> None:
+    """64 texts of 1,000 CJK characters, as Python's json.dumps (and requests) writes them by default, 6 bytes a
+    character: 384 KB, which had been refused 413 at a 256 KiB limit."""
+    body = json.dumps({"texts": ["\u4e2d\u6587" * 500] * 64, "top_k": 10}, ensure_ascii=ensure_ascii).encode()
+    r = client.post("/predict/batch", content=body, headers={"content-type": "application/json"})
+    assert (r.status_code, len(r.json()["predictions"])) == (200, 64)
 
 
 def test_a_405_names_the_methods_the_route_allows(client: TestClient) -> None:

@@ -240,3 +240,54 @@ def test_two_request_ids_give_way_to_a_fresh_one(client: TestClient) -> None:
         client.post("/predict", json={"text": "flight"}, headers={"x-request-id": "abc"}).headers["x-request-id"]
         == "abc"
     )
+
+
+# --- the auth scheme, 405's Allow, transfer codings ---
+
+
+@pytest.mark.parametrize("value", ["bearer s3cret", "BEARER s3cret", "bEaReR s3cret", "Bearer  s3cret"])
+def test_the_auth_scheme_is_read_in_any_case(value: str) -> None:
+    """RFC 9110 11.1: the scheme is case-insensitive; `bearer k` had been 401."""
+    with make_client(api_key="s3cret") as c:
+        assert c.post("/predict", json={"text": "flight"}, headers={"authorization": value}).status_code == 200
+
+
+@pytest.mark.parametrize("value", ["Basic s3cret", "Bearers3cret", "s3cret", "Bearer s3cre", "Bearer s3cret!"])
+def test_another_scheme_or_key_is_still_refused(value: str) -> None:
+    with make_client(api_key="s3cret") as c:
+        r = c.post("/predict", json={"text": "flight"}, headers={"authorization": value})
+        assert error(r) == (401, "unauthorized", "missing or wrong API key")
+
+
+def test_the_admin_scheme_is_read_in_any_case(admin: TestClient) -> None:
+    r = admin.post("/admin/reload", json={}, headers={"authorization": f"bearer {ADMIN_KEY}"})
+    assert r.status_code == 200  # {}: the model directory served now, loaded again
+
+
+@pytest.mark.parametrize("path", ["/health", "/ready", "/model", "/metrics"])
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE"])
+def test_a_405_on_a_get_route_allows_get_and_head(client: TestClient, path: str, method: str) -> None:
+    """RFC 9110 15.5.6: the Allow of a 405 lists the route's methods; it had said `HEAD` alone."""
+    r = client.request(method, path)
+    assert error(r)[:2] == (405, "method_not_allowed")
+    assert sorted(r.headers["allow"].split(", ")) == ["GET", "HEAD"]
+    assert client.get(path).status_code == client.head(path).status_code == 200
+
+
+@pytest.mark.parametrize("coding", ["gzip, chunked", "deflate,chunked", "gzip", "identity, chunked"])
+@pytest.mark.parametrize("path", ["/predict", "/predict/batch"])
+def test_a_transfer_coding_other_than_chunked_is_refused_with_501(client: TestClient, path: str, coding: str) -> None:
+    """RFC 9112 6.1: the body under `gzip, chunked` had been read as plain JSON (a 400 invalid_encoding)."""
+    r = client.post(path, content=b"\x1f\x8b\x08\x00", headers={**JSON, "transfer-encoding": coding})
+    assert error(r) == (
+        501,
+        "unsupported_transfer_coding",
+        f"Transfer-Encoding {coding.removesuffix('chunked').strip(' ,').lower()} is not implemented: send chunked "
+        "or a Content-Length",
+    )
+    assert r.headers["connection"] == "close"
+
+
+def test_a_chunked_body_is_still_read(client: TestClient) -> None:
+    r = client.post("/predict", content=iter([b'{"text": ', b'"flight"}']), headers=JSON)
+    assert r.status_code == 200

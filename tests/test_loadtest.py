@@ -806,3 +806,16 @@ def test_the_floor_parses_its_arguments_and_refuses_a_busy_port_before_it_serves
         assert floor.main([]) == 2
     line = f"error: cannot listen on INTENT_HOST 127.0.0.1 INTENT_PORT {port}: Address already in use\n"
     assert capsys.readouterr().err == line
+
+
+@pytest.mark.parametrize(("max_queue", "batch"), [(64, 8), (512, 100), (2048, 1000)])
+def test_stress_starts_the_service_with_limits_it_accepts(
+    max_queue: int, batch: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch over 87 texts needs a body limit over the default, which the service checks at start-up."""
+    from app.config import Settings
+    from loadtest.stress import limits_env
+
+    for name, value in limits_env(max_queue, batch).items():
+        monkeypatch.setenv(name, value)
+    assert Settings().max_batch == min(batch, max_queue)

@@ -31,6 +31,7 @@ def test_sigterm_drains_without_losing_accepted_requests() -> None:
         "INTENT_WORKERS": "1",
         "INTENT_MAX_BATCH": "1000",
         "INTENT_MAX_QUEUE": "2000",
+        "INTENT_MAX_BODY_BYTES": str(8 << 20),  # to hold 1,000 texts (app.config.batch_body_bytes)
     }
     long_batch = {"texts": [f"please move {i} dollars from my savings account to checking " * 3 for i in range(1000)]}
     with running_server(env=env) as (base, proc):
@@ -82,6 +83,21 @@ def test_sigterm_drains_without_losing_accepted_requests() -> None:
     assert set(answers) == {"200"}
     assert answers["200"] > 100
     assert proc.returncode == 0  # a drained stop, as the supervisor of several workers reports it
+
+
+def test_sighup_stops_a_single_worker_as_sigterm_does(tmp_path: Path) -> None:
+    """SIGHUP, which uvicorn handles only as the supervisor of several workers, had ended a single worker at once:
+    killed by the signal, with no drain and no log line, and its temporary directories left behind."""
+    # With an admin key, `python -m app` makes the model pointer's directory, under TMPDIR.
+    env = {"INTENT_ADMIN_KEY": "k", "TMPDIR": str(tmp_path)}
+    with running_server(env=env) as (_, proc):
+        assert len(list(tmp_path.glob("intent-model-*"))) == 1
+        proc.send_signal(signal.SIGHUP)
+        _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0
+    assert b"SIGTERM: not ready" in err  # drained, as on SIGTERM
+    assert b'"stopped"' in err
+    assert list(tmp_path.glob("intent-model-*")) == []
 
 
 def _ask(sock: socket.socket, text: str) -> bytes:

@@ -207,3 +207,57 @@ def test_a_card_version_with_spaces_or_control_characters_is_refused(tmp_path: P
     assert str(refused.value) == (
         f"invalid {tmp_path / 'card.json'}: version: String should match pattern '^[A-Za-z0-9][A-Za-z0-9._+-]*$'"
     )
+
+
+@pytest.mark.parametrize("variable", ["INTENT_API_KEY", "INTENT_ADMIN_KEY"])
+@pytest.mark.parametrize(
+    ("key", "why"),
+    [
+        ("s3cret\n", "has leading or trailing whitespace (a file's final newline?): remove it"),
+        (" s3cret", "has leading or trailing whitespace (a file's final newline?): remove it"),
+        ("s3cret\r\n", "has leading or trailing whitespace (a file's final newline?): remove it"),
+        ("s3 cret", "holds a character that is not visible ASCII, which no Authorization header carries"),
+        ("s3\tcret", "holds a character that is not visible ASCII, which no Authorization header carries"),
+        ("s3crét", "holds a character that is not visible ASCII, which no Authorization header carries"),
+        ("s3\x7fcret", "holds a character that is not visible ASCII, which no Authorization header carries"),
+    ],
+    ids=["newline", "leading-space", "crlf", "inner-space", "tab", "non-ascii", "del"],
+)
+def test_a_key_no_client_can_send_stops_start_up(
+    monkeypatch: pytest.MonkeyPatch, variable: str, key: str, why: str
+) -> None:
+    """A key read with its secret file's final newline had been taken, and every request answered 401."""
+    monkeypatch.setenv(variable, key)
+    assert settings_or_error() == f"invalid setting {variable}: {why}"
+
+
+def test_a_key_of_visible_ascii_is_taken(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("INTENT_API_KEY", "s3cret-!~._+/=")
+    settings = settings_or_error()
+    assert isinstance(settings, Settings)
+    assert settings.api_key is not None
+    assert settings.api_key.get_secret_value() == "s3cret-!~._+/="
+
+
+@pytest.mark.parametrize("name", ["INTENT_MAX_QUEU", "intent_max_queu"])
+def test_a_mistyped_name_in_the_settings_file_stops_start_up(tmp_path: Path, name: str) -> None:
+    """Only the environment's names had been checked: a typo in .env was ignored, its default served in silence."""
+    (tmp_path / ".env").write_text(f"# ours\nINTENT_PORT=8745\n{name}=5\n")
+    assert settings_or_error() == (
+        f"invalid settings: {name} in .env is not a setting (did you mean INTENT_MAX_QUEUE?); remove it, or see the "
+        "README's Configuration"
+    )
+
+
+def test_the_body_limit_must_hold_the_largest_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As JSON with \\uXXXX escapes, 6 bytes a character; a batch within the other limits had been refused 413."""
+    for name in ("INTENT_MAX_BATCH", "INTENT_MAX_TEXT_CHARS"):
+        monkeypatch.delenv(name, raising=False)
+    assert Settings().max_body_bytes >= config.batch_body_bytes(64, 1000) == 384_320
+    monkeypatch.setenv("INTENT_MAX_BODY_BYTES", "262144")
+    assert settings_or_error() == (
+        "invalid settings: INTENT_MAX_BODY_BYTES 262144 is under the 384320 bytes of the largest batch "
+        "(INTENT_MAX_BATCH 64 x INTENT_MAX_TEXT_CHARS 1000, as JSON escapes): raise it, or lower either"
+    )
+    monkeypatch.setenv("INTENT_MAX_BATCH", "40")
+    assert isinstance(settings_or_error(), Settings)

@@ -66,6 +66,12 @@ class UnsupportedEncoding(ServiceError):
     kind = "unsupported_content_encoding"
 
 
+class UnsupportedTransferCoding(ServiceError):
+    """A body sent with a transfer coding other than chunked (gzip, ...), which the service does not implement."""
+
+    kind = "unsupported_transfer_coding"
+
+
 class UnsupportedMediaType(ServiceError):
     """A body sent as something other than JSON (text/plain, a form): refused before it is read, not parsed as
     JSON whatever it says it is."""
@@ -145,6 +151,7 @@ STATUS: dict[type[ServiceError], int] = {
     Overloaded: 429,
     HeadersTooLarge: 431,
     PointerNotWritten: 500,
+    UnsupportedTransferCoding: 501,
     NotReady: 503,
     ServiceError: 500,
 }

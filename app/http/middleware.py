@@ -21,6 +21,7 @@ from app.http.errors import (
     Unauthorized,
     UnsupportedEncoding,
     UnsupportedMediaType,
+    UnsupportedTransferCoding,
     render,
 )
 from app.http.metrics import Metrics
@@ -91,14 +92,15 @@ class ServiceMiddleware:
         path is labelled `other` in the metrics, so that scanners cannot blow up their cardinality. Paths
         match exactly: a route with a path parameter (`/x/{id}`) would be counted as `other`. `path_keys`: paths
         with a key of their own instead of `api_key` (path -> (key, the 401's message)), checked as it is, before
-        the body is read. `json_posts`: paths whose POST body is JSON; one sent as another media type is refused
-        before it is read."""
+        the body is read. A key is sent as `Authorization: Bearer <key>`, the scheme in any case (RFC 9110 11.1).
+        `json_posts`: paths whose POST body is JSON; one sent as another media type is refused before it is
+        read."""
         self.app = app
         self.metrics = metrics
         self.max_body = max_body
-        self.api_key = f"Bearer {api_key}".encode() if api_key else None
+        self.api_key = api_key.encode() if api_key else None
         self.open_paths = frozenset(open_paths)
-        self.path_keys = {path: (f"Bearer {key}".encode(), why) for path, (key, why) in (path_keys or {}).items()}
+        self.path_keys = {path: (key.encode(), why) for path, (key, why) in (path_keys or {}).items()}
         self.direct_posts = dict(direct_posts or {})
         self.route_labels = frozenset(route_labels)
         self.json_posts = frozenset(json_posts)
@@ -160,7 +162,7 @@ class ServiceMiddleware:
             required = self.path_keys.get(path)
             if required is None and self.api_key is not None and path not in self.open_paths:
                 required = (self.api_key, "missing or wrong API key")
-            if required is not None and not hmac.compare_digest(headers.get(b"authorization", b""), required[0]):
+            if required is not None and not _bearer_matches(headers.get(b"authorization", b""), required[0]):
                 self.metrics.rejected.labels("unauthorized").inc()
                 why = (
                     "more than one Authorization header"
@@ -228,6 +230,13 @@ class ServiceMiddleware:
         self, headers: dict[bytes, bytes], receive: Receive, raw_headers: list[tuple[bytes, bytes]]
     ) -> bytes | None:
         """The whole body, refused as soon as it passes the limit; None if the client disconnected."""
+        if b"transfer-encoding" in headers and (transfer := _transfer_coding(raw_headers)):
+            self.metrics.rejected.labels("unsupported_transfer_coding").inc()
+            # The parser takes off `chunked` alone: the body under any other coding had been read as plain JSON.
+            raise UnsupportedTransferCoding(
+                f"Transfer-Encoding {transfer.decode('latin-1')[:40]} is not implemented: send chunked or a "
+                "Content-Length"
+            )
         coding = _content_coding(raw_headers) if b"content-encoding" in headers else b""
         if coding:
             self.metrics.rejected.labels("unsupported_content_encoding").inc()
@@ -282,6 +291,21 @@ def _content_coding(raw_headers: list[tuple[bytes, bytes]]) -> bytes:
         c.strip().lower() for name, value in raw_headers if name == b"content-encoding" for c in value.split(b",")
     )
     return b", ".join(c for c in codings if c not in (b"", b"identity"))
+
+
+def _transfer_coding(raw_headers: list[tuple[bytes, bytes]]) -> bytes:
+    """The transfer codings a body was sent with, other than `chunked`, from every Transfer-Encoding line."""
+    codings = (
+        c.strip().lower() for name, value in raw_headers if name == b"transfer-encoding" for c in value.split(b",")
+    )
+    return b", ".join(c for c in codings if c not in (b"", b"chunked"))
+
+
+def _bearer_matches(authorization: bytes, key: bytes) -> bool:
+    """Whether an Authorization value is `Bearer <key>`, the scheme in any case and the key compared in constant
+    time: a partition, a lower() and a compare."""
+    scheme, _, credentials = authorization.partition(b" ")
+    return hmac.compare_digest(credentials.lstrip(b" "), key) and scheme.lower() == b"bearer"
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

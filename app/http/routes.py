@@ -180,10 +180,12 @@ async def predict_batch(request: Request) -> Response:
 
 
 # HEAD as well on every GET route: monitors and balancers that check with HEAD (RFC 9110 asks every
-# general-purpose server to support it) get the GET answer's status and headers; out of the OpenAPI schema, which
-# would otherwise list each route twice under one operation id.
+# general-purpose server to support it) get the GET answer's status and headers. A route of GET and HEAD, declared
+# first, answers both, and a 405 on its path takes its Allow from it: from a route of HEAD alone it had said
+# `Allow: HEAD`. It is out of the OpenAPI schema, which would otherwise list each path twice under one operation
+# id; the GET route documents the path.
 @router.get("/health", summary="Liveness: the process is up", response_model=schemas.Status)
-@router.head("/health", include_in_schema=False)
+@router.api_route("/health", methods=["GET", "HEAD"], include_in_schema=False)
 async def health() -> Response:
     return Response(b'{"status":"ok"}', media_type=JSON)
 
@@ -194,7 +196,7 @@ async def health() -> Response:
     response_model=schemas.Status,
     responses=_errors(503),
 )
-@router.head("/ready", include_in_schema=False)
+@router.api_route("/ready", methods=["GET", "HEAD"], include_in_schema=False)
 async def ready(request: Request) -> Response:
     if not request.app.state.ready:
         raise NotReady("not ready", {"Retry-After": "1"})
@@ -207,7 +209,7 @@ async def ready(request: Request) -> Response:
     response_model=schemas.ModelCardResponse,
     responses=_errors(503),
 )
-@router.head("/model", include_in_schema=False)
+@router.api_route("/model", methods=["GET", "HEAD"], include_in_schema=False)
 async def model(request: Request) -> Response:
     served = request.app.state.slot.served
     if served is None:
@@ -221,7 +223,7 @@ async def model(request: Request) -> Response:
     response_class=Response,
     responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
 )
-@router.head("/metrics", include_in_schema=False)
+@router.api_route("/metrics", methods=["GET", "HEAD"], include_in_schema=False)
 async def metrics(request: Request) -> Response:
     from prometheus_client import CONTENT_TYPE_LATEST
 
