@@ -205,8 +205,10 @@ def main() -> int:
     # SIGHUP had ended a single worker at once (no drain, no log line, its temporary directories left behind), where
     # the supervisor of several workers, which replaces this handler, restarts them gracefully. Here it is a SIGTERM:
     # a drained stop, with exit 0, that a process manager restarts, as a hang-up (the terminal or session gone) also
-    # means, rather than ignored, which would leave a service running that no one may be watching.
-    signal.signal(signal.SIGHUP, _hang_up)
+    # means, rather than ignored, which would leave a service running that no one may be watching. Where it was
+    # ignored when this process started (`nohup`), it stays ignored: that was asked for.
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, _hang_up)
     settings = settings_or_error()
     if isinstance(settings, str):
         print(f"error: {settings}", file=sys.stderr)

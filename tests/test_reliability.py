@@ -100,6 +100,15 @@ def test_sighup_stops_a_single_worker_as_sigterm_does(tmp_path: Path) -> None:
     assert list(tmp_path.glob("intent-model-*")) == []
 
 
+def test_sighup_ignored_at_start_stays_ignored() -> None:
+    """`nohup python -m app`: a SIGHUP ignored when the service started must not stop it when the terminal goes."""
+    with running_server(preexec=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) as (base, proc):
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(1)  # a stop would begin at once; a slow machine can only make this pass late, never fail
+        assert proc.poll() is None
+        assert get(base + "/health")[0] == 200
+
+
 def _ask(sock: socket.socket, text: str) -> bytes:
     """One POST /predict on an open connection; returns the response head, lower-cased, once the body is read."""
     body = json.dumps({"text": text}).encode()
