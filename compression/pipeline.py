@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from app.engine.artifact import sha256_file
 from compression import progress
-from compression.data import DEFAULT_DATA, DEFAULT_WIKI, Dataset, load_clinc
+from compression.data import CLINC_SHA256S, DEFAULT_DATA, DEFAULT_WIKI, Dataset, check_wiki, load_clinc
 from compression.data import SOURCE as CLINC_SOURCE
 from compression.errors import FactoryError
 from compression.labelled import Columns, load_labelled
@@ -216,6 +216,10 @@ RECIPES: dict[str, Recipe] = {
 RECIPE_ALIASES = {"all": "chapter8"}
 
 
+# The shortest token window: [CLS] and [SEP] alone fill 2 (a window of 0 or 1 failed only at the artifact stage).
+MIN_MAX_LENGTH = 2
+
+
 @dataclass
 class Common:
     """Options every stage shares."""
@@ -255,6 +259,18 @@ class Common:
     )
     train_subset: int = field(default=0, metadata={"help": "use only N training rows (0: all)"})
 
+    def __post_init__(self) -> None:
+        # Out of range, each had failed deep in a stage with a traceback, some after an hour's teacher. The
+        # seed's bound is numpy's (2**32 - 1), less room for the seeds counted up from it (--teachers, say).
+        bounds = {"seed": (0, 2**31 - 1), "threads": (1, None), "batch_size": (1, None), "wiki_oos": (0, None)}
+        bounds |= {"max_length": (MIN_MAX_LENGTH, None), "train_subset": (0, None)}
+        for name, (low, high) in bounds.items():
+            value = getattr(self, name)
+            if value < low or (high is not None and value > high):
+                flag = "--" + name.replace("_", "-")
+                within = f"at least {low}" if high is None else f"from {low} to {high}"
+                raise FactoryError(f"{flag} must be {within}, got {value}")
+
 
 class Context(Common):
     """What every stage gets besides its own config: the common options (typed attributes), the stage
@@ -293,12 +309,19 @@ class Context(Common):
         """What the card's provenance says of the data: CLINC150's source and licence, or a team's files (name and
         sha256 of each; their licence is the team's to state)."""
         if Path(self.data).suffix == ".json":
-            return {**CLINC_SOURCE, "file": Path(self.data).name}
+            # The file by sha256 and --train-oos, which moves its oos_train into training: a resume (`--from`) on an
+            # edited file, or the other setting, had been accepted. CLINC150's licence only for CLINC150's file.
+            digest = sha256_file(self.data)
+            read = {"file": Path(self.data).name, "sha256": digest, "train_oos": self.train_oos}
+            if digest in CLINC_SHA256S:
+                return {**CLINC_SOURCE, **read}
+            return {"name": "the team's own labelled examples, in CLINC150's JSON format", **read}
         given = {"train": self.data, "validation": self.val_data, "out_of_scope": self.oos_data}
         return {
             "name": "the team's own labelled examples",
             "files": {role: {"name": Path(f).name, "sha256": sha256_file(f)} for role, f in given.items() if f},
             "validation": "given" if self.val_data else f"{self.val_share:g} of each intent, seed {self.seed}",
+            "columns": {"text": self.text_column, "intent": self.intent_column},  # which labels a resume reads
         }
 
 
@@ -405,8 +428,7 @@ def run(names: list[str], args: argparse.Namespace, log: logging.Logger, resumed
     ctx.dataset  # noqa: B018 - read and check the data before any stage starts: a bad file fails in one line
     if not set(names) <= READ_NO_DATA:  # what they read, checked now, not after an hour's teacher, say
         ctx.dataset.split("val")  # a CLINC150-format file without one
-        if not Path(ctx.wiki).is_file():
-            raise FactoryError(f"wiki sentences file not found: {ctx.wiki} (set --wiki; `make data` downloads it)")
+        check_wiki(ctx.wiki)
     # Every stage's settings are checked before the first stage runs, so a bad flag of a late stage fails in one
     # line at once, not after the teacher has trained for an hour.
     modules = [load(STAGES[name]) for name in names]
@@ -415,6 +437,9 @@ def run(names: list[str], args: argparse.Namespace, log: logging.Logger, resumed
         check = getattr(module, "check", None)  # a stage's own checks of its destination, where it has some
         if check is not None:
             check(ctx, config)
+    if "artifact" in names:
+        _check_model_dir(ctx)
+    _check_encoders(ctx, [*resumed, *names])
     source = ctx.data_source
     _check_resumed_data(resumed, ctx, source)
     if "artifact" in [*resumed, *names]:
@@ -429,6 +454,38 @@ def run(names: list[str], args: argparse.Namespace, log: logging.Logger, resumed
             log.info("stage %s: done in %.0f s", name, time.perf_counter() - started)
 
 
+def _check_model_dir(ctx: Context) -> None:
+    """A team's data (anything but CLINC150's JSON, as the Makefile has it) built into --model-dir's default had
+    replaced the served CLINC150 model."""
+    if Path(ctx.data).suffix != ".json" and Path(ctx.model_dir).resolve() == Path(Common.model_dir).resolve():
+        raise FactoryError(
+            f"--data {ctx.data} needs a --model-dir of its own (models/my-intents, say): {Common.model_dir} is the "
+            "served CLINC150 model, which the build would replace"
+        )
+
+
+def _check_encoders(ctx: Context, stages: Sequence[str]) -> None:
+    """The pretrained encoders resolve (a bad --embedder-pretrained was found at the embedder stage, after the
+    teacher had trained), and --max-length fits their positions: past them, the served tokenizer gave the encoder
+    positions it has not got, and the service answered 500 to a long text."""
+    from compression.checkpoint import default_pretrained, positions
+    from compression.stages.embedder import Config as EmbedderConfig
+    from compression.stages.teacher import Config as TeacherConfig
+
+    pretrained = ctx.config_of(TeacherConfig).pretrained
+    encoders: dict[str, str | None] = {}
+    if "teacher" in stages or "embedder" not in stages:  # the quick recipe's encoder is the embedder's alone
+        encoders["--pretrained"] = pretrained
+    if "embedder" in stages:  # its default is the teacher's
+        encoders["--embedder-pretrained"] = ctx.config_of(EmbedderConfig).embedder_pretrained or pretrained
+    count = min(positions(source or default_pretrained(), flag) for flag, source in encoders.items())
+    if ctx.max_length > count:
+        raise FactoryError(
+            f"--max-length must be from {MIN_MAX_LENGTH} to {count} (the pretrained encoder's positions), got "
+            f"{ctx.max_length}"
+        )
+
+
 # Beside each stage's output: the data it was built from (Context.data_source: a team's files by sha256).
 DATA_RECORD = "data.json"
 
@@ -439,7 +496,11 @@ def _check_resumed_data(resumed: Sequence[str], ctx: Context, source: dict[str, 
     output from before these records has none, and is read as it is."""
     for earlier in resumed:
         record = ctx.dir(earlier) / DATA_RECORD
-        if record.is_file() and json.loads(record.read_text()) != source:
+        if not record.is_file():
+            continue
+        recorded = json.loads(record.read_text())
+        # A key an earlier version did not record (the columns, say) is read as this run's.
+        if {**source, **recorded} != source:
             raise FactoryError(
                 f"--from: {ctx.dir(earlier)} was built from other data than {ctx.data}; run from the first stage, or "
                 "give this data --artifacts of its own"

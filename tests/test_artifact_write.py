@@ -209,3 +209,41 @@ def test_a_build_stopped_by_sigterm_leaves_nothing_beside_the_model(tmp_path: Pa
     assert _contents(dest) == old
     assert [p.name for p in tmp_path.iterdir()] == ["mine"]
     assert signal.getsignal(signal.SIGTERM) == before  # the block's handler goes with it
+
+
+def test_a_file_that_cannot_be_carried_over_is_one_line_and_leaves_nothing_beside_the_model(tmp_path: Path) -> None:
+    """A named pipe a team left in OUT: a SpecialFileError traceback had left the half-built directory for good."""
+    dest = tmp_path / "mine"
+    old = _model(dest, {"card.json": b"old card", "model.onnx": b"old", "notes.txt": b"the team's"})
+    os.mkfifo(dest / "pipe")
+    with pytest.raises(FactoryError) as refused, replaced_whole(dest) as building:
+        _model(building, {"card.json": b"new card", "model.onnx": b"new"})
+    assert str(refused.value) == (
+        f"{dest / 'pipe'} cannot be carried over into the new model: `{dest / 'pipe'}` is a named pipe; move it "
+        f"out of {dest}"
+    )
+    assert {p.name: p.read_bytes() for p in dest.iterdir() if p.is_file()} == old
+    assert [p.name for p in tmp_path.iterdir()] == ["mine"]
+
+
+def test_a_build_stopped_by_sigterm_while_carrying_over_leaves_nothing_beside_the_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The carry-over of a team's files (hundreds of MB, say) ran outside the clean-up: a SIGTERM then left the
+    half-built directory beside the model."""
+    import shutil
+    import signal
+
+    from compression.cli import sigterm_as_exit
+
+    dest = tmp_path / "mine"
+    old = _model(dest, {"card.json": b"old card", "model.onnx": b"old", "recording.bin": b"the team's"})
+
+    def copy_stopped(src: Path, dst: Path, **kwargs: object) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler raises SystemExit here, as it does mid-copy
+
+    monkeypatch.setattr(shutil, "copy2", copy_stopped)
+    with pytest.raises(SystemExit), sigterm_as_exit(), replaced_whole(dest) as building:
+        _model(building, {"card.json": b"new card", "model.onnx": b"new"})
+    assert _contents(dest) == old
+    assert [p.name for p in tmp_path.iterdir()] == ["mine"]

@@ -816,3 +816,181 @@ def test_artifacts_belong_to_the_first_model_built_from_them(
     )
     assert (art / pipeline.MODEL_RECORD).read_text() == f"{first}\n"
     assert sorted(p.name for p in art.iterdir()) == [pipeline.MODEL_RECORD]
+
+
+@pytest.fixture
+def no_stage_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every stage refuses to run: what is under test is decided before the first one, and no test trains."""
+    from compression import pipeline
+
+    def ran(ctx: object, cfg: object) -> None:
+        raise AssertionError("a stage ran")
+
+    for stage in pipeline.STAGES.values():
+        monkeypatch.setattr(pipeline.load(stage), "run_stage", ran)
+
+
+INTENTS_CSV = "text,intent,domain\nhello,greet,talk\nhi there,greet,talk\nbook it,book,travel\nbook a table,book,food\n"
+
+
+def _quick(tmp_path: Path, *args: str) -> list[str]:
+    """The quick recipe's argv on a team's CSV, with its own model and artifacts directories."""
+    data = tmp_path / "intents.csv"
+    if not data.exists():
+        data.write_text(INTENTS_CSV)
+    where = ["--model-dir", str(tmp_path / "model"), "--artifacts", str(tmp_path / "artifacts")]
+    return ["quick", "--data", str(data), "--wiki", str(WIKI), *where, *args]
+
+
+def _refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    from compression import cli
+
+    assert cli.main(argv) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    return line
+
+
+@pytest.mark.usefixtures("no_stage_runs")
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        # Past the encoder's 512 positions the served model answered 500 to a long text; 0 and 1 failed only at
+        # the artifact stage, after every other.
+        (
+            ["--max-length", "513"],
+            "error: --max-length must be from 2 to 512 (the pretrained encoder's positions), got 513",
+        ),
+        (["--max-length", "1"], "error: --max-length must be at least 2, got 1"),
+        (["--threads", "0"], "error: --threads must be at least 1, got 0"),
+        (["--batch-size", "0"], "error: --batch-size must be at least 1, got 0"),
+        (["--train-subset", "-1"], "error: --train-subset must be at least 0, got -1"),
+        (["--wiki-oos", "-5"], "error: --wiki-oos must be at least 0, got -5"),
+        (["--seed", "-1"], "error: --seed must be from 0 to 2147483647, got -1"),
+        (["--embedder-parity-queries", "0"], "error: --embedder-parity-queries must be at least 1, got 0"),
+    ],
+)
+def test_a_flag_out_of_range_is_refused_before_any_stage_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    """Each had been a traceback deep in a stage, some after an hour's teacher."""
+    assert _refused(_quick(tmp_path, *args), capsys) == message
+    assert not (tmp_path / "artifacts").exists()
+
+
+@pytest.mark.usefixtures("no_stage_runs")
+def test_the_max_length_is_bounded_by_the_given_encoders_positions(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Read from its config.json, as the stages load it, without its weights."""
+    encoder = tmp_path / "encoder"
+    encoder.mkdir()
+    (encoder / "config.json").write_text(json.dumps({"model_type": "bert", "max_position_embeddings": 128}))
+    argv = _quick(tmp_path, "--embedder-pretrained", str(encoder), "--max-length", "129")
+    assert _refused(argv, capsys) == (
+        "error: --max-length must be from 2 to 128 (the pretrained encoder's positions), got 129"
+    )
+    assert not (tmp_path / "artifacts").exists()
+
+
+@pytest.mark.usefixtures("no_stage_runs")
+@pytest.mark.parametrize(("recipe", "flag"), [("two-encoder", "--embedder-pretrained"), ("teacher", "--pretrained")])
+def test_a_pretrained_encoder_that_does_not_resolve_is_refused_before_any_stage_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], recipe: str, flag: str
+) -> None:
+    """The embedder is stage 4 of 8 of the two-encoder recipe: a bad one had been found after the teacher trained."""
+    missing, empty = tmp_path / "no-such-encoder", tmp_path / "empty"
+    empty.mkdir()
+    argv = _quick(tmp_path)
+    argv[0] = recipe
+    assert _refused([*argv, flag, str(missing)], capsys) == (
+        f"error: {flag} {missing}: no such directory; give a model directory or a hub id"
+    )
+    assert _refused([*argv, flag, str(empty)], capsys) == (
+        f"error: {flag} {empty}: no readable config.json in it; give a model directory or a hub id"
+    )
+    assert not (tmp_path / "artifacts").exists()
+
+
+@pytest.mark.usefixtures("no_stage_runs")
+def test_a_teams_data_without_a_model_dir_is_refused_before_any_stage_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--model-dir's default is the served CLINC150 model, which a team's build had replaced (`make model`
+    refuses it too)."""
+    monkeypatch.chdir(tmp_path)  # the default, relative, is this directory's models/clinc150
+    argv = _quick(tmp_path)
+    del argv[argv.index("--model-dir") : argv.index("--model-dir") + 2]
+    assert _refused(argv, capsys) == (
+        f"error: --data {tmp_path / 'intents.csv'} needs a --model-dir of its own (models/my-intents, say): "
+        "models/clinc150 is the served CLINC150 model, which the build would replace"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["intents.csv"]
+
+
+@pytest.mark.usefixtures("no_stage_runs")
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "has 0 different sentences; at least 5 are needed"),
+        (b"one\ntwo\nthree\nfour\nfour\n", "has 4 different sentences; at least 5 are needed"),
+        (b"one\ntwo\ncaf\xe9\n", "is not UTF-8 text (invalid continuation byte at byte 11)"),
+    ],
+    ids=["empty", "short", "latin1"],
+)
+def test_a_wiki_file_the_stages_cannot_use_is_refused_before_any_stage_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes, message: str
+) -> None:
+    """Read and split as the stages will: each had failed after the stages before them had trained (the empty
+    one at the oos stage, the Latin-1 one at the head stage)."""
+    wiki = tmp_path / "wiki.txt"
+    wiki.write_bytes(content)
+    argv = _quick(tmp_path)
+    argv[argv.index("--wiki") + 1] = str(wiki)
+    assert _refused(argv, capsys) == f"error: wiki sentences file {wiki} {message}"
+    assert not (tmp_path / "artifacts").exists()
+
+
+CLINC_FORMAT = {
+    "train": [["hello", "greet"], ["hi there", "greet"], ["book it", "book"], ["book a table", "book"]],
+    "val": [["hey you", "greet"], ["reserve a table", "book"]],
+    "oos_train": [["what is love", "oos"]],
+    "oos_val": [["tell me a joke", "oos"]],
+}
+
+
+@pytest.mark.usefixtures("no_stage_runs")
+@pytest.mark.parametrize("change", ["intent_column", "text_column", "edited_json", "train_oos"])
+def test_a_resume_on_other_labels_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str], change: str) -> None:
+    """The record beside each stage's output had named the files alone: the same file read by another column, a
+    CLINC-format JSON edited since, or --train-oos turned on, had been resumed on, and failed stages later."""
+    from compression import cli, pipeline
+
+    data = tmp_path / ("intents.json" if change in ("edited_json", "train_oos") else "intents.csv")
+    if data.suffix == ".json":
+        data.write_text(json.dumps(CLINC_FORMAT))
+    else:
+        data.write_text(
+            "text,intent,domain,words\n" + "".join(f"{t},{i},{i}s,{t} {i}\n" for t, i in CLINC_FORMAT["train"])
+        )
+    first = _quick(tmp_path)
+    first[first.index("--data") + 1] = str(data)
+    art = tmp_path / "artifacts"
+    for stage in ("embedder", "head"):  # what the recipe's first two stages leave
+        (art / stage).mkdir(parents=True)
+        (art / stage / "run.json").write_text("{}")
+    built = pipeline.Context(pipeline.build(pipeline.Common, cli.build_parser(first).parse_args(first)))
+    for stage in ("embedder", "head"):
+        (art / stage / pipeline.DATA_RECORD).write_text(json.dumps(built.data_source))
+    again = [*first, "--from", "oos"]
+    if change == "intent_column":
+        again += ["--intent-column", "domain"]
+    elif change == "text_column":
+        again += ["--text-column", "words"]
+    elif change == "edited_json":
+        data.write_text(json.dumps({**CLINC_FORMAT, "train": [*CLINC_FORMAT["train"], ["see you", "greet"]]}))
+    else:
+        again += ["--train-oos"]
+    assert _refused(again, capsys) == (
+        f"error: --from: {art / 'embedder'} was built from other data than {data}; run from the first stage, or "
+        "give this data --artifacts of its own"
+    )

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from app.engine.artifact import sha256_file
 from compression.data import Dataset, load_clinc
 from compression.errors import FactoryError
 from compression.pipeline import Common, Context
@@ -112,3 +113,69 @@ def test_clinc150s_own_file_loads_as_before_the_checks(
         f"warning: {data_path}: 'train' also has 3 of the 3000 texts of 'val', the first 'what is on my to do list' "
         "(row 1011); kept, as CLINC150's own val has 3\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"train": ' + "[" * 100_000 + "]" * 100_000 + "}", "is not JSON this reader takes (RecursionError)"),
+        ('{"train": [], "val": ' + "9" * 5_000 + "}", "is not JSON this reader takes (ValueError)"),
+    ],
+    ids=["deep_nesting", "5000_digits"],
+)
+def test_json_python_will_not_hold_is_one_line(tmp_path: Path, text: str, message: str) -> None:
+    """Each had been a traceback."""
+    path = tmp_path / "d.json"
+    path.write_text(text)
+    with pytest.raises(FactoryError) as refused:
+        load_clinc(path)
+    assert str(refused.value) == f"data file {path} {message}"
+
+
+def test_an_empty_val_is_refused(tmp_path: Path) -> None:
+    """Where it had been a ValueError at the embedder stage."""
+    path = write(tmp_path, {"train": TRAIN, "val": []})
+    with pytest.raises(FactoryError) as refused:
+        load_clinc(path)
+    assert str(refused.value) == (
+        f"{path}: 'val' has no examples; the stages choose and report on it, so at least 1 is needed"
+    )
+
+
+def test_a_byte_order_mark_is_read_as_a_csv_or_jsonl_ones_is(tmp_path: Path) -> None:
+    path = tmp_path / "exported.json"
+    path.write_text("\ufeff" + json.dumps({"train": TRAIN, "val": VAL}), encoding="utf-8")
+    assert load_clinc(path) == load_clinc(write(tmp_path, {"train": TRAIN, "val": VAL}))
+
+
+def test_a_teams_clinc_format_file_is_not_named_clinc150_in_the_card(tmp_path: Path, data_path: Path) -> None:
+    """By sha256: a team's file in CLINC150's format had been given CLINC150's source and licence."""
+    team = Context(Common(data=write(tmp_path, {"train": TRAIN, "val": VAL}))).data_source
+    assert team == {
+        "name": "the team's own labelled examples, in CLINC150's JSON format",
+        "file": "d.json",
+        "sha256": hashlib.sha256((tmp_path / "d.json").read_bytes()).hexdigest(),
+        "train_oos": False,
+    }
+    clinc = Context(Common(data=data_path, train_oos=True)).data_source
+    assert (clinc["license"], clinc["sha256"], clinc["train_oos"]) == ("CC BY 3.0", sha256_file(data_path), True)
+
+
+def test_the_card_describes_each_pool_with_its_own_counts(tmp_path: Path) -> None:
+    """A team's pools had been described with CLINC150's wording and counts (3,000 in-scope, the 100 of oos_val)."""
+    from compression.labelled import load_labelled
+    from compression.measure.pools import evaluation_pools, pool_docs
+    from tests.conftest import WIKI
+
+    data, oos = tmp_path / "intents.csv", tmp_path / "oos.csv"
+    data.write_text("text,intent\n" + "".join(f"{t},{i}\n" for t, i in TRAIN + VAL))
+    oos.write_text("text\ntell me a joke\nwhat is love\nsing a song\n")
+    docs = pool_docs(evaluation_pools(load_labelled(data, oos_path=oos, val_share=0.5), str(WIKI)))
+    assert docs == {
+        "validation": "validation: 4 in-scope queries and 2 out-of-scope ones",
+        "wiki_heldout": "2,000 held-out Wikipedia sentences: no stage trains on them; the cascade and rule are tuned "
+        "here",
+        "oos_val": "the 2 oos_val queries alone",
+        "oos_tune": "1 of the team's out-of-scope examples, half of them (--oos-data): the rule and the cascade are "
+        "tuned here too",
+    }

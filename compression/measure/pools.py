@@ -28,14 +28,26 @@ from compression.measure.metrics import score
 
 REPORT_POOL = "clinc_oos"
 TUNING_POOL = "wiki_heldout"
+# What the card says of each pool, filled in with its own counts (pool_docs): a team's model had been described
+# with CLINC150's.
 POOL_DOCS = {
-    "validation": "CLINC150 validation: 3,000 in-scope queries and the 100 of oos_val",
-    REPORT_POOL: "oos_train (250) + oos_val (100): real CLINC out-of-scope queries no stage trains on",
-    "oos_train": "the 250 oos_train queries alone",
-    "oos_val": "the 100 oos_val queries alone",
-    TUNING_POOL: "2,000 held-out Wikipedia sentences: no stage trains on them; the cascade and rule are tuned here",
-    OOS_TUNE: "half of the team's out-of-scope examples (--oos-data): the rule and the cascade are tuned here too",
+    "validation": "validation: {in_scope:,} in-scope queries and {oos:,} out-of-scope ones",
+    REPORT_POOL: "oos_train + oos_val ({oos:,}): real out-of-scope queries no stage trains on",
+    "oos_train": "the {oos:,} oos_train queries alone",
+    "oos_val": "the {oos:,} oos_val queries alone",
+    TUNING_POOL: "{oos:,} held-out Wikipedia sentences: no stage trains on them; the cascade and rule are tuned here",
+    OOS_TUNE: "{oos:,} of the team's out-of-scope examples, half of them (--oos-data): the rule and the cascade are "
+    "tuned here too",
 }
+
+
+def pool_docs(pools: dict[str, Split]) -> dict[str, str]:
+    """POOL_DOCS of these pools, with their counts."""
+    docs = {}
+    for name, split in pools.items():
+        oos = sum(intent == OOS for intent in split.intents)
+        docs[name] = POOL_DOCS[name].format(in_scope=len(split) - oos, oos=oos)
+    return docs
 
 
 def evaluation_pools(data: Dataset, wiki: str) -> dict[str, Split]:

@@ -162,15 +162,16 @@ def replaced_whole(dest: Path) -> Iterator[Path]:
     building.mkdir()
     try:
         yield building
+        if not dest.exists():
+            os.rename(building, dest)
+            return
+        shutil.copymode(dest, building)
+        built = sorted(p.name for p in building.iterdir())
+        # Inside the clean-up: a file that cannot be copied, or SIGTERM mid-copy, had left `building` for good.
+        _carry_over(dest, building)
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
-    if not dest.exists():
-        os.rename(building, dest)
-        return
-    shutil.copymode(dest, building)
-    built = sorted(p.name for p in building.iterdir())
-    _carry_over(dest, building)
     previous = dest.parent / f".{dest.name}.previous-{secrets.token_hex(4)}"
     try:
         os.rename(dest, previous)
@@ -211,10 +212,21 @@ def _carry_over(dest: Path, building: Path) -> None:
     for path in dest.iterdir():
         if path.name in model or (building / path.name).exists():
             continue
-        if path.is_dir() and not path.is_symlink():
-            shutil.copytree(path, building / path.name, symlinks=True)
-        else:
-            shutil.copy2(path, building / path.name, follow_symlinks=False)
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.copytree(path, building / path.name, symlinks=True)
+            else:
+                shutil.copy2(path, building / path.name, follow_symlinks=False)
+        except shutil.Error as exc:  # copytree's: each file that failed, with its reason
+            failed, _, reason = exc.args[0][0]
+            raise FactoryError(
+                f"{failed} cannot be carried over into the new model: {reason}; move it out of {dest}"
+            ) from None
+        except OSError as exc:  # a named pipe or socket (shutil.SpecialFileError), no permission, a full disk
+            reason = exc.strerror or str(exc)
+            raise FactoryError(
+                f"{path} cannot be carried over into the new model: {reason}; move it out of {dest}"
+            ) from None
 
 
 def _replace_files(building: Path, built: list[str], dest: Path) -> None:
@@ -299,7 +311,7 @@ def add_pool_report(model_dir: Path, data: Any, wiki: str, oos_run: dict[str, An
     metrics."""
     from app.engine.artifact import load_artifact
     from app.engine.engine import Engine
-    from compression.measure.pools import POOL_DOCS, evaluation_pools, pool_scores, report_pool
+    from compression.measure.pools import evaluation_pools, pool_docs, pool_scores, report_pool
     from compression.measure.report import validation_report, write_page
 
     artifact = load_artifact(model_dir)
@@ -320,7 +332,7 @@ def add_pool_report(model_dir: Path, data: Any, wiki: str, oos_run: dict[str, An
         "served": served,
         "rules": oos_run.get("rules", {}),  # each at the threshold `metrics.oos_threshold_policy` names
         "report_pool": report_pool(pools),
-        "pools": {name: POOL_DOCS[name] for name in pools},
+        "pools": pool_docs(pools),
     }
     card = artifact.card.model_copy(update={"metrics": metrics})
     write_card(model_dir, card)

@@ -49,6 +49,10 @@ class Config:
         default=300, metadata={"help": "validation queries whose embedding is checked against PyTorch"}
     )
 
+    def __post_init__(self) -> None:
+        if self.embedder_parity_queries < 1:
+            raise FactoryError(f"--embedder-parity-queries must be at least 1, got {self.embedder_parity_queries}")
+
 
 def _sentence_embedding(model: Any) -> nn.Module:
     """(input_ids, attention_mask) -> the masked mean of the last hidden states, unit length, [batch, D]."""
