@@ -238,6 +238,13 @@ def test_missing_directory_refuses_to_start(tmp_path: Path) -> None:
         _start(tmp_path / "absent")
 
 
+def test_a_file_given_for_the_model_directory_is_named_a_file(tmp_path: Path) -> None:
+    (tmp_path / "card.json").write_text("{}")
+    with pytest.raises(ModelLoadError) as refused:
+        _start(tmp_path / "card.json")
+    assert str(refused.value) == f"not a model directory but a file: {tmp_path / 'card.json'}"
+
+
 def test_copy_is_independent(model_copy: Path) -> None:
     shutil.rmtree(model_copy)
     assert (MODEL_DIR / "model.onnx").is_file()

@@ -73,6 +73,8 @@ def read_labels(path: Path, count: int, oos_label: str) -> list[str]:
 
 def load_artifact(directory: Path, verify: bool = True) -> Artifact:
     if not directory.is_dir():
+        if directory.exists():  # a file given for the directory had read "not found"
+            raise ModelLoadError(f"not a model directory but a file: {directory}")
         raise ModelLoadError(f"model directory not found: {directory}")
     card = read_card(directory)
     for name in card.spec.files:
