@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import secrets
 from pathlib import Path
 
@@ -328,6 +329,19 @@ def test_cors_off_by_default_and_configurable() -> None:
     with make_client(cors_origins=["https://x.example"]) as c:
         r = c.options("/predict", headers={"origin": "https://x.example", "access-control-request-method": "POST"})
         assert r.headers["access-control-allow-origin"] == "https://x.example"
+
+
+@pytest.mark.parametrize(("origin", "status"), [("https://x.example", 200), ("https://other.example", 400)])
+def test_a_preflight_carries_a_request_id_and_the_services_time(origin: str, status: int) -> None:
+    """The CORS layer answers preflights outside the service middleware: they had carried neither header."""
+    asked = {"origin": origin, "access-control-request-method": "POST"}
+    with make_client(cors_origins=["https://x.example"]) as c:
+        r = c.options("/predict", headers={**asked, "x-request-id": "abc-123"})
+        assert r.status_code == status
+        assert r.headers["x-request-id"] == "abc-123"
+        assert re.fullmatch(r"service;dur=\d+\.\d{3}", r.headers["server-timing"])
+        fresh = c.options("/predict", headers={**asked, "x-request-id": "a b"}).headers["x-request-id"]
+        assert re.fullmatch(r"[0-9a-f]{32}", fresh)
 
 
 def test_metrics_parse_and_name_every_family(client: TestClient) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -29,7 +30,7 @@ from app.http import reload
 from app.http.errors import CORSRefused, MethodNotAllowed, NotFound, ServiceError, ValidationFailed, render
 from app.http.logs import configure_logging
 from app.http.metrics import Metrics, drop_gauges_of_a_reused_pid
-from app.http.middleware import ServiceMiddleware
+from app.http.middleware import ServiceMiddleware, request_id_of, service_time
 from app.http.protocol import PROTOCOL_DRAIN, PROTOCOL_LIMITS, PROTOCOL_METRICS, HttpLimits
 from app.http.queue import InferenceQueue
 from app.http.routes import predict_one, router
@@ -185,18 +186,22 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 
 class _CORSMiddleware(CORSMiddleware):
     """Starlette's, but a preflight it refuses gets the service's JSON error body, as every other error does, not
-    its plain text; with the CORS headers Starlette gives it."""
+    its plain text; with the CORS headers Starlette gives it. Every preflight carries `x-request-id` and
+    `server-timing`, as every other answer does: it is answered here, outside the service middleware."""
 
     def preflight_response(self, request_headers: Headers) -> Response:
+        began = time.perf_counter()
         response = super().preflight_response(request_headers)
-        if response.status_code != 400:
-            return response
-        reason = bytes(response.body).decode().removeprefix("Disallowed CORS ")  # e.g. `origin, method`
-        kept = {k: v for k, v in response.headers.items() if k not in ("content-type", "content-length")}
-        status, headers, body = render(CORSRefused(f"CORS preflight refused: {reason} not allowed", kept))
-        refused = Response(body, status_code=status)
-        refused.raw_headers = headers
-        return refused
+        if response.status_code == 400:
+            reason = bytes(response.body).decode().removeprefix("Disallowed CORS ")  # e.g. `origin, method`
+            kept = {k: v for k, v in response.headers.items() if k not in ("content-type", "content-length")}
+            status, headers, body = render(CORSRefused(f"CORS preflight refused: {reason} not allowed", kept))
+            response = Response(body, status_code=status)
+            response.raw_headers = headers
+        client_id = request_headers.get("x-request-id")
+        response.headers["x-request-id"] = request_id_of(client_id.encode("latin-1") if client_id else None)
+        response.headers["server-timing"] = service_time(began).decode()
+        return response
 
 
 def create_app(settings: Settings | None = None, model_factory: ModelFactory | None = None) -> FastAPI:

@@ -49,7 +49,7 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
-def _request_id(raw: bytes | None) -> str:
+def request_id_of(raw: bytes | None) -> str:
     """The client's id if it is short and printable ASCII, otherwise a fresh one."""
     if raw and len(raw) <= 128 and all(33 <= b < 127 for b in raw):
         return raw.decode("ascii")
@@ -113,7 +113,7 @@ class ServiceMiddleware:
         headers = dict(scope["headers"])
         if len(headers) < len(scope["headers"]):  # a name on several lines: rare, so only then looked at
             _join_repeated(headers, scope["headers"])
-        rid = _request_id(headers.get(b"x-request-id"))
+        rid = request_id_of(headers.get(b"x-request-id"))
         scope.setdefault("state", {})["request_id"] = rid
         rid_header = (b"x-request-id", rid.encode())
         path: str = scope["path"]
