@@ -26,6 +26,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +50,7 @@ from loadtest.cli_args import (
 from loadtest.driver import Report, closed_loop, open_loop
 from loadtest.host import Canary, Steal
 from loadtest.queries import load_queries
-from loadtest.server import ROOT, free_port, our_server, ready_problem, stop, wait_ready
+from loadtest.server import ROOT, ServerExited, free_port, our_server, ready_problem, stop, wait_ready
 from loadtest.service_readings import ProcessTree, Reading, ScrapedService, ServiceReader
 
 WARMUP_S = 300.0
@@ -448,23 +449,25 @@ def run(
     host: str | None = None,
 ) -> tuple[dict[str, Any], list[Tick]]:
     """Starts the service with `workers` and stops it after; or, with `host` (its base URL), drives one already
-    running, which it reads through /metrics."""
+    running, which it reads through /metrics. The service's output goes to a temporary file whose last lines say why
+    where it does not start (it had said only "server exited with 2"), removed after."""
     duration = minutes * 60
     tick_s = max(0.5, min(5.0, duration / 12))
-    proc = None
+    proc = log = None
     if host is None:
         port = free_port()
         cmd, env = our_server(port, workers)
-        proc = subprocess.Popen(
-            cmd, cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
+        handle, name = tempfile.mkstemp(prefix="soak-server-", suffix=".log")
+        log = Path(name)
+        with os.fdopen(handle, "wb") as out:  # the server holds its own copy
+            proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env}, stdout=out, stderr=out)
         base = f"http://127.0.0.1:{port}"
     else:
         base = host.rstrip("/")
     texts = load_queries()
     capacity = None
     try:
-        wait_ready(base, proc, "/ready", 120)
+        wait_ready(base, proc, "/ready", 120, log)
         if rate is None:
             capacity, answers = measure_capacity(base, texts, capacity_s)
             rate = share * capacity
@@ -477,6 +480,8 @@ def run(
     finally:
         if proc is not None:
             stop(proc)
+        if log is not None:
+            log.unlink(missing_ok=True)
     verdict = evaluate(ticks, duration, warmup_s, compare_s)
     result = {
         "minutes": minutes,
@@ -541,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"CPU: {current().describe()}", flush=True)
     try:
         result, ticks = run(a.minutes, a.share, a.workers, a.rate, a.capacity_seconds, host=a.host)
-    except NothingAnswered as exc:
+    except (NothingAnswered, ServerExited) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     a.out_dir.mkdir(parents=True, exist_ok=True)

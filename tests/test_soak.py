@@ -531,3 +531,15 @@ def test_a_soak_of_a_host_that_is_down_is_refused_in_one_line(
     host = f"http://127.0.0.1:{free_port()}"
     assert soak.main(["--host", host, "--minutes", "1", "--out-dir", str(tmp_path)]) == 2
     assert capsys.readouterr().err == f"error: {host} is not ready: [Errno 111] Connection refused\n"
+
+
+def test_a_soak_whose_server_does_not_start_says_why_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Its server's output went nowhere: a setting the service refuses read "server exited with 2", a traceback."""
+    monkeypatch.setenv("INTENT_MAX_TOP_K", "0")  # the service refuses it at start-up
+    assert soak.main(["--minutes", "1", "--out-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: server exited with 2: ")
+    assert "INTENT_MAX_TOP_K" in err
+    assert list(tmp_path.iterdir()) == []  # nothing written: no run took place
