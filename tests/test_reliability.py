@@ -90,7 +90,9 @@ def test_sighup_stops_a_single_worker_as_sigterm_does(tmp_path: Path) -> None:
     killed by the signal, with no drain and no log line, and its temporary directories left behind."""
     # With an admin key, `python -m app` makes the model pointer's directory, under TMPDIR.
     env = {"INTENT_ADMIN_KEY": "k", "TMPDIR": str(tmp_path)}
-    with running_server(env=env) as (_, proc):
+    # SIGHUP's default in the child, whatever the runner's: one started under `nohup` ignores it, and so, by design,
+    # would the service (the next test).
+    with running_server(env=env, preexec=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL)) as (_, proc):
         assert len(list(tmp_path.glob("intent-model-*"))) == 1
         proc.send_signal(signal.SIGHUP)
         _, err = proc.communicate(timeout=20)
