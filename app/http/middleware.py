@@ -230,14 +230,14 @@ class ServiceMiddleware:
         self, headers: dict[bytes, bytes], receive: Receive, raw_headers: list[tuple[bytes, bytes]]
     ) -> bytes | None:
         """The whole body, refused as soon as it passes the limit; None if the client disconnected."""
-        if b"transfer-encoding" in headers and (transfer := _transfer_coding(raw_headers)):
+        if b"transfer-encoding" in headers and (transfer := _codings(raw_headers, b"transfer-encoding", b"chunked")):
             self.metrics.rejected.labels("unsupported_transfer_coding").inc()
             # The parser takes off `chunked` alone: the body under any other coding had been read as plain JSON.
             raise UnsupportedTransferCoding(
                 f"Transfer-Encoding {transfer.decode('latin-1')[:40]} is not implemented: send chunked or a "
                 "Content-Length"
             )
-        coding = _content_coding(raw_headers) if b"content-encoding" in headers else b""
+        coding = _codings(raw_headers, b"content-encoding", b"identity") if b"content-encoding" in headers else b""
         if coding:
             self.metrics.rejected.labels("unsupported_content_encoding").inc()
             # Refused rather than decompressed: a few hundred bytes of JSON gain nothing from compression, and a
@@ -283,22 +283,12 @@ def _repeated(name: bytes, raw_headers: list[tuple[bytes, bytes]]) -> bool:
     return sum(n == name for n, _ in raw_headers) > 1
 
 
-def _content_coding(raw_headers: list[tuple[bytes, bytes]]) -> bytes:
-    """The codings a body was sent with, other than `identity`, from every Content-Encoding line: a header given
-    twice is one list (RFC 9110 5.3), so `gzip` then `identity` is still gzip, where the last line alone read
-    as plain."""
-    codings = (
-        c.strip().lower() for name, value in raw_headers if name == b"content-encoding" for c in value.split(b",")
-    )
-    return b", ".join(c for c in codings if c not in (b"", b"identity"))
-
-
-def _transfer_coding(raw_headers: list[tuple[bytes, bytes]]) -> bytes:
-    """The transfer codings a body was sent with, other than `chunked`, from every Transfer-Encoding line."""
-    codings = (
-        c.strip().lower() for name, value in raw_headers if name == b"transfer-encoding" for c in value.split(b",")
-    )
-    return b", ".join(c for c in codings if c not in (b"", b"chunked"))
+def _codings(raw_headers: list[tuple[bytes, bytes]], header: bytes, plain: bytes) -> bytes:
+    """The codings a body was sent with, other than `plain` (`identity`, `chunked`), from every line of `header`
+    (Content-Encoding, Transfer-Encoding): a header given twice is one list (RFC 9110 5.3), so `gzip` then
+    `identity` is still gzip, where the last line alone read as plain."""
+    codings = (c.strip().lower() for name, value in raw_headers if name == header for c in value.split(b","))
+    return b", ".join(c for c in codings if c not in (b"", plain))
 
 
 def _bearer_matches(authorization: bytes, key: bytes) -> bool:
